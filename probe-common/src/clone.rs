@@ -1,0 +1,147 @@
+//! Failed task creation (clone, clone3, fork, vfork): the event the kernel side emits and the
+//! counters it keeps.
+
+/// Which syscall failed. Stored as `u32` in [`CloneFailureEvent::syscall`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syscall {
+    Clone = 0,
+    Clone3 = 1,
+    Fork = 2,
+    Vfork = 3,
+}
+
+impl Syscall {
+    pub const ALL: [Syscall; 4] = [
+        Syscall::Clone,
+        Syscall::Clone3,
+        Syscall::Fork,
+        Syscall::Vfork,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| *s as u32 == v)
+    }
+
+    /// The syscall's name, as in `syscalls:sys_enter_<name>`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Syscall::Clone => "clone",
+            Syscall::Clone3 => "clone3",
+            Syscall::Fork => "fork",
+            Syscall::Vfork => "vfork",
+        }
+    }
+}
+
+/// `CLONE_THREAD` from the kernel's UAPI: the new task shares the caller's thread group.
+pub const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// Bits of [`CloneFailureEvent::valid`]: which kernel snapshots could be read.
+pub mod valid {
+    /// `pids` holds the pids cgroup nearest to its limit.
+    pub const PIDS: u32 = 1 << 0;
+    /// `pidns` holds the pid namespace nearest to its pid_max.
+    pub const PIDNS: u32 = 1 << 1;
+    /// `pidns.pid_max` was read from the namespace (kernels >= 6.14 have per-namespace pid_max).
+    pub const PIDNS_PID_MAX: u32 = 1 << 2;
+    /// `nproc` holds the user's process count and RLIMIT_NPROC.
+    pub const NPROC: u32 = 1 << 3;
+    /// `memory` holds the memory cgroup nearest to its limit.
+    pub const MEMORY: u32 = 1 << 4;
+    /// The clone flags were seen on syscall entry (not when faultline attached mid-call).
+    pub const FLAGS: u32 = 1 << 5;
+}
+
+/// A cgroup level (pids or memory) with its usage and limit, read when the syscall failed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupCounter {
+    /// kernfs id of the cgroup directory (its inode number in that controller's hierarchy).
+    pub cgroup_ino: u64,
+    /// pids: tasks charged; memory: pages charged.
+    pub current: i64,
+    /// pids: `pids.max`; memory: limit in pages. `i64::MAX` when unlimited.
+    pub limit: i64,
+    /// memory only: the page counter's failcnt.
+    pub failcnt: u64,
+    /// How many levels above the task's own cgroup this one is (0 = the task's cgroup).
+    pub depth: u32,
+    pub _pad: u32,
+}
+
+/// The pid namespace level with the least free pids, read when the syscall failed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PidNsCounter {
+    /// Namespace inode number, as in `/proc/<pid>/ns/pid`.
+    pub inum: u32,
+    /// Nesting level of that namespace (0 = the initial namespace).
+    pub level: u32,
+    /// pids allocated in it (without the PIDNS_ADDING bit).
+    pub allocated: u32,
+    /// Its pid_max (valid only with [`valid::PIDNS_PID_MAX`]).
+    pub pid_max: i32,
+    /// 0 when the innermost namespace no longer accepts new pids (its init exited).
+    pub innermost_alive: u32,
+    /// Inode of the innermost namespace (where the child would live).
+    pub innermost_inum: u32,
+}
+
+/// The calling user's process count against RLIMIT_NPROC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NprocCounter {
+    pub count: i64,
+    /// `rlim_cur` of RLIMIT_NPROC (`u64::MAX` = unlimited).
+    pub limit: u64,
+}
+
+/// One failed clone/clone3/fork/vfork, with the kernel state that decides its cause.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloneFailureEvent {
+    /// `bpf_ktime_get_ns()` at syscall exit (CLOCK_MONOTONIC).
+    pub ktime_ns: u64,
+    /// cgroup v2 id of the caller (the inode of its cgroup2 directory).
+    pub cgroup_id: u64,
+    pub clone_flags: u64,
+    /// Thread group id (what userspace calls the pid), in the initial pid namespace.
+    pub pid: u32,
+    pub tid: u32,
+    /// Thread group id of the real parent.
+    pub ppid: u32,
+    pub uid: u32,
+    /// [`Syscall`] as `u32`.
+    pub syscall: u32,
+    /// Positive errno (11 = EAGAIN, 12 = ENOMEM, ...).
+    pub errno: u32,
+    /// Bits from [`valid`].
+    pub valid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+    pub pids: CgroupCounter,
+    pub memory: CgroupCounter,
+    pub pidns: PidNsCounter,
+    pub nproc: NprocCounter,
+}
+
+impl CloneFailureEvent {
+    pub fn is_thread(&self) -> bool {
+        self.clone_flags & CLONE_THREAD != 0
+    }
+}
+
+/// Index of the counters kept per CPU in the `CLONE_STATS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum CloneStat {
+    /// Failures seen (before any userspace filter).
+    Failures = 0,
+    /// Failures whose event did not fit in the ring buffer: lost, and reported as such.
+    RingbufFull = 1,
+    /// Syscall exits without a matching entry (faultline attached mid-call): flags unknown.
+    MissingEntry = 2,
+}
+
+pub const CLONE_STAT_COUNT: u32 = 3;

@@ -1,0 +1,116 @@
+//! Kernel struct member offsets and enum values, read by userspace from the running kernel's
+//! BTF and handed to the eBPF programs as a global (Rust eBPF gets no CO-RE relocations).
+
+/// Marks an offset or value the running kernel does not have.
+pub const MISSING: u32 = u32::MAX;
+
+/// Byte offsets of the kernel struct members the clone programs read, plus the enum values
+/// they index with. A field the kernel lacks is [`MISSING`]; the program then skips that
+/// snapshot and the event says so in its `valid` bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_cgroups: u32,
+    pub task_nsproxy: u32,
+    pub task_signal: u32,
+    pub task_real_cred: u32,
+    pub css_set_subsys: u32,
+    pub css_cgroup: u32,
+    pub css_parent: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    /// Offset of `css` inside `struct pids_cgroup` (0 on every kernel so far).
+    pub pids_css: u32,
+    pub pids_counter: u32,
+    pub pids_limit: u32,
+    pub memcg_css: u32,
+    /// `struct mem_cgroup`'s `memory` page counter.
+    pub memcg_memory: u32,
+    pub page_counter_usage: u32,
+    pub page_counter_max: u32,
+    pub page_counter_failcnt: u32,
+    pub nsproxy_pid_ns_for_children: u32,
+    pub pidns_pid_allocated: u32,
+    /// Missing before Linux 6.14 (pid_max was global then).
+    pub pidns_pid_max: u32,
+    pub pidns_level: u32,
+    pub pidns_parent: u32,
+    pub pidns_inum: u32,
+    pub signal_rlim: u32,
+    pub cred_ucounts: u32,
+    pub ucounts_rlimit: u32,
+    /// `enum cgroup_subsys_id` values: index into `css_set.subsys`.
+    pub pids_subsys_id: u32,
+    pub memory_subsys_id: u32,
+    /// `enum rlimit_type` value of `UCOUNT_RLIMIT_NPROC`: index into `ucounts.rlimit`.
+    pub ucount_rlimit_nproc: u32,
+}
+
+impl KernelOffsets {
+    /// Every offset missing: programs loaded with this read nothing from kernel structs.
+    pub const NONE: KernelOffsets = KernelOffsets {
+        task_tgid: MISSING,
+        task_real_parent: MISSING,
+        task_cgroups: MISSING,
+        task_nsproxy: MISSING,
+        task_signal: MISSING,
+        task_real_cred: MISSING,
+        css_set_subsys: MISSING,
+        css_cgroup: MISSING,
+        css_parent: MISSING,
+        cgroup_kn: MISSING,
+        kernfs_node_id: MISSING,
+        pids_css: MISSING,
+        pids_counter: MISSING,
+        pids_limit: MISSING,
+        memcg_css: MISSING,
+        memcg_memory: MISSING,
+        page_counter_usage: MISSING,
+        page_counter_max: MISSING,
+        page_counter_failcnt: MISSING,
+        nsproxy_pid_ns_for_children: MISSING,
+        pidns_pid_allocated: MISSING,
+        pidns_pid_max: MISSING,
+        pidns_level: MISSING,
+        pidns_parent: MISSING,
+        pidns_inum: MISSING,
+        signal_rlim: MISSING,
+        cred_ucounts: MISSING,
+        ucounts_rlimit: MISSING,
+        pids_subsys_id: MISSING,
+        memory_subsys_id: MISSING,
+        ucount_rlimit_nproc: MISSING,
+    };
+}
+
+/// Offsets of the syscall tracepoint fields the clone programs read, from tracefs `format`
+/// files (stable in practice, but read rather than assumed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    /// `sys_enter_clone`: `clone_flags`.
+    pub clone_flags: u32,
+    /// `sys_enter_clone3`: `uargs` (pointer to `struct clone_args`, whose first u64 is flags).
+    pub clone3_uargs: u32,
+    /// `sys_exit_*`: `ret`.
+    pub exit_ret: u32,
+    pub _pad: u32,
+}
+
+impl TracepointOffsets {
+    pub const NONE: TracepointOffsets = TracepointOffsets {
+        clone_flags: MISSING,
+        clone3_uargs: MISSING,
+        exit_ret: MISSING,
+        _pad: 0,
+    };
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] structs of u32 only: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::TracepointOffsets {}
+}

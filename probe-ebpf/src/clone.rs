@@ -1,0 +1,410 @@
+//! Failed task creation: `syscalls:sys_{enter,exit}_{clone,clone3,fork,vfork}`.
+//!
+//! The enter programs remember the clone flags of clone/clone3 per thread (fork and vfork have
+//! fixed flags). The exit programs do nothing on success; on failure they read the kernel state
+//! that decides the cause *at that moment* (pids cgroup, pid namespace, RLIMIT_NPROC, memory
+//! cgroup) and send one `CloneFailureEvent` through the `CLONE_EVENTS` ring buffer.
+
+use aya_ebpf::{
+    Global,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_user,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
+    },
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use probe_common::{
+    clone::{
+        CLONE_STAT_COUNT, CgroupCounter, CloneFailureEvent, CloneStat, NprocCounter, PidNsCounter,
+        Syscall, valid,
+    },
+    offsets::{KernelOffsets, MISSING, TracepointOffsets},
+};
+
+use crate::kernel::{deref, global_field, read};
+
+#[unsafe(no_mangle)]
+static CLONE_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
+
+#[unsafe(no_mangle)]
+static CLONE_TP_OFFSETS: Global<TracepointOffsets> = Global::new(TracepointOffsets::NONE);
+
+macro_rules! koff {
+    ($field:ident) => {
+        global_field!(CLONE_KERNEL_OFFSETS, KernelOffsets, $field)
+    };
+}
+macro_rules! tpoff {
+    ($field:ident) => {
+        global_field!(CLONE_TP_OFFSETS, TracepointOffsets, $field)
+    };
+}
+
+/// One event per failed syscall. Failures are rare, so 256 KiB holds a burst of ~1,000.
+#[map]
+static CLONE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Counters indexed by [`CloneStat`].
+#[map]
+static CLONE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CLONE_STAT_COUNT, 0);
+
+/// Thread id -> clone flags, from syscall entry to exit. LRU so that threads killed inside
+/// the syscall cannot fill it.
+#[map]
+static CLONE_FLAGS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
+const SIGCHLD: u64 = 17;
+const CLONE_VM: u64 = 0x100;
+const CLONE_VFORK: u64 = 0x4000;
+const FORK_FLAGS: u64 = SIGCHLD;
+const VFORK_FLAGS: u64 = CLONE_VFORK | CLONE_VM | SIGCHLD;
+/// `pid_namespace.pid_allocated` carries this bit while the namespace accepts new pids.
+const PIDNS_ADDING: u32 = 1 << 31;
+/// UAPI resource number of RLIMIT_NPROC; `struct rlimit` is two unsigned longs.
+const RLIMIT_NPROC: u32 = 6;
+const RLIMIT_SIZE: u32 = 16;
+/// Deepest cgroup and pid namespace nesting walked to find the limiting level.
+const MAX_CGROUP_DEPTH: u32 = 12;
+const MAX_PIDNS_DEPTH: u32 = 6;
+/// `pids.max` is stored as PID_MAX_LIMIT + 1 when unlimited.
+const PIDS_UNLIMITED: i64 = 4 * 1024 * 1024 + 1;
+/// errno values of syscalls the kernel restarts transparently (ERESTARTSYS..ERESTART_RESTARTBLOCK):
+/// a signal interrupted the fork, userspace never sees them.
+const ERESTART_FIRST: i64 = 512;
+const ERESTART_LAST: i64 = 516;
+
+#[tracepoint]
+pub fn clone_enter(ctx: TracePointContext) -> u32 {
+    let off = tpoff!(clone_flags) as usize;
+    // SAFETY: the offset comes from this tracepoint's format file.
+    if let Ok(flags) = unsafe { ctx.read_at::<u64>(off) } {
+        remember_flags(flags);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn clone3_enter(ctx: TracePointContext) -> u32 {
+    let off = tpoff!(clone3_uargs) as usize;
+    // SAFETY: as above; `uargs` is a user pointer, read with the fault-tolerant helper.
+    if let Ok(uargs) = unsafe { ctx.read_at::<*const u64>(off) }
+        && let Ok(flags) = unsafe { bpf_probe_read_user(uargs) }
+    {
+        remember_flags(flags);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn clone_exit(ctx: TracePointContext) -> u32 {
+    on_exit(&ctx, Syscall::Clone);
+    0
+}
+
+#[tracepoint]
+pub fn clone3_exit(ctx: TracePointContext) -> u32 {
+    on_exit(&ctx, Syscall::Clone3);
+    0
+}
+
+#[tracepoint]
+pub fn fork_exit(ctx: TracePointContext) -> u32 {
+    on_exit(&ctx, Syscall::Fork);
+    0
+}
+
+#[tracepoint]
+pub fn vfork_exit(ctx: TracePointContext) -> u32 {
+    on_exit(&ctx, Syscall::Vfork);
+    0
+}
+
+#[inline(always)]
+fn remember_flags(flags: u64) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = CLONE_FLAGS.insert(&tid, &flags, 0);
+}
+
+#[inline(always)]
+fn bump(stat: CloneStat) {
+    if let Some(v) = CLONE_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+fn on_exit(ctx: &TracePointContext, syscall: Syscall) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let flags = match syscall {
+        Syscall::Fork => Some(FORK_FLAGS),
+        Syscall::Vfork => Some(VFORK_FLAGS),
+        Syscall::Clone | Syscall::Clone3 => {
+            // SAFETY: the value is copied out before the entry is removed.
+            let flags = unsafe { CLONE_FLAGS.get(&tid) }.copied();
+            let _ = CLONE_FLAGS.remove(&tid);
+            flags
+        }
+    };
+    let off = tpoff!(exit_ret) as usize;
+    // SAFETY: offset from this tracepoint's format file.
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(off) }) else {
+        return;
+    };
+    if ret >= 0 || (-ret >= ERESTART_FIRST && -ret <= ERESTART_LAST) {
+        return;
+    }
+    bump(CloneStat::Failures);
+    if flags.is_none() {
+        bump(CloneStat::MissingEntry);
+    }
+    let Some(mut entry) = CLONE_EVENTS.reserve::<CloneFailureEvent>(0) else {
+        bump(CloneStat::RingbufFull);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved ring-buffer slot of the right size; every field is
+    // written before submit.
+    unsafe {
+        fill(&mut *ev, syscall, -ret as u32, flags);
+    }
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn fill(ev: &mut CloneFailureEvent, syscall: Syscall, errno: u32, flags: Option<u64>) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    ev.clone_flags = flags.unwrap_or(0);
+    ev.pid = (pid_tgid >> 32) as u32;
+    ev.tid = pid_tgid as u32;
+    ev.uid = bpf_get_current_uid_gid() as u32;
+    ev.ppid = deref(task, koff!(task_real_parent))
+        .and_then(|parent| read::<u32>(parent, koff!(task_tgid)))
+        .unwrap_or(0);
+    ev.syscall = syscall as u32;
+    ev.errno = errno;
+    ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    ev._pad = 0;
+    ev.valid = if flags.is_some() { valid::FLAGS } else { 0 };
+
+    let css_set = deref(task, koff!(task_cgroups));
+    ev.pids = CgroupCounter::default();
+    if let Some(css) = css_set.and_then(|s| subsys_css(s, koff!(pids_subsys_id)))
+        && walk_pids(css, &mut ev.pids)
+    {
+        ev.valid |= valid::PIDS;
+    }
+    ev.memory = CgroupCounter::default();
+    if let Some(css) = css_set.and_then(|s| subsys_css(s, koff!(memory_subsys_id)))
+        && walk_memory(css, &mut ev.memory)
+    {
+        ev.valid |= valid::MEMORY;
+    }
+    ev.pidns = PidNsCounter::default();
+    if let Some(ns) = deref(task, koff!(task_nsproxy))
+        .and_then(|nsproxy| deref(nsproxy, koff!(nsproxy_pid_ns_for_children)))
+    {
+        ev.valid |= walk_pidns(ns, &mut ev.pidns);
+    }
+    ev.nproc = NprocCounter::default();
+    if read_nproc(task, &mut ev.nproc) {
+        ev.valid |= valid::NPROC;
+    }
+}
+
+/// `css_set.subsys[id]`, the task's css in one controller.
+#[inline(always)]
+fn subsys_css(css_set: *const u8, id: u32) -> Option<*const u8> {
+    let base = koff!(css_set_subsys);
+    if id == MISSING || base == MISSING || id >= 64 {
+        return None;
+    }
+    deref(css_set, base + id * 8)
+}
+
+/// Inode of a css's cgroup directory.
+#[inline(always)]
+fn css_ino(css: *const u8) -> u64 {
+    deref(css, koff!(css_cgroup))
+        .and_then(|cgrp| deref(cgrp, koff!(cgroup_kn)))
+        .and_then(|kn| read::<u64>(kn, koff!(kernfs_node_id)))
+        .unwrap_or(0)
+}
+
+/// Walks from the task's pids cgroup to the root and keeps the level with the least headroom
+/// (the one that refused the charge: the kernel checks every ancestor).
+#[inline(always)]
+fn walk_pids(mut css: *const u8, out: &mut CgroupCounter) -> bool {
+    let (css_off, counter_off, limit_off, parent_off) = (
+        koff!(pids_css),
+        koff!(pids_counter),
+        koff!(pids_limit),
+        koff!(css_parent),
+    );
+    if css_off == MISSING {
+        return false;
+    }
+    let mut best_headroom = i64::MAX;
+    let mut found = false;
+    for depth in 0..MAX_CGROUP_DEPTH {
+        let pids = css.wrapping_sub(css_off as usize);
+        let (Some(current), Some(limit)) =
+            (read::<i64>(pids, counter_off), read::<i64>(pids, limit_off))
+        else {
+            break;
+        };
+        let limit = if limit >= PIDS_UNLIMITED {
+            i64::MAX
+        } else {
+            limit
+        };
+        let headroom = limit.saturating_sub(current);
+        if !found || headroom < best_headroom {
+            best_headroom = headroom;
+            *out = CgroupCounter {
+                cgroup_ino: css_ino(css),
+                current,
+                limit,
+                failcnt: 0,
+                depth,
+                _pad: 0,
+            };
+            found = true;
+        }
+        match deref(css, parent_off) {
+            Some(parent) => css = parent,
+            None => break,
+        }
+    }
+    found
+}
+
+/// Like [`walk_pids`] for the memory controller's page counters.
+#[inline(always)]
+fn walk_memory(mut css: *const u8, out: &mut CgroupCounter) -> bool {
+    let (css_off, memory_off, usage_off, max_off, failcnt_off, parent_off) = (
+        koff!(memcg_css),
+        koff!(memcg_memory),
+        koff!(page_counter_usage),
+        koff!(page_counter_max),
+        koff!(page_counter_failcnt),
+        koff!(css_parent),
+    );
+    if css_off == MISSING || memory_off == MISSING {
+        return false;
+    }
+    let mut best_headroom = i64::MAX;
+    let mut found = false;
+    for depth in 0..MAX_CGROUP_DEPTH {
+        let counter = css
+            .wrapping_sub(css_off as usize)
+            .wrapping_add(memory_off as usize);
+        let (Some(usage), Some(max)) = (
+            read::<i64>(counter, usage_off),
+            read::<u64>(counter, max_off),
+        ) else {
+            break;
+        };
+        let limit = if max > i64::MAX as u64 {
+            i64::MAX
+        } else {
+            max as i64
+        };
+        let headroom = limit.saturating_sub(usage);
+        if !found || headroom < best_headroom {
+            best_headroom = headroom;
+            *out = CgroupCounter {
+                cgroup_ino: css_ino(css),
+                current: usage,
+                limit,
+                failcnt: read::<u64>(counter, failcnt_off).unwrap_or(0),
+                depth,
+                _pad: 0,
+            };
+            found = true;
+        }
+        match deref(css, parent_off) {
+            Some(parent) => css = parent,
+            None => break,
+        }
+    }
+    found
+}
+
+/// Walks the pid namespaces the child's pid would be allocated in (innermost first) and keeps
+/// the one with the fewest free pids. Returns the `valid` bits it filled.
+#[inline(always)]
+fn walk_pidns(mut ns: *const u8, out: &mut PidNsCounter) -> u32 {
+    let (alloc_off, max_off, level_off, parent_off, inum_off) = (
+        koff!(pidns_pid_allocated),
+        koff!(pidns_pid_max),
+        koff!(pidns_level),
+        koff!(pidns_parent),
+        koff!(pidns_inum),
+    );
+    let Some(innermost) = read::<u32>(ns, alloc_off) else {
+        return 0;
+    };
+    out.innermost_alive = (innermost & PIDNS_ADDING != 0) as u32;
+    out.innermost_inum = read::<u32>(ns, inum_off).unwrap_or(0);
+    let mut bits = valid::PIDNS;
+    let mut best_free = i64::MAX;
+    for _ in 0..MAX_PIDNS_DEPTH {
+        let Some(allocated) = read::<u32>(ns, alloc_off) else {
+            break;
+        };
+        let allocated = allocated & !PIDNS_ADDING;
+        let pid_max = read::<i32>(ns, max_off);
+        // Without a per-namespace pid_max (kernels < 6.14) only the innermost level is kept;
+        // userspace compares it with the global pid_max.
+        let free = match pid_max {
+            Some(max) => max as i64 - 1 - allocated as i64,
+            None => i64::MAX,
+        };
+        if best_free == i64::MAX || free < best_free {
+            best_free = free;
+            out.inum = read::<u32>(ns, inum_off).unwrap_or(0);
+            out.level = read::<u32>(ns, level_off).unwrap_or(0);
+            out.allocated = allocated;
+            out.pid_max = pid_max.unwrap_or(-1);
+            if pid_max.is_some() {
+                bits |= valid::PIDNS_PID_MAX;
+            }
+        }
+        match deref(ns, parent_off) {
+            Some(parent) => ns = parent,
+            None => break,
+        }
+    }
+    bits
+}
+
+/// The caller's process count (`cred->ucounts->rlimit[UCOUNT_RLIMIT_NPROC]`) and its
+/// RLIMIT_NPROC soft limit (`signal->rlim[RLIMIT_NPROC].rlim_cur`).
+#[inline(always)]
+fn read_nproc(task: *const u8, out: &mut NprocCounter) -> bool {
+    let idx = koff!(ucount_rlimit_nproc);
+    let rlimit_off = koff!(ucounts_rlimit);
+    let rlim_off = koff!(signal_rlim);
+    if idx == MISSING || rlimit_off == MISSING || rlim_off == MISSING || idx >= 16 {
+        return false;
+    }
+    let count = deref(task, koff!(task_real_cred))
+        .and_then(|cred| deref(cred, koff!(cred_ucounts)))
+        .and_then(|ucounts| read::<i64>(ucounts, rlimit_off + idx * 8));
+    let limit = deref(task, koff!(task_signal))
+        .and_then(|signal| read::<u64>(signal, rlim_off + RLIMIT_NPROC * RLIMIT_SIZE));
+    match (count, limit) {
+        (Some(count), Some(limit)) => {
+            *out = NprocCounter { count, limit };
+            true
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,32 @@
+//! Reading kernel structs at offsets the loader took from the running kernel's BTF.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use probe_common::offsets::MISSING;
+
+/// Reads a `T` at `base + off`, or `None` when the pointer is null, the offset is missing on
+/// this kernel, or the read faults.
+#[inline(always)]
+pub fn read<T: Copy>(base: *const u8, off: u32) -> Option<T> {
+    if base.is_null() || off == MISSING {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates any address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T).ok() }
+}
+
+/// Follows a pointer member: `*(base + off)` as a pointer.
+#[inline(always)]
+pub fn deref(base: *const u8, off: u32) -> Option<*const u8> {
+    read::<*const u8>(base, off).filter(|p| !p.is_null())
+}
+
+/// Reads one field of a struct global (an [`aya_ebpf::Global`]) without copying the whole
+/// struct onto the 512-byte eBPF stack.
+macro_rules! global_field {
+    ($global:ident, $ty:ty, $field:ident) => {
+        // SAFETY: Global<T> is repr(transparent) over MaybeUninit<T>, always initialised;
+        // a volatile read keeps the loader's override visible.
+        unsafe { core::ptr::read_volatile(&raw const (*(&raw const $global as *const $ty)).$field) }
+    };
+}
+pub(crate) use global_field;

@@ -1,0 +1,185 @@
+//! `faultline check`: what this kernel and host support, one line per item, with what works
+//! and what does not. Exits 0 when the core (failed task creation tracing) works.
+
+use crate::{
+    btf::Btf,
+    cgroups::{CgroupFs, Hierarchy},
+    loader::{self, CLONE_PROGRAMS, Probes},
+    offsets,
+    tracefs::Tracefs,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+struct Report {
+    core_ok: bool,
+}
+
+impl Report {
+    fn line(&mut self, status: Status, item: &str, detail: impl AsRef<str>) {
+        let tag = match status {
+            Status::Ok => "ok  ",
+            Status::Warn => "warn",
+            Status::Fail => {
+                self.core_ok = false;
+                "FAIL"
+            }
+        };
+        println!("{tag}  {item:<22} {}", detail.as_ref());
+    }
+}
+
+/// Prints the report; returns whether the core works.
+pub fn run() -> bool {
+    let mut r = Report { core_ok: true };
+    r.line(Status::Ok, "kernel", kernel_release());
+
+    let privileged = loader::require_privileges();
+    match &privileged {
+        Ok(()) => r.line(Status::Ok, "privileges", "can load eBPF programs"),
+        Err(e) => r.line(Status::Fail, "privileges", format!("{e:#}")),
+    }
+
+    match std::fs::read_to_string("/sys/kernel/security/lockdown") {
+        Ok(s) if s.contains("[confidentiality]") => r.line(
+            Status::Fail,
+            "lockdown",
+            "confidentiality: eBPF may not read kernel memory; no cause can be decided",
+        ),
+        Ok(s) => r.line(Status::Ok, "lockdown", s.trim()),
+        Err(_) => r.line(
+            Status::Ok,
+            "lockdown",
+            "not enabled (no securityfs lockdown file)",
+        ),
+    }
+
+    let btf = match Btf::from_kernel() {
+        Ok(btf) => {
+            r.line(Status::Ok, "BTF", "/sys/kernel/btf/vmlinux");
+            Some(btf)
+        }
+        Err(e) => {
+            r.line(
+                Status::Fail,
+                "BTF",
+                format!("{e:#}: struct offsets unknown, nothing can load"),
+            );
+            None
+        }
+    };
+    if let Some(btf) = &btf {
+        let missing = offsets::kernel(btf).missing;
+        if missing.is_empty() {
+            r.line(
+                Status::Ok,
+                "kernel structs",
+                "all members the cause snapshot reads are present",
+            );
+        } else {
+            r.line(
+                Status::Warn,
+                "kernel structs",
+                format!("missing {}: the evidence that needs them is absent (pidns pid_max falls back to /proc/sys/kernel/pid_max)", missing.join(", ")),
+            );
+        }
+    }
+
+    let tracefs = if privileged.is_ok() {
+        Tracefs::find_or_mount()
+    } else {
+        Tracefs::find().ok_or_else(|| anyhow::anyhow!("tracefs not mounted"))
+    };
+    match &tracefs {
+        Ok(t) => r.line(Status::Ok, "tracefs", t.root().display().to_string()),
+        Err(e) => r.line(Status::Fail, "tracefs", format!("{e:#}")),
+    }
+    if let Ok(t) = &tracefs {
+        for (_, tracepoint) in CLONE_PROGRAMS {
+            if t.has_event("syscalls", tracepoint) {
+                r.line(Status::Ok, "tracepoint", format!("syscalls:{tracepoint}"));
+            } else {
+                r.line(
+                    Status::Fail,
+                    "tracepoint",
+                    format!("syscalls:{tracepoint} missing (CONFIG_FTRACE_SYSCALLS)"),
+                );
+            }
+        }
+    }
+
+    match CgroupFs::discover() {
+        Ok(fs) => {
+            let describe = |h: Hierarchy| match fs.mount(h) {
+                Some(m) => format!("{} ({})", m.path.display(), if m.v2 { "v2" } else { "v1" }),
+                None => "not mounted".to_owned(),
+            };
+            let unified = fs.mount(Hierarchy::Unified).is_some();
+            r.line(
+                if unified { Status::Ok } else { Status::Warn },
+                "cgroup v2",
+                if unified {
+                    describe(Hierarchy::Unified)
+                } else {
+                    "not mounted: events carry no cgroup path".to_owned()
+                },
+            );
+            for (h, name, lost) in [
+                (
+                    Hierarchy::Pids,
+                    "pids controller",
+                    "pids limits cannot be named",
+                ),
+                (
+                    Hierarchy::Memory,
+                    "memory controller",
+                    "memory limits cannot be named",
+                ),
+            ] {
+                match fs.mount(h) {
+                    Some(_) => r.line(Status::Ok, name, describe(h)),
+                    None => r.line(Status::Warn, name, format!("not mounted: {lost}")),
+                }
+            }
+        }
+        Err(e) => r.line(Status::Warn, "cgroups", format!("{e:#}")),
+    }
+
+    if let (Ok(()), Some(btf), Ok(tracefs)) = (&privileged, &btf, &tracefs) {
+        // Verifying and attaching for real is the only honest test of the program types.
+        match Probes::load(btf, tracefs).and_then(|mut p| p.attach_clone()) {
+            Ok(()) => r.line(
+                Status::Ok,
+                "tracepoint programs",
+                "clone programs verified and attached (then detached)",
+            ),
+            Err(e) => r.line(Status::Fail, "tracepoint programs", format!("{e:#}")),
+        }
+    }
+    r.line(
+        Status::Ok,
+        "kprobe/fentry",
+        "not used: faultline runs on tracepoints only",
+    );
+
+    println!(
+        "{}",
+        if r.core_ok {
+            "faultline: failed task creation tracing works on this node"
+        } else {
+            "faultline: the core does not work on this node (see FAIL lines)"
+        }
+    );
+    r.core_ok
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}

@@ -1,0 +1,178 @@
+//! Pipeline stages 2-3 for failed task creation: raw `CloneFailureEvent`s from the ring buffer
+//! are decoded and enriched (wall time, cgroup paths, node counts) into `CloneFailure`s with
+//! their cause.
+
+use std::time::{Duration, SystemTime};
+
+use probe_common::clone::{CloneFailureEvent, Syscall, valid};
+use serde::Serialize;
+
+use crate::{
+    cause::{self, Facts, Verdict},
+    cgroups::{CgroupFs, Hierarchy},
+    node::NodeTasks,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    Thread,
+    Process,
+    /// faultline attached while the syscall was running: its flags were not seen.
+    Unknown,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Thread => "thread",
+            TaskKind::Process => "process",
+            TaskKind::Unknown => "unknown",
+        }
+    }
+}
+
+/// One failed clone/clone3/fork/vfork, as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct CloneFailure {
+    pub kind: &'static str,
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub pid: u32,
+    pub tid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub syscall: &'static str,
+    pub errno: String,
+    pub task: TaskKind,
+    pub cause: cause::Cause,
+    pub evidence: String,
+    /// cgroup v2 path of the caller ("?" when it is already gone).
+    pub cgroup: String,
+    /// Path of the caller's pids cgroup level that is nearest to its limit, if any.
+    pub pids_cgroup: Option<String>,
+    pub clone_flags: String,
+}
+
+/// Decodes one ring-buffer record; `None` for a record of the wrong size.
+pub fn decode(bytes: &[u8]) -> Option<CloneFailureEvent> {
+    if bytes.len() < size_of::<CloneFailureEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked; CloneFailureEvent is plain #[repr(C)] data valid for
+    // any bit pattern, and read_unaligned does not need the ring buffer's alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<CloneFailureEvent>()) })
+}
+
+/// Turns kernel events into reports: resolves ids to paths and decides the cause.
+pub struct Enricher {
+    cgroups: CgroupFs,
+    /// Wall-clock time minus CLOCK_MONOTONIC, to place `bpf_ktime_get_ns()` stamps.
+    wall_offset_ns: i128,
+    page_size: u64,
+}
+
+impl Enricher {
+    pub fn new(cgroups: CgroupFs) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        Enricher {
+            cgroups,
+            wall_offset_ns: wall_minus_monotonic_ns(),
+            page_size: u64::try_from(page_size).unwrap_or(4096),
+        }
+    }
+
+    pub fn enrich(&mut self, ev: &CloneFailureEvent) -> CloneFailure {
+        // Read right away: threads-max has no kernel snapshot, so the sooner the better.
+        let node = NodeTasks::read().unwrap_or_default();
+        let pids_cgroup = (ev.valid & valid::PIDS != 0)
+            .then(|| self.cgroups.path(Hierarchy::Pids, ev.pids.cgroup_ino))
+            .flatten();
+        let memory_cgroup = (ev.valid & valid::MEMORY != 0)
+            .then(|| self.cgroups.path(Hierarchy::Memory, ev.memory.cgroup_ino))
+            .flatten();
+        let Verdict { cause, evidence } = cause::classify(
+            ev,
+            &Facts {
+                node,
+                pids_cgroup: pids_cgroup.as_deref(),
+                memory_cgroup: memory_cgroup.as_deref(),
+                page_size: self.page_size,
+            },
+        );
+        let task = if ev.valid & valid::FLAGS == 0 {
+            TaskKind::Unknown
+        } else if ev.is_thread() {
+            TaskKind::Thread
+        } else {
+            TaskKind::Process
+        };
+        CloneFailure {
+            kind: "clone_failure",
+            time: self.wall_time(ev.ktime_ns),
+            pid: ev.pid,
+            tid: ev.tid,
+            ppid: ev.ppid,
+            comm: comm_string(&ev.comm),
+            uid: ev.uid,
+            syscall: Syscall::from_u32(ev.syscall).map_or("?", Syscall::name),
+            errno: cause::errno_name(ev.errno),
+            task,
+            cause,
+            evidence,
+            cgroup: self
+                .cgroups
+                .path(Hierarchy::Unified, ev.cgroup_id)
+                .unwrap_or_else(|| "?".to_owned()),
+            pids_cgroup: pids_cgroup.filter(|_| ev.pids.limit != i64::MAX),
+            clone_flags: format!("{:#x}", ev.clone_flags),
+        }
+    }
+
+    fn wall_time(&self, ktime_ns: u64) -> String {
+        let ns = ktime_ns as i128 + self.wall_offset_ns;
+        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0));
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+}
+
+fn comm_string(comm: &[u8; 16]) -> String {
+    let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+fn wall_minus_monotonic_ns() -> i128 {
+    clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_records_are_rejected() {
+        assert!(decode(&[0u8; 8]).is_none());
+        let bytes = vec![0u8; size_of::<CloneFailureEvent>()];
+        assert_eq!(decode(&bytes).map(|e| e.pid), Some(0));
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_tolerates_bad_utf8() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"java");
+        assert_eq!(comm_string(&comm), "java");
+        assert_eq!(comm_string(&[0xff; 16]).chars().count(), 16);
+    }
+}
