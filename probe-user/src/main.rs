@@ -1,29 +1,16 @@
-//! faultline: shows why tasks fail to be created on a Kubernetes node, live, with the cause.
-//!
-//! The pipeline, in module order: `loader` (load -> attach the eBPF programs, offsets from
-//! `btf` and `tracefs`), `clone` (ring-buffer events -> enriched `CloneFailure`, with `cause`,
-//! `cgroups` and `node` for attribution), then the commands that export: `trace`, `check`.
-
-mod btf;
-mod cause;
-mod cgroups;
-mod check;
-mod clone;
-mod loader;
-mod node;
-mod offsets;
-mod trace;
-mod tracefs;
+//! The `faultline` command line: parses arguments, runs a command, turns errors into one
+//! line and an exit code (2 for usage, 1 for everything else).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use probe_user::{check, trace};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "faultline",
     version,
-    about = "eBPF probe that shows why tasks, DNS and conntrack fail on a Kubernetes node"
+    about = "eBPF probe that shows why things fail on a Kubernetes node, starting with failed task creation and its cause"
 )]
 struct Cli {
     #[command(subcommand)]

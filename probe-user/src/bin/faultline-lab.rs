@@ -1,1 +1,457 @@
-fn main() {}
+//! faultline-lab: reproduces real task-creation failures so faultline can be checked against
+//! them (integration tests, benchmarks, or an SRE trying faultline on a node).
+//!
+//! It joins the cgroups it is given, sets its command name, optionally drops to a uid under an
+//! RLIMIT_NPROC or moves into a fresh pid namespace, then creates threads or processes until
+//! the kernel refuses. It prints one JSON line: its pid (as the node sees it), how many tasks
+//! it created and the errno of each failure. Every task it made is ended before it exits.
+
+use std::{io::Write as _, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// pthread_create (glibc: clone3 with CLONE_THREAD).
+    Threads,
+    /// fork() (glibc: the clone syscall).
+    Forks,
+    /// The fork syscall itself.
+    SysForks,
+    /// Fill with forks until refused, then try vfork().
+    Vforks,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "faultline-lab",
+    about = "Reproduce real task-creation failures"
+)]
+struct Args {
+    #[arg(value_enum)]
+    mode: Mode,
+    /// Most tasks to create.
+    count: u32,
+    /// Stop after this many refused creations.
+    #[arg(long, default_value_t = 3)]
+    max_failures: u32,
+    /// Command name to run under (what faultline reports as comm; at most 15 bytes).
+    #[arg(long, default_value = "faultline-lab")]
+    comm: String,
+    /// cgroup directories to join first (v1 or v2): their cgroup.procs gets this process.
+    #[arg(long = "cgroup")]
+    cgroups: Vec<std::path::PathBuf>,
+    /// Drop to this uid (and gid) before creating tasks.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Set RLIMIT_NPROC to this before dropping privileges.
+    #[arg(long)]
+    nproc: Option<u64>,
+    /// Create the tasks as init of a new pid namespace whose pid_max is this.
+    #[arg(long)]
+    pidns_pid_max: Option<u32>,
+    /// Create a pid namespace whose init exits at once, then fork into it (ENOMEM).
+    #[arg(long)]
+    dead_pidns: bool,
+    /// Memory cgroup directory (v1 or v2) to join and limit to its usage plus
+    /// --memory-headroom, so that the kernel's own allocations for new tasks fail.
+    #[arg(long, requires = "memory_headroom")]
+    memory_cgroup: Option<std::path::PathBuf>,
+    /// Bytes of room left in --memory-cgroup.
+    #[arg(long, requires = "memory_cgroup")]
+    memory_headroom: Option<u64>,
+}
+
+#[derive(serde::Serialize, Default)]
+struct Report {
+    /// pid of the process that created the tasks, in the initial pid namespace.
+    pid: u32,
+    created: u32,
+    failures: u32,
+    errnos: Vec<i32>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("faultline-lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    for dir in &args.cgroups {
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .with_context(|| format!("joining {}", procs.display()))?;
+    }
+    set_comm(&args.comm)?;
+    // Thread stacks are mapped and touched before any limit applies: at a memory limit a
+    // page fault would wait for memory instead of failing.
+    let stacks = if args.mode == Mode::Threads {
+        Some(Stacks::new(args.count as usize)?)
+    } else {
+        None
+    };
+    let memory_limit = match (&args.memory_cgroup, args.memory_headroom) {
+        (Some(dir), Some(headroom)) => Some(MemoryLimit::apply(dir, headroom)?),
+        _ => None,
+    };
+    if let Some(n) = args.nproc {
+        let lim = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        // SAFETY: setrlimit with a valid struct.
+        check(
+            unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &lim) },
+            "setrlimit(RLIMIT_NPROC)",
+        )?;
+    }
+    if let Some(uid) = args.uid {
+        // SAFETY: plain syscalls; gid first, while still privileged.
+        check(unsafe { libc::setresgid(uid, uid, uid) }, "setresgid")?;
+        check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
+    }
+    if args.dead_pidns {
+        return dead_pidns(args);
+    }
+    if let Some(pid_max) = args.pidns_pid_max {
+        return in_new_pidns(args, stacks.as_ref(), pid_max);
+    }
+    let report = create(args, stacks.as_ref());
+    if let Some(limit) = memory_limit {
+        limit.lift()?;
+    }
+    print_report(&report)
+}
+
+/// A memory cgroup this process joined and limited.
+struct MemoryLimit {
+    limit_file: std::path::PathBuf,
+    unlimited: &'static str,
+}
+
+impl MemoryLimit {
+    /// Joins a memory cgroup, then lowers its limit to what it uses now plus `headroom`. The
+    /// OOM killer is kept away (oom_score_adj -1000, or v1's oom_control), so the kernel
+    /// refuses charges for new tasks with ENOMEM instead of killing this process.
+    fn apply(dir: &std::path::Path, headroom: u64) -> anyhow::Result<Self> {
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining {}", dir.display()))?;
+        let unkillable = std::fs::write("/proc/self/oom_score_adj", "-1000").is_ok();
+        let v2 = dir.join("memory.current").exists();
+        let (usage_file, limit_file, unlimited) = if v2 {
+            ("memory.current", "memory.max", "max")
+        } else {
+            std::fs::write(dir.join("memory.oom_control"), "1")
+                .context("disabling the v1 OOM killer")?;
+            ("memory.usage_in_bytes", "memory.limit_in_bytes", "-1")
+        };
+        if v2 && !unkillable {
+            bail!(
+                "a cgroup v2 memory limit would OOM-kill this process: oom_score_adj -1000 needs CAP_SYS_RESOURCE"
+            );
+        }
+        let usage: u64 = std::fs::read_to_string(dir.join(usage_file))
+            .with_context(|| format!("reading {usage_file}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {usage_file}"))?;
+        let limit_file = dir.join(limit_file);
+        std::fs::write(&limit_file, (usage + headroom).to_string())
+            .with_context(|| format!("writing {}", limit_file.display()))?;
+        Ok(MemoryLimit {
+            limit_file,
+            unlimited,
+        })
+    }
+
+    /// Lifts the limit again, so that printing the report cannot wait on memory.
+    fn lift(self) -> anyhow::Result<()> {
+        std::fs::write(&self.limit_file, self.unlimited)
+            .with_context(|| format!("writing {}", self.limit_file.display()))
+    }
+}
+
+/// Pre-touched thread stacks, one mapping for all threads.
+struct Stacks {
+    base: *mut u8,
+    count: usize,
+}
+
+const STACK_SIZE: usize = 32 * 1024;
+
+impl Stacks {
+    fn new(count: usize) -> anyhow::Result<Self> {
+        let len = count.max(1) * STACK_SIZE;
+        // SAFETY: anonymous private mapping; checked for MAP_FAILED.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            bail!(
+                "mapping {len} bytes of thread stacks: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Stacks {
+            base: base.cast(),
+            count,
+        })
+    }
+
+    fn get(&self, i: usize) -> Option<*mut libc::c_void> {
+        (i < self.count).then(|| self.base.wrapping_add(i * STACK_SIZE).cast())
+    }
+}
+
+/// A thread parked on a pipe until its write end closes. Touches nothing but its own stack.
+extern "C" fn parked_thread(fd: *mut libc::c_void) -> *mut libc::c_void {
+    let mut byte = 0u8;
+    // SAFETY: reading one byte into a stack variable.
+    unsafe { libc::read(fd as usize as libc::c_int, (&raw mut byte).cast(), 1) };
+    std::ptr::null_mut()
+}
+
+/// pthread_create (clone3 in glibc) on a pre-touched stack. Returns the thread or the errno.
+fn spawn_parked(stack: *mut libc::c_void, fd: libc::c_int) -> Result<libc::pthread_t, i32> {
+    // SAFETY: attr is initialised before use and destroyed after; the stack outlives the
+    // thread (it is unmapped only at process exit).
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstack(&mut attr, stack, STACK_SIZE);
+        let mut thread: libc::pthread_t = 0;
+        let rc = libc::pthread_create(
+            &mut thread,
+            &attr,
+            parked_thread,
+            fd as usize as *mut libc::c_void,
+        );
+        libc::pthread_attr_destroy(&mut attr);
+        if rc == 0 { Ok(thread) } else { Err(rc) }
+    }
+}
+
+fn check(rc: libc::c_int, what: &str) -> anyhow::Result<()> {
+    if rc != 0 {
+        bail!("{what}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_comm(comm: &str) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(comm).context("--comm contains a NUL byte")?;
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes).
+    check(
+        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) },
+        "prctl(PR_SET_NAME)",
+    )
+}
+
+fn print_report(report: &Report) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(report)?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Our pid in the initial namespace: /proc is the host's, so /proc/self names it even from
+/// inside a new pid namespace.
+fn node_pid() -> u32 {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse().ok())
+        .unwrap_or_else(std::process::id)
+}
+
+/// Creates tasks until `count` exist or `max_failures` were refused, then ends them all.
+fn create(args: &Args, stacks: Option<&Stacks>) -> Report {
+    let mut report = Report {
+        pid: node_pid(),
+        ..Default::default()
+    };
+    let mut pipe = [-1; 2];
+    // SAFETY: pipe(2) into a two-element array.
+    unsafe { libc::pipe(pipe.as_mut_ptr()) };
+    // Room reserved and touched up front: no allocation or page fault once a limit is near.
+    let mut threads: Vec<libc::pthread_t> = prefaulted(args.count as usize);
+    let mut children: Vec<libc::pid_t> = prefaulted(args.count as usize);
+    report.errnos = prefaulted(args.max_failures as usize + 1);
+    let fill_mode = if args.mode == Mode::Vforks {
+        Mode::Forks
+    } else {
+        args.mode
+    };
+
+    while report.created < args.count && report.failures < args.max_failures {
+        let result = match fill_mode {
+            Mode::Threads => match stacks.and_then(|s| s.get(threads.len())) {
+                Some(stack) => spawn_parked(stack, pipe[0]).map(|t| threads.push(t)),
+                None => break,
+            },
+            // SAFETY: the child only calls async-signal-safe functions (see park_child).
+            Mode::Forks | Mode::Vforks => {
+                fork_with(|| unsafe { libc::fork() }).map(|pid| children.push(pid))
+            }
+            Mode::SysForks => {
+                // SAFETY: as above; the raw syscall returns 0 in the child.
+                fork_with(|| unsafe { libc::syscall(libc::SYS_fork) as libc::pid_t })
+                    .map(|pid| children.push(pid))
+            }
+        };
+        match result {
+            Ok(()) => report.created += 1,
+            Err(errno) => {
+                report.failures += 1;
+                report.errnos.push(errno);
+                if fill_mode != args.mode {
+                    break;
+                }
+            }
+        }
+    }
+    if args.mode == Mode::Vforks {
+        // The node is now full for us: every vfork is refused the same way.
+        for _ in 0..args.max_failures {
+            // SAFETY: the vfork child only calls _exit, so it neither returns through our
+            // frames nor touches the shared memory (libc deprecates vfork for the general case).
+            #[allow(deprecated)]
+            let pid = unsafe { libc::vfork() };
+            match pid {
+                0 => unsafe { libc::_exit(0) },
+                -1 => {
+                    report.failures += 1;
+                    report
+                        .errnos
+                        .push(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+                }
+                pid => {
+                    report.created += 1;
+                    // SAFETY: reaping our own child.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                }
+            }
+        }
+    }
+
+    // SAFETY: closing our pipe ends the parked threads' reads; joining our own threads.
+    unsafe {
+        libc::close(pipe[1]);
+        for t in threads {
+            libc::pthread_join(t, std::ptr::null_mut());
+        }
+        libc::close(pipe[0]);
+    }
+    for pid in children {
+        // SAFETY: killing and reaping our own children.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+    report
+}
+
+/// An empty Vec whose capacity has been written once (so its pages are present).
+fn prefaulted<T: Default + Clone>(capacity: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(capacity);
+    v.resize(capacity, T::default());
+    v.clear();
+    v
+}
+
+/// Runs a fork-like call; the child parks until killed. Returns the child's pid or the errno.
+fn fork_with(fork: impl FnOnce() -> libc::pid_t) -> Result<libc::pid_t, i32> {
+    match fork() {
+        -1 => Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)),
+        0 => park_child(),
+        pid => Ok(pid),
+    }
+}
+
+/// A forked child: dies with its parent, otherwise sleeps. Async-signal-safe calls only.
+fn park_child() -> ! {
+    // SAFETY: prctl, pause and _exit are async-signal-safe.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+/// Becomes init of a new pid namespace with a small pid_max and creates the tasks there.
+fn in_new_pidns(args: &Args, stacks: Option<&Stacks>, pid_max: u32) -> anyhow::Result<()> {
+    // SAFETY: unshare of the pid namespace affects only our future children.
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWPID) },
+        "unshare(CLONE_NEWPID)",
+    )?;
+    // SAFETY: the child runs the lab logic and exits with _exit; the parent only waits.
+    match unsafe { libc::fork() } {
+        -1 => bail!(
+            "fork into the new pid namespace: {}",
+            std::io::Error::last_os_error()
+        ),
+        0 => {
+            // pid_max is per pid namespace (Linux >= 6.14): this writes our namespace's.
+            let code = match std::fs::write("/proc/sys/kernel/pid_max", pid_max.to_string())
+                .context("setting pid_max in the new pid namespace")
+                .and_then(|()| print_report(&create(args, stacks)))
+            {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("faultline-lab: error: {e:#}");
+                    1
+                }
+            };
+            // SAFETY: leaving the namespace's init without running the parent's atexit state.
+            unsafe { libc::_exit(code) }
+        }
+        child => wait_ok(child),
+    }
+}
+
+/// A pid namespace whose init has exited refuses new pids with ENOMEM.
+fn dead_pidns(args: &Args) -> anyhow::Result<()> {
+    // SAFETY: as in in_new_pidns.
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWPID) },
+        "unshare(CLONE_NEWPID)",
+    )?;
+    match unsafe { libc::fork() } {
+        -1 => bail!(
+            "fork of the namespace's init: {}",
+            std::io::Error::last_os_error()
+        ),
+        // SAFETY: the init exits at once.
+        0 => unsafe { libc::_exit(0) },
+        init => wait_ok(init)?,
+    }
+    print_report(&create(args, None))
+}
+
+fn wait_ok(pid: libc::pid_t) -> anyhow::Result<()> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        bail!("waitpid({pid}): {}", std::io::Error::last_os_error());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("child {pid} failed (wait status {status:#x})");
+    }
+    Ok(())
+}

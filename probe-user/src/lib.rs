@@ -1,0 +1,17 @@
+//! faultline's userspace: finds why tasks fail to be created on a Kubernetes node.
+//!
+//! The pipeline, in order: [`loader`] loads and attaches the eBPF programs (offsets from
+//! [`btf`] and [`tracefs`] via [`offsets`]); [`clone`] decodes ring-buffer events and enriches
+//! them into `CloneFailure`s, using [`cgroups`] and [`node`] for attribution and [`cause`] for
+//! the verdict; the commands [`trace`] and [`check`] export the result.
+
+pub mod btf;
+pub mod cause;
+pub mod cgroups;
+pub mod check;
+pub mod clone;
+pub mod loader;
+pub mod node;
+pub mod offsets;
+pub mod trace;
+pub mod tracefs;

@@ -1,0 +1,93 @@
+//! The command line's contract: usage errors exit 2, runtime errors exit 1 with one line,
+//! never a panic; `faultline check` runs and passes on a supported node.
+
+mod common;
+
+use std::{os::unix::process::CommandExt as _, process::Command};
+
+use common::FAULTLINE;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(FAULTLINE)
+        .args(args)
+        .output()
+        .expect("running faultline");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_no_panic(stderr: &str) {
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_flags_and_bad_values_exit_2() {
+    for args in [
+        &["trace", "--no-such-flag"][..],
+        &["trace", "--duration", "10x"],
+        &["trace", "--output", "xml"],
+        &["trace", "--pid", "abc"],
+        &["no-such-command"],
+        &[],
+    ] {
+        let (code, _, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error:") || stderr.contains("Usage:"),
+            "{args:?}: {stderr}"
+        );
+        assert_no_panic(&stderr);
+    }
+}
+
+#[test]
+fn check_reports_each_item_and_passes_here() {
+    common::require_root();
+    let (code, stdout, stderr) = run(&["check"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for item in [
+        "BTF",
+        "tracefs",
+        "syscalls:sys_exit_clone3",
+        "pids controller",
+        "tracepoint programs",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(item)),
+            "{item} missing:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.ends_with("faultline: failed task creation tracing works on this node\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn without_privileges_trace_fails_with_one_line() {
+    common::require_root();
+    let out = Command::new(FAULTLINE)
+        .args(["trace", "--duration", "1s"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("running faultline as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with("faultline: error: "), "{stderr}");
+    assert!(
+        lines[0].contains("needs root") || lines[0].contains("tracefs"),
+        "{stderr}"
+    );
+    assert_no_panic(&stderr);
+}

@@ -1,0 +1,349 @@
+//! Each cause of a failed task creation, produced for real on this kernel and checked in what
+//! `faultline trace` reports: cause, errno, syscall, task kind, comm, pid, evidence, and that
+//! nothing else is misreported. Root only.
+
+mod common;
+
+use common::*;
+use probe_user::cgroups::Hierarchy;
+use serde_json::Value;
+
+/// Asserts that every event of `comm` has these fields and that there is one per refused
+/// creation the lab counted.
+fn assert_events(
+    events: &[Value],
+    comm: &str,
+    report: &LabReport,
+    expect: &[(&str, &str)],
+) -> usize {
+    let mine = by_comm(events, comm);
+    assert_eq!(
+        mine.len() as u64,
+        report.failures,
+        "events of {comm}: {mine:#?}\nlab: {report:?}"
+    );
+    for e in &mine {
+        assert_eq!(e["pid"].as_u64(), Some(report.pid), "{e}");
+        for (field, value) in expect {
+            assert_eq!(e[*field], *value, "field {field} of {e}");
+        }
+    }
+    mine.len()
+}
+
+#[test]
+fn pids_limit_for_threads_forks_and_vforks() {
+    let Some((pids_mount, _)) = mount(Hierarchy::Pids) else {
+        eprintln!("no pids controller on this host; skipped");
+        return;
+    };
+    let name = unique("pids");
+    let pids = TempCgroup::new(&pids_mount, &name);
+    pids.write("pids.max", "10");
+    // On hybrid hosts the v2 cgroup is a separate directory: join one of the same name so the
+    // event's cgroup path is checked too.
+    let unified = mount(Hierarchy::Unified)
+        .filter(|(p, _)| *p != pids_mount)
+        .map(|(p, _)| TempCgroup::new(&p, &name));
+    let mut joins = vec!["--cgroup".to_owned(), pids.dir.display().to_string()];
+    if let Some(u) = &unified {
+        joins.extend(["--cgroup".to_owned(), u.dir.display().to_string()]);
+    }
+    let joins: Vec<&str> = joins.iter().map(String::as_str).collect();
+    let cgroup_path = format!("/{name}");
+
+    let trace = Trace::start(&["--cgroup", &cgroup_path]);
+    let run =
+        |mode: &str, comm: &str| lab(&[&[mode, "50", "--comm", comm], joins.as_slice()].concat());
+    let threads = run("threads", "fl-pids-thr");
+    let forks = run("forks", "fl-pids-fork");
+    let sys_forks = run("sys-forks", "fl-pids-sysfork");
+    let vforks = run("vforks", "fl-pids-vfork");
+    let (events, summary) = trace.stop_json();
+
+    // 10 tasks fit: the lab itself and 9 more.
+    for r in [&threads, &forks, &sys_forks] {
+        assert_eq!((r.created, r.failures), (9, 3), "{r:?}");
+        assert!(r.errnos.iter().all(|e| *e == libc::EAGAIN as i64), "{r:?}");
+    }
+    let common = [
+        ("cause", "pids_limit"),
+        ("errno", "EAGAIN"),
+        ("pids_cgroup", cgroup_path.as_str()),
+    ];
+    let mut n = 0;
+    for (comm, report, syscall, task) in [
+        ("fl-pids-thr", &threads, "clone3", "thread"),
+        ("fl-pids-fork", &forks, "clone", "process"),
+        ("fl-pids-sysfork", &sys_forks, "fork", "process"),
+    ] {
+        n += assert_events(
+            &events,
+            comm,
+            report,
+            &[&common[..], &[("syscall", syscall), ("task", task)]].concat(),
+        );
+    }
+    // The vfork lab fills with fork (clone) until refused, then tries vfork.
+    let vfork_events = by_comm(&events, "fl-pids-vfork");
+    assert_eq!(
+        vfork_events.len() as u64,
+        vforks.failures,
+        "{vfork_events:#?}"
+    );
+    assert_eq!(
+        vfork_events
+            .iter()
+            .filter(|e| e["syscall"] == "vfork")
+            .count(),
+        3
+    );
+    assert_eq!(
+        vfork_events
+            .iter()
+            .filter(|e| e["syscall"] == "clone")
+            .count(),
+        1
+    );
+    assert!(
+        vfork_events
+            .iter()
+            .all(|e| e["cause"] == "pids_limit" && e["task"] == "process")
+    );
+    n += vfork_events.len();
+
+    for e in &events {
+        assert_eq!(
+            e["evidence"],
+            format!("pids.current=10 pids.max=10 cgroup={cgroup_path}"),
+            "{e}"
+        );
+        if unified.is_some() {
+            assert_eq!(e["cgroup"], cgroup_path.as_str(), "{e}");
+        }
+    }
+    // Only this test's cgroup passed the --cgroup filter; the summary counts what was shown.
+    assert_eq!(events.len(), n, "unexpected events: {events:#?}");
+    assert_eq!(summary["failures"], n);
+    assert_eq!(summary["by_cause"]["pids_limit"], n);
+    assert_eq!(summary["by_comm"]["fl-pids-thr"], 3);
+    assert_eq!(summary["by_comm"]["fl-pids-vfork"], 4);
+    assert_eq!(summary["lost_events"], 0);
+}
+
+#[test]
+fn rlimit_nproc_as_a_non_root_user() {
+    let trace = Trace::start(&["--comm", "fl-nproc"]);
+    let report = lab(&[
+        "forks", "50", "--comm", "fl-nproc", "--uid", "65534", "--nproc", "5",
+    ]);
+    let (events, summary) = trace.stop_json();
+    assert_eq!(report.failures, 3, "{report:?}");
+    assert_events(
+        &events,
+        "fl-nproc",
+        &report,
+        &[
+            ("cause", "rlimit_nproc"),
+            ("errno", "EAGAIN"),
+            ("syscall", "clone"),
+            ("task", "process"),
+        ],
+    );
+    for e in &events {
+        assert_eq!(e["uid"], 65534);
+        let evidence = e["evidence"].as_str().unwrap_or_default();
+        assert!(
+            evidence.starts_with("uid=65534 processes=") && evidence.ends_with(" RLIMIT_NPROC=5"),
+            "{e}"
+        );
+    }
+    assert_eq!(summary["failures"], 3);
+    assert_eq!(summary["by_cause"]["rlimit_nproc"], 3);
+}
+
+#[test]
+fn pid_max_of_a_fresh_pid_namespace() {
+    let trace = Trace::start(&["--comm", "fl-pidmax"]);
+    // pid_max is per pid namespace on Linux >= 6.14: nothing host-wide changes.
+    let report = lab(&[
+        "threads",
+        "400",
+        "--comm",
+        "fl-pidmax",
+        "--pidns-pid-max",
+        "301",
+    ]);
+    let (events, _) = trace.stop_json();
+    // pids 1..300 exist in the namespace: init plus 299 threads.
+    assert_eq!((report.created, report.failures), (299, 3), "{report:?}");
+    assert_events(
+        &events,
+        "fl-pidmax",
+        &report,
+        &[
+            ("cause", "pid_max"),
+            ("errno", "EAGAIN"),
+            ("syscall", "clone3"),
+            ("task", "thread"),
+        ],
+    );
+    for e in &events {
+        let evidence = e["evidence"].as_str().unwrap_or_default();
+        assert!(evidence.contains(" level=1 pids=300 pid_max=301"), "{e}");
+    }
+}
+
+#[test]
+fn enomem_in_a_pid_namespace_whose_init_exited() {
+    let trace = Trace::start(&["--comm", "fl-deadns"]);
+    let report = lab(&[
+        "forks",
+        "5",
+        "--comm",
+        "fl-deadns",
+        "--dead-pidns",
+        "--max-failures",
+        "2",
+    ]);
+    let (events, summary) = trace.stop_json();
+    assert_eq!((report.created, report.failures), (0, 2), "{report:?}");
+    assert!(
+        report.errnos.iter().all(|e| *e == libc::ENOMEM as i64),
+        "{report:?}"
+    );
+    assert_events(
+        &events,
+        "fl-deadns",
+        &report,
+        &[
+            ("cause", "pidns_dead"),
+            ("errno", "ENOMEM"),
+            ("syscall", "clone"),
+            ("task", "process"),
+        ],
+    );
+    assert_eq!(summary["by_cause"]["pidns_dead"], 2);
+    assert!(
+        summary["by_cause"].get("memory").is_none(),
+        "ENOMEM must not read as memory: {summary}"
+    );
+}
+
+#[test]
+fn memory_cgroup_limit_hit_by_thread_creation() {
+    let Some((memory_mount, _)) = mount(Hierarchy::Memory) else {
+        eprintln!("no memory controller on this host; skipped");
+        return;
+    };
+    let name = unique("memory");
+    let memory = TempCgroup::new(&memory_mount, &name);
+    let trace = Trace::start(&["--comm", "fl-memory"]);
+    let dir = memory.dir.display().to_string();
+    let report = lab(&[
+        "threads",
+        "5000",
+        "--comm",
+        "fl-memory",
+        "--memory-cgroup",
+        &dir,
+        "--memory-headroom",
+        "1048576",
+    ]);
+    let (events, _) = trace.stop_json();
+    // glibc turns clone3's ENOMEM into EAGAIN for pthread_create; the syscall says ENOMEM.
+    assert_eq!(report.failures, 3, "{report:?}");
+    assert!(report.created > 0 && report.created < 5000, "{report:?}");
+    assert_events(
+        &events,
+        "fl-memory",
+        &report,
+        &[
+            ("cause", "memory"),
+            ("errno", "ENOMEM"),
+            ("syscall", "clone3"),
+            ("task", "thread"),
+        ],
+    );
+    for e in &events {
+        let evidence = e["evidence"].as_str().unwrap_or_default();
+        assert!(
+            evidence.starts_with("memory.usage=") && evidence.ends_with(&format!("cgroup=/{name}")),
+            "{e}"
+        );
+    }
+}
+
+/// threads-max is node-wide: lowering it could break other work on the machine, so this runs
+/// only when asked (FAULTLINE_TEST_THREADS_MAX=1). The decision logic has unit tests.
+#[test]
+fn threads_max_opt_in() {
+    if std::env::var("FAULTLINE_TEST_THREADS_MAX").as_deref() != Ok("1") {
+        eprintln!("threads-max is host-wide; set FAULTLINE_TEST_THREADS_MAX=1 to run this test");
+        return;
+    }
+    let trace = Trace::start(&["--comm", "fl-thrmax"]);
+    let loadavg = std::fs::read_to_string("/proc/loadavg").expect("loadavg");
+    let threads: u64 = loadavg
+        .split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/'))
+        .and_then(|(_, t)| t.parse().ok())
+        .expect("threads");
+    let _guard = SysctlGuard::set("/proc/sys/kernel/threads-max", &(threads + 40).to_string());
+    let report = lab(&["threads", "400", "--comm", "fl-thrmax"]);
+    drop(_guard);
+    let (events, _) = trace.stop_json();
+    assert_events(
+        &events,
+        "fl-thrmax",
+        &report,
+        &[
+            ("cause", "threads_max"),
+            ("errno", "EAGAIN"),
+            ("syscall", "clone3"),
+        ],
+    );
+}
+
+#[test]
+fn table_output_has_one_line_per_failure_and_a_summary() {
+    let trace = Trace::start_with_output("table", &["--comm", "fl-table"]);
+    let report = lab(&[
+        "forks",
+        "5",
+        "--comm",
+        "fl-table",
+        "--dead-pidns",
+        "--max-failures",
+        "2",
+    ]);
+    let (lines, _) = trace.stop();
+    assert!(lines[0].starts_with("TIME "), "{lines:?}");
+    let rows: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(" fl-table ") && !l.starts_with("by "))
+        .collect();
+    assert_eq!(rows.len() as u64, report.failures, "{lines:#?}");
+    for row in rows {
+        for word in [
+            " clone ",
+            " process ",
+            " ENOMEM ",
+            " pidns_dead ",
+            &format!(" {} ", report.pid),
+        ] {
+            assert!(row.contains(word), "{word:?} missing in {row:?}");
+        }
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "2 failed task creation(s) shown, 0 filtered out, 0 lost"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "by cause:  pidns_dead 2"),
+        "{lines:#?}"
+    );
+}

@@ -1,0 +1,271 @@
+//! Shared harness of the integration tests: runs the real `faultline` and `faultline-lab`
+//! binaries as root on the real kernel, and cleans up every cgroup and sysctl it touches,
+//! also when a test fails (Drop guards run while a panic unwinds).
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use probe_user::cgroups::{CgroupFs, Hierarchy};
+use serde_json::Value;
+
+pub const FAULTLINE: &str = env!("CARGO_BIN_EXE_faultline");
+pub const LAB: &str = env!("CARGO_BIN_EXE_faultline-lab");
+
+/// Longest wait for faultline to load and attach (cold caches on a busy 2-core machine).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A unique name per test and process, so parallel tests and reruns never collide.
+pub fn unique(name: &str) -> String {
+    format!("faultline-test-{name}-{}", std::process::id())
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the integration tests load eBPF programs: run them as root"
+    );
+}
+
+/// A running `faultline trace --output json`.
+pub struct Trace {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Trace {
+    /// Starts a trace and waits until its programs are attached.
+    pub fn start(extra: &[&str]) -> Trace {
+        Self::start_with_output("json", extra)
+    }
+
+    pub fn start_with_output(output: &str, extra: &[&str]) -> Trace {
+        require_root();
+        let mut child = Command::new(FAULTLINE)
+            .args(["trace", "--output", output])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning faultline trace");
+        let stdout = lines_of(child.stdout.take().expect("stdout"));
+        let stderr = lines_of(child.stderr.take().expect("stderr"));
+        let trace = Trace {
+            child,
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match trace.stderr.recv_timeout(left) {
+                Ok(line) if line.starts_with("faultline: tracing") => return trace,
+                Ok(line) => eprintln!("faultline stderr: {line}"),
+                Err(_) => panic!("faultline trace did not report ready within {READY_TIMEOUT:?}"),
+            }
+        }
+    }
+
+    /// Stops the trace with SIGINT and returns its stdout lines and stderr text.
+    pub fn stop(mut self) -> (Vec<String>, String) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for faultline") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "faultline trace did not stop within {STOP_TIMEOUT:?} of SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let stdout: Vec<String> = self.stdout.iter().collect();
+        let stderr: Vec<String> = self.stderr.iter().collect();
+        assert!(
+            status.success(),
+            "faultline trace exited with {status}; stderr: {stderr:?}"
+        );
+        (stdout, stderr.join("\n"))
+    }
+
+    /// Stops the trace and parses its JSON lines into (events, summary).
+    pub fn stop_json(self) -> (Vec<Value>, Value) {
+        let (lines, stderr) = self.stop();
+        let mut values: Vec<Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let summary = values.pop().expect("no summary line");
+        assert_eq!(
+            summary["kind"], "summary",
+            "last line is not the summary; stderr: {stderr}"
+        );
+        assert!(
+            values.iter().all(|v| v["kind"] == "clone_failure"),
+            "{values:?}"
+        );
+        (values, summary)
+    }
+}
+
+impl Drop for Trace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// What faultline-lab printed.
+#[derive(Debug)]
+pub struct LabReport {
+    pub pid: u64,
+    pub created: u64,
+    pub failures: u64,
+    pub errnos: Vec<i64>,
+}
+
+/// Runs faultline-lab to completion (bounded by `timeout` seconds) and parses its report.
+pub fn lab(args: &[&str]) -> LabReport {
+    let mut child = Command::new("timeout")
+        .args(["--signal=KILL", "60", LAB])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning faultline-lab");
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("reading lab stdout");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("reading lab stderr");
+    let status = child.wait().expect("waiting for faultline-lab");
+    assert!(
+        status.success(),
+        "faultline-lab {args:?} failed: {status}: {err}"
+    );
+    let v: Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("lab report not JSON ({e}): {out}"));
+    LabReport {
+        pid: v["pid"].as_u64().expect("pid"),
+        created: v["created"].as_u64().expect("created"),
+        failures: v["failures"].as_u64().expect("failures"),
+        errnos: v["errnos"]
+            .as_array()
+            .expect("errnos")
+            .iter()
+            .filter_map(Value::as_i64)
+            .collect(),
+    }
+}
+
+/// Events of one comm.
+pub fn by_comm<'a>(events: &'a [Value], comm: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["comm"] == comm).collect()
+}
+
+/// The mount of a cgroup hierarchy on this host, if any.
+pub fn mount(h: Hierarchy) -> Option<(PathBuf, bool)> {
+    let fs = CgroupFs::discover().expect("reading mountinfo");
+    fs.mount(h).map(|m| (m.path.clone(), m.v2))
+}
+
+/// A cgroup directory made for one test; removed on drop after killing what is left in it.
+pub struct TempCgroup {
+    pub dir: PathBuf,
+}
+
+impl TempCgroup {
+    pub fn new(mount: &Path, name: &str) -> TempCgroup {
+        let dir = mount.join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempCgroup { dir }
+    }
+
+    pub fn write(&self, file: &str, value: &str) {
+        std::fs::write(self.dir.join(file), value)
+            .unwrap_or_else(|e| panic!("writing {value} to {}/{file}: {e}", self.dir.display()));
+    }
+}
+
+impl Drop for TempCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+                for pid in procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: killing leftovers of this test's own cgroup.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("warning: could not remove {}", self.dir.display());
+    }
+}
+
+/// Sets a sysctl for the test and restores the old value on drop.
+pub struct SysctlGuard {
+    path: PathBuf,
+    old: String,
+}
+
+impl SysctlGuard {
+    pub fn set(path: &str, value: &str) -> SysctlGuard {
+        let old = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        std::fs::write(path, value).unwrap_or_else(|e| panic!("writing {value} to {path}: {e}"));
+        SysctlGuard {
+            path: path.into(),
+            old: old.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.old) {
+            eprintln!(
+                "warning: could not restore {} to {}: {e}",
+                self.path.display(),
+                self.old
+            );
+        }
+    }
+}
