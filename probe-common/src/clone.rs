@@ -86,6 +86,10 @@ pub struct PidNsCounter {
     pub innermost_alive: u32,
     /// Inode of the innermost namespace (where the child would live).
     pub innermost_inum: u32,
+    /// pids allocated in the initial namespace: every task on the node, the live count that
+    /// `kernel.threads-max` limits (0 when the walk did not reach it).
+    pub node_tasks: u32,
+    pub _pad: u32,
 }
 
 /// The calling user's process count against RLIMIT_NPROC.

@@ -379,7 +379,11 @@ fn walk_pidns(mut ns: *const u8, out: &mut PidNsCounter) -> u32 {
         }
         match deref(ns, parent_off) {
             Some(parent) => ns = parent,
-            None => break,
+            None => {
+                // No parent: this is the initial namespace, which holds every task's pid.
+                out.node_tasks = allocated;
+                break;
+            }
         }
     }
     bits

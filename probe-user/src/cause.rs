@@ -61,10 +61,20 @@ pub struct Verdict {
     pub evidence: String,
 }
 
-/// threads-max is compared with a count read from /proc after the event arrives: allow for
-/// tasks that exited in between.
+/// The node's task count is the initial pid namespace's allocation at the failure, which can
+/// differ from the kernel's `nr_threads` by a few tasks being reaped; without that snapshot it
+/// is read from /proc after the event arrives. Either way allow a little slack.
 fn threads_slack(threads_max: u64) -> u64 {
     (threads_max / 100).max(8)
+}
+
+/// Live tasks on the node at the failure: the kernel snapshot when there is one.
+fn node_threads(ev: &CloneFailureEvent, node: &NodeTasks) -> u64 {
+    if ev.valid & valid::PIDNS != 0 && ev.pidns.node_tasks > 0 {
+        ev.pidns.node_tasks as u64
+    } else {
+        node.threads
+    }
 }
 
 pub fn classify(ev: &CloneFailureEvent, facts: &Facts) -> Verdict {
@@ -80,7 +90,7 @@ pub fn classify(ev: &CloneFailureEvent, facts: &Facts) -> Verdict {
             if let Some(e) = nproc_at_limit(ev) {
                 return verdict(Cause::RlimitNproc, e);
             }
-            if let Some(e) = threads_at_limit(&facts.node) {
+            if let Some(e) = threads_at_limit(ev, &facts.node) {
                 return verdict(Cause::ThreadsMax, e);
             }
             if let Some(e) = pidns_full(ev, &facts.node) {
@@ -122,14 +132,16 @@ fn nproc_at_limit(ev: &CloneFailureEvent) -> Option<String> {
     })
 }
 
-fn threads_at_limit(node: &NodeTasks) -> Option<String> {
-    (node.threads_max > 0 && node.threads + threads_slack(node.threads_max) >= node.threads_max)
-        .then(|| {
+fn threads_at_limit(ev: &CloneFailureEvent, node: &NodeTasks) -> Option<String> {
+    let threads = node_threads(ev, node);
+    (node.threads_max > 0 && threads + threads_slack(node.threads_max) >= node.threads_max).then(
+        || {
             format!(
-                "threads={} threads-max={} (node-wide)",
-                node.threads, node.threads_max
+                "threads={threads} threads-max={} (node-wide)",
+                node.threads_max
             )
-        })
+        },
+    )
 }
 
 /// Free pids left in the tightest pid namespace, with the pid_max that applies to it.
@@ -208,7 +220,8 @@ fn nearest_limits(ev: &CloneFailureEvent, facts: &Facts) -> String {
     }
     parts.push(format!(
         "threads={} threads-max={}",
-        facts.node.threads, facts.node.threads_max
+        node_threads(ev, &facts.node),
+        facts.node.threads_max
     ));
     format!("no limit reached: {}", parts.join(" "))
 }
@@ -275,6 +288,8 @@ mod tests {
                 pid_max: 4194304,
                 innermost_alive: 1,
                 innermost_inum: 4026531836,
+                node_tasks: 0,
+                _pad: 0,
             },
             nproc: NprocCounter {
                 count: 20,
@@ -319,6 +334,7 @@ mod tests {
             pid_max: 301,
             innermost_alive: 1,
             innermost_inum: 5,
+            ..Default::default()
         };
         let v = classify(&ev, &facts());
         assert_eq!(v.cause, Cause::PidMax);
@@ -385,6 +401,26 @@ mod tests {
         assert_eq!(classify(&ev, &f).cause, Cause::Unknown);
         f.node.threads = 95;
         assert_eq!(classify(&ev, &f).cause, Cause::ThreadsMax);
+    }
+
+    #[test]
+    fn threads_max_prefers_the_kernel_snapshot_over_a_stale_proc_read() {
+        // At the failure the node had 128 tasks; by the time /proc was read, 112.
+        let mut ev = event(EAGAIN);
+        ev.pidns.node_tasks = 128;
+        let mut f = facts();
+        f.node = NodeTasks {
+            threads: 112,
+            threads_max: 128,
+            pid_max: 32768,
+        };
+        let v = classify(&ev, &f);
+        assert_eq!(v.cause, Cause::ThreadsMax);
+        assert_eq!(v.evidence, "threads=128 threads-max=128 (node-wide)");
+        // And a snapshot far from the limit is not overridden by /proc.
+        ev.pidns.node_tasks = 50;
+        f.node.threads = 127;
+        assert_eq!(classify(&ev, &f).cause, Cause::Unknown);
     }
 
     #[test]

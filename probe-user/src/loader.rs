@@ -43,7 +43,6 @@ pub struct CloneStats {
 impl Probes {
     /// Loads the object with offsets from `btf` and `tracefs`. Does not attach anything.
     pub fn load(btf: &Btf, tracefs: &Tracefs) -> anyhow::Result<Self> {
-        require_privileges()?;
         raise_memlock_limit();
         let kernel = offsets::kernel(btf);
         let tracepoints = offsets::tracepoints(tracefs)?;

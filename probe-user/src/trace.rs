@@ -21,7 +21,7 @@ use crate::{
     btf::Btf,
     cgroups::CgroupFs,
     clone::{self, CloneFailure, Enricher},
-    loader::{CloneStats, Probes},
+    loader::{self, CloneStats, Probes},
     tracefs::Tracefs,
 };
 
@@ -102,6 +102,7 @@ impl Summary {
 }
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    loader::require_privileges()?;
     let tracefs = Tracefs::find_or_mount()?;
     let btf = Btf::from_kernel().context("kernel BTF is required (CONFIG_DEBUG_INFO_BTF)")?;
     let mut probes = Probes::load(&btf, &tracefs)?;

@@ -3,7 +3,10 @@
 
 mod common;
 
-use std::{os::unix::process::CommandExt as _, process::Command};
+use std::{
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    process::Command,
+};
 
 use common::FAULTLINE;
 
@@ -74,12 +77,21 @@ fn check_reports_each_item_and_passes_here() {
 #[test]
 fn without_privileges_trace_fails_with_one_line() {
     common::require_root();
-    let out = Command::new(FAULTLINE)
+    // A copy nobody can execute, whatever the permissions of the checkout's directories.
+    let dir = std::env::temp_dir().join(common::unique("unprivileged"));
+    std::fs::create_dir_all(&dir).expect("creating a temp dir");
+    let exe = dir.join("faultline");
+    std::fs::copy(FAULTLINE, &exe).expect("copying faultline");
+    for p in [&dir, &exe] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let out = Command::new(&exe)
         .args(["trace", "--duration", "1s"])
         .uid(65534)
         .gid(65534)
-        .output()
-        .expect("running faultline as nobody");
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out.expect("running faultline as nobody");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();

@@ -290,10 +290,11 @@ fn threads_max_opt_in() {
         .and_then(|f| f.split_once('/'))
         .and_then(|(_, t)| t.parse().ok())
         .expect("threads");
-    let _guard = SysctlGuard::set("/proc/sys/kernel/threads-max", &(threads + 40).to_string());
+    let guard = SysctlGuard::set("/proc/sys/kernel/threads-max", &(threads + 40).to_string());
     let report = lab(&["threads", "400", "--comm", "fl-thrmax"]);
-    drop(_guard);
+    // Restored after the trace has handled the events: threads-max itself is read from /proc.
     let (events, _) = trace.stop_json();
+    drop(guard);
     assert_events(
         &events,
         "fl-thrmax",

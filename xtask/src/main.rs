@@ -1,1 +1,193 @@
-fn main() {}
+//! Project tasks. `cargo xtask setup` installs what a fresh Debian 12 machine lacks (Debian
+//! packages, the pinned eBPF nightly, bpf-linker), idempotently; `test` and `trace` run setup
+//! first, so the README's two commands work on a new machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages bpf-linker links against (LLVM 22, the major of the eBPF nightly).
+const APT_PACKAGES: [&str; 4] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
+/// Must match EBPF_TOOLCHAIN in probe-user/build.rs.
+const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, the eBPF toolchain, bpf-linker.
+    Setup,
+    /// Setup, then the whole test suite (unit and root-only integration tests).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then `faultline trace` (default: `--duration 5s`).
+    Trace {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Test { args } => setup().and_then(|()| test(&args)),
+        Task::Trace { args } => setup().and_then(|()| trace(&args)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+fn stdout_of(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn setup() -> anyhow::Result<()> {
+    if !cfg!(target_os = "linux") {
+        bail!("faultline builds and runs on Linux only");
+    }
+    apt_packages()?;
+    ebpf_toolchain()?;
+    bpf_linker()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .into_iter()
+        .filter(|p| {
+            !stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .contains("install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("installing Debian packages (run as root on Debian 12)")
+}
+
+fn ebpf_toolchain() -> anyhow::Result<()> {
+    let installed = stdout_of(Command::new("rustup").args(["toolchain", "list"]));
+    let has_toolchain = installed.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN));
+    let has_src = has_toolchain
+        && stdout_of(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ]))
+        .lines()
+        .any(|l| l.starts_with("rust-src"));
+    if !has_src {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = stdout_of(Command::new("bpf-linker").arg("--version"));
+    if version.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("PATH", path))
+    .context("installing bpf-linker")?;
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        bail!("bpf-linker installed but not on PATH: add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the test suite loads eBPF programs and creates cgroups: run it as root");
+    }
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .arg("test") // default-members: every crate but the BPF-only probe-ebpf
+        .args(args))
+}
+
+fn trace(args: &[String]) -> anyhow::Result<()> {
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "probe-user"]))?;
+    let default = ["--duration".to_owned(), "5s".to_owned()];
+    let args = if args.is_empty() { &default[..] } else { args };
+    run(Command::new(root.join("target/release/faultline"))
+        .arg("trace")
+        .args(args))
+}
