@@ -237,41 +237,36 @@ fn css_ino(css: *const u8) -> u64 {
         .unwrap_or(0)
 }
 
-/// Walks from the task's pids cgroup to the root and keeps the level with the least headroom
-/// (the one that refused the charge: the kernel checks every ancestor).
+/// One cgroup level's usage, limit (`i64::MAX` = none) and failure count.
+struct Level {
+    current: i64,
+    limit: i64,
+    failcnt: u64,
+}
+
+/// Walks from a css to the root and keeps the level with the least headroom: the kernel
+/// charges every ancestor, so the level that refused may be above the task's own cgroup.
 #[inline(always)]
-fn walk_pids(mut css: *const u8, out: &mut CgroupCounter) -> bool {
-    let (css_off, counter_off, limit_off, parent_off) = (
-        koff!(pids_css),
-        koff!(pids_counter),
-        koff!(pids_limit),
-        koff!(css_parent),
-    );
-    if css_off == MISSING {
-        return false;
-    }
+fn walk_css(
+    mut css: *const u8,
+    out: &mut CgroupCounter,
+    read_level: impl Fn(*const u8) -> Option<Level>,
+) -> bool {
+    let parent_off = koff!(css_parent);
     let mut best_headroom = i64::MAX;
     let mut found = false;
     for depth in 0..MAX_CGROUP_DEPTH {
-        let pids = css.wrapping_sub(css_off as usize);
-        let (Some(current), Some(limit)) =
-            (read::<i64>(pids, counter_off), read::<i64>(pids, limit_off))
-        else {
+        let Some(level) = read_level(css) else {
             break;
         };
-        let limit = if limit >= PIDS_UNLIMITED {
-            i64::MAX
-        } else {
-            limit
-        };
-        let headroom = limit.saturating_sub(current);
+        let headroom = level.limit.saturating_sub(level.current);
         if !found || headroom < best_headroom {
             best_headroom = headroom;
             *out = CgroupCounter {
                 cgroup_ino: css_ino(css),
-                current,
-                limit,
-                failcnt: 0,
+                current: level.current,
+                limit: level.limit,
+                failcnt: level.failcnt,
                 depth,
                 _pad: 0,
             };
@@ -285,56 +280,55 @@ fn walk_pids(mut css: *const u8, out: &mut CgroupCounter) -> bool {
     found
 }
 
-/// Like [`walk_pids`] for the memory controller's page counters.
+/// The pids cgroup level nearest to its `pids.max`.
 #[inline(always)]
-fn walk_memory(mut css: *const u8, out: &mut CgroupCounter) -> bool {
-    let (css_off, memory_off, usage_off, max_off, failcnt_off, parent_off) = (
+fn walk_pids(css: *const u8, out: &mut CgroupCounter) -> bool {
+    let (css_off, counter_off, limit_off) =
+        (koff!(pids_css), koff!(pids_counter), koff!(pids_limit));
+    if css_off == MISSING {
+        return false;
+    }
+    walk_css(css, out, |css| {
+        let pids = css.wrapping_sub(css_off as usize);
+        let current = read::<i64>(pids, counter_off)?;
+        let limit = read::<i64>(pids, limit_off)?;
+        Some(Level {
+            current,
+            limit: if limit >= PIDS_UNLIMITED {
+                i64::MAX
+            } else {
+                limit
+            },
+            failcnt: 0,
+        })
+    })
+}
+
+/// The memory cgroup level nearest to its limit, from its `memory` page counter.
+#[inline(always)]
+fn walk_memory(css: *const u8, out: &mut CgroupCounter) -> bool {
+    let (css_off, memory_off, usage_off, max_off, failcnt_off) = (
         koff!(memcg_css),
         koff!(memcg_memory),
         koff!(page_counter_usage),
         koff!(page_counter_max),
         koff!(page_counter_failcnt),
-        koff!(css_parent),
     );
     if css_off == MISSING || memory_off == MISSING {
         return false;
     }
-    let mut best_headroom = i64::MAX;
-    let mut found = false;
-    for depth in 0..MAX_CGROUP_DEPTH {
+    walk_css(css, out, |css| {
         let counter = css
             .wrapping_sub(css_off as usize)
             .wrapping_add(memory_off as usize);
-        let (Some(usage), Some(max)) = (
-            read::<i64>(counter, usage_off),
-            read::<u64>(counter, max_off),
-        ) else {
-            break;
-        };
-        let limit = if max > i64::MAX as u64 {
-            i64::MAX
-        } else {
-            max as i64
-        };
-        let headroom = limit.saturating_sub(usage);
-        if !found || headroom < best_headroom {
-            best_headroom = headroom;
-            *out = CgroupCounter {
-                cgroup_ino: css_ino(css),
-                current: usage,
-                limit,
-                failcnt: read::<u64>(counter, failcnt_off).unwrap_or(0),
-                depth,
-                _pad: 0,
-            };
-            found = true;
-        }
-        match deref(css, parent_off) {
-            Some(parent) => css = parent,
-            None => break,
-        }
-    }
-    found
+        let current = read::<i64>(counter, usage_off)?;
+        let max = read::<u64>(counter, max_off)?;
+        Some(Level {
+            current,
+            limit: i64::try_from(max).unwrap_or(i64::MAX),
+            failcnt: read::<u64>(counter, failcnt_off).unwrap_or(0),
+        })
+    })
 }
 
 /// Walks the pid namespaces the child's pid would be allocated in (innermost first) and keeps
