@@ -6,3 +6,4 @@
 
 pub mod clone;
 pub mod offsets;
+pub mod tasks;

@@ -85,7 +85,7 @@ impl KernelOffsets {
     };
 }
 
-/// Offsets of the syscall tracepoint fields the clone programs read, from tracefs `format`
+/// Offsets of the tracepoint fields the programs read, from tracefs `format`
 /// files (stable in practice, but read rather than assumed).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +96,11 @@ pub struct TracepointOffsets {
     pub clone3_uargs: u32,
     /// `sys_exit_*`: `ret`.
     pub exit_ret: u32,
-    pub _pad: u32,
+    /// `task:task_newtask`: `clone_flags`.
+    pub newtask_clone_flags: u32,
+    /// `cgroup:cgroup_rmdir`: `root` (hierarchy id) and `id` (cgroup id).
+    pub rmdir_root: u32,
+    pub rmdir_id: u32,
 }
 
 impl TracepointOffsets {
@@ -104,7 +108,9 @@ impl TracepointOffsets {
         clone_flags: MISSING,
         clone3_uargs: MISSING,
         exit_ret: MISSING,
-        _pad: 0,
+        newtask_clone_flags: MISSING,
+        rmdir_root: MISSING,
+        rmdir_id: MISSING,
     };
 }
 

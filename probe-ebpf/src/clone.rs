@@ -21,25 +21,17 @@ use probe_common::{
         CLONE_STAT_COUNT, CgroupCounter, CloneFailureEvent, CloneStat, NprocCounter, PidNsCounter,
         Syscall, valid,
     },
-    offsets::{KernelOffsets, MISSING, TracepointOffsets},
+    offsets::{KernelOffsets, MISSING},
 };
 
-use crate::kernel::{deref, global_field, read};
+use crate::kernel::{deref, global_field, read, tpoff};
 
 #[unsafe(no_mangle)]
 static CLONE_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
 
-#[unsafe(no_mangle)]
-static CLONE_TP_OFFSETS: Global<TracepointOffsets> = Global::new(TracepointOffsets::NONE);
-
 macro_rules! koff {
     ($field:ident) => {
         global_field!(CLONE_KERNEL_OFFSETS, KernelOffsets, $field)
-    };
-}
-macro_rules! tpoff {
-    ($field:ident) => {
-        global_field!(CLONE_TP_OFFSETS, TracepointOffsets, $field)
     };
 }
 

@@ -1,7 +1,11 @@
-//! Reading kernel structs at offsets the loader took from the running kernel's BTF.
+//! Reading kernel structs at offsets the loader took from the running kernel's BTF, and
+//! tracepoint fields at offsets it took from tracefs.
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
-use probe_common::offsets::MISSING;
+use aya_ebpf::{Global, helpers::bpf_probe_read_kernel};
+use probe_common::offsets::{MISSING, TracepointOffsets};
+
+#[unsafe(no_mangle)]
+pub static TP_OFFSETS: Global<TracepointOffsets> = Global::new(TracepointOffsets::NONE);
 
 /// Reads a `T` at `base + off`, or `None` when the pointer is null, the offset is missing on
 /// this kernel, or the read faults.
@@ -23,10 +27,22 @@ pub fn deref(base: *const u8, off: u32) -> Option<*const u8> {
 /// Reads one field of a struct global (an [`aya_ebpf::Global`]) without copying the whole
 /// struct onto the 512-byte eBPF stack.
 macro_rules! global_field {
-    ($global:ident, $ty:ty, $field:ident) => {
+    ($global:path, $ty:ty, $field:ident) => {
         // SAFETY: Global<T> is repr(transparent) over MaybeUninit<T>, always initialised;
         // a volatile read keeps the loader's override visible.
         unsafe { core::ptr::read_volatile(&raw const (*(&raw const $global as *const $ty)).$field) }
     };
 }
 pub(crate) use global_field;
+
+/// Offset of a tracepoint field, from [`TP_OFFSETS`].
+macro_rules! tpoff {
+    ($field:ident) => {
+        $crate::kernel::global_field!(
+            $crate::kernel::TP_OFFSETS,
+            probe_common::offsets::TracepointOffsets,
+            $field
+        )
+    };
+}
+pub(crate) use tpoff;

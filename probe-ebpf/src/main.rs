@@ -4,6 +4,7 @@
 
 mod clone;
 mod kernel;
+mod tasks;
 
 #[cfg(not(test))]
 #[panic_handler]

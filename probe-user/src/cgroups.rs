@@ -60,6 +60,12 @@ impl CgroupFs {
         self.mounts.get(&h)
     }
 
+    /// The directory of a cgroup path within a hierarchy.
+    pub fn dir(&self, h: Hierarchy, path: &str) -> Option<PathBuf> {
+        let mount = self.mounts.get(&h)?;
+        Some(mount.path.join(path.trim_start_matches('/')))
+    }
+
     /// Path of the cgroup with this id inside its hierarchy (`/` for the root), or `None` if
     /// no such cgroup exists (any more).
     pub fn path(&mut self, h: Hierarchy, ino: u64) -> Option<String> {

@@ -4,7 +4,7 @@
 use crate::{
     btf::Btf,
     cgroups::{CgroupFs, Hierarchy},
-    loader::{self, CLONE_PROGRAMS, Probes},
+    loader::{self, CLONE_PROGRAMS, Probes, TASK_PROGRAMS},
     offsets,
     tracefs::Tracefs,
 };
@@ -100,15 +100,28 @@ pub fn run() -> bool {
         Err(e) => r.line(Status::Fail, "tracefs", format!("{e:#}")),
     }
     if let Ok(t) = &tracefs {
-        for (_, tracepoint) in CLONE_PROGRAMS {
-            if t.has_event("syscalls", tracepoint) {
-                r.line(Status::Ok, "tracepoint", format!("syscalls:{tracepoint}"));
-            } else {
-                r.line(
-                    Status::Fail,
-                    "tracepoint",
-                    format!("syscalls:{tracepoint} missing (CONFIG_FTRACE_SYSCALLS)"),
-                );
+        for (programs, missing_status, lost) in [
+            (
+                &CLONE_PROGRAMS[..],
+                Status::Fail,
+                "no failed task creation can be traced",
+            ),
+            (
+                &TASK_PROGRAMS[..],
+                Status::Warn,
+                "no per-cgroup task counts (top, headroom warnings)",
+            ),
+        ] {
+            for &(_, category, tracepoint) in programs {
+                if t.has_event(category, tracepoint) {
+                    r.line(Status::Ok, "tracepoint", format!("{category}:{tracepoint}"));
+                } else {
+                    r.line(
+                        missing_status,
+                        "tracepoint",
+                        format!("{category}:{tracepoint} missing: {lost}"),
+                    );
+                }
             }
         }
     }
@@ -152,13 +165,27 @@ pub fn run() -> bool {
 
     if let (Ok(()), Some(btf), Ok(tracefs)) = (&privileged, &btf, &tracefs) {
         // Verifying and attaching for real is the only honest test of the program types.
-        match Probes::load(btf, tracefs).and_then(|mut p| p.attach_clone()) {
-            Ok(()) => r.line(
-                Status::Ok,
-                "tracepoint programs",
-                "clone programs verified and attached (then detached)",
-            ),
-            Err(e) => r.line(Status::Fail, "tracepoint programs", format!("{e:#}")),
+        match Probes::load(btf, tracefs) {
+            Ok(mut probes) => {
+                for (programs, name, missing_status) in [
+                    (&CLONE_PROGRAMS[..], "clone programs", Status::Fail),
+                    (&TASK_PROGRAMS[..], "task counter programs", Status::Warn),
+                ] {
+                    match probes.attach(programs) {
+                        Ok(()) => r.line(
+                            Status::Ok,
+                            "tracepoint programs",
+                            format!("{name} verified and attached (then detached)"),
+                        ),
+                        Err(e) => r.line(
+                            missing_status,
+                            "tracepoint programs",
+                            format!("{name}: {e:#}"),
+                        ),
+                    }
+                }
+            }
+            Err(e) => r.line(Status::Fail, "eBPF object", format!("{e:#}")),
         }
     }
     r.line(

@@ -2,14 +2,13 @@
 //! are decoded and enriched (wall time, cgroup paths, node counts) into `CloneFailure`s with
 //! their cause.
 
-use std::time::{Duration, SystemTime};
-
 use probe_common::clone::{CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
 
 use crate::{
     cause::{self, Facts, Verdict},
     cgroups::{CgroupFs, Hierarchy},
+    clock::KernelClock,
     node::NodeTasks,
 };
 
@@ -67,9 +66,9 @@ pub fn decode(bytes: &[u8]) -> Option<CloneFailureEvent> {
 
 /// Turns kernel events into reports: resolves ids to paths and decides the cause.
 pub struct Enricher {
-    cgroups: CgroupFs,
-    /// Wall-clock time minus CLOCK_MONOTONIC, to place `bpf_ktime_get_ns()` stamps.
-    wall_offset_ns: i128,
+    /// Shared with the other stages that name cgroups.
+    pub cgroups: CgroupFs,
+    clock: KernelClock,
     page_size: u64,
 }
 
@@ -79,7 +78,7 @@ impl Enricher {
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         Enricher {
             cgroups,
-            wall_offset_ns: wall_minus_monotonic_ns(),
+            clock: KernelClock::new(),
             page_size: u64::try_from(page_size).unwrap_or(4096),
         }
     }
@@ -111,7 +110,7 @@ impl Enricher {
         };
         CloneFailure {
             kind: "clone_failure",
-            time: self.wall_time(ev.ktime_ns),
+            time: self.clock.rfc3339(ev.ktime_ns),
             pid: ev.pid,
             tid: ev.tid,
             ppid: ev.ppid,
@@ -130,31 +129,11 @@ impl Enricher {
             clone_flags: format!("{:#x}", ev.clone_flags),
         }
     }
-
-    fn wall_time(&self, ktime_ns: u64) -> String {
-        let ns = ktime_ns as i128 + self.wall_offset_ns;
-        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0));
-        humantime::format_rfc3339_millis(t).to_string()
-    }
 }
 
 fn comm_string(comm: &[u8; 16]) -> String {
     let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..len]).into_owned()
-}
-
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-}
-
-fn wall_minus_monotonic_ns() -> i128 {
-    clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 #[cfg(test)]

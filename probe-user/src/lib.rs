@@ -3,15 +3,19 @@
 //! The pipeline, in order: [`loader`] loads and attaches the eBPF programs (offsets from
 //! [`btf`] and [`tracefs`] via [`offsets`]); [`clone`] decodes ring-buffer events and enriches
 //! them into `CloneFailure`s, using [`cgroups`] and [`node`] for attribution and [`cause`] for
-//! the verdict; the commands [`trace`] and [`check`] export the result.
+//! the verdict; [`tasks`] turns the kernel's per-cgroup task counters into rates, live counts
+//! and headroom. The commands [`trace`], [`top`] and [`check`] export the result.
 
 pub mod btf;
 pub mod cause;
 pub mod cgroups;
 pub mod check;
+pub mod clock;
 pub mod clone;
 pub mod loader;
 pub mod node;
 pub mod offsets;
+pub mod tasks;
+pub mod top;
 pub mod trace;
 pub mod tracefs;

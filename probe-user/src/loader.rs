@@ -4,30 +4,51 @@
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePoint,
 };
-use probe_common::clone::{CLONE_STAT_COUNT, CloneStat};
+use probe_common::{
+    clone::{CLONE_STAT_COUNT, CloneStat},
+    tasks::{TASK_STAT_COUNT, TaskCounts, TaskStat},
+};
 
 use crate::{btf::Btf, offsets, tracefs::Tracefs};
 
 /// The eBPF object, built by build.rs with aya-build.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
-/// (program, tracepoint in the `syscalls` category) for failed task creation.
-pub const CLONE_PROGRAMS: [(&str, &str); 6] = [
-    ("clone_enter", "sys_enter_clone"),
-    ("clone3_enter", "sys_enter_clone3"),
-    ("clone_exit", "sys_exit_clone"),
-    ("clone3_exit", "sys_exit_clone3"),
-    ("fork_exit", "sys_exit_fork"),
-    ("vfork_exit", "sys_exit_vfork"),
+/// A program and the tracepoint (category, name) it attaches to.
+pub type Attachment = (&'static str, &'static str, &'static str);
+
+/// Failed task creation.
+pub const CLONE_PROGRAMS: [Attachment; 6] = [
+    ("clone_enter", "syscalls", "sys_enter_clone"),
+    ("clone3_enter", "syscalls", "sys_enter_clone3"),
+    ("clone_exit", "syscalls", "sys_exit_clone"),
+    ("clone3_exit", "syscalls", "sys_exit_clone3"),
+    ("fork_exit", "syscalls", "sys_exit_fork"),
+    ("vfork_exit", "syscalls", "sys_exit_vfork"),
+];
+
+/// Task creation and exit counters per cgroup.
+pub const TASK_PROGRAMS: [Attachment; 3] = [
+    ("task_newtask", "task", "task_newtask"),
+    ("task_exit", "sched", "sched_process_exit"),
+    ("task_cgroup_rmdir", "cgroup", "cgroup_rmdir"),
 ];
 
 pub struct Probes {
     ebpf: Ebpf,
     /// Kernel struct members this kernel lacks: their evidence will be absent.
     pub missing_members: Vec<&'static str>,
+}
+
+/// Counters the task programs keep in the kernel, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskStats {
+    /// Creations and exits in cgroups the full map had no room for.
+    pub map_full: u64,
+    pub cgroups_removed: u64,
 }
 
 /// Counters the clone programs keep in the kernel, summed over CPUs.
@@ -41,14 +62,28 @@ pub struct CloneStats {
 }
 
 impl Probes {
+    /// Everything before attaching, for the commands: privileges, tracefs, BTF, load.
+    pub fn open() -> anyhow::Result<Self> {
+        require_privileges()?;
+        let tracefs = Tracefs::find_or_mount()?;
+        let btf = Btf::from_kernel().context("kernel BTF is required (CONFIG_DEBUG_INFO_BTF)")?;
+        let probes = Probes::load(&btf, &tracefs)?;
+        for member in &probes.missing_members {
+            eprintln!(
+                "faultline: note: this kernel has no {member}; that evidence will be missing"
+            );
+        }
+        Ok(probes)
+    }
+
     /// Loads the object with offsets from `btf` and `tracefs`. Does not attach anything.
     pub fn load(btf: &Btf, tracefs: &Tracefs) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let kernel = offsets::kernel(btf);
-        let tracepoints = offsets::tracepoints(tracefs)?;
+        let tracepoints = offsets::tracepoints(tracefs);
         let ebpf = EbpfLoader::new()
             .override_global("CLONE_KERNEL_OFFSETS", &kernel.offsets, true)
-            .override_global("CLONE_TP_OFFSETS", &tracepoints, true)
+            .override_global("TP_OFFSETS", &tracepoints.offsets, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
         Ok(Probes {
@@ -57,9 +92,9 @@ impl Probes {
         })
     }
 
-    /// Loads (verifies) and attaches the failed-task-creation programs.
-    pub fn attach_clone(&mut self) -> anyhow::Result<()> {
-        for (program, tracepoint) in CLONE_PROGRAMS {
+    /// Loads (verifies) and attaches programs to their tracepoints.
+    pub fn attach(&mut self, programs: &[Attachment]) -> anyhow::Result<()> {
+        for &(program, category, tracepoint) in programs {
             let prog: &mut TracePoint = self
                 .ebpf
                 .program_mut(program)
@@ -68,8 +103,8 @@ impl Probes {
                 .with_context(|| format!("program {program} is not a tracepoint"))?;
             prog.load()
                 .with_context(|| format!("verifying program {program}"))?;
-            prog.attach("syscalls", tracepoint)
-                .with_context(|| format!("attaching {program} to syscalls:{tracepoint}"))?;
+            prog.attach(category, tracepoint)
+                .with_context(|| format!("attaching {program} to {category}:{tracepoint}"))?;
         }
         Ok(())
     }
@@ -84,22 +119,62 @@ impl Probes {
     }
 
     pub fn clone_stats(&self) -> anyhow::Result<CloneStats> {
-        let map = self
-            .ebpf
-            .map("CLONE_STATS")
-            .context("map CLONE_STATS missing")?;
-        let array =
-            PerCpuArray::<_, u64>::try_from(map).context("CLONE_STATS is not a per-CPU array")?;
-        let mut sums = [0u64; CLONE_STAT_COUNT as usize];
-        for (i, sum) in sums.iter_mut().enumerate() {
-            let values = array.get(&(i as u32), 0).context("reading CLONE_STATS")?;
-            *sum = values.iter().sum();
-        }
+        let sums = self.stat_sums::<{ CLONE_STAT_COUNT as usize }>("CLONE_STATS")?;
         Ok(CloneStats {
             failures: sums[CloneStat::Failures as usize],
             lost: sums[CloneStat::RingbufFull as usize],
             missing_entry: sums[CloneStat::MissingEntry as usize],
         })
+    }
+
+    pub fn task_stats(&self) -> anyhow::Result<TaskStats> {
+        let sums = self.stat_sums::<{ TASK_STAT_COUNT as usize }>("TASK_STATS")?;
+        Ok(TaskStats {
+            map_full: sums[TaskStat::MapFull as usize],
+            cgroups_removed: sums[TaskStat::CgroupsRemoved as usize],
+        })
+    }
+
+    /// Every cgroup's task counters (cgroup v2 id, counts summed over CPUs).
+    pub fn task_counts(&self) -> anyhow::Result<Vec<(u64, TaskCounts)>> {
+        let map = self
+            .ebpf
+            .map("TASK_COUNTS")
+            .context("map TASK_COUNTS missing")?;
+        let hash = PerCpuHashMap::<_, u64, TaskCounts>::try_from(map)
+            .context("TASK_COUNTS is not a per-CPU hash")?;
+        let mut out = Vec::new();
+        for entry in hash.iter() {
+            // A cgroup removed during the walk can end it early; the next read sees the rest.
+            let Ok((id, per_cpu)) = entry else { break };
+            let sum = per_cpu
+                .iter()
+                .fold(TaskCounts::default(), |a, c| TaskCounts {
+                    threads: a.threads + c.threads,
+                    processes: a.processes + c.processes,
+                    exited: a.exited + c.exited,
+                });
+            out.push((id, sum));
+        }
+        Ok(out)
+    }
+
+    /// A per-CPU array of counters, each summed over CPUs.
+    fn stat_sums<const N: usize>(&self, name: &str) -> anyhow::Result<[u64; N]> {
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        let array = PerCpuArray::<_, u64>::try_from(map)
+            .with_context(|| format!("{name} is not a per-CPU array"))?;
+        let mut sums = [0u64; N];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            let values = array
+                .get(&(i as u32), 0)
+                .with_context(|| format!("reading {name}"))?;
+            *sum = values.iter().sum();
+        }
+        Ok(sums)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use probe_user::{check, trace};
+use probe_user::{check, top, trace};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,8 +21,18 @@ struct Cli {
 enum Command {
     /// Trace failed task creation (clone, clone3, fork, vfork) live, with the cause.
     Trace(trace::TraceArgs),
+    /// Live per-cgroup view of task creation, live tasks and pids headroom.
+    Top(top::TopArgs),
     /// Report what this kernel supports for faultline.
     Check,
+}
+
+fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(f))
 }
 
 fn main() -> ExitCode {
@@ -36,11 +46,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             };
         }
-        Command::Trace(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(trace::run(args))),
+        Command::Trace(args) => block_on(trace::run(args)),
+        Command::Top(args) => block_on(top::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -78,13 +78,36 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
     }
 }
 
-/// Offsets of the syscall tracepoint fields; an error if a field is absent (the programs
-/// cannot work without them).
-pub fn tracepoints(tracefs: &Tracefs) -> anyhow::Result<TracepointOffsets> {
-    Ok(TracepointOffsets {
-        clone_flags: tracefs.field_offset("syscalls", "sys_enter_clone", "clone_flags")?,
-        clone3_uargs: tracefs.field_offset("syscalls", "sys_enter_clone3", "uargs")?,
-        exit_ret: tracefs.field_offset("syscalls", "sys_exit_clone", "ret")?,
-        _pad: 0,
-    })
+/// Offsets of the tracepoint fields the programs read. A tracepoint this kernel lacks leaves
+/// its fields `MISSING` and is listed; attaching its program then fails with its name.
+pub fn tracepoints(tracefs: &Tracefs) -> Resolved<TracepointOffsets> {
+    let mut o = TracepointOffsets::NONE;
+    let mut missing = Vec::new();
+    for (field, category, event, name) in [
+        (
+            &mut o.clone_flags,
+            "syscalls",
+            "sys_enter_clone",
+            "clone_flags",
+        ),
+        (&mut o.clone3_uargs, "syscalls", "sys_enter_clone3", "uargs"),
+        (&mut o.exit_ret, "syscalls", "sys_exit_clone", "ret"),
+        (
+            &mut o.newtask_clone_flags,
+            "task",
+            "task_newtask",
+            "clone_flags",
+        ),
+        (&mut o.rmdir_root, "cgroup", "cgroup_rmdir", "root"),
+        (&mut o.rmdir_id, "cgroup", "cgroup_rmdir", "id"),
+    ] {
+        match tracefs.field_offset(category, event, name) {
+            Ok(off) => *field = off,
+            Err(_) => missing.push(event),
+        }
+    }
+    Resolved {
+        offsets: o,
+        missing,
+    }
 }

@@ -1,5 +1,7 @@
 //! `faultline trace`: the one-shot CLI. Runs the whole pipeline (load -> attach -> events ->
 //! enrich -> filter -> print) until the duration ends or Ctrl-C/SIGTERM, then prints a summary.
+//! With `--headroom-warn`, it also watches the per-cgroup task counters and warns when a pids
+//! limit is about to refuse tasks, before the first failure.
 
 use std::{
     collections::BTreeMap,
@@ -7,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use aya::maps::{MapData, RingBuf};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -18,11 +20,10 @@ use tokio::{
 };
 
 use crate::{
-    btf::Btf,
     cgroups::CgroupFs,
     clone::{self, CloneFailure, Enricher},
-    loader::{self, CloneStats, Probes},
-    tracefs::Tracefs,
+    loader::{CLONE_PROGRAMS, CloneStats, Probes, TASK_PROGRAMS},
+    tasks::{HeadroomWarning, HeadroomWatch, TaskModel},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -49,22 +50,46 @@ pub struct TraceArgs {
     /// Only events whose cgroup (v2 path, or pids cgroup path) starts with this prefix.
     #[arg(long)]
     pub cgroup: Option<String>,
+    /// Also warn when a cgroup's pids headroom drops below this share of its limit (e.g. 10%).
+    #[arg(long, value_parser = parse_percent)]
+    pub headroom_warn: Option<f64>,
 }
+
+fn parse_percent(s: &str) -> anyhow::Result<f64> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .with_context(|| format!("{s:?} is not a percentage"))?;
+    if !(0.0..=100.0).contains(&v) {
+        bail!("{s:?} is not between 0% and 100%");
+    }
+    Ok(v)
+}
+
+/// How often the task counters are read for headroom warnings: a leak must be caught between
+/// the warning threshold and the limit.
+const HEADROOM_TICK: Duration = Duration::from_millis(250);
 
 /// Which events are shown; the others are counted as filtered out.
 struct Filter<'a>(&'a TraceArgs);
 
 impl Filter<'_> {
+    fn cgroup_matches(&self, cgroup: &str, pids_cgroup: Option<&str>) -> bool {
+        self.0.cgroup.as_deref().is_none_or(|prefix| {
+            cgroup.starts_with(prefix) || pids_cgroup.is_some_and(|p| p.starts_with(prefix))
+        })
+    }
+
     fn matches(&self, f: &CloneFailure) -> bool {
         let args = self.0;
         (args.pids.is_empty() || args.pids.contains(&f.pid))
             && args.comm.as_deref().is_none_or(|c| c == f.comm)
-            && args.cgroup.as_deref().is_none_or(|prefix| {
-                f.cgroup.starts_with(prefix)
-                    || f.pids_cgroup
-                        .as_deref()
-                        .is_some_and(|p| p.starts_with(prefix))
-            })
+            && self.cgroup_matches(&f.cgroup, f.pids_cgroup.as_deref())
+    }
+
+    /// Warnings belong to cgroups, not processes: only the cgroup filter applies.
+    fn matches_warning(&self, w: &HeadroomWarning) -> bool {
+        self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup))
     }
 }
 
@@ -83,6 +108,7 @@ pub struct Summary {
     filtered_out: u64,
     /// Failures whose syscall entry faultline did not see (task kind unknown).
     flags_unknown: u64,
+    headroom_warnings: u64,
 }
 
 impl Summary {
@@ -101,12 +127,25 @@ impl Summary {
     }
 }
 
+/// The optional headroom watch: the task counters, their model and the warning state.
+struct Headroom {
+    model: TaskModel,
+    watch: HeadroomWatch,
+}
+
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
-    loader::require_privileges()?;
-    let tracefs = Tracefs::find_or_mount()?;
-    let btf = Btf::from_kernel().context("kernel BTF is required (CONFIG_DEBUG_INFO_BTF)")?;
-    let mut probes = Probes::load(&btf, &tracefs)?;
-    probes.attach_clone()?;
+    let mut probes = Probes::open()?;
+    probes.attach(&CLONE_PROGRAMS)?;
+    let mut headroom = match args.headroom_warn {
+        Some(pct) => {
+            probes.attach(&TASK_PROGRAMS)?;
+            Some(Headroom {
+                model: TaskModel::default(),
+                watch: HeadroomWatch::new(pct),
+            })
+        }
+        None => None,
+    };
     let ring = probes.take_clone_events()?;
     // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open for as long as it is
     // registered.
@@ -114,19 +153,22 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         .map_err(|e| e.into_parts().1)
         .context("registering the ring buffer with the event loop")?;
     let mut enricher = Enricher::new(CgroupFs::discover()?);
-    for member in &probes.missing_members {
-        eprintln!("faultline: note: this kernel has no {member}; that evidence will be missing");
-    }
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = args.duration.map(|d| Instant::now() + d);
+    let mut tick = tokio::time::interval(HEADROOM_TICK);
     let mut printer = Printer::new(args.output);
     let mut summary = Summary::default();
     let filter = Filter(&args);
 
     eprintln!(
-        "faultline: tracing failed task creation (clone, clone3, fork, vfork) {}",
+        "faultline: tracing failed task creation (clone, clone3, fork, vfork){} {}",
+        if headroom.is_some() {
+            " and pids headroom"
+        } else {
+            ""
+        },
         match args.duration {
             Some(d) => format!("for {}", humantime::format_duration(d)),
             None => "until Ctrl-C".to_owned(),
@@ -139,6 +181,18 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 drain(guard.get_inner_mut(), &mut enricher, &filter, &mut printer, &mut summary)?;
                 guard.clear_ready();
+            }
+            _ = tick.tick(), if headroom.is_some() => {
+                if let Some(h) = headroom.as_mut() {
+                    h.model.update(std::time::Instant::now(), probes.task_counts()?);
+                    for warning in h.watch.check(&h.model.rows(&mut enricher.cgroups)) {
+                        if filter.matches_warning(&warning) {
+                            summary.headroom_warnings += 1;
+                            printer.event(&warning)?;
+                        }
+                    }
+                    printer.flush()?;
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -191,6 +245,67 @@ fn drain(
     printer.flush()
 }
 
+/// An event `trace` prints: a JSON object, or a table line.
+pub trait TraceEvent: Serialize {
+    fn table_line(&self) -> String;
+}
+
+impl TraceEvent for CloneFailure {
+    fn table_line(&self) -> String {
+        format!(
+            "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} {}",
+            time_of_day(&self.time),
+            self.pid,
+            self.tid,
+            self.comm,
+            self.syscall,
+            self.task.as_str(),
+            self.errno,
+            self.cause.as_str(),
+            self.cgroup,
+            self.evidence
+        )
+    }
+}
+
+impl TraceEvent for HeadroomWarning {
+    fn table_line(&self) -> String {
+        format!(
+            "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} pids.current={} pids.max={} cgroup={} headroom={} ({:.1}%)",
+            time_of_day(&self.time),
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "headroom_low",
+            self.cgroup,
+            self.pids_current,
+            self.pids_max,
+            self.pids_cgroup,
+            self.headroom,
+            self.headroom_pct
+        )
+    }
+}
+
+/// `key count, key count` of a summary map, `-` when empty.
+fn join<K: std::fmt::Display>(m: &BTreeMap<K, u64>) -> String {
+    if m.is_empty() {
+        return "-".to_owned();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `HH:MM:SS.mmm` of an RFC 3339 time.
+fn time_of_day(rfc3339: &str) -> &str {
+    rfc3339.get(11..23).unwrap_or(rfc3339)
+}
+
 /// Writes events and the summary to stdout in the chosen format.
 struct Printer {
     format: Output,
@@ -215,22 +330,10 @@ impl Printer {
         Ok(())
     }
 
-    fn event(&mut self, f: &CloneFailure) -> anyhow::Result<()> {
+    fn event(&mut self, e: &impl TraceEvent) -> anyhow::Result<()> {
         let line = match self.format {
-            Output::Json => serde_json::to_string(f).context("encoding an event as JSON")?,
-            Output::Table => format!(
-                "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} {}",
-                f.time.get(11..23).unwrap_or(&f.time),
-                f.pid,
-                f.tid,
-                f.comm,
-                f.syscall,
-                f.task.as_str(),
-                f.errno,
-                f.cause.as_str(),
-                f.cgroup,
-                f.evidence
-            ),
+            Output::Json => serde_json::to_string(e).context("encoding an event as JSON")?,
+            Output::Table => e.table_line(),
         };
         writeln!(self.out, "{line}").context("writing to stdout")
     }
@@ -242,38 +345,17 @@ impl Printer {
                 writeln!(self.out, "{line}").context("writing to stdout")?;
             }
             Output::Table => {
-                let join = |m: &dyn Fn() -> Vec<String>| {
-                    let v = m();
-                    if v.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        v.join(", ")
-                    }
-                };
                 writeln!(
                     self.out,
                     "\n{} failed task creation(s) shown, {} filtered out, {} lost",
                     s.failures, s.filtered_out, s.lost_events
                 )?;
-                writeln!(
-                    self.out,
-                    "by cause:  {}",
-                    join(&|| s.by_cause.iter().map(|(k, v)| format!("{k} {v}")).collect())
-                )?;
-                writeln!(
-                    self.out,
-                    "by cgroup: {}",
-                    join(&|| s
-                        .by_cgroup
-                        .iter()
-                        .map(|(k, v)| format!("{k} {v}"))
-                        .collect())
-                )?;
-                writeln!(
-                    self.out,
-                    "by comm:   {}",
-                    join(&|| s.by_comm.iter().map(|(k, v)| format!("{k} {v}")).collect())
-                )?;
+                if s.headroom_warnings > 0 {
+                    writeln!(self.out, "headroom warnings: {}", s.headroom_warnings)?;
+                }
+                writeln!(self.out, "by cause:  {}", join(&s.by_cause))?;
+                writeln!(self.out, "by cgroup: {}", join(&s.by_cgroup))?;
+                writeln!(self.out, "by comm:   {}", join(&s.by_comm))?;
             }
         }
         if s.lost_events > 0 {
@@ -287,5 +369,18 @@ impl Printer {
 
     fn flush(&mut self) -> anyhow::Result<()> {
         self.out.flush().context("writing to stdout")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_percent;
+
+    #[test]
+    fn percentages() {
+        assert_eq!(parse_percent("10%").unwrap(), 10.0);
+        assert_eq!(parse_percent("2.5").unwrap(), 2.5);
+        assert!(parse_percent("150%").is_err());
+        assert!(parse_percent("ten").is_err());
     }
 }

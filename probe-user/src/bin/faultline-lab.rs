@@ -21,6 +21,9 @@ enum Mode {
     SysForks,
     /// Fill with forks until refused, then try vfork().
     Vforks,
+    /// Create `count` cgroups under --churn-root one after another; in each, fork one
+    /// short-lived child, then remove the cgroup.
+    Churn,
 }
 
 #[derive(Parser, Debug)]
@@ -61,6 +64,15 @@ struct Args {
     /// Bytes of room left in --memory-cgroup.
     #[arg(long, requires = "memory_cgroup")]
     memory_headroom: Option<u64>,
+    /// Pause between two creations (a slow leak rather than a storm).
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
+    /// Keep the created tasks alive this long after printing the report.
+    #[arg(long, default_value_t = 0)]
+    hold_ms: u64,
+    /// cgroup v2 directory under which `churn` creates and removes its cgroups.
+    #[arg(long)]
+    churn_root: Option<std::path::PathBuf>,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -123,16 +135,52 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(pid_max) = args.pidns_pid_max {
         return in_new_pidns(args, stacks.as_ref(), pid_max);
     }
-    let report = create(args, stacks.as_ref());
-    if let Some(limit) = memory_limit {
-        limit.lift()?;
+    if args.mode == Mode::Churn {
+        let root = args
+            .churn_root
+            .as_deref()
+            .context("churn needs --churn-root")?;
+        return churn(root, args.count);
+    }
+    create(args, stacks.as_ref(), || {
+        memory_limit.map_or(Ok(()), MemoryLimit::lift)
+    })
+}
+
+/// cgroup churn: `count` cgroups made, used by one short-lived process each, and removed.
+fn churn(root: &std::path::Path, count: u32) -> anyhow::Result<()> {
+    let join = |dir: &std::path::Path| {
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining {}", dir.display()))
+    };
+    let mut report = Report {
+        pid: node_pid(),
+        ..Default::default()
+    };
+    for i in 0..count {
+        let dir = root.join(format!("churn-{i}"));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        join(&dir)?;
+        // SAFETY: the child exits at once.
+        match unsafe { libc::fork() } {
+            -1 => report.failures += 1,
+            0 => unsafe { libc::_exit(0) },
+            child => {
+                wait_ok(child)?;
+                report.created += 1;
+            }
+        }
+        join(root)?;
+        std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     print_report(&report)
 }
 
 /// A memory cgroup this process joined and limited.
 struct MemoryLimit {
-    limit_file: std::path::PathBuf,
+    /// Opened before the limit applies: opening a cgroup file allocates kernel memory that
+    /// would be charged to (and refused by) the limited cgroup.
+    limit_file: std::fs::File,
     unlimited: &'static str,
 }
 
@@ -162,9 +210,14 @@ impl MemoryLimit {
             .trim()
             .parse()
             .with_context(|| format!("parsing {usage_file}"))?;
-        let limit_file = dir.join(limit_file);
-        std::fs::write(&limit_file, (usage + headroom).to_string())
-            .with_context(|| format!("writing {}", limit_file.display()))?;
+        let path = dir.join(limit_file);
+        let mut limit_file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        limit_file
+            .write_all((usage + headroom).to_string().as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(MemoryLimit {
             limit_file,
             unlimited,
@@ -172,9 +225,10 @@ impl MemoryLimit {
     }
 
     /// Lifts the limit again, so that printing the report cannot wait on memory.
-    fn lift(self) -> anyhow::Result<()> {
-        std::fs::write(&self.limit_file, self.unlimited)
-            .with_context(|| format!("writing {}", self.limit_file.display()))
+    fn lift(mut self) -> anyhow::Result<()> {
+        self.limit_file
+            .write_all(self.unlimited.as_bytes())
+            .context("lifting the memory limit")
     }
 }
 
@@ -277,8 +331,13 @@ fn node_pid() -> u32 {
         .unwrap_or_else(std::process::id)
 }
 
-/// Creates tasks until `count` exist or `max_failures` were refused, then ends them all.
-fn create(args: &Args, stacks: Option<&Stacks>) -> Report {
+/// Creates tasks until `count` exist or `max_failures` were refused, calls `created` (which
+/// lifts any limit), prints the report, holds the tasks for --hold-ms, then ends them all.
+fn create(
+    args: &Args,
+    stacks: Option<&Stacks>,
+    created: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut report = Report {
         pid: node_pid(),
         ..Default::default()
@@ -296,7 +355,11 @@ fn create(args: &Args, stacks: Option<&Stacks>) -> Report {
         args.mode
     };
 
+    let interval = std::time::Duration::from_millis(args.interval_ms);
     while report.created < args.count && report.failures < args.max_failures {
+        if !interval.is_zero() && report.created + report.failures > 0 {
+            std::thread::sleep(interval);
+        }
         let result = match fill_mode {
             Mode::Threads => match stacks.and_then(|s| s.get(threads.len())) {
                 Some(stack) => spawn_parked(stack, pipe[0]).map(|t| threads.push(t)),
@@ -311,6 +374,7 @@ fn create(args: &Args, stacks: Option<&Stacks>) -> Report {
                 fork_with(|| unsafe { libc::syscall(libc::SYS_fork) as libc::pid_t })
                     .map(|pid| children.push(pid))
             }
+            Mode::Churn => break, // run by churn(), never here
         };
         match result {
             Ok(()) => report.created += 1,
@@ -347,6 +411,9 @@ fn create(args: &Args, stacks: Option<&Stacks>) -> Report {
         }
     }
 
+    created()?;
+    print_report(&report)?;
+    std::thread::sleep(std::time::Duration::from_millis(args.hold_ms));
     // SAFETY: closing our pipe ends the parked threads' reads; joining our own threads.
     unsafe {
         libc::close(pipe[1]);
@@ -362,7 +429,7 @@ fn create(args: &Args, stacks: Option<&Stacks>) -> Report {
             libc::waitpid(pid, std::ptr::null_mut(), 0);
         }
     }
-    report
+    Ok(())
 }
 
 /// An empty Vec whose capacity has been written once (so its pages are present).
@@ -410,7 +477,7 @@ fn in_new_pidns(args: &Args, stacks: Option<&Stacks>, pid_max: u32) -> anyhow::R
             // pid_max is per pid namespace (Linux >= 6.14): this writes our namespace's.
             let code = match std::fs::write("/proc/sys/kernel/pid_max", pid_max.to_string())
                 .context("setting pid_max in the new pid namespace")
-                .and_then(|()| print_report(&create(args, stacks)))
+                .and_then(|()| create(args, stacks, || Ok(())))
             {
                 Ok(()) => 0,
                 Err(e) => {
@@ -441,7 +508,7 @@ fn dead_pidns(args: &Args) -> anyhow::Result<()> {
         0 => unsafe { libc::_exit(0) },
         init => wait_ok(init)?,
     }
-    print_report(&create(args, None))
+    create(args, None, || Ok(()))
 }
 
 fn wait_ok(pid: libc::pid_t) -> anyhow::Result<()> {

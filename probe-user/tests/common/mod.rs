@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -35,7 +35,7 @@ pub fn require_root() {
     );
 }
 
-/// A running `faultline trace --output json`.
+/// A running `faultline` command (trace or top) whose output lines are collected.
 pub struct Trace {
     child: Child,
     stdout: mpsc::Receiver<String>,
@@ -43,20 +43,30 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// Starts a trace and waits until its programs are attached.
+    /// Starts `faultline trace --output json` and waits until its programs are attached.
     pub fn start(extra: &[&str]) -> Trace {
         Self::start_with_output("json", extra)
     }
 
     pub fn start_with_output(output: &str, extra: &[&str]) -> Trace {
+        let args = [&["trace", "--output", output][..], extra].concat();
+        Self::start_command(&args, "faultline: tracing")
+    }
+
+    /// Starts `faultline top --output json` and waits until its programs are attached.
+    pub fn start_top(extra: &[&str]) -> Trace {
+        let args = [&["top", "--output", "json"][..], extra].concat();
+        Self::start_command(&args, "faultline: counting")
+    }
+
+    fn start_command(args: &[&str], ready: &str) -> Trace {
         require_root();
         let mut child = Command::new(FAULTLINE)
-            .args(["trace", "--output", output])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawning faultline trace");
+            .expect("spawning faultline");
         let stdout = lines_of(child.stdout.take().expect("stdout"));
         let stderr = lines_of(child.stderr.take().expect("stderr"));
         let trace = Trace {
@@ -68,9 +78,31 @@ impl Trace {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match trace.stderr.recv_timeout(left) {
-                Ok(line) if line.starts_with("faultline: tracing") => return trace,
+                Ok(line) if line.starts_with(ready) => return trace,
                 Ok(line) => eprintln!("faultline stderr: {line}"),
-                Err(_) => panic!("faultline trace did not report ready within {READY_TIMEOUT:?}"),
+                Err(_) => {
+                    panic!("faultline {args:?} did not report ready within {READY_TIMEOUT:?}")
+                }
+            }
+        }
+    }
+
+    /// Reads JSON lines until one satisfies `pred`, for at most `timeout`; returns it.
+    pub fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    let v: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                    if pred(&v) {
+                        return v;
+                    }
+                    last = Some(v);
+                }
+                Err(_) => panic!("no output line with {what} within {timeout:?}; last: {last:#?}"),
             }
         }
     }
@@ -112,7 +144,9 @@ impl Trace {
             "last line is not the summary; stderr: {stderr}"
         );
         assert!(
-            values.iter().all(|v| v["kind"] == "clone_failure"),
+            values
+                .iter()
+                .all(|v| v["kind"] == "clone_failure" || v["kind"] == "headroom_warning"),
             "{values:?}"
         );
         (values, summary)
@@ -148,49 +182,78 @@ pub struct LabReport {
     pub errnos: Vec<i64>,
 }
 
-/// Runs faultline-lab to completion (bounded by `timeout` seconds) and parses its report.
+/// Runs faultline-lab to completion (killed after 60 s at most) and parses its report.
 pub fn lab(args: &[&str]) -> LabReport {
-    let mut child = Command::new("timeout")
-        .args(["--signal=KILL", "60", LAB])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning faultline-lab");
-    let mut out = String::new();
-    let mut err = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("reading lab stdout");
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err)
-        .expect("reading lab stderr");
-    let status = child.wait().expect("waiting for faultline-lab");
-    assert!(
-        status.success(),
-        "faultline-lab {args:?} failed: {status}: {err}"
-    );
-    let v: Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("lab report not JSON ({e}): {out}"));
-    LabReport {
-        pid: v["pid"].as_u64().expect("pid"),
-        created: v["created"].as_u64().expect("created"),
-        failures: v["failures"].as_u64().expect("failures"),
-        errnos: v["errnos"]
-            .as_array()
-            .expect("errnos")
-            .iter()
-            .filter_map(Value::as_i64)
-            .collect(),
+    let mut lab = Lab::spawn(args);
+    let report = lab.report();
+    lab.wait();
+    report
+}
+
+/// A faultline-lab still running (holding its tasks, or leaking slowly).
+pub struct Lab {
+    child: Child,
+    args: Vec<String>,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Lab {
+    pub fn spawn(args: &[&str]) -> Lab {
+        let mut child = Command::new("timeout")
+            .args(["--signal=KILL", "60", LAB])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning faultline-lab");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Lab {
+            child,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            stdout,
+        }
+    }
+
+    /// The report, printed once the tasks are created (before --hold-ms).
+    pub fn report(&mut self) -> LabReport {
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).expect("reading lab stdout");
+        assert!(
+            !out.is_empty(),
+            "faultline-lab {:?} printed no report",
+            self.args
+        );
+        let v: Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("lab report not JSON ({e}): {out}"));
+        LabReport {
+            pid: v["pid"].as_u64().expect("pid"),
+            created: v["created"].as_u64().expect("created"),
+            failures: v["failures"].as_u64().expect("failures"),
+            errnos: v["errnos"]
+                .as_array()
+                .expect("errnos")
+                .iter()
+                .filter_map(Value::as_i64)
+                .collect(),
+        }
+    }
+
+    pub fn wait(mut self) {
+        let status = self.child.wait().expect("waiting for faultline-lab");
+        assert!(
+            status.success(),
+            "faultline-lab {:?} failed: {status}",
+            self.args
+        );
     }
 }
 
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 /// Events of one comm.
 pub fn by_comm<'a>(events: &'a [Value], comm: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["comm"] == comm).collect()

@@ -1,0 +1,39 @@
+//! Task creation and exit per cgroup: counters the kernel keeps in a per-CPU hash map keyed
+//! by cgroup v2 id, so the success path costs one map update and no event.
+
+/// Per-CPU counters of one cgroup since faultline attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskCounts {
+    /// Tasks created with CLONE_THREAD.
+    pub threads: u64,
+    /// Tasks created without CLONE_THREAD (fork, vfork, clone of a process).
+    pub processes: u64,
+    /// Tasks (threads or processes) that exited.
+    pub exited: u64,
+}
+
+/// Most cgroups counted at once; a node has a few thousand. Past this, creations in new
+/// cgroups are counted in [`TaskStat::MapFull`] instead.
+pub const MAX_TASK_CGROUPS: u32 = 16384;
+
+/// Index of the counters kept per CPU in the `TASK_STATS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum TaskStat {
+    /// A task was created or exited in a cgroup the full map had no room for.
+    MapFull = 0,
+    /// cgroup v2 directories removed (their counters are dropped with them).
+    CgroupsRemoved = 1,
+}
+
+pub const TASK_STAT_COUNT: u32 = 2;
+
+/// `root` of the `cgroup:*` tracepoints for the cgroup v2 hierarchy.
+pub const CGROUP_V2_ROOT: i32 = 0;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] struct of u64s: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::TaskCounts {}
+}

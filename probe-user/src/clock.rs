@@ -1,0 +1,63 @@
+//! Times as reported: RFC 3339 in UTC with milliseconds, for now and for kernel timestamps
+//! (`bpf_ktime_get_ns()`, CLOCK_MONOTONIC).
+
+use std::time::{Duration, SystemTime};
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// Places CLOCK_MONOTONIC stamps on the wall clock.
+pub struct KernelClock {
+    /// Wall-clock time minus CLOCK_MONOTONIC, measured once.
+    wall_offset_ns: i128,
+}
+
+impl Default for KernelClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KernelClock {
+    pub fn new() -> Self {
+        KernelClock {
+            wall_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
+        }
+    }
+
+    pub fn rfc3339(&self, ktime_ns: u64) -> String {
+        let ns = ktime_ns as i128 + self.wall_offset_ns;
+        rfc3339(SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0)))
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_stamps_land_near_now() {
+        let clock = KernelClock::new();
+        let now_mono = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        let a = clock.rfc3339(now_mono);
+        let b = now_rfc3339();
+        // Same second (allowing for a tick between the two reads).
+        assert_eq!(a.len(), "2026-11-22T00:31:21.322Z".len());
+        assert_eq!(a[..16], b[..16], "{a} vs {b}");
+    }
+}

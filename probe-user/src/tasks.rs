@@ -1,0 +1,470 @@
+//! Pipeline stage 3 for task creation: the kernel's per-cgroup counters become a model with
+//! creation rates, live task counts and the headroom left to the pids limit that applies.
+//!
+//! The model holds exactly the cgroups the kernel map holds (the kernel drops a removed
+//! cgroup's counters), so it cannot grow under cgroup churn.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use probe_common::tasks::TaskCounts;
+use serde::Serialize;
+
+use crate::{
+    cgroups::{CgroupFs, Hierarchy},
+    clock::now_rfc3339,
+    loader::TaskStats,
+    node::NodeTasks,
+};
+
+/// Rates are averaged over this window.
+pub const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Samples kept per cgroup: enough to span the window at the fastest refresh.
+const MAX_SAMPLES: usize = 64;
+
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Instant,
+    threads: u64,
+    processes: u64,
+}
+
+struct Entry {
+    counts: TaskCounts,
+    samples: VecDeque<Sample>,
+}
+
+#[derive(Default)]
+pub struct TaskModel {
+    entries: HashMap<u64, Entry>,
+    last_update: Option<Instant>,
+}
+
+/// The pids limit with the least headroom among a cgroup and its ancestors.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PidsLimit {
+    /// Path of the limiting cgroup in the pids hierarchy.
+    pub cgroup: String,
+    pub max: u64,
+    /// `pids.current` of the limiting cgroup (its whole subtree).
+    pub current: u64,
+    /// Tasks that can still be created before the limit refuses one.
+    pub headroom: i64,
+    pub headroom_pct: f64,
+}
+
+/// One cgroup as `top` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CgroupRow {
+    pub cgroup: String,
+    pub threads_per_s: f64,
+    pub processes_per_s: f64,
+    /// Created since faultline attached.
+    pub threads_created: u64,
+    pub processes_created: u64,
+    pub exited: u64,
+    /// Tasks in this cgroup itself now (`cgroup.threads`).
+    pub live: Option<u64>,
+    pub pids_limit: Option<PidsLimit>,
+}
+
+/// Node-wide task limits.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeRow {
+    pub threads: u64,
+    pub threads_max: u64,
+    pub pid_max: u64,
+    pub threads_max_headroom_pct: f64,
+    pub pid_max_headroom_pct: f64,
+}
+
+impl NodeRow {
+    pub fn from(node: NodeTasks) -> Self {
+        NodeRow {
+            threads: node.threads,
+            threads_max: node.threads_max,
+            pid_max: node.pid_max,
+            threads_max_headroom_pct: headroom(node.threads_max, node.threads).1,
+            pid_max_headroom_pct: headroom(node.pid_max, node.threads).1,
+        }
+    }
+}
+
+/// What `top --output json` prints per refresh.
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    pub kind: &'static str,
+    pub time: String,
+    pub node: NodeRow,
+    pub cgroups: Vec<CgroupRow>,
+    /// cgroups with counters (kernel map entries = model entries).
+    pub tracked_cgroups: usize,
+    pub cgroups_removed: u64,
+    /// Creations and exits in cgroups the full kernel map could not count.
+    pub untracked_events: u64,
+}
+
+impl TaskModel {
+    /// Replaces the model's counters with the kernel's; cgroups the kernel no longer counts
+    /// (removed) leave the model.
+    pub fn update(&mut self, now: Instant, counts: Vec<(u64, TaskCounts)>) {
+        let mut next = HashMap::with_capacity(counts.len());
+        for (id, c) in counts {
+            let mut entry = self.entries.remove(&id).unwrap_or_else(|| Entry {
+                counts: TaskCounts::default(),
+                // A cgroup first counted now had counted nothing at the previous update.
+                samples: self
+                    .last_update
+                    .map(|at| Sample {
+                        at,
+                        threads: 0,
+                        processes: 0,
+                    })
+                    .into_iter()
+                    .collect(),
+            });
+            entry.counts = c;
+            entry.samples.push_back(Sample {
+                at: now,
+                threads: c.threads,
+                processes: c.processes,
+            });
+            while entry.samples.len() > MAX_SAMPLES
+                || entry
+                    .samples
+                    .front()
+                    .is_some_and(|s| now.duration_since(s.at) > RATE_WINDOW)
+                    && entry.samples.len() > 2
+            {
+                entry.samples.pop_front();
+            }
+            next.insert(id, entry);
+        }
+        self.entries = next;
+        self.last_update = Some(now);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// One row per counted cgroup that still exists, with live counts and limits read now.
+    pub fn rows(&self, cgroups: &mut CgroupFs) -> Vec<CgroupRow> {
+        let mut rows = Vec::with_capacity(self.entries.len());
+        for (&id, entry) in &self.entries {
+            let Some(path) = cgroups.path(Hierarchy::Unified, id) else {
+                continue;
+            };
+            let (threads_per_s, processes_per_s) = rates(&entry.samples);
+            rows.push(CgroupRow {
+                live: cgroups
+                    .dir(Hierarchy::Unified, &path)
+                    .and_then(|d| count_lines(&d.join("cgroup.threads"))),
+                pids_limit: cgroups
+                    .mount(Hierarchy::Pids)
+                    .and_then(|m| tightest_pids_limit(&m.path, &path)),
+                cgroup: path,
+                threads_per_s,
+                processes_per_s,
+                threads_created: entry.counts.threads,
+                processes_created: entry.counts.processes,
+                exited: entry.counts.exited,
+            });
+        }
+        rows
+    }
+
+    pub fn snapshot(
+        &self,
+        cgroups: &mut CgroupFs,
+        node: NodeTasks,
+        stats: TaskStats,
+        time: String,
+    ) -> Snapshot {
+        Snapshot {
+            kind: "tasks",
+            time,
+            node: NodeRow::from(node),
+            cgroups: self.rows(cgroups),
+            tracked_cgroups: self.len(),
+            cgroups_removed: stats.cgroups_removed,
+            untracked_events: stats.map_full,
+        }
+    }
+}
+
+/// A pids limit about to refuse tasks, reported before the first failure.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeadroomWarning {
+    pub kind: &'static str,
+    pub time: String,
+    /// The cgroup v2 path where tasks are being created.
+    pub cgroup: String,
+    /// The pids cgroup whose limit is near.
+    pub pids_cgroup: String,
+    pub pids_current: u64,
+    pub pids_max: u64,
+    pub headroom: i64,
+    pub headroom_pct: f64,
+    pub live: Option<u64>,
+}
+
+/// Warns once per pids limit when its headroom falls below a threshold, and again only after
+/// it has risen above it. Remembers only the limits currently below.
+pub struct HeadroomWatch {
+    threshold_pct: f64,
+    below: HashSet<String>,
+}
+
+impl HeadroomWatch {
+    pub fn new(threshold_pct: f64) -> Self {
+        HeadroomWatch {
+            threshold_pct,
+            below: HashSet::new(),
+        }
+    }
+
+    pub fn check(&mut self, rows: &[CgroupRow]) -> Vec<HeadroomWarning> {
+        let mut warnings = Vec::new();
+        let mut below_now = HashSet::new();
+        for row in rows {
+            let Some(limit) = &row.pids_limit else {
+                continue;
+            };
+            if limit.headroom_pct >= self.threshold_pct {
+                continue;
+            }
+            if below_now.insert(limit.cgroup.clone()) && !self.below.contains(&limit.cgroup) {
+                warnings.push(HeadroomWarning {
+                    kind: "headroom_warning",
+                    time: now_rfc3339(),
+                    cgroup: row.cgroup.clone(),
+                    pids_cgroup: limit.cgroup.clone(),
+                    pids_current: limit.current,
+                    pids_max: limit.max,
+                    headroom: limit.headroom,
+                    headroom_pct: limit.headroom_pct,
+                    live: row.live,
+                });
+            }
+        }
+        self.below = below_now;
+        warnings
+    }
+}
+
+/// Threads and processes created per second over the samples kept.
+fn rates(samples: &VecDeque<Sample>) -> (f64, f64) {
+    let (Some(first), Some(last)) = (samples.front(), samples.back()) else {
+        return (0.0, 0.0);
+    };
+    let secs = last.at.duration_since(first.at).as_secs_f64();
+    if secs <= 0.0 {
+        return (0.0, 0.0);
+    }
+    (
+        last.threads.saturating_sub(first.threads) as f64 / secs,
+        last.processes.saturating_sub(first.processes) as f64 / secs,
+    )
+}
+
+/// (tasks left, percent of the limit left). A limit of 0 has no headroom.
+pub fn headroom(max: u64, current: u64) -> (i64, f64) {
+    let left = max as i64 - current as i64;
+    let pct = if max == 0 {
+        0.0
+    } else {
+        left as f64 * 100.0 / max as f64
+    };
+    (left, pct)
+}
+
+fn count_lines(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.lines().count() as u64)
+}
+
+fn read_value(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// Walks `path` and its ancestors in the pids hierarchy mounted at `mount`, returning the
+/// limited level with the least headroom. Levels missing from that hierarchy (a hybrid host's
+/// v1 tree need not mirror v2) are skipped.
+pub fn tightest_pids_limit(mount: &Path, path: &str) -> Option<PidsLimit> {
+    let mut best: Option<PidsLimit> = None;
+    let mut level = path.trim_end_matches('/').to_owned();
+    loop {
+        let dir = mount.join(level.trim_start_matches('/'));
+        if let (Some(max), Some(current)) = (
+            read_value(&dir.join("pids.max")),
+            read_value(&dir.join("pids.current")),
+        ) && let (Ok(max), Ok(current)) = (max.parse::<u64>(), current.parse::<u64>())
+        {
+            let (left, pct) = headroom(max, current);
+            if best.as_ref().is_none_or(|b| left < b.headroom) {
+                best = Some(PidsLimit {
+                    cgroup: if level.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        level.clone()
+                    },
+                    max,
+                    current,
+                    headroom: left,
+                    headroom_pct: pct,
+                });
+            }
+        }
+        match level.rfind('/') {
+            Some(i) if !level.is_empty() => level.truncate(i),
+            _ => break,
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(start: Instant, ms: u64, threads: u64, processes: u64) -> Sample {
+        Sample {
+            at: start + Duration::from_millis(ms),
+            threads,
+            processes,
+        }
+    }
+
+    #[test]
+    fn rates_over_the_window() {
+        let t = Instant::now();
+        let samples: VecDeque<_> =
+            [at(t, 0, 10, 1), at(t, 1000, 60, 1), at(t, 2000, 110, 5)].into();
+        assert_eq!(rates(&samples), (50.0, 2.0));
+        assert_eq!(rates(&VecDeque::new()), (0.0, 0.0));
+        assert_eq!(rates(&[at(t, 0, 10, 1)].into()), (0.0, 0.0));
+    }
+
+    #[test]
+    fn model_keeps_only_what_the_kernel_counts_and_bounds_samples() {
+        let t = Instant::now();
+        let mut m = TaskModel::default();
+        let c = |n| TaskCounts {
+            threads: n,
+            processes: 0,
+            exited: 0,
+        };
+        for i in 0..200u64 {
+            m.update(
+                t + Duration::from_millis(i * 10),
+                vec![(1, c(i)), (2, c(0))],
+            );
+        }
+        assert_eq!(m.len(), 2);
+        assert!(m.entries[&1].samples.len() <= MAX_SAMPLES);
+        // 100 threads/s steadily.
+        let (thr, _) = rates(&m.entries[&1].samples);
+        assert!((thr - 100.0).abs() < 1e-6, "{thr}");
+        // cgroup 2 removed in the kernel: gone from the model.
+        m.update(t + Duration::from_secs(3), vec![(1, c(300))]);
+        assert_eq!(m.len(), 1);
+        // Old samples leave the window.
+        m.update(t + Duration::from_secs(20), vec![(1, c(300))]);
+        assert!(m.entries[&1].samples.len() <= 2);
+        // A cgroup that appears between two updates counts from zero at the previous one.
+        m.update(t + Duration::from_secs(21), vec![(1, c(300)), (3, c(50))]);
+        assert_eq!(rates(&m.entries[&3].samples), (50.0, 0.0));
+    }
+
+    fn row(cgroup: &str, limit_cgroup: &str, max: u64, current: u64) -> CgroupRow {
+        let (left, pct) = headroom(max, current);
+        CgroupRow {
+            cgroup: cgroup.into(),
+            threads_per_s: 0.0,
+            processes_per_s: 0.0,
+            threads_created: 0,
+            processes_created: 0,
+            exited: 0,
+            live: Some(current),
+            pids_limit: Some(PidsLimit {
+                cgroup: limit_cgroup.into(),
+                max,
+                current,
+                headroom: left,
+                headroom_pct: pct,
+            }),
+        }
+    }
+
+    #[test]
+    fn headroom_warns_once_per_crossing_and_per_limit() {
+        let mut w = HeadroomWatch::new(10.0);
+        assert!(w.check(&[row("/a", "/a", 100, 50)]).is_empty());
+        // Two cgroups under one limit: one warning.
+        let first = w.check(&[row("/p/c1", "/p", 100, 95), row("/p/c2", "/p", 100, 95)]);
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            (first[0].pids_cgroup.as_str(), first[0].headroom),
+            ("/p", 5)
+        );
+        // Still below: no repeat.
+        assert!(w.check(&[row("/p/c1", "/p", 100, 97)]).is_empty());
+        // Back above, then below again: warns again.
+        assert!(w.check(&[row("/p/c1", "/p", 100, 50)]).is_empty());
+        assert_eq!(w.check(&[row("/p/c1", "/p", 100, 99)]).len(), 1);
+        // Exactly at the threshold is not below it.
+        let mut w = HeadroomWatch::new(10.0);
+        assert!(w.check(&[row("/a", "/a", 100, 90)]).is_empty());
+    }
+
+    #[test]
+    fn headroom_arithmetic() {
+        assert_eq!(headroom(100, 90), (10, 10.0));
+        assert_eq!(headroom(100, 100), (0, 0.0));
+        assert_eq!(headroom(100, 120), (-20, -20.0)); // limit lowered below usage
+        assert_eq!(headroom(0, 0), (0, 0.0));
+    }
+
+    #[test]
+    fn nested_limits_pick_the_tightest_and_max_means_none() {
+        let root = std::env::temp_dir().join(format!("faultline-unit-pids-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let write = |rel: &str, max: &str, current: &str| {
+            let d = root.join(rel);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("pids.max"), max).unwrap();
+            std::fs::write(d.join("pids.current"), current).unwrap();
+        };
+        write("", "max", "500");
+        write("kubepods", "1000", "400");
+        write("kubepods/pod1", "100", "95");
+        write("kubepods/pod1/ctr", "max", "90");
+        write("kubepods/pod2", "max", "10");
+
+        let l = tightest_pids_limit(&root, "/kubepods/pod1/ctr").unwrap();
+        assert_eq!(
+            (l.cgroup.as_str(), l.max, l.current, l.headroom),
+            ("/kubepods/pod1", 100, 95, 5)
+        );
+        // pod2 has no limit of its own: the kubepods limit applies.
+        let l = tightest_pids_limit(&root, "/kubepods/pod2").unwrap();
+        assert_eq!((l.cgroup.as_str(), l.headroom), ("/kubepods", 600));
+        // No limit anywhere: none.
+        assert!(tightest_pids_limit(&root, "/").is_none());
+        // A path the pids tree does not have: its ancestors still apply.
+        let l = tightest_pids_limit(&root, "/kubepods/pod3/ctr").unwrap();
+        assert_eq!(l.cgroup, "/kubepods");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

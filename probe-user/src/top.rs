@@ -1,0 +1,276 @@
+//! `faultline top`: a live per-cgroup view of task creation, live tasks and pids headroom,
+//! with the node's thread and pid totals in the header. Refreshes every second; `--once`
+//! prints one snapshot (two samples a second apart, for the rates); `--output json` prints
+//! snapshots as JSON lines.
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cgroups::CgroupFs,
+    clock::now_rfc3339,
+    loader::{Probes, TASK_PROGRAMS},
+    node::NodeTasks,
+    tasks::{CgroupRow, Snapshot, TaskModel},
+    trace::Output,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Sort {
+    /// Threads plus processes created per second, highest first.
+    Rate,
+    /// Live tasks, most first.
+    Live,
+    /// Pids headroom, least first (cgroups without a limit last).
+    Headroom,
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Print one snapshot and exit.
+    #[arg(long)]
+    pub once: bool,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[arg(long, value_enum, default_value_t = Sort::Rate)]
+    pub sort: Sort,
+    /// Only cgroups whose path starts with this prefix.
+    #[arg(long)]
+    pub cgroup: Option<String>,
+    /// Rows in the table (JSON has them all).
+    #[arg(long, default_value_t = 20)]
+    pub rows: usize,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub interval: Duration,
+}
+
+pub async fn run(args: TopArgs) -> anyhow::Result<()> {
+    let mut probes = Probes::open()?;
+    probes.attach(&TASK_PROGRAMS)?;
+    let mut cgroups = CgroupFs::discover()?;
+    let mut model = TaskModel::default();
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut tick = tokio::time::interval(args.interval);
+    let live_screen = args.output == Output::Table && !args.once && std::io::stdout().is_terminal();
+    if !live_screen {
+        eprintln!("faultline: counting task creation per cgroup");
+    }
+    let mut samples = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                model.update(std::time::Instant::now(), probes.task_counts()?);
+                samples += 1;
+                // The first sample only starts the rates.
+                if samples == 1 {
+                    continue;
+                }
+                let snapshot = model.snapshot(&mut cgroups, NodeTasks::read()?, probes.task_stats()?, now_rfc3339());
+                print(&args, snapshot, live_screen)?;
+                if args.once {
+                    return Ok(());
+                }
+            }
+            _ = sigint.recv() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+    }
+}
+
+fn print(args: &TopArgs, mut snapshot: Snapshot, live_screen: bool) -> anyhow::Result<()> {
+    if let Some(prefix) = &args.cgroup {
+        snapshot
+            .cgroups
+            .retain(|r| r.cgroup.starts_with(prefix.as_str()));
+    }
+    sort(&mut snapshot.cgroups, args.sort);
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string(&snapshot)?)?,
+        Output::Table => {
+            if live_screen {
+                // Home and clear: redraw in place.
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
+            for line in render(&snapshot, args.rows) {
+                writeln!(out, "{line}")?;
+            }
+            if !live_screen {
+                writeln!(out)?;
+            }
+        }
+    }
+    out.flush().context("writing to stdout")
+}
+
+fn sort(rows: &mut [CgroupRow], by: Sort) {
+    let rate = |r: &CgroupRow| r.threads_per_s + r.processes_per_s;
+    let live = |r: &CgroupRow| r.live.unwrap_or(0);
+    match by {
+        Sort::Rate => rows.sort_by(|a, b| rate(b).total_cmp(&rate(a)).then(live(b).cmp(&live(a)))),
+        Sort::Live => rows.sort_by(|a, b| live(b).cmp(&live(a)).then(rate(b).total_cmp(&rate(a)))),
+        Sort::Headroom => rows.sort_by(|a, b| {
+            let pct = |r: &CgroupRow| {
+                r.pids_limit
+                    .as_ref()
+                    .map_or(f64::INFINITY, |l| l.headroom_pct)
+            };
+            pct(a).total_cmp(&pct(b))
+        }),
+    }
+}
+
+/// Width of the cgroup column: the table fits an 80-column terminal.
+const CGROUP_WIDTH: usize = 36;
+
+/// The table, 80 columns wide: a header with node totals, then one row per cgroup.
+pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
+    let n = &s.node;
+    let mut lines = vec![
+        format!(
+            "faultline top  {}  {} cgroups{}",
+            s.time.get(11..19).unwrap_or(&s.time),
+            s.tracked_cgroups,
+            if s.untracked_events > 0 {
+                format!("  ({} events in uncounted cgroups)", s.untracked_events)
+            } else {
+                String::new()
+            }
+        ),
+        format!(
+            "node: {} threads, threads-max {} ({:.1}% left), pid_max {} ({:.1}%)",
+            n.threads, n.threads_max, n.threads_max_headroom_pct, n.pid_max, n.pid_max_headroom_pct
+        ),
+        String::new(),
+        format!(
+            "{:<CGROUP_WIDTH$} {:>6} {:>6} {:>6} {:>7} {:>8}",
+            "CGROUP", "THR/s", "PROC/s", "LIVE", "LIMIT", "HEADROOM"
+        ),
+    ];
+    for r in s.cgroups.iter().take(max_rows) {
+        let (limit, headroom) = match &r.pids_limit {
+            Some(l) => (l.max.to_string(), format!("{:.1}%", l.headroom_pct)),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        lines.push(format!(
+            "{:<CGROUP_WIDTH$} {:>6.1} {:>6.1} {:>6} {:>7} {:>8}",
+            shorten(&r.cgroup, CGROUP_WIDTH),
+            r.threads_per_s,
+            r.processes_per_s,
+            r.live.map_or("-".to_owned(), |l| l.to_string()),
+            limit,
+            headroom
+        ));
+    }
+    if s.cgroups.len() > max_rows {
+        lines.push(format!(
+            "... {} more (--rows, --cgroup)",
+            s.cgroups.len() - max_rows
+        ));
+    }
+    lines
+}
+
+/// Keeps the end of a long path, where pod and container ids are.
+fn shorten(path: &str, width: usize) -> String {
+    let chars: Vec<char> = path.chars().collect();
+    if chars.len() <= width {
+        return path.to_owned();
+    }
+    let tail: String = chars[chars.len() - (width - 1)..].iter().collect();
+    format!("…{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::{NodeRow, PidsLimit};
+
+    fn row(cgroup: &str, thr: f64, live: u64, pct: Option<f64>) -> CgroupRow {
+        CgroupRow {
+            cgroup: cgroup.into(),
+            threads_per_s: thr,
+            processes_per_s: 0.0,
+            threads_created: 0,
+            processes_created: 0,
+            exited: 0,
+            live: Some(live),
+            pids_limit: pct.map(|p| PidsLimit {
+                cgroup: cgroup.into(),
+                max: 100,
+                current: 100 - p as u64,
+                headroom: p as i64,
+                headroom_pct: p,
+            }),
+        }
+    }
+
+    #[test]
+    fn sorting() {
+        let mut rows = vec![
+            row("/a", 1.0, 50, None),
+            row("/b", 9.0, 5, Some(40.0)),
+            row("/c", 0.0, 99, Some(3.0)),
+        ];
+        sort(&mut rows, Sort::Rate);
+        assert_eq!(
+            rows.iter().map(|r| r.cgroup.as_str()).collect::<Vec<_>>(),
+            ["/b", "/a", "/c"]
+        );
+        sort(&mut rows, Sort::Live);
+        assert_eq!(
+            rows.iter().map(|r| r.cgroup.as_str()).collect::<Vec<_>>(),
+            ["/c", "/a", "/b"]
+        );
+        sort(&mut rows, Sort::Headroom);
+        assert_eq!(
+            rows.iter().map(|r| r.cgroup.as_str()).collect::<Vec<_>>(),
+            ["/c", "/b", "/a"]
+        );
+    }
+
+    #[test]
+    fn table_fits_80_columns() {
+        let long = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234_5678.slice/cri-containerd-abcdef0123456789.scope";
+        let s = Snapshot {
+            kind: "tasks",
+            time: "2026-11-22T00:31:21.322Z".into(),
+            node: NodeRow::from(NodeTasks {
+                threads: 46_000,
+                threads_max: 192_730,
+                pid_max: 4_194_304,
+            }),
+            cgroups: vec![
+                row(long, 12345.6, 123_456, Some(0.5)),
+                row("/", 0.0, 1, None),
+            ],
+            tracked_cgroups: 2,
+            cgroups_removed: 0,
+            untracked_events: 0,
+        };
+        let lines = render(&s, 20);
+        for l in &lines {
+            assert!(
+                l.chars().count() <= 80,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
+        assert!(
+            lines[4].starts_with("…") && lines[4].contains("abcdef0123456789.scope"),
+            "{}",
+            lines[4]
+        );
+        assert_eq!(
+            render(&s, 1).last().unwrap(),
+            "... 1 more (--rows, --cgroup)"
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! Task creation per cgroup, for real: exact created counts, live counts, pids headroom
+//! shrinking under a leak with a warning before the first failure, and a model that stays
+//! bounded under cgroup churn. Root only.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use probe_user::cgroups::Hierarchy;
+use serde_json::Value;
+
+/// A cgroup v2 directory and, on hybrid hosts, the pids cgroup of the same name; the lab
+/// joins both.
+struct TestCgroup {
+    name: String,
+    unified: TempCgroup,
+    pids: Option<TempCgroup>,
+}
+
+impl TestCgroup {
+    fn new(tag: &str, pids_max: Option<u32>) -> TestCgroup {
+        let name = unique(tag);
+        let (unified_mount, _) =
+            mount(Hierarchy::Unified).expect("the task counters need a cgroup v2 mount");
+        let unified = TempCgroup::new(&unified_mount, &name);
+        let pids = match mount(Hierarchy::Pids) {
+            Some((m, _)) if m == unified_mount => None,
+            Some((m, _)) => Some(TempCgroup::new(&m, &name)),
+            None => None,
+        };
+        if let Some(max) = pids_max {
+            pids.as_ref()
+                .unwrap_or(&unified)
+                .write("pids.max", &max.to_string());
+        }
+        TestCgroup {
+            name,
+            unified,
+            pids,
+        }
+    }
+
+    fn path(&self) -> String {
+        format!("/{}", self.name)
+    }
+
+    /// `--cgroup DIR` arguments for the lab.
+    fn join_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--cgroup".to_owned(),
+            self.unified.dir.display().to_string(),
+        ];
+        if let Some(p) = &self.pids {
+            args.extend(["--cgroup".to_owned(), p.dir.display().to_string()]);
+        }
+        args
+    }
+}
+
+fn row<'a>(snapshot: &'a Value, cgroup: &str) -> Option<&'a Value> {
+    snapshot["cgroups"]
+        .as_array()?
+        .iter()
+        .find(|r| r["cgroup"] == cgroup)
+}
+
+#[test]
+fn exact_created_counts_and_live_tasks() {
+    let cg = TestCgroup::new("counts", Some(100));
+    let path = cg.path();
+    let top = Trace::start_top(&["--cgroup", &path, "--interval", "200ms"]);
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let mut threads = Lab::spawn(
+        &[
+            &["threads", "7", "--comm", "fl-cnt-thr", "--hold-ms", "3000"][..],
+            &join,
+        ]
+        .concat(),
+    );
+    let mut forks = Lab::spawn(
+        &[
+            &["forks", "4", "--comm", "fl-cnt-fork", "--hold-ms", "3000"][..],
+            &join,
+        ]
+        .concat(),
+    );
+    assert_eq!(threads.report().created, 7);
+    assert_eq!(forks.report().created, 4);
+
+    // While both hold their tasks: 7 threads and 4 processes created in the cgroup (the labs
+    // themselves were created outside it and moved in), 1+7 and 1+4 tasks alive.
+    let held = top.wait_for(Duration::from_secs(10), "13 live tasks", |s| {
+        row(s, &path).is_some_and(|r| r["live"] == 13)
+    });
+    let r = row(&held, &path).unwrap();
+    assert_eq!(
+        (
+            r["threads_created"].as_u64(),
+            r["processes_created"].as_u64()
+        ),
+        (Some(7), Some(4)),
+        "{r}"
+    );
+    assert_eq!(r["pids_limit"]["max"], 100, "{r}");
+    assert_eq!(r["pids_limit"]["current"], 13, "{r}");
+    assert_eq!(r["pids_limit"]["headroom"], 87, "{r}");
+    threads.wait();
+    forks.wait();
+
+    // After they exit: back to the empty baseline; every task that lived there exited.
+    let after = top.wait_for(Duration::from_secs(10), "0 live tasks", |s| {
+        row(s, &path).is_some_and(|r| r["live"] == 0)
+    });
+    let r = row(&after, &path).unwrap();
+    assert_eq!(
+        (
+            r["threads_created"].as_u64(),
+            r["processes_created"].as_u64()
+        ),
+        (Some(7), Some(4)),
+        "{r}"
+    );
+    assert_eq!(r["exited"], 13, "{r}");
+    assert_eq!(after["untracked_events"], 0);
+    drop(top);
+}
+
+#[test]
+fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
+    let cg = TestCgroup::new("leak", Some(40));
+    let path = cg.path();
+    let trace = Trace::start(&["--cgroup", &path, "--headroom-warn", "10%"]);
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    // One thread every 150 ms until the limit refuses: about 6 s.
+    let mut leak = Lab::spawn(
+        &[
+            &[
+                "threads",
+                "100",
+                "--comm",
+                "fl-leak",
+                "--interval-ms",
+                "150",
+                "--max-failures",
+                "2",
+            ][..],
+            &join,
+        ]
+        .concat(),
+    );
+
+    let once = |tag: &str| -> Value {
+        let out = std::process::Command::new(FAULTLINE)
+            .args([
+                "top",
+                "--once",
+                "--output",
+                "json",
+                "--cgroup",
+                &path,
+                "--interval",
+                "300ms",
+            ])
+            .output()
+            .expect("running top --once");
+        assert!(
+            out.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("{tag}: not JSON ({e}): {line}"))
+    };
+    let first = once("first");
+    std::thread::sleep(Duration::from_millis(1000));
+    let second = once("second");
+    let (a, b) = (
+        row(&first, &path).expect("cgroup in first snapshot"),
+        row(&second, &path).expect("cgroup in second snapshot"),
+    );
+    assert!(
+        b["live"].as_u64() > a["live"].as_u64(),
+        "live did not grow: {a} then {b}"
+    );
+    assert!(
+        b["pids_limit"]["headroom"].as_i64() < a["pids_limit"]["headroom"].as_i64(),
+        "headroom did not shrink: {a} then {b}"
+    );
+
+    let report = leak.report();
+    assert_eq!((report.created, report.failures), (39, 2), "{report:?}");
+    leak.wait();
+    let (events, summary) = trace.stop_json();
+    let warning = events
+        .iter()
+        .position(|e| e["kind"] == "headroom_warning")
+        .expect("no headroom warning");
+    let failure = events
+        .iter()
+        .position(|e| e["kind"] == "clone_failure")
+        .expect("no clone failure");
+    assert!(
+        warning < failure,
+        "the warning came after the first failure: {events:#?}"
+    );
+    let w = &events[warning];
+    assert_eq!(w["pids_max"], 40, "{w}");
+    assert!(
+        w["headroom"].as_i64().is_some_and(|h| (0..4).contains(&h)),
+        "{w}"
+    );
+    assert!(
+        w["time"].as_str() <= events[failure]["time"].as_str(),
+        "{w}"
+    );
+    assert_eq!(summary["headroom_warnings"], 1);
+    assert_eq!(summary["by_cause"]["pids_limit"], 2);
+}
+
+#[test]
+fn cgroup_churn_keeps_the_model_bounded() {
+    let root = TestCgroup::new("churn", None);
+    let path = root.path();
+    let top = Trace::start_top(&["--interval", "200ms"]);
+    let report = lab(&[
+        "churn",
+        "2000",
+        "--comm",
+        "fl-churn",
+        "--churn-root",
+        &root.unified.dir.display().to_string(),
+    ]);
+    assert_eq!(report.created, 2000, "{report:?}");
+    // The kernel dropped each removed cgroup's counters and the model followed: what is left
+    // is the node's live cgroups, not 2,000 dead ones.
+    let s = top.wait_for(Duration::from_secs(10), "the churn counted", |s| {
+        s["cgroups_removed"].as_u64().is_some_and(|n| n >= 2000)
+    });
+    let tracked = s["tracked_cgroups"].as_u64().expect("tracked_cgroups");
+    let live_cgroups = count_dirs(&mount(Hierarchy::Unified).unwrap().0);
+    assert!(
+        tracked <= live_cgroups,
+        "{tracked} cgroups tracked, {live_cgroups} exist"
+    );
+    assert_eq!(s["untracked_events"], 0);
+    assert!(
+        s["cgroups"].as_array().unwrap().iter().all(|r| !r["cgroup"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{path}/churn-"))),
+        "{s}"
+    );
+    drop(top);
+}
+
+fn count_dirs(dir: &std::path::Path) -> u64 {
+    1 + std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| count_dirs(&e.path()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
