@@ -135,7 +135,7 @@ pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
     let n = &s.node;
     let mut lines = vec![
         format!(
-            "faultline top  {}  {} cgroups{}",
+            "faultline top  {}  {} cgroup(s) counted{}",
             s.time.get(11..19).unwrap_or(&s.time),
             s.tracked_cgroups,
             if s.untracked_events > 0 {

@@ -10,6 +10,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 /// Debian packages bpf-linker links against (LLVM 22, the major of the eBPF nightly).
 const APT_PACKAGES: [&str; 4] = [
     "llvm-22-dev",
@@ -44,6 +46,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, build, then measure faultline's overhead against no probe (root); writes
+    /// BENCHMARKS.md.
+    Bench {
+        /// One short run of each workload, to check that the benchmark works.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Task::Setup => setup(),
         Task::Test { args } => setup().and_then(|()| test(&args)),
         Task::Trace { args } => setup().and_then(|()| trace(&args)),
+        Task::Bench { quick } => setup().and_then(|()| bench::run(&workspace_root(), quick)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -68,7 +78,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {

@@ -24,6 +24,10 @@ enum Mode {
     /// Create `count` cgroups under --churn-root one after another; in each, fork one
     /// short-lived child, then remove the cgroup.
     Churn,
+    /// Benchmark: create and join `count` threads one after another, timed.
+    SpinThreads,
+    /// Benchmark: fork and reap `count` short-lived processes one after another, timed.
+    SpinForks,
 }
 
 #[derive(Parser, Debug)]
@@ -82,6 +86,9 @@ struct Report {
     created: u32,
     failures: u32,
     errnos: Vec<i32>,
+    /// Wall time of the creation loop (spin modes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    elapsed_ns: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -135,6 +142,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(pid_max) = args.pidns_pid_max {
         return in_new_pidns(args, stacks.as_ref(), pid_max);
     }
+    if matches!(args.mode, Mode::SpinThreads | Mode::SpinForks) {
+        return spin(args.mode, args.count);
+    }
     if args.mode == Mode::Churn {
         let root = args
             .churn_root
@@ -145,6 +155,38 @@ fn run(args: &Args) -> anyhow::Result<()> {
     create(args, stacks.as_ref(), || {
         memory_limit.map_or(Ok(()), MemoryLimit::lift)
     })
+}
+
+/// Creates and ends `count` tasks one at a time and reports how long that took.
+fn spin(mode: Mode, count: u32) -> anyhow::Result<()> {
+    let mut report = Report {
+        pid: node_pid(),
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    for _ in 0..count {
+        let ok = if mode == Mode::SpinThreads {
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(|| ())
+                .map(|t| t.join().is_ok())
+                .unwrap_or(false)
+        } else {
+            // SAFETY: the child exits at once; the parent reaps it.
+            match unsafe { libc::fork() } {
+                -1 => false,
+                0 => unsafe { libc::_exit(0) },
+                child => wait_ok(child).is_ok(),
+            }
+        };
+        if ok {
+            report.created += 1;
+        } else {
+            report.failures += 1;
+        }
+    }
+    report.elapsed_ns = Some(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    print_report(&report)
 }
 
 /// cgroup churn: `count` cgroups made, used by one short-lived process each, and removed.
@@ -374,7 +416,7 @@ fn create(
                 fork_with(|| unsafe { libc::syscall(libc::SYS_fork) as libc::pid_t })
                     .map(|pid| children.push(pid))
             }
-            Mode::Churn => break, // run by churn(), never here
+            Mode::Churn | Mode::SpinThreads | Mode::SpinForks => break, // run by churn() and spin()
         };
         match result {
             Ok(()) => report.created += 1,
