@@ -123,6 +123,9 @@ pub struct CloneFailureEvent {
     /// Bits from [`valid`].
     pub valid: u32,
     pub _pad: u32,
+    /// Inode of the caller's own pids cgroup (v1 or v2; 0 if unknown): attributes the task on
+    /// hosts whose pods live in v1 hierarchies only.
+    pub own_pids_ino: u64,
     pub comm: [u8; 16],
     pub pids: CgroupCounter,
     pub memory: CgroupCounter,

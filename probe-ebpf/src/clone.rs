@@ -187,10 +187,12 @@ fn fill(ev: &mut CloneFailureEvent, syscall: Syscall, errno: u32, flags: Option<
 
     let css_set = deref(task, koff!(task_cgroups));
     ev.pids = CgroupCounter::default();
-    if let Some(css) = css_set.and_then(|s| subsys_css(s, koff!(pids_subsys_id)))
-        && walk_pids(css, &mut ev.pids)
-    {
-        ev.valid |= valid::PIDS;
+    ev.own_pids_ino = 0;
+    if let Some(css) = css_set.and_then(|s| subsys_css(s, koff!(pids_subsys_id))) {
+        ev.own_pids_ino = css_ino(css);
+        if walk_pids(css, &mut ev.pids) {
+            ev.valid |= valid::PIDS;
+        }
     }
     ev.memory = CgroupCounter::default();
     if let Some(css) = css_set.and_then(|s| subsys_css(s, koff!(memory_subsys_id)))

@@ -268,6 +268,7 @@ mod tests {
             errno,
             valid: valid::PIDS | valid::PIDNS | valid::PIDNS_PID_MAX | valid::NPROC | valid::MEMORY,
             _pad: 0,
+            own_pids_ino: 0,
             comm: [0; 16],
             pids: CgroupCounter {
                 cgroup_ino: 7,

@@ -28,13 +28,16 @@ pub struct Mount {
 
 /// Stops a rescan storm when events name cgroups that are already gone.
 const RESCAN_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a removed cgroup keeps its name.
+const REMOVED_GRACE: Duration = Duration::from_secs(60);
 /// Bounds one walk of a hierarchy (a node has thousands of cgroups, not millions).
 const MAX_WALK_ENTRIES: usize = 200_000;
 const MAX_WALK_DEPTH: usize = 32;
 
 pub struct CgroupFs {
     mounts: HashMap<Hierarchy, Mount>,
-    paths: HashMap<(Hierarchy, u64), String>,
+    /// Known cgroups: path, and since when a rescan no longer finds it (None = present).
+    paths: HashMap<(Hierarchy, u64), (String, Option<Instant>)>,
     last_scan: HashMap<Hierarchy, Instant>,
 }
 
@@ -72,7 +75,7 @@ impl CgroupFs {
         if ino == 0 {
             return None;
         }
-        if let Some(p) = self.paths.get(&(h, ino)) {
+        if let Some((p, _)) = self.paths.get(&(h, ino)) {
             return Some(p.clone());
         }
         let mount = self.mounts.get(&h)?.path.clone();
@@ -85,12 +88,21 @@ impl CgroupFs {
             return None;
         }
         self.last_scan.insert(h, now);
-        self.paths.retain(|(hh, _), _| *hh != h);
+        // Removed cgroups stay resolvable for a grace period: events of short-lived tasks
+        // often arrive after their cgroup is gone.
+        for ((hh, _), (_, gone)) in self.paths.iter_mut() {
+            if *hh == h && gone.is_none() {
+                *gone = Some(now);
+            }
+        }
+        self.paths.retain(|(hh, _), (_, gone)| {
+            *hh != h || gone.is_none_or(|t| now.duration_since(t) < REMOVED_GRACE)
+        });
         let mut budget = MAX_WALK_ENTRIES;
         walk(&mount, "", 0, &mut budget, &mut |ino, rel| {
-            self.paths.insert((h, ino), rel);
+            self.paths.insert((h, ino), (rel, None));
         });
-        self.paths.get(&(h, ino)).cloned()
+        self.paths.get(&(h, ino)).map(|(p, _)| p.clone())
     }
 }
 

@@ -139,7 +139,7 @@ pub fn run() -> bool {
                 if unified {
                     describe(Hierarchy::Unified)
                 } else {
-                    "not mounted: events carry no cgroup path".to_owned()
+                    "not mounted: clone failures are attributed through the task's pids cgroup; per-cgroup task counts (top, headroom warnings) are unavailable".to_owned()
                 },
             );
             for (h, name, lost) in [

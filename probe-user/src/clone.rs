@@ -7,9 +7,10 @@ use serde::Serialize;
 
 use crate::{
     cause::{self, Facts, Verdict},
-    cgroups::{CgroupFs, Hierarchy},
+    cgroups::Hierarchy,
     clock::KernelClock,
     node::NodeTasks,
+    pods::{Attributor, PodRef},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -49,6 +50,9 @@ pub struct CloneFailure {
     pub evidence: String,
     /// cgroup v2 path of the caller ("?" when it is already gone).
     pub cgroup: String,
+    /// `namespace/pod/container`, or the systemd unit, session or cgroup for non-pods.
+    pub workload: String,
+    pub pod: Option<PodRef>,
     /// Path of the caller's pids cgroup level that is nearest to its limit, if any.
     pub pids_cgroup: Option<String>,
     pub clone_flags: String,
@@ -66,18 +70,18 @@ pub fn decode(bytes: &[u8]) -> Option<CloneFailureEvent> {
 
 /// Turns kernel events into reports: resolves ids to paths and decides the cause.
 pub struct Enricher {
-    /// Shared with the other stages that name cgroups.
-    pub cgroups: CgroupFs,
+    /// Shared with the other stages that name cgroups and pods.
+    pub attributor: Attributor,
     clock: KernelClock,
     page_size: u64,
 }
 
 impl Enricher {
-    pub fn new(cgroups: CgroupFs) -> Self {
+    pub fn new(attributor: Attributor) -> Self {
         // SAFETY: sysconf has no preconditions.
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         Enricher {
-            cgroups,
+            attributor,
             clock: KernelClock::new(),
             page_size: u64::try_from(page_size).unwrap_or(4096),
         }
@@ -87,10 +91,18 @@ impl Enricher {
         // Read right away: threads-max has no kernel snapshot, so the sooner the better.
         let node = NodeTasks::read().unwrap_or_default();
         let pids_cgroup = (ev.valid & valid::PIDS != 0)
-            .then(|| self.cgroups.path(Hierarchy::Pids, ev.pids.cgroup_ino))
+            .then(|| {
+                self.attributor
+                    .cgroups
+                    .path(Hierarchy::Pids, ev.pids.cgroup_ino)
+            })
             .flatten();
         let memory_cgroup = (ev.valid & valid::MEMORY != 0)
-            .then(|| self.cgroups.path(Hierarchy::Memory, ev.memory.cgroup_ino))
+            .then(|| {
+                self.attributor
+                    .cgroups
+                    .path(Hierarchy::Memory, ev.memory.cgroup_ino)
+            })
             .flatten();
         let Verdict { cause, evidence } = cause::classify(
             ev,
@@ -108,6 +120,10 @@ impl Enricher {
         } else {
             TaskKind::Process
         };
+        let (cgroup, attribution) = self.attributor.attribute(
+            ev.cgroup_id,
+            (ev.own_pids_ino != 0).then_some(ev.own_pids_ino),
+        );
         CloneFailure {
             kind: "clone_failure",
             time: self.clock.rfc3339(ev.ktime_ns),
@@ -121,10 +137,9 @@ impl Enricher {
             task,
             cause,
             evidence,
-            cgroup: self
-                .cgroups
-                .path(Hierarchy::Unified, ev.cgroup_id)
-                .unwrap_or_else(|| "?".to_owned()),
+            cgroup: cgroup.unwrap_or_else(|| "?".to_owned()),
+            workload: attribution.workload,
+            pod: attribution.pod,
             pids_cgroup: pids_cgroup.filter(|_| ev.pids.limit != i64::MAX),
             clone_flags: format!("{:#x}", ev.clone_flags),
         }

@@ -2,8 +2,8 @@
 //!
 //! The pipeline, in order: [`loader`] loads and attaches the eBPF programs (offsets from
 //! [`btf`] and [`tracefs`] via [`offsets`]); [`clone`] decodes ring-buffer events and enriches
-//! them into `CloneFailure`s, using [`cgroups`] and [`node`] for attribution and [`cause`] for
-//! the verdict; [`tasks`] turns the kernel's per-cgroup task counters into rates, live counts
+//! them into `CloneFailure`s, using [`cgroups`] and [`pods`] for attribution, [`node`] and
+//! [`cause`] for the verdict; [`tasks`] turns the kernel's per-cgroup task counters into rates, live counts
 //! and headroom. The commands [`trace`], [`top`] and [`check`] export the result.
 
 pub mod btf;
@@ -15,6 +15,7 @@ pub mod clone;
 pub mod loader;
 pub mod node;
 pub mod offsets;
+pub mod pods;
 pub mod tasks;
 pub mod top;
 pub mod trace;

@@ -14,10 +14,11 @@ use probe_common::tasks::TaskCounts;
 use serde::Serialize;
 
 use crate::{
-    cgroups::{CgroupFs, Hierarchy},
+    cgroups::Hierarchy,
     clock::now_rfc3339,
     loader::TaskStats,
     node::NodeTasks,
+    pods::{Attributor, PodRef},
 };
 
 /// Rates are averaged over this window.
@@ -60,6 +61,9 @@ pub struct PidsLimit {
 #[derive(Clone, Debug, Serialize)]
 pub struct CgroupRow {
     pub cgroup: String,
+    /// `namespace/pod/container`, or the unit, session or path.
+    pub workload: String,
+    pub pod: Option<PodRef>,
     pub threads_per_s: f64,
     pub processes_per_s: f64,
     /// Created since faultline attached.
@@ -156,12 +160,14 @@ impl TaskModel {
     }
 
     /// One row per counted cgroup that still exists, with live counts and limits read now.
-    pub fn rows(&self, cgroups: &mut CgroupFs) -> Vec<CgroupRow> {
+    pub fn rows(&self, attributor: &mut Attributor) -> Vec<CgroupRow> {
         let mut rows = Vec::with_capacity(self.entries.len());
         for (&id, entry) in &self.entries {
-            let Some(path) = cgroups.path(Hierarchy::Unified, id) else {
+            let Some(path) = attributor.cgroups.path(Hierarchy::Unified, id) else {
                 continue;
             };
+            let attribution = attributor.attribute_path(&path);
+            let cgroups = &attributor.cgroups;
             let (threads_per_s, processes_per_s) = rates(&entry.samples);
             rows.push(CgroupRow {
                 live: cgroups
@@ -171,6 +177,8 @@ impl TaskModel {
                     .mount(Hierarchy::Pids)
                     .and_then(|m| tightest_pids_limit(&m.path, &path)),
                 cgroup: path,
+                workload: attribution.workload,
+                pod: attribution.pod,
                 threads_per_s,
                 processes_per_s,
                 threads_created: entry.counts.threads,
@@ -183,7 +191,7 @@ impl TaskModel {
 
     pub fn snapshot(
         &self,
-        cgroups: &mut CgroupFs,
+        attributor: &mut Attributor,
         node: NodeTasks,
         stats: TaskStats,
         time: String,
@@ -192,7 +200,7 @@ impl TaskModel {
             kind: "tasks",
             time,
             node: NodeRow::from(node),
-            cgroups: self.rows(cgroups),
+            cgroups: self.rows(attributor),
             tracked_cgroups: self.len(),
             cgroups_removed: stats.cgroups_removed,
             untracked_events: stats.map_full,
@@ -207,6 +215,8 @@ pub struct HeadroomWarning {
     pub time: String,
     /// The cgroup v2 path where tasks are being created.
     pub cgroup: String,
+    pub workload: String,
+    pub pod: Option<PodRef>,
     /// The pids cgroup whose limit is near.
     pub pids_cgroup: String,
     pub pids_current: u64,
@@ -246,6 +256,8 @@ impl HeadroomWatch {
                     kind: "headroom_warning",
                     time: now_rfc3339(),
                     cgroup: row.cgroup.clone(),
+                    workload: row.workload.clone(),
+                    pod: row.pod.clone(),
                     pids_cgroup: limit.cgroup.clone(),
                     pids_current: limit.current,
                     pids_max: limit.max,
@@ -391,6 +403,8 @@ mod tests {
         let (left, pct) = headroom(max, current);
         CgroupRow {
             cgroup: cgroup.into(),
+            workload: cgroup.into(),
+            pod: None,
             threads_per_s: 0.0,
             processes_per_s: 0.0,
             threads_created: 0,

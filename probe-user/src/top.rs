@@ -17,6 +17,7 @@ use crate::{
     clock::now_rfc3339,
     loader::{Probes, TASK_PROGRAMS},
     node::NodeTasks,
+    pods::{Attributor, PodArgs},
     tasks::{CgroupRow, Snapshot, TaskModel},
     trace::Output,
 };
@@ -48,12 +49,14 @@ pub struct TopArgs {
     pub rows: usize,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub interval: Duration,
+    #[command(flatten)]
+    pub pods: PodArgs,
 }
 
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut probes = Probes::open()?;
     probes.attach(&TASK_PROGRAMS)?;
-    let mut cgroups = CgroupFs::discover()?;
+    let mut attributor = Attributor::new(CgroupFs::discover()?, &args.pods.kubelet_logs);
     let mut model = TaskModel::default();
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -72,7 +75,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
                 if samples == 1 {
                     continue;
                 }
-                let snapshot = model.snapshot(&mut cgroups, NodeTasks::read()?, probes.task_stats()?, now_rfc3339());
+                let snapshot = model.snapshot(&mut attributor, NodeTasks::read()?, probes.task_stats()?, now_rfc3339());
                 print(&args, snapshot, live_screen)?;
                 if args.once {
                     return Ok(());
@@ -90,6 +93,9 @@ fn print(args: &TopArgs, mut snapshot: Snapshot, live_screen: bool) -> anyhow::R
             .cgroups
             .retain(|r| r.cgroup.starts_with(prefix.as_str()));
     }
+    snapshot
+        .cgroups
+        .retain(|r| args.pods.matches(r.pod.as_ref()));
     sort(&mut snapshot.cgroups, args.sort);
     let mut out = std::io::stdout().lock();
     match args.output {
@@ -151,7 +157,7 @@ pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
         String::new(),
         format!(
             "{:<CGROUP_WIDTH$} {:>6} {:>6} {:>6} {:>7} {:>8}",
-            "CGROUP", "THR/s", "PROC/s", "LIVE", "LIMIT", "HEADROOM"
+            "WORKLOAD", "THR/s", "PROC/s", "LIVE", "LIMIT", "HEADROOM"
         ),
     ];
     for r in s.cgroups.iter().take(max_rows) {
@@ -161,7 +167,7 @@ pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
         };
         lines.push(format!(
             "{:<CGROUP_WIDTH$} {:>6.1} {:>6.1} {:>6} {:>7} {:>8}",
-            shorten(&r.cgroup, CGROUP_WIDTH),
+            shorten(&r.workload, CGROUP_WIDTH),
             r.threads_per_s,
             r.processes_per_s,
             r.live.map_or("-".to_owned(), |l| l.to_string()),
@@ -196,6 +202,8 @@ mod tests {
     fn row(cgroup: &str, thr: f64, live: u64, pct: Option<f64>) -> CgroupRow {
         CgroupRow {
             cgroup: cgroup.into(),
+            workload: cgroup.into(),
+            pod: None,
             threads_per_s: thr,
             processes_per_s: 0.0,
             threads_created: 0,

@@ -23,6 +23,7 @@ use crate::{
     cgroups::CgroupFs,
     clone::{self, CloneFailure, Enricher},
     loader::{CLONE_PROGRAMS, CloneStats, Probes, TASK_PROGRAMS},
+    pods::{Attributor, PodArgs},
     tasks::{HeadroomWarning, HeadroomWatch, TaskModel},
 };
 
@@ -53,6 +54,8 @@ pub struct TraceArgs {
     /// Also warn when a cgroup's pids headroom drops below this share of its limit (e.g. 10%).
     #[arg(long, value_parser = parse_percent)]
     pub headroom_warn: Option<f64>,
+    #[command(flatten)]
+    pub pods: PodArgs,
 }
 
 fn parse_percent(s: &str) -> anyhow::Result<f64> {
@@ -85,11 +88,12 @@ impl Filter<'_> {
         (args.pids.is_empty() || args.pids.contains(&f.pid))
             && args.comm.as_deref().is_none_or(|c| c == f.comm)
             && self.cgroup_matches(&f.cgroup, f.pids_cgroup.as_deref())
+            && args.pods.matches(f.pod.as_ref())
     }
 
     /// Warnings belong to cgroups, not processes: only the cgroup filter applies.
     fn matches_warning(&self, w: &HeadroomWarning) -> bool {
-        self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup))
+        self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup)) && self.0.pods.matches(w.pod.as_ref())
     }
 }
 
@@ -152,7 +156,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("registering the ring buffer with the event loop")?;
-    let mut enricher = Enricher::new(CgroupFs::discover()?);
+    let mut enricher = Enricher::new(Attributor::new(
+        CgroupFs::discover()?,
+        &args.pods.kubelet_logs,
+    ));
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -185,7 +192,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             _ = tick.tick(), if headroom.is_some() => {
                 if let Some(h) = headroom.as_mut() {
                     h.model.update(std::time::Instant::now(), probes.task_counts()?);
-                    for warning in h.watch.check(&h.model.rows(&mut enricher.cgroups)) {
+                    for warning in h.watch.check(&h.model.rows(&mut enricher.attributor)) {
                         if filter.matches_warning(&warning) {
                             summary.headroom_warnings += 1;
                             printer.event(&warning)?;
@@ -262,7 +269,7 @@ impl TraceEvent for CloneFailure {
             self.task.as_str(),
             self.errno,
             self.cause.as_str(),
-            self.cgroup,
+            self.workload,
             self.evidence
         )
     }
@@ -280,7 +287,7 @@ impl TraceEvent for HeadroomWarning {
             "-",
             "-",
             "headroom_low",
-            self.cgroup,
+            self.workload,
             self.pids_current,
             self.pids_max,
             self.pids_cgroup,
@@ -312,7 +319,7 @@ struct Printer {
     out: io::Stdout,
 }
 
-const TABLE_HEADER: &str = "TIME         PID      TID      COMM             SYSCALL TASK    ERRNO  CAUSE        CGROUP / EVIDENCE";
+const TABLE_HEADER: &str = "TIME         PID      TID      COMM             SYSCALL TASK    ERRNO  CAUSE        WORKLOAD / EVIDENCE";
 
 impl Printer {
     fn new(format: Output) -> Self {

@@ -332,3 +332,51 @@ impl Drop for SysctlGuard {
         }
     }
 }
+
+/// Nested cgroup directories `rel` (a/b/c) under a mount; removed deepest first on drop. On
+/// cgroup v2 with the pids controller, it is delegated down the tree so limits can be set.
+pub struct CgroupTree {
+    /// Shallowest first.
+    levels: Vec<TempCgroup>,
+}
+
+impl CgroupTree {
+    pub fn new(mount: &Path, rel: &str) -> CgroupTree {
+        let mut levels: Vec<TempCgroup> = Vec::new();
+        let mut dir = mount.to_path_buf();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            if let Some(parent) = levels.last()
+                && std::fs::read_to_string(parent.dir.join("cgroup.controllers"))
+                    .is_ok_and(|c| c.contains("pids"))
+            {
+                let _ = std::fs::write(parent.dir.join("cgroup.subtree_control"), "+pids");
+            }
+            dir = dir.join(part);
+            levels.push(TempCgroup {
+                dir: {
+                    std::fs::create_dir(&dir)
+                        .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+                    dir.clone()
+                },
+            });
+        }
+        CgroupTree { levels }
+    }
+
+    pub fn leaf(&self) -> &TempCgroup {
+        self.levels.last().expect("an empty cgroup tree")
+    }
+
+    /// The level at `depth` (0 = shallowest).
+    pub fn level(&self, depth: usize) -> &TempCgroup {
+        &self.levels[depth]
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        while let Some(level) = self.levels.pop() {
+            drop(level);
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! Attribution: from a cgroup path to the workload an SRE knows — pod (namespace, name, uid,
+//! container, QoS) or, off Kubernetes, the systemd unit, user session or root.
+//!
+//! Paths are parsed for both kubelet cgroup drivers (systemd: `kubepods-burstable-pod<uid>.slice`
+//! / `cri-containerd-<id>.scope`; cgroupfs: `/kubepods/burstable/pod<uid>/<id>`). Names come
+//! from the kubelet's log directories, which need no API access: `pods/<ns>_<name>_<uid>/` and
+//! `containers/<pod>_<ns>_<container>-<id>.log`.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::cgroups::{CgroupFs, Hierarchy};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Qos {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+/// What a cgroup path says by itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupKind {
+    Pod {
+        uid: String,
+        qos: Qos,
+        /// The container's id when the path goes down to a container.
+        container_id: Option<String>,
+        /// containerd, crio or docker, when the path names the runtime.
+        runtime: Option<&'static str>,
+    },
+    /// `system.slice/kubelet.service` -> `kubelet.service`.
+    SystemdUnit(String),
+    /// `user.slice/user-1000.slice/session-3.scope` -> `session-3.scope`, uid 1000.
+    UserSession {
+        uid: Option<u32>,
+        session: String,
+    },
+    Root,
+    /// Anything else: the path is the best name it has.
+    Other(String),
+}
+
+/// Runtimes' container scope prefixes under the systemd driver.
+const RUNTIME_PREFIXES: [(&str, &str); 4] = [
+    ("cri-containerd-", "containerd"),
+    ("crio-", "crio"),
+    ("docker-", "docker"),
+    ("containerd-", "containerd"),
+];
+
+fn is_container_id(s: &str) -> bool {
+    s.len() >= 12 && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A pod uid as kubelet writes it in cgroup names: with `_` for `-` under the systemd driver.
+fn pod_uid(s: &str) -> Option<String> {
+    let uid = s.replace('_', "-");
+    let ok = uid.len() == 36
+        && uid.bytes().enumerate().all(|(i, b)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        });
+    ok.then_some(uid)
+}
+
+pub fn parse_cgroup_path(path: &str) -> CgroupKind {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        return CgroupKind::Root;
+    }
+    if let Some(kind) = parse_pod(&parts) {
+        return kind;
+    }
+    let last = parts[parts.len() - 1];
+    if parts[0] == "user.slice" {
+        let uid = parts.iter().find_map(|p| {
+            p.strip_prefix("user-")?
+                .strip_suffix(".slice")?
+                .parse()
+                .ok()
+        });
+        return CgroupKind::UserSession {
+            uid,
+            session: last.to_owned(),
+        };
+    }
+    if last.ends_with(".service") || last.ends_with(".scope") || last.ends_with(".slice") {
+        return CgroupKind::SystemdUnit(last.to_owned());
+    }
+    CgroupKind::Other(path.to_owned())
+}
+
+/// Finds `kubepods` and the pod level below it, for either driver.
+fn parse_pod(parts: &[&str]) -> Option<CgroupKind> {
+    let start = parts
+        .iter()
+        .position(|p| *p == "kubepods" || *p == "kubepods.slice")?;
+    let mut qos = Qos::Guaranteed;
+    let mut uid = None;
+    let mut rest = parts[start + 1..].iter();
+    for p in rest.by_ref() {
+        // QoS level: `burstable`, `besteffort` (cgroupfs) or `kubepods-burstable.slice`.
+        let name = p.strip_suffix(".slice").unwrap_or(p);
+        let name = name.strip_prefix("kubepods-").unwrap_or(name);
+        match name {
+            "burstable" => {
+                qos = Qos::Burstable;
+                continue;
+            }
+            "besteffort" => {
+                qos = Qos::BestEffort;
+                continue;
+            }
+            _ => {}
+        }
+        // Pod level: `pod<uid>` (cgroupfs) or `kubepods-<qos>-pod<uid>.slice` (systemd).
+        let pod = name
+            .rsplit_once("pod")
+            .map(|(before, after)| (before, after))?;
+        if !(pod.0.is_empty() || pod.0.ends_with('-')) {
+            return None;
+        }
+        uid = Some(pod_uid(pod.1)?);
+        break;
+    }
+    let uid = uid?;
+    let (container_id, runtime) = match rest.next() {
+        None => (None, None),
+        Some(c) => {
+            let scope = c.strip_suffix(".scope").unwrap_or(c);
+            RUNTIME_PREFIXES
+                .iter()
+                .find_map(|(prefix, runtime)| {
+                    let id = scope.strip_prefix(prefix)?;
+                    is_container_id(id).then(|| (Some(id.to_owned()), Some(*runtime)))
+                })
+                .or_else(|| is_container_id(scope).then(|| (Some(scope.to_owned()), None)))
+                .unwrap_or((None, None))
+        }
+    };
+    Some(CgroupKind::Pod {
+        uid,
+        qos,
+        container_id,
+        runtime,
+    })
+}
+
+/// A pod and container by name, as reported with every event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PodRef {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: String,
+    pub container: Option<String>,
+    pub container_id: Option<String>,
+    pub qos: Option<Qos>,
+}
+
+/// Who a cgroup belongs to: a pod, or a readable name for anything else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Attribution {
+    /// `namespace/pod/container` for pods, the unit or session otherwise.
+    pub workload: String,
+    pub pod: Option<PodRef>,
+}
+
+/// Names of pods and containers from the kubelet's log directories.
+pub struct PodDirectory {
+    root: PathBuf,
+    /// pod uid -> (namespace, name)
+    pods: HashMap<String, (String, String)>,
+    /// container id -> container name
+    containers: HashMap<String, String>,
+    last_scan: Option<Instant>,
+}
+
+/// A miss rescans the directories at most this often.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl PodDirectory {
+    /// `root` holds `pods/` and `containers/` (the kubelet's /var/log).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        PodDirectory {
+            root: root.into(),
+            pods: HashMap::new(),
+            containers: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    fn rescan_if_due(&mut self) {
+        if self
+            .last_scan
+            .is_some_and(|t| t.elapsed() < RESCAN_INTERVAL)
+        {
+            return;
+        }
+        self.last_scan = Some(Instant::now());
+        self.pods = scan_pods(&self.root.join("pods"));
+        self.containers = scan_containers(&self.root.join("containers"));
+    }
+
+    /// Attributes a cgroup path: a pod with its names when the path is a pod's.
+    pub fn attribute(&mut self, path: &str) -> Attribution {
+        match parse_cgroup_path(path) {
+            CgroupKind::Pod {
+                uid,
+                qos,
+                container_id,
+                ..
+            } => {
+                if !self.pods.contains_key(&uid)
+                    || container_id
+                        .as_ref()
+                        .is_some_and(|id| !self.containers.contains_key(id))
+                {
+                    self.rescan_if_due();
+                }
+                let names = self.pods.get(&uid).cloned();
+                let container = container_id
+                    .as_ref()
+                    .and_then(|id| self.containers.get(id).cloned());
+                let pod = PodRef {
+                    namespace: names.as_ref().map(|n| n.0.clone()),
+                    name: names.as_ref().map(|n| n.1.clone()),
+                    uid: uid.clone(),
+                    container,
+                    container_id,
+                    qos: Some(qos),
+                };
+                Attribution {
+                    workload: pod_workload(&pod),
+                    pod: Some(pod),
+                }
+            }
+            CgroupKind::SystemdUnit(unit) => Attribution {
+                workload: unit,
+                pod: None,
+            },
+            CgroupKind::UserSession { uid, session } => Attribution {
+                workload: match uid {
+                    Some(uid) => format!("{session} (uid {uid})"),
+                    None => session,
+                },
+                pod: None,
+            },
+            CgroupKind::Root => Attribution {
+                workload: "/".to_owned(),
+                pod: None,
+            },
+            CgroupKind::Other(p) => Attribution {
+                workload: p,
+                pod: None,
+            },
+        }
+    }
+}
+
+/// Attribution options and filters shared by the commands.
+#[derive(Args, Debug, Clone)]
+pub struct PodArgs {
+    /// Only this Kubernetes namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only pods whose name is this or starts with it.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only this container name.
+    #[arg(long)]
+    pub container: Option<String>,
+    /// The kubelet's log directory (with pods/ and containers/), for pod and container names.
+    #[arg(long, default_value = "/var/log")]
+    pub kubelet_logs: PathBuf,
+}
+
+impl PodArgs {
+    pub fn filters(&self) -> bool {
+        self.namespace.is_some() || self.pod.is_some() || self.container.is_some()
+    }
+
+    /// Whether a pod (or a non-pod, `None`) passes the namespace, pod and container filters.
+    pub fn matches(&self, pod: Option<&PodRef>) -> bool {
+        if !self.filters() {
+            return true;
+        }
+        let Some(p) = pod else { return false };
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        eq(&self.namespace, &p.namespace)
+            && eq(&self.container, &p.container)
+            && self
+                .pod
+                .as_ref()
+                .is_none_or(|w| p.name.as_ref().is_some_and(|n| n.starts_with(w.as_str())))
+    }
+}
+
+/// Resolves kernel cgroup ids to paths and workloads.
+pub struct Attributor {
+    pub cgroups: CgroupFs,
+    pods: PodDirectory,
+}
+
+impl Attributor {
+    pub fn new(cgroups: CgroupFs, kubelet_logs: &Path) -> Self {
+        Attributor {
+            cgroups,
+            pods: PodDirectory::new(kubelet_logs),
+        }
+    }
+
+    /// The cgroup v2 path of `cgroup_id` and who it belongs to. Where the v2 path is not a
+    /// pod's (hybrid hosts with the cgroupfs driver keep pods in v1 only), the task's own pids
+    /// cgroup, when given, is tried too.
+    pub fn attribute(
+        &mut self,
+        cgroup_id: u64,
+        own_pids_ino: Option<u64>,
+    ) -> (Option<String>, Attribution) {
+        let path = self.cgroups.path(Hierarchy::Unified, cgroup_id);
+        let mut attribution = match &path {
+            Some(p) => self.pods.attribute(p),
+            None => Attribution {
+                workload: "?".to_owned(),
+                pod: None,
+            },
+        };
+        if attribution.pod.is_none()
+            && let Some(pids_path) =
+                own_pids_ino.and_then(|ino| self.cgroups.path(Hierarchy::Pids, ino))
+        {
+            let by_pids = self.pods.attribute(&pids_path);
+            if by_pids.pod.is_some() {
+                attribution = by_pids;
+            }
+        }
+        (path, attribution)
+    }
+
+    /// Attribution of a cgroup v2 path already known.
+    pub fn attribute_path(&mut self, path: &str) -> Attribution {
+        self.pods.attribute(path)
+    }
+}
+
+fn pod_workload(p: &PodRef) -> String {
+    let pod = match (&p.namespace, &p.name) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        _ => format!("pod {}", p.uid),
+    };
+    match (&p.container, &p.container_id) {
+        (Some(c), _) => format!("{pod}/{c}"),
+        (None, Some(id)) => format!("{pod}/{}", &id[..id.len().min(12)]),
+        (None, None) => pod,
+    }
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `pods/<namespace>_<name>_<uid>`: namespaces and names cannot contain `_`.
+fn scan_pods(dir: &Path) -> HashMap<String, (String, String)> {
+    dir_names(dir)
+        .into_iter()
+        .filter_map(|n| {
+            let mut it = n.splitn(3, '_');
+            let (ns, name, uid) = (it.next()?, it.next()?, it.next()?);
+            Some((pod_uid(uid)?, (ns.to_owned(), name.to_owned())))
+        })
+        .collect()
+}
+
+/// `containers/<pod>_<namespace>_<container>-<id>.log`.
+fn scan_containers(dir: &Path) -> HashMap<String, String> {
+    dir_names(dir)
+        .into_iter()
+        .filter_map(|n| {
+            let stem = n.strip_suffix(".log")?;
+            let (rest, id) = stem.rsplit_once('-')?;
+            let container = rest.splitn(3, '_').nth(2)?;
+            is_container_id(id).then(|| (id.to_owned(), container.to_owned()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0d3e2f1a-8b7c-4d6e-9f00-112233445566";
+    const CID: &str = "4f8e0c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+
+    fn pod(qos: Qos, container: bool, runtime: Option<&'static str>) -> CgroupKind {
+        CgroupKind::Pod {
+            uid: UID.into(),
+            qos,
+            container_id: container.then(|| CID.into()),
+            runtime,
+        }
+    }
+
+    #[test]
+    fn real_world_paths() {
+        let u = UID.replace('-', "_");
+        let cases: Vec<(String, CgroupKind)> = vec![
+            // systemd driver, containerd, every QoS class
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{CID}.scope"
+                ),
+                pod(Qos::Burstable, true, Some("containerd")),
+            ),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope"
+                ),
+                pod(Qos::BestEffort, true, Some("containerd")),
+            ),
+            // guaranteed pods have no QoS slice
+            (
+                format!("/kubepods.slice/kubepods-pod{u}.slice/crio-{CID}.scope"),
+                pod(Qos::Guaranteed, true, Some("crio")),
+            ),
+            (
+                format!("/kubepods.slice/kubepods-pod{u}.slice/docker-{CID}.scope"),
+                pod(Qos::Guaranteed, true, Some("docker")),
+            ),
+            // the pod level itself
+            (
+                format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"),
+                pod(Qos::Burstable, false, None),
+            ),
+            // cgroupfs driver
+            (
+                format!("/kubepods/burstable/pod{UID}/{CID}"),
+                pod(Qos::Burstable, true, None),
+            ),
+            (
+                format!("/kubepods/besteffort/pod{UID}/{CID}"),
+                pod(Qos::BestEffort, true, None),
+            ),
+            (
+                format!("/kubepods/pod{UID}/{CID}"),
+                pod(Qos::Guaranteed, true, None),
+            ),
+            (
+                format!("/kubepods/pod{UID}"),
+                pod(Qos::Guaranteed, false, None),
+            ),
+            // nested under a node-level slice (kind, some distributions)
+            (
+                format!("/kubelet.slice/kubelet-kubepods.slice/kubepods/burstable/pod{UID}/{CID}"),
+                pod(Qos::Burstable, true, None),
+            ),
+            // non-pod cgroups
+            (
+                "/system.slice/kubelet.service".into(),
+                CgroupKind::SystemdUnit("kubelet.service".into()),
+            ),
+            (
+                "/system.slice/containerd.service".into(),
+                CgroupKind::SystemdUnit("containerd.service".into()),
+            ),
+            (
+                "/user.slice/user-1000.slice/session-3.scope".into(),
+                CgroupKind::UserSession {
+                    uid: Some(1000),
+                    session: "session-3.scope".into(),
+                },
+            ),
+            ("/".into(), CgroupKind::Root),
+            ("".into(), CgroupKind::Root),
+            // the QoS level alone, and malformed pod paths: no pod, no panic
+            (
+                "/kubepods.slice/kubepods-burstable.slice".into(),
+                CgroupKind::SystemdUnit("kubepods-burstable.slice".into()),
+            ),
+            (
+                "/kubepods/burstable/podnot-a-uid/x".into(),
+                CgroupKind::Other("/kubepods/burstable/podnot-a-uid/x".into()),
+            ),
+            (
+                "/kubepods/pod".into(),
+                CgroupKind::Other("/kubepods/pod".into()),
+            ),
+            (
+                "/faultline-test/x".into(),
+                CgroupKind::Other("/faultline-test/x".into()),
+            ),
+            ("//\u{0}/ü".into(), CgroupKind::Other("//\u{0}/ü".into())),
+        ];
+        for (path, want) in cases {
+            assert_eq!(parse_cgroup_path(&path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_container_scope_that_is_not_an_id_leaves_the_container_unknown() {
+        let u = UID.replace('-', "_");
+        let kind = parse_cgroup_path(&format!(
+            "/kubepods.slice/kubepods-pod{u}.slice/crio-conmon-{CID}.scope"
+        ));
+        assert_eq!(kind, pod(Qos::Guaranteed, false, None));
+    }
+
+    #[test]
+    fn names_from_kubelet_log_directories() {
+        let root = std::env::temp_dir().join(format!("faultline-unit-logs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join(format!("pods/shop_cart-7d9f_{UID}/app"))).unwrap();
+        std::fs::create_dir_all(root.join("pods/garbage")).unwrap();
+        std::fs::create_dir_all(root.join("containers")).unwrap();
+        std::fs::write(
+            root.join(format!("containers/cart-7d9f_shop_app-{CID}.log")),
+            "",
+        )
+        .unwrap();
+        std::fs::write(root.join("containers/junk.log"), "").unwrap();
+        let mut dir = PodDirectory::new(&root);
+        let a = dir.attribute(&format!("/kubepods/burstable/pod{UID}/{CID}"));
+        assert_eq!(a.workload, "shop/cart-7d9f/app");
+        let p = a.pod.unwrap();
+        assert_eq!(
+            (
+                p.namespace.as_deref(),
+                p.name.as_deref(),
+                p.container.as_deref()
+            ),
+            (Some("shop"), Some("cart-7d9f"), Some("app"))
+        );
+        assert_eq!(p.qos, Some(Qos::Burstable));
+        // Unknown pod: still a pod, named by uid.
+        let other = "11111111-2222-3333-4444-555555555555";
+        let a = dir.attribute(&format!("/kubepods/pod{other}"));
+        assert_eq!(a.workload, format!("pod {other}"));
+        assert_eq!(
+            dir.attribute("/system.slice/kubelet.service").workload,
+            "kubelet.service"
+        );
+        assert_eq!(
+            dir.attribute("/user.slice/user-0.slice/session-1.scope")
+                .workload,
+            "session-1.scope (uid 0)"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
