@@ -125,9 +125,7 @@ fn parse_pod(parts: &[&str]) -> Option<CgroupKind> {
             _ => {}
         }
         // Pod level: `pod<uid>` (cgroupfs) or `kubepods-<qos>-pod<uid>.slice` (systemd).
-        let pod = name
-            .rsplit_once("pod")
-            .map(|(before, after)| (before, after))?;
+        let pod = name.rsplit_once("pod")?;
         if !(pod.0.is_empty() || pod.0.ends_with('-')) {
             return None;
         }
