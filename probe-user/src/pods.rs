@@ -7,7 +7,7 @@
 //! `containers/<pod>_<ns>_<container>-<id>.log`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -15,7 +15,10 @@ use std::{
 use clap::Args;
 use serde::Serialize;
 
-use crate::cgroups::{CgroupFs, Hierarchy};
+use crate::{
+    cgroups::{CgroupFs, Hierarchy},
+    kubeapi::{ApiOptions, ApiPods, Owner},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -164,6 +167,13 @@ pub struct PodRef {
     pub container: Option<String>,
     pub container_id: Option<String>,
     pub qos: Option<Qos>,
+    /// From the API only: the owning workload, pod IPs, allow-listed labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Who a cgroup belongs to: a pod, or a readable name for anything else.
@@ -210,59 +220,67 @@ impl PodDirectory {
         self.containers = scan_containers(&self.root.join("containers"));
     }
 
-    /// Attributes a cgroup path: a pod with its names when the path is a pod's.
-    pub fn attribute(&mut self, path: &str) -> Attribution {
-        match parse_cgroup_path(path) {
-            CgroupKind::Pod {
-                uid,
-                qos,
-                container_id,
-                ..
-            } => {
-                if !self.pods.contains_key(&uid)
-                    || container_id
-                        .as_ref()
-                        .is_some_and(|id| !self.containers.contains_key(id))
-                {
-                    self.rescan_if_due();
-                }
-                let names = self.pods.get(&uid).cloned();
-                let container = container_id
-                    .as_ref()
-                    .and_then(|id| self.containers.get(id).cloned());
-                let pod = PodRef {
-                    namespace: names.as_ref().map(|n| n.0.clone()),
-                    name: names.as_ref().map(|n| n.1.clone()),
-                    uid: uid.clone(),
-                    container,
-                    container_id,
-                    qos: Some(qos),
-                };
-                Attribution {
-                    workload: pod_workload(&pod),
-                    pod: Some(pod),
-                }
-            }
-            CgroupKind::SystemdUnit(unit) => Attribution {
-                workload: unit,
-                pod: None,
-            },
-            CgroupKind::UserSession { uid, session } => Attribution {
-                workload: match uid {
-                    Some(uid) => format!("{session} (uid {uid})"),
-                    None => session,
-                },
-                pod: None,
-            },
-            CgroupKind::Root => Attribution {
-                workload: "/".to_owned(),
-                pod: None,
-            },
-            CgroupKind::Other(p) => Attribution {
-                workload: p,
-                pod: None,
-            },
+    /// Names a pod (and container) from the directories, rescanning them on a miss.
+    fn name(&mut self, pod: &mut PodRef) {
+        if !self.pods.contains_key(&pod.uid)
+            || pod
+                .container_id
+                .as_ref()
+                .is_some_and(|id| !self.containers.contains_key(id))
+        {
+            self.rescan_if_due();
         }
+        if let Some((ns, name)) = self.pods.get(&pod.uid) {
+            pod.namespace = Some(ns.clone());
+            pod.name = Some(name.clone());
+        }
+        pod.container = pod
+            .container_id
+            .as_ref()
+            .and_then(|id| self.containers.get(id).cloned());
+    }
+}
+
+/// Who a cgroup path belongs to; pods are named by `name_pod`.
+fn attribute(path: &str, name_pod: impl FnOnce(&mut PodRef)) -> Attribution {
+    match parse_cgroup_path(path) {
+        CgroupKind::Pod {
+            uid,
+            qos,
+            container_id,
+            ..
+        } => {
+            let mut pod = PodRef {
+                uid,
+                container_id,
+                qos: Some(qos),
+                ..Default::default()
+            };
+            name_pod(&mut pod);
+            Attribution {
+                workload: pod_workload(&pod),
+                pod: Some(pod),
+            }
+        }
+        CgroupKind::SystemdUnit(unit) => Attribution {
+            workload: unit,
+            pod: None,
+        },
+        CgroupKind::UserSession { uid, session } => Attribution {
+            workload: match uid {
+                Some(uid) => format!("{session} (uid {uid})"),
+                None => session,
+            },
+            pod: None,
+        },
+        CgroupKind::Root => Attribution {
+            workload: "/".to_owned(),
+            pod: None,
+        },
+        CgroupKind::Other(p) => Attribution {
+            workload: p,
+            pod: None,
+        },
     }
 }
 
@@ -281,6 +299,19 @@ pub struct PodArgs {
     /// The kubelet's log directory (with pods/ and containers/), for pod and container names.
     #[arg(long, default_value = "/var/log")]
     pub kubelet_logs: PathBuf,
+    /// kubeconfig for the Kubernetes API; default: in-cluster service account, $KUBECONFIG
+    /// or ~/.kube/config, when present.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Do not use the Kubernetes API even when one is configured.
+    #[arg(long)]
+    pub no_kube_api: bool,
+    /// This node's name, for the node-scoped pod watch (downward API: NODE_NAME).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Pod labels to report, comma-separated (e.g. app,team); others are never exported.
+    #[arg(long, value_delimiter = ',')]
+    pub pod_labels: Vec<String>,
 }
 
 impl PodArgs {
@@ -310,13 +341,26 @@ impl PodArgs {
 pub struct Attributor {
     pub cgroups: CgroupFs,
     pods: PodDirectory,
+    api: Option<ApiPods>,
 }
 
 impl Attributor {
-    pub fn new(cgroups: CgroupFs, kubelet_logs: &Path) -> Self {
+    /// Node-local sources, plus the Kubernetes API unless disabled or absent.
+    pub async fn new(cgroups: CgroupFs, args: &PodArgs) -> Self {
+        let api = if args.no_kube_api {
+            None
+        } else {
+            crate::kubeapi::start(ApiOptions {
+                kubeconfig: args.kubeconfig.clone(),
+                node_name: args.node_name.clone().unwrap_or_else(hostname),
+                labels: args.pod_labels.clone(),
+            })
+            .await
+        };
         Attributor {
             cgroups,
-            pods: PodDirectory::new(kubelet_logs),
+            pods: PodDirectory::new(&args.kubelet_logs),
+            api,
         }
     }
 
@@ -330,7 +374,7 @@ impl Attributor {
     ) -> (Option<String>, Attribution) {
         let path = self.cgroups.path(Hierarchy::Unified, cgroup_id);
         let mut attribution = match &path {
-            Some(p) => self.pods.attribute(p),
+            Some(p) => self.attribute_path(p),
             None => Attribution {
                 workload: "?".to_owned(),
                 pod: None,
@@ -340,7 +384,7 @@ impl Attributor {
             && let Some(pids_path) =
                 own_pids_ino.and_then(|ino| self.cgroups.path(Hierarchy::Pids, ino))
         {
-            let by_pids = self.pods.attribute(&pids_path);
+            let by_pids = self.attribute_path(&pids_path);
             if by_pids.pod.is_some() {
                 attribution = by_pids;
             }
@@ -348,10 +392,33 @@ impl Attributor {
         (path, attribution)
     }
 
-    /// Attribution of a cgroup v2 path already known.
+    /// Attribution of a cgroup path: names from the API when it knows the pod, else from the
+    /// kubelet's directories.
     pub fn attribute_path(&mut self, path: &str) -> Attribution {
-        self.pods.attribute(path)
+        let (api, dir) = (&self.api, &mut self.pods);
+        attribute(path, |pod| {
+            match api.as_ref().and_then(|a| a.get(&pod.uid)) {
+                Some(p) => {
+                    pod.container = pod
+                        .container_id
+                        .as_ref()
+                        .and_then(|id| p.containers.get(id).cloned());
+                    pod.namespace = Some(p.namespace);
+                    pod.name = Some(p.name);
+                    pod.owner = p.owner;
+                    pod.ips = p.ips;
+                    pod.labels = p.labels;
+                }
+                None => dir.name(pod),
+            }
+        })
     }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn pod_workload(p: &PodRef) -> String {
@@ -536,7 +603,8 @@ mod tests {
         .unwrap();
         std::fs::write(root.join("containers/junk.log"), "").unwrap();
         let mut dir = PodDirectory::new(&root);
-        let a = dir.attribute(&format!("/kubepods/burstable/pod{UID}/{CID}"));
+        let mut named = |path: &str| attribute(path, |p| dir.name(p));
+        let a = named(&format!("/kubepods/burstable/pod{UID}/{CID}"));
         assert_eq!(a.workload, "shop/cart-7d9f/app");
         let p = a.pod.unwrap();
         assert_eq!(
@@ -550,15 +618,14 @@ mod tests {
         assert_eq!(p.qos, Some(Qos::Burstable));
         // Unknown pod: still a pod, named by uid.
         let other = "11111111-2222-3333-4444-555555555555";
-        let a = dir.attribute(&format!("/kubepods/pod{other}"));
+        let a = named(&format!("/kubepods/pod{other}"));
         assert_eq!(a.workload, format!("pod {other}"));
         assert_eq!(
-            dir.attribute("/system.slice/kubelet.service").workload,
+            named("/system.slice/kubelet.service").workload,
             "kubelet.service"
         );
         assert_eq!(
-            dir.attribute("/user.slice/user-0.slice/session-1.scope")
-                .workload,
+            named("/user.slice/user-0.slice/session-1.scope").workload,
             "session-1.scope (uid 0)"
         );
         std::fs::remove_dir_all(&root).unwrap();

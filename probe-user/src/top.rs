@@ -56,7 +56,7 @@ pub struct TopArgs {
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut probes = Probes::open()?;
     probes.attach(&TASK_PROGRAMS)?;
-    let mut attributor = Attributor::new(CgroupFs::discover()?, &args.pods.kubelet_logs);
+    let mut attributor = Attributor::new(CgroupFs::discover()?, &args.pods).await;
     let mut model = TaskModel::default();
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -156,10 +156,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("registering the ring buffer with the event loop")?;
-    let mut enricher = Enricher::new(Attributor::new(
-        CgroupFs::discover()?,
-        &args.pods.kubelet_logs,
-    ));
+    let mut enricher = Enricher::new(Attributor::new(CgroupFs::discover()?, &args.pods).await);
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

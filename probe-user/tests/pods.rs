@@ -46,8 +46,7 @@ fn uid(tag: u32) -> String {
 
 #[test]
 fn pods_named_in_trace_and_top_for_both_cgroup_drivers() {
-    let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
-    let Some((pids_mount, pids_v2)) = mount(Hierarchy::Pids) else {
+    let Some((pids_mount, _)) = mount(Hierarchy::Pids) else {
         eprintln!("no pids controller; skipped");
         return;
     };
@@ -59,14 +58,7 @@ fn pods_named_in_trace_and_top_for_both_cgroup_drivers() {
     let top_dir = unique("pods");
     // Pod A, systemd driver, burstable, in cgroup v2 (and the same tree in the v1 pids
     // hierarchy on hybrid hosts, where its pids limit lives).
-    let systemd = format!(
-        "{top_dir}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID_A}.scope",
-        uid_a.replace('-', "_")
-    );
-    let a_v2 = CgroupTree::new(&unified, &systemd);
-    let a_pids = (!pids_v2).then(|| CgroupTree::new(&pids_mount, &systemd));
-    let a_limits = a_pids.as_ref().unwrap_or(&a_v2);
-    a_limits.level(3).write("pids.max", "10");
+    let a = PodCgroup::systemd(&top_dir, &uid_a, CID_A, 10);
     // Pod B, cgroupfs driver, besteffort, in the pids hierarchy only: attributed through the
     // task's own pids cgroup.
     let cgroupfs = format!("{top_dir}-b/kubepods/besteffort/pod{uid_b}/{CID_B}");
@@ -87,10 +79,7 @@ fn pods_named_in_trace_and_top_for_both_cgroup_drivers() {
     ]);
     let top = Trace::start_top(&["--kubelet-logs", &logs_arg, "--interval", "200ms"]);
 
-    let mut join_a = vec!["--cgroup".to_owned(), a_v2.leaf().dir.display().to_string()];
-    if let Some(p) = &a_pids {
-        join_a.extend(["--cgroup".to_owned(), p.leaf().dir.display().to_string()]);
-    }
+    let join_a = a.join_args();
     let join_a: Vec<&str> = join_a.iter().map(String::as_str).collect();
     let mut lab_a = Lab::spawn(
         &[

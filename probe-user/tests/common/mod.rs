@@ -380,3 +380,41 @@ impl Drop for CgroupTree {
         }
     }
 }
+
+/// A pod's container cgroup in the systemd driver's layout (burstable), under a unique top
+/// directory: in cgroup v2, and on hybrid hosts also in the v1 pids hierarchy, where the pod
+/// level gets `pids.max`.
+pub struct PodCgroup {
+    pub v2: CgroupTree,
+    pub pids: Option<CgroupTree>,
+}
+
+impl PodCgroup {
+    pub fn systemd(top: &str, uid: &str, container_id: &str, pids_max: u32) -> PodCgroup {
+        let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
+        let (pids_mount, pids_v2) = mount(Hierarchy::Pids).expect("pids controller");
+        let rel = format!(
+            "{top}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope",
+            uid.replace('-', "_")
+        );
+        let v2 = CgroupTree::new(&unified, &rel);
+        let pids = (!pids_v2).then(|| CgroupTree::new(&pids_mount, &rel));
+        pids.as_ref()
+            .unwrap_or(&v2)
+            .level(3)
+            .write("pids.max", &pids_max.to_string());
+        PodCgroup { v2, pids }
+    }
+
+    /// `--cgroup DIR` arguments that put a lab into the container's cgroups.
+    pub fn join_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--cgroup".to_owned(),
+            self.v2.leaf().dir.display().to_string(),
+        ];
+        if let Some(p) = &self.pids {
+            args.extend(["--cgroup".to_owned(), p.leaf().dir.display().to_string()]);
+        }
+        args
+    }
+}

@@ -1,0 +1,268 @@
+//! Pod names from the Kubernetes API, when there is one: a node-scoped watch of pods
+//! (field selector `spec.nodeName`) giving namespace, name, container names by id, the owning
+//! workload (Deployment through ReplicaSet, CronJob through Job, StatefulSet, DaemonSet),
+//! pod IPs and allow-listed labels. Without the API, or while it fails, attribution keeps
+//! working from the kubelet's directories; each change of state is said once, not per event.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::{
+    api::{apps::v1::ReplicaSet, batch::v1::Job, core::v1::Pod},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::Serialize;
+
+/// What the API knows about one pod on this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiPod {
+    pub namespace: String,
+    pub name: String,
+    /// container id (without the `containerd://` prefix) -> container name
+    pub containers: HashMap<String, String>,
+    pub owner: Option<Owner>,
+    pub ips: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The workload that owns a pod, e.g. `Deployment/web`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    pub kind: String,
+    pub name: String,
+}
+
+/// Pods on this node by uid, kept current by the watch.
+#[derive(Clone, Default)]
+pub struct ApiPods {
+    pods: Arc<RwLock<HashMap<String, ApiPod>>>,
+}
+
+impl ApiPods {
+    pub fn get(&self, uid: &str) -> Option<ApiPod> {
+        self.pods.read().ok()?.get(uid).cloned()
+    }
+}
+
+/// Where to find the API and what to keep.
+#[derive(Clone, Debug)]
+pub struct ApiOptions {
+    /// A kubeconfig; without one, the in-cluster service account (or $KUBECONFIG,
+    /// ~/.kube/config) is used when present.
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub labels: Vec<String>,
+}
+
+/// Starts the watch in the background. Returns `None`, after saying why once, when no API is
+/// configured at all.
+pub async fn start(options: ApiOptions) -> Option<ApiPods> {
+    let config = match &options.kubeconfig {
+        Some(path) => match Kubeconfig::read_from(path) {
+            Ok(kc) => Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => Config::infer().await.map_err(|e| e.to_string()),
+    };
+    let client = match config.and_then(|c| Client::try_from(c).map_err(|e| e.to_string())) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "faultline: no Kubernetes API ({e}); pod names come from the kubelet's log directories"
+            );
+            return None;
+        }
+    };
+    let pods = ApiPods::default();
+    tokio::spawn(watch(client, options, pods.clone()));
+    Some(pods)
+}
+
+async fn watch(client: Client, options: ApiOptions, pods: ApiPods) {
+    let api: Api<Pod> = Api::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", options.node_name));
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut owners = OwnerCache::new(client);
+    let mut relist: Option<HashMap<String, ApiPod>> = None;
+    let mut healthy: Option<bool> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            // 410 Gone: the watch fell too far behind; the watcher relists by itself.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => continue,
+            Err(e) => {
+                if healthy != Some(false) {
+                    eprintln!(
+                        "faultline: Kubernetes API unavailable ({e}); pod names come from the kubelet's log directories until it is back"
+                    );
+                    healthy = Some(false);
+                }
+                continue;
+            }
+        };
+        // `Init` only means a relist is being tried; data means the API answered.
+        if !matches!(event, watcher::Event::Init) && healthy != Some(true) {
+            if healthy == Some(false) {
+                eprintln!("faultline: Kubernetes API reachable again");
+            }
+            healthy = Some(true);
+        }
+        match event {
+            watcher::Event::Init => relist = Some(HashMap::new()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some(buffer), Some((uid, p))) = (
+                    relist.as_mut(),
+                    convert(&pod, &options.labels, &mut owners).await,
+                ) {
+                    buffer.insert(uid, p);
+                }
+            }
+            watcher::Event::InitDone => {
+                // A relist replaces everything: pods deleted while the watch was down go.
+                if let (Some(buffer), Ok(mut store)) = (relist.take(), pods.pods.write()) {
+                    *store = buffer;
+                }
+            }
+            watcher::Event::Apply(pod) => {
+                if let Some((uid, p)) = convert(&pod, &options.labels, &mut owners).await
+                    && let Ok(mut store) = pods.pods.write()
+                {
+                    store.insert(uid, p);
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                if let (Some(uid), Ok(mut store)) = (pod.metadata.uid.as_ref(), pods.pods.write()) {
+                    store.remove(uid);
+                }
+            }
+        }
+    }
+}
+
+/// Converts a Pod object, resolving its owner through the API where one level is not enough.
+async fn convert(
+    pod: &Pod,
+    labels: &[String],
+    owners: &mut OwnerCache,
+) -> Option<(String, ApiPod)> {
+    let meta = &pod.metadata;
+    let uid = meta.uid.clone()?;
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    let status = pod.status.as_ref();
+    let containers = status
+        .into_iter()
+        .flat_map(|s| {
+            s.container_statuses
+                .iter()
+                .flatten()
+                .chain(s.init_container_statuses.iter().flatten())
+                .chain(s.ephemeral_container_statuses.iter().flatten())
+        })
+        .filter_map(|c| {
+            let id = c.container_id.as_deref()?;
+            let id = id.split_once("://").map_or(id, |(_, id)| id);
+            Some((id.to_owned(), c.name.clone()))
+        })
+        .collect();
+    let ips = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
+        .unwrap_or_default();
+    let owner = match controller(meta.owner_references.as_deref()) {
+        Some(o) => Some(owners.resolve(&namespace, o).await),
+        None => None,
+    };
+    let labels = meta
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| labels.iter().any(|l| l == *k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Some((
+        uid,
+        ApiPod {
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+            containers,
+            owner,
+            ips,
+            labels,
+        },
+    ))
+}
+
+fn controller(refs: Option<&[OwnerReference]>) -> Option<&OwnerReference> {
+    refs?.iter().find(|r| r.controller == Some(true))
+}
+
+/// ReplicaSet -> Deployment and Job -> CronJob, looked up once per ReplicaSet or Job.
+struct OwnerCache {
+    client: Client,
+    resolved: HashMap<(String, String, String), Owner>,
+}
+
+/// Bound on remembered ReplicaSets and Jobs (a node has far fewer).
+const MAX_OWNERS: usize = 10_000;
+
+impl OwnerCache {
+    fn new(client: Client) -> Self {
+        OwnerCache {
+            client,
+            resolved: HashMap::new(),
+        }
+    }
+
+    async fn resolve(&mut self, namespace: &str, r: &OwnerReference) -> Owner {
+        let direct = Owner {
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+        };
+        if r.kind != "ReplicaSet" && r.kind != "Job" {
+            return direct;
+        }
+        let key = (namespace.to_owned(), r.kind.clone(), r.name.clone());
+        if let Some(o) = self.resolved.get(&key) {
+            return o.clone();
+        }
+        let parent = if r.kind == "ReplicaSet" {
+            Api::<ReplicaSet>::namespaced(self.client.clone(), namespace)
+                .get_opt(&r.name)
+                .await
+                .map(|rs| {
+                    rs.and_then(|rs| controller(rs.metadata.owner_references.as_deref()).cloned())
+                })
+        } else {
+            Api::<Job>::namespaced(self.client.clone(), namespace)
+                .get_opt(&r.name)
+                .await
+                .map(|job| {
+                    job.and_then(|job| {
+                        controller(job.metadata.owner_references.as_deref()).cloned()
+                    })
+                })
+        };
+        // An API error is not an answer: try again for the next pod of that owner.
+        let Ok(parent) = parent else { return direct };
+        let owner = parent.map_or(direct, |p| Owner {
+            kind: p.kind,
+            name: p.name,
+        });
+        if self.resolved.len() >= MAX_OWNERS {
+            self.resolved.clear();
+        }
+        self.resolved.insert(key, owner.clone());
+        owner
+    }
+}

@@ -1,0 +1,351 @@
+//! The Kubernetes API path, against a local HTTP server that serves the pods list and watch
+//! endpoints the way the API server does: a watch that ends (restart), a 410 Gone (relist),
+//! a ReplicaSet owned by a Deployment. faultline must name pods from the API (the kubelet log
+//! directory is empty here), report owner, IPs and only allow-listed labels; and with the API
+//! unreachable it must keep naming pods from the kubelet directories and say so once. Root only.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::{Value, json};
+
+const CID_B: &str = "b0b00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+const CID_C: &str = "c0c00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+
+fn uid(tag: u32) -> String {
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        std::process::id(),
+        0x100 + tag
+    )
+}
+
+fn pod(name: &str, uid: &str, cid: &str, rv: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": "shop", "uid": uid, "resourceVersion": rv,
+            "labels": {"app": "cart", "secret-label": "never-exported"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "cart-7d9f", "uid": "rs-uid", "controller": true}]
+        },
+        "spec": {"nodeName": "node-1", "containers": [{"name": "app"}]},
+        "status": {
+            "podIPs": [{"ip": ip}],
+            "containerStatuses": [{"name": "app", "containerID": format!("containerd://{cid}"), "ready": true, "restartCount": 0, "image": "cart:1", "imageID": "sha256:1"}]
+        }
+    })
+}
+
+/// A fake API server: serves one request per connection and logs what it was asked.
+struct FakeApi {
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeApi {
+    fn start(pod_b: Value, pod_c: Value) -> FakeApi {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the fake API");
+        let port = listener.local_addr().expect("addr").port();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (log2, stop2) = (log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut lists, mut watches) = (0, 0);
+            for conn in listener.incoming().take(200) {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let Some(path) = read_request(&conn) else {
+                    continue;
+                };
+                log2.lock().unwrap().push(path.clone());
+                if path.starts_with("/apis/apps/v1/namespaces/shop/replicasets/cart-7d9f") {
+                    let rs = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                        "metadata": {"name": "cart-7d9f", "namespace": "shop", "uid": "rs-uid",
+                            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "cart", "uid": "d-uid", "controller": true}]},
+                        "spec": {"selector": {}}});
+                    respond(&mut conn, &rs);
+                } else if path.starts_with("/api/v1/pods") && !path.contains("watch=") {
+                    lists += 1;
+                    // First list: pod B only arrives by watch. After the 410, the relist has C.
+                    let items = if lists == 1 {
+                        vec![]
+                    } else {
+                        vec![pod_b.clone(), pod_c.clone()]
+                    };
+                    let rv = if lists == 1 { "100" } else { "200" };
+                    respond(
+                        &mut conn,
+                        &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": rv}, "items": items}),
+                    );
+                } else if path.starts_with("/api/v1/pods") {
+                    watches += 1;
+                    let events = match watches {
+                        // A watch that delivers B, then ends: the client must restart it.
+                        1 => vec![json!({"type": "ADDED", "object": pod_b.clone()})],
+                        // Too old: the client must relist.
+                        2 => vec![
+                            json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Expired", "message": "too old resource version", "code": 410}}),
+                        ],
+                        _ => vec![],
+                    };
+                    let hold = watches > 2;
+                    let stop = stop2.clone();
+                    std::thread::spawn(move || stream_watch(conn, events, hold, stop));
+                } else {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            }
+        });
+        FakeApi { port, log, stop }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the API has been listed twice and watched three times (B by watch, the
+    /// restart, the 410, C by relist).
+    fn wait_for_relist(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self.requests();
+            let lists = r
+                .iter()
+                .filter(|p| p.starts_with("/api/v1/pods") && !p.contains("watch="))
+                .count();
+            let watches = r
+                .iter()
+                .filter(|p| p.starts_with("/api/v1/pods") && p.contains("watch="))
+                .count();
+            if lists >= 2 && watches >= 3 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the watch did not restart and relist: {r:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Reads a request's head; returns the path with query.
+fn read_request(conn: &TcpStream) -> Option<String> {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut reader = BufReader::new(conn);
+    let mut first = String::new();
+    reader.read_line(&mut first).ok()?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    first.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn respond(conn: &mut TcpStream, body: &Value) {
+    let body = body.to_string();
+    let _ = write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// A chunked watch response: the events, then either the end (the server closing the watch)
+/// or a hold until the test ends (at most 60 s).
+fn stream_watch(mut conn: TcpStream, events: Vec<Value>, hold: bool, stop: Arc<AtomicBool>) {
+    let _ = conn.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    for e in events {
+        let line = format!("{e}\n");
+        let _ = write!(conn, "{:x}\r\n{line}\r\n", line.len());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hold && !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = conn.write_all(b"0\r\n\r\n");
+}
+
+fn kubeconfig(port: u16) -> TempFile {
+    let path = std::env::temp_dir().join(unique(&format!("kubeconfig-{port}")));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: u\n  user:\n    token: test\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n"
+    );
+    std::fs::write(&path, text).expect("writing the kubeconfig");
+    TempFile(path)
+}
+
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs a lab that hits the pod's pids limit, returning its report.
+fn fail_in(cg: &PodCgroup, comm: &str) -> LabReport {
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    lab(&[
+        &["threads", "20", "--comm", comm, "--max-failures", "1"][..],
+        &join,
+    ]
+    .concat())
+}
+
+#[test]
+fn pods_named_by_the_api_across_a_watch_restart_and_a_410() {
+    let (uid_b, uid_c) = (uid(2), uid(3));
+    let api = FakeApi::start(
+        pod("cart-7d9f-b", &uid_b, CID_B, "150", "10.1.0.2"),
+        pod("cart-7d9f-c", &uid_c, CID_C, "199", "10.1.0.3"),
+    );
+    let config = kubeconfig(api.port);
+    let empty_logs = std::env::temp_dir().join(unique("no-kubelet-logs"));
+    let top = unique("api");
+    let (b, c) = (
+        PodCgroup::systemd(&top, &uid_b, CID_B, 5),
+        PodCgroup::systemd(&format!("{top}-c"), &uid_c, CID_C, 5),
+    );
+
+    let trace = Trace::start(&[
+        "--kubeconfig",
+        &config.0.display().to_string(),
+        "--node-name",
+        "node-1",
+        "--pod-labels",
+        "app",
+        "--kubelet-logs",
+        &empty_logs.display().to_string(),
+        "--namespace",
+        "shop",
+    ]);
+    api.wait_for_relist();
+    // The first list asked for this node's pods only.
+    assert!(
+        api.requests()[0].contains("fieldSelector=spec.nodeName%3Dnode-1"),
+        "{:#?}",
+        api.requests()
+    );
+    let rb = fail_in(&b, "fl-api-b");
+    let rc = fail_in(&c, "fl-api-c");
+    let (events, _) = trace.stop_json();
+
+    for (comm, report, name, ip) in [
+        ("fl-api-b", &rb, "cart-7d9f-b", "10.1.0.2"),
+        ("fl-api-c", &rc, "cart-7d9f-c", "10.1.0.3"),
+    ] {
+        let mine = by_comm(&events, comm);
+        assert_eq!(mine.len() as u64, report.failures, "{events:#?}");
+        for e in mine {
+            let p = &e["pod"];
+            assert_eq!(
+                (
+                    p["namespace"].as_str(),
+                    p["name"].as_str(),
+                    p["container"].as_str()
+                ),
+                (Some("shop"), Some(name), Some("app")),
+                "{e}"
+            );
+            assert_eq!(
+                p["owner"],
+                json!({"kind": "Deployment", "name": "cart"}),
+                "{e}"
+            );
+            assert_eq!(p["ips"], json!([ip]), "{e}");
+            assert_eq!(
+                p["labels"],
+                json!({"app": "cart"}),
+                "only allow-listed labels: {e}"
+            );
+            assert_eq!(e["workload"], format!("shop/{name}/app"));
+        }
+    }
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("/apis/apps/v1/namespaces/shop/replicasets/cart-7d9f"))
+    );
+}
+
+#[test]
+fn an_unreachable_api_falls_back_to_the_kubelet_directories_and_says_so_once() {
+    let uid_d = uid(4);
+    const CID_D: &str = "d0d00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+    // A port nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = kubeconfig(closed);
+    let logs = std::env::temp_dir().join(unique("kubelet-logs-fallback"));
+    std::fs::create_dir_all(logs.join(format!("pods/shop_cart-7d9f-d_{uid_d}/app")))
+        .expect("pods dir");
+    std::fs::create_dir_all(logs.join("containers")).expect("containers dir");
+    std::fs::write(
+        logs.join(format!("containers/cart-7d9f-d_shop_app-{CID_D}.log")),
+        "",
+    )
+    .expect("log");
+    let d = PodCgroup::systemd(&unique("fallback"), &uid_d, CID_D, 5);
+
+    let trace = Trace::start(&[
+        "--kubeconfig",
+        &config.0.display().to_string(),
+        "--kubelet-logs",
+        &logs.display().to_string(),
+        "--comm",
+        "fl-api-d",
+    ]);
+    let r1 = fail_in(&d, "fl-api-d");
+    std::thread::sleep(Duration::from_millis(1500)); // let the watch retry and fail again
+    let r2 = fail_in(&d, "fl-api-d");
+    let (lines, stderr) = trace.stop();
+    let _ = std::fs::remove_dir_all(&logs);
+    let events: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &Value| v["kind"] == "clone_failure")
+        .collect();
+    assert_eq!(events.len() as u64, r1.failures + r2.failures, "{lines:#?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["workload"] == "shop/cart-7d9f-d/app"),
+        "{events:#?}"
+    );
+    let said = stderr
+        .lines()
+        .filter(|l| l.contains("Kubernetes API unavailable"))
+        .count();
+    assert_eq!(said, 1, "said {said} times:\n{stderr}");
+}
