@@ -2,6 +2,7 @@
 //! are decoded and enriched (wall time, cgroup paths, node counts) into `CloneFailure`s with
 //! their cause.
 
+use aya::maps::{MapData, RingBuf};
 use probe_common::clone::{CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
 
@@ -66,6 +67,26 @@ pub fn decode(bytes: &[u8]) -> Option<CloneFailureEvent> {
     // SAFETY: the length is checked; CloneFailureEvent is plain #[repr(C)] data valid for
     // any bit pattern, and read_unaligned does not need the ring buffer's alignment.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<CloneFailureEvent>()) })
+}
+
+/// Decodes and enriches every event waiting in the ring buffer, in order.
+pub fn drain(
+    ring: &mut RingBuf<MapData>,
+    enricher: &mut Enricher,
+    mut on_failure: impl FnMut(CloneFailure) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    while let Some(item) = ring.next() {
+        let Some(raw) = decode(&item) else {
+            eprintln!(
+                "faultline: skipped a ring-buffer record of {} bytes (expected a clone failure)",
+                item.len()
+            );
+            continue;
+        };
+        drop(item);
+        on_failure(enricher.enrich(&raw))?;
+    }
+    Ok(())
 }
 
 /// Turns kernel events into reports: resolves ids to paths and decides the cause.

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use probe_user::{check, top, trace};
+use probe_user::{check, run, top, trace};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +23,8 @@ enum Command {
     Trace(trace::TraceArgs),
     /// Live per-cgroup view of task creation, live tasks and pids headroom.
     Top(top::TopArgs),
+    /// The node daemon: Prometheus metrics on /metrics and event lines, until SIGTERM.
+    Run(run::RunArgs),
     /// Report what this kernel supports for faultline.
     Check,
 }
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         }
         Command::Trace(args) => block_on(trace::run(args)),
         Command::Top(args) => block_on(top::run(args)),
+        Command::Run(args) => block_on(run::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

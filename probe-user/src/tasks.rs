@@ -60,6 +60,8 @@ pub struct PidsLimit {
 /// One cgroup as `top` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct CgroupRow {
+    /// cgroup v2 id (inode) the kernel counts under.
+    pub cgroup_id: u64,
     pub cgroup: String,
     /// `namespace/pod/container`, or the unit, session or path.
     pub workload: String,
@@ -170,6 +172,7 @@ impl TaskModel {
             let cgroups = &attributor.cgroups;
             let (threads_per_s, processes_per_s) = rates(&entry.samples);
             rows.push(CgroupRow {
+                cgroup_id: id,
                 live: cgroups
                     .dir(Hierarchy::Unified, &path)
                     .and_then(|d| count_lines(&d.join("cgroup.threads"))),
@@ -402,6 +405,7 @@ mod tests {
     fn row(cgroup: &str, limit_cgroup: &str, max: u64, current: u64) -> CgroupRow {
         let (left, pct) = headroom(max, current);
         CgroupRow {
+            cgroup_id: 0,
             cgroup: cgroup.into(),
             workload: cgroup.into(),
             pod: None,

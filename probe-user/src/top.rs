@@ -201,6 +201,7 @@ mod tests {
 
     fn row(cgroup: &str, thr: f64, live: u64, pct: Option<f64>) -> CgroupRow {
         CgroupRow {
+            cgroup_id: 0,
             cgroup: cgroup.into(),
             workload: cgroup.into(),
             pod: None,

@@ -222,6 +222,7 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Hands every clone failure in the ring to the filter, summary and printer.
 fn drain(
     ring: &mut RingBuf<MapData>,
     enricher: &mut Enricher,
@@ -229,23 +230,15 @@ fn drain(
     printer: &mut Printer,
     summary: &mut Summary,
 ) -> anyhow::Result<()> {
-    while let Some(item) = ring.next() {
-        let Some(raw) = clone::decode(&item) else {
-            eprintln!(
-                "faultline: skipped a ring-buffer record of {} bytes (expected a clone failure)",
-                item.len()
-            );
-            continue;
-        };
-        drop(item);
-        let failure = enricher.enrich(&raw);
+    clone::drain(ring, enricher, |failure| {
         if filter.matches(&failure) {
             summary.add(&failure);
-            printer.event(&failure)?;
+            printer.event(&failure)
         } else {
             summary.filtered_out += 1;
+            Ok(())
         }
-    }
+    })?;
     printer.flush()
 }
 

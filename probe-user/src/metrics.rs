@@ -1,0 +1,417 @@
+//! Prometheus metrics of `faultline run`: the families, who updates them, and the cap on
+//! series per metric. Past the cap, new pods are counted in one overflow series (their
+//! `namespace`, `pod`, `container` and `workload` labels set to `_overflow`), so one noisy node
+//! cannot blow up Prometheus. Labels never carry a pid, a command or a query name.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use probe_common::tasks::TaskCounts;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::{
+    clone::CloneFailure,
+    loader::{CloneStats, TaskStats},
+    node::NodeTasks,
+    pods::PodRef,
+    tasks::CgroupRow,
+};
+
+pub const OVERFLOW: &str = "_overflow";
+
+/// The labels that say whose a series is.
+const WHO: [&str; 4] = ["namespace", "pod", "container", "workload"];
+
+/// `namespace`, `pod`, `container`, `workload` of a pod or another workload.
+pub fn who(workload: &str, pod: Option<&PodRef>) -> [String; 4] {
+    match pod {
+        Some(p) => [
+            p.namespace.clone().unwrap_or_default(),
+            p.name.clone().unwrap_or_else(|| p.uid.clone()),
+            p.container.clone().unwrap_or_default(),
+            p.owner
+                .as_ref()
+                .map(|o| format!("{}/{}", o.kind, o.name))
+                .unwrap_or_default(),
+        ],
+        None => [
+            String::new(),
+            String::new(),
+            String::new(),
+            workload.to_owned(),
+        ],
+    }
+}
+
+/// Series (full label sets) per metric, up to a cap, with when each was last updated.
+struct SeriesCap {
+    cap: usize,
+    seen: Mutex<HashMap<&'static str, HashMap<Vec<String>, Instant>>>,
+}
+
+impl SeriesCap {
+    /// The labels to use for `who` plus `extra`: themselves, or the overflow labels once the
+    /// metric has `cap` series. The overflow series themselves do not count.
+    fn admit(&self, metric: &'static str, who: [String; 4], extra: &[&str]) -> Vec<String> {
+        let full: Vec<String> = who
+            .into_iter()
+            .chain(extra.iter().map(|e| (*e).to_owned()))
+            .collect();
+        let Ok(mut seen) = self.seen.lock() else {
+            return overflow_of(&full);
+        };
+        let series = seen.entry(metric).or_default();
+        let counted = series.keys().filter(|k| k[0] != OVERFLOW).count();
+        let labels = if series.contains_key(&full) || counted < self.cap {
+            full
+        } else {
+            overflow_of(&full)
+        };
+        series.insert(labels.clone(), Instant::now());
+        labels
+    }
+
+    /// Forgets a metric's series (gauges are rebuilt on each refresh).
+    fn clear(&self, metric: &'static str) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.remove(metric);
+        }
+    }
+
+    /// Series of `metric` not updated for `max_age`: forgotten and returned for removal.
+    fn expire(&self, metric: &'static str, max_age: Duration) -> Vec<Vec<String>> {
+        let Ok(mut seen) = self.seen.lock() else {
+            return Vec::new();
+        };
+        let Some(series) = seen.get_mut(metric) else {
+            return Vec::new();
+        };
+        let old: Vec<Vec<String>> = series
+            .iter()
+            .filter(|(_, t)| t.elapsed() > max_age)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &old {
+            series.remove(k);
+        }
+        old
+    }
+}
+
+/// The overflow series for a label set: whose labels replaced, the rest kept.
+fn overflow_of(full: &[String]) -> Vec<String> {
+    full.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if i < WHO.len() {
+                OVERFLOW.to_owned()
+            } else {
+                v.clone()
+            }
+        })
+        .collect()
+}
+
+/// Counter series of workloads not seen for this long are dropped, so the exposition does not
+/// grow with every pod that ever ran on the node. A returning workload restarts from zero,
+/// which Prometheus's rate() and increase() treat as a counter reset.
+const STALE_AFTER: Duration = Duration::from_secs(15 * 60);
+
+pub struct Metrics {
+    registry: Registry,
+    cap: SeriesCap,
+    clone_failures: IntCounterVec,
+    tasks_created: IntCounterVec,
+    tasks_exited: IntCounterVec,
+    tasks_live: IntGaugeVec,
+    pids_limit: IntGaugeVec,
+    pids_headroom: IntGaugeVec,
+    node_threads: IntGauge,
+    node_threads_max: IntGauge,
+    node_pid_max: IntGauge,
+    events_lost: IntCounterVec,
+    untracked: IntCounter,
+    probe_attached: IntGaugeVec,
+    /// Last kernel counts exported per cgroup id, to turn totals into counter increments.
+    last_counts: Mutex<HashMap<u64, TaskCounts>>,
+    last_lost: Mutex<(u64, u64)>,
+}
+
+fn labels<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    WHO.iter().copied().chain(extra.iter().copied()).collect()
+}
+
+impl Metrics {
+    pub fn new(max_series: usize, node: &str) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, l: &[&str]| -> anyhow::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), l)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge_vec = |name: &str, help: &str, l: &[&str]| -> anyhow::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), l)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let gauge = |name: &str, help: &str| -> anyhow::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let m = Metrics {
+            cap: SeriesCap {
+                cap: max_series.max(1),
+                seen: Mutex::new(HashMap::new()),
+            },
+            clone_failures: counter(
+                "faultline_clone_failures_total",
+                "Failed task creations (clone, clone3, fork, vfork) by cause.",
+                &labels(&["cause", "errno", "task"]),
+            )?,
+            tasks_created: counter(
+                "faultline_tasks_created_total",
+                "Tasks created, by kind (thread or process).",
+                &labels(&["kind"]),
+            )?,
+            tasks_exited: counter(
+                "faultline_tasks_exited_total",
+                "Tasks that exited.",
+                &labels(&[]),
+            )?,
+            tasks_live: gauge_vec(
+                "faultline_tasks_live",
+                "Tasks alive in the workload's cgroups.",
+                &labels(&[]),
+            )?,
+            pids_limit: gauge_vec(
+                "faultline_pids_limit",
+                "The tightest pids limit over the workload's cgroups and their ancestors.",
+                &labels(&[]),
+            )?,
+            pids_headroom: gauge_vec(
+                "faultline_pids_headroom",
+                "Tasks that can still be created before that pids limit refuses one.",
+                &labels(&[]),
+            )?,
+            node_threads: gauge("faultline_node_threads", "Threads alive on the node.")?,
+            node_threads_max: gauge(
+                "faultline_node_threads_max",
+                "The node's kernel.threads-max.",
+            )?,
+            node_pid_max: gauge(
+                "faultline_node_pid_max",
+                "The node's kernel.pid_max (initial pid namespace).",
+            )?,
+            events_lost: counter(
+                "faultline_events_lost_total",
+                "Events the kernel could not deliver (ring buffer full), by source.",
+                &["source"],
+            )?,
+            untracked: {
+                let c = IntCounter::new(
+                    "faultline_uncounted_task_events_total",
+                    "Task creations and exits in cgroups the full kernel map could not count.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            probe_attached: gauge_vec(
+                "faultline_probe_attached",
+                "1 when a probe's programs are attached, 0 when the kernel refused them.",
+                &["probe"],
+            )?,
+            last_counts: Mutex::new(HashMap::new()),
+            last_lost: Mutex::new((0, 0)),
+            registry,
+        };
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "faultline_build_info",
+                "faultline's version and the node's kernel; always 1.",
+            ),
+            &["version", "kernel", "node"],
+        )?;
+        m.registry.register(Box::new(info.clone()))?;
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), kernel.trim(), node])
+            .set(1);
+        Ok(m)
+    }
+
+    pub fn probe_attached(&self, probe: &str, attached: bool) {
+        self.probe_attached
+            .with_label_values(&[probe])
+            .set(attached as i64);
+    }
+
+    pub fn clone_failure(&self, f: &CloneFailure) {
+        let labels = self.cap.admit(
+            "clone_failures",
+            who(&f.workload, f.pod.as_ref()),
+            &[f.cause.as_str(), &f.errno, f.task.as_str()],
+        );
+        self.clone_failures.with_label_values(&labels).inc();
+    }
+
+    /// Exports a refresh of the task model: counter increments since the last refresh, and
+    /// gauges rebuilt from scratch (so removed pods disappear).
+    pub fn tasks(&self, rows: &[CgroupRow], node: NodeTasks, clone: CloneStats, tasks: TaskStats) {
+        let Ok(mut last) = self.last_counts.lock() else {
+            return;
+        };
+        let mut live: HashMap<[String; 4], i64> = HashMap::new();
+        let mut limits: HashMap<[String; 4], (i64, i64)> = HashMap::new();
+        let mut present = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let who = who(&row.workload, row.pod.as_ref());
+            let before = last.get(&row.cgroup_id).copied().unwrap_or_default();
+            for (kind, now, was) in [
+                ("thread", row.threads_created, before.threads),
+                ("process", row.processes_created, before.processes),
+            ] {
+                let labels = self.cap.admit("tasks_created", who.clone(), &[kind]);
+                self.tasks_created
+                    .with_label_values(&labels)
+                    .inc_by(now.saturating_sub(was));
+            }
+            let labels = self.cap.admit("tasks_exited", who.clone(), &[]);
+            self.tasks_exited
+                .with_label_values(&labels)
+                .inc_by(row.exited.saturating_sub(before.exited));
+            present.insert(
+                row.cgroup_id,
+                TaskCounts {
+                    threads: row.threads_created,
+                    processes: row.processes_created,
+                    exited: row.exited,
+                },
+            );
+            *live.entry(who.clone()).or_default() += row.live.unwrap_or(0) as i64;
+            if let Some(l) = &row.pids_limit {
+                let e = limits.entry(who).or_insert((l.max as i64, l.headroom));
+                if l.headroom < e.1 {
+                    *e = (l.max as i64, l.headroom);
+                }
+            }
+        }
+        *last = present;
+        drop(last);
+
+        self.tasks_live.reset();
+        self.pids_limit.reset();
+        self.pids_headroom.reset();
+        self.cap.clear("tasks_live");
+        self.cap.clear("pids_limit");
+        for (who, n) in live {
+            let labels = self.cap.admit("tasks_live", who, &[]);
+            self.tasks_live.with_label_values(&labels).add(n);
+        }
+        for (who, (max, headroom)) in limits {
+            let labels = self.cap.admit("pids_limit", who, &[]);
+            self.pids_limit.with_label_values(&labels).set(max);
+            self.pids_headroom.with_label_values(&labels).set(headroom);
+        }
+        for (metric, vec) in [
+            ("clone_failures", &self.clone_failures),
+            ("tasks_created", &self.tasks_created),
+            ("tasks_exited", &self.tasks_exited),
+        ] {
+            for labels in self.cap.expire(metric, STALE_AFTER) {
+                let _ =
+                    vec.remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
+            }
+        }
+        self.node_threads.set(node.threads as i64);
+        self.node_threads_max.set(node.threads_max as i64);
+        self.node_pid_max.set(node.pid_max as i64);
+        if let Ok(mut lost) = self.last_lost.lock() {
+            self.events_lost
+                .with_label_values(&["clone"])
+                .inc_by(clone.lost.saturating_sub(lost.0));
+            self.untracked.inc_by(tasks.map_full.saturating_sub(lost.1));
+            *lost = (clone.lost, tasks.map_full);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> anyhow::Result<String> {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .context("encoding metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_sends_new_series_to_overflow_and_stale_series_expire() {
+        let cap = SeriesCap {
+            cap: 2,
+            seen: Mutex::new(HashMap::new()),
+        };
+        let w = |p: &str| {
+            [
+                String::from("ns"),
+                p.to_owned(),
+                String::new(),
+                String::new(),
+            ]
+        };
+        let full = |p: &str| {
+            vec![
+                "ns".to_owned(),
+                p.to_owned(),
+                String::new(),
+                String::new(),
+                "x".to_owned(),
+            ]
+        };
+        assert_eq!(cap.admit("m", w("a"), &["x"]), full("a"));
+        assert_eq!(cap.admit("m", w("b"), &["x"]), full("b"));
+        let over = cap.admit("m", w("c"), &["x"]);
+        assert_eq!(over, vec![OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, "x"]);
+        // The overflow series does not use up the budget of known series.
+        assert_eq!(cap.admit("m", w("a"), &["x"]), full("a"));
+        assert_eq!(cap.admit("other", w("c"), &["x"]), full("c"));
+        assert!(cap.expire("m", Duration::from_secs(60)).is_empty());
+        assert_eq!(cap.expire("m", Duration::ZERO).len(), 3);
+        assert_eq!(cap.admit("m", w("c"), &["x"]), full("c"));
+        cap.clear("m");
+        assert_eq!(cap.admit("m", w("d"), &["x"]), full("d"));
+    }
+
+    #[test]
+    fn who_labels() {
+        let pod = PodRef {
+            namespace: Some("shop".into()),
+            name: Some("cart-1".into()),
+            uid: "u".into(),
+            container: Some("app".into()),
+            owner: Some(crate::kubeapi::Owner {
+                kind: "Deployment".into(),
+                name: "cart".into(),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            who("shop/cart-1/app", Some(&pod)),
+            ["shop", "cart-1", "app", "Deployment/cart"].map(String::from)
+        );
+        let unnamed = PodRef {
+            uid: "u-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(who("pod u-1", Some(&unnamed))[1], "u-1");
+        assert_eq!(
+            who("kubelet.service", None),
+            ["", "", "", "kubelet.service"].map(String::from)
+        );
+    }
+}

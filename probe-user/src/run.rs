@@ -1,0 +1,260 @@
+//! `faultline run`: the node daemon. Loads and attaches every probe the kernel supports
+//! (saying which it skipped and why), then runs the pipeline for as long as the node lives:
+//! clone failures become JSON event lines and counters as they happen; every refresh, the
+//! task counters become per-pod metrics. Serves `/metrics`, `/healthz` and `/readyz`.
+//! SIGTERM or SIGINT: stop serving, deliver what is in flight, detach, exit 0.
+
+use std::{
+    convert::Infallible,
+    io::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::unix::AsyncFd,
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    cgroups::CgroupFs,
+    clone::{self, Enricher},
+    loader::{Attachment, CLONE_PROGRAMS, Probes, TASK_PROGRAMS},
+    metrics::Metrics,
+    node::NodeTasks,
+    pods::{Attributor, PodArgs},
+    tasks::TaskModel,
+};
+
+/// Not a default port of any exporter we know of (node_exporter 9100, kube-state-metrics
+/// 8080, Tetragon 2112, Retina 10093, Inspektor Gadget 2223).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9847";
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "FAULTLINE_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Write event lines (JSON, the `trace --output json` schema) here instead of stdout.
+    #[arg(long, env = "FAULTLINE_EVENTS_FILE")]
+    pub events_file: Option<PathBuf>,
+    /// Do not write event lines at all (metrics only).
+    #[arg(long, env = "FAULTLINE_NO_EVENTS")]
+    pub no_events: bool,
+    /// How often the task counters are turned into metrics.
+    #[arg(long, env = "FAULTLINE_REFRESH", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub refresh: Duration,
+    /// Most series per metric; past it new workloads share one `_overflow` series.
+    #[arg(long, env = "FAULTLINE_MAX_SERIES", default_value_t = 2000)]
+    pub max_series: usize,
+    #[command(flatten)]
+    pub pods: PodArgs,
+}
+
+/// Where event lines go.
+enum Sink {
+    None,
+    Stdout(std::io::Stdout),
+    File(std::io::BufWriter<std::fs::File>),
+}
+
+impl Sink {
+    fn open(args: &RunArgs) -> anyhow::Result<Self> {
+        Ok(match (&args.events_file, args.no_events) {
+            (_, true) => Sink::None,
+            (Some(path), false) => Sink::File(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            )),
+            (None, false) => Sink::Stdout(std::io::stdout()),
+        })
+    }
+
+    fn write(&mut self, line: &str) -> anyhow::Result<()> {
+        match self {
+            Sink::None => Ok(()),
+            Sink::Stdout(out) => writeln!(out, "{line}").context("writing events to stdout"),
+            Sink::File(f) => writeln!(f, "{line}").context("writing the events file"),
+        }
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        match self {
+            Sink::None => Ok(()),
+            Sink::Stdout(out) => out.flush().context("writing events to stdout"),
+            Sink::File(f) => f.flush().context("writing the events file"),
+        }
+    }
+}
+
+/// What the HTTP endpoints read.
+struct Served {
+    metrics: Arc<Metrics>,
+    ready: AtomicBool,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut probes = Probes::open()?;
+    let node = args
+        .pods
+        .node_name
+        .clone()
+        .unwrap_or_else(crate::pods::hostname);
+    let metrics = Arc::new(Metrics::new(args.max_series, &node)?);
+    let attached =
+        |probes: &mut Probes, name: &str, programs: &[Attachment]| match probes.attach(programs) {
+            Ok(()) => {
+                metrics.probe_attached(name, true);
+                true
+            }
+            Err(e) => {
+                eprintln!("faultline: skipped probe {name}: {e:#}");
+                metrics.probe_attached(name, false);
+                false
+            }
+        };
+    let clone_ok = attached(&mut probes, "clone", &CLONE_PROGRAMS);
+    let tasks_ok = attached(&mut probes, "tasks", &TASK_PROGRAMS);
+    if !clone_ok && !tasks_ok {
+        bail!("no probe could be attached (see the lines above)");
+    }
+    let mut ring = if clone_ok {
+        let ring = probes.take_clone_events()?;
+        // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open while registered.
+        Some(
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("registering the ring buffer with the event loop")?,
+        )
+    } else {
+        None
+    };
+    let mut enricher = Enricher::new(Attributor::new(CgroupFs::discover()?, &args.pods).await);
+    let mut model = TaskModel::default();
+    let mut sink = Sink::open(&args)?;
+
+    let served = Arc::new(Served {
+        metrics: metrics.clone(),
+        ready: AtomicBool::new(false),
+    });
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let server = tokio::spawn(serve(listener, served.clone()));
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut refresh = tokio::time::interval(args.refresh);
+    eprintln!(
+        "faultline: running on node {node}, serving http://{}/metrics",
+        args.listen
+    );
+
+    let mut on_failure = |f: clone::CloneFailure| -> anyhow::Result<()> {
+        metrics.clone_failure(&f);
+        sink.write(&serde_json::to_string(&f).context("encoding an event")?)
+    };
+    loop {
+        tokio::select! {
+            guard = async { ring.as_mut().expect("only polled with a ring").readable_mut().await }, if ring.is_some() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                clone::drain(guard.get_inner_mut(), &mut enricher, &mut on_failure)?;
+                guard.clear_ready();
+            }
+            _ = refresh.tick() => {
+                if tasks_ok {
+                    model.update(std::time::Instant::now(), probes.task_counts()?);
+                }
+                let rows = model.rows(&mut enricher.attributor);
+                metrics.tasks(&rows, NodeTasks::read()?, probes.clone_stats()?, probes.task_stats()?);
+                served.ready.store(true, Ordering::Relaxed);
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    // Stop serving first, then deliver what the kernel already handed over.
+    server.abort();
+    served.ready.store(false, Ordering::Relaxed);
+    if let Some(ring) = ring.as_mut() {
+        clone::drain(ring.get_mut(), &mut enricher, &mut on_failure)?;
+    }
+    drop(on_failure);
+    sink.flush()?;
+    // Dropping the probes detaches every program.
+    drop(ring);
+    drop(probes);
+    eprintln!("faultline: stopped");
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, served: Arc<Served>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let served = served.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| respond(req, served.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond<B>(
+    req: Request<B>,
+    served: Arc<Served>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/metrics" => match served.metrics.encode() {
+            Ok(text) => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text,
+            ),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e:#}\n"),
+            ),
+        },
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if served.ready.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz, /readyz\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    Ok(response)
+}
