@@ -195,10 +195,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     drop(on_failure);
     sink.flush()?;
+    let stats = probes.clone_stats()?;
     // Dropping the probes detaches every program.
     drop(ring);
     drop(probes);
-    eprintln!("faultline: stopped");
+    eprintln!(
+        "faultline: stopped; {} clone failures seen in the kernel, {} lost (ring buffer full)",
+        stats.failures, stats.lost
+    );
     Ok(())
 }
 

@@ -24,6 +24,9 @@ enum Mode {
     /// Create `count` cgroups under --churn-root one after another; in each, fork one
     /// short-lived child, then remove the cgroup.
     Churn,
+    /// Join each --cgroup in turn and fork `count` short-lived children in each (many
+    /// workloads' worth of task creation from one process).
+    Hop,
     /// Benchmark: create and join `count` threads one after another, timed.
     SpinThreads,
     /// Benchmark: fork and reap `count` short-lived processes one after another, timed.
@@ -103,12 +106,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    for dir in &args.cgroups {
-        let procs = dir.join("cgroup.procs");
-        std::fs::write(&procs, std::process::id().to_string())
-            .with_context(|| format!("joining {}", procs.display()))?;
-    }
     set_comm(&args.comm)?;
+    if args.mode == Mode::Hop {
+        return hop(&args.cgroups, args.count);
+    }
+    for dir in &args.cgroups {
+        join(dir)?;
+    }
     // Thread stacks are mapped and touched before any limit applies: at a memory limit a
     // page fault would wait for memory instead of failing.
     let stacks = if args.mode == Mode::Threads {
@@ -157,6 +161,35 @@ fn run(args: &Args) -> anyhow::Result<()> {
     })
 }
 
+fn join(dir: &std::path::Path) -> anyhow::Result<()> {
+    let procs = dir.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .with_context(|| format!("joining {}", procs.display()))
+}
+
+/// Visits each cgroup and forks `count` children there, one at a time.
+fn hop(cgroups: &[std::path::PathBuf], count: u32) -> anyhow::Result<()> {
+    let mut report = Report {
+        pid: node_pid(),
+        ..Default::default()
+    };
+    for dir in cgroups {
+        join(dir)?;
+        for _ in 0..count {
+            // SAFETY: the child exits at once; the parent reaps it.
+            match unsafe { libc::fork() } {
+                -1 => report.failures += 1,
+                0 => unsafe { libc::_exit(0) },
+                child => {
+                    wait_ok(child)?;
+                    report.created += 1;
+                }
+            }
+        }
+    }
+    print_report(&report)
+}
+
 /// Creates and ends `count` tasks one at a time and reports how long that took.
 fn spin(mode: Mode, count: u32) -> anyhow::Result<()> {
     let mut report = Report {
@@ -191,10 +224,6 @@ fn spin(mode: Mode, count: u32) -> anyhow::Result<()> {
 
 /// cgroup churn: `count` cgroups made, used by one short-lived process each, and removed.
 fn churn(root: &std::path::Path, count: u32) -> anyhow::Result<()> {
-    let join = |dir: &std::path::Path| {
-        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining {}", dir.display()))
-    };
     let mut report = Report {
         pid: node_pid(),
         ..Default::default()
@@ -416,7 +445,7 @@ fn create(
                 fork_with(|| unsafe { libc::syscall(libc::SYS_fork) as libc::pid_t })
                     .map(|pid| children.push(pid))
             }
-            Mode::Churn | Mode::SpinThreads | Mode::SpinForks => break, // run by churn() and spin()
+            Mode::Churn | Mode::Hop | Mode::SpinThreads | Mode::SpinForks => break, // run elsewhere
         };
         match result {
             Ok(()) => report.created += 1,

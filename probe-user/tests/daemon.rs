@@ -1,0 +1,436 @@
+//! `faultline run` as a DaemonSet runs it: scraped by a real Prometheus (Debian's package,
+//! on loopback), its exposition checked by promtool, stopped by SIGTERM in the middle of an
+//! event storm, and kept within its series cap by 500 pods' worth of cgroups. Root only.
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+/// The storm test floods every faultline's ring buffer on the node: the tests of this file
+/// run one at a time so that none counts another's events as its own losses.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Polls until `f` returns Some, for at most `timeout`.
+fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `faultline run` on a free loopback port, ready.
+struct Daemon {
+    child: Child,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(extra: &[&str]) -> Daemon {
+        require_root();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(FAULTLINE)
+            .args([
+                "run",
+                "--listen",
+                &listen,
+                "--refresh",
+                "300ms",
+                "--no-kube-api",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting faultline run");
+        let d = Daemon { child, port };
+        eventually(Duration::from_secs(60), "/readyz", || {
+            http_get(port, "/readyz").filter(|(s, _)| *s == 200)
+        });
+        d
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.port, "/metrics")
+            .expect("scraping /metrics")
+            .1
+    }
+
+    /// SIGTERM; returns (exit status, stderr, seconds it took).
+    fn terminate(mut self) -> (std::process::ExitStatus, String, f64) {
+        let start = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = eventually(Duration::from_secs(30), "faultline to exit", || {
+            self.child.try_wait().ok().flatten()
+        });
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        (status, stderr, start.elapsed().as_secs_f64())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real Prometheus scraping the daemon every second.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    fn start(target_port: u16) -> Prometheus {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique(&format!("prometheus-{port}")));
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: faultline\n  static_configs:\n  - targets: ['127.0.0.1:{target_port}']\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus config");
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "starting prometheus (Debian package `prometheus`, installed by cargo xtask setup)",
+            );
+        let p = Prometheus { child, port, dir };
+        eventually(Duration::from_secs(60), "prometheus ready", || {
+            http_get(port, "/-/ready").filter(|(s, _)| *s == 200)
+        });
+        p
+    }
+
+    /// The value of an instant query with exactly one result.
+    fn value(&self, query: &str) -> Option<f64> {
+        let (_, body) = http_get(
+            self.port,
+            &format!("/api/v1/query?query={}", url_encode(query)),
+        )?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        (result.len() == 1).then(|| result[0]["value"][1].as_str()?.parse().ok())?
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pod_uid(tag: u32) -> String {
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        std::process::id(),
+        0x200 + tag
+    )
+}
+
+const CID: &str = "e0e00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+
+#[test]
+fn prometheus_scrapes_exact_counts_per_pod_and_promtool_accepts_them() {
+    let _serial = serial();
+    let uid = pod_uid(1);
+    let logs = std::env::temp_dir().join(unique("daemon-logs"));
+    std::fs::create_dir_all(logs.join(format!("pods/shop_cart-9_{uid}/app"))).expect("pods dir");
+    std::fs::create_dir_all(logs.join("containers")).expect("containers dir");
+    std::fs::write(
+        logs.join(format!("containers/cart-9_shop_app-{CID}.log")),
+        "",
+    )
+    .expect("log");
+    let cg = PodCgroup::systemd(&unique("daemon"), &uid, CID, 8);
+    let events = std::env::temp_dir().join(unique("daemon-events.jsonl"));
+    let daemon = Daemon::start(&[
+        "--kubelet-logs",
+        &logs.display().to_string(),
+        "--events-file",
+        &events.display().to_string(),
+    ]);
+    let prom = Prometheus::start(daemon.port);
+
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let report = lab(&[
+        &[
+            "threads",
+            "20",
+            "--comm",
+            "fl-daemon",
+            "--max-failures",
+            "3",
+        ][..],
+        &join,
+    ]
+    .concat());
+    assert_eq!((report.created, report.failures), (7, 3), "{report:?}");
+
+    let sel = r#"namespace="shop",pod="cart-9",container="app""#;
+    let failures = format!(
+        r#"sum(faultline_clone_failures_total{{{sel},cause="pids_limit",errno="EAGAIN",task="thread"}})"#
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the failures in Prometheus",
+        || prom.value(&failures).filter(|v| *v == 3.0),
+    );
+    let created = format!(r#"faultline_tasks_created_total{{{sel},kind="thread"}}"#);
+    eventually(
+        Duration::from_secs(30),
+        "7 threads created in Prometheus",
+        || prom.value(&created).filter(|v| *v == 7.0),
+    );
+    let limit = format!(r#"faultline_pids_limit{{{sel}}}"#);
+    eventually(Duration::from_secs(30), "the pod's pids limit", || {
+        prom.value(&limit).filter(|v| *v == 8.0)
+    });
+    assert!(
+        prom.value("faultline_node_threads_max")
+            .is_some_and(|v| v > 0.0)
+    );
+    assert_eq!(prom.value(r#"faultline_build_info"#), Some(1.0));
+    assert_eq!(
+        prom.value(r#"faultline_events_lost_total{source="clone"}"#),
+        Some(0.0)
+    );
+
+    // promtool lints the exposition (names, units, _total, help).
+    let exposition = daemon.metrics();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feeding promtool");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    // The event lines have the trace schema.
+    let lines = std::fs::read_to_string(&events).expect("events file");
+    let _ = std::fs::remove_file(&events);
+    let _ = std::fs::remove_dir_all(&logs);
+    let mine: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("event line is JSON"))
+        .filter(|v| v["comm"] == "fl-daemon")
+        .collect();
+    assert_eq!(mine.len(), 3, "{lines}");
+    assert!(
+        mine.iter()
+            .all(|e| e["kind"] == "clone_failure" && e["pod"]["name"] == "cart-9"),
+        "{mine:#?}"
+    );
+}
+
+/// eBPF program ids a process holds, from its fds.
+fn prog_ids(pid: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(info) = std::fs::read_to_string(fd.path()) {
+            ids.extend(
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("prog_id:"))
+                    .filter_map(|v| v.trim().parse::<u32>().ok()),
+            );
+        }
+    }
+    ids
+}
+
+#[test]
+fn sigterm_during_an_event_storm_exits_cleanly_and_detaches_everything() {
+    let _serial = serial();
+    let cg = PodCgroup::systemd(&unique("storm"), &pod_uid(2), CID, 4);
+    let daemon = Daemon::start(&["--no-events"]);
+    let ids = prog_ids(daemon.child.id());
+    assert!(
+        ids.len() >= 9,
+        "expected the clone and task programs, found {ids:?}"
+    );
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    // Fails clone as fast as it can, for up to 50,000 attempts.
+    let mut storm = Lab::spawn(
+        &[
+            &[
+                "threads",
+                "50000",
+                "--comm",
+                "fl-storm",
+                "--max-failures",
+                "50000",
+            ][..],
+            &join,
+        ]
+        .concat(),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let (status, stderr, secs) = daemon.terminate();
+    assert!(status.success(), "exit {status}: {stderr}");
+    assert!(secs < 5.0, "took {secs:.1} s to stop");
+    // It says how many events were lost, whatever the number.
+    assert!(stderr.contains(" lost (ring buffer full)"), "{stderr}");
+    for id in ids {
+        let out = Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string()])
+            .output()
+            .expect("bpftool");
+        assert!(
+            !out.status.success(),
+            "program {id} still loaded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let _ = storm.report();
+}
+
+#[test]
+fn five_hundred_pods_stay_within_the_series_cap() {
+    let _serial = serial();
+    let (unified, _) = mount(probe_user::cgroups::Hierarchy::Unified).expect("cgroup v2");
+    // The shared levels are owned once and removed after every pod's (locals drop in reverse).
+    let base = CgroupTree::new(
+        &unified,
+        &format!("{}/kubepods/besteffort", unique("cardinality")),
+    );
+    let trees: Vec<CgroupTree> = (0..500u32)
+        .map(|i| CgroupTree::new(&base.leaf().dir, &format!("pod{}/{CID}", pod_uid(1000 + i))))
+        .collect();
+    let daemon = Daemon::start(&["--max-series", "50", "--no-events"]);
+    let mut args = vec![
+        "hop".to_owned(),
+        "1".to_owned(),
+        "--comm".to_owned(),
+        "fl-hop".to_owned(),
+    ];
+    for t in &trees {
+        args.extend(["--cgroup".to_owned(), t.leaf().dir.display().to_string()]);
+    }
+    let report = lab(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(report.created, 500);
+    let forks = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("faultline_tasks_created_total{") && l.contains(r#"kind="process""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // Every fork is counted, in a pod's series or in the overflow one.
+    let text = eventually(Duration::from_secs(30), "all 500 forks counted", || {
+        let m = daemon.metrics();
+        (forks(&m) >= 500.0).then_some(m)
+    });
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("faultline_tasks_created_total{"))
+        .collect();
+    let overflow = series
+        .iter()
+        .filter(|l| l.contains(r#"pod="_overflow""#))
+        .count();
+    assert!(
+        (1..=2).contains(&overflow),
+        "one overflow series per kind: {series:#?}"
+    );
+    assert!(
+        series.len() - overflow <= 50,
+        "{} series past the cap of 50",
+        series.len() - overflow
+    );
+    drop(daemon);
+    drop(trees);
+    drop(base);
+}
