@@ -30,9 +30,12 @@ impl KernelClock {
         }
     }
 
+    pub fn unix_nano(&self, ktime_ns: u64) -> u64 {
+        u64::try_from(ktime_ns as i128 + self.wall_offset_ns).unwrap_or(0)
+    }
+
     pub fn rfc3339(&self, ktime_ns: u64) -> String {
-        let ns = ktime_ns as i128 + self.wall_offset_ns;
-        rfc3339(SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0)))
+        rfc3339(SystemTime::UNIX_EPOCH + Duration::from_nanos(self.unix_nano(ktime_ns)))
     }
 }
 

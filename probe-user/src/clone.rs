@@ -39,6 +39,9 @@ pub struct CloneFailure {
     pub kind: &'static str,
     /// RFC 3339, UTC, milliseconds.
     pub time: String,
+    /// The same instant in nanoseconds since the epoch, for exporters.
+    #[serde(skip)]
+    pub time_unix_nano: u64,
     pub pid: u32,
     pub tid: u32,
     pub ppid: u32,
@@ -148,6 +151,7 @@ impl Enricher {
         CloneFailure {
             kind: "clone_failure",
             time: self.clock.rfc3339(ev.ktime_ns),
+            time_unix_nano: self.clock.unix_nano(ev.ktime_ns),
             pid: ev.pid,
             tid: ev.tid,
             ppid: ev.ppid,

@@ -17,6 +17,7 @@ pub mod loader;
 pub mod metrics;
 pub mod node;
 pub mod offsets;
+pub mod otlp;
 pub mod pods;
 pub mod run;
 pub mod tasks;

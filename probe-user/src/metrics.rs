@@ -243,6 +243,24 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Counters of the OTLP exporter, registered with the others.
+    pub fn otlp_counters(&self) -> anyhow::Result<crate::otlp::OtlpCounters> {
+        let dropped = IntCounter::new(
+            "faultline_otlp_dropped_events_total",
+            "Events not exported over OTLP: queue full (slow collector) or request failed.",
+        )?;
+        let failed = IntCounter::new(
+            "faultline_otlp_failed_requests_total",
+            "OTLP export requests that failed.",
+        )?;
+        self.registry.register(Box::new(dropped.clone()))?;
+        self.registry.register(Box::new(failed.clone()))?;
+        Ok(crate::otlp::OtlpCounters {
+            dropped,
+            failed_requests: failed,
+        })
+    }
+
     pub fn probe_attached(&self, probe: &str, attached: bool) {
         self.probe_attached
             .with_label_values(&[probe])

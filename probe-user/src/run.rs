@@ -33,6 +33,7 @@ use crate::{
     loader::{Attachment, CLONE_PROGRAMS, Probes, TASK_PROGRAMS},
     metrics::Metrics,
     node::NodeTasks,
+    otlp::OtlpExporter,
     pods::{Attributor, PodArgs},
     tasks::TaskModel,
 };
@@ -55,6 +56,9 @@ pub struct RunArgs {
     /// How often the task counters are turned into metrics.
     #[arg(long, env = "FAULTLINE_REFRESH", value_parser = humantime::parse_duration, default_value = "5s")]
     pub refresh: Duration,
+    /// Also export events over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318).
+    #[arg(long, env = "FAULTLINE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Most series per metric; past it new workloads share one `_overflow` series.
     #[arg(long, env = "FAULTLINE_MAX_SERIES", default_value_t = 2000)]
     pub max_series: usize,
@@ -146,6 +150,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut enricher = Enricher::new(Attributor::new(CgroupFs::discover()?, &args.pods).await);
     let mut model = TaskModel::default();
     let mut sink = Sink::open(&args)?;
+    let otlp = match &args.otlp_endpoint {
+        Some(endpoint) => Some(OtlpExporter::start(
+            endpoint,
+            &node,
+            metrics.otlp_counters()?,
+        )?),
+        None => None,
+    };
 
     let served = Arc::new(Served {
         metrics: metrics.clone(),
@@ -166,6 +178,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut on_failure = |f: clone::CloneFailure| -> anyhow::Result<()> {
         metrics.clone_failure(&f);
+        if let Some(otlp) = &otlp {
+            otlp.clone_failure(&f);
+        }
         sink.write(&serde_json::to_string(&f).context("encoding an event")?)
     };
     loop {

@@ -434,3 +434,202 @@ fn five_hundred_pods_stay_within_the_series_cap() {
     drop(trees);
     drop(base);
 }
+
+/// An OTLP/HTTP receiver on loopback that decodes the real protobuf requests.
+struct OtlpReceiver {
+    port: u16,
+    records: std::sync::Arc<
+        std::sync::Mutex<
+            Vec<(
+                Vec<(String, String)>,
+                opentelemetry_proto::tonic::logs::v1::LogRecord,
+            )>,
+        >,
+    >,
+}
+
+fn attr_str(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(V::StringValue(s)) => s.clone(),
+        Some(V::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl OtlpReceiver {
+    fn start() -> OtlpReceiver {
+        use prost::Message as _;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = records.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(1000) {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) == 0
+                        || line == "\r\n"
+                    {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                if reader.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                if let Ok(req) = opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest::decode(body.as_slice()) {
+                    for rl in req.resource_logs {
+                        let resource: Vec<(String, String)> =
+                            rl.resource.iter().flat_map(|r| r.attributes.iter()).map(|kv| (kv.key.clone(), attr_str(kv))).collect();
+                        for sl in rl.scope_logs {
+                            for rec in sl.log_records {
+                                sink.lock().unwrap().push((resource.clone(), rec));
+                            }
+                        }
+                    }
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        OtlpReceiver { port, records }
+    }
+}
+
+#[test]
+fn otlp_log_records_carry_k8s_attributes_and_real_times() {
+    let _serial = serial();
+    let uid = pod_uid(3);
+    let logs = std::env::temp_dir().join(unique("otlp-logs"));
+    std::fs::create_dir_all(logs.join(format!("pods/shop_cart-otlp_{uid}/app"))).expect("pods dir");
+    std::fs::create_dir_all(logs.join("containers")).expect("containers dir");
+    std::fs::write(
+        logs.join(format!("containers/cart-otlp_shop_app-{CID}.log")),
+        "",
+    )
+    .expect("log");
+    let cg = PodCgroup::systemd(&unique("otlp"), &uid, CID, 6);
+    let receiver = OtlpReceiver::start();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let daemon = Daemon::start(&[
+        "--otlp-endpoint",
+        &endpoint,
+        "--kubelet-logs",
+        &logs.display().to_string(),
+        "--no-events",
+        "--node-name",
+        "node-otlp",
+    ]);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let report = lab(&[
+        &["threads", "20", "--comm", "fl-otlp", "--max-failures", "3"][..],
+        &join,
+    ]
+    .concat());
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mine = eventually(Duration::from_secs(20), "3 log records", || {
+        let recs = receiver.records.lock().unwrap().clone();
+        let mine: Vec<_> = recs
+            .into_iter()
+            .filter(|(_, r)| {
+                r.attributes
+                    .iter()
+                    .any(|kv| kv.key == "process.executable.name" && attr_str(kv) == "fl-otlp")
+            })
+            .collect();
+        (mine.len() as u64 == report.failures).then_some(mine)
+    });
+    for (resource, rec) in &mine {
+        let attr = |k: &str| rec.attributes.iter().find(|kv| kv.key == k).map(attr_str);
+        assert_eq!(attr("k8s.namespace.name").as_deref(), Some("shop"));
+        assert_eq!(attr("k8s.pod.name").as_deref(), Some("cart-otlp"));
+        assert_eq!(attr("k8s.container.name").as_deref(), Some("app"));
+        assert_eq!(attr("k8s.pod.uid").as_deref(), Some(uid.as_str()));
+        assert_eq!(attr("faultline.cause").as_deref(), Some("pids_limit"));
+        assert_eq!(attr("process.pid"), Some(report.pid.to_string()));
+        assert!(
+            (before..=after).contains(&rec.time_unix_nano),
+            "{} not in [{before}, {after}]",
+            rec.time_unix_nano
+        );
+        assert_eq!(rec.event_name, "faultline.clone_failure");
+        assert!(
+            resource.contains(&("k8s.node.name".to_owned(), "node-otlp".to_owned())),
+            "{resource:?}"
+        );
+    }
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&logs);
+}
+
+#[test]
+fn a_dead_otlp_collector_costs_dropped_events_not_a_stuck_daemon() {
+    let _serial = serial();
+    // Accepts connections and never answers.
+    let black_hole = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!(
+        "http://127.0.0.1:{}",
+        black_hole.local_addr().expect("addr").port()
+    );
+    let cg = PodCgroup::systemd(&unique("otlp-slow"), &pod_uid(4), CID, 4);
+    let daemon = Daemon::start(&["--otlp-endpoint", &endpoint, "--no-events"]);
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let storm = lab(&[
+        &[
+            "threads",
+            "20000",
+            "--comm",
+            "fl-otlp-slow",
+            "--max-failures",
+            "20000",
+        ][..],
+        &join,
+    ]
+    .concat());
+    assert!(storm.failures > 10_000, "{storm:?}");
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // The daemon keeps answering and counting while the exporter drops.
+    let started = Instant::now();
+    let text = eventually(
+        Duration::from_secs(20),
+        "dropped OTLP events counted",
+        || {
+            let m = daemon.metrics();
+            (value(&m, "faultline_otlp_dropped_events_total") > 0.0).then_some(m)
+        },
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let counted = value(&text, "faultline_clone_failures_total{");
+    let lost = value(&text, "faultline_events_lost_total{");
+    assert!(
+        counted + lost >= storm.failures as f64,
+        "counted {counted} + lost {lost} < {}",
+        storm.failures
+    );
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    drop(black_hole);
+}
