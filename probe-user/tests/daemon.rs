@@ -436,16 +436,15 @@ fn five_hundred_pods_stay_within_the_series_cap() {
 }
 
 /// An OTLP/HTTP receiver on loopback that decodes the real protobuf requests.
+/// A received log record with its resource's attributes.
+type Received = (
+    Vec<(String, String)>,
+    opentelemetry_proto::tonic::logs::v1::LogRecord,
+);
+
 struct OtlpReceiver {
     port: u16,
-    records: std::sync::Arc<
-        std::sync::Mutex<
-            Vec<(
-                Vec<(String, String)>,
-                opentelemetry_proto::tonic::logs::v1::LogRecord,
-            )>,
-        >,
-    >,
+    records: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
 }
 
 fn attr_str(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> String {
