@@ -1,6 +1,7 @@
 //! Pod names from the Kubernetes API, when there is one: a node-scoped watch of pods
 //! (field selector `spec.nodeName`) giving namespace, name, container names by id, the owning
-//! workload (Deployment through ReplicaSet, CronJob through Job, StatefulSet, DaemonSet),
+//! workload (Deployment from the ReplicaSet's pod-template-hash; CronJob through the Job and
+//! other ReplicaSets with a read of the owner, where RBAC allows it; StatefulSet, DaemonSet),
 //! pod IPs and allow-listed labels. Without the API, or while it fails, attribution keeps
 //! working from the kubelet's directories; each change of state is said once, not per event.
 
@@ -180,7 +181,10 @@ async fn convert(
         .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
         .unwrap_or_default();
     let owner = match controller(meta.owner_references.as_deref()) {
-        Some(o) => Some(owners.resolve(&namespace, o).await),
+        Some(o) => Some(match deployment_of(o, meta.labels.as_ref()) {
+            Some(d) => d,
+            None => owners.resolve(&namespace, o).await,
+        }),
         None => None,
     };
     let labels = meta
@@ -201,6 +205,21 @@ async fn convert(
             labels,
         },
     ))
+}
+
+/// A Deployment's ReplicaSet is named `<deployment>-<pod-template-hash>` and its pods carry
+/// that hash as a label: the Deployment is known without reading the ReplicaSet (so the
+/// ClusterRole needs pods only).
+fn deployment_of(
+    owner: &OwnerReference,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Option<Owner> {
+    let hash = labels?.get("pod-template-hash")?;
+    let name = owner.name.strip_suffix(hash.as_str())?.strip_suffix('-')?;
+    (owner.kind == "ReplicaSet" && !name.is_empty()).then(|| Owner {
+        kind: "Deployment".to_owned(),
+        name: name.to_owned(),
+    })
 }
 
 fn controller(refs: Option<&[OwnerReference]>) -> Option<&OwnerReference> {
@@ -264,5 +283,35 @@ impl OwnerCache {
         }
         self.resolved.insert(key, owner.clone());
         owner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rs(name: &str) -> OwnerReference {
+        OwnerReference {
+            kind: "ReplicaSet".into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deployment_from_the_pod_template_hash() {
+        let labels: BTreeMap<String, String> =
+            [("pod-template-hash".to_owned(), "7d9f8b".to_owned())].into();
+        assert_eq!(
+            deployment_of(&rs("web-api-7d9f8b"), Some(&labels)),
+            Some(Owner {
+                kind: "Deployment".into(),
+                name: "web-api".into()
+            })
+        );
+        // A ReplicaSet of its own (no matching hash), or no labels: unknown here.
+        assert_eq!(deployment_of(&rs("standalone"), Some(&labels)), None);
+        assert_eq!(deployment_of(&rs("web-api-7d9f8b"), None), None);
+        assert_eq!(deployment_of(&rs("-7d9f8b"), Some(&labels)), None);
     }
 }

@@ -30,12 +30,18 @@ fn uid(tag: u32) -> String {
     )
 }
 
-fn pod(name: &str, uid: &str, cid: &str, rv: &str, ip: &str) -> Value {
+/// A pod of the `cart` Deployment; with `hash`, it has the pod-template-hash label that names
+/// the Deployment without reading the ReplicaSet.
+fn pod(name: &str, uid: &str, cid: &str, rv: &str, ip: &str, hash: bool) -> Value {
+    let mut labels = json!({"app": "cart", "secret-label": "never-exported"});
+    if hash {
+        labels["pod-template-hash"] = json!("7d9f");
+    }
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
             "name": name, "namespace": "shop", "uid": uid, "resourceVersion": rv,
-            "labels": {"app": "cart", "secret-label": "never-exported"},
+            "labels": labels,
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "cart-7d9f", "uid": "rs-uid", "controller": true}]
         },
         "spec": {"nodeName": "node-1", "containers": [{"name": "app"}]},
@@ -224,8 +230,8 @@ fn fail_in(cg: &PodCgroup, comm: &str) -> LabReport {
 fn pods_named_by_the_api_across_a_watch_restart_and_a_410() {
     let (uid_b, uid_c) = (uid(2), uid(3));
     let api = FakeApi::start(
-        pod("cart-7d9f-b", &uid_b, CID_B, "150", "10.1.0.2"),
-        pod("cart-7d9f-c", &uid_c, CID_C, "199", "10.1.0.3"),
+        pod("cart-7d9f-b", &uid_b, CID_B, "150", "10.1.0.2", true),
+        pod("cart-7d9f-c", &uid_c, CID_C, "199", "10.1.0.3", false),
     );
     let config = kubeconfig(api.port);
     let empty_logs = std::env::temp_dir().join(unique("no-kubelet-logs"));
@@ -289,11 +295,13 @@ fn pods_named_by_the_api_across_a_watch_restart_and_a_410() {
             assert_eq!(e["workload"], format!("shop/{name}/app"));
         }
     }
-    assert!(
-        api.requests()
-            .iter()
-            .any(|r| r.starts_with("/apis/apps/v1/namespaces/shop/replicasets/cart-7d9f"))
-    );
+    // Pod B's Deployment came from its pod-template-hash; only pod C's needed the ReplicaSet.
+    let rs_reads = api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("/apis/apps/"))
+        .count();
+    assert_eq!(rs_reads, 1, "{:#?}", api.requests());
 }
 
 #[test]
