@@ -146,7 +146,7 @@ fn labels<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 impl Metrics {
-    pub fn new(max_series: usize, node: &str) -> anyhow::Result<Self> {
+    pub fn new(max_series: usize) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, l: &[&str]| -> anyhow::Result<IntCounterVec> {
             let c = IntCounterVec::new(Opts::new(name, help), l)?;
@@ -234,11 +234,11 @@ impl Metrics {
                 "faultline_build_info",
                 "faultline's version and the node's kernel; always 1.",
             ),
-            &["version", "kernel", "node"],
+            &["version", "kernel"],
         )?;
         m.registry.register(Box::new(info.clone()))?;
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        info.with_label_values(&[env!("CARGO_PKG_VERSION"), kernel.trim(), node])
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), kernel.trim()])
             .set(1);
         Ok(m)
     }

@@ -297,7 +297,7 @@ pub struct PodArgs {
     #[arg(long)]
     pub container: Option<String>,
     /// The kubelet's log directory (with pods/ and containers/), for pod and container names.
-    #[arg(long, default_value = "/var/log")]
+    #[arg(long, env = "FAULTLINE_KUBELET_LOGS", default_value = "/var/log")]
     pub kubelet_logs: PathBuf,
     /// kubeconfig for the Kubernetes API; default: in-cluster service account, $KUBECONFIG
     /// or ~/.kube/config, when present.
@@ -310,7 +310,7 @@ pub struct PodArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// Pod labels to report, comma-separated (e.g. app,team); others are never exported.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "FAULTLINE_POD_LABELS", value_delimiter = ',')]
     pub pod_labels: Vec<String>,
 }
 

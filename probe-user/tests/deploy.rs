@@ -1,0 +1,336 @@
+//! deploy/: the kustomize base renders and validates against the Kubernetes OpenAPI schemas,
+//! the alert rules pass promtool's checks and unit tests, the PrometheusRule carries the same
+//! rules, the DaemonSet's capabilities are exactly enough, and every dashboard query parses
+//! and returns data from a real Prometheus scraping faultline with induced failures.
+//! The tools come from `cargo xtask setup` (target/deploy-tools, Debian's prometheus).
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn tool(name: &str) -> PathBuf {
+    let path = root().join("target/deploy-tools/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo xtask setup`",
+        path.display()
+    );
+    path
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// YAML documents as JSON values (through the tools venv's PyYAML).
+fn yaml_docs(yaml: &str) -> Vec<Value> {
+    let mut child = Command::new(tool("python3"))
+        .args(["-c", "import sys, yaml, json; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d is not None]))"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), yaml.as_bytes())
+        .expect("feeding python");
+    let out = child.wait_with_output().expect("python");
+    assert!(out.status.success(), "not YAML");
+    serde_json::from_slice(&out.stdout).expect("JSON from python")
+}
+
+fn rendered() -> Vec<Value> {
+    yaml_docs(&output(
+        Command::new(tool("kubectl"))
+            .args(["kustomize"])
+            .arg(root().join("deploy")),
+    ))
+}
+
+#[test]
+fn the_kustomize_base_renders_and_validates() {
+    let objects = rendered();
+    let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "PriorityClass",
+        "DaemonSet",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    // Least privilege: pods get/list/watch, nothing more.
+    let role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+    );
+    // Every core object against the Kubernetes OpenAPI schema (the Prometheus Operator's CRDs
+    // are not in it: their rules are checked by promtool below).
+    let dir = std::env::temp_dir().join(unique("rendered"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut files = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        if o["apiVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
+        {
+            continue;
+        }
+        let f = dir.join(format!("{i}.json"));
+        std::fs::write(&f, o.to_string()).expect("writing an object");
+        files.push(f);
+    }
+    let report = output(
+        Command::new(tool("kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", "1.33.0"])
+            .args(&files),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        report
+            .lines()
+            .filter(|l| l.contains(" passed for resource "))
+            .count(),
+        files.len(),
+        "{report}"
+    );
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_the_prometheusrule_carries_them() {
+    let alerts = root().join("deploy/alerts");
+    output(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(alerts.join("faultline-rules.yaml")),
+    );
+    output(
+        Command::new("promtool")
+            .args(["test", "rules"])
+            .arg(alerts.join("faultline-rules.test.yaml")),
+    );
+    let plain =
+        yaml_docs(&std::fs::read_to_string(alerts.join("faultline-rules.yaml")).expect("rules"));
+    let operator = rendered()
+        .into_iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .expect("PrometheusRule");
+    assert_eq!(
+        operator["spec"], plain[0],
+        "deploy/prometheusrule.yaml and alerts/faultline-rules.yaml differ"
+    );
+    // Every alert has a runbook section.
+    let runbook = std::fs::read_to_string(root().join("deploy/RUNBOOK.md")).expect("runbook");
+    for rule in plain[0]["groups"][0]["rules"].as_array().expect("rules") {
+        let name = rule["alert"].as_str().expect("alert name");
+        assert!(
+            runbook.contains(&format!("## {name}\n")),
+            "no runbook section for {name}"
+        );
+    }
+}
+
+#[test]
+fn the_daemonset_capabilities_are_exactly_enough() {
+    probe_user::tracefs::Tracefs::find_or_mount()
+        .expect("tracefs (mounted by the DaemonSet's hostPath)");
+    let objects = rendered();
+    let ds = objects
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .expect("DaemonSet");
+    let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_ne!(sc["privileged"], true);
+    let caps: Vec<String> = sc["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities")
+        .iter()
+        .map(|c| format!("+{}", c.as_str().unwrap_or("").to_lowercase()))
+        .collect();
+    // The daemon with only those capabilities in its bounding set (so in its effective set).
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new("setpriv")
+        .arg(format!("--bounding-set=-all,{}", caps.join(",")))
+        .args([
+            FAULTLINE,
+            "run",
+            "--listen",
+            &listen,
+            "--no-kube-api",
+            "--no-events",
+            "--refresh",
+            "300ms",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    let ready = eventually(
+        Duration::from_secs(60),
+        "/readyz with reduced capabilities",
+        || {
+            http_get(port, "/readyz")
+                .filter(|(s, _)| *s == 200)
+                .and_then(|_| http_get(port, "/metrics"))
+        },
+    );
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    for probe in ["clone", "tasks"] {
+        assert!(
+            ready
+                .1
+                .contains(&format!("faultline_probe_attached{{probe=\"{probe}\"}} 1")),
+            "{probe} not attached with {caps:?}:\n{}",
+            ready.1
+        );
+    }
+    // setpriv exec'd faultline: its effective set is the bounding set.
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or("");
+    assert_eq!(
+        eff, "000000c000000000",
+        "CAP_BPF and CAP_PERFMON only:\n{status}"
+    );
+}
+
+/// Dashboard variables replaced the way Grafana would for "All" over a short range.
+fn concrete(expr: &str) -> String {
+    expr.replace("$__rate_interval", "30s")
+        .replace("$__range", "5m")
+        .replace("$node", ".*")
+        .replace("$namespace", ".*")
+        .replace("$pod", ".*")
+}
+
+fn dashboard_exprs() -> Vec<(String, String)> {
+    let mut exprs = Vec::new();
+    for entry in std::fs::read_dir(root().join("deploy/dashboards")).expect("dashboards") {
+        let path = entry.expect("entry").path();
+        let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read"))
+            .expect("dashboard JSON");
+        let vars: Vec<&str> = d["templating"]["list"]
+            .as_array()
+            .expect("variables")
+            .iter()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        assert!(
+            vars.contains(&"datasource"),
+            "{}: no datasource variable",
+            path.display()
+        );
+        for panel in d["panels"].as_array().expect("panels") {
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{}",
+                panel["title"]
+            );
+            for t in panel["targets"].as_array().expect("targets") {
+                exprs.push((
+                    format!("{} / {}", d["title"], panel["title"]),
+                    t["expr"].as_str().expect("expr").to_owned(),
+                ));
+            }
+        }
+    }
+    exprs
+}
+
+#[test]
+fn every_dashboard_query_parses_and_returns_data() {
+    let exprs = dashboard_exprs();
+    assert!(exprs.len() >= 10, "{exprs:#?}");
+    // Parse: promtool checks them as recording rules.
+    let rules = std::env::temp_dir().join(unique("dashboard-rules.yaml"));
+    let body: String = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, e))| {
+            format!(
+                "      - record: dashboard:expr{i}\n        expr: {}\n",
+                serde_json::to_string(&concrete(e)).unwrap()
+            )
+        })
+        .collect();
+    std::fs::write(
+        &rules,
+        format!("groups:\n  - name: dashboards\n    rules:\n{body}"),
+    )
+    .expect("rules file");
+    output(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&rules),
+    );
+    let _ = std::fs::remove_file(&rules);
+
+    // Data: a lab run scraped by a real Prometheus, with failures and task creation in a pod.
+    let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), 0x300);
+    const CID: &str = "f0f00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+    let logs = std::env::temp_dir().join(unique("dash-logs"));
+    std::fs::create_dir_all(logs.join(format!("pods/shop_dash-1_{uid}/app"))).expect("pods dir");
+    std::fs::create_dir_all(logs.join("containers")).expect("containers dir");
+    std::fs::write(
+        logs.join(format!("containers/dash-1_shop_app-{CID}.log")),
+        "",
+    )
+    .expect("log");
+    let cg = PodCgroup::systemd(&unique("dash"), &uid, CID, 8);
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.display().to_string(), "--no-events"]);
+    let prom = Prometheus::start(daemon.port);
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    for _ in 0..3 {
+        lab(&[
+            &["threads", "20", "--comm", "fl-dash", "--max-failures", "2"][..],
+            &join,
+        ]
+        .concat());
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    for (panel, expr) in &exprs {
+        let q = concrete(expr);
+        eventually(
+            Duration::from_secs(30),
+            &format!("data for {panel}: {q}"),
+            || prom.series(&q).filter(|n| *n > 0),
+        );
+    }
+    drop(prom);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&logs);
+}
