@@ -237,8 +237,14 @@ fn cgroup_churn_keeps_the_model_bounded() {
     assert_eq!(report.created, 2000, "{report:?}");
     // The kernel dropped each removed cgroup's counters and the model followed: what is left
     // is the node's live cgroups, not 2,000 dead ones.
-    let s = top.wait_for(Duration::from_secs(10), "the churn counted", |s| {
+    // Other cgroups may come and go on the node meanwhile: wait for a snapshot after ours.
+    let ours = format!("{path}/churn-");
+    let s = top.wait_for(Duration::from_secs(10), "the churn counted and gone", |s| {
         s["cgroups_removed"].as_u64().is_some_and(|n| n >= 2000)
+            && s["cgroups"].as_array().is_some_and(|rows| {
+                rows.iter()
+                    .all(|r| !r["cgroup"].as_str().unwrap_or("").starts_with(&ours))
+            })
     });
     let tracked = s["tracked_cgroups"].as_u64().expect("tracked_cgroups");
     let live_cgroups = count_dirs(&mount(Hierarchy::Unified).unwrap().0);
