@@ -337,10 +337,12 @@ fn table_output_has_one_line_per_failure_and_a_summary() {
             assert!(row.contains(word), "{word:?} missing in {row:?}");
         }
     }
+    // Other tests' failures, traced too, are filtered out: their number varies.
     assert!(
         lines
             .iter()
-            .any(|l| l == "2 failed task creation(s) shown, 0 filtered out, 0 lost"),
+            .any(|l| l.starts_with("2 failed task creation(s) shown, ")
+                && l.ends_with(" filtered out, 0 lost")),
         "{lines:#?}"
     );
     assert!(

@@ -36,19 +36,12 @@ const CID: &str = "e0e00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7
 fn prometheus_scrapes_exact_counts_per_pod_and_promtool_accepts_them() {
     let _serial = serial();
     let uid = pod_uid(1);
-    let logs = std::env::temp_dir().join(unique("daemon-logs"));
-    std::fs::create_dir_all(logs.join(format!("pods/shop_cart-9_{uid}/app"))).expect("pods dir");
-    std::fs::create_dir_all(logs.join("containers")).expect("containers dir");
-    std::fs::write(
-        logs.join(format!("containers/cart-9_shop_app-{CID}.log")),
-        "",
-    )
-    .expect("log");
+    let logs = KubeletLogs::new(&[("shop", "cart-9", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("daemon"), &uid, CID, 8);
     let events = std::env::temp_dir().join(unique("daemon-events.jsonl"));
     let daemon = Daemon::start(&[
         "--kubelet-logs",
-        &logs.display().to_string(),
+        &logs.arg(),
         "--events-file",
         &events.display().to_string(),
     ]);
@@ -127,7 +120,6 @@ fn prometheus_scrapes_exact_counts_per_pod_and_promtool_accepts_them() {
     // The event lines have the trace schema.
     let lines = std::fs::read_to_string(&events).expect("events file");
     let _ = std::fs::remove_file(&events);
-    let _ = std::fs::remove_dir_all(&logs);
     let mine: Vec<Value> = lines
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).expect("event line is JSON"))
@@ -339,14 +331,7 @@ impl OtlpReceiver {
 fn otlp_log_records_carry_k8s_attributes_and_real_times() {
     let _serial = serial();
     let uid = pod_uid(3);
-    let logs = std::env::temp_dir().join(unique("otlp-logs"));
-    std::fs::create_dir_all(logs.join(format!("pods/shop_cart-otlp_{uid}/app"))).expect("pods dir");
-    std::fs::create_dir_all(logs.join("containers")).expect("containers dir");
-    std::fs::write(
-        logs.join(format!("containers/cart-otlp_shop_app-{CID}.log")),
-        "",
-    )
-    .expect("log");
+    let logs = KubeletLogs::new(&[("shop", "cart-otlp", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("otlp"), &uid, CID, 6);
     let receiver = OtlpReceiver::start();
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
@@ -354,7 +339,7 @@ fn otlp_log_records_carry_k8s_attributes_and_real_times() {
         "--otlp-endpoint",
         &endpoint,
         "--kubelet-logs",
-        &logs.display().to_string(),
+        &logs.arg(),
         "--no-events",
         "--node-name",
         "node-otlp",
@@ -406,7 +391,6 @@ fn otlp_log_records_carry_k8s_attributes_and_real_times() {
         );
     }
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&logs);
 }
 
 #[test]

@@ -301,16 +301,9 @@ fn every_dashboard_query_parses_and_returns_data() {
     // Data: a lab run scraped by a real Prometheus, with failures and task creation in a pod.
     let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), 0x300);
     const CID: &str = "f0f00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
-    let logs = std::env::temp_dir().join(unique("dash-logs"));
-    std::fs::create_dir_all(logs.join(format!("pods/shop_dash-1_{uid}/app"))).expect("pods dir");
-    std::fs::create_dir_all(logs.join("containers")).expect("containers dir");
-    std::fs::write(
-        logs.join(format!("containers/dash-1_shop_app-{CID}.log")),
-        "",
-    )
-    .expect("log");
+    let logs = KubeletLogs::new(&[("shop", "dash-1", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("dash"), &uid, CID, 8);
-    let daemon = Daemon::start(&["--kubelet-logs", &logs.display().to_string(), "--no-events"]);
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
     let prom = Prometheus::start(daemon.port);
     let join = cg.join_args();
     let join: Vec<&str> = join.iter().map(String::as_str).collect();
@@ -332,5 +325,4 @@ fn every_dashboard_query_parses_and_returns_data() {
     }
     drop(prom);
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&logs);
 }

@@ -315,22 +315,14 @@ fn an_unreachable_api_falls_back_to_the_kubelet_directories_and_says_so_once() {
         .expect("addr")
         .port();
     let config = kubeconfig(closed);
-    let logs = std::env::temp_dir().join(unique("kubelet-logs-fallback"));
-    std::fs::create_dir_all(logs.join(format!("pods/shop_cart-7d9f-d_{uid_d}/app")))
-        .expect("pods dir");
-    std::fs::create_dir_all(logs.join("containers")).expect("containers dir");
-    std::fs::write(
-        logs.join(format!("containers/cart-7d9f-d_shop_app-{CID_D}.log")),
-        "",
-    )
-    .expect("log");
+    let logs = KubeletLogs::new(&[("shop", "cart-7d9f-d", &uid_d, "app", CID_D)]);
     let d = PodCgroup::systemd(&unique("fallback"), &uid_d, CID_D, 5);
 
     let trace = Trace::start(&[
         "--kubeconfig",
         &config.0.display().to_string(),
         "--kubelet-logs",
-        &logs.display().to_string(),
+        &logs.arg(),
         "--comm",
         "fl-api-d",
     ]);
@@ -338,7 +330,6 @@ fn an_unreachable_api_falls_back_to_the_kubelet_directories_and_says_so_once() {
     std::thread::sleep(Duration::from_millis(1500)); // let the watch retry and fail again
     let r2 = fail_in(&d, "fl-api-d");
     let (lines, stderr) = trace.stop();
-    let _ = std::fs::remove_dir_all(&logs);
     let events: Vec<Value> = lines
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -11,34 +11,6 @@ use serde_json::Value;
 const CID_A: &str = "aaaa0c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
 const CID_B: &str = "bbbb0c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
 
-/// A kubelet log root (`pods/`, `containers/`) for two pods, removed on drop.
-struct KubeletLogs {
-    root: std::path::PathBuf,
-}
-
-impl KubeletLogs {
-    fn new(pods: &[(&str, &str, &str, &str, &str)]) -> KubeletLogs {
-        let root = std::env::temp_dir().join(unique("kubelet-logs"));
-        for (ns, name, uid, container, cid) in pods {
-            std::fs::create_dir_all(root.join(format!("pods/{ns}_{name}_{uid}/{container}")))
-                .expect("pods dir");
-            std::fs::create_dir_all(root.join("containers")).expect("containers dir");
-            std::fs::write(
-                root.join(format!("containers/{name}_{ns}_{container}-{cid}.log")),
-                "",
-            )
-            .expect("log link");
-        }
-        KubeletLogs { root }
-    }
-}
-
-impl Drop for KubeletLogs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
 /// A uid unique to this test run (pod uids are UUIDs).
 fn uid(tag: u32) -> String {
     format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), tag)

@@ -598,3 +598,39 @@ impl Drop for Prometheus {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A kubelet log root (`pods/`, `containers/`) naming pods (namespace, name, uid, container,
+/// container id), removed on drop.
+pub struct KubeletLogs {
+    pub root: std::path::PathBuf,
+}
+
+impl KubeletLogs {
+    pub fn new(pods: &[(&str, &str, &str, &str, &str)]) -> KubeletLogs {
+        let root = std::env::temp_dir().join(unique("kubelet-logs"));
+        for (ns, name, uid, container, cid) in pods {
+            std::fs::create_dir_all(root.join(format!("pods/{ns}_{name}_{uid}/{container}")))
+                .expect("pods dir");
+            std::fs::create_dir_all(root.join("containers")).expect("containers dir");
+            std::fs::write(
+                root.join(format!("containers/{name}_{ns}_{container}-{cid}.log")),
+                "",
+            )
+            .expect("log link");
+        }
+        KubeletLogs { root }
+    }
+}
+
+impl Drop for KubeletLogs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+impl KubeletLogs {
+    /// `--kubelet-logs <root>` for faultline.
+    pub fn arg(&self) -> String {
+        self.root.display().to_string()
+    }
+}
