@@ -12,12 +12,18 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 
-/// Debian packages bpf-linker links against (LLVM 22, the major of the eBPF nightly).
-const APT_PACKAGES: [&str; 4] = [
+/// Debian packages: what bpf-linker links against (LLVM 22, the major of the eBPF nightly),
+/// and what the integration tests run against: a real Prometheus and promtool, bpftool (to
+/// check programs are detached), dnsmasq and iptables (DNS through a service-IP DNAT).
+const APT_PACKAGES: [&str; 8] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
+    "prometheus",
+    "bpftool",
+    "dnsmasq-base",
+    "iptables",
 ];
 /// Must match EBPF_TOOLCHAIN in probe-user/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
