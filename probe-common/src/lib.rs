@@ -5,5 +5,6 @@
 #![no_std]
 
 pub mod clone;
+pub mod dns;
 pub mod offsets;
 pub mod tasks;

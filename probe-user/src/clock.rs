@@ -30,6 +30,11 @@ impl KernelClock {
         }
     }
 
+    /// Now on the kernel's clock (what `bpf_ktime_get_ns()` would say).
+    pub fn now_ktime(&self) -> u64 {
+        u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
+    }
+
     pub fn unix_nano(&self, ktime_ns: u64) -> u64 {
         u64::try_from(ktime_ns as i128 + self.wall_offset_ns).unwrap_or(0)
     }

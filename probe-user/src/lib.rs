@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod check;
 pub mod clock;
 pub mod clone;
+pub mod dns;
 pub mod kubeapi;
 pub mod loader;
 pub mod metrics;

@@ -5,10 +5,11 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePoint,
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
 };
 use probe_common::{
     clone::{CLONE_STAT_COUNT, CloneStat},
+    dns::{DNS_STAT_COUNT, DnsStat},
     tasks::{TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
 
@@ -41,6 +42,15 @@ pub struct Probes {
     ebpf: Ebpf,
     /// Kernel struct members this kernel lacks: their evidence will be absent.
     pub missing_members: Vec<&'static str>,
+}
+
+/// Counters the DNS programs keep in the kernel, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsStats {
+    /// Packets that did not fit in the ring buffer.
+    pub lost: u64,
+    pub tcp_queries: u64,
+    pub tcp_responses: u64,
 }
 
 /// Counters the task programs keep in the kernel, summed over CPUs.
@@ -109,6 +119,47 @@ impl Probes {
         Ok(())
     }
 
+    /// Attaches the DNS programs (cgroup_skb egress and ingress) to the cgroup v2 root, where
+    /// they see every socket on the node.
+    pub fn attach_dns(&mut self, cgroup_v2_root: &std::path::Path) -> anyhow::Result<()> {
+        let root = std::fs::File::open(cgroup_v2_root)
+            .with_context(|| format!("opening the cgroup v2 root {}", cgroup_v2_root.display()))?;
+        for (program, attach_type) in [
+            ("dns_egress", CgroupSkbAttachType::Egress),
+            ("dns_ingress", CgroupSkbAttachType::Ingress),
+        ] {
+            let prog: &mut CgroupSkb = self
+                .ebpf
+                .program_mut(program)
+                .with_context(|| format!("program {program} missing from the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("program {program} is not cgroup_skb"))?;
+            prog.load()
+                .with_context(|| format!("verifying program {program}"))?;
+            prog.attach(&root, attach_type, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {program} to {}", cgroup_v2_root.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The ring buffer of `DnsPacketEvent`s. Can be taken once.
+    pub fn take_dns_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("DNS_EVENTS")
+            .context("map DNS_EVENTS missing or already taken")?;
+        RingBuf::try_from(map).context("DNS_EVENTS is not a ring buffer")
+    }
+
+    pub fn dns_stats(&self) -> anyhow::Result<DnsStats> {
+        let sums = self.stat_sums::<{ DNS_STAT_COUNT as usize }>("DNS_STATS")?;
+        Ok(DnsStats {
+            lost: sums[DnsStat::RingbufFull as usize],
+            tcp_queries: sums[DnsStat::TcpQueries as usize],
+            tcp_responses: sums[DnsStat::TcpResponses as usize],
+        })
+    }
+
     /// The ring buffer of `CloneFailureEvent`s. Can be taken once.
     pub fn take_clone_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         let map = self
@@ -175,6 +226,15 @@ impl Probes {
             *sum = values.iter().sum();
         }
         Ok(sums)
+    }
+}
+
+/// An error on one line: a refused program's verifier log (hundreds of lines) is cut.
+pub fn brief(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    match text.find("Verifier output:") {
+        Some(i) => format!("{}(verifier log omitted)", &text[..i]),
+        None => text.lines().next().unwrap_or_default().to_owned(),
     }
 }
 

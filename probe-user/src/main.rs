@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("faultline: error: {e:#}");
+            eprintln!("faultline: error: {}", probe_user::loader::brief(&e));
             ExitCode::FAILURE
         }
     }

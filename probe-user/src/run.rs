@@ -126,7 +126,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 true
             }
             Err(e) => {
-                eprintln!("faultline: skipped probe {name}: {e:#}");
+                eprintln!(
+                    "faultline: skipped probe {name}: {}",
+                    crate::loader::brief(&e)
+                );
                 metrics.probe_attached(name, false);
                 false
             }

@@ -20,9 +20,10 @@ use tokio::{
 };
 
 use crate::{
-    cgroups::CgroupFs,
+    cgroups::{CgroupFs, Hierarchy},
     clone::{self, CloneFailure, Enricher},
-    loader::{CLONE_PROGRAMS, CloneStats, Probes, TASK_PROGRAMS},
+    dns::{self, DnsQuery, DnsTracker, Names},
+    loader::{self, CLONE_PROGRAMS, CloneStats, Probes, TASK_PROGRAMS},
     pods::{Attributor, PodArgs},
     tasks::{HeadroomWarning, HeadroomWatch, TaskModel},
 };
@@ -54,8 +55,25 @@ pub struct TraceArgs {
     /// Also warn when a cgroup's pids headroom drops below this share of its limit (e.g. 10%).
     #[arg(long, value_parser = parse_percent)]
     pub headroom_warn: Option<f64>,
+    /// What to trace.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns])]
+    pub events: Vec<EventKind>,
+    /// A DNS query without an answer for this long is reported as a timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub dns_timeout: Duration,
+    /// Show DNS query names, or a hash of them (for privacy).
+    #[arg(long, value_enum, default_value_t = Names::Full)]
+    pub dns_names: Names,
     #[command(flatten)]
     pub pods: PodArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EventKind {
+    /// Failed task creation.
+    Clone,
+    /// DNS queries over UDP port 53.
+    Dns,
 }
 
 fn parse_percent(s: &str) -> anyhow::Result<f64> {
@@ -91,6 +109,14 @@ impl Filter<'_> {
             && args.pods.matches(f.pod.as_ref())
     }
 
+    /// DNS queries belong to sockets: the cgroup and pod filters apply.
+    fn matches_dns(&self, q: &DnsQuery) -> bool {
+        self.0.pids.is_empty()
+            && self.0.comm.is_none()
+            && self.cgroup_matches(&q.cgroup, None)
+            && self.0.pods.matches(q.pod.as_ref())
+    }
+
     /// Warnings belong to cgroups, not processes: only the cgroup filter applies.
     fn matches_warning(&self, w: &HeadroomWarning) -> bool {
         self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup)) && self.0.pods.matches(w.pod.as_ref())
@@ -113,9 +139,62 @@ pub struct Summary {
     /// Failures whose syscall entry faultline did not see (task kind unknown).
     flags_unknown: u64,
     headroom_warnings: u64,
+    /// DNS queries per workload.
+    dns: BTreeMap<String, DnsSummary>,
+    /// DNS packets that did not parse (counted, never fatal).
+    dns_malformed: u64,
+    /// DNS packets that did not reach userspace (ring buffer full).
+    dns_lost_events: u64,
+    /// DNS over TCP port 53 segments (counted, not parsed).
+    dns_tcp_segments: u64,
+}
+
+/// DNS per workload in the summary.
+#[derive(Debug, Default, Serialize)]
+pub struct DnsSummary {
+    queries: u64,
+    timeouts: u64,
+    retransmits: u64,
+    nxdomain: u64,
+    nxdomain_share: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    #[serde(skip)]
+    latencies: Vec<f64>,
+}
+
+impl DnsSummary {
+    fn add(&mut self, q: &DnsQuery) {
+        self.queries += 1;
+        self.timeouts += (q.outcome == "timeout") as u64;
+        self.retransmits += q.retransmit as u64;
+        self.nxdomain += (q.rcode.as_deref() == Some("NXDOMAIN")) as u64;
+        if let Some(l) = q.latency_ms {
+            self.latencies.push(l);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| -> Option<f64> {
+            let n = self.latencies.len();
+            (n > 0).then(|| self.latencies[((n as f64 * p).ceil() as usize).clamp(1, n) - 1])
+        };
+        self.p50_ms = pct(0.50);
+        self.p99_ms = pct(0.99);
+        self.nxdomain_share = if self.queries == 0 {
+            0.0
+        } else {
+            self.nxdomain as f64 / self.queries as f64
+        };
+    }
 }
 
 impl Summary {
+    fn add_dns(&mut self, q: &DnsQuery) {
+        self.dns.entry(q.workload.clone()).or_default().add(q);
+    }
+
     fn add(&mut self, f: &CloneFailure) {
         self.failures += 1;
         *self.by_cause.entry(f.cause.as_str()).or_default() += 1;
@@ -125,6 +204,7 @@ impl Summary {
 
     fn finish(&mut self, stats: CloneStats) {
         self.kind = "summary";
+        self.dns.values_mut().for_each(DnsSummary::finish);
         self.lost_events = stats.lost;
         self.kernel_failures = stats.failures;
         self.flags_unknown = stats.missing_entry;
@@ -140,6 +220,36 @@ struct Headroom {
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut probes = Probes::open()?;
     probes.attach(&CLONE_PROGRAMS)?;
+    let cgroups = CgroupFs::discover()?;
+    let (mut dns_ring, mut dns) = if args.events.contains(&EventKind::Dns) {
+        let attached = match cgroups.mount(Hierarchy::Unified) {
+            Some(m) => probes.attach_dns(&m.path),
+            None => Err(anyhow::anyhow!("no cgroup v2 mount")),
+        };
+        match attached {
+            Ok(()) => {
+                let ring = probes.take_dns_events()?;
+                // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open while registered.
+                let ring =
+                    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                        .map_err(|e| e.into_parts().1)
+                        .context("registering the DNS ring buffer with the event loop")?;
+                (
+                    Some(ring),
+                    Some(DnsTracker::new(args.dns_timeout, args.dns_names)),
+                )
+            }
+            Err(e) => {
+                eprintln!(
+                    "faultline: DNS not traced: {}; failed task creation still is",
+                    loader::brief(&e)
+                );
+                (None, None)
+            }
+        }
+    } else {
+        (None, None)
+    };
     let mut headroom = match args.headroom_warn {
         Some(pct) => {
             probes.attach(&TASK_PROGRAMS)?;
@@ -156,7 +266,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("registering the ring buffer with the event loop")?;
-    let mut enricher = Enricher::new(Attributor::new(CgroupFs::discover()?, &args.pods).await);
+    let mut enricher = Enricher::new(Attributor::new(cgroups, &args.pods).await);
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -167,12 +277,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let filter = Filter(&args);
 
     eprintln!(
-        "faultline: tracing failed task creation (clone, clone3, fork, vfork){} {}",
+        "faultline: tracing failed task creation (clone, clone3, fork, vfork){}{} {}",
         if headroom.is_some() {
-            " and pids headroom"
+            ", pids headroom"
         } else {
             ""
         },
+        if dns.is_some() { ", DNS" } else { "" },
         match args.duration {
             Some(d) => format!("for {}", humantime::format_duration(d)),
             None => "until Ctrl-C".to_owned(),
@@ -186,7 +297,21 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                 drain(guard.get_inner_mut(), &mut enricher, &filter, &mut printer, &mut summary)?;
                 guard.clear_ready();
             }
-            _ = tick.tick(), if headroom.is_some() => {
+            guard = async { dns_ring.as_mut().expect("only polled with DNS").readable_mut().await }, if dns_ring.is_some() => {
+                let mut guard = guard.context("waiting on the DNS ring buffer")?;
+                if let Some(tracker) = dns.as_mut() {
+                    drain_dns(guard.get_inner_mut(), tracker, &mut enricher.attributor, &filter, &mut printer, &mut summary)?;
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                if let Some(tracker) = dns.as_mut() {
+                    let now = tracker.now_ktime();
+                    for q in tracker.expire(now, &mut enricher.attributor) {
+                        print_dns(&q, &filter, &mut printer, &mut summary)?;
+                    }
+                    printer.flush()?;
+                }
                 if let Some(h) = headroom.as_mut() {
                     h.model.update(std::time::Instant::now(), probes.task_counts()?);
                     for warning in h.watch.check(&h.model.rows(&mut enricher.attributor)) {
@@ -203,7 +328,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             _ = sleep_until(deadline) => break,
         }
     }
-    // Events submitted just before the stop are still in the ring.
+    // Events submitted just before the stop are still in the rings.
     drain(
         ring.get_mut(),
         &mut enricher,
@@ -211,6 +336,20 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         &mut printer,
         &mut summary,
     )?;
+    if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
+        drain_dns(
+            ring.get_mut(),
+            tracker,
+            &mut enricher.attributor,
+            &filter,
+            &mut printer,
+            &mut summary,
+        )?;
+        summary.dns_malformed = tracker.malformed;
+        let stats = probes.dns_stats()?;
+        summary.dns_lost_events = stats.lost;
+        summary.dns_tcp_segments = stats.tcp_queries + stats.tcp_responses;
+    }
     summary.finish(probes.clone_stats()?);
     printer.summary(&summary)
 }
@@ -240,6 +379,67 @@ fn drain(
         }
     })?;
     printer.flush()
+}
+
+fn print_dns(
+    q: &DnsQuery,
+    filter: &Filter,
+    printer: &mut Printer,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    if filter.matches_dns(q) {
+        summary.add_dns(q);
+        printer.event(q)?;
+    }
+    Ok(())
+}
+
+/// Completes the DNS queries whose answers are in the ring.
+fn drain_dns(
+    ring: &mut RingBuf<MapData>,
+    tracker: &mut DnsTracker,
+    attributor: &mut Attributor,
+    filter: &Filter,
+    printer: &mut Printer,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    while let Some(item) = ring.next() {
+        let Some(ev) = dns::decode(&item) else {
+            tracker.malformed += 1;
+            continue;
+        };
+        drop(item);
+        if let Some(q) = tracker.on_packet(&ev, attributor) {
+            print_dns(&q, filter, printer, summary)?;
+        }
+    }
+    printer.flush()
+}
+
+impl TraceEvent for DnsQuery {
+    fn table_line(&self) -> String {
+        format!(
+            "{:<12} dns {} {} -> {} {} {} {}{}{}{}",
+            time_of_day(&self.time),
+            self.workload,
+            self.qname,
+            self.server,
+            self.qtype,
+            self.rcode.as_deref().unwrap_or("TIMEOUT"),
+            self.latency_ms
+                .map_or_else(String::new, |l| format!("{l:.1}ms")),
+            if self.truncated { " truncated" } else { "" },
+            self.retransmit_gap_ms.map_or_else(String::new, |g| format!(
+                " retransmit after {:.1}s",
+                g / 1000.0
+            )),
+            if self.search_nxdomain > 0 {
+                format!(" after {} search-path NXDOMAIN", self.search_nxdomain)
+            } else {
+                String::new()
+            },
+        )
+    }
 }
 
 /// An event `trace` prints: a JSON object, or a table line.
@@ -349,6 +549,18 @@ impl Printer {
                 )?;
                 if s.headroom_warnings > 0 {
                     writeln!(self.out, "headroom warnings: {}", s.headroom_warnings)?;
+                }
+                for (workload, d) in &s.dns {
+                    writeln!(
+                        self.out,
+                        "dns {workload}: {} queries, p50 {} p99 {}, {} timeouts, {} retransmits, {:.0}% NXDOMAIN",
+                        d.queries,
+                        d.p50_ms.map_or("-".to_owned(), |v| format!("{v:.1}ms")),
+                        d.p99_ms.map_or("-".to_owned(), |v| format!("{v:.1}ms")),
+                        d.timeouts,
+                        d.retransmits,
+                        d.nxdomain_share * 100.0
+                    )?;
                 }
                 writeln!(self.out, "by cause:  {}", join(&s.by_cause))?;
                 writeln!(self.out, "by cgroup: {}", join(&s.by_cgroup))?;

@@ -147,7 +147,8 @@ impl Trace {
         assert!(
             values
                 .iter()
-                .all(|v| v["kind"] == "clone_failure" || v["kind"] == "headroom_warning"),
+                .all(|v| ["clone_failure", "headroom_warning", "dns"]
+                    .contains(&v["kind"].as_str().unwrap_or(""))),
             "{values:?}"
         );
         (values, summary)

@@ -1,0 +1,279 @@
+//! DNS per pod, for real: a dnsmasq server (Debian's package) in its own network namespace,
+//! reached through a kube-proxy-like DNAT of a service IP from a client namespace, and a glibc
+//! client (`getent ahosts`, parallel A and AAAA) in its own cgroup. Checks answered queries,
+//! NXDOMAIN, timeouts with retransmits, the ndots:5 search-path chain, and malformed packets.
+//! Every namespace, rule, file and cgroup is removed on drop. Root only.
+
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use probe_user::cgroups::Hierarchy;
+use serde_json::Value;
+
+const SERVICE_IP: &str = "203.0.113.10";
+const SERVER_IP: &str = "198.51.100.53";
+const CLIENT_IP: &str = "198.51.100.2";
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces joined by a veth pair, dnsmasq in one, the service-IP DNAT in the other.
+struct DnsLab {
+    server_ns: String,
+    client_ns: String,
+    dnsmasq: Option<Child>,
+    cgroup: TempCgroup,
+}
+
+impl DnsLab {
+    fn start() -> DnsLab {
+        require_root();
+        let id = std::process::id();
+        let (server_ns, client_ns) = (format!("flsrv{id}"), format!("flcli{id}"));
+        let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
+        let lab = DnsLab {
+            server_ns: server_ns.clone(),
+            client_ns: client_ns.clone(),
+            dnsmasq: None,
+            cgroup: TempCgroup::new(&unified, &unique("dns-client")),
+        };
+        let (vc, vs) = (format!("fl{id}c"), format!("fl{id}s"));
+        for cmd in [
+            format!("ip netns add {server_ns}"),
+            format!("ip netns add {client_ns}"),
+            format!("ip link add {vc} type veth peer name {vs}"),
+            format!("ip link set {vc} netns {client_ns}"),
+            format!("ip link set {vs} netns {server_ns}"),
+            format!("ip -n {client_ns} addr add {CLIENT_IP}/24 dev {vc}"),
+            format!("ip -n {server_ns} addr add {SERVER_IP}/24 dev {vs}"),
+            format!("ip -n {client_ns} link set {vc} up"),
+            format!("ip -n {server_ns} link set {vs} up"),
+            format!("ip -n {client_ns} link set lo up"),
+            format!("ip -n {server_ns} link set lo up"),
+            // A route for the service IP, which only exists as a DNAT rule.
+            format!("ip -n {client_ns} route add default via {SERVER_IP}"),
+            // The kube-proxy-like service IP.
+            format!(
+                "ip netns exec {client_ns} iptables -t nat -A OUTPUT -d {SERVICE_IP}/32 -p udp --dport 53 -j DNAT --to-destination {SERVER_IP}:53"
+            ),
+            format!("mkdir -p /etc/netns/{client_ns}"),
+        ] {
+            sh(&cmd);
+        }
+        let mut lab = lab;
+        lab.dnsmasq = Some(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &server_ns,
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                ])
+                .args([
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--user=root",
+                    "--pid-file=",
+                ])
+                .arg(format!("--listen-address={SERVER_IP}"))
+                .args([
+                    "--host-record=web.test,198.51.100.80",
+                    "--local=/test/",
+                    "--local=/cluster.local/",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting dnsmasq (Debian's dnsmasq-base, installed by cargo xtask setup)"),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        lab
+    }
+
+    fn resolv_conf(&self, extra: &str) {
+        std::fs::write(
+            format!("/etc/netns/{}/resolv.conf", self.client_ns),
+            format!("nameserver {SERVICE_IP}\n{extra}"),
+        )
+        .expect("writing the client's resolv.conf");
+    }
+
+    /// Runs a command in the client cgroup and namespace (bounded to 20 s). The cgroup is
+    /// joined first: inside the namespace `ip netns exec` mounts a sysfs of its own.
+    fn client(&self, cmd: &str) {
+        let procs = self.cgroup.dir.join("cgroup.procs");
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec timeout 20 ip netns exec {} bash -c \"$0\"",
+                procs.display(),
+                self.client_ns
+            ))
+            .arg(cmd)
+            .output()
+            .expect("running the client");
+    }
+
+    fn server_drops(&self, on: bool) {
+        let op = if on { "-A" } else { "-D" };
+        sh(&format!(
+            "ip netns exec {} iptables {op} INPUT -p udp --dport 53 -j DROP",
+            self.server_ns
+        ));
+    }
+
+    fn path(&self) -> String {
+        format!(
+            "/{}",
+            self.cgroup.dir.file_name().unwrap().to_string_lossy()
+        )
+    }
+}
+
+impl Drop for DnsLab {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.dnsmasq.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.server_ns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.client_ns])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.client_ns));
+    }
+}
+
+fn queries<'a>(events: &'a [Value], qname: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == "dns" && e["qname"] == qname)
+        .collect()
+}
+
+#[test]
+fn dns_queries_answers_timeouts_retransmits_search_path_and_garbage() {
+    let lab = DnsLab::start();
+    let path = lab.path();
+    let trace = Trace::start(&[
+        "--events",
+        "dns",
+        "--cgroup",
+        &path,
+        "--dns-timeout",
+        "2500ms",
+    ]);
+
+    // 1. glibc getaddrinfo: A and AAAA in parallel, both answered.
+    lab.resolv_conf("");
+    lab.client("getent ahosts web.test");
+    // 2. A name the server does not know.
+    lab.client("getent ahosts nope.test");
+    // 3. The ndots:5 search list in front of an external-looking name.
+    lab.resolv_conf(
+        "search ns.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+    );
+    lab.client("getent ahosts web.test");
+    // 4. A server that drops queries, with a resolver that retries after 1 s.
+    lab.resolv_conf("options timeout:1 attempts:2\n");
+    lab.server_drops(true);
+    lab.client("getent ahosts slow.test");
+    lab.server_drops(false);
+    // 5. Garbage to and from port 53: random bytes, a truncated header, a compression loop.
+    lab.client(&format!(
+        "printf 'garbage-not-dns' > /dev/udp/{SERVER_IP}/53; printf '\\001\\002\\003' > /dev/udp/{SERVER_IP}/53; printf '\\000\\001\\000\\000\\000\\001\\000\\000\\000\\000\\000\\000\\300\\014\\000\\001\\000\\001' > /dev/udp/{SERVER_IP}/53"
+    ));
+    std::thread::sleep(Duration::from_millis(2800)); // the last timeouts fall due
+    let (events, summary) = trace.stop_json();
+
+    // 1.
+    let web: Vec<&Value> = queries(&events, "web.test");
+    let first: Vec<&&Value> = web.iter().filter(|e| e["search_nxdomain"] == 0).collect();
+    for qtype in ["A", "AAAA"] {
+        let q = first
+            .iter()
+            .find(|e| e["qtype"] == qtype)
+            .unwrap_or_else(|| panic!("no {qtype} for web.test: {events:#?}"));
+        assert_eq!(
+            (q["outcome"].as_str(), q["rcode"].as_str()),
+            (Some("answered"), Some("NOERROR")),
+            "{q}"
+        );
+        assert!(q["latency_ms"].as_f64().is_some_and(|l| l > 0.0), "{q}");
+        assert_eq!(q["cgroup"], path.as_str(), "{q}");
+        assert!(
+            q["server"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(SERVER_IP) || s.starts_with(SERVICE_IP)),
+            "{q}"
+        );
+        assert_eq!(q["retransmit"], false);
+    }
+    // 2.
+    let nope = queries(&events, "nope.test");
+    assert!(
+        !nope.is_empty()
+            && nope
+                .iter()
+                .all(|q| q["rcode"] == "NXDOMAIN" && q["outcome"] == "answered"),
+        "{nope:#?}"
+    );
+    // 3. Each of A and AAAA: three NXDOMAINs for web.test.<suffix>, then the answer.
+    let expansions = events
+        .iter()
+        .filter(|e| {
+            e["kind"] == "dns"
+                && e["qname"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("web.test.") && n.ends_with("cluster.local"))
+        })
+        .count();
+    assert_eq!(expansions, 6, "{events:#?}");
+    for qtype in ["A", "AAAA"] {
+        assert!(
+            web.iter()
+                .any(|e| e["qtype"] == qtype && e["search_nxdomain"] == 3),
+            "no {qtype} answer after 3 search-path NXDOMAINs: {web:#?}"
+        );
+    }
+    // 4. Every send timed out; the re-sends are retransmits about 1 s after the first.
+    let slow = queries(&events, "slow.test");
+    assert!(slow.len() >= 4, "{slow:#?}");
+    assert!(
+        slow.iter()
+            .all(|q| q["outcome"] == "timeout" && q["rcode"].is_null()),
+        "{slow:#?}"
+    );
+    let retransmits: Vec<&&Value> = slow.iter().filter(|q| q["retransmit"] == true).collect();
+    assert!(!retransmits.is_empty(), "{slow:#?}");
+    for r in retransmits {
+        let gap = r["retransmit_gap_ms"].as_f64().unwrap_or(0.0);
+        assert!((700.0..3000.0).contains(&gap), "gap {gap} ms: {r}");
+    }
+    // 5. Counted, not crashed.
+    assert!(
+        summary["dns_malformed"].as_u64().is_some_and(|n| n >= 3),
+        "{summary}"
+    );
+    // The per-workload summary.
+    let s = &summary["dns"][path.as_str()];
+    assert!(s["queries"].as_u64().is_some_and(|n| n >= 12), "{summary}");
+    assert!(s["timeouts"].as_u64().is_some_and(|n| n >= 4), "{summary}");
+    assert!(s["p50_ms"].as_f64().is_some(), "{summary}");
+}
