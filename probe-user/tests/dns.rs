@@ -18,6 +18,16 @@ use serde_json::Value;
 const SERVICE_IP: &str = "203.0.113.10";
 const SERVER_IP: &str = "198.51.100.53";
 const CLIENT_IP: &str = "198.51.100.2";
+const RESPONDER_IP: &str = "198.51.100.54";
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 fn sh(cmd: &str) {
     let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
@@ -31,6 +41,7 @@ fn sh(cmd: &str) {
 /// Two namespaces joined by a veth pair, dnsmasq in one, the service-IP DNAT in the other.
 struct DnsLab {
     server_ns: String,
+    server_if: String,
     client_ns: String,
     dnsmasq: Option<Child>,
     cgroup: TempCgroup,
@@ -39,16 +50,19 @@ struct DnsLab {
 impl DnsLab {
     fn start() -> DnsLab {
         require_root();
-        let id = std::process::id();
+        // Unique per lab: tests of this file run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = std::process::id() * 10 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (server_ns, client_ns) = (format!("flsrv{id}"), format!("flcli{id}"));
         let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
+        let (vc, vs) = (format!("fl{id}c"), format!("fl{id}s"));
         let lab = DnsLab {
             server_ns: server_ns.clone(),
+            server_if: vs.clone(),
             client_ns: client_ns.clone(),
             dnsmasq: None,
-            cgroup: TempCgroup::new(&unified, &unique("dns-client")),
+            cgroup: TempCgroup::new(&unified, &format!("{}-{id}", unique("dns-client"))),
         };
-        let (vc, vs) = (format!("fl{id}c"), format!("fl{id}s"));
         for cmd in [
             format!("ip netns add {server_ns}"),
             format!("ip netns add {client_ns}"),
@@ -126,6 +140,31 @@ impl DnsLab {
             .arg(cmd)
             .output()
             .expect("running the client");
+    }
+
+    /// faultline-lab's DNS responder (SERVFAIL for fail.*, 300 ms for slow.*) on a second
+    /// server address, for 30 s at most.
+    fn responder(&self) -> KillOnDrop {
+        sh(&format!(
+            "ip -n {} addr add {RESPONDER_IP}/24 dev {}",
+            self.server_ns, self.server_if
+        ));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.server_ns,
+                LAB,
+                "dns-server",
+                "30",
+                "--dns-listen",
+            ])
+            .arg(format!("{RESPONDER_IP}:53"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the lab DNS responder");
+        std::thread::sleep(Duration::from_millis(300));
+        KillOnDrop(child)
     }
 
     fn server_drops(&self, on: bool) {
@@ -276,4 +315,58 @@ fn dns_queries_answers_timeouts_retransmits_search_path_and_garbage() {
     assert!(s["queries"].as_u64().is_some_and(|n| n >= 12), "{summary}");
     assert!(s["timeouts"].as_u64().is_some_and(|n| n >= 4), "{summary}");
     assert!(s["p50_ms"].as_f64().is_some(), "{summary}");
+}
+
+#[test]
+fn servfail_slow_answers_tcp_and_redacted_names() {
+    let lab = DnsLab::start();
+    let _responder = lab.responder();
+    let path = lab.path();
+    let trace = Trace::start(&[
+        "--events",
+        "dns",
+        "--cgroup",
+        &path,
+        "--dns-names",
+        "redact",
+    ]);
+    // The responder directly, without the service IP.
+    std::fs::write(
+        format!("/etc/netns/{}/resolv.conf", lab.client_ns),
+        format!("nameserver {RESPONDER_IP}\noptions attempts:1\n"),
+    )
+    .expect("writing the client's resolv.conf");
+    lab.client("getent ahosts fail.test");
+    lab.client("getent ahosts slow.test");
+    // DNS over TCP to dnsmasq (glibc's use-vc): counted, not parsed.
+    lab.resolv_conf("options use-vc\n");
+    lab.client("getent ahosts web.test");
+    let (events, summary) = trace.stop_json();
+    let dns: Vec<&Value> = events.iter().filter(|e| e["kind"] == "dns").collect();
+    // Names are hashes, the same for the same name.
+    assert!(
+        dns.iter().all(|e| e["qname"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("redacted-"))),
+        "{dns:#?}"
+    );
+    let servfail: Vec<&&Value> = dns.iter().filter(|e| e["rcode"] == "SERVFAIL").collect();
+    assert!(!servfail.is_empty(), "{dns:#?}");
+    assert!(
+        servfail.iter().all(|e| e["qname"] == servfail[0]["qname"]),
+        "{servfail:#?}"
+    );
+    let slow: Vec<&&Value> = dns.iter().filter(|e| e["rcode"] == "NOERROR").collect();
+    assert!(!slow.is_empty(), "{dns:#?}");
+    for e in &slow {
+        let l = e["latency_ms"].as_f64().unwrap_or(0.0);
+        assert!(
+            (250.0..1500.0).contains(&l),
+            "a 300 ms answer measured {l} ms: {e}"
+        );
+    }
+    assert!(
+        summary["dns_tcp_segments"].as_u64().is_some_and(|n| n > 0),
+        "{summary}"
+    );
 }

@@ -31,6 +31,9 @@ enum Mode {
     SpinThreads,
     /// Benchmark: fork and reap `count` short-lived processes one after another, timed.
     SpinForks,
+    /// A DNS responder on --dns-listen for `count` seconds: SERVFAIL for names starting with
+    /// "fail.", answers after --dns-delay for names starting with "slow.", NOERROR otherwise.
+    DnsServer,
 }
 
 #[derive(Parser, Debug)]
@@ -80,6 +83,12 @@ struct Args {
     /// cgroup v2 directory under which `churn` creates and removes its cgroups.
     #[arg(long)]
     churn_root: Option<std::path::PathBuf>,
+    /// Address the dns-server mode listens on.
+    #[arg(long, default_value = "127.0.0.1:5353")]
+    dns_listen: std::net::SocketAddr,
+    /// How long the dns-server mode waits before answering "slow." names.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "300ms")]
+    dns_delay: std::time::Duration,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -146,6 +155,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(pid_max) = args.pidns_pid_max {
         return in_new_pidns(args, stacks.as_ref(), pid_max);
     }
+    if args.mode == Mode::DnsServer {
+        return dns_server(
+            args.dns_listen,
+            args.dns_delay,
+            std::time::Duration::from_secs(args.count.into()),
+        );
+    }
     if matches!(args.mode, Mode::SpinThreads | Mode::SpinForks) {
         return spin(args.mode, args.count);
     }
@@ -188,6 +204,44 @@ fn hop(cgroups: &[std::path::PathBuf], count: u32) -> anyhow::Result<()> {
         }
     }
     print_report(&report)
+}
+
+/// Answers DNS queries by echoing them as responses: SERVFAIL for `fail.*`, NOERROR (no
+/// records) otherwise, after `delay` for `slow.*`. Stops after `lifetime`.
+fn dns_server(
+    listen: std::net::SocketAddr,
+    delay: std::time::Duration,
+    lifetime: std::time::Duration,
+) -> anyhow::Result<()> {
+    let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+    eprintln!("faultline-lab: DNS responder on {listen}");
+    let end = std::time::Instant::now() + lifetime;
+    let mut buf = [0u8; 512];
+    while std::time::Instant::now() < end {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        if n < 12 {
+            continue;
+        }
+        let mut reply = buf[..n].to_vec();
+        let name = first_label(&reply).unwrap_or_default();
+        reply[2] |= 0x80; // QR
+        reply[3] = 0x80 | if name == "fail" { 2 } else { 0 }; // RA, rcode
+        if name == "slow" {
+            std::thread::sleep(delay);
+        }
+        let _ = socket.send_to(&reply, peer);
+    }
+    Ok(())
+}
+
+/// The first label of the question name.
+fn first_label(msg: &[u8]) -> Option<String> {
+    let len = *msg.get(12)? as usize;
+    let label = msg.get(13..13 + len)?;
+    Some(String::from_utf8_lossy(label).to_ascii_lowercase())
 }
 
 /// Creates and ends `count` tasks one at a time and reports how long that took.
@@ -445,7 +499,9 @@ fn create(
                 fork_with(|| unsafe { libc::syscall(libc::SYS_fork) as libc::pid_t })
                     .map(|pid| children.push(pid))
             }
-            Mode::Churn | Mode::Hop | Mode::SpinThreads | Mode::SpinForks => break, // run elsewhere
+            Mode::Churn | Mode::Hop | Mode::SpinThreads | Mode::SpinForks | Mode::DnsServer => {
+                break;
+            } // run elsewhere
         };
         match result {
             Ok(()) => report.created += 1,
