@@ -356,6 +356,26 @@ fn endpoint(family: u8, addr: &[u8; 16], port: u16) -> String {
     }
 }
 
+/// Feeds every packet waiting in the ring to the tracker; completed queries go to `on_query`.
+pub fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    tracker: &mut DnsTracker,
+    attributor: &mut Attributor,
+    mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    while let Some(item) = ring.next() {
+        let Some(ev) = decode(&item) else {
+            tracker.malformed += 1;
+            continue;
+        };
+        drop(item);
+        if let Some(q) = tracker.on_packet(&ev, attributor) {
+            on_query(q)?;
+        }
+    }
+    Ok(())
+}
+
 /// Decodes one ring-buffer record; `None` for a record of the wrong size.
 pub fn decode(bytes: &[u8]) -> Option<DnsPacketEvent> {
     if bytes.len() < size_of::<DnsPacketEvent>() {

@@ -11,10 +11,14 @@ use std::{
 
 use anyhow::Context as _;
 use probe_common::tasks::TaskCounts;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::{
     clone::CloneFailure,
+    dns::DnsQuery,
     loader::{CloneStats, TaskStats},
     node::NodeTasks,
     pods::PodRef,
@@ -136,6 +140,9 @@ pub struct Metrics {
     events_lost: IntCounterVec,
     untracked: IntCounter,
     probe_attached: IntGaugeVec,
+    dns_queries: IntCounterVec,
+    dns_duration: HistogramVec,
+    dns_retransmits: IntCounterVec,
     /// Last kernel counts exported per cgroup id, to turn totals into counter increments.
     last_counts: Mutex<HashMap<u64, TaskCounts>>,
     last_lost: Mutex<(u64, u64)>,
@@ -225,6 +232,30 @@ impl Metrics {
                 "1 when a probe's programs are attached, 0 when the kernel refused them.",
                 &["probe"],
             )?,
+            dns_queries: counter(
+                "faultline_dns_queries_total",
+                "DNS queries over UDP, by question type, response code (none for a timeout) and outcome.",
+                &labels(&["qtype", "rcode", "outcome"]),
+            )?,
+            dns_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "faultline_dns_query_duration_seconds",
+                        "Time from a DNS query to its answer.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ]),
+                    &WHO,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            dns_retransmits: counter(
+                "faultline_dns_retransmits_total",
+                "DNS queries re-sent before an answer (5 s apart: the classic resolver timeout).",
+                &labels(&[]),
+            )?,
             last_counts: Mutex::new(HashMap::new()),
             last_lost: Mutex::new((0, 0)),
             registry,
@@ -274,6 +305,31 @@ impl Metrics {
             &[f.cause.as_str(), &f.errno, f.task.as_str()],
         );
         self.clone_failures.with_label_values(&labels).inc();
+    }
+
+    pub fn dns_query(&self, q: &DnsQuery) {
+        let who = who(&q.workload, q.pod.as_ref());
+        let rcode = q.rcode.as_deref().unwrap_or("none");
+        let labels = self
+            .cap
+            .admit("dns_queries", who.clone(), &[&q.qtype, rcode, q.outcome]);
+        self.dns_queries.with_label_values(&labels).inc();
+        if let Some(ms) = q.latency_ms {
+            let labels = self.cap.admit("dns_duration", who.clone(), &[]);
+            self.dns_duration
+                .with_label_values(&labels)
+                .observe(ms / 1000.0);
+        }
+        if q.retransmit {
+            let labels = self.cap.admit("dns_retransmits", who, &[]);
+            self.dns_retransmits.with_label_values(&labels).inc();
+        }
+    }
+
+    /// Losses of the DNS ring buffer, as a running total from the kernel.
+    pub fn dns_lost(&self, total: u64) {
+        let c = self.events_lost.with_label_values(&["dns"]);
+        c.inc_by(total.saturating_sub(c.get()));
     }
 
     /// Exports a refresh of the task model: counter increments since the last refresh, and
@@ -338,11 +394,18 @@ impl Metrics {
             ("clone_failures", &self.clone_failures),
             ("tasks_created", &self.tasks_created),
             ("tasks_exited", &self.tasks_exited),
+            ("dns_queries", &self.dns_queries),
+            ("dns_retransmits", &self.dns_retransmits),
         ] {
             for labels in self.cap.expire(metric, STALE_AFTER) {
                 let _ =
                     vec.remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
             }
+        }
+        for labels in self.cap.expire("dns_duration", STALE_AFTER) {
+            let _ = self
+                .dns_duration
+                .remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
         }
         self.node_threads.set(node.threads as i64);
         self.node_threads_max.set(node.threads_max as i64);

@@ -28,8 +28,9 @@ use tokio::{
 };
 
 use crate::{
-    cgroups::CgroupFs,
+    cgroups::{CgroupFs, Hierarchy},
     clone::{self, Enricher},
+    dns::{DnsQuery, DnsTracker, Names},
     loader::{Attachment, CLONE_PROGRAMS, Probes, TASK_PROGRAMS},
     metrics::Metrics,
     node::NodeTasks,
@@ -59,6 +60,9 @@ pub struct RunArgs {
     /// Also export events over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318).
     #[arg(long, env = "FAULTLINE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// A DNS query without an answer for this long counts as a timeout.
+    #[arg(long, env = "FAULTLINE_DNS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub dns_timeout: Duration,
     /// Most series per metric; past it new workloads share one `_overflow` series.
     #[arg(long, env = "FAULTLINE_MAX_SERIES", default_value_t = 2000)]
     pub max_series: usize,
@@ -150,16 +154,47 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut enricher = Enricher::new(Attributor::new(CgroupFs::discover()?, &args.pods).await);
+    let cgroups = CgroupFs::discover()?;
+    let (mut dns_ring, mut dns) = match cgroups.mount(Hierarchy::Unified) {
+        Some(m) => match probes.attach_dns(&m.path) {
+            Ok(()) => {
+                metrics.probe_attached("dns", true);
+                let ring = probes.take_dns_events()?;
+                // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open while registered.
+                let ring =
+                    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                        .map_err(|e| e.into_parts().1)
+                        .context("registering the DNS ring buffer with the event loop")?;
+                (
+                    Some(ring),
+                    Some(DnsTracker::new(args.dns_timeout, Names::Full)),
+                )
+            }
+            Err(e) => {
+                eprintln!("faultline: skipped probe dns: {}", crate::loader::brief(&e));
+                metrics.probe_attached("dns", false);
+                (None, None)
+            }
+        },
+        None => {
+            eprintln!("faultline: skipped probe dns: no cgroup v2 mount");
+            metrics.probe_attached("dns", false);
+            (None, None)
+        }
+    };
+    let mut enricher = Enricher::new(Attributor::new(cgroups, &args.pods).await);
     let mut model = TaskModel::default();
-    let mut sink = Sink::open(&args)?;
-    let otlp = match &args.otlp_endpoint {
-        Some(endpoint) => Some(OtlpExporter::start(
-            endpoint,
-            &node,
-            metrics.otlp_counters()?,
-        )?),
-        None => None,
+    let mut outputs = Outputs {
+        metrics: metrics.clone(),
+        sink: Sink::open(&args)?,
+        otlp: match &args.otlp_endpoint {
+            Some(endpoint) => Some(OtlpExporter::start(
+                endpoint,
+                &node,
+                metrics.otlp_counters()?,
+            )?),
+            None => None,
+        },
     };
 
     let served = Arc::new(Served {
@@ -179,26 +214,34 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.listen
     );
 
-    let mut on_failure = |f: clone::CloneFailure| -> anyhow::Result<()> {
-        metrics.clone_failure(&f);
-        if let Some(otlp) = &otlp {
-            otlp.clone_failure(&f);
-        }
-        sink.write(&serde_json::to_string(&f).context("encoding an event")?)
-    };
     loop {
         tokio::select! {
             guard = async { ring.as_mut().expect("only polled with a ring").readable_mut().await }, if ring.is_some() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                clone::drain(guard.get_inner_mut(), &mut enricher, &mut on_failure)?;
+                clone::drain(guard.get_inner_mut(), &mut enricher, |f| outputs.clone_failure(&f))?;
+                guard.clear_ready();
+            }
+            guard = async { dns_ring.as_mut().expect("only polled with DNS").readable_mut().await }, if dns_ring.is_some() => {
+                let mut guard = guard.context("waiting on the DNS ring buffer")?;
+                if let Some(tracker) = dns.as_mut() {
+                    crate::dns::drain(guard.get_inner_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
+                }
                 guard.clear_ready();
             }
             _ = refresh.tick() => {
                 if tasks_ok {
                     model.update(std::time::Instant::now(), probes.task_counts()?);
                 }
+                if let Some(tracker) = dns.as_mut() {
+                    let now = tracker.now_ktime();
+                    for q in tracker.expire(now, &mut enricher.attributor) {
+                        outputs.dns_query(&q)?;
+                    }
+                    metrics.dns_lost(probes.dns_stats()?.lost);
+                }
                 let rows = model.rows(&mut enricher.attributor);
                 metrics.tasks(&rows, NodeTasks::read()?, probes.clone_stats()?, probes.task_stats()?);
+                outputs.sink.flush()?;
                 served.ready.store(true, Ordering::Relaxed);
             }
             _ = sigint.recv() => break,
@@ -209,19 +252,48 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     server.abort();
     served.ready.store(false, Ordering::Relaxed);
     if let Some(ring) = ring.as_mut() {
-        clone::drain(ring.get_mut(), &mut enricher, &mut on_failure)?;
+        clone::drain(ring.get_mut(), &mut enricher, |f| outputs.clone_failure(&f))?;
     }
-    drop(on_failure);
-    sink.flush()?;
+    if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
+        crate::dns::drain(ring.get_mut(), tracker, &mut enricher.attributor, |q| {
+            outputs.dns_query(&q)
+        })?;
+    }
+    outputs.sink.flush()?;
     let stats = probes.clone_stats()?;
     // Dropping the probes detaches every program.
     drop(ring);
+    drop(dns_ring);
     drop(probes);
     eprintln!(
         "faultline: stopped; {} clone failures seen in the kernel, {} lost (ring buffer full)",
         stats.failures, stats.lost
     );
     Ok(())
+}
+
+/// Where each event goes: metrics, the event lines, OTLP.
+struct Outputs {
+    metrics: Arc<Metrics>,
+    sink: Sink,
+    otlp: Option<OtlpExporter>,
+}
+
+impl Outputs {
+    fn clone_failure(&mut self, f: &clone::CloneFailure) -> anyhow::Result<()> {
+        self.metrics.clone_failure(f);
+        if let Some(otlp) = &self.otlp {
+            otlp.clone_failure(f);
+        }
+        self.sink
+            .write(&serde_json::to_string(f).context("encoding an event")?)
+    }
+
+    fn dns_query(&mut self, q: &DnsQuery) -> anyhow::Result<()> {
+        self.metrics.dns_query(q);
+        self.sink
+            .write(&serde_json::to_string(q).context("encoding an event")?)
+    }
 }
 
 async fn serve(listener: TcpListener, served: Arc<Served>) {

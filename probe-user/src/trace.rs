@@ -403,16 +403,9 @@ fn drain_dns(
     printer: &mut Printer,
     summary: &mut Summary,
 ) -> anyhow::Result<()> {
-    while let Some(item) = ring.next() {
-        let Some(ev) = dns::decode(&item) else {
-            tracker.malformed += 1;
-            continue;
-        };
-        drop(item);
-        if let Some(q) = tracker.on_packet(&ev, attributor) {
-            print_dns(&q, filter, printer, summary)?;
-        }
-    }
+    dns::drain(ring, tracker, attributor, |q| {
+        print_dns(&q, filter, printer, summary)
+    })?;
     printer.flush()
 }
 

@@ -370,3 +370,58 @@ fn servfail_slow_answers_tcp_and_redacted_names() {
         "{summary}"
     );
 }
+
+#[test]
+fn the_daemon_exports_dns_metrics_per_workload() {
+    let lab = DnsLab::start();
+    let path = lab.path();
+    let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
+    lab.resolv_conf("");
+    lab.client("getent ahosts web.test");
+    lab.client("getent ahosts nope.test");
+    let sel = format!(r#"workload="{path}""#);
+    let text = eventually(Duration::from_secs(20), "DNS metrics", || {
+        let m = daemon.metrics();
+        m.lines()
+            .any(|l| {
+                l.starts_with("faultline_dns_queries_total{")
+                    && l.contains(&sel)
+                    && l.contains(r#"rcode="NXDOMAIN""#)
+            })
+            .then_some(m)
+    });
+    let value = |prefix: &str, must: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with(prefix) && l.contains(&sel) && must.iter().all(|m| l.contains(m))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        value(
+            "faultline_dns_queries_total{",
+            &[
+                r#"qtype="A""#,
+                r#"rcode="NOERROR""#,
+                r#"outcome="answered""#
+            ]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("faultline_dns_queries_total{", &[r#"rcode="NXDOMAIN""#]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("faultline_dns_query_duration_seconds_count{", &[]),
+        4.0,
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"faultline_probe_attached{probe="dns"} 1"#),
+        "{text}"
+    );
+}
