@@ -37,15 +37,18 @@ struct Workload {
     name: &'static str,
     /// faultline-lab arguments, with the count last.
     lab: &'static [&'static str],
+    /// A faultline-lab helper running for the whole workload (a DNS server), if any.
+    helper: Option<&'static [&'static str]>,
     count: u32,
     quick_count: u32,
     unit: &'static str,
 }
 
-const WORKLOADS: [Workload; 2] = [
+const WORKLOADS: [Workload; 3] = [
     Workload {
         name: "thread create+join",
         lab: &["spin-threads"],
+        helper: None,
         count: 20_000,
         quick_count: 500,
         unit: "threads/s",
@@ -53,9 +56,18 @@ const WORKLOADS: [Workload; 2] = [
     Workload {
         name: "fork+wait",
         lab: &["spin-forks"],
+        helper: None,
         count: 3_000,
         quick_count: 100,
         unit: "forks/s",
+    },
+    Workload {
+        name: "DNS query+answer over UDP (loopback, port 53)",
+        lab: &["dns-client", "--dns-server", "127.53.0.1:53"],
+        helper: Some(&["dns-server", "600", "--dns-listen", "127.53.0.1:53"]),
+        count: 20_000,
+        quick_count: 500,
+        unit: "queries/s",
     },
 ];
 
@@ -77,6 +89,17 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for w in &WORKLOADS {
         let count = if quick { w.quick_count } else { w.count };
+        let mut helper = match w.helper {
+            Some(args) => Some(
+                Command::new(bin.join("faultline-lab"))
+                    .args(args)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting the workload's helper")?,
+            ),
+            None => None,
+        };
+        std::thread::sleep(Duration::from_millis(300));
         // rates[config][rep]
         let mut rates = vec![Vec::new(); CONFIGS.len()];
         for rep in 0..reps {
@@ -99,6 +122,10 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
                 rates[i].push(rate);
             }
         }
+        if let Some(h) = helper.as_mut() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
         let medians: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
         for (i, c) in CONFIGS.iter().enumerate() {
             rows.push(format!(
@@ -120,7 +147,7 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let report = format!(
-        "# Benchmarks\n\nWritten by `cargo xtask bench` on {date}.\n\n- machine: {cpus} CPUs, {mem}\n- kernel: {kernel}\n- method: each workload runs {REPS} times per configuration, configurations alternating within each repetition; the table shows the median rate and its ratio to the no-probe median of the same run. A ratio of 1.000 means no measurable cost; the spread between repetitions on this machine is a few percent, so differences below that are noise.\n\n{table}\nWorkloads are `faultline-lab spin-threads N` (pthread_create + join, one at a time) and `faultline-lab spin-forks N` (fork + waitpid). Thread creation targets: >= 0.98 of no probe.\n",
+        "# Benchmarks\n\nWritten by `cargo xtask bench` on {date}.\n\n- machine: {cpus} CPUs, {mem}\n- kernel: {kernel}\n- method: each workload runs {REPS} times per configuration, configurations alternating within each repetition; the table shows the median rate and its ratio to the no-probe median of the same run. A ratio of 1.000 means no measurable cost; the spread between repetitions on this machine is a few percent, so differences below that are noise.\n\n{table}\nWorkloads are `faultline-lab spin-threads N` (pthread_create + join, one at a time), `faultline-lab spin-forks N` (fork + waitpid) and `faultline-lab dns-client N` (a UDP query and its answer, one at a time, against `faultline-lab dns-server` on 127.53.0.1:53; the cgroup_skb programs see both packets). Targets: thread creation >= 0.98 and DNS >= 0.95 of no probe.\n",
         date = stdout_of(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC")).trim(),
         cpus = std::thread::available_parallelism().map_or(0, |n| n.get()),
         mem = stdout_of(

@@ -34,6 +34,8 @@ enum Mode {
     /// A DNS responder on --dns-listen for `count` seconds: SERVFAIL for names starting with
     /// "fail.", answers after --dns-delay for names starting with "slow.", NOERROR otherwise.
     DnsServer,
+    /// Benchmark: `count` DNS queries, one after another, to --dns-server, timed.
+    DnsClient,
 }
 
 #[derive(Parser, Debug)]
@@ -89,6 +91,9 @@ struct Args {
     /// How long the dns-server mode waits before answering "slow." names.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "300ms")]
     dns_delay: std::time::Duration,
+    /// Where the dns-client mode sends its queries.
+    #[arg(long, default_value = "127.53.0.1:53")]
+    dns_server: std::net::SocketAddr,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -154,6 +159,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(pid_max) = args.pidns_pid_max {
         return in_new_pidns(args, stacks.as_ref(), pid_max);
+    }
+    if args.mode == Mode::DnsClient {
+        return dns_client(args.dns_server, args.count);
     }
     if args.mode == Mode::DnsServer {
         return dns_server(
@@ -235,6 +243,39 @@ fn dns_server(
         let _ = socket.send_to(&reply, peer);
     }
     Ok(())
+}
+
+/// Sends `count` A queries for bench.test one at a time, each waiting for its answer.
+fn dns_client(server: std::net::SocketAddr, count: u32) -> anyhow::Result<()> {
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).context("binding a UDP socket")?;
+    socket
+        .connect(server)
+        .with_context(|| format!("connecting to {server}"))?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    let mut report = Report {
+        pid: node_pid(),
+        ..Default::default()
+    };
+    let mut query = vec![
+        0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, b'b', b'e', b'n', b'c', b'h', 4, b't', b'e', b's',
+        b't', 0, 0, 1, 0, 1,
+    ];
+    let mut buf = [0u8; 512];
+    let start = std::time::Instant::now();
+    for i in 0..count {
+        query[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        let answered = socket.send(&query).is_ok()
+            && socket
+                .recv(&mut buf)
+                .is_ok_and(|n| n >= 2 && buf[..2] == query[..2]);
+        if answered {
+            report.created += 1;
+        } else {
+            report.failures += 1;
+        }
+    }
+    report.elapsed_ns = Some(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    print_report(&report)
 }
 
 /// The first label of the question name.
@@ -499,7 +540,12 @@ fn create(
                 fork_with(|| unsafe { libc::syscall(libc::SYS_fork) as libc::pid_t })
                     .map(|pid| children.push(pid))
             }
-            Mode::Churn | Mode::Hop | Mode::SpinThreads | Mode::SpinForks | Mode::DnsServer => {
+            Mode::Churn
+            | Mode::Hop
+            | Mode::SpinThreads
+            | Mode::SpinForks
+            | Mode::DnsServer
+            | Mode::DnsClient => {
                 break;
             } // run elsewhere
         };
