@@ -11,23 +11,15 @@ pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
 
-/// Places CLOCK_MONOTONIC stamps on the wall clock.
-pub struct KernelClock {
-    /// Wall-clock time minus CLOCK_MONOTONIC, measured once.
-    wall_offset_ns: i128,
-}
-
-impl Default for KernelClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// Places CLOCK_MONOTONIC stamps on the wall clock. The offset between the two is measured at
+/// each conversion: the wall clock is stepped and slewed (NTP, VM time sync), and an offset
+/// measured once drifts by tens of milliseconds within minutes on a VM.
+#[derive(Default)]
+pub struct KernelClock;
 
 impl KernelClock {
     pub fn new() -> Self {
-        KernelClock {
-            wall_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
-        }
+        KernelClock
     }
 
     /// Now on the kernel's clock (what `bpf_ktime_get_ns()` would say).
@@ -36,7 +28,8 @@ impl KernelClock {
     }
 
     pub fn unix_nano(&self, ktime_ns: u64) -> u64 {
-        u64::try_from(ktime_ns as i128 + self.wall_offset_ns).unwrap_or(0)
+        let offset = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
+        u64::try_from(ktime_ns as i128 + offset).unwrap_or(0)
     }
 
     pub fn rfc3339(&self, ktime_ns: u64) -> String {

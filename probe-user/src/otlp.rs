@@ -1,6 +1,7 @@
 //! OTLP/HTTP export of events (`faultline run --otlp-endpoint http://collector:4318`): clone
-//! failures as log records with their real time and OpenTelemetry's Kubernetes attributes
-//! (`k8s.namespace.name`, `k8s.pod.name`, ...). The ring-buffer readers only ever `try_send`
+//! failures as log records with their real time, DNS queries as client spans with their real
+//! start and end, all with OpenTelemetry's Kubernetes attributes (`k8s.namespace.name`,
+//! `k8s.pod.name`, ...). The ring-buffer readers only ever `try_send`
 //! into a bounded queue: a slow or dead collector makes faultline drop and count events,
 //! never wait or grow.
 
@@ -14,16 +15,23 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use opentelemetry_proto::tonic::{
-    collector::logs::v1::ExportLogsServiceRequest,
+    collector::{logs::v1::ExportLogsServiceRequest, trace::v1::ExportTraceServiceRequest},
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
     resource::v1::Resource,
+    trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
 };
 use prometheus::IntCounter;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use crate::clone::CloneFailure;
+use crate::{clone::CloneFailure, dns::DnsQuery, pods::PodRef};
+
+/// What waits in the queue: a log record or a span.
+enum Item {
+    Log(LogRecord),
+    Span(Span),
+}
 
 /// Events waiting for export; past this they are dropped and counted.
 const QUEUE: usize = 4096;
@@ -42,7 +50,7 @@ pub struct OtlpCounters {
 }
 
 pub struct OtlpExporter {
-    tx: mpsc::Sender<LogRecord>,
+    tx: mpsc::Sender<Item>,
     counters: OtlpCounters,
 }
 
@@ -54,7 +62,10 @@ impl OtlpExporter {
         if !base.starts_with("http://") {
             bail!("--otlp-endpoint {endpoint:?}: only http:// endpoints are supported");
         }
-        let uri: hyper::Uri = format!("{base}/v1/logs")
+        let logs: hyper::Uri = format!("{base}/v1/logs")
+            .parse()
+            .context("parsing --otlp-endpoint")?;
+        let traces: hyper::Uri = format!("{base}/v1/traces")
             .parse()
             .context("parsing --otlp-endpoint")?;
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -62,13 +73,21 @@ impl OtlpExporter {
             attributes: vec![kv("service.name", "faultline"), kv("k8s.node.name", node)],
             ..Default::default()
         };
-        tokio::spawn(send_batches(rx, uri, resource, counters.clone()));
+        tokio::spawn(send_batches(rx, [logs, traces], resource, counters.clone()));
         Ok(OtlpExporter { tx, counters })
     }
 
     /// Queues an event; drops and counts it when the queue is full.
     pub fn clone_failure(&self, f: &CloneFailure) {
-        if self.tx.try_send(log_record(f)).is_err() {
+        self.queue(Item::Log(log_record(f)));
+    }
+
+    pub fn dns_query(&self, q: &DnsQuery) {
+        self.queue(Item::Span(dns_span(q)));
+    }
+
+    fn queue(&self, item: Item) {
+        if self.tx.try_send(item).is_err() {
             self.counters.dropped.inc();
         }
     }
@@ -150,6 +169,95 @@ pub fn log_record(f: &CloneFailure) -> LogRecord {
     }
 }
 
+/// OpenTelemetry's Kubernetes attributes of a pod.
+fn k8s_attributes(pod: Option<&PodRef>) -> Vec<KeyValue> {
+    let Some(p) = pod else { return Vec::new() };
+    let mut attributes = vec![kv("k8s.pod.uid", p.uid.clone())];
+    for (key, value) in [
+        ("k8s.namespace.name", &p.namespace),
+        ("k8s.pod.name", &p.name),
+        ("k8s.container.name", &p.container),
+        ("container.id", &p.container_id),
+    ] {
+        if let Some(v) = value {
+            attributes.push(kv(key, v.clone()));
+        }
+    }
+    if let Some(o) = &p.owner {
+        // k8s.deployment.name, k8s.statefulset.name, k8s.daemonset.name, k8s.job.name, ...
+        attributes.push(kv(
+            &format!("k8s.{}.name", o.kind.to_lowercase()),
+            o.name.clone(),
+        ));
+    }
+    attributes
+}
+
+/// A DNS query as a client span from send to answer (or to the timeout).
+pub fn dns_span(q: &DnsQuery) -> Span {
+    let (server, port) = q.server.rsplit_once(':').unwrap_or((q.server.as_str(), ""));
+    let mut attributes = vec![
+        kv("dns.question.name", q.qname.clone()),
+        kv("dns.question.type", q.qtype.clone()),
+        kv("faultline.dns.outcome", q.outcome),
+        kv("server.address", server.trim_matches(['[', ']'])),
+        kv("faultline.workload", q.workload.clone()),
+        kv("container.runtime.cgroup", q.cgroup.clone()),
+    ];
+    if let Ok(p) = port.parse::<i64>() {
+        attributes.push(kv_int("server.port", p));
+    }
+    if let Some(rcode) = &q.rcode {
+        attributes.push(kv("dns.response_code", rcode.clone()));
+    }
+    if let Some(gap) = q.retransmit_gap_ms {
+        attributes.push(kv("faultline.dns.retransmit_gap_ms", format!("{gap:.1}")));
+    }
+    attributes.extend(k8s_attributes(q.pod.as_ref()));
+    let failed = q.outcome == "timeout"
+        || q.rcode
+            .as_deref()
+            .is_some_and(|r| r == "SERVFAIL" || r == "REFUSED");
+    Span {
+        trace_id: random_id(16),
+        span_id: random_id(8),
+        name: format!("DNS {}", q.qtype),
+        kind: SpanKind::Client as i32,
+        start_time_unix_nano: q.start_unix_nano,
+        end_time_unix_nano: q.end_unix_nano,
+        attributes,
+        status: Some(Status {
+            code: if failed {
+                StatusCode::Error
+            } else {
+                StatusCode::Unset
+            } as i32,
+            message: if failed {
+                q.rcode.clone().unwrap_or_else(|| "timeout".to_owned())
+            } else {
+                String::new()
+            },
+        }),
+        ..Default::default()
+    }
+}
+
+/// A non-zero id of `len` bytes (xorshift seeded from the clock and a counter; ids need to be
+/// unique, not secret).
+fn random_id(len: usize) -> Vec<u8> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let mut x = now_unix_nano()
+        ^ COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as u8) | 1
+        })
+        .collect()
+}
+
 fn now_unix_nano() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -157,67 +265,90 @@ fn now_unix_nano() -> u64 {
 }
 
 async fn send_batches(
-    mut rx: mpsc::Receiver<LogRecord>,
-    uri: hyper::Uri,
+    mut rx: mpsc::Receiver<Item>,
+    [logs_uri, traces_uri]: [hyper::Uri; 2],
     resource: Resource,
     counters: OtlpCounters,
 ) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let mut batch = Vec::with_capacity(BATCH);
+    let scope = InstrumentationScope {
+        name: "faultline".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..Default::default()
+    };
+    let (mut logs, mut spans) = (Vec::new(), Vec::new());
     loop {
         let deadline = tokio::time::sleep(FLUSH_EVERY);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 r = rx.recv() => match r {
-                    Some(rec) => {
-                        batch.push(rec);
-                        if batch.len() >= BATCH {
-                            break;
-                        }
-                    }
-                    None if batch.is_empty() => return,
+                    Some(Item::Log(rec)) => logs.push(rec),
+                    Some(Item::Span(span)) => spans.push(span),
+                    None if logs.is_empty() && spans.is_empty() => return,
                     None => break,
                 },
                 _ = &mut deadline => break,
             }
+            if logs.len() + spans.len() >= BATCH {
+                break;
+            }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let records = batch.len() as u64;
-        let request = ExportLogsServiceRequest {
-            resource_logs: vec![ResourceLogs {
-                resource: Some(resource.clone()),
-                scope_logs: vec![ScopeLogs {
-                    scope: Some(InstrumentationScope {
-                        name: "faultline".to_owned(),
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
+        if !logs.is_empty() {
+            let n = logs.len() as u64;
+            let request = ExportLogsServiceRequest {
+                resource_logs: vec![ResourceLogs {
+                    resource: Some(resource.clone()),
+                    scope_logs: vec![ScopeLogs {
+                        scope: Some(scope.clone()),
+                        log_records: std::mem::take(&mut logs),
                         ..Default::default()
-                    }),
-                    log_records: std::mem::take(&mut batch),
+                    }],
                     ..Default::default()
                 }],
-                ..Default::default()
-            }],
-        };
-        let body = Full::new(Bytes::from(request.encode_to_vec()));
-        let req = hyper::Request::post(uri.clone())
-            .header("content-type", "application/x-protobuf")
-            .body(body);
-        let ok = match req {
-            Ok(req) => matches!(
-                tokio::time::timeout(REQUEST_TIMEOUT, client.request(req)).await,
-                Ok(Ok(resp)) if resp.status().is_success()
-            ),
-            Err(_) => false,
-        };
-        if !ok {
-            // The batch is gone either way: a collector that cannot keep up loses events
-            // (counted), it does not make faultline buffer without bound.
-            counters.failed_requests.inc();
-            counters.dropped.inc_by(records);
+            };
+            post(&client, &logs_uri, request.encode_to_vec(), n, &counters).await;
         }
+        if !spans.is_empty() {
+            let n = spans.len() as u64;
+            let request = ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    resource: Some(resource.clone()),
+                    scope_spans: vec![ScopeSpans {
+                        scope: Some(scope.clone()),
+                        spans: std::mem::take(&mut spans),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            };
+            post(&client, &traces_uri, request.encode_to_vec(), n, &counters).await;
+        }
+    }
+}
+
+/// One OTLP/HTTP request. On failure the records are gone, counted: a collector that cannot
+/// keep up loses events, it does not make faultline buffer without bound.
+async fn post(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    uri: &hyper::Uri,
+    body: Vec<u8>,
+    records: u64,
+    counters: &OtlpCounters,
+) {
+    let req = hyper::Request::post(uri.clone())
+        .header("content-type", "application/x-protobuf")
+        .body(Full::new(Bytes::from(body)));
+    let ok = match req {
+        Ok(req) => matches!(
+            tokio::time::timeout(REQUEST_TIMEOUT, client.request(req)).await,
+            Ok(Ok(resp)) if resp.status().is_success()
+        ),
+        Err(_) => false,
+    };
+    if !ok {
+        counters.failed_requests.inc();
+        counters.dropped.inc_by(records);
     }
 }

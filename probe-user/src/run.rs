@@ -291,6 +291,9 @@ impl Outputs {
 
     fn dns_query(&mut self, q: &DnsQuery) -> anyhow::Result<()> {
         self.metrics.dns_query(q);
+        if let Some(otlp) = &self.otlp {
+            otlp.dns_query(q);
+        }
         self.sink
             .write(&serde_json::to_string(q).context("encoding an event")?)
     }

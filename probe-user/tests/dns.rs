@@ -425,3 +425,63 @@ fn the_daemon_exports_dns_metrics_per_workload() {
         "{text}"
     );
 }
+
+#[test]
+fn dns_queries_become_otlp_client_spans_with_real_times() {
+    let lab = DnsLab::start();
+    let receiver = OtlpReceiver::start();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let daemon = Daemon::start(&["--no-events", "--otlp-endpoint", &endpoint]);
+    let path = lab.path();
+    lab.resolv_conf("");
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    lab.client("getent ahosts web.test");
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let spans = eventually(Duration::from_secs(20), "two DNS spans", || {
+        let spans: Vec<_> = receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            // Other tests' clients resolve web.test too: only this lab's cgroup.
+            .filter(|s| {
+                s.attributes
+                    .iter()
+                    .any(|kv| kv.key == "container.runtime.cgroup" && attr_str(kv) == path)
+            })
+            .filter(|s| {
+                s.attributes
+                    .iter()
+                    .any(|kv| kv.key == "dns.question.name" && attr_str(kv) == "web.test")
+            })
+            .cloned()
+            .collect();
+        (spans.len() >= 2).then_some(spans)
+    });
+    for s in &spans {
+        let attr = |k: &str| s.attributes.iter().find(|kv| kv.key == k).map(attr_str);
+        assert!(s.name == "DNS A" || s.name == "DNS AAAA", "{}", s.name);
+        assert_eq!(s.kind, 3, "a client span");
+        // This VM's wall clock is slewed by tens of milliseconds from one second to the next:
+        // "real time" here means within a second of the test's own clock, in order.
+        const SLACK: u64 = 1_000_000_000;
+        assert!(
+            before - SLACK <= s.start_time_unix_nano
+                && s.start_time_unix_nano < s.end_time_unix_nano
+                && s.end_time_unix_nano <= after + SLACK,
+            "span [{}, {}] outside [{before}, {after}]",
+            s.start_time_unix_nano,
+            s.end_time_unix_nano
+        );
+        assert_eq!(attr("dns.response_code").as_deref(), Some("NOERROR"));
+        assert_eq!(s.trace_id.len(), 16);
+        assert_eq!(s.span_id.len(), 8);
+    }
+    drop(daemon);
+}

@@ -635,3 +635,89 @@ impl KubeletLogs {
         self.root.display().to_string()
     }
 }
+
+/// A received log record with its resource's attributes.
+pub type Received = (
+    Vec<(String, String)>,
+    opentelemetry_proto::tonic::logs::v1::LogRecord,
+);
+
+pub struct OtlpReceiver {
+    pub port: u16,
+    pub records: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    pub spans: std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+}
+
+pub fn attr_str(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(V::StringValue(s)) => s.clone(),
+        Some(V::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl OtlpReceiver {
+    pub fn start() -> OtlpReceiver {
+        use prost::Message as _;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (sink, span_sink) = (records.clone(), spans.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(1000) {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+                let mut len = 0usize;
+                let mut traces = false;
+                loop {
+                    let mut line = String::new();
+                    if std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) == 0
+                        || line == "\r\n"
+                    {
+                        break;
+                    }
+                    if line.starts_with("POST /v1/traces") {
+                        traces = true;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                if reader.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                if traces {
+                    if let Ok(req) = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body.as_slice()) {
+                        for rs in req.resource_spans {
+                            for ss in rs.scope_spans {
+                                span_sink.lock().unwrap().extend(ss.spans);
+                            }
+                        }
+                    }
+                } else if let Ok(req) = opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest::decode(body.as_slice()) {
+                    for rl in req.resource_logs {
+                        let resource: Vec<(String, String)> =
+                            rl.resource.iter().flat_map(|r| r.attributes.iter()).map(|kv| (kv.key.clone(), attr_str(kv))).collect();
+                        for sl in rl.scope_logs {
+                            for rec in sl.log_records {
+                                sink.lock().unwrap().push((resource.clone(), rec));
+                            }
+                        }
+                    }
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        OtlpReceiver {
+            port,
+            records,
+            spans,
+        }
+    }
+}
