@@ -237,7 +237,7 @@ mod tests {
                 .enumerate()
                 .find(|(i, w)| *w == needle.as_slice() && (*i == 0 || strings[i - 1] == 0))
                 .map(|(i, _)| i as u32)
-                .unwrap()
+                .expect("test")
         };
         let mut t: Vec<u8> = Vec::new();
         let mut push = |v: &[u32]| v.iter().for_each(|x| t.extend_from_slice(&x.to_le_bytes()));
@@ -298,20 +298,20 @@ mod tests {
 
     #[test]
     fn offsets_through_anonymous_members_and_paths() {
-        let btf = Btf::parse(sample()).unwrap();
-        assert_eq!(btf.member_offset("outer", "a").unwrap(), 0);
-        assert_eq!(btf.member_offset("outer", "b").unwrap(), 8);
-        assert_eq!(btf.member_offset("outer", "in.y").unwrap(), 12);
-        assert_eq!(btf.member_offset("inner", "y").unwrap(), 4);
+        let btf = Btf::parse(sample()).expect("test");
+        assert_eq!(btf.member_offset("outer", "a").expect("test"), 0);
+        assert_eq!(btf.member_offset("outer", "b").expect("test"), 8);
+        assert_eq!(btf.member_offset("outer", "in.y").expect("test"), 12);
+        assert_eq!(btf.member_offset("inner", "y").expect("test"), 4);
         assert!(btf.member_offset("outer", "nope").is_err());
         assert!(btf.member_offset("nope", "a").is_err());
     }
 
     #[test]
     fn enum_values() {
-        let btf = Btf::parse(sample()).unwrap();
-        assert_eq!(btf.enum_value("E_ONE").unwrap(), 1);
-        assert_eq!(btf.enum_value("E_NEG").unwrap(), -2);
+        let btf = Btf::parse(sample()).expect("test");
+        assert_eq!(btf.enum_value("E_ONE").expect("test"), 1);
+        assert_eq!(btf.enum_value("E_NEG").expect("test"), -2);
         assert!(btf.enum_value("E_NONE").is_err());
     }
 
@@ -333,8 +333,8 @@ mod tests {
             return;
         };
         // pids_cgroup starts with its css on every kernel.
-        assert_eq!(btf.member_offset("pids_cgroup", "css").unwrap(), 0);
-        assert!(btf.member_offset("task_struct", "cgroups").unwrap() > 0);
+        assert_eq!(btf.member_offset("pids_cgroup", "css").expect("test"), 0);
+        assert!(btf.member_offset("task_struct", "cgroups").expect("test") > 0);
         assert!(btf.member_offset("pid_namespace", "ns.inum").is_ok());
         assert!(btf.enum_value("pids_cgrp_id").is_ok());
     }

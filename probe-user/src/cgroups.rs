@@ -298,7 +298,7 @@ mod tests {
             eprintln!("no cgroup2 mount here; skipped");
             return;
         };
-        let ino = std::fs::metadata(&mount.path).unwrap().ino();
+        let ino = std::fs::metadata(&mount.path).expect("test").ino();
         assert_eq!(fs.path(Hierarchy::Unified, ino).as_deref(), Some("/"));
         assert_eq!(fs.path(Hierarchy::Unified, 0), None);
     }

@@ -430,7 +430,7 @@ mod tests {
         let mut r = q.clone();
         r[2] = 0x83; // QR, TC
         r[3] = 0x83; // RA, NXDOMAIN
-        let m = parse(&r).unwrap();
+        let m = parse(&r).expect("test");
         assert!(m.response && m.truncated);
         assert_eq!(
             (rcode_name(m.rcode), qtype_name(m.qtype)),

@@ -51,7 +51,7 @@ mod tests {
 
     #[test]
     fn reads_this_node() {
-        let n = NodeTasks::read().unwrap();
+        let n = NodeTasks::read().expect("test");
         assert!(n.threads > 0 && n.threads_max > 0 && n.pid_max > 0);
     }
 }

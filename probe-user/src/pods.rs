@@ -593,20 +593,20 @@ mod tests {
     fn names_from_kubelet_log_directories() {
         let root = std::env::temp_dir().join(format!("faultline-unit-logs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join(format!("pods/shop_cart-7d9f_{UID}/app"))).unwrap();
-        std::fs::create_dir_all(root.join("pods/garbage")).unwrap();
-        std::fs::create_dir_all(root.join("containers")).unwrap();
+        std::fs::create_dir_all(root.join(format!("pods/shop_cart-7d9f_{UID}/app"))).expect("test");
+        std::fs::create_dir_all(root.join("pods/garbage")).expect("test");
+        std::fs::create_dir_all(root.join("containers")).expect("test");
         std::fs::write(
             root.join(format!("containers/cart-7d9f_shop_app-{CID}.log")),
             "",
         )
-        .unwrap();
-        std::fs::write(root.join("containers/junk.log"), "").unwrap();
+        .expect("test");
+        std::fs::write(root.join("containers/junk.log"), "").expect("test");
         let mut dir = PodDirectory::new(&root);
         let mut named = |path: &str| attribute(path, |p| dir.name(p));
         let a = named(&format!("/kubepods/burstable/pod{UID}/{CID}"));
         assert_eq!(a.workload, "shop/cart-7d9f/app");
-        let p = a.pod.unwrap();
+        let p = a.pod.expect("test");
         assert_eq!(
             (
                 p.namespace.as_deref(),
@@ -628,6 +628,6 @@ mod tests {
             named("/user.slice/user-0.slice/session-1.scope").workload,
             "session-1.scope (uid 0)"
         );
-        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&root).expect("test");
     }
 }

@@ -460,9 +460,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         let write = |rel: &str, max: &str, current: &str| {
             let d = root.join(rel);
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("pids.max"), max).unwrap();
-            std::fs::write(d.join("pids.current"), current).unwrap();
+            std::fs::create_dir_all(&d).expect("test");
+            std::fs::write(d.join("pids.max"), max).expect("test");
+            std::fs::write(d.join("pids.current"), current).expect("test");
         };
         write("", "max", "500");
         write("kubepods", "1000", "400");
@@ -470,19 +470,19 @@ mod tests {
         write("kubepods/pod1/ctr", "max", "90");
         write("kubepods/pod2", "max", "10");
 
-        let l = tightest_pids_limit(&root, "/kubepods/pod1/ctr").unwrap();
+        let l = tightest_pids_limit(&root, "/kubepods/pod1/ctr").expect("test");
         assert_eq!(
             (l.cgroup.as_str(), l.max, l.current, l.headroom),
             ("/kubepods/pod1", 100, 95, 5)
         );
         // pod2 has no limit of its own: the kubepods limit applies.
-        let l = tightest_pids_limit(&root, "/kubepods/pod2").unwrap();
+        let l = tightest_pids_limit(&root, "/kubepods/pod2").expect("test");
         assert_eq!((l.cgroup.as_str(), l.headroom), ("/kubepods", 600));
         // No limit anywhere: none.
         assert!(tightest_pids_limit(&root, "/").is_none());
         // A path the pids tree does not have: its ancestors still apply.
-        let l = tightest_pids_limit(&root, "/kubepods/pod3/ctr").unwrap();
+        let l = tightest_pids_limit(&root, "/kubepods/pod3/ctr").expect("test");
         assert_eq!(l.cgroup, "/kubepods");
-        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&root).expect("test");
     }
 }

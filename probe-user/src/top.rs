@@ -278,7 +278,7 @@ mod tests {
             lines[4]
         );
         assert_eq!(
-            render(&s, 1).last().unwrap(),
+            render(&s, 1).last().expect("test"),
             "... 1 more (--rows, --cgroup)"
         );
     }

@@ -580,8 +580,8 @@ mod tests {
 
     #[test]
     fn percentages() {
-        assert_eq!(parse_percent("10%").unwrap(), 10.0);
-        assert_eq!(parse_percent("2.5").unwrap(), 2.5);
+        assert_eq!(parse_percent("10%").expect("test"), 10.0);
+        assert_eq!(parse_percent("2.5").expect("test"), 2.5);
         assert!(parse_percent("150%").is_err());
         assert!(parse_percent("ten").is_err());
     }
