@@ -40,10 +40,25 @@ pub struct DnsPacketEvent {
 pub enum DnsStat {
     /// Events that did not fit in the ring buffer.
     RingbufFull = 0,
-    /// DNS over TCP port 53: segments sent to a server.
-    TcpQueries = 1,
-    /// DNS over TCP port 53: segments received from a server.
-    TcpResponses = 2,
+    /// DNS over TCP port 53 segments in cgroups the full `DNS_TCP` map could not count.
+    TcpMapFull = 1,
 }
 
-pub const DNS_STAT_COUNT: u32 = 3;
+pub const DNS_STAT_COUNT: u32 = 2;
+
+/// DNS over TCP port 53, per cgroup: segments to and from servers (counted, not parsed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsTcpCounts {
+    pub to_server: u64,
+    pub from_server: u64,
+}
+
+/// Most cgroups counted in `DNS_TCP`.
+pub const MAX_DNS_TCP_CGROUPS: u32 = 16384;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] struct of u64s: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::DnsTcpCounts {}
+}

@@ -9,11 +9,12 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes,
     },
     macros::{cgroup_skb, map},
-    maps::{PerCpuArray, RingBuf},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
     programs::SkBuffContext,
 };
 use probe_common::dns::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_CAPTURE, DNS_STAT_COUNT, DnsPacketEvent, DnsStat,
+    DnsTcpCounts, MAX_DNS_TCP_CGROUPS,
 };
 
 /// Per-request events: 1 MiB holds ~1,600 packets between two reads.
@@ -23,6 +24,13 @@ static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 #[map]
 static DNS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DNS_STAT_COUNT, 0);
 
+/// DNS over TCP segments per cgroup v2 id.
+#[map]
+static DNS_TCP: PerCpuHashMap<u64, DnsTcpCounts> =
+    PerCpuHashMap::with_max_entries(MAX_DNS_TCP_CGROUPS, 0);
+
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
@@ -44,6 +52,35 @@ fn bump(stat: DnsStat) {
     if let Some(v) = DNS_STATS.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot.
         unsafe { *v += 1 };
+    }
+}
+
+/// Drops a removed cgroup's DNS-over-TCP counts (called from the cgroup_rmdir program).
+#[inline(always)]
+pub fn forget_cgroup(id: u64) {
+    let _ = DNS_TCP.remove(&id);
+}
+
+#[inline(always)]
+fn count_tcp(ctx: &SkBuffContext, to_server: bool) {
+    // SAFETY: the context pointer is the skb of this program.
+    let id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
+    if DNS_TCP.get_ptr_mut(&id).is_none()
+        && let Err(e) = DNS_TCP.insert(&id, &DnsTcpCounts::default(), BPF_NOEXIST)
+        && e != -(EEXIST as i64) as i32
+    {
+        bump(DnsStat::TcpMapFull);
+        return;
+    }
+    if let Some(c) = DNS_TCP.get_ptr_mut(&id) {
+        // SAFETY: per-CPU value.
+        unsafe {
+            if to_server {
+                (*c).to_server += 1;
+            } else {
+                (*c).from_server += 1;
+            }
+        }
     }
 }
 
@@ -74,11 +111,7 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
         return Ok(());
     }
     if proto == PROTO_TCP {
-        bump(if to_server {
-            DnsStat::TcpQueries
-        } else {
-            DnsStat::TcpResponses
-        });
+        count_tcp(ctx, to_server);
         return Ok(());
     }
     if proto != PROTO_UDP {

@@ -59,8 +59,11 @@ pub fn task_cgroup_rmdir(ctx: TracePointContext) -> u32 {
     }) else {
         return 0;
     };
-    if root == CGROUP_V2_ROOT && TASK_COUNTS.remove(&id).is_ok() {
-        bump(TaskStat::CgroupsRemoved);
+    if root == CGROUP_V2_ROOT {
+        crate::dns::forget_cgroup(id);
+        if TASK_COUNTS.remove(&id).is_ok() {
+            bump(TaskStat::CgroupsRemoved);
+        }
     }
     0
 }

@@ -9,7 +9,7 @@ use aya::{
 };
 use probe_common::{
     clone::{CLONE_STAT_COUNT, CloneStat},
-    dns::{DNS_STAT_COUNT, DnsStat},
+    dns::{DNS_STAT_COUNT, DnsStat, DnsTcpCounts},
     tasks::{TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
 
@@ -49,8 +49,8 @@ pub struct Probes {
 pub struct DnsStats {
     /// Packets that did not fit in the ring buffer.
     pub lost: u64,
-    pub tcp_queries: u64,
-    pub tcp_responses: u64,
+    /// DNS-over-TCP segments in cgroups the full per-cgroup map could not count.
+    pub tcp_uncounted: u64,
 }
 
 /// Counters the task programs keep in the kernel, summed over CPUs.
@@ -155,8 +155,17 @@ impl Probes {
         let sums = self.stat_sums::<{ DNS_STAT_COUNT as usize }>("DNS_STATS")?;
         Ok(DnsStats {
             lost: sums[DnsStat::RingbufFull as usize],
-            tcp_queries: sums[DnsStat::TcpQueries as usize],
-            tcp_responses: sums[DnsStat::TcpResponses as usize],
+            tcp_uncounted: sums[DnsStat::TcpMapFull as usize],
+        })
+    }
+
+    /// DNS-over-TCP segments per cgroup v2 id, summed over CPUs.
+    pub fn dns_tcp_counts(&self) -> anyhow::Result<Vec<(u64, DnsTcpCounts)>> {
+        self.per_cpu_hash("DNS_TCP", |a: DnsTcpCounts, c: &DnsTcpCounts| {
+            DnsTcpCounts {
+                to_server: a.to_server + c.to_server,
+                from_server: a.from_server + c.from_server,
+            }
         })
     }
 
@@ -188,24 +197,30 @@ impl Probes {
 
     /// Every cgroup's task counters (cgroup v2 id, counts summed over CPUs).
     pub fn task_counts(&self) -> anyhow::Result<Vec<(u64, TaskCounts)>> {
+        self.per_cpu_hash("TASK_COUNTS", |a: TaskCounts, c: &TaskCounts| TaskCounts {
+            threads: a.threads + c.threads,
+            processes: a.processes + c.processes,
+            exited: a.exited + c.exited,
+        })
+    }
+
+    /// Every entry of a per-CPU hash keyed by cgroup id, its values summed over CPUs.
+    fn per_cpu_hash<V: aya::Pod + Default>(
+        &self,
+        name: &str,
+        add: impl Fn(V, &V) -> V,
+    ) -> anyhow::Result<Vec<(u64, V)>> {
         let map = self
             .ebpf
-            .map("TASK_COUNTS")
-            .context("map TASK_COUNTS missing")?;
-        let hash = PerCpuHashMap::<_, u64, TaskCounts>::try_from(map)
-            .context("TASK_COUNTS is not a per-CPU hash")?;
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        let hash = PerCpuHashMap::<_, u64, V>::try_from(map)
+            .with_context(|| format!("{name} is not a per-CPU hash"))?;
         let mut out = Vec::new();
         for entry in hash.iter() {
             // A cgroup removed during the walk can end it early; the next read sees the rest.
             let Ok((id, per_cpu)) = entry else { break };
-            let sum = per_cpu
-                .iter()
-                .fold(TaskCounts::default(), |a, c| TaskCounts {
-                    threads: a.threads + c.threads,
-                    processes: a.processes + c.processes,
-                    exited: a.exited + c.exited,
-                });
-            out.push((id, sum));
+            out.push((id, per_cpu.iter().fold(V::default(), &add)));
         }
         Ok(out)
     }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use probe_common::tasks::TaskCounts;
+use probe_common::{dns::DnsTcpCounts, tasks::TaskCounts};
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -143,6 +143,8 @@ pub struct Metrics {
     dns_queries: IntCounterVec,
     dns_duration: HistogramVec,
     dns_retransmits: IntCounterVec,
+    dns_tcp: IntCounterVec,
+    last_tcp: Mutex<HashMap<u64, DnsTcpCounts>>,
     /// Last kernel counts exported per cgroup id, to turn totals into counter increments.
     last_counts: Mutex<HashMap<u64, TaskCounts>>,
     last_lost: Mutex<(u64, u64)>,
@@ -256,6 +258,12 @@ impl Metrics {
                 "DNS queries re-sent before an answer (5 s apart: the classic resolver timeout).",
                 &labels(&[]),
             )?,
+            dns_tcp: counter(
+                "faultline_dns_tcp_segments_total",
+                "DNS over TCP port 53 segments (counted, not parsed), by direction.",
+                &labels(&["direction"]),
+            )?,
+            last_tcp: Mutex::new(HashMap::new()),
             last_counts: Mutex::new(HashMap::new()),
             last_lost: Mutex::new((0, 0)),
             registry,
@@ -324,6 +332,28 @@ impl Metrics {
             let labels = self.cap.admit("dns_retransmits", who, &[]);
             self.dns_retransmits.with_label_values(&labels).inc();
         }
+    }
+
+    /// DNS-over-TCP totals per cgroup (id, counts, whose) from the kernel, as increments.
+    pub fn dns_tcp(&self, counts: Vec<(u64, DnsTcpCounts, [String; 4])>) {
+        let Ok(mut last) = self.last_tcp.lock() else {
+            return;
+        };
+        let mut present = HashMap::with_capacity(counts.len());
+        for (id, now, who) in counts {
+            let before = last.get(&id).copied().unwrap_or_default();
+            for (direction, n, was) in [
+                ("to_server", now.to_server, before.to_server),
+                ("from_server", now.from_server, before.from_server),
+            ] {
+                if n > was {
+                    let labels = self.cap.admit("dns_tcp", who.clone(), &[direction]);
+                    self.dns_tcp.with_label_values(&labels).inc_by(n - was);
+                }
+            }
+            present.insert(id, now);
+        }
+        *last = present;
     }
 
     /// Losses of the DNS ring buffer, as a running total from the kernel.

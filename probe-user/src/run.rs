@@ -238,6 +238,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         outputs.dns_query(&q)?;
                     }
                     metrics.dns_lost(probes.dns_stats()?.lost);
+                    let tcp = probes
+                        .dns_tcp_counts()?
+                        .into_iter()
+                        .map(|(id, c)| {
+                            let (_, a) = enricher.attributor.attribute(id, None);
+                            (id, c, crate::metrics::who(&a.workload, a.pod.as_ref()))
+                        })
+                        .collect();
+                    metrics.dns_tcp(tcp);
                 }
                 let rows = model.rows(&mut enricher.attributor);
                 metrics.tasks(&rows, NodeTasks::read()?, probes.clone_stats()?, probes.task_stats()?);

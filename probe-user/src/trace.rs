@@ -145,8 +145,8 @@ pub struct Summary {
     dns_malformed: u64,
     /// DNS packets that did not reach userspace (ring buffer full).
     dns_lost_events: u64,
-    /// DNS over TCP port 53 segments (counted, not parsed).
-    dns_tcp_segments: u64,
+    /// DNS over TCP port 53 segments in cgroups the kernel map could not count.
+    dns_tcp_uncounted: u64,
 }
 
 /// DNS per workload in the summary.
@@ -159,6 +159,9 @@ pub struct DnsSummary {
     nxdomain_share: f64,
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
+    /// DNS over TCP port 53 (counted, not parsed): segments to and from servers.
+    tcp_segments_to_server: u64,
+    tcp_segments_from_server: u64,
     #[serde(skip)]
     latencies: Vec<f64>,
 }
@@ -348,7 +351,17 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         summary.dns_malformed = tracker.malformed;
         let stats = probes.dns_stats()?;
         summary.dns_lost_events = stats.lost;
-        summary.dns_tcp_segments = stats.tcp_queries + stats.tcp_responses;
+        summary.dns_tcp_uncounted = stats.tcp_uncounted;
+        for (id, tcp) in probes.dns_tcp_counts()? {
+            let (cgroup, who) = enricher.attributor.attribute(id, None);
+            if filter.cgroup_matches(cgroup.as_deref().unwrap_or("?"), None)
+                && args.pods.matches(who.pod.as_ref())
+            {
+                let d = summary.dns.entry(who.workload).or_default();
+                d.tcp_segments_to_server += tcp.to_server;
+                d.tcp_segments_from_server += tcp.from_server;
+            }
+        }
     }
     summary.finish(probes.clone_stats()?);
     printer.summary(&summary)

@@ -365,10 +365,9 @@ fn servfail_slow_answers_tcp_and_redacted_names() {
             "a 300 ms answer measured {l} ms: {e}"
         );
     }
-    assert!(
-        summary["dns_tcp_segments"].as_u64().is_some_and(|n| n > 0),
-        "{summary}"
-    );
+    // Counted per workload, not parsed.
+    let tcp = &summary["dns"][path.as_str()]["tcp_segments_to_server"];
+    assert!(tcp.as_u64().is_some_and(|n| n > 0), "{summary}");
 }
 
 #[test]
@@ -379,16 +378,21 @@ fn the_daemon_exports_dns_metrics_per_workload() {
     lab.resolv_conf("");
     lab.client("getent ahosts web.test");
     lab.client("getent ahosts nope.test");
+    lab.resolv_conf("options use-vc\n");
+    lab.client("getent ahosts web.test");
     let sel = format!(r#"workload="{path}""#);
     let text = eventually(Duration::from_secs(20), "DNS metrics", || {
         let m = daemon.metrics();
-        m.lines()
-            .any(|l| {
-                l.starts_with("faultline_dns_queries_total{")
-                    && l.contains(&sel)
-                    && l.contains(r#"rcode="NXDOMAIN""#)
-            })
-            .then_some(m)
+        let has = |prefix: &str, what: &str| {
+            m.lines()
+                .any(|l| l.starts_with(prefix) && l.contains(&sel) && l.contains(what))
+        };
+        (has("faultline_dns_queries_total{", r#"rcode="NXDOMAIN""#)
+            && has(
+                "faultline_dns_tcp_segments_total{",
+                r#"direction="to_server""#,
+            ))
+        .then_some(m)
     });
     let value = |prefix: &str, must: &[&str]| -> f64 {
         text.lines()
