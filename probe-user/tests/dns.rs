@@ -19,6 +19,8 @@ const SERVICE_IP: &str = "203.0.113.10";
 const SERVER_IP: &str = "198.51.100.53";
 const CLIENT_IP: &str = "198.51.100.2";
 const RESPONDER_IP: &str = "198.51.100.54";
+const SERVER_IP6: &str = "fd00:fa17::53";
+const CLIENT_IP6: &str = "fd00:fa17::2";
 
 struct KillOnDrop(Child);
 
@@ -75,6 +77,8 @@ impl DnsLab {
             format!("ip -n {server_ns} link set {vs} up"),
             format!("ip -n {client_ns} link set lo up"),
             format!("ip -n {server_ns} link set lo up"),
+            format!("ip -n {client_ns} -6 addr add {CLIENT_IP6}/64 dev {vc} nodad"),
+            format!("ip -n {server_ns} -6 addr add {SERVER_IP6}/64 dev {vs} nodad"),
             // A route for the service IP, which only exists as a DNAT rule.
             format!("ip -n {client_ns} route add default via {SERVER_IP}"),
             // The kube-proxy-like service IP.
@@ -104,6 +108,7 @@ impl DnsLab {
                     "--pid-file=",
                 ])
                 .arg(format!("--listen-address={SERVER_IP}"))
+                .arg(format!("--listen-address={SERVER_IP6}"))
                 .args([
                     "--host-record=web.test,198.51.100.80",
                     "--local=/test/",
@@ -488,4 +493,28 @@ fn dns_queries_become_otlp_client_spans_with_real_times() {
         assert_eq!(s.span_id.len(), 8);
     }
     drop(daemon);
+}
+
+#[test]
+fn dns_over_ipv6() {
+    let lab = DnsLab::start();
+    let path = lab.path();
+    let trace = Trace::start(&["--events", "dns", "--cgroup", &path]);
+    std::fs::write(
+        format!("/etc/netns/{}/resolv.conf", lab.client_ns),
+        format!("nameserver {SERVER_IP6}\n"),
+    )
+    .expect("writing the client's resolv.conf");
+    lab.client("getent ahosts web.test");
+    let (events, _) = trace.stop_json();
+    let web = queries(&events, "web.test");
+    assert!(web.len() >= 2, "{events:#?}");
+    for q in web {
+        assert_eq!(
+            (q["outcome"].as_str(), q["rcode"].as_str()),
+            (Some("answered"), Some("NOERROR")),
+            "{q}"
+        );
+        assert_eq!(q["server"], format!("[{SERVER_IP6}]:53"), "{q}");
+    }
 }
