@@ -13,7 +13,24 @@ use probe_common::{
     tasks::{TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
 
-use crate::{btf::Btf, offsets, tracefs::Tracefs};
+use crate::{
+    btf::Btf,
+    cgroups::{CgroupFs, Hierarchy},
+    offsets,
+    tracefs::Tracefs,
+};
+
+/// A ring buffer registered with the tokio event loop.
+pub type EventRing = tokio::io::unix::AsyncFd<RingBuf<MapData>>;
+
+/// Registers a ring buffer with the event loop.
+fn event_ring(ring: RingBuf<MapData>, what: &str) -> anyhow::Result<EventRing> {
+    // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open for as long as it is
+    // registered.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .with_context(|| format!("registering the {what} ring buffer with the event loop"))
+}
 
 /// The eBPF object, built by build.rs with aya-build.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
@@ -121,7 +138,7 @@ impl Probes {
 
     /// Attaches the DNS programs (cgroup_skb egress and ingress) to the cgroup v2 root, where
     /// they see every socket on the node.
-    pub fn attach_dns(&mut self, cgroup_v2_root: &std::path::Path) -> anyhow::Result<()> {
+    fn attach_dns(&mut self, cgroup_v2_root: &std::path::Path) -> anyhow::Result<()> {
         let root = std::fs::File::open(cgroup_v2_root)
             .with_context(|| format!("opening the cgroup v2 root {}", cgroup_v2_root.display()))?;
         for (program, attach_type) in [
@@ -142,13 +159,23 @@ impl Probes {
         Ok(())
     }
 
-    /// The ring buffer of `DnsPacketEvent`s. Can be taken once.
-    pub fn take_dns_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+    /// Attaches the DNS programs to the cgroup v2 root and returns their ring of
+    /// `DnsPacketEvent`s (once).
+    pub fn dns_events(&mut self, cgroups: &CgroupFs) -> anyhow::Result<EventRing> {
+        let root = cgroups
+            .mount(Hierarchy::Unified)
+            .context("no cgroup v2 mount")?
+            .path
+            .clone();
+        self.attach_dns(&root)?;
         let map = self
             .ebpf
             .take_map("DNS_EVENTS")
             .context("map DNS_EVENTS missing or already taken")?;
-        RingBuf::try_from(map).context("DNS_EVENTS is not a ring buffer")
+        event_ring(
+            RingBuf::try_from(map).context("DNS_EVENTS is not a ring buffer")?,
+            "DNS",
+        )
     }
 
     pub fn dns_stats(&self) -> anyhow::Result<DnsStats> {
@@ -169,13 +196,16 @@ impl Probes {
         })
     }
 
-    /// The ring buffer of `CloneFailureEvent`s. Can be taken once.
-    pub fn take_clone_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+    /// The ring of `CloneFailureEvent`s (once).
+    pub fn clone_events(&mut self) -> anyhow::Result<EventRing> {
         let map = self
             .ebpf
             .take_map("CLONE_EVENTS")
             .context("map CLONE_EVENTS missing or already taken")?;
-        RingBuf::try_from(map).context("CLONE_EVENTS is not a ring buffer")
+        event_ring(
+            RingBuf::try_from(map).context("CLONE_EVENTS is not a ring buffer")?,
+            "clone",
+        )
     }
 
     pub fn clone_stats(&self) -> anyhow::Result<CloneStats> {

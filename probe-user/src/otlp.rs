@@ -128,26 +128,7 @@ pub fn log_record(f: &CloneFailure) -> LogRecord {
         kv("process.executable.name", f.comm.clone()),
         kv("container.runtime.cgroup", f.cgroup.clone()),
     ];
-    if let Some(p) = &f.pod {
-        attributes.push(kv("k8s.pod.uid", p.uid.clone()));
-        for (key, value) in [
-            ("k8s.namespace.name", &p.namespace),
-            ("k8s.pod.name", &p.name),
-            ("k8s.container.name", &p.container),
-            ("container.id", &p.container_id),
-        ] {
-            if let Some(v) = value {
-                attributes.push(kv(key, v.clone()));
-            }
-        }
-        if let Some(o) = &p.owner {
-            // k8s.deployment.name, k8s.statefulset.name, k8s.daemonset.name, k8s.job.name, ...
-            attributes.push(kv(
-                &format!("k8s.{}.name", o.kind.to_lowercase()),
-                o.name.clone(),
-            ));
-        }
-    }
+    attributes.extend(k8s_attributes(f.pod.as_ref()));
     LogRecord {
         time_unix_nano: f.time_unix_nano,
         observed_time_unix_nano: now_unix_nano(),

@@ -22,13 +22,12 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::unix::AsyncFd,
     net::TcpListener,
     signal::unix::{SignalKind, signal},
 };
 
 use crate::{
-    cgroups::{CgroupFs, Hierarchy},
+    cgroups::CgroupFs,
     clone::{self, Enricher},
     dns::{DnsQuery, DnsTracker, Names},
     loader::{Attachment, CLONE_PROGRAMS, Probes, TASK_PROGRAMS},
@@ -144,40 +143,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         bail!("no probe could be attached (see the lines above)");
     }
     let mut ring = if clone_ok {
-        let ring = probes.take_clone_events()?;
-        // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open while registered.
-        Some(
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)
-                .context("registering the ring buffer with the event loop")?,
-        )
+        Some(probes.clone_events()?)
     } else {
         None
     };
     let cgroups = CgroupFs::discover()?;
-    let (mut dns_ring, mut dns) = match cgroups.mount(Hierarchy::Unified) {
-        Some(m) => match probes.attach_dns(&m.path) {
-            Ok(()) => {
-                metrics.probe_attached("dns", true);
-                let ring = probes.take_dns_events()?;
-                // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open while registered.
-                let ring =
-                    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                        .map_err(|e| e.into_parts().1)
-                        .context("registering the DNS ring buffer with the event loop")?;
-                (
-                    Some(ring),
-                    Some(DnsTracker::new(args.dns_timeout, Names::Full)),
-                )
-            }
-            Err(e) => {
-                eprintln!("faultline: skipped probe dns: {}", crate::loader::brief(&e));
-                metrics.probe_attached("dns", false);
-                (None, None)
-            }
-        },
-        None => {
-            eprintln!("faultline: skipped probe dns: no cgroup v2 mount");
+    let (mut dns_ring, mut dns) = match probes.dns_events(&cgroups) {
+        Ok(ring) => {
+            metrics.probe_attached("dns", true);
+            (
+                Some(ring),
+                Some(DnsTracker::new(args.dns_timeout, Names::Full)),
+            )
+        }
+        Err(e) => {
+            eprintln!("faultline: skipped probe dns: {}", crate::loader::brief(&e));
             metrics.probe_attached("dns", false);
             (None, None)
         }

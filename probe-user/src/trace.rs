@@ -14,13 +14,12 @@ use aya::maps::{MapData, RingBuf};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tokio::{
-    io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
     time::Instant,
 };
 
 use crate::{
-    cgroups::{CgroupFs, Hierarchy},
+    cgroups::CgroupFs,
     clone::{self, CloneFailure, Enricher},
     dns::{self, DnsQuery, DnsTracker, Names},
     loader::{self, CLONE_PROGRAMS, CloneStats, Probes, TASK_PROGRAMS},
@@ -225,23 +224,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     probes.attach(&CLONE_PROGRAMS)?;
     let cgroups = CgroupFs::discover()?;
     let (mut dns_ring, mut dns) = if args.events.contains(&EventKind::Dns) {
-        let attached = match cgroups.mount(Hierarchy::Unified) {
-            Some(m) => probes.attach_dns(&m.path),
-            None => Err(anyhow::anyhow!("no cgroup v2 mount")),
-        };
-        match attached {
-            Ok(()) => {
-                let ring = probes.take_dns_events()?;
-                // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open while registered.
-                let ring =
-                    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                        .map_err(|e| e.into_parts().1)
-                        .context("registering the DNS ring buffer with the event loop")?;
-                (
-                    Some(ring),
-                    Some(DnsTracker::new(args.dns_timeout, args.dns_names)),
-                )
-            }
+        match probes.dns_events(&cgroups) {
+            Ok(ring) => (
+                Some(ring),
+                Some(DnsTracker::new(args.dns_timeout, args.dns_names)),
+            ),
             Err(e) => {
                 eprintln!(
                     "faultline: DNS not traced: {}; failed task creation still is",
@@ -263,12 +250,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let ring = probes.take_clone_events()?;
-    // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open for as long as it is
-    // registered.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("registering the ring buffer with the event loop")?;
+    let mut ring = probes.clone_events()?;
     let mut enricher = Enricher::new(Attributor::new(cgroups, &args.pods).await);
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
