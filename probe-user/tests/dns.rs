@@ -123,12 +123,15 @@ impl DnsLab {
         lab
     }
 
+    /// The client's whole resolv.conf.
+    fn resolv_conf_raw(&self, text: &str) {
+        std::fs::write(format!("/etc/netns/{}/resolv.conf", self.client_ns), text)
+            .expect("writing the client's resolv.conf");
+    }
+
+    /// A resolv.conf pointing at the service IP, plus `extra`.
     fn resolv_conf(&self, extra: &str) {
-        std::fs::write(
-            format!("/etc/netns/{}/resolv.conf", self.client_ns),
-            format!("nameserver {SERVICE_IP}\n{extra}"),
-        )
-        .expect("writing the client's resolv.conf");
+        self.resolv_conf_raw(&format!("nameserver {SERVICE_IP}\n{extra}"));
     }
 
     /// Runs a command in the client cgroup and namespace (bounded to 20 s). The cgroup is
@@ -336,11 +339,7 @@ fn servfail_slow_answers_tcp_and_redacted_names() {
         "redact",
     ]);
     // The responder directly, without the service IP.
-    std::fs::write(
-        format!("/etc/netns/{}/resolv.conf", lab.client_ns),
-        format!("nameserver {RESPONDER_IP}\noptions attempts:1\n"),
-    )
-    .expect("writing the client's resolv.conf");
+    lab.resolv_conf_raw(&format!("nameserver {RESPONDER_IP}\noptions attempts:1\n"));
     lab.client("getent ahosts fail.test");
     lab.client("getent ahosts slow.test");
     // DNS over TCP to dnsmasq (glibc's use-vc): counted, not parsed.
@@ -500,11 +499,7 @@ fn dns_over_ipv6() {
     let lab = DnsLab::start();
     let path = lab.path();
     let trace = Trace::start(&["--events", "dns", "--cgroup", &path]);
-    std::fs::write(
-        format!("/etc/netns/{}/resolv.conf", lab.client_ns),
-        format!("nameserver {SERVER_IP6}\n"),
-    )
-    .expect("writing the client's resolv.conf");
+    lab.resolv_conf_raw(&format!("nameserver {SERVER_IP6}\n"));
     lab.client("getent ahosts web.test");
     let (events, _) = trace.stop_json();
     let web = queries(&events, "web.test");
