@@ -23,15 +23,6 @@ use crate::{
 /// A ring buffer registered with the tokio event loop.
 pub type EventRing = tokio::io::unix::AsyncFd<RingBuf<MapData>>;
 
-/// Registers a ring buffer with the event loop.
-fn event_ring(ring: RingBuf<MapData>, what: &str) -> anyhow::Result<EventRing> {
-    // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open for as long as it is
-    // registered.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .with_context(|| format!("registering the {what} ring buffer with the event loop"))
-}
-
 /// The eBPF object, built by build.rs with aya-build.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
@@ -168,14 +159,7 @@ impl Probes {
             .path
             .clone();
         self.attach_dns(&root)?;
-        let map = self
-            .ebpf
-            .take_map("DNS_EVENTS")
-            .context("map DNS_EVENTS missing or already taken")?;
-        event_ring(
-            RingBuf::try_from(map).context("DNS_EVENTS is not a ring buffer")?,
-            "DNS",
-        )
+        self.take_ring("DNS_EVENTS")
     }
 
     pub fn dns_stats(&self) -> anyhow::Result<DnsStats> {
@@ -198,14 +182,24 @@ impl Probes {
 
     /// The ring of `CloneFailureEvent`s (once).
     pub fn clone_events(&mut self) -> anyhow::Result<EventRing> {
+        self.take_ring("CLONE_EVENTS")
+    }
+
+    /// Takes a ring-buffer map (once) and registers it with the event loop.
+    fn take_ring(&mut self, name: &str) -> anyhow::Result<EventRing> {
         let map = self
             .ebpf
-            .take_map("CLONE_EVENTS")
-            .context("map CLONE_EVENTS missing or already taken")?;
-        event_ring(
-            RingBuf::try_from(map).context("CLONE_EVENTS is not a ring buffer")?,
-            "clone",
-        )
+            .take_map(name)
+            .with_context(|| format!("map {name} missing or already taken"))?;
+        let ring =
+            RingBuf::try_from(map).with_context(|| format!("{name} is not a ring buffer"))?;
+        // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open for as long as it is
+        // registered.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)
+        .with_context(|| format!("registering {name} with the event loop"))
     }
 
     pub fn clone_stats(&self) -> anyhow::Result<CloneStats> {

@@ -635,17 +635,7 @@ fn park_child() -> ! {
 
 /// Becomes init of a new pid namespace with a small pid_max and creates the tasks there.
 fn in_new_pidns(args: &Args, stacks: Option<&Stacks>, pid_max: u32) -> anyhow::Result<()> {
-    // SAFETY: unshare of the pid namespace affects only our future children.
-    check(
-        unsafe { libc::unshare(libc::CLONE_NEWPID) },
-        "unshare(CLONE_NEWPID)",
-    )?;
-    // SAFETY: the child runs the lab logic and exits with _exit; the parent only waits.
-    match unsafe { libc::fork() } {
-        -1 => bail!(
-            "fork into the new pid namespace: {}",
-            std::io::Error::last_os_error()
-        ),
+    match fork_into_new_pidns()? {
         0 => {
             // pid_max is per pid namespace (Linux >= 6.14): this writes our namespace's.
             let code = match std::fs::write("/proc/sys/kernel/pid_max", pid_max.to_string())
@@ -665,18 +655,27 @@ fn in_new_pidns(args: &Args, stacks: Option<&Stacks>, pid_max: u32) -> anyhow::R
     }
 }
 
-/// A pid namespace whose init has exited refuses new pids with ENOMEM.
-fn dead_pidns(args: &Args) -> anyhow::Result<()> {
-    // SAFETY: as in in_new_pidns.
+/// Moves our future children into a new pid namespace and forks its init: 0 in the child
+/// (pid 1 there), the child's pid in the parent.
+fn fork_into_new_pidns() -> anyhow::Result<libc::pid_t> {
+    // SAFETY: unshare of the pid namespace affects only our future children; the child of
+    // fork only runs the lab logic and leaves with _exit.
     check(
         unsafe { libc::unshare(libc::CLONE_NEWPID) },
         "unshare(CLONE_NEWPID)",
     )?;
     match unsafe { libc::fork() } {
         -1 => bail!(
-            "fork of the namespace's init: {}",
+            "fork into the new pid namespace: {}",
             std::io::Error::last_os_error()
         ),
+        pid => Ok(pid),
+    }
+}
+
+/// A pid namespace whose init has exited refuses new pids with ENOMEM.
+fn dead_pidns(args: &Args) -> anyhow::Result<()> {
+    match fork_into_new_pidns()? {
         // SAFETY: the init exits at once.
         0 => unsafe { libc::_exit(0) },
         init => wait_ok(init)?,
