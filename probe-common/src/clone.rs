@@ -152,3 +152,9 @@ pub enum CloneStat {
 }
 
 pub const CLONE_STAT_COUNT: u32 = 3;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] plain data, valid for any bit pattern (padding is never read).
+    unsafe impl aya::Pod for super::CloneFailureEvent {}
+}

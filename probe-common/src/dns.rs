@@ -59,6 +59,8 @@ pub const MAX_DNS_TCP_CGROUPS: u32 = 16384;
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: #[repr(C)] plain data, valid for any bit pattern (padding is never read).
+    unsafe impl aya::Pod for super::DnsPacketEvent {}
     // SAFETY: #[repr(C)] struct of u64s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::DnsTcpCounts {}
 }

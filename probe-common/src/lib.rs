@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod clone;
+pub mod conntrack;
 pub mod dns;
 pub mod offsets;
 pub mod tasks;

@@ -85,6 +85,73 @@ impl KernelOffsets {
     };
 }
 
+/// Byte offsets of the networking structs the conntrack-drop program reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetOffsets {
+    pub skb_nfct: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    pub skb_iif: u32,
+    pub dev_ifindex: u32,
+    pub dev_name: u32,
+    /// `net_device.nd_net` (a `possible_net_t`: one pointer).
+    pub dev_nd_net: u32,
+    pub sk_net: u32,
+    /// `sock.sk_cgrp_data.cgroup`, then `cgroup.kn` and `kernfs_node.id`: the v2 cgroup id of
+    /// a local socket.
+    pub sk_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+    pub net_inum: u32,
+    pub ct_status: u32,
+    pub ct_net: u32,
+    /// `nf_conn.tuplehash[0].tuple` and `tuplehash[1].tuple`.
+    pub ct_orig_tuple: u32,
+    pub ct_reply_tuple: u32,
+    /// Inside `struct nf_conntrack_tuple`.
+    pub tuple_src_addr: u32,
+    pub tuple_src_port: u32,
+    pub tuple_dst_addr: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_l3num: u32,
+    pub tuple_protonum: u32,
+    /// `SKB_DROP_REASON_NETFILTER_DROP` on this kernel.
+    pub reason_netfilter_drop: u32,
+}
+
+impl NetOffsets {
+    pub const NONE: NetOffsets = NetOffsets {
+        skb_nfct: MISSING,
+        skb_head: MISSING,
+        skb_network_header: MISSING,
+        skb_dev: MISSING,
+        skb_sk: MISSING,
+        skb_iif: MISSING,
+        dev_ifindex: MISSING,
+        dev_name: MISSING,
+        dev_nd_net: MISSING,
+        sk_net: MISSING,
+        sk_cgroup: MISSING,
+        cgroup_kn: MISSING,
+        kn_id: MISSING,
+        net_inum: MISSING,
+        ct_status: MISSING,
+        ct_net: MISSING,
+        ct_orig_tuple: MISSING,
+        ct_reply_tuple: MISSING,
+        tuple_src_addr: MISSING,
+        tuple_src_port: MISSING,
+        tuple_dst_addr: MISSING,
+        tuple_dst_port: MISSING,
+        tuple_l3num: MISSING,
+        tuple_protonum: MISSING,
+        reason_netfilter_drop: MISSING,
+    };
+}
+
 /// Offsets of the tracepoint fields the programs read, from tracefs `format`
 /// files (stable in practice, but read rather than assumed).
 #[repr(C)]
@@ -101,6 +168,9 @@ pub struct TracepointOffsets {
     /// `cgroup:cgroup_rmdir`: `root` (hierarchy id) and `id` (cgroup id).
     pub rmdir_root: u32,
     pub rmdir_id: u32,
+    /// `skb:kfree_skb`: `skbaddr` and `reason`.
+    pub kfree_skb_skbaddr: u32,
+    pub kfree_skb_reason: u32,
 }
 
 impl TracepointOffsets {
@@ -111,6 +181,8 @@ impl TracepointOffsets {
         newtask_clone_flags: MISSING,
         rmdir_root: MISSING,
         rmdir_id: MISSING,
+        kfree_skb_skbaddr: MISSING,
+        kfree_skb_reason: MISSING,
     };
 }
 
@@ -119,4 +191,5 @@ mod pod {
     // SAFETY: #[repr(C)] structs of u32 only: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::TracepointOffsets {}
+    unsafe impl aya::Pod for super::NetOffsets {}
 }

@@ -12,6 +12,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, PerCpuHashMap, RingBuf},
     programs::SkBuffContext,
 };
+use probe_common::conntrack::{FlowKey, FlowOwner};
 use probe_common::dns::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_CAPTURE, DNS_STAT_COUNT, DnsPacketEvent, DnsStat,
     DnsTcpCounts, MAX_DNS_TCP_CGROUPS,
@@ -84,6 +85,70 @@ fn count_tcp(ctx: &SkBuffContext, to_server: bool) {
     }
 }
 
+/// Records which socket sent a DNS flow, so that conntrack drops of it can be attributed.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn note_flow(
+    ctx: &SkBuffContext,
+    family: u8,
+    proto: u8,
+    addr_off: usize,
+    addr_len: usize,
+    sport: u16,
+    dport: u16,
+    payload: usize,
+) {
+    let mut key = FlowKey {
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        family,
+        proto,
+        ..FlowKey::default()
+    };
+    let loaded = if addr_len == 4 {
+        match (
+            ctx.load::<[u8; 4]>(addr_off),
+            ctx.load::<[u8; 4]>(addr_off + 4),
+        ) {
+            (Ok(s), Ok(d)) => {
+                key.saddr[..4].copy_from_slice(&s);
+                key.daddr[..4].copy_from_slice(&d);
+                true
+            }
+            _ => false,
+        }
+    } else {
+        match (
+            ctx.load::<[u8; 16]>(addr_off),
+            ctx.load::<[u8; 16]>(addr_off + 16),
+        ) {
+            (Ok(s), Ok(d)) => {
+                key.saddr = s;
+                key.daddr = d;
+                true
+            }
+            _ => false,
+        }
+    };
+    if !loaded {
+        return;
+    }
+    let skb = ctx.as_ptr() as *mut _;
+    let owner = FlowOwner {
+        // SAFETY: the context pointer is the skb of this program.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        // SAFETY: as above.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        dns_id: if proto == PROTO_UDP {
+            ctx.load::<u16>(payload).map(u16::from_be).unwrap_or(0)
+        } else {
+            0
+        },
+        _pad: [0; 6],
+    };
+    crate::conntrack::note_flow(&key, &owner);
+}
+
 #[inline(always)]
 fn on_packet(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
     // cgroup_skb sees the packet from the IP header on.
@@ -110,14 +175,19 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
     if !to_server && !from_server {
         return Ok(());
     }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(());
+    }
+    let payload = l4 + if proto == PROTO_TCP { 0 } else { 8 };
+    if to_server {
+        note_flow(
+            ctx, family, proto, addr_off, addr_len, sport, dport, payload,
+        );
+    }
     if proto == PROTO_TCP {
         count_tcp(ctx, to_server);
         return Ok(());
     }
-    if proto != PROTO_UDP {
-        return Ok(());
-    }
-    let payload = l4 + 8;
     let Some(mut entry) = DNS_EVENTS.reserve::<DnsPacketEvent>(0) else {
         bump(DnsStat::RingbufFull);
         return Ok(());

@@ -18,6 +18,24 @@ pub fn read<T: Copy>(base: *const u8, off: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T).ok() }
 }
 
+/// Reads a `T` at `base + off` straight into `dst` (no copy on the small eBPF stack). False
+/// when the pointer is null, the offset is missing on this kernel, or the read faults.
+#[inline(always)]
+pub fn read_into<T: Copy>(dst: &mut T, base: *const u8, off: u32) -> bool {
+    if base.is_null() || off == MISSING {
+        return false;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates any source address and writes size_of::<T>()
+    // bytes into `dst`.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            dst as *mut T as *mut _,
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(off as usize) as *const _,
+        ) == 0
+    }
+}
+
 /// Follows a pointer member: `*(base + off)` as a pointer.
 #[inline(always)]
 pub fn deref(base: *const u8, off: u32) -> Option<*const u8> {

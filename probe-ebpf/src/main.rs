@@ -3,6 +3,7 @@
 #![no_main]
 
 mod clone;
+mod conntrack;
 mod dns;
 mod kernel;
 mod tasks;

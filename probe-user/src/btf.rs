@@ -197,6 +197,16 @@ impl Btf {
         None
     }
 
+    /// Size in bytes of the struct named `strukt`.
+    pub fn struct_size(&self, strukt: &str) -> anyhow::Result<u32> {
+        let id = *self
+            .structs_by_name
+            .get(strukt)
+            .with_context(|| format!("struct {strukt} not in kernel BTF"))?;
+        let t = self.entry(id).context("struct id out of range")?;
+        Ok(self.u32_at(t.extra - 4))
+    }
+
     /// Value of an enumerator, looked up by its (globally unique) name, e.g. `pids_cgrp_id`.
     pub fn enum_value(&self, enumerator: &str) -> anyhow::Result<i64> {
         for t in &self.types {

@@ -62,16 +62,6 @@ pub struct CloneFailure {
     pub clone_flags: String,
 }
 
-/// Decodes one ring-buffer record; `None` for a record of the wrong size.
-pub fn decode(bytes: &[u8]) -> Option<CloneFailureEvent> {
-    if bytes.len() < size_of::<CloneFailureEvent>() {
-        return None;
-    }
-    // SAFETY: the length is checked; CloneFailureEvent is plain #[repr(C)] data valid for
-    // any bit pattern, and read_unaligned does not need the ring buffer's alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<CloneFailureEvent>()) })
-}
-
 /// Decodes and enriches every event waiting in the ring buffer, in order.
 pub fn drain(
     ring: &mut RingBuf<MapData>,
@@ -79,7 +69,7 @@ pub fn drain(
     mut on_failure: impl FnMut(CloneFailure) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     while let Some(item) = ring.next() {
-        let Some(raw) = decode(&item) else {
+        let Some(raw) = crate::loader::decode::<CloneFailureEvent>(&item) else {
             eprintln!(
                 "faultline: skipped a ring-buffer record of {} bytes (expected a clone failure)",
                 item.len()
@@ -182,9 +172,12 @@ mod tests {
 
     #[test]
     fn short_records_are_rejected() {
-        assert!(decode(&[0u8; 8]).is_none());
+        assert!(crate::loader::decode::<CloneFailureEvent>(&[0u8; 8]).is_none());
         let bytes = vec![0u8; size_of::<CloneFailureEvent>()];
-        assert_eq!(decode(&bytes).map(|e| e.pid), Some(0));
+        assert_eq!(
+            crate::loader::decode::<CloneFailureEvent>(&bytes).map(|e| e.pid),
+            Some(0)
+        );
     }
 
     #[test]

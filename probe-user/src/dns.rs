@@ -43,6 +43,9 @@ pub struct DnsQuery {
     pub retransmit_gap_ms: Option<f64>,
     /// NXDOMAIN answers for `qname.<suffix>` just before this answer (search-path expansion).
     pub search_nxdomain: u32,
+    /// Set when conntrack dropped the query's packet (e.g. "insert_failed").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack_drop: Option<&'static str>,
     pub server: String,
     pub cgroup: String,
     pub workload: String,
@@ -151,6 +154,8 @@ struct Pending {
     msg: Message,
     server: String,
     retransmit_gap: Option<u64>,
+    /// Why conntrack dropped this query, when it did.
+    conntrack_drop: Option<&'static str>,
 }
 
 /// Bounds on what the tracker remembers.
@@ -224,6 +229,7 @@ impl DnsTracker {
                     msg,
                     server,
                     retransmit_gap,
+                    conntrack_drop: None,
                 },
             );
             return earlier.map(|p| self.report(p, None, 0, attributor));
@@ -294,6 +300,20 @@ impl DnsTracker {
         out
     }
 
+    /// A query's packet was dropped by conntrack: its report will say so. Returns the query
+    /// name when the query is still waiting for an answer.
+    pub fn note_conntrack_drop(
+        &mut self,
+        socket_cookie: u64,
+        id: u16,
+        cause: &'static str,
+    ) -> Option<String> {
+        let p = self.pending.get_mut(&(socket_cookie, id))?;
+        p.conntrack_drop = Some(cause);
+        let qname = p.msg.qname.clone();
+        Some(self.name(&qname))
+    }
+
     pub fn now_ktime(&self) -> u64 {
         self.clock.now_ktime()
     }
@@ -325,6 +345,7 @@ impl DnsTracker {
             retransmit: p.retransmit_gap.is_some(),
             retransmit_gap_ms: p.retransmit_gap.map(|g| g as f64 / 1e6),
             search_nxdomain,
+            conntrack_drop: p.conntrack_drop,
             server: p.server,
             cgroup: cgroup.unwrap_or_else(|| "?".to_owned()),
             workload: attribution.workload,
@@ -364,7 +385,7 @@ pub fn drain(
     mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     while let Some(item) = ring.next() {
-        let Some(ev) = decode(&item) else {
+        let Some(ev) = crate::loader::decode::<DnsPacketEvent>(&item) else {
             tracker.malformed += 1;
             continue;
         };
@@ -374,15 +395,6 @@ pub fn drain(
         }
     }
     Ok(())
-}
-
-/// Decodes one ring-buffer record; `None` for a record of the wrong size.
-pub fn decode(bytes: &[u8]) -> Option<DnsPacketEvent> {
-    if bytes.len() < size_of::<DnsPacketEvent>() {
-        return None;
-    }
-    // SAFETY: length checked; plain #[repr(C)] data valid for any bit pattern.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DnsPacketEvent>()) })
 }
 
 #[cfg(test)]

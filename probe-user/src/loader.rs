@@ -9,6 +9,7 @@ use aya::{
 };
 use probe_common::{
     clone::{CLONE_STAT_COUNT, CloneStat},
+    conntrack::{CT_STAT_COUNT, ConntrackStat},
     dns::{DNS_STAT_COUNT, DnsStat, DnsTcpCounts},
     tasks::{TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
@@ -46,6 +47,9 @@ pub const TASK_PROGRAMS: [Attachment; 3] = [
     ("task_cgroup_rmdir", "cgroup", "cgroup_rmdir"),
 ];
 
+/// Packets dropped by netfilter.
+pub const CONNTRACK_PROGRAMS: [Attachment; 1] = [("conntrack_drop", "skb", "kfree_skb")];
+
 pub struct Probes {
     ebpf: Ebpf,
     /// Kernel struct members this kernel lacks: their evidence will be absent.
@@ -67,6 +71,18 @@ pub struct TaskStats {
     /// Creations and exits in cgroups the full map had no room for.
     pub map_full: u64,
     pub cgroups_removed: u64,
+}
+
+/// Counters the conntrack-drop program keeps in the kernel, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackStats {
+    pub drops: u64,
+    /// Drops whose event did not fit in the ring buffer.
+    pub lost: u64,
+    /// Drops by the state of the packet's conntrack entry.
+    pub no_entry: u64,
+    pub unconfirmed: u64,
+    pub confirmed: u64,
 }
 
 /// Counters the clone programs keep in the kernel, summed over CPUs.
@@ -98,15 +114,19 @@ impl Probes {
     pub fn load(btf: &Btf, tracefs: &Tracefs) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let kernel = offsets::kernel(btf);
+        let net = offsets::net(btf);
         let tracepoints = offsets::tracepoints(tracefs);
         let ebpf = EbpfLoader::new()
             .override_global("CLONE_KERNEL_OFFSETS", &kernel.offsets, true)
+            .override_global("NET_OFFSETS", &net.offsets, true)
             .override_global("TP_OFFSETS", &tracepoints.offsets, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
+        let mut missing_members = kernel.missing;
+        missing_members.extend(net.missing);
         Ok(Probes {
             ebpf,
-            missing_members: kernel.missing,
+            missing_members,
         })
     }
 
@@ -177,6 +197,24 @@ impl Probes {
                 to_server: a.to_server + c.to_server,
                 from_server: a.from_server + c.from_server,
             }
+        })
+    }
+
+    /// Attaches the conntrack-drop program and returns its ring of `ConntrackDropEvent`s
+    /// (once).
+    pub fn conntrack_events(&mut self) -> anyhow::Result<EventRing> {
+        self.attach(&CONNTRACK_PROGRAMS)?;
+        self.take_ring("CT_EVENTS")
+    }
+
+    pub fn conntrack_stats(&self) -> anyhow::Result<ConntrackStats> {
+        let sums = self.stat_sums::<{ CT_STAT_COUNT as usize }>("CT_STATS")?;
+        Ok(ConntrackStats {
+            drops: sums[ConntrackStat::Drops as usize],
+            lost: sums[ConntrackStat::RingbufFull as usize],
+            no_entry: sums[ConntrackStat::NoEntry as usize],
+            unconfirmed: sums[ConntrackStat::Unconfirmed as usize],
+            confirmed: sums[ConntrackStat::Confirmed as usize],
         })
     }
 
@@ -266,6 +304,16 @@ impl Probes {
         }
         Ok(sums)
     }
+}
+
+/// Decodes one ring-buffer record; `None` for a record shorter than a `T`.
+pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked; `Pod` types are plain #[repr(C)] data valid for any bit
+    // pattern, and read_unaligned does not need the ring buffer's alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 /// An error on one line: a refused program's verifier log (hundreds of lines) is cut.

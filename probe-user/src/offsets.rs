@@ -2,7 +2,7 @@
 //! fields from tracefs. What the running kernel lacks stays `MISSING` and is listed, so that
 //! `faultline check` can say which evidence will be absent.
 
-use probe_common::offsets::{KernelOffsets, TracepointOffsets};
+use probe_common::offsets::{KernelOffsets, NetOffsets, TracepointOffsets};
 
 use crate::{btf::Btf, tracefs::Tracefs};
 
@@ -78,6 +78,55 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
     }
 }
 
+/// Offsets for the conntrack-drop program. The tuple's layout is read member by member; the
+/// reply tuple is the second element of `nf_conn.tuplehash`.
+pub fn net(btf: &Btf) -> Resolved<NetOffsets> {
+    let mut o = NetOffsets::NONE;
+    let mut missing = Vec::new();
+    members!(btf, o, missing;
+        skb_nfct = "sk_buff"."_nfct",
+        skb_head = "sk_buff"."head",
+        skb_network_header = "sk_buff"."network_header",
+        skb_dev = "sk_buff"."dev",
+        skb_sk = "sk_buff"."sk",
+        skb_iif = "sk_buff"."skb_iif",
+        dev_ifindex = "net_device"."ifindex",
+        dev_name = "net_device"."name",
+        dev_nd_net = "net_device"."nd_net",
+        sk_net = "sock"."__sk_common.skc_net",
+        sk_cgroup = "sock"."sk_cgrp_data.cgroup",
+        cgroup_kn = "cgroup"."kn",
+        kn_id = "kernfs_node"."id",
+        net_inum = "net"."ns.inum",
+        ct_status = "nf_conn"."status",
+        ct_net = "nf_conn"."ct_net",
+        tuple_src_addr = "nf_conntrack_tuple"."src.u3",
+        tuple_src_port = "nf_conntrack_tuple"."src.u",
+        tuple_dst_addr = "nf_conntrack_tuple"."dst.u3",
+        tuple_dst_port = "nf_conntrack_tuple"."dst.u",
+        tuple_l3num = "nf_conntrack_tuple"."src.l3num",
+        tuple_protonum = "nf_conntrack_tuple"."dst.protonum",
+    );
+    match (
+        btf.member_offset("nf_conn", "tuplehash"),
+        btf.member_offset("nf_conntrack_tuple_hash", "tuple"),
+        btf.struct_size("nf_conntrack_tuple_hash"),
+    ) {
+        (Ok(hash), Ok(tuple), Ok(size)) => {
+            o.ct_orig_tuple = hash + tuple;
+            o.ct_reply_tuple = hash + size + tuple;
+        }
+        _ => missing.push("nf_conn.tuplehash"),
+    }
+    enumerators!(btf, o, missing;
+        reason_netfilter_drop = "SKB_DROP_REASON_NETFILTER_DROP",
+    );
+    Resolved {
+        offsets: o,
+        missing,
+    }
+}
+
 /// Offsets of the tracepoint fields the programs read. A tracepoint this kernel lacks leaves
 /// its fields `MISSING` and is listed; attaching its program then fails with its name.
 pub fn tracepoints(tracefs: &Tracefs) -> Resolved<TracepointOffsets> {
@@ -100,6 +149,8 @@ pub fn tracepoints(tracefs: &Tracefs) -> Resolved<TracepointOffsets> {
         ),
         (&mut o.rmdir_root, "cgroup", "cgroup_rmdir", "root"),
         (&mut o.rmdir_id, "cgroup", "cgroup_rmdir", "id"),
+        (&mut o.kfree_skb_skbaddr, "skb", "kfree_skb", "skbaddr"),
+        (&mut o.kfree_skb_reason, "skb", "kfree_skb", "reason"),
     ] {
         match tracefs.field_offset(category, event, name) {
             Ok(off) => *field = off,

@@ -21,8 +21,10 @@ use tokio::{
 use crate::{
     cgroups::CgroupFs,
     clone::{self, CloneFailure, Enricher},
+    conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
     dns::{self, DnsQuery, DnsTracker, Names},
     loader::{self, CLONE_PROGRAMS, CloneStats, Probes, TASK_PROGRAMS},
+    netns::NetnsDirectory,
     pods::{Attributor, PodArgs},
     tasks::{HeadroomWarning, HeadroomWatch, TaskModel},
 };
@@ -55,7 +57,7 @@ pub struct TraceArgs {
     #[arg(long, value_parser = parse_percent)]
     pub headroom_warn: Option<f64>,
     /// What to trace.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns, EventKind::Conntrack])]
     pub events: Vec<EventKind>,
     /// A DNS query without an answer for this long is reported as a timeout.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
@@ -73,6 +75,8 @@ pub enum EventKind {
     Clone,
     /// DNS queries over UDP port 53.
     Dns,
+    /// Packets dropped by netfilter (with their conntrack cause) and resolved clashes.
+    Conntrack,
 }
 
 fn parse_percent(s: &str) -> anyhow::Result<f64> {
@@ -91,17 +95,20 @@ fn parse_percent(s: &str) -> anyhow::Result<f64> {
 const HEADROOM_TICK: Duration = Duration::from_millis(250);
 
 /// Which events are shown; the others are counted as filtered out.
-struct Filter<'a>(&'a TraceArgs);
+struct Filter<'a> {
+    args: &'a TraceArgs,
+    show_dns: bool,
+}
 
 impl Filter<'_> {
     fn cgroup_matches(&self, cgroup: &str, pids_cgroup: Option<&str>) -> bool {
-        self.0.cgroup.as_deref().is_none_or(|prefix| {
+        self.args.cgroup.as_deref().is_none_or(|prefix| {
             cgroup.starts_with(prefix) || pids_cgroup.is_some_and(|p| p.starts_with(prefix))
         })
     }
 
     fn matches(&self, f: &CloneFailure) -> bool {
-        let args = self.0;
+        let args = self.args;
         (args.pids.is_empty() || args.pids.contains(&f.pid))
             && args.comm.as_deref().is_none_or(|c| c == f.comm)
             && self.cgroup_matches(&f.cgroup, f.pids_cgroup.as_deref())
@@ -110,15 +117,34 @@ impl Filter<'_> {
 
     /// DNS queries belong to sockets: the cgroup and pod filters apply.
     fn matches_dns(&self, q: &DnsQuery) -> bool {
-        self.0.pids.is_empty()
-            && self.0.comm.is_none()
+        self.show_dns
+            && self.args.pids.is_empty()
+            && self.args.comm.is_none()
             && self.cgroup_matches(&q.cgroup, None)
-            && self.0.pods.matches(q.pod.as_ref())
+            && self.args.pods.matches(q.pod.as_ref())
+    }
+
+    /// Drops belong to flows: the cgroup and pod filters apply to their sender.
+    fn matches_drop(&self, d: &ConntrackDrop) -> bool {
+        self.args.pids.is_empty()
+            && self.args.comm.is_none()
+            && self.cgroup_matches(d.cgroup.as_deref().unwrap_or("?"), None)
+            && self.args.pods.matches(d.pod.as_ref())
+    }
+
+    /// Near-misses belong to namespaces: shown unless the trace is narrowed to a process,
+    /// cgroup or pod.
+    fn matches_clashes(&self) -> bool {
+        self.args.pids.is_empty()
+            && self.args.comm.is_none()
+            && self.args.cgroup.is_none()
+            && !self.args.pods.filters()
     }
 
     /// Warnings belong to cgroups, not processes: only the cgroup filter applies.
     fn matches_warning(&self, w: &HeadroomWarning) -> bool {
-        self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup)) && self.0.pods.matches(w.pod.as_ref())
+        self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup))
+            && self.args.pods.matches(w.pod.as_ref())
     }
 }
 
@@ -146,6 +172,12 @@ pub struct Summary {
     dns_lost_events: u64,
     /// DNS over TCP port 53 segments in cgroups the kernel map could not count.
     dns_tcp_uncounted: u64,
+    /// Packets dropped by netfilter, shown, by cause.
+    conntrack_drops: BTreeMap<&'static str, u64>,
+    /// Clashes the kernel resolved (near-misses), per workload of the namespace.
+    conntrack_clashes_resolved: BTreeMap<String, u64>,
+    /// Drops that did not reach userspace (ring buffer full).
+    conntrack_lost_events: u64,
 }
 
 /// DNS per workload in the summary.
@@ -219,11 +251,17 @@ struct Headroom {
     watch: HeadroomWatch,
 }
 
+/// How often every namespace's `clash_resolve` counter is read for near-miss lines.
+const CLASH_POLL: Duration = Duration::from_secs(1);
+
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut probes = Probes::open()?;
     probes.attach(&CLONE_PROGRAMS)?;
     let cgroups = CgroupFs::discover()?;
-    let (mut dns_ring, mut dns) = if args.events.contains(&EventKind::Dns) {
+    // Conntrack drops need the DNS programs too: they record who sent each DNS flow, and the
+    // tracker names the dropped queries.
+    let show_dns = args.events.contains(&EventKind::Dns);
+    let (mut dns_ring, mut dns) = if show_dns || args.events.contains(&EventKind::Conntrack) {
         match probes.dns_events(&cgroups) {
             Ok(ring) => (
                 Some(ring),
@@ -250,6 +288,23 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let (mut ct_ring, mut classifier) = if args.events.contains(&EventKind::Conntrack) {
+        match probes.conntrack_events() {
+            Ok(ring) => (
+                Some(ring),
+                Some(Classifier::new(NetnsDirectory::new("/proc"))),
+            ),
+            Err(e) => {
+                eprintln!(
+                    "faultline: conntrack drops not traced: {}; the other events still are",
+                    loader::brief(&e)
+                );
+                (None, None)
+            }
+        }
+    } else {
+        (None, None)
+    };
     let mut ring = probes.clone_events()?;
     let mut enricher = Enricher::new(Attributor::new(cgroups, &args.pods).await);
 
@@ -259,16 +314,28 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(HEADROOM_TICK);
     let mut printer = Printer::new(args.output);
     let mut summary = Summary::default();
-    let filter = Filter(&args);
+    let filter = Filter {
+        args: &args,
+        show_dns,
+    };
 
     eprintln!(
-        "faultline: tracing failed task creation (clone, clone3, fork, vfork){}{} {}",
+        "faultline: tracing failed task creation (clone, clone3, fork, vfork){}{}{} {}",
         if headroom.is_some() {
             ", pids headroom"
         } else {
             ""
         },
-        if dns.is_some() { ", DNS" } else { "" },
+        if dns.is_some() && show_dns {
+            ", DNS"
+        } else {
+            ""
+        },
+        if ct_ring.is_some() {
+            ", conntrack drops"
+        } else {
+            ""
+        },
         match args.duration {
             Some(d) => format!("for {}", humantime::format_duration(d)),
             None => "until Ctrl-C".to_owned(),
@@ -289,7 +356,23 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                 }
                 guard.clear_ready();
             }
+            guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
+                let mut guard = guard.context("waiting on the conntrack ring buffer")?;
+                if let Some(c) = classifier.as_mut() {
+                    drain_conntrack(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), &filter, &mut printer, &mut summary)?;
+                }
+                guard.clear_ready();
+            }
             _ = tick.tick() => {
+                if let Some(c) = classifier.as_mut() {
+                    for clashes in c.poll_clashes(CLASH_POLL, &mut enricher.attributor) {
+                        if filter.matches_clashes() {
+                            *summary.conntrack_clashes_resolved.entry(clashes.workload.clone()).or_default() += clashes.count;
+                            printer.event(&clashes)?;
+                        }
+                    }
+                    printer.flush()?;
+                }
                 if let Some(tracker) = dns.as_mut() {
                     let now = tracker.now_ktime();
                     for q in tracker.expire(now, &mut enricher.attributor) {
@@ -314,6 +397,18 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
     }
     // Events submitted just before the stop are still in the rings.
+    if let (Some(ring), Some(c)) = (ct_ring.as_mut(), classifier.as_mut()) {
+        drain_conntrack(
+            ring.get_mut(),
+            c,
+            &mut enricher.attributor,
+            dns.as_mut(),
+            &filter,
+            &mut printer,
+            &mut summary,
+        )?;
+        summary.conntrack_lost_events = probes.conntrack_stats()?.lost;
+    }
     drain(
         ring.get_mut(),
         &mut enricher,
@@ -321,7 +416,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         &mut printer,
         &mut summary,
     )?;
-    if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
+    if let (Some(ring), Some(tracker), true) = (dns_ring.as_mut(), dns.as_mut(), show_dns) {
         drain_dns(
             ring.get_mut(),
             tracker,
@@ -404,10 +499,69 @@ fn drain_dns(
     printer.flush()
 }
 
+/// Reports the conntrack drops waiting in the ring (and marks their DNS queries).
+fn drain_conntrack(
+    ring: &mut RingBuf<MapData>,
+    classifier: &mut Classifier,
+    attributor: &mut Attributor,
+    dns: Option<&mut DnsTracker>,
+    filter: &Filter,
+    printer: &mut Printer,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    conntrack::drain(ring, classifier, attributor, dns, |d| {
+        if filter.matches_drop(&d) {
+            *summary.conntrack_drops.entry(d.cause.as_str()).or_default() += 1;
+            printer.event(&d)?;
+        }
+        Ok(())
+    })?;
+    printer.flush()
+}
+
+impl TraceEvent for ConntrackDrop {
+    fn table_line(&self) -> String {
+        let dns = self.dns.as_ref().map_or_else(String::new, |d| {
+            format!(
+                " dns query id {}{}",
+                d.id,
+                d.qname
+                    .as_deref()
+                    .map_or_else(String::new, |n| format!(" {n}"))
+            )
+        });
+        format!(
+            "{:<12} conntrack_drop {} {} {}:{} -> {}:{} netns={}{} / {}",
+            time_of_day(&self.time),
+            self.cause.as_str(),
+            self.workload,
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport,
+            self.netns,
+            dns,
+            self.evidence
+        )
+    }
+}
+
+impl TraceEvent for ClashesResolved {
+    fn table_line(&self) -> String {
+        format!(
+            "{:<12} conntrack_clash_resolved {} netns={} count={}",
+            time_of_day(&self.time),
+            self.workload,
+            self.netns,
+            self.count
+        )
+    }
+}
+
 impl TraceEvent for DnsQuery {
     fn table_line(&self) -> String {
         format!(
-            "{:<12} dns {} {} -> {} {} {} {}{}{}{}",
+            "{:<12} dns {} {} -> {} {} {} {}{}{}{}{}",
             time_of_day(&self.time),
             self.workload,
             self.qname,
@@ -426,6 +580,8 @@ impl TraceEvent for DnsQuery {
             } else {
                 String::new()
             },
+            self.conntrack_drop
+                .map_or_else(String::new, |c| format!(" dropped by conntrack: {c}")),
         )
     }
 }
@@ -550,10 +706,24 @@ impl Printer {
                         d.nxdomain_share * 100.0
                     )?;
                 }
+                if !s.conntrack_drops.is_empty() || !s.conntrack_clashes_resolved.is_empty() {
+                    writeln!(
+                        self.out,
+                        "conntrack drops: {}; clashes resolved: {}",
+                        join(&s.conntrack_drops),
+                        join(&s.conntrack_clashes_resolved)
+                    )?;
+                }
                 writeln!(self.out, "by cause:  {}", join(&s.by_cause))?;
                 writeln!(self.out, "by cgroup: {}", join(&s.by_cgroup))?;
                 writeln!(self.out, "by comm:   {}", join(&s.by_comm))?;
             }
+        }
+        if s.conntrack_lost_events > 0 {
+            eprintln!(
+                "faultline: warning: {} conntrack drop event(s) were lost (ring buffer full)",
+                s.conntrack_lost_events
+            );
         }
         if s.lost_events > 0 {
             eprintln!(

@@ -34,8 +34,12 @@ enum Mode {
     /// A DNS responder on --dns-listen for `count` seconds: SERVFAIL for names starting with
     /// "fail.", answers after --dns-delay for names starting with "slow.", NOERROR otherwise.
     DnsServer,
-    /// Benchmark: `count` DNS queries, one after another, to --dns-server, timed.
+    /// Benchmark: `count` DNS queries, one after another, to --dns-server, timed. With
+    /// --dns-burst, all sent at once from the one socket, then the answers awaited.
     DnsClient,
+    /// Hold the first `count` packets of NFQUEUE --queue (up to 10 s), then accept them all
+    /// at once: packets of one new flow then race to confirm their conntrack entries.
+    NfqueueHold,
 }
 
 #[derive(Parser, Debug)]
@@ -94,6 +98,15 @@ struct Args {
     /// Where the dns-client mode sends its queries.
     #[arg(long, default_value = "127.53.0.1:53")]
     dns_server: std::net::SocketAddr,
+    /// dns-client: send every query before waiting for any answer.
+    #[arg(long)]
+    dns_burst: bool,
+    /// dns-client: the UDP source port (0: any).
+    #[arg(long, default_value_t = 0)]
+    dns_source_port: u16,
+    /// The NFQUEUE number nfqueue-hold reads.
+    #[arg(long, default_value_t = 0)]
+    queue: u16,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -161,7 +174,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         return in_new_pidns(args, stacks.as_ref(), pid_max);
     }
     if args.mode == Mode::DnsClient {
-        return dns_client(args.dns_server, args.count);
+        return dns_client(args);
+    }
+    if args.mode == Mode::NfqueueHold {
+        return nfqueue_hold(args.queue, args.count);
     }
     if args.mode == Mode::DnsServer {
         return dns_server(
@@ -245,9 +261,47 @@ fn dns_server(
     Ok(())
 }
 
-/// Sends `count` A queries for bench.test one at a time, each waiting for its answer.
-fn dns_client(server: std::net::SocketAddr, count: u32) -> anyhow::Result<()> {
-    let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).context("binding a UDP socket")?;
+/// Holds the first `count` packets of an NFQUEUE, then accepts them together.
+fn nfqueue_hold(queue_num: u16, count: u32) -> anyhow::Result<()> {
+    let mut queue = nfq::Queue::open().context("opening an NFQUEUE netlink socket")?;
+    queue
+        .bind(queue_num)
+        .with_context(|| format!("binding NFQUEUE {queue_num}"))?;
+    queue.set_nonblocking(true);
+    // Ready: the caller may start sending.
+    println!("{{\"ready\":true}}");
+    let mut held = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while held.len() < count as usize && std::time::Instant::now() < deadline {
+        match queue.recv() {
+            Ok(msg) => held.push(msg),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Err(e) => return Err(e).context("reading NFQUEUE"),
+        }
+    }
+    let mut report = Report {
+        pid: node_pid(),
+        created: held.len() as u32,
+        ..Default::default()
+    };
+    for mut msg in held {
+        msg.set_verdict(nfq::Verdict::Accept);
+        if queue.verdict(msg).is_err() {
+            report.failures += 1;
+        }
+    }
+    let _ = queue.unbind(queue_num);
+    print_report(&report)
+}
+
+/// Sends `count` A queries for bench.test: one at a time, each waiting for its answer, or
+/// (--dns-burst) all at once, then waits for the answers.
+fn dns_client(args: &Args) -> anyhow::Result<()> {
+    let (server, count) = (args.dns_server, args.count);
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", args.dns_source_port))
+        .context("binding a UDP socket")?;
     socket
         .connect(server)
         .with_context(|| format!("connecting to {server}"))?;
@@ -262,6 +316,19 @@ fn dns_client(server: std::net::SocketAddr, count: u32) -> anyhow::Result<()> {
     ];
     let mut buf = [0u8; 512];
     let start = std::time::Instant::now();
+    if args.dns_burst {
+        for i in 0..count {
+            query[..2].copy_from_slice(&(i as u16).to_be_bytes());
+            socket.send(&query).context("sending a query")?;
+        }
+        for _ in 0..count {
+            match socket.recv(&mut buf) {
+                Ok(_) => report.created += 1,
+                Err(_) => report.failures += 1,
+            }
+        }
+        return print_report(&report);
+    }
     for i in 0..count {
         query[..2].copy_from_slice(&(i as u16).to_be_bytes());
         let answered = socket.send(&query).is_ok()
@@ -545,7 +612,8 @@ fn create(
             | Mode::SpinThreads
             | Mode::SpinForks
             | Mode::DnsServer
-            | Mode::DnsClient => {
+            | Mode::DnsClient
+            | Mode::NfqueueHold => {
                 break;
             } // run elsewhere
         };

@@ -1,0 +1,92 @@
+//! Conntrack drops: the `skb:kfree_skb` program reports each packet netfilter dropped
+//! (`SKB_DROP_REASON_NETFILTER_DROP`) with its tuples, its conntrack entry and the network
+//! namespace's conntrack fill; the DNS egress program records which socket sent each DNS flow so
+//! a dropped packet can be attributed to its pod.
+
+/// The packet's conntrack entry at the drop.
+pub const CT_NONE: u8 = 0;
+/// An entry not yet in the table: a new flow, dropped before or at its confirmation.
+pub const CT_UNCONFIRMED: u8 = 1;
+/// An entry already in the table: an established flow.
+pub const CT_CONFIRMED: u8 = 2;
+
+/// A 5-tuple in network byte order (IPv4 in the first 4 bytes of each address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// IPPROTO_*.
+    pub proto: u8,
+    pub _pad: u16,
+}
+
+/// Who sent a flow, recorded on egress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowOwner {
+    pub cgroup_id: u64,
+    pub socket_cookie: u64,
+    /// DNS transaction id of the last query sent on the flow.
+    pub dns_id: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Flows remembered for attribution (LRU: the oldest are forgotten first).
+pub const MAX_FLOWS: u32 = 16384;
+
+/// One packet dropped by netfilter.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConntrackDropEvent {
+    pub ktime_ns: u64,
+    /// The sender, when the flow was seen leaving a socket on this node (else zero).
+    pub owner: FlowOwner,
+    /// The packet's headers as dropped (after any NAT already applied).
+    pub packet: FlowKey,
+    /// The conntrack entry's original and reply tuples (zero without an entry).
+    pub orig: FlowKey,
+    pub reply: FlowKey,
+    /// `nf_conn.status` (IPS_* bits).
+    pub ct_status: u32,
+    /// Network namespace inode.
+    pub netns: u32,
+    /// `ifindex` of the device the skb was on, and the one it arrived on (0: locally sent).
+    pub ifindex: u32,
+    pub iif: u32,
+    /// One of `CT_NONE`, `CT_UNCONFIRMED`, `CT_CONFIRMED`.
+    pub ct_state: u8,
+    /// 1 when the packet still belonged to a local socket.
+    pub local: u8,
+    pub _pad: [u8; 6],
+    pub ifname: [u8; 16],
+}
+
+/// Index of the counters kept per CPU in `CT_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum ConntrackStat {
+    /// Every netfilter drop seen.
+    Drops = 0,
+    /// Drops whose event did not fit in the ring buffer.
+    RingbufFull = 1,
+    /// Drops by the state of the packet's conntrack entry.
+    NoEntry = 2,
+    Unconfirmed = 3,
+    Confirmed = 4,
+}
+
+pub const CT_STAT_COUNT: u32 = 5;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] plain data, valid for any bit pattern (padding is never read).
+    unsafe impl aya::Pod for super::ConntrackDropEvent {}
+    // SAFETY: #[repr(C)] structs with explicit padding: every bit pattern valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowOwner {}
+}

@@ -1,0 +1,226 @@
+//! Conntrack drops: `skb:kfree_skb` filtered to the netfilter drop reason. For each dropped
+//! packet one `ConntrackDropEvent` with the packet's tuple, its conntrack entry (state, status,
+//! original and reply tuples), the network namespace, and the socket that
+//! sent the flow when the DNS egress program recorded it in `FLOWS`. Counted per entry state.
+
+use aya_ebpf::{
+    Global,
+    helpers::generated::bpf_ktime_get_ns,
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use probe_common::{
+    conntrack::{
+        CT_CONFIRMED, CT_NONE, CT_STAT_COUNT, CT_UNCONFIRMED, ConntrackDropEvent, ConntrackStat,
+        FlowKey, FlowOwner, MAX_FLOWS,
+    },
+    offsets::NetOffsets,
+};
+
+use crate::kernel::{deref, global_field, read, read_into, tpoff};
+
+#[unsafe(no_mangle)]
+pub static NET_OFFSETS: Global<NetOffsets> = Global::new(NetOffsets::NONE);
+
+/// Drops are rare: 256 KiB holds ~1,200 events between two reads.
+#[map]
+static CT_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Counters indexed by [`ConntrackStat`].
+#[map]
+static CT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_STAT_COUNT, 0);
+
+/// Which socket sent each recent DNS flow (written on egress by the DNS program).
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowOwner> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+const IPS_CONFIRMED: u32 = 1 << 3;
+const NFCT_PTRMASK: usize = !7;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+
+macro_rules! net_off {
+    ($field:ident) => {
+        global_field!(NET_OFFSETS, NetOffsets, $field)
+    };
+}
+
+/// Remembers who sent a flow, for attributing its drops.
+#[inline(always)]
+pub fn note_flow(key: &FlowKey, owner: &FlowOwner) {
+    let _ = FLOWS.insert(key, owner, 0);
+}
+
+#[inline(always)]
+fn bump(stat: ConntrackStat) {
+    if let Some(v) = CT_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot.
+        unsafe { *v += 1 };
+    }
+}
+
+#[tracepoint]
+pub fn conntrack_drop(ctx: TracePointContext) -> u32 {
+    let (reason_off, skb_off) = (
+        tpoff!(kfree_skb_reason) as usize,
+        tpoff!(kfree_skb_skbaddr) as usize,
+    );
+    // SAFETY: offsets from this tracepoint's format file.
+    let reason = unsafe { ctx.read_at::<u32>(reason_off) };
+    if reason != Ok(net_off!(reason_netfilter_drop)) {
+        return 0;
+    }
+    bump(ConntrackStat::Drops);
+    // SAFETY: as above.
+    if let Ok(skb) = unsafe { ctx.read_at::<*const u8>(skb_off) } {
+        on_drop(skb);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_drop(skb: *const u8) {
+    let Some(mut entry) = CT_EVENTS.reserve::<ConntrackDropEvent>(0) else {
+        bump(ConntrackStat::RingbufFull);
+        return;
+    };
+    // SAFETY: a reserved slot of the right size; every field is written before submit.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    // SAFETY: no arguments.
+    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    ev.packet = FlowKey::default();
+    ev.orig = FlowKey::default();
+    ev.reply = FlowKey::default();
+    packet_tuple(&mut ev.packet, skb);
+    ev.ct_status = 0;
+    ev.ct_state = CT_NONE;
+    ev._pad = [0; 6];
+    ev.ifname = [0; 16];
+
+    let nfct = read::<usize>(skb, net_off!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
+    let ct = nfct as *const u8;
+    let mut net = core::ptr::null::<u8>();
+    if !ct.is_null() {
+        ev.ct_status = read::<u64>(ct, net_off!(ct_status)).unwrap_or(0) as u32;
+        ev.ct_state = if ev.ct_status & IPS_CONFIRMED != 0 {
+            CT_CONFIRMED
+        } else {
+            CT_UNCONFIRMED
+        };
+        ct_tuple(&mut ev.orig, ct, net_off!(ct_orig_tuple));
+        ct_tuple(&mut ev.reply, ct, net_off!(ct_reply_tuple));
+        net = deref(ct, net_off!(ct_net)).unwrap_or(core::ptr::null());
+    }
+    bump(match ev.ct_state {
+        CT_NONE => ConntrackStat::NoEntry,
+        CT_UNCONFIRMED => ConntrackStat::Unconfirmed,
+        _ => ConntrackStat::Confirmed,
+    });
+
+    let dev = deref(skb, net_off!(skb_dev));
+    ev.ifindex = dev
+        .and_then(|d| read::<u32>(d, net_off!(dev_ifindex)))
+        .unwrap_or(0);
+    if let Some(d) = dev {
+        read_into(&mut ev.ifname, d, net_off!(dev_name));
+    }
+    ev.iif = read::<u32>(skb, net_off!(skb_iif)).unwrap_or(0);
+    let sk = deref(skb, net_off!(skb_sk));
+    ev.local = sk.is_some() as u8;
+    if net.is_null() {
+        net = dev
+            .and_then(|d| deref(d, net_off!(dev_nd_net)))
+            .or_else(|| sk.and_then(|s| deref(s, net_off!(sk_net))))
+            .unwrap_or(core::ptr::null());
+    }
+    ev.netns = read::<u32>(net, net_off!(net_inum)).unwrap_or(0);
+
+    // The original tuple is what the sender sent (before any NAT); without an entry, the
+    // packet's own headers.
+    let key = if ev.ct_state == CT_NONE {
+        &ev.packet
+    } else {
+        &ev.orig
+    };
+    // SAFETY: the map returns a pointer into a live entry; copied at once.
+    ev.owner = unsafe { FLOWS.get(key) }.copied().unwrap_or_default();
+    // A packet dropped before it left its own namespace (an OUTPUT rule) never reached the
+    // egress program: its socket says whose it is.
+    if ev.owner.cgroup_id == 0
+        && let Some(id) = sk
+            .and_then(|s| deref(s, net_off!(sk_cgroup)))
+            .and_then(|c| deref(c, net_off!(cgroup_kn)))
+            .and_then(|kn| read::<u64>(kn, net_off!(kn_id)))
+    {
+        ev.owner.cgroup_id = id;
+    }
+    entry.submit(0);
+}
+
+/// Fills `k` with the 5-tuple of the `struct nf_conntrack_tuple` at `ct + off`.
+#[inline(always)]
+fn ct_tuple(k: &mut FlowKey, ct: *const u8, off: u32) {
+    if off == probe_common::offsets::MISSING {
+        return;
+    }
+    let t = ct.wrapping_add(off as usize);
+    k.family = match read::<u16>(t, net_off!(tuple_l3num)) {
+        Some(AF_INET) => 4,
+        Some(AF_INET6) => 6,
+        _ => return,
+    };
+    read_into(&mut k.saddr, t, net_off!(tuple_src_addr));
+    read_into(&mut k.daddr, t, net_off!(tuple_dst_addr));
+    if k.family == 4 {
+        // The rest of `union nf_inet_addr` is not part of an IPv4 address.
+        k.saddr[4..].fill(0);
+        k.daddr[4..].fill(0);
+    }
+    k.sport = read::<u16>(t, net_off!(tuple_src_port)).unwrap_or(0);
+    k.dport = read::<u16>(t, net_off!(tuple_dst_port)).unwrap_or(0);
+    k.proto = read::<u8>(t, net_off!(tuple_protonum)).unwrap_or(0);
+}
+
+/// Fills `k` with the 5-tuple in the packet's headers (ports only for TCP and UDP; IPv6
+/// extension headers are not followed).
+#[inline(always)]
+fn packet_tuple(k: &mut FlowKey, skb: *const u8) {
+    let (Some(head), Some(nh)) = (
+        deref(skb, net_off!(skb_head)),
+        read::<u16>(skb, net_off!(skb_network_header)),
+    ) else {
+        return;
+    };
+    let ip = head.wrapping_add(nh as usize);
+    let Some(first) = read::<u8>(ip, 0) else {
+        return;
+    };
+    let l4 = match first >> 4 {
+        4 => {
+            k.family = 4;
+            k.proto = read::<u8>(ip, 9).unwrap_or(0);
+            let mut a = [0u8; 4];
+            read_into(&mut a, ip, 12);
+            k.saddr[..4].copy_from_slice(&a);
+            read_into(&mut a, ip, 16);
+            k.daddr[..4].copy_from_slice(&a);
+            ((first & 0x0f) as usize) * 4
+        }
+        6 => {
+            k.family = 6;
+            k.proto = read::<u8>(ip, 6).unwrap_or(0);
+            read_into(&mut k.saddr, ip, 8);
+            read_into(&mut k.daddr, ip, 24);
+            40
+        }
+        _ => return,
+    };
+    if k.proto == PROTO_TCP || k.proto == PROTO_UDP {
+        let l4 = ip.wrapping_add(l4);
+        k.sport = read::<u16>(l4, 0).unwrap_or(0);
+        k.dport = read::<u16>(l4, 2).unwrap_or(0);
+    }
+}

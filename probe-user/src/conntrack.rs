@@ -1,0 +1,427 @@
+//! Pipeline stages 2-3 for conntrack drops: `ConntrackDropEvent`s from the ring buffer are
+//! decoded, given their cause from the kernel state at the drop plus the namespace's
+//! conntrack counters, attributed to the pod that sent the flow, and linked to its DNS query.
+//! Also watches every namespace's `clash_resolve` counter: clashes the kernel resolved in time
+//! (near-misses of the race that drops packets on older kernels).
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use probe_common::conntrack::{CT_CONFIRMED, CT_NONE, ConntrackDropEvent, FlowKey};
+use serde::Serialize;
+
+use crate::{
+    clock::{self, KernelClock},
+    ctstats::{self, CtCounters},
+    dns::DnsTracker,
+    loader,
+    netns::{Netns, NetnsDirectory},
+    pods::{Attributor, PodRef},
+};
+
+/// Why netfilter dropped a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// A new entry lost a clash when it was confirmed (e.g. two flows SNATed to one port).
+    InsertFailed,
+    /// No entry could be allocated: the namespace's table held `nf_conntrack_max` entries.
+    TableFull,
+    /// A DROP verdict from a ruleset.
+    Rule,
+    /// The counters needed to tell the causes apart could not be read.
+    Other,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::InsertFailed => "insert_failed",
+            Cause::TableFull => "table_full",
+            Cause::Rule => "rule",
+            Cause::Other => "other",
+        }
+    }
+}
+
+/// The DNS query a dropped packet carried.
+#[derive(Clone, Debug, Serialize)]
+pub struct DnsLink {
+    pub id: u16,
+    /// Known when the query was still waiting for its answer.
+    pub qname: Option<String>,
+}
+
+/// One packet dropped by netfilter, as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConntrackDrop {
+    pub kind: &'static str,
+    pub time: String,
+    #[serde(skip)]
+    pub time_unix_nano: u64,
+    pub cause: Cause,
+    pub proto: String,
+    /// The flow as its sender sent it (the conntrack entry's original tuple when there is one).
+    pub src: String,
+    pub sport: u16,
+    pub dst: String,
+    pub dport: u16,
+    pub netns: u64,
+    /// Whose packet it was: the sending socket's cgroup and pod, when seen on this node.
+    pub cgroup: Option<String>,
+    pub workload: String,
+    pub pod: Option<PodRef>,
+    pub evidence: String,
+    pub dns: Option<DnsLink>,
+}
+
+/// Clashes the kernel resolved in one namespace since the previous report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClashesResolved {
+    pub kind: &'static str,
+    pub time: String,
+    pub netns: u64,
+    pub count: u64,
+    pub workload: String,
+}
+
+/// Decides causes; owns the namespaces and the counters already accounted for.
+pub struct Classifier {
+    pub netns: NetnsDirectory,
+    clock: KernelClock,
+    /// Per namespace: the counters up to which drops have been explained.
+    accounted: HashMap<u64, CtCounters>,
+    /// Per namespace: `clash_resolve` at the last near-miss report.
+    clashes: HashMap<u64, u64>,
+    last_clash_poll: Option<Instant>,
+}
+
+impl Classifier {
+    /// Takes every namespace's counters now, so that later increments are this run's.
+    pub fn new(mut netns: NetnsDirectory) -> Self {
+        let mut accounted = HashMap::new();
+        for ns in netns.all() {
+            if let Ok((c, _)) = ctstats::read(&ns) {
+                accounted.insert(ns.inode, c);
+            }
+        }
+        let clashes = accounted
+            .iter()
+            .map(|(k, c)| (*k, c.clash_resolve))
+            .collect();
+        Classifier {
+            netns,
+            clock: KernelClock::new(),
+            accounted,
+            clashes,
+            last_clash_poll: None,
+        }
+    }
+
+    /// Causes for one batch of drops, from the entry's state at the drop and the namespace's
+    /// counters, read once per namespace after the batch (the kernel counts before it frees
+    /// the packet, so every drop of the batch is already in them):
+    /// - an unconfirmed entry is `insert_failed` while unexplained `insert_failed` increments
+    ///   remain, else a rule dropped the new flow;
+    /// - no entry is `table_full` while unexplained `drop` increments remain (an allocation
+    ///   that failed; `drop` also counts lost clashes, which are subtracted), else a rule
+    ///   (or raw-table) drop before conntrack;
+    /// - a confirmed entry is a rule drop of an established flow.
+    fn classify(&mut self, batch: &[ConntrackDropEvent]) -> Vec<(Cause, String)> {
+        let mut now: HashMap<u64, anyhow::Result<CtCounters>> = HashMap::new();
+        let mut out = Vec::with_capacity(batch.len());
+        for ev in batch {
+            let inode = ev.netns as u64;
+            let nat = nat_note(ev);
+            if ev.ct_state == CT_CONFIRMED {
+                out.push((
+                    Cause::Rule,
+                    format!("established flow{nat}, entry confirmed"),
+                ));
+                continue;
+            }
+            let counters = now.entry(inode).or_insert_with(|| {
+                let ns = self.netns.get(inode);
+                ns.ok_or_else(|| anyhow::anyhow!("network namespace {inode} not found"))
+                    .and_then(|ns| Ok(ctstats::read(&ns)?.0))
+            });
+            let c = match counters {
+                Ok(c) => *c,
+                Err(e) => {
+                    out.push((
+                        Cause::Other,
+                        format!(
+                            "dropped{nat}; conntrack counters unreadable: {}",
+                            loader::brief(e)
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let seen = self.accounted.entry(inode).or_default();
+            let fill = format!("entries={} nf_conntrack_max={}", c.entries, c.max);
+            out.push(if ev.ct_state == CT_NONE {
+                // Lost clashes count in `drop` too; chain-too-long failures do not.
+                let clash_drops = (c.insert_failed - c.chaintoolong)
+                    .saturating_sub(seen.insert_failed - seen.chaintoolong);
+                if c.drop.saturating_sub(seen.drop) > clash_drops {
+                    seen.drop += 1;
+                    (
+                        Cause::TableFull,
+                        format!("no conntrack entry could be allocated, {fill}"),
+                    )
+                } else {
+                    (
+                        Cause::Rule,
+                        format!("no conntrack entry (dropped before conntrack or untracked), {fill}"),
+                    )
+                }
+            } else if c.insert_failed > seen.insert_failed {
+                seen.insert_failed += 1;
+                seen.drop += 1;
+                let chain = if c.chaintoolong > seen.chaintoolong {
+                    seen.chaintoolong += 1;
+                    seen.drop -= 1;
+                    ", hash chain too long"
+                } else {
+                    ""
+                };
+                (
+                    Cause::InsertFailed,
+                    format!(
+                        "new entry lost the clash at confirmation{nat}{chain}; insert_failed={} in netns",
+                        c.insert_failed
+                    ),
+                )
+            } else {
+                (
+                    Cause::Rule,
+                    format!(
+                        "new flow{nat} dropped before confirmation, insert_failed unchanged ({})",
+                        c.insert_failed
+                    ),
+                )
+            });
+        }
+        // Everything up to now is explained: a lost event cannot be explained later.
+        for (inode, c) in now {
+            if let Ok(c) = c {
+                self.accounted.insert(inode, c);
+            }
+        }
+        out
+    }
+
+    /// Near-misses: every namespace whose `clash_resolve` rose since the last poll (at most
+    /// once per `every`).
+    pub fn poll_clashes(
+        &mut self,
+        every: Duration,
+        attributor: &mut Attributor,
+    ) -> Vec<ClashesResolved> {
+        if self.last_clash_poll.is_some_and(|t| t.elapsed() < every) {
+            return Vec::new();
+        }
+        self.last_clash_poll = Some(Instant::now());
+        let mut out = Vec::new();
+        for ns in self.netns.all() {
+            let Ok((c, _)) = ctstats::read(&ns) else {
+                continue;
+            };
+            // A namespace first seen now starts from zero: it was created while we watched.
+            let last = self.clashes.insert(ns.inode, c.clash_resolve).unwrap_or(0);
+            if c.clash_resolve > last {
+                out.push(ClashesResolved {
+                    kind: "conntrack_clash_resolved",
+                    time: clock::now_rfc3339(),
+                    netns: ns.inode,
+                    count: c.clash_resolve - last,
+                    workload: netns_workload(&ns, attributor),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The workload of a namespace: the pod of a process in it, else `netns:<inode>` (or its
+/// `/run/netns` name).
+fn netns_workload(ns: &Netns, attributor: &mut Attributor) -> String {
+    if let Some(pid) = ns.pid
+        && let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        && let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::"))
+    {
+        let a = attributor.attribute_path(path);
+        if a.pod.is_some() || pid != 1 {
+            return a.workload;
+        }
+        return "node".to_owned();
+    }
+    match ns.path.parent().and_then(|p| p.to_str()) {
+        Some("/run/netns" | "/var/run/netns") => format!(
+            "netns:{}",
+            ns.path.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+        ),
+        _ => format!("netns:{}", ns.inode),
+    }
+}
+
+/// `, SNAT a:p -> b:q` when the entry's reply tuple shows an address translation.
+fn nat_note(ev: &ConntrackDropEvent) -> String {
+    const SRC_NAT: u32 = 1 << 4;
+    const DST_NAT: u32 = 1 << 5;
+    if ev.orig.family == 0 {
+        return String::new();
+    }
+    let mut notes = Vec::new();
+    // The reply goes to the translated source.
+    if ev.ct_status & SRC_NAT != 0
+        || ev.reply.daddr != ev.orig.saddr
+        || ev.reply.dport != ev.orig.sport
+    {
+        notes.push(format!(
+            "SNAT {} -> {}",
+            endpoint(&ev.orig, true),
+            endpoint(&ev.reply, false)
+        ));
+    }
+    if ev.ct_status & DST_NAT != 0
+        || ev.reply.saddr != ev.orig.daddr
+        || ev.reply.sport != ev.orig.dport
+    {
+        notes.push(format!(
+            "DNAT {} -> {}",
+            endpoint(&ev.orig, false),
+            endpoint(&ev.reply, true)
+        ));
+    }
+    if notes.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", notes.join(", "))
+    }
+}
+
+fn ip(k: &FlowKey, source: bool) -> IpAddr {
+    let a = if source { &k.saddr } else { &k.daddr };
+    if k.family == 4 {
+        IpAddr::from([a[0], a[1], a[2], a[3]])
+    } else {
+        IpAddr::from(*a)
+    }
+}
+
+/// `addr:port` of one side of a tuple (`[v6]:port` for IPv6).
+fn endpoint(k: &FlowKey, source: bool) -> String {
+    let port = u16::from_be(if source { k.sport } else { k.dport });
+    match ip(k, source) {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Enriches one drop with its verdict.
+fn report(
+    ev: &ConntrackDropEvent,
+    (cause, evidence): (Cause, String),
+    clock: &KernelClock,
+    attributor: &mut Attributor,
+    dns: Option<&mut DnsTracker>,
+) -> ConntrackDrop {
+    let flow = if ev.ct_state == CT_NONE {
+        &ev.packet
+    } else {
+        &ev.orig
+    };
+    let (cgroup, who) = if ev.owner.cgroup_id != 0 {
+        let (path, a) = attributor.attribute(ev.owner.cgroup_id, None);
+        (path, a)
+    } else {
+        (
+            None,
+            crate::pods::Attribution {
+                workload: "?".to_owned(),
+                pod: None,
+            },
+        )
+    };
+    let is_dns = flow.proto == 17 && u16::from_be(flow.dport) == 53 && ev.owner.socket_cookie != 0;
+    let dns = is_dns.then(|| DnsLink {
+        id: ev.owner.dns_id,
+        qname: dns.and_then(|t| {
+            t.note_conntrack_drop(ev.owner.socket_cookie, ev.owner.dns_id, cause.as_str())
+        }),
+    });
+    let ifname = String::from_utf8_lossy(
+        &ev.ifname[..ev
+            .ifname
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(ev.ifname.len())],
+    )
+    .into_owned();
+    let path = if ev.local != 0 {
+        "from a local socket".to_owned()
+    } else if ev.iif != 0 && ev.iif != ev.ifindex {
+        format!("forwarded, on {ifname}")
+    } else {
+        format!("received on {ifname}")
+    };
+    ConntrackDrop {
+        kind: "conntrack_drop",
+        time: clock.rfc3339(ev.ktime_ns),
+        time_unix_nano: clock.unix_nano(ev.ktime_ns),
+        cause,
+        proto: proto_name(flow.proto),
+        src: ip(flow, true).to_string(),
+        sport: u16::from_be(flow.sport),
+        dst: ip(flow, false).to_string(),
+        dport: u16::from_be(flow.dport),
+        netns: ev.netns as u64,
+        cgroup,
+        workload: who.workload,
+        pod: who.pod,
+        evidence: format!("{evidence}; {path}"),
+        dns,
+    }
+}
+
+/// Decodes, classifies and enriches every drop waiting in the ring, in order.
+pub fn drain(
+    ring: &mut RingBuf<MapData>,
+    classifier: &mut Classifier,
+    attributor: &mut Attributor,
+    mut dns: Option<&mut DnsTracker>,
+    mut on_drop: impl FnMut(ConntrackDrop) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        if let Some(ev) = loader::decode::<ConntrackDropEvent>(&item) {
+            batch.push(ev);
+        }
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let verdicts = classifier.classify(&batch);
+    for (ev, verdict) in batch.iter().zip(verdicts) {
+        let clock = &classifier.clock;
+        on_drop(report(ev, verdict, clock, attributor, dns.as_deref_mut()))?;
+    }
+    Ok(())
+}
