@@ -358,6 +358,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             }
             guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
                 let mut guard = guard.context("waiting on the conntrack ring buffer")?;
+                // A dropped query's own packet event may still wait in the DNS ring: read it
+                // first, so the drop can name the query.
+                if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
+                    drain_dns(ring.get_mut(), tracker, &mut enricher.attributor, &filter, &mut printer, &mut summary)?;
+                }
                 if let Some(c) = classifier.as_mut() {
                     drain_conntrack(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), &filter, &mut printer, &mut summary)?;
                 }

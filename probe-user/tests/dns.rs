@@ -31,15 +31,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn sh(cmd: &str) {
-    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Two namespaces joined by a veth pair, dnsmasq in one, the service-IP DNAT in the other.
 struct DnsLab {
     server_ns: String,

@@ -45,7 +45,7 @@ enum Mode {
 #[derive(Parser, Debug)]
 #[command(
     name = "faultline-lab",
-    about = "Reproduce real task-creation failures"
+    about = "Reproduce real node failures: task creation, DNS, conntrack"
 )]
 struct Args {
     #[arg(value_enum)]
@@ -300,8 +300,13 @@ fn nfqueue_hold(queue_num: u16, count: u32) -> anyhow::Result<()> {
 /// (--dns-burst) all at once, then waits for the answers.
 fn dns_client(args: &Args) -> anyhow::Result<()> {
     let (server, count) = (args.dns_server, args.count);
-    let socket = std::net::UdpSocket::bind(("0.0.0.0", args.dns_source_port))
-        .context("binding a UDP socket")?;
+    let any: std::net::IpAddr = if server.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    let socket =
+        std::net::UdpSocket::bind((any, args.dns_source_port)).context("binding a UDP socket")?;
     socket
         .connect(server)
         .with_context(|| format!("connecting to {server}"))?;

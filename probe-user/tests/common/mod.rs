@@ -27,6 +27,16 @@ pub fn unique(name: &str) -> String {
     format!("faultline-test-{name}-{}", std::process::id())
 }
 
+/// Runs a shell command that must succeed.
+pub fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn require_root() {
     // SAFETY: geteuid cannot fail.
     assert_eq!(
@@ -145,10 +155,14 @@ impl Trace {
             "last line is not the summary; stderr: {stderr}"
         );
         assert!(
-            values
-                .iter()
-                .all(|v| ["clone_failure", "headroom_warning", "dns"]
-                    .contains(&v["kind"].as_str().unwrap_or(""))),
+            values.iter().all(|v| [
+                "clone_failure",
+                "headroom_warning",
+                "dns",
+                "conntrack_drop",
+                "conntrack_clash_resolved"
+            ]
+            .contains(&v["kind"].as_str().unwrap_or(""))),
             "{values:?}"
         );
         (values, summary)
@@ -201,7 +215,20 @@ pub struct Lab {
 
 impl Lab {
     pub fn spawn(args: &[&str]) -> Lab {
-        let mut child = Command::new("timeout")
+        Self::spawn_in(None, args)
+    }
+
+    /// faultline-lab inside a named network namespace (`ip netns exec`), or in ours.
+    pub fn spawn_in(netns: Option<&str>, args: &[&str]) -> Lab {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "timeout"]);
+                c
+            }
+            None => Command::new("timeout"),
+        };
+        let mut child = cmd
             .args(["--signal=KILL", "60", LAB])
             .args(args)
             .stdout(Stdio::piped())
@@ -216,10 +243,16 @@ impl Lab {
         }
     }
 
-    /// The report, printed once the tasks are created (before --hold-ms).
-    pub fn report(&mut self) -> LabReport {
+    /// The next line the lab prints.
+    pub fn line(&mut self) -> String {
         let mut out = String::new();
         self.stdout.read_line(&mut out).expect("reading lab stdout");
+        out
+    }
+
+    /// The report, printed once the tasks are created (before --hold-ms).
+    pub fn report(&mut self) -> LabReport {
+        let out = self.line();
         assert!(
             !out.is_empty(),
             "faultline-lab {:?} printed no report",

@@ -1,0 +1,392 @@
+//! Conntrack drops, for real, in network namespaces created here: two client namespaces and a
+//! server namespace behind a router namespace that SNATs everything to ONE source port, so a
+//! second flow cannot be inserted (deterministic `insert_failed`); an NFQUEUE that holds two
+//! packets of one new flow so both race to confirm (a resolved clash, no drop); a lowered
+//! host-wide `nf_conntrack_max` (table full, restored on every path); a plain DROP rule; and
+//! the insert failure again over IPv6. Every namespace is removed and the sysctl restored on
+//! drop. Root only.
+
+mod common;
+
+use std::{os::unix::fs::MetadataExt as _, sync::Mutex, time::Duration};
+
+use common::*;
+use probe_user::cgroups::Hierarchy;
+use serde_json::Value;
+
+/// `nf_conntrack_max` is host-wide: the cases run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const SNAT_PORT: u16 = 40000;
+
+/// Addresses of one address family.
+struct Plan {
+    v6: bool,
+    client1: &'static str,
+    client2: &'static str,
+    server: &'static str,
+    router_to_server: &'static str,
+    prefix: u8,
+}
+
+const V4: Plan = Plan {
+    v6: false,
+    client1: "10.77.1.2",
+    client2: "10.77.2.2",
+    server: "10.77.9.2",
+    router_to_server: "10.77.9.1",
+    prefix: 24,
+};
+
+const V6: Plan = Plan {
+    v6: true,
+    client1: "fd00:77:1::2",
+    client2: "fd00:77:2::2",
+    server: "fd00:77:9::2",
+    router_to_server: "fd00:77:9::1",
+    prefix: 64,
+};
+
+/// client1, client2 -> router (SNAT to one port) -> server.
+struct CtLab {
+    plan: &'static Plan,
+    ns: [String; 4],
+    cgroups: [TempCgroup; 2],
+}
+
+impl CtLab {
+    fn start(plan: &'static Plan) -> CtLab {
+        require_root();
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = std::process::id() % 100_000 * 10
+            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = ["c1", "c2", "r", "s"].map(|n| format!("flct{n}{id}"));
+        let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
+        let lab = CtLab {
+            plan,
+            cgroups: [1, 2]
+                .map(|n| TempCgroup::new(&unified, &format!("{}-c{n}-{id}", unique("ct")))),
+            ns: ns.clone(),
+        };
+        let [c1, c2, r, s] = &ns;
+        let (ip, p) = (if plan.v6 { "ip -6" } else { "ip" }, plan.prefix);
+        let router_addr = |a: &str| {
+            let (head, _) = a
+                .rsplit_once(if plan.v6 { ':' } else { '.' })
+                .expect("address");
+            format!("{head}{}1", if plan.v6 { ":" } else { "." })
+        };
+        for n in &ns {
+            sh(&format!("ip netns add {n}"));
+            sh(&format!("ip -n {n} link set lo up"));
+        }
+        for (i, (client, addr)) in [(c1, plan.client1), (c2, plan.client2), (s, plan.server)]
+            .into_iter()
+            .enumerate()
+        {
+            let (a, b) = (format!("fl{id}a{i}"), format!("fl{id}b{i}"));
+            let gw = router_addr(addr);
+            let nodad = if plan.v6 { " nodad" } else { "" };
+            for cmd in [
+                format!("ip link add {a} type veth peer name {b}"),
+                format!("ip link set {a} netns {client}"),
+                format!("ip link set {b} netns {r}"),
+                format!("{ip} -n {client} addr add {addr}/{p} dev {a}{nodad}"),
+                format!("{ip} -n {r} addr add {gw}/{p} dev {b}{nodad}"),
+                format!("ip -n {client} link set {a} up"),
+                format!("ip -n {r} link set {b} up"),
+            ] {
+                sh(&cmd);
+            }
+            if client != s {
+                sh(&format!("{ip} -n {client} route add default via {gw}"));
+            }
+        }
+        let (fwd, tables) = if plan.v6 {
+            ("net.ipv6.conf.all.forwarding", "ip6tables")
+        } else {
+            ("net.ipv4.ip_forward", "iptables")
+        };
+        sh(&format!("ip netns exec {r} sysctl -qw {fwd}=1"));
+        let to = if plan.v6 {
+            format!("[{}]:{SNAT_PORT}", plan.router_to_server)
+        } else {
+            format!("{}:{SNAT_PORT}", plan.router_to_server)
+        };
+        sh(&format!(
+            "ip netns exec {r} {tables} -t nat -A POSTROUTING -d {} -p udp -j SNAT --to-source {to}",
+            plan.server
+        ));
+        lab
+    }
+
+    fn router(&self) -> &str {
+        &self.ns[2]
+    }
+
+    fn router_inode(&self) -> u64 {
+        std::fs::metadata(format!("/run/netns/{}", self.router()))
+            .expect("router netns")
+            .ino()
+    }
+
+    fn tables(&self) -> &'static str {
+        if self.plan.v6 {
+            "ip6tables"
+        } else {
+            "iptables"
+        }
+    }
+
+    fn server(&self, port: u16) -> String {
+        if self.plan.v6 {
+            format!("[{}]:{port}", self.plan.server)
+        } else {
+            format!("{}:{port}", self.plan.server)
+        }
+    }
+
+    /// faultline-lab's DNS client in client `n`'s cgroup and namespace (joined in that
+    /// order: `ip netns exec` mounts its own sysfs).
+    fn client(&self, n: usize, args: &str) {
+        let procs = self.cgroups[n - 1].dir.join("cgroup.procs");
+        sh(&format!(
+            "echo $$ > {} && exec timeout 30 ip netns exec {} {LAB} dns-client {args} >/dev/null",
+            procs.display(),
+            self.ns[n - 1]
+        ));
+    }
+
+    fn cgroup_path(&self, n: usize) -> String {
+        format!(
+            "/{}",
+            self.cgroups[n - 1]
+                .dir
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+        )
+    }
+
+    /// The router namespace's conntrack counters, summed over CPUs, from procfs.
+    fn counters(&self) -> std::collections::HashMap<String, u64> {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.router(),
+                "cat",
+                "/proc/net/stat/nf_conntrack",
+            ])
+            .output()
+            .expect("reading conntrack counters");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let names: Vec<String> = lines
+            .next()
+            .expect("header")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        let mut sums = std::collections::HashMap::new();
+        for line in lines {
+            for (name, hex) in names.iter().zip(line.split_whitespace()) {
+                *sums.entry(name.clone()).or_default() +=
+                    u64::from_str_radix(hex, 16).expect("hex");
+            }
+        }
+        sums
+    }
+}
+
+impl Drop for CtLab {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+        }
+    }
+}
+
+fn drops_in(events: &[Value], netns: u64) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == "conntrack_drop" && e["netns"] == netns)
+        .collect()
+}
+
+fn delta(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+    name: &str,
+) -> u64 {
+    after[name] - before[name]
+}
+
+/// Client 1's flow takes the only SNAT port; each of client 2's three queries then loses the
+/// clash at confirmation and is dropped.
+fn insert_failed_case(plan: &'static Plan) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = CtLab::start(plan);
+    let trace = Trace::start(&["--events", "conntrack,dns", "--dns-timeout", "1500ms"]);
+    let server = lab.server(53);
+    lab.client(1, &format!("1 --dns-server {server}"));
+    let before = lab.counters();
+    lab.client(2, &format!("3 --dns-server {server}"));
+    let after = lab.counters();
+    std::thread::sleep(Duration::from_millis(1800)); // the last DNS timeout falls due
+    let (events, summary) = trace.stop_json();
+
+    let lost = delta(&before, &after, "insert_failed");
+    assert_eq!(lost, 3, "the kernel's insert_failed delta: {after:?}");
+    let drops = drops_in(&events, lab.router_inode());
+    assert_eq!(
+        drops.len() as u64,
+        lost,
+        "one drop event per lost packet: {events:#?}"
+    );
+    let client2 = lab.cgroup_path(2);
+    for d in &drops {
+        assert_eq!(d["cause"], "insert_failed", "{d}");
+        assert_eq!(d["proto"], "udp");
+        assert_eq!(d["src"], plan.client2);
+        assert_eq!(d["dst"], plan.server);
+        assert_eq!(d["dport"], 53);
+        assert_eq!(
+            d["cgroup"],
+            client2.as_str(),
+            "attributed to the sender: {d}"
+        );
+        assert!(
+            d["evidence"]
+                .as_str()
+                .is_some_and(|e| e.contains("SNAT") && e.contains(&SNAT_PORT.to_string())),
+            "{d}"
+        );
+        assert!(d["dns"]["id"].as_u64().is_some_and(|id| id < 3), "{d}");
+        assert_eq!(d["dns"]["qname"], "bench.test", "{d}");
+    }
+    // The dropped queries are reported as DNS timeouts that say why.
+    let dropped_queries: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "dns" && e["cgroup"] == client2.as_str())
+        .collect();
+    assert_eq!(dropped_queries.len(), 3, "{events:#?}");
+    for q in dropped_queries {
+        assert_eq!(q["outcome"], "timeout");
+        assert_eq!(q["conntrack_drop"], "insert_failed");
+    }
+    assert_eq!(summary["conntrack_drops"]["insert_failed"], 3, "{summary}");
+}
+
+#[test]
+fn insert_failed_after_snat_is_reported_per_lost_packet_with_its_sender() {
+    insert_failed_case(&V4);
+}
+
+#[test]
+fn insert_failed_over_ipv6() {
+    insert_failed_case(&V6);
+}
+
+/// Two packets of one new flow are held in an NFQUEUE, then released together: both race to
+/// confirm their entries and the kernel resolves the clash. Counted, never a drop.
+#[test]
+fn resolved_clash_is_a_near_miss_not_a_drop() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = CtLab::start(&V4);
+    let r = lab.router().to_owned();
+    sh(&format!(
+        "ip netns exec {r} iptables -I FORWARD -p udp --dport 5355 -j NFQUEUE --queue-num 7"
+    ));
+    let trace = Trace::start(&["--events", "conntrack"]);
+    let before = lab.counters();
+    let mut hold = Lab::spawn_in(Some(&r), &["nfqueue-hold", "2", "--queue", "7"]);
+    assert!(hold.line().contains("ready"), "nfqueue-hold did not start");
+    lab.client(
+        1,
+        &format!("2 --dns-burst --dns-server {}", lab.server(5355)),
+    );
+    let held = hold.report().created;
+    hold.wait();
+    std::thread::sleep(Duration::from_millis(2500)); // one clash poll after the race
+    let after = lab.counters();
+    let (events, summary) = trace.stop_json();
+
+    assert_eq!(held, 2, "both packets were held");
+    let resolved = delta(&before, &after, "clashres");
+    assert_eq!(resolved, 1, "the kernel resolved one clash: {after:?}");
+    assert_eq!(delta(&before, &after, "insert_failed"), 0);
+    let netns = lab.router_inode();
+    let reported: u64 = events
+        .iter()
+        .filter(|e| e["kind"] == "conntrack_clash_resolved" && e["netns"] == netns)
+        .map(|e| e["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(reported, resolved, "{events:#?}");
+    assert!(drops_in(&events, netns).is_empty(), "no drop: {events:#?}");
+    assert!(
+        summary["conntrack_clashes_resolved"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty())
+    );
+}
+
+/// With the host-wide table limit at the router's entry count, new flows get no entry.
+#[test]
+fn table_full_drops_name_the_limit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = CtLab::start(&V4);
+    let trace = Trace::start(&["--events", "conntrack"]);
+    lab.client(1, &format!("1 --dns-server {}", lab.server(53)));
+    let before = lab.counters();
+    let drops = {
+        let _limit = SysctlGuard::set("/proc/sys/net/netfilter/nf_conntrack_max", "1");
+        lab.client(2, &format!("2 --dns-server {}", lab.server(53)));
+        let after = lab.counters();
+        delta(&before, &after, "drop")
+    }; // the limit is restored here, and on a panic above
+    let (events, _) = trace.stop_json();
+
+    assert_eq!(drops, 2, "the kernel's drop delta");
+    let reported = drops_in(&events, lab.router_inode());
+    assert_eq!(reported.len(), 2, "{events:#?}");
+    for d in reported {
+        assert_eq!(d["cause"], "table_full", "{d}");
+        assert_eq!(d["src"], V4.client2);
+        assert_eq!(d["dport"], 53);
+        assert_eq!(d["cgroup"], lab.cgroup_path(2).as_str(), "{d}");
+        assert!(
+            d["evidence"]
+                .as_str()
+                .is_some_and(|e| e.contains("nf_conntrack_max=1")),
+            "{d}"
+        );
+    }
+}
+
+/// A DROP rule on DNS: cause `rule`, and insert_failed does not move.
+#[test]
+fn a_drop_rule_is_a_rule_not_an_insert_failure() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = CtLab::start(&V4);
+    sh(&format!(
+        "ip netns exec {} {} -I FORWARD -p udp --dport 53 -j DROP",
+        lab.router(),
+        lab.tables()
+    ));
+    let trace = Trace::start(&["--events", "conntrack"]);
+    let before = lab.counters();
+    lab.client(1, &format!("2 --dns-server {}", lab.server(53)));
+    let after = lab.counters();
+    let (events, _) = trace.stop_json();
+
+    assert_eq!(delta(&before, &after, "insert_failed"), 0);
+    let reported = drops_in(&events, lab.router_inode());
+    assert_eq!(reported.len(), 2, "{events:#?}");
+    for d in reported {
+        assert_eq!(d["cause"], "rule", "{d}");
+        assert_eq!(d["cgroup"], lab.cgroup_path(1).as_str(), "{d}");
+    }
+}
