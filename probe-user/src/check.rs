@@ -4,7 +4,8 @@
 use crate::{
     btf::Btf,
     cgroups::{CgroupFs, Hierarchy},
-    loader::{self, CLONE_PROGRAMS, Probes, TASK_PROGRAMS},
+    loader::{self, CLONE_PROGRAMS, CONNTRACK_PROGRAMS, Probes, TASK_PROGRAMS},
+    netns::NetnsDirectory,
     offsets,
     tracefs::Tracefs,
 };
@@ -111,6 +112,11 @@ pub fn run() -> bool {
                 Status::Warn,
                 "no per-cgroup task counts (top, headroom warnings)",
             ),
+            (
+                &CONNTRACK_PROGRAMS[..],
+                Status::Warn,
+                "no conntrack drops (the counters still work)",
+            ),
         ] {
             for &(_, category, tracepoint) in programs {
                 if t.has_event(category, tracepoint) {
@@ -170,6 +176,11 @@ pub fn run() -> bool {
                 for (programs, name, missing_status) in [
                     (&CLONE_PROGRAMS[..], "clone programs", Status::Fail),
                     (&TASK_PROGRAMS[..], "task counter programs", Status::Warn),
+                    (
+                        &CONNTRACK_PROGRAMS[..],
+                        "conntrack drop program",
+                        Status::Warn,
+                    ),
                 ] {
                     match probes.attach(programs) {
                         Ok(()) => r.line(
@@ -187,6 +198,24 @@ pub fn run() -> bool {
             }
             Err(e) => r.line(Status::Fail, "eBPF object", format!("{e:#}")),
         }
+    }
+    match NetnsDirectory::new("/proc")
+        .node()
+        .and_then(|node| crate::ctstats::read(&node))
+    {
+        Ok((c, source)) => r.line(
+            Status::Ok,
+            "conntrack counters",
+            format!(
+                "node namespace via {source:?}: entries={} max={} insert_failed={} clash_resolve={}",
+                c.entries, c.max, c.insert_failed, c.clash_resolve
+            ),
+        ),
+        Err(e) => r.line(
+            Status::Warn,
+            "conntrack counters",
+            format!("{e:#}: drops are traced but not told apart by counters (cause other)"),
+        ),
     }
     r.line(
         Status::Ok,

@@ -216,6 +216,12 @@ impl Classifier {
         out
     }
 
+    /// The node's namespace's counters (pid 1's), when readable.
+    pub fn node_counters(&mut self) -> Option<CtCounters> {
+        let node = self.netns.node().ok()?;
+        ctstats::read(&node).ok().map(|(c, _)| c)
+    }
+
     /// Near-misses: every namespace whose `clash_resolve` rose since the last poll (at most
     /// once per `every`).
     pub fn poll_clashes(

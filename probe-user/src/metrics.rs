@@ -18,6 +18,8 @@ use prometheus::{
 
 use crate::{
     clone::CloneFailure,
+    conntrack::{ClashesResolved, ConntrackDrop},
+    ctstats::CtCounters,
     dns::DnsQuery,
     loader::{CloneStats, TaskStats},
     node::NodeTasks,
@@ -144,6 +146,11 @@ pub struct Metrics {
     dns_duration: HistogramVec,
     dns_retransmits: IntCounterVec,
     dns_tcp: IntCounterVec,
+    conntrack_drops: IntCounterVec,
+    conntrack_clashes: IntCounterVec,
+    conntrack_stats: IntCounterVec,
+    conntrack_entries: IntGauge,
+    conntrack_max: IntGauge,
     last_tcp: Mutex<HashMap<u64, DnsTcpCounts>>,
     /// Last kernel counts exported per cgroup id, to turn totals into counter increments.
     last_counts: Mutex<HashMap<u64, TaskCounts>>,
@@ -263,6 +270,29 @@ impl Metrics {
                 "DNS over TCP port 53 segments (counted, not parsed), by direction.",
                 &labels(&["direction"]),
             )?,
+            conntrack_drops: counter(
+                "faultline_conntrack_drops_total",
+                "Packets dropped by netfilter, by cause (insert_failed, table_full, rule, other) and protocol, attributed to the sending pod.",
+                &labels(&["cause", "proto"]),
+            )?,
+            conntrack_clashes: counter(
+                "faultline_conntrack_clashes_resolved_total",
+                "Conntrack insert clashes the kernel resolved (near-misses of a drop), per network namespace (node, a pod, or netns:<name>).",
+                &["netns"],
+            )?,
+            conntrack_stats: counter(
+                "faultline_conntrack_stat_total",
+                "The kernel's conntrack statistics of the node's network namespace (insert_failed, drop, early_drop, clash_resolve, search_restart, chaintoolong, invalid).",
+                &["counter"],
+            )?,
+            conntrack_entries: gauge(
+                "faultline_conntrack_entries",
+                "Entries in the node's conntrack table.",
+            )?,
+            conntrack_max: gauge(
+                "faultline_conntrack_max",
+                "nf_conntrack_max: the most entries one network namespace's table may hold.",
+            )?,
             last_tcp: Mutex::new(HashMap::new()),
             last_counts: Mutex::new(HashMap::new()),
             last_lost: Mutex::new((0, 0)),
@@ -356,10 +386,35 @@ impl Metrics {
         *last = present;
     }
 
-    /// Losses of the DNS ring buffer, as a running total from the kernel.
-    pub fn dns_lost(&self, total: u64) {
-        let c = self.events_lost.with_label_values(&["dns"]);
+    /// Losses of a ring buffer (`dns`, `conntrack`), as a running total from the kernel.
+    pub fn events_lost(&self, source: &str, total: u64) {
+        let c = self.events_lost.with_label_values(&[source]);
         c.inc_by(total.saturating_sub(c.get()));
+    }
+
+    pub fn conntrack_drop(&self, d: &ConntrackDrop) {
+        let labels = self.cap.admit(
+            "conntrack_drops",
+            who(&d.workload, d.pod.as_ref()),
+            &[d.cause.as_str(), &d.proto],
+        );
+        self.conntrack_drops.with_label_values(&labels).inc();
+    }
+
+    pub fn clashes_resolved(&self, c: &ClashesResolved) {
+        self.conntrack_clashes
+            .with_label_values(&[c.workload.as_str()])
+            .inc_by(c.count);
+    }
+
+    /// The node namespace's conntrack counters (kernel totals) and fill.
+    pub fn conntrack_node(&self, c: &CtCounters) {
+        for (name, total) in c.named() {
+            let counter = self.conntrack_stats.with_label_values(&[name]);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        self.conntrack_entries.set(c.entries as i64);
+        self.conntrack_max.set(c.max as i64);
     }
 
     /// Exports a refresh of the task model: counter increments since the last refresh, and
@@ -426,6 +481,7 @@ impl Metrics {
             ("tasks_exited", &self.tasks_exited),
             ("dns_queries", &self.dns_queries),
             ("dns_retransmits", &self.dns_retransmits),
+            ("conntrack_drops", &self.conntrack_drops),
         ] {
             for labels in self.cap.expire(metric, STALE_AFTER) {
                 let _ =

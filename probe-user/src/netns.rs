@@ -49,16 +49,21 @@ impl NetnsDirectory {
             .ino())
     }
 
-    /// The node's namespace: pid 1's, as seen in `proc_root`.
+    /// The node's namespace: pid 1's, as seen in `proc_root`; where that is not readable
+    /// (no CAP_SYS_PTRACE), our own, which is the node's under `hostNetwork`.
     pub fn node(&self) -> anyhow::Result<Netns> {
-        let path = self.proc_root.join("1/ns/net");
+        let init = self.proc_root.join("1/ns/net");
+        let (path, pid) = match std::fs::metadata(&init) {
+            Ok(_) => (init, 1),
+            Err(_) => (PathBuf::from("/proc/self/ns/net"), std::process::id()),
+        };
         let inode = std::fs::metadata(&path)
             .with_context(|| format!("reading {}", path.display()))?
             .ino();
         Ok(Netns {
             inode,
             path,
-            pid: Some(1),
+            pid: Some(pid),
         })
     }
 

@@ -29,9 +29,11 @@ use tokio::{
 use crate::{
     cgroups::CgroupFs,
     clone::{self, Enricher},
+    conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
     dns::{DnsQuery, DnsTracker, Names},
     loader::{Attachment, CLONE_PROGRAMS, Probes, TASK_PROGRAMS},
     metrics::Metrics,
+    netns::NetnsDirectory,
     node::NodeTasks,
     otlp::OtlpExporter,
     pods::{Attributor, PodArgs},
@@ -162,6 +164,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             (None, None)
         }
     };
+    let (mut ct_ring, mut classifier) = match probes.conntrack_events() {
+        Ok(ring) => {
+            metrics.probe_attached("conntrack", true);
+            (
+                Some(ring),
+                Some(Classifier::new(NetnsDirectory::new("/proc"))),
+            )
+        }
+        Err(e) => {
+            eprintln!(
+                "faultline: skipped probe conntrack: {}",
+                crate::loader::brief(&e)
+            );
+            metrics.probe_attached("conntrack", false);
+            (None, None)
+        }
+    };
     let mut enricher = Enricher::new(Attributor::new(cgroups, &args.pods).await);
     let mut model = TaskModel::default();
     let mut outputs = Outputs {
@@ -208,7 +227,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 guard.clear_ready();
             }
+            guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
+                let mut guard = guard.context("waiting on the conntrack ring buffer")?;
+                // The dropped queries' own packets first, so that drops can name them.
+                if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
+                    crate::dns::drain(ring.get_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
+                }
+                if let Some(c) = classifier.as_mut() {
+                    conntrack::drain(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), |d| outputs.conntrack_drop(&d))?;
+                }
+                guard.clear_ready();
+            }
             _ = refresh.tick() => {
+                if let Some(c) = classifier.as_mut() {
+                    for clashes in c.poll_clashes(args.refresh, &mut enricher.attributor) {
+                        outputs.clashes_resolved(&clashes)?;
+                    }
+                    if let Some(node) = c.node_counters() {
+                        metrics.conntrack_node(&node);
+                    }
+                    metrics.events_lost("conntrack", probes.conntrack_stats()?.lost);
+                }
                 if tasks_ok {
                     model.update(std::time::Instant::now(), probes.task_counts()?);
                 }
@@ -217,7 +256,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     for q in tracker.expire(now, &mut enricher.attributor) {
                         outputs.dns_query(&q)?;
                     }
-                    metrics.dns_lost(probes.dns_stats()?.lost);
+                    metrics.events_lost("dns", probes.dns_stats()?.lost);
                     let tcp = probes
                         .dns_tcp_counts()?
                         .into_iter()
@@ -248,11 +287,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             outputs.dns_query(&q)
         })?;
     }
+    if let (Some(ring), Some(c)) = (ct_ring.as_mut(), classifier.as_mut()) {
+        conntrack::drain(
+            ring.get_mut(),
+            c,
+            &mut enricher.attributor,
+            dns.as_mut(),
+            |d| outputs.conntrack_drop(&d),
+        )?;
+    }
     outputs.sink.flush()?;
     let stats = probes.clone_stats()?;
     // Dropping the probes detaches every program.
     drop(ring);
     drop(dns_ring);
+    drop(ct_ring);
     drop(probes);
     eprintln!(
         "faultline: stopped; {} clone failures seen in the kernel, {} lost (ring buffer full)",
@@ -276,6 +325,18 @@ impl Outputs {
         }
         self.sink
             .write(&serde_json::to_string(f).context("encoding an event")?)
+    }
+
+    fn conntrack_drop(&mut self, d: &ConntrackDrop) -> anyhow::Result<()> {
+        self.metrics.conntrack_drop(d);
+        self.sink
+            .write(&serde_json::to_string(d).context("encoding an event")?)
+    }
+
+    fn clashes_resolved(&mut self, c: &ClashesResolved) -> anyhow::Result<()> {
+        self.metrics.clashes_resolved(c);
+        self.sink
+            .write(&serde_json::to_string(c).context("encoding an event")?)
     }
 
     fn dns_query(&mut self, q: &DnsQuery) -> anyhow::Result<()> {

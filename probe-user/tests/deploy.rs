@@ -206,7 +206,7 @@ fn the_daemonset_capabilities_are_exactly_enough() {
         std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
-    for probe in ["clone", "tasks"] {
+    for probe in ["clone", "tasks", "dns", "conntrack"] {
         assert!(
             ready
                 .1
@@ -222,8 +222,14 @@ fn the_daemonset_capabilities_are_exactly_enough() {
         .map(str::trim)
         .unwrap_or("");
     assert_eq!(
-        eff, "000000c000000000",
-        "CAP_BPF and CAP_PERFMON only:\n{status}"
+        eff, "000000c000001000",
+        "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN only:\n{status}"
+    );
+    // The node namespace's conntrack counters were readable (ctnetlink).
+    assert!(
+        ready.1.contains("faultline_conntrack_max "),
+        "no conntrack counters with {caps:?}:\n{}",
+        ready.1
     );
 }
 
