@@ -1,38 +1,81 @@
-//! DNS over UDP port 53, seen by cgroup_skb programs on the cgroup v2 root: one event per DNS
-//! packet (query or response) with its socket and the head of the DNS message; userspace parses,
-//! matches queries to responses and detects timeouts and retransmits.
+//! DNS over UDP port 53, matched in the kernel: cgroup_skb programs on the cgroup v2 root keep
+//! each query in `DNS_PENDING` (keyed by socket cookie and transaction id) and emit one
+//! `DnsQueryEvent` when its answer arrives, or when the resolver re-sends it on the same socket
+//! before any answer. Userspace parses names, expires unanswered queries from the map, and
+//! detects retransmits across sockets.
 
-/// Bytes of the DNS message copied into each event: the header, the question and the first
-/// answers of any ordinary response. A power of two (the kernel side masks with it).
+/// Bytes of the answer copied into an event: the header, the question and the first answers
+/// of any ordinary response. A power of two (the kernel side masks with it).
 pub const DNS_CAPTURE: usize = 512;
 
-pub const DIRECTION_EGRESS: u8 = 0;
-pub const DIRECTION_INGRESS: u8 = 1;
+/// Bytes of the query kept while it waits: the header and a question name of up to ~240
+/// bytes. A power of two.
+pub const DNS_QUERY_CAPTURE: usize = 256;
 
-/// One DNS packet on a pod's socket.
+/// The query was answered; the event carries the answer.
+pub const OUTCOME_ANSWERED: u8 = 0;
+/// The query was re-sent (same socket, same id) before any answer: this send went
+/// unanswered. The event carries the query.
+pub const OUTCOME_RESENT: u8 = 1;
+
+/// A query waiting for its answer: the socket and the DNS transaction id.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct DnsPacketEvent {
-    pub ktime_ns: u64,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsKey {
+    pub socket_cookie: u64,
+    pub id: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Where a query went and when; shared by the pending entry and the event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DnsSend {
+    pub sent_ns: u64,
+    /// When the same query was sent before on this socket (a re-send), else 0.
+    pub prev_sent_ns: u64,
     /// cgroup v2 id of the socket's owner.
     pub cgroup_id: u64,
-    /// Socket cookie: the same for every packet of one socket.
-    pub socket_cookie: u64,
     /// 4 or 6.
     pub family: u8,
-    /// [`DIRECTION_EGRESS`] (a query leaving) or [`DIRECTION_INGRESS`] (a response arriving).
-    pub direction: u8,
-    pub sport: u16,
-    pub dport: u16,
-    pub _pad: u16,
+    pub _pad: u8,
+    pub server_port: u16,
+    /// Length of the DNS message, and how much of it is captured.
+    pub dns_len: u16,
+    pub captured: u16,
     /// IPv4 in the first 4 bytes.
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    /// Length of the DNS message in the packet, and how much of it is in `payload`.
+    pub server: [u8; 16],
+}
+
+/// A query in `DNS_PENDING`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsPending {
+    pub send: DnsSend,
+    pub query: [u8; DNS_QUERY_CAPTURE],
+}
+
+/// One query's end: answered, or re-sent before an answer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsQueryEvent {
+    pub key: DnsKey,
+    pub send: DnsSend,
+    /// When the answer arrived or the query was re-sent.
+    pub done_ns: u64,
+    /// `OUTCOME_ANSWERED` or `OUTCOME_RESENT`.
+    pub outcome: u8,
+    pub _pad: [u8; 3],
+    /// Length of the DNS message in `payload` and how much of it is captured: the answer, or
+    /// the query for a re-send.
     pub dns_len: u32,
     pub captured: u32,
+    pub _pad2: u32,
     pub payload: [u8; DNS_CAPTURE],
 }
+
+/// Most queries waiting for an answer at once; a full map is counted, never silent.
+pub const MAX_DNS_PENDING: u32 = 16384;
 
 /// Index of the counters kept per CPU in `DNS_STATS`.
 #[repr(u32)]
@@ -42,9 +85,17 @@ pub enum DnsStat {
     RingbufFull = 0,
     /// DNS over TCP port 53 segments in cgroups the full `DNS_TCP` map could not count.
     TcpMapFull = 1,
+    /// Queries not tracked because `DNS_PENDING` was full.
+    PendingFull = 2,
+    /// UDP port 53 packets too short for a DNS header, or queries with the response bit set.
+    Malformed = 3,
+    /// Responses that matched no waiting query (late, duplicate, spoofed or garbage).
+    Unmatched = 4,
+    /// Responses with the TC (truncated) bit: the resolver must retry over TCP.
+    Truncated = 5,
 }
 
-pub const DNS_STAT_COUNT: u32 = 2;
+pub const DNS_STAT_COUNT: u32 = 6;
 
 /// DNS over TCP port 53, per cgroup: segments to and from servers (counted, not parsed).
 #[repr(C)]
@@ -59,8 +110,9 @@ pub const MAX_DNS_TCP_CGROUPS: u32 = 16384;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: #[repr(C)] plain data, valid for any bit pattern (padding is never read).
-    unsafe impl aya::Pod for super::DnsPacketEvent {}
-    // SAFETY: #[repr(C)] struct of u64s: no padding, every bit pattern valid.
+    // SAFETY: #[repr(C)] plain data with explicit padding, valid for any bit pattern.
+    unsafe impl aya::Pod for super::DnsQueryEvent {}
+    unsafe impl aya::Pod for super::DnsPending {}
+    unsafe impl aya::Pod for super::DnsKey {}
     unsafe impl aya::Pod for super::DnsTcpCounts {}
 }

@@ -1,6 +1,9 @@
 //! DNS: cgroup_skb egress and ingress programs on the cgroup v2 root, so they see every pod's
-//! sockets whatever its network namespace. UDP port 53 packets become `DnsPacketEvent`s with
-//! the socket and the head of the DNS message; TCP port 53 is counted. They never drop a
+//! sockets whatever its network namespace. A UDP port 53 query is kept in `DNS_PENDING` (keyed
+//! by socket cookie and transaction id); its answer ends it with one `DnsQueryEvent` carrying
+//! the latency; a re-send on the same socket ends the earlier send as unanswered. Queries
+//! that get no answer are expired by userspace from the map. TCP port 53 is counted per cgroup,
+//! and each DNS flow's sender is recorded for conntrack drop attribution. They never drop a
 //! packet (always return 1).
 
 use aya_ebpf::{
@@ -9,18 +12,27 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes,
     },
     macros::{cgroup_skb, map},
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::SkBuffContext,
 };
 use probe_common::conntrack::{FlowKey, FlowOwner};
 use probe_common::dns::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_CAPTURE, DNS_STAT_COUNT, DnsPacketEvent, DnsStat,
-    DnsTcpCounts, MAX_DNS_TCP_CGROUPS,
+    DNS_QUERY_CAPTURE, DNS_STAT_COUNT, DnsKey, DnsPending, DnsQueryEvent, DnsStat, DnsTcpCounts,
+    MAX_DNS_PENDING, MAX_DNS_TCP_CGROUPS, OUTCOME_ANSWERED, OUTCOME_RESENT,
 };
 
-/// Per-request events: 1 MiB holds ~1,600 packets between two reads.
+/// One event per query: 1 MiB holds ~1,700 queries between two reads.
 #[map]
 static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
+
+/// Queries waiting for their answer. Not an LRU: a full map is counted, never a silent
+/// eviction; userspace removes the unanswered ones after its timeout.
+#[map]
+static DNS_PENDING: HashMap<DnsKey, DnsPending> = HashMap::with_max_entries(MAX_DNS_PENDING, 0);
+
+/// Where a pending entry is built (too big for the 512-byte eBPF stack).
+#[map]
+static DNS_SCRATCH: PerCpuArray<DnsPending> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static DNS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DNS_STAT_COUNT, 0);
@@ -35,16 +47,19 @@ const EEXIST: i32 = 17;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
+const DNS_HEADER: usize = 12;
+const EGRESS: bool = true;
+const INGRESS: bool = false;
 
 #[cgroup_skb]
 pub fn dns_egress(ctx: SkBuffContext) -> i32 {
-    let _ = on_packet(&ctx, DIRECTION_EGRESS);
+    let _ = on_packet(&ctx, EGRESS);
     1
 }
 
 #[cgroup_skb]
 pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
-    let _ = on_packet(&ctx, DIRECTION_INGRESS);
+    let _ = on_packet(&ctx, INGRESS);
     1
 }
 
@@ -150,7 +165,7 @@ fn note_flow(
 }
 
 #[inline(always)]
-fn on_packet(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
+fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
     // cgroup_skb sees the packet from the IP header on.
     let first: u8 = ctx.load(0)?;
     let (family, proto, l4, addr_off, addr_len) = match first >> 4 {
@@ -170,8 +185,8 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
     }
     let sport = u16::from_be(ctx.load::<u16>(l4)?);
     let dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
-    let to_server = direction == DIRECTION_EGRESS && dport == DNS_PORT;
-    let from_server = direction == DIRECTION_INGRESS && sport == DNS_PORT;
+    let to_server = egress && dport == DNS_PORT;
+    let from_server = !egress && sport == DNS_PORT;
     if !to_server && !from_server {
         return Ok(());
     }
@@ -188,74 +203,162 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
         count_tcp(ctx, to_server);
         return Ok(());
     }
-    let Some(mut entry) = DNS_EVENTS.reserve::<DnsPacketEvent>(0) else {
-        bump(DnsStat::RingbufFull);
+    let msg_len = (ctx.len() as usize).saturating_sub(payload);
+    if msg_len < DNS_HEADER {
+        bump(DnsStat::Malformed);
         return Ok(());
+    }
+    let key = DnsKey {
+        // SAFETY: the context pointer is the skb of this program.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        id: u16::from_be(ctx.load::<u16>(payload)?),
+        _pad: [0; 6],
+    };
+    let response = ctx.load::<u8>(payload + 2)? & 0x80 != 0;
+    if to_server && !response {
+        on_query(
+            ctx,
+            &key,
+            family,
+            addr_off + addr_len,
+            addr_len,
+            dport,
+            payload,
+            msg_len,
+        );
+    } else if from_server && response {
+        on_response(ctx, &key, payload, msg_len);
+    } else {
+        bump(DnsStat::Malformed);
+    }
+    Ok(())
+}
+
+/// A query leaving: kept in `DNS_PENDING` until its answer. A query already waiting under the
+/// same socket and id is a re-send: the earlier send ends as unanswered.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn on_query(
+    ctx: &SkBuffContext,
+    key: &DnsKey,
+    family: u8,
+    daddr_off: usize,
+    addr_len: usize,
+    dport: u16,
+    payload: usize,
+    msg_len: usize,
+) {
+    let Some(pending) = DNS_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; every field is written before use.
+    let pending = unsafe { &mut *pending };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    pending.send.prev_sent_ns = 0;
+    // SAFETY: the map returns a pointer into a live entry.
+    if let Some(prev) = unsafe { DNS_PENDING.get(key) } {
+        pending.send.prev_sent_ns = prev.send.sent_ns;
+        match DNS_EVENTS.reserve::<DnsQueryEvent>(0) {
+            Some(mut entry) => {
+                // SAFETY: a reserved slot of the right size; every field is written.
+                let ev = unsafe { &mut *entry.as_mut_ptr() };
+                ev.key = *key;
+                ev.send = prev.send;
+                ev.done_ns = now;
+                ev.outcome = OUTCOME_RESENT;
+                ev._pad = [0; 3];
+                ev.dns_len = prev.send.dns_len as u32;
+                ev.captured = prev.send.captured as u32;
+                ev._pad2 = 0;
+                ev.payload[..DNS_QUERY_CAPTURE].copy_from_slice(&prev.query);
+                entry.submit(0);
+            }
+            None => bump(DnsStat::RingbufFull),
+        }
+    }
+    pending.send.sent_ns = now;
+    // SAFETY: the context pointer is the skb of this program.
+    pending.send.cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
+    pending.send.family = family;
+    pending.send._pad = 0;
+    pending.send.server_port = dport;
+    pending.send.dns_len = msg_len.min(u16::MAX as usize) as u16;
+    pending.send.server = [0; 16];
+    let loaded = if addr_len == 4 {
+        ctx.load::<[u8; 4]>(daddr_off)
+            .map(|a| pending.send.server[..4].copy_from_slice(&a))
+            .is_ok()
+    } else {
+        ctx.load::<[u8; 16]>(daddr_off)
+            .map(|a| pending.send.server = a)
+            .is_ok()
+    };
+    if !loaded {
+        return;
+    }
+    pending.send.captured = copy_payload(ctx, payload, msg_len, &mut pending.query) as u16;
+    if DNS_PENDING.insert(key, pending, 0).is_err() {
+        bump(DnsStat::PendingFull);
+    }
+}
+
+/// A response arriving: the answer to a waiting query ends it with one event.
+#[inline(always)]
+fn on_response(ctx: &SkBuffContext, key: &DnsKey, payload: usize, msg_len: usize) {
+    if ctx.load::<u8>(payload + 2).is_ok_and(|f| f & 0x02 != 0) {
+        bump(DnsStat::Truncated);
+    }
+    // SAFETY: the map returns a pointer into a live entry.
+    let Some(pending) = (unsafe { DNS_PENDING.get(key) }) else {
+        bump(DnsStat::Unmatched);
+        return;
+    };
+    let Some(mut entry) = DNS_EVENTS.reserve::<DnsQueryEvent>(0) else {
+        bump(DnsStat::RingbufFull);
+        return;
     };
     // SAFETY: a reserved slot of the right size; every field is written before submit.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    let skb = ctx.as_ptr() as *mut _;
-    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    ev.cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
-    ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ev.family = family;
-    ev.direction = direction;
-    ev.sport = sport;
-    ev.dport = dport;
-    ev._pad = 0;
-    ev.saddr = [0; 16];
-    ev.daddr = [0; 16];
-    let total = ctx.len() as usize;
-    ev.dns_len = total.saturating_sub(payload) as u32;
-    // Fixed-size reads: the verifier refuses a copy whose length might be zero.
-    let copied = if addr_len == 4 {
-        match (
-            ctx.load::<[u8; 4]>(addr_off),
-            ctx.load::<[u8; 4]>(addr_off + 4),
-        ) {
-            (Ok(s), Ok(d)) => {
-                ev.saddr[..4].copy_from_slice(&s);
-                ev.daddr[..4].copy_from_slice(&d);
-                true
-            }
-            _ => false,
-        }
-    } else {
-        match (
-            ctx.load::<[u8; 16]>(addr_off),
-            ctx.load::<[u8; 16]>(addr_off + 16),
-        ) {
-            (Ok(s), Ok(d)) => {
-                ev.saddr = s;
-                ev.daddr = d;
-                true
-            }
-            _ => false,
-        }
-    };
-    // A copy of 1..=DNS_CAPTURE bytes, with bounds the verifier can follow (the helper
-    // refuses a length that might be zero).
-    let len = total.saturating_sub(payload).min(DNS_CAPTURE);
-    ev.captured = 0;
-    if copied && len > 0 {
-        // 1..=512 by construction, which the verifier can follow: equals `len` for every len
-        // in 1..=DNS_CAPTURE. The volatile read keeps LLVM from folding the mask away again.
-        // SAFETY: reading a local.
-        let raw = unsafe { core::ptr::read_volatile(&len) } as u32;
-        let n = (raw.wrapping_sub(1) & (DNS_CAPTURE as u32 - 1)) + 1;
-        // SAFETY: `payload` has DNS_CAPTURE bytes and n <= DNS_CAPTURE.
-        let ret = unsafe {
-            bpf_skb_load_bytes(
-                ctx.as_ptr() as *const _,
-                payload as u32,
-                ev.payload.as_mut_ptr() as *mut _,
-                n,
-            )
-        };
-        if ret == 0 {
-            ev.captured = n;
-        }
-    }
+    ev.key = *key;
+    ev.send = pending.send;
+    // SAFETY: no arguments.
+    ev.done_ns = unsafe { bpf_ktime_get_ns() };
+    ev.outcome = OUTCOME_ANSWERED;
+    ev._pad = [0; 3];
+    ev.dns_len = msg_len as u32;
+    ev._pad2 = 0;
+    ev.captured = copy_payload(ctx, payload, msg_len, &mut ev.payload) as u32;
+    let _ = DNS_PENDING.remove(key);
     entry.submit(0);
-    Ok(())
+}
+
+/// Copies 1..=N bytes of the DNS message into `dst`, with bounds the verifier can follow
+/// (the helper refuses a length that might be zero). Returns how many.
+#[inline(always)]
+fn copy_payload<const N: usize>(
+    ctx: &SkBuffContext,
+    payload: usize,
+    msg_len: usize,
+    dst: &mut [u8; N],
+) -> usize {
+    let len = msg_len.min(N);
+    if len == 0 {
+        return 0;
+    }
+    // Equals `len` for every len in 1..=N (a power of two). The volatile read keeps LLVM from
+    // folding the mask away again.
+    // SAFETY: reading a local.
+    let raw = unsafe { core::ptr::read_volatile(&len) } as u32;
+    let n = (raw.wrapping_sub(1) & (N as u32 - 1)) + 1;
+    // SAFETY: `dst` has N bytes and n <= N.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr() as *const _,
+            payload as u32,
+            dst.as_mut_ptr() as *mut _,
+            n,
+        )
+    };
+    if ret == 0 { n as usize } else { 0 }
 }

@@ -1,18 +1,20 @@
-//! Pipeline stages 2-3 for DNS: packet events from the cgroup_skb programs are parsed (header
-//! by hand, question with the `simple-dns` wire parser), queries are matched to responses by
-//! socket and transaction id, and each query becomes one `DnsQuery`: answered with its rcode
-//! and latency, or timed out. A query re-sent for the same name before an answer is marked as
-//! a retransmit with the gap (5 s is the classic resolver timeout), and an answer preceded by
-//! NXDOMAINs for `name.<search suffix>` counts them (the `ndots:5` search-path effect).
+//! Pipeline stages 2-3 for DNS: the kernel matches answers to queries (socket cookie and
+//! transaction id) and emits one event per answered or re-sent query; here each becomes one
+//! `DnsQuery` (names parsed with the `simple-dns` wire parser), queries still unanswered after
+//! the timeout are taken out of the kernel's map and reported as timeouts, and retransmits are
+//! marked with their gap (5 s is the classic resolver timeout): a re-send on the same socket
+//! (seen by the kernel), or the same question from the same cgroup while an earlier one waits.
+//! An answer preceded by NXDOMAINs for `name.<search suffix>` counts them (the `ndots:5`
+//! search-path effect).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     hash::{Hash as _, Hasher as _},
     net::IpAddr,
     time::Duration,
 };
 
-use probe_common::dns::{DIRECTION_EGRESS, DnsPacketEvent};
+use probe_common::dns::{DnsKey, DnsPending, DnsQueryEvent, DnsSend, OUTCOME_ANSWERED};
 use serde::Serialize;
 
 use crate::{
@@ -148,34 +150,34 @@ pub fn qtype_name(qtype: u16) -> String {
     }
 }
 
-struct Pending {
-    sent_ktime: u64,
-    cgroup_id: u64,
-    msg: Message,
-    server: String,
-    retransmit_gap: Option<u64>,
-    /// Why conntrack dropped this query, when it did.
-    conntrack_drop: Option<&'static str>,
-}
+/// How often the kernel's waiting queries are read: timeouts are reported this late at most,
+/// and a retransmit from another socket is recognised if the first send waited this long.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Bounds on what the tracker remembers.
-const MAX_PENDING: usize = 65_536;
 const MAX_RECENT_NXDOMAIN: usize = 4096;
+const MAX_UNANSWERED: usize = 65_536;
 const SEARCH_WINDOW_NS: u64 = 10_000_000_000;
 const RETRANSMIT_WINDOW_NS: u64 = 30_000_000_000;
 
-/// Matches queries to responses; reports completed and timed-out queries.
+/// A question from one cgroup: what a retransmit repeats.
+type Question = (u64, String, u16);
+
+/// Turns kernel query events and the kernel's waiting queries into reports.
 pub struct DnsTracker {
     timeout_ns: u64,
     names: Names,
     clock: KernelClock,
-    pending: HashMap<(u64, u16), Pending>,
-    /// (cgroup, qname, qtype) -> when an unanswered query was last sent.
-    unanswered: HashMap<(u64, String, u16), u64>,
+    /// Questions sent and not (yet) answered, with when: from re-sends, timeouts and the
+    /// waiting queries seen in the kernel's map.
+    unanswered: HashMap<Question, u64>,
+    /// Waiting queries already parsed: (key, sent) -> their question (None: unparseable).
+    waiting: HashMap<(DnsKey, u64), Option<Question>>,
+    /// Queries whose packet conntrack dropped, with the cause.
+    conntrack_drops: HashMap<(u64, u16), &'static str>,
     /// Recent NXDOMAIN answers: (ktime, cgroup, qname, qtype).
     nxdomains: VecDeque<(u64, u64, String, u16)>,
     pub malformed: u64,
-    pub dropped_pending: u64,
 }
 
 impl DnsTracker {
@@ -184,169 +186,192 @@ impl DnsTracker {
             timeout_ns: u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX),
             names,
             clock: KernelClock::new(),
-            pending: HashMap::new(),
             unanswered: HashMap::new(),
+            waiting: HashMap::new(),
+            conntrack_drops: HashMap::new(),
             nxdomains: VecDeque::new(),
             malformed: 0,
-            dropped_pending: 0,
         }
     }
 
-    /// One packet: a query is remembered, a response completes its query. A query re-sent
-    /// with the same id on the same socket ends the earlier send as unanswered.
-    pub fn on_packet(
+    /// One query's end from the kernel: answered (the event carries the answer) or re-sent
+    /// on the same socket before an answer (it carries the query; reported as a timeout).
+    pub fn on_event(
         &mut self,
-        ev: &DnsPacketEvent,
+        ev: &DnsQueryEvent,
         attributor: &mut Attributor,
     ) -> Option<DnsQuery> {
         let captured = (ev.captured as usize).min(ev.payload.len());
-        let Some(msg) = parse(&ev.payload[..captured]) else {
+        let answered = ev.outcome == OUTCOME_ANSWERED;
+        self.waiting.remove(&(ev.key, ev.send.sent_ns));
+        let Some(msg) = parse(&ev.payload[..captured]).filter(|m| m.response == answered) else {
             self.malformed += 1;
             return None;
         };
-        if ev.direction == DIRECTION_EGRESS {
-            if msg.response {
-                self.malformed += 1;
-                return None;
-            }
-            let key = (ev.cgroup_id, msg.qname.clone(), msg.qtype);
-            let retransmit_gap = self
-                .unanswered
-                .get(&key)
-                .filter(|t| ev.ktime_ns.saturating_sub(**t) < RETRANSMIT_WINDOW_NS)
-                .map(|t| ev.ktime_ns.saturating_sub(*t));
-            self.unanswered.insert(key, ev.ktime_ns);
-            if self.pending.len() >= MAX_PENDING {
-                self.dropped_pending += 1;
-                return None;
-            }
-            let server = endpoint(ev.family, &ev.daddr, ev.dport);
-            let earlier = self.pending.insert(
-                (ev.socket_cookie, msg.id),
-                Pending {
-                    sent_ktime: ev.ktime_ns,
-                    cgroup_id: ev.cgroup_id,
-                    msg,
-                    server,
-                    retransmit_gap,
-                    conntrack_drop: None,
-                },
-            );
-            return earlier.map(|p| self.report(p, None, 0, attributor));
+        let question = (ev.send.cgroup_id, msg.qname.clone(), msg.qtype);
+        let gap = self.retransmit_gap(&ev.send, &question);
+        if !answered {
+            self.note_unanswered(question, ev.send.sent_ns);
+            return Some(self.report(&ev.key, &ev.send, &msg, None, gap, 0, attributor));
         }
-        if !msg.response {
-            self.malformed += 1;
-            return None;
-        }
-        let p = self.pending.remove(&(ev.socket_cookie, msg.id))?;
-        if p.msg.qname != msg.qname || p.msg.qtype != msg.qtype {
-            // Same id, other question: not our answer (a spoof or a confused server).
-            self.malformed += 1;
-            self.pending.insert((ev.socket_cookie, msg.id), p);
-            return None;
-        }
-        self.unanswered
-            .remove(&(p.cgroup_id, p.msg.qname.clone(), p.msg.qtype));
+        self.unanswered.remove(&question);
         let search_nxdomain = if msg.rcode == 3 {
             if self.nxdomains.len() >= MAX_RECENT_NXDOMAIN {
                 self.nxdomains.pop_front();
             }
             self.nxdomains
-                .push_back((ev.ktime_ns, p.cgroup_id, p.msg.qname.clone(), p.msg.qtype));
+                .push_back((ev.done_ns, question.0, question.1, question.2));
             0
         } else {
-            self.search_expansions(ev.ktime_ns, p.cgroup_id, &p.msg.qname, p.msg.qtype)
+            self.search_expansions(ev.done_ns, &question)
         };
         Some(self.report(
-            p,
-            Some((ev.ktime_ns, msg.rcode, msg.truncated)),
+            &ev.key,
+            &ev.send,
+            &msg,
+            Some((ev.done_ns, msg.rcode, msg.truncated)),
+            gap,
             search_nxdomain,
             attributor,
         ))
     }
 
-    /// NXDOMAINs for `qname.<suffix>` of the same type from the same cgroup in the last
-    /// seconds, consumed.
-    fn search_expansions(&mut self, now: u64, cgroup: u64, qname: &str, qtype: u16) -> u32 {
-        let prefix = format!("{qname}.");
-        let before = self.nxdomains.len();
-        self.nxdomains.retain(|(t, c, n, q)| {
-            !(now.saturating_sub(*t) < SEARCH_WINDOW_NS
-                && *c == cgroup
-                && *q == qtype
-                && n.starts_with(&prefix))
-        });
-        (before - self.nxdomains.len()) as u32
-    }
-
-    /// Queries unanswered for longer than the timeout, as of kernel time `now`.
-    pub fn expire(&mut self, now: u64, attributor: &mut Attributor) -> Vec<DnsQuery> {
-        let timeout = self.timeout_ns;
-        let expired: Vec<(u64, u16)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| now.saturating_sub(p.sent_ktime) >= timeout)
-            .map(|(k, _)| *k)
-            .collect();
-        let mut out = Vec::with_capacity(expired.len());
-        for k in expired {
-            if let Some(p) = self.pending.remove(&k) {
-                out.push(self.report(p, None, 0, attributor));
-            }
+    /// The gap to the earlier send this one repeats: the same socket's (the kernel saw the
+    /// re-send), or the same question from the same cgroup still unanswered when this left.
+    fn retransmit_gap(&self, send: &DnsSend, question: &Question) -> Option<u64> {
+        if send.prev_sent_ns != 0 {
+            return Some(send.sent_ns.saturating_sub(send.prev_sent_ns));
         }
         self.unanswered
+            .get(question)
+            .filter(|t| **t < send.sent_ns && send.sent_ns - **t < RETRANSMIT_WINDOW_NS)
+            .map(|t| send.sent_ns - t)
+    }
+
+    fn note_unanswered(&mut self, question: Question, sent: u64) {
+        if self.unanswered.len() < MAX_UNANSWERED || self.unanswered.contains_key(&question) {
+            let t = self.unanswered.entry(question).or_insert(sent);
+            *t = (*t).max(sent);
+        }
+    }
+
+    /// The kernel's waiting queries, as of kernel time `now`: the ones older than the timeout
+    /// are reported (their keys returned, for removal from the map); the others are noted as
+    /// unanswered so far, so a repeat from another socket is recognised as a retransmit.
+    pub fn sweep(
+        &mut self,
+        waiting: Vec<(DnsKey, DnsPending)>,
+        now: u64,
+        attributor: &mut Attributor,
+    ) -> (Vec<DnsQuery>, Vec<DnsKey>) {
+        let mut reports = Vec::new();
+        let mut expired = Vec::new();
+        let mut present = HashSet::with_capacity(waiting.len());
+        for (key, p) in waiting {
+            let sent = p.send.sent_ns;
+            let captured = (p.send.captured as usize).min(p.query.len());
+            if now.saturating_sub(sent) >= self.timeout_ns {
+                expired.push(key);
+                self.waiting.remove(&(key, sent));
+                match parse(&p.query[..captured]).filter(|m| !m.response) {
+                    Some(msg) => {
+                        let question = (p.send.cgroup_id, msg.qname.clone(), msg.qtype);
+                        let gap = self.retransmit_gap(&p.send, &question);
+                        self.note_unanswered(question, sent);
+                        reports.push(self.report(&key, &p.send, &msg, None, gap, 0, attributor));
+                    }
+                    None => self.malformed += 1,
+                }
+                continue;
+            }
+            present.insert((key, sent));
+            let entry = self.waiting.entry((key, sent)).or_insert_with(|| {
+                parse(&p.query[..captured])
+                    .filter(|m| !m.response)
+                    .map(|m| (p.send.cgroup_id, m.qname, m.qtype))
+            });
+            if let Some(question) = entry.clone() {
+                let t = self.unanswered.entry(question).or_insert(sent);
+                *t = (*t).min(sent);
+            }
+        }
+        self.waiting.retain(|k, _| present.contains(k));
+        self.unanswered
             .retain(|_, t| now.saturating_sub(*t) < RETRANSMIT_WINDOW_NS);
-        out.sort_by_key(|q| q.start_unix_nano);
-        out
+        reports.sort_by_key(|q| q.start_unix_nano);
+        (reports, expired)
     }
 
     /// A query's packet was dropped by conntrack: its report will say so. Returns the query
-    /// name when the query is still waiting for an answer.
+    /// name when the query is known to be waiting.
     pub fn note_conntrack_drop(
         &mut self,
         socket_cookie: u64,
         id: u16,
         cause: &'static str,
     ) -> Option<String> {
-        let p = self.pending.get_mut(&(socket_cookie, id))?;
-        p.conntrack_drop = Some(cause);
-        let qname = p.msg.qname.clone();
+        self.conntrack_drops.insert((socket_cookie, id), cause);
+        let qname = self
+            .waiting
+            .iter()
+            .find(|((k, _), _)| k.socket_cookie == socket_cookie && k.id == id)
+            .and_then(|(_, q)| q.as_ref().map(|q| q.1.clone()))?;
         Some(self.name(&qname))
+    }
+
+    /// NXDOMAINs for `qname.<suffix>` of the same type from the same cgroup in the last
+    /// seconds, consumed.
+    fn search_expansions(&mut self, now: u64, question: &Question) -> u32 {
+        let (cgroup, qname, qtype) = question;
+        let prefix = format!("{qname}.");
+        let before = self.nxdomains.len();
+        self.nxdomains.retain(|(t, c, n, q)| {
+            !(now.saturating_sub(*t) < SEARCH_WINDOW_NS
+                && c == cgroup
+                && q == qtype
+                && n.starts_with(&prefix))
+        });
+        (before - self.nxdomains.len()) as u32
     }
 
     pub fn now_ktime(&self) -> u64 {
         self.clock.now_ktime()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn report(
-        &self,
-        p: Pending,
+        &mut self,
+        key: &DnsKey,
+        send: &DnsSend,
+        msg: &Message,
         answer: Option<(u64, u8, bool)>,
+        retransmit_gap: Option<u64>,
         search_nxdomain: u32,
         attributor: &mut Attributor,
     ) -> DnsQuery {
-        let (cgroup, attribution) = attributor.attribute(p.cgroup_id, None);
-        let end = answer.map_or(p.sent_ktime + self.timeout_ns, |a| a.0);
+        let (cgroup, attribution) = attributor.attribute(send.cgroup_id, None);
+        let end = answer.map_or(send.sent_ns + self.timeout_ns, |a| a.0);
+        let port = send.server_port;
         DnsQuery {
             kind: "dns",
-            time: self.clock.rfc3339(p.sent_ktime),
-            start_unix_nano: self.clock.unix_nano(p.sent_ktime),
+            time: self.clock.rfc3339(send.sent_ns),
+            start_unix_nano: self.clock.unix_nano(send.sent_ns),
             end_unix_nano: self.clock.unix_nano(end),
-            qname: self.name(&p.msg.qname),
-            qtype: qtype_name(p.msg.qtype),
+            qname: self.name(&msg.qname),
+            qtype: qtype_name(msg.qtype),
             rcode: answer.map(|a| rcode_name(a.1)),
             outcome: if answer.is_some() {
                 "answered"
             } else {
                 "timeout"
             },
-            latency_ms: answer.map(|a| a.0.saturating_sub(p.sent_ktime) as f64 / 1e6),
+            latency_ms: answer.map(|a| a.0.saturating_sub(send.sent_ns) as f64 / 1e6),
             truncated: answer.is_some_and(|a| a.2),
-            retransmit: p.retransmit_gap.is_some(),
-            retransmit_gap_ms: p.retransmit_gap.map(|g| g as f64 / 1e6),
+            retransmit: retransmit_gap.is_some(),
+            retransmit_gap_ms: retransmit_gap.map(|g| g as f64 / 1e6),
             search_nxdomain,
-            conntrack_drop: p.conntrack_drop,
-            server: p.server,
+            conntrack_drop: self.conntrack_drops.remove(&(key.socket_cookie, key.id)),
+            server: endpoint(send.family, &send.server, port),
             cgroup: cgroup.unwrap_or_else(|| "?".to_owned()),
             workload: attribution.workload,
             pod: attribution.pod,
@@ -377,7 +402,7 @@ fn endpoint(family: u8, addr: &[u8; 16], port: u16) -> String {
     }
 }
 
-/// Feeds every packet waiting in the ring to the tracker; completed queries go to `on_query`.
+/// Feeds every query event waiting in the ring to the tracker; reports go to `on_query`.
 pub fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     tracker: &mut DnsTracker,
@@ -385,14 +410,31 @@ pub fn drain(
     mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     while let Some(item) = ring.next() {
-        let Some(ev) = crate::loader::decode::<DnsPacketEvent>(&item) else {
+        let Some(ev) = crate::loader::decode::<DnsQueryEvent>(&item) else {
             tracker.malformed += 1;
             continue;
         };
         drop(item);
-        if let Some(q) = tracker.on_packet(&ev, attributor) {
+        if let Some(q) = tracker.on_event(&ev, attributor) {
             on_query(q)?;
         }
+    }
+    Ok(())
+}
+
+/// Expires the kernel's unanswered queries: reports them (as timeouts) to `on_query` and
+/// removes them from the kernel's map.
+pub fn sweep(
+    probes: &mut crate::loader::Probes,
+    tracker: &mut DnsTracker,
+    attributor: &mut Attributor,
+    mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let now = tracker.now_ktime();
+    let (reports, expired) = tracker.sweep(probes.dns_waiting()?, now, attributor);
+    probes.forget_dns_queries(&expired)?;
+    for q in reports {
+        on_query(q)?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use aya::{
 use probe_common::{
     clone::{CLONE_STAT_COUNT, CloneStat},
     conntrack::{CT_STAT_COUNT, ConntrackStat},
-    dns::{DNS_STAT_COUNT, DnsStat, DnsTcpCounts},
+    dns::{DNS_STAT_COUNT, DnsKey, DnsPending, DnsStat, DnsTcpCounts},
     tasks::{TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
 
@@ -59,10 +59,18 @@ pub struct Probes {
 /// Counters the DNS programs keep in the kernel, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsStats {
-    /// Packets that did not fit in the ring buffer.
+    /// Query events that did not fit in the ring buffer.
     pub lost: u64,
     /// DNS-over-TCP segments in cgroups the full per-cgroup map could not count.
     pub tcp_uncounted: u64,
+    /// Queries not tracked: the kernel's map of waiting queries was full.
+    pub untracked: u64,
+    /// Port 53 packets too short for DNS, or with the wrong QR bit for their direction.
+    pub malformed: u64,
+    /// Responses that matched no waiting query.
+    pub unmatched: u64,
+    /// Responses with the TC bit.
+    pub truncated: u64,
 }
 
 /// Counters the task programs keep in the kernel, summed over CPUs.
@@ -187,7 +195,40 @@ impl Probes {
         Ok(DnsStats {
             lost: sums[DnsStat::RingbufFull as usize],
             tcp_uncounted: sums[DnsStat::TcpMapFull as usize],
+            untracked: sums[DnsStat::PendingFull as usize],
+            malformed: sums[DnsStat::Malformed as usize],
+            unmatched: sums[DnsStat::Unmatched as usize],
+            truncated: sums[DnsStat::Truncated as usize],
         })
+    }
+
+    /// The queries waiting for an answer in the kernel.
+    pub fn dns_waiting(&self) -> anyhow::Result<Vec<(DnsKey, DnsPending)>> {
+        let map = self
+            .ebpf
+            .map("DNS_PENDING")
+            .context("map DNS_PENDING missing")?;
+        let pending = aya::maps::HashMap::<_, DnsKey, DnsPending>::try_from(map)
+            .context("DNS_PENDING is not a hash map")?;
+        // An entry answered during the walk can end it early; the next sweep sees the rest.
+        Ok(pending.iter().map_while(Result::ok).collect())
+    }
+
+    /// Removes expired queries from the kernel's map (an answer may have removed one first).
+    pub fn forget_dns_queries(&mut self, keys: &[DnsKey]) -> anyhow::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let map = self
+            .ebpf
+            .map_mut("DNS_PENDING")
+            .context("map DNS_PENDING missing")?;
+        let mut pending = aya::maps::HashMap::<_, DnsKey, DnsPending>::try_from(map)
+            .context("DNS_PENDING is not a hash map")?;
+        for key in keys {
+            let _ = pending.remove(key);
+        }
+        Ok(())
     }
 
     /// DNS-over-TCP segments per cgroup v2 id, summed over CPUs.

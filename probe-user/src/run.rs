@@ -208,6 +208,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut refresh = tokio::time::interval(args.refresh);
+    let mut dns_sweep = tokio::time::interval(crate::dns::SWEEP_INTERVAL);
     eprintln!(
         "faultline: running on node {node}, serving http://{}/metrics",
         args.listen
@@ -229,14 +230,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
                 let mut guard = guard.context("waiting on the conntrack ring buffer")?;
-                // The dropped queries' own packets first, so that drops can name them.
+                // The waiting queries first, so that drops can name them.
                 if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
                     crate::dns::drain(ring.get_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
+                    crate::dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
                 }
                 if let Some(c) = classifier.as_mut() {
                     conntrack::drain(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), |d| outputs.conntrack_drop(&d))?;
                 }
                 guard.clear_ready();
+            }
+            _ = dns_sweep.tick(), if dns.is_some() => {
+                if let Some(tracker) = dns.as_mut() {
+                    crate::dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
+                }
             }
             _ = refresh.tick() => {
                 if let Some(c) = classifier.as_mut() {
@@ -251,11 +258,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if tasks_ok {
                     model.update(std::time::Instant::now(), probes.task_counts()?);
                 }
-                if let Some(tracker) = dns.as_mut() {
-                    let now = tracker.now_ktime();
-                    for q in tracker.expire(now, &mut enricher.attributor) {
-                        outputs.dns_query(&q)?;
-                    }
+                if dns.is_some() {
                     metrics.events_lost("dns", probes.dns_stats()?.lost);
                     let tcp = probes
                         .dns_tcp_counts()?

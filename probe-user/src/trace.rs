@@ -168,7 +168,9 @@ pub struct Summary {
     dns: BTreeMap<String, DnsSummary>,
     /// DNS packets that did not parse (counted, never fatal).
     dns_malformed: u64,
-    /// DNS packets that did not reach userspace (ring buffer full).
+    /// Queries the kernel could not track (its map of waiting queries was full).
+    dns_untracked: u64,
+    /// DNS query events that did not reach userspace (ring buffer full).
     dns_lost_events: u64,
     /// DNS over TCP port 53 segments in cgroups the kernel map could not count.
     dns_tcp_uncounted: u64,
@@ -358,10 +360,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             }
             guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
                 let mut guard = guard.context("waiting on the conntrack ring buffer")?;
-                // A dropped query's own packet event may still wait in the DNS ring: read it
-                // first, so the drop can name the query.
+                // The waiting queries first, so that a drop can name its query.
                 if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
                     drain_dns(ring.get_mut(), tracker, &mut enricher.attributor, &filter, &mut printer, &mut summary)?;
+                    dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
                 }
                 if let Some(c) = classifier.as_mut() {
                     drain_conntrack(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), &filter, &mut printer, &mut summary)?;
@@ -379,10 +381,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                     printer.flush()?;
                 }
                 if let Some(tracker) = dns.as_mut() {
-                    let now = tracker.now_ktime();
-                    for q in tracker.expire(now, &mut enricher.attributor) {
-                        print_dns(&q, &filter, &mut printer, &mut summary)?;
-                    }
+                    dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
                     printer.flush()?;
                 }
                 if let Some(h) = headroom.as_mut() {
@@ -430,8 +429,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             &mut printer,
             &mut summary,
         )?;
-        summary.dns_malformed = tracker.malformed;
         let stats = probes.dns_stats()?;
+        summary.dns_malformed = tracker.malformed + stats.malformed;
+        summary.dns_untracked = stats.untracked;
         summary.dns_lost_events = stats.lost;
         summary.dns_tcp_uncounted = stats.tcp_uncounted;
         for (id, tcp) in probes.dns_tcp_counts()? {
