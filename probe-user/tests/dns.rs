@@ -316,6 +316,42 @@ fn dns_queries_answers_timeouts_retransmits_search_path_and_garbage() {
     assert!(s["p50_ms"].as_f64().is_some(), "{summary}");
 }
 
+/// A resolver that retries from a new socket (new port, new id): the kernel sees two
+/// unrelated queries; the second is still a retransmit of the first, about 1 s later.
+#[test]
+fn a_retry_from_a_new_socket_is_a_retransmit() {
+    let lab = DnsLab::start();
+    let path = lab.path();
+    let trace = Trace::start(&[
+        "--events",
+        "dns",
+        "--cgroup",
+        &path,
+        "--dns-timeout",
+        "1500ms",
+    ]);
+    lab.server_drops(true);
+    lab.client(&format!(
+        "{LAB} dns-client 2 --dns-new-socket --dns-server {SERVER_IP}:53"
+    ));
+    lab.server_drops(false);
+    std::thread::sleep(Duration::from_millis(1800)); // the second timeout falls due
+    let (events, _) = trace.stop_json();
+    let sends = queries(&events, "bench.test");
+    assert_eq!(sends.len(), 2, "{events:#?}");
+    assert!(
+        sends.iter().all(|q| q["outcome"] == "timeout"),
+        "{sends:#?}"
+    );
+    let first = sends.iter().find(|q| q["retransmit"] == false);
+    let second = sends.iter().find(|q| q["retransmit"] == true);
+    assert!(first.is_some(), "{sends:#?}");
+    let gap = second
+        .and_then(|q| q["retransmit_gap_ms"].as_f64())
+        .unwrap_or_else(|| panic!("no retransmit: {sends:#?}"));
+    assert!((800.0..2000.0).contains(&gap), "gap {gap} ms");
+}
+
 #[test]
 fn servfail_slow_answers_tcp_and_redacted_names() {
     let lab = DnsLab::start();

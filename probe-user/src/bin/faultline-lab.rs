@@ -101,6 +101,9 @@ struct Args {
     /// dns-client: send every query before waiting for any answer.
     #[arg(long)]
     dns_burst: bool,
+    /// dns-client: a new socket for each query (a resolver that retries from a new port).
+    #[arg(long)]
+    dns_new_socket: bool,
     /// dns-client: the UDP source port (0: any).
     #[arg(long, default_value_t = 0)]
     dns_source_port: u16,
@@ -305,12 +308,16 @@ fn dns_client(args: &Args) -> anyhow::Result<()> {
     } else {
         std::net::Ipv4Addr::UNSPECIFIED.into()
     };
-    let socket =
-        std::net::UdpSocket::bind((any, args.dns_source_port)).context("binding a UDP socket")?;
-    socket
-        .connect(server)
-        .with_context(|| format!("connecting to {server}"))?;
-    socket.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    let open = || -> anyhow::Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind((any, args.dns_source_port))
+            .context("binding a UDP socket")?;
+        socket
+            .connect(server)
+            .with_context(|| format!("connecting to {server}"))?;
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+        Ok(socket)
+    };
+    let mut socket = open()?;
     let mut report = Report {
         pid: node_pid(),
         ..Default::default()
@@ -335,6 +342,9 @@ fn dns_client(args: &Args) -> anyhow::Result<()> {
         return print_report(&report);
     }
     for i in 0..count {
+        if args.dns_new_socket && i > 0 {
+            socket = open()?;
+        }
         query[..2].copy_from_slice(&(i as u16).to_be_bytes());
         let answered = socket.send(&query).is_ok()
             && socket
