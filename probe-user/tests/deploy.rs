@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{ctlab::*, *};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -321,6 +321,35 @@ fn every_dashboard_query_parses_and_returns_data() {
         .concat());
         std::thread::sleep(Duration::from_secs(2));
     }
+    // DNS and conntrack from the same pod: a DNS server behind a router that SNATs to one
+    // port. The pod's first query is answered and takes the port; its next two (from new
+    // sockets) lose the insert race, time out, and the second is a retransmit. Then two
+    // packets held in an NFQUEUE race to confirm: a resolved clash.
+    let ct = CtLab::start(&V4);
+    let server = ct.server(53);
+    let mut dns_server = Lab::spawn_in(
+        Some(ct.server_ns()),
+        &["dns-server", "60", "--dns-listen", &server],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let pod_dirs = cg.dirs();
+    ct.client_in(2, &pod_dirs, &format!("1 --dns-server {server}"));
+    ct.client_in(
+        2,
+        &pod_dirs,
+        &format!("2 --dns-new-socket --dns-server {server}"),
+    );
+    sh(&format!(
+        "ip netns exec {} iptables -I FORWARD -p udp --dport 5355 -j NFQUEUE --queue-num 7",
+        ct.router()
+    ));
+    let mut hold = Lab::spawn_in(Some(ct.router()), &["nfqueue-hold", "2", "--queue", "7"]);
+    assert!(hold.line().contains("ready"), "nfqueue-hold did not start");
+    ct.client(
+        1,
+        &format!("2 --dns-burst --dns-server {}", ct.server(5355)),
+    );
+    assert_eq!(hold.report().created, 2);
     for (panel, expr) in &exprs {
         let q = concrete(expr);
         eventually(
@@ -331,4 +360,5 @@ fn every_dashboard_query_parses_and_returns_data() {
     }
     drop(prom);
     drop(daemon);
+    drop(dns_server);
 }

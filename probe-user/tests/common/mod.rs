@@ -3,6 +3,8 @@
 //! also when a test fails (Drop guards run while a panic unwinds).
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod ctlab;
+
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
@@ -439,6 +441,15 @@ impl PodCgroup {
             .level(3)
             .write("pids.max", &pids_max.to_string());
         PodCgroup { v2, pids }
+    }
+
+    /// The container's cgroup directories (v2, and v1 pids where pids is v1).
+    pub fn dirs(&self) -> Vec<&Path> {
+        let mut dirs = vec![self.v2.leaf().dir.as_path()];
+        if let Some(p) = &self.pids {
+            dirs.push(p.leaf().dir.as_path());
+        }
+        dirs
     }
 
     /// `--cgroup DIR` arguments that put a lab into the container's cgroups.
