@@ -327,7 +327,7 @@ fn every_dashboard_query_parses_and_returns_data() {
     // packets held in an NFQUEUE race to confirm: a resolved clash.
     let ct = CtLab::start(&V4);
     let server = ct.server(53);
-    let mut dns_server = Lab::spawn_in(
+    let dns_server = Lab::spawn_in(
         Some(ct.server_ns()),
         &["dns-server", "60", "--dns-listen", &server],
     );
