@@ -35,9 +35,10 @@ macro_rules! koff {
     };
 }
 
-/// One event per failed syscall. Failures are rare, so 256 KiB holds a burst of ~1,000.
+/// One event per failed syscall. Failures are rare, but a leak hitting its limit fails in
+/// storms: 2 MiB holds a burst of ~8,000 while userspace catches up.
 #[map]
-static CLONE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static CLONE_EVENTS: RingBuf = RingBuf::with_byte_size(2 * 1024 * 1024, 0);
 
 /// Counters indexed by [`CloneStat`].
 #[map]

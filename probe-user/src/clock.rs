@@ -11,15 +11,33 @@ pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
 
-/// Places CLOCK_MONOTONIC stamps on the wall clock. The offset between the two is measured at
-/// each conversion: the wall clock is stepped and slewed (NTP, VM time sync), and an offset
-/// measured once drifts by tens of milliseconds within minutes on a VM.
+/// Places CLOCK_MONOTONIC stamps on the wall clock. The offset between the two is re-measured
+/// every `OFFSET_REREAD`: the wall clock is stepped and slewed (NTP, VM time sync), and an
+/// offset measured once drifts by tens of milliseconds within minutes on a VM; measuring it
+/// for every event costs two clock reads per conversion in an event storm.
 #[derive(Default)]
-pub struct KernelClock;
+pub struct KernelClock {
+    /// (CLOCK_MONOTONIC when measured, CLOCK_REALTIME - CLOCK_MONOTONIC).
+    offset: std::cell::Cell<Option<(i128, i128)>>,
+}
+
+const OFFSET_REREAD: i128 = 10_000_000;
 
 impl KernelClock {
     pub fn new() -> Self {
-        KernelClock
+        KernelClock::default()
+    }
+
+    fn offset(&self) -> i128 {
+        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        match self.offset.get() {
+            Some((at, offset)) if mono - at < OFFSET_REREAD => offset,
+            _ => {
+                let offset = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
+                self.offset.set(Some((mono, offset)));
+                offset
+            }
+        }
     }
 
     /// Now on the kernel's clock (what `bpf_ktime_get_ns()` would say).
@@ -28,8 +46,7 @@ impl KernelClock {
     }
 
     pub fn unix_nano(&self, ktime_ns: u64) -> u64 {
-        let offset = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
-        u64::try_from(ktime_ns as i128 + offset).unwrap_or(0)
+        u64::try_from(ktime_ns as i128 + self.offset()).unwrap_or(0)
     }
 
     pub fn rfc3339(&self, ktime_ns: u64) -> String {

@@ -2,6 +2,8 @@
 //! are decoded and enriched (wall time, cgroup paths, node counts) into `CloneFailure`s with
 //! their cause.
 
+use std::collections::HashMap;
+
 use aya::maps::{MapData, RingBuf};
 use probe_common::clone::{CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
@@ -11,7 +13,7 @@ use crate::{
     cgroups::Hierarchy,
     clock::KernelClock,
     node::NodeTasks,
-    pods::{Attributor, PodRef},
+    pods::{Attribution, Attributor, PodRef},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -88,7 +90,20 @@ pub struct Enricher {
     pub attributor: Attributor,
     clock: KernelClock,
     page_size: u64,
+    /// The node's counts and limits, re-read at most every `NODE_REREAD` (a failure storm
+    /// must not cost three /proc reads per event).
+    node: Option<(std::time::Instant, NodeTasks)>,
+    /// Recent attributions by (cgroup id, pids cgroup inode): a storm of failures from one
+    /// cgroup resolves it once per `ATTRIBUTION_REUSE`, not once per event.
+    attributions: HashMap<(u64, u64), (std::time::Instant, Option<String>, Attribution)>,
 }
+
+const ATTRIBUTION_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_ATTRIBUTIONS: usize = 4096;
+
+/// How stale the node's thread count and limits may be in a failure's evidence (the
+/// threads-max verdict uses the kernel's own count at the failure, not this).
+const NODE_REREAD: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Enricher {
     pub fn new(attributor: Attributor) -> Self {
@@ -98,12 +113,20 @@ impl Enricher {
             attributor,
             clock: KernelClock::new(),
             page_size: u64::try_from(page_size).unwrap_or(4096),
+            node: None,
+            attributions: HashMap::new(),
         }
     }
 
     pub fn enrich(&mut self, ev: &CloneFailureEvent) -> CloneFailure {
-        // Read right away: threads-max has no kernel snapshot, so the sooner the better.
-        let node = NodeTasks::read().unwrap_or_default();
+        let node = match self.node {
+            Some((at, node)) if at.elapsed() < NODE_REREAD => node,
+            _ => {
+                let node = NodeTasks::read().unwrap_or_default();
+                self.node = Some((std::time::Instant::now(), node));
+                node
+            }
+        };
         let pids_cgroup = (ev.valid & valid::PIDS != 0)
             .then(|| {
                 self.attributor
@@ -134,10 +157,7 @@ impl Enricher {
         } else {
             TaskKind::Process
         };
-        let (cgroup, attribution) = self.attributor.attribute(
-            ev.cgroup_id,
-            (ev.own_pids_ino != 0).then_some(ev.own_pids_ino),
-        );
+        let (cgroup, attribution) = self.attribute(ev.cgroup_id, ev.own_pids_ino);
         CloneFailure {
             kind: "clone_failure",
             time: self.clock.rfc3339(ev.ktime_ns),
@@ -158,6 +178,29 @@ impl Enricher {
             pids_cgroup: pids_cgroup.filter(|_| ev.pids.limit != i64::MAX),
             clone_flags: format!("{:#x}", ev.clone_flags),
         }
+    }
+}
+
+impl Enricher {
+    /// `Attributor::attribute`, reused for a second.
+    fn attribute(&mut self, cgroup_id: u64, own_pids_ino: u64) -> (Option<String>, Attribution) {
+        let key = (cgroup_id, own_pids_ino);
+        if let Some((at, cgroup, who)) = self.attributions.get(&key)
+            && at.elapsed() < ATTRIBUTION_REUSE
+        {
+            return (cgroup.clone(), who.clone());
+        }
+        let (cgroup, who) = self
+            .attributor
+            .attribute(cgroup_id, (own_pids_ino != 0).then_some(own_pids_ino));
+        if self.attributions.len() >= MAX_ATTRIBUTIONS {
+            self.attributions.clear();
+        }
+        self.attributions.insert(
+            key,
+            (std::time::Instant::now(), cgroup.clone(), who.clone()),
+        );
+        (cgroup, who)
     }
 }
 

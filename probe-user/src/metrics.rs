@@ -56,7 +56,15 @@ pub fn who(workload: &str, pod: Option<&PodRef>) -> [String; 4] {
 /// Series (full label sets) per metric, up to a cap, with when each was last updated.
 struct SeriesCap {
     cap: usize,
-    seen: Mutex<HashMap<&'static str, HashMap<Vec<String>, Instant>>>,
+    seen: Mutex<HashMap<&'static str, Series>>,
+}
+
+/// One metric's series and how many of them are not the overflow series (kept, so that
+/// admitting an event costs one lookup rather than a walk over every series).
+#[derive(Default)]
+struct Series {
+    last_update: HashMap<Vec<String>, Instant>,
+    counted: usize,
 }
 
 impl SeriesCap {
@@ -71,13 +79,18 @@ impl SeriesCap {
             return overflow_of(&full);
         };
         let series = seen.entry(metric).or_default();
-        let counted = series.keys().filter(|k| k[0] != OVERFLOW).count();
-        let labels = if series.contains_key(&full) || counted < self.cap {
+        let now = Instant::now();
+        if let Some(t) = series.last_update.get_mut(&full) {
+            *t = now;
+            return full;
+        }
+        let labels = if series.counted < self.cap {
+            series.counted += 1;
             full
         } else {
             overflow_of(&full)
         };
-        series.insert(labels.clone(), Instant::now());
+        series.last_update.insert(labels.clone(), now);
         labels
     }
 
@@ -97,12 +110,16 @@ impl SeriesCap {
             return Vec::new();
         };
         let old: Vec<Vec<String>> = series
+            .last_update
             .iter()
             .filter(|(_, t)| t.elapsed() > max_age)
             .map(|(k, _)| k.clone())
             .collect();
         for k in &old {
-            series.remove(k);
+            series.last_update.remove(k);
+            if k[0] != OVERFLOW {
+                series.counted -= 1;
+            }
         }
         old
     }

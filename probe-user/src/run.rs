@@ -74,7 +74,9 @@ pub struct RunArgs {
 /// Where event lines go.
 enum Sink {
     None,
-    Stdout(std::io::Stdout),
+    /// Buffered (stdout is line-buffered: a write per event in a storm), flushed after each
+    /// batch of events.
+    Stdout(std::io::BufWriter<std::io::Stdout>),
     File(std::io::BufWriter<std::fs::File>),
 }
 
@@ -89,15 +91,21 @@ impl Sink {
                     .open(path)
                     .with_context(|| format!("opening {}", path.display()))?,
             )),
-            (None, false) => Sink::Stdout(std::io::stdout()),
+            (None, false) => Sink::Stdout(std::io::BufWriter::new(std::io::stdout())),
         })
     }
 
-    fn write(&mut self, line: &str) -> anyhow::Result<()> {
+    /// One event as a JSON line (not even encoded when events are off).
+    fn write(&mut self, event: &impl serde::Serialize) -> anyhow::Result<()> {
+        fn line(mut w: impl std::io::Write, event: &impl serde::Serialize) -> anyhow::Result<()> {
+            serde_json::to_writer(&mut w, event).context("encoding an event")?;
+            w.write_all(b"\n")?;
+            Ok(())
+        }
         match self {
             Sink::None => Ok(()),
-            Sink::Stdout(out) => writeln!(out, "{line}").context("writing events to stdout"),
-            Sink::File(f) => writeln!(f, "{line}").context("writing the events file"),
+            Sink::Stdout(out) => line(out, event).context("writing events to stdout"),
+            Sink::File(f) => line(f, event).context("writing the events file"),
         }
     }
 
@@ -220,6 +228,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 clone::drain(guard.get_inner_mut(), &mut enricher, |f| outputs.clone_failure(&f))?;
                 guard.clear_ready();
+                outputs.sink.flush()?;
             }
             guard = async { dns_ring.as_mut().expect("only polled with DNS").readable_mut().await }, if dns_ring.is_some() => {
                 let mut guard = guard.context("waiting on the DNS ring buffer")?;
@@ -227,6 +236,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     crate::dns::drain(guard.get_inner_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
                 }
                 guard.clear_ready();
+                outputs.sink.flush()?;
             }
             guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
                 let mut guard = guard.context("waiting on the conntrack ring buffer")?;
@@ -239,6 +249,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     conntrack::drain(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), |d| outputs.conntrack_drop(&d))?;
                 }
                 guard.clear_ready();
+                outputs.sink.flush()?;
             }
             _ = dns_sweep.tick(), if dns.is_some() => {
                 if let Some(tracker) = dns.as_mut() {
@@ -326,20 +337,17 @@ impl Outputs {
         if let Some(otlp) = &self.otlp {
             otlp.clone_failure(f);
         }
-        self.sink
-            .write(&serde_json::to_string(f).context("encoding an event")?)
+        self.sink.write(f)
     }
 
     fn conntrack_drop(&mut self, d: &ConntrackDrop) -> anyhow::Result<()> {
         self.metrics.conntrack_drop(d);
-        self.sink
-            .write(&serde_json::to_string(d).context("encoding an event")?)
+        self.sink.write(d)
     }
 
     fn clashes_resolved(&mut self, c: &ClashesResolved) -> anyhow::Result<()> {
         self.metrics.clashes_resolved(c);
-        self.sink
-            .write(&serde_json::to_string(c).context("encoding an event")?)
+        self.sink.write(c)
     }
 
     fn dns_query(&mut self, q: &DnsQuery) -> anyhow::Result<()> {
@@ -347,8 +355,7 @@ impl Outputs {
         if let Some(otlp) = &self.otlp {
             otlp.dns_query(q);
         }
-        self.sink
-            .write(&serde_json::to_string(q).context("encoding an event")?)
+        self.sink.write(q)
     }
 }
 

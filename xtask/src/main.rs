@@ -15,7 +15,7 @@ mod bench;
 /// Debian packages: what bpf-linker links against (LLVM 22, the major of the eBPF nightly),
 /// and what the integration tests run against: a real Prometheus and promtool, bpftool (to
 /// check programs are detached), dnsmasq and iptables (DNS through a service-IP DNAT).
-const APT_PACKAGES: [&str; 8] = [
+const APT_PACKAGES: [&str; 10] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
@@ -24,6 +24,9 @@ const APT_PACKAGES: [&str; 8] = [
     "bpftool",
     "dnsmasq-base",
     "iptables",
+    // The tools the benchmark compares faultline with.
+    "bpftrace",
+    "tcpdump",
 ];
 /// Must match EBPF_TOOLCHAIN in probe-user/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
@@ -44,7 +47,8 @@ struct Cli {
 enum Task {
     /// Install what is missing: Debian packages, the eBPF toolchain, bpf-linker.
     Setup,
-    /// Setup, then the whole test suite (unit and root-only integration tests).
+    /// Setup, then the whole test suite (unit and root-only integration tests) and the
+    /// benchmark's quick smoke run.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -210,7 +214,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     run(Command::new("cargo")
         .current_dir(workspace_root())
         .arg("test") // default-members: every crate but the BPF-only probe-ebpf
-        .args(args))
+        .args(args))?;
+    if args.is_empty() {
+        // The benchmark's smoke run: every workload, agent and measurement, briefly.
+        bench::run(&workspace_root(), true)?;
+    }
+    Ok(())
 }
 
 fn trace(args: &[String]) -> anyhow::Result<()> {

@@ -118,6 +118,8 @@ struct Report {
     pid: u32,
     created: u32,
     failures: u32,
+    /// The first errnos (a storm makes hundreds of thousands).
+    #[serde(serialize_with = "first_errnos")]
     errnos: Vec<i32>,
     /// Wall time of the creation loop (spin modes).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -561,6 +563,11 @@ fn set_comm(comm: &str) -> anyhow::Result<()> {
         unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) },
         "prctl(PR_SET_NAME)",
     )
+}
+
+/// Serializes the first 64 errnos only.
+fn first_errnos<S: serde::Serializer>(errnos: &[i32], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(errnos.iter().take(64))
 }
 
 fn print_report(report: &Report) -> anyhow::Result<()> {
