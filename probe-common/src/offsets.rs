@@ -46,6 +46,9 @@ pub struct KernelOffsets {
     pub memory_subsys_id: u32,
     /// `enum rlimit_type` value of `UCOUNT_RLIMIT_NPROC`: index into `ucounts.rlimit`.
     pub ucount_rlimit_nproc: u32,
+    /// A syscall's first argument in the saved user registers at syscall exit:
+    /// `pt_regs.di` on x86_64, `pt_regs.orig_x0` on arm64 (x0 holds the return value by then).
+    pub pt_regs_arg0: u32,
 }
 
 impl KernelOffsets {
@@ -82,6 +85,7 @@ impl KernelOffsets {
         pids_subsys_id: MISSING,
         memory_subsys_id: MISSING,
         ucount_rlimit_nproc: MISSING,
+        pt_regs_arg0: MISSING,
     };
 }
 
@@ -157,10 +161,6 @@ impl NetOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TracepointOffsets {
-    /// `sys_enter_clone`: `clone_flags`.
-    pub clone_flags: u32,
-    /// `sys_enter_clone3`: `uargs` (pointer to `struct clone_args`, whose first u64 is flags).
-    pub clone3_uargs: u32,
     /// `sys_exit_*`: `ret`.
     pub exit_ret: u32,
     /// `task:task_newtask`: `clone_flags`.
@@ -175,8 +175,6 @@ pub struct TracepointOffsets {
 
 impl TracepointOffsets {
     pub const NONE: TracepointOffsets = TracepointOffsets {
-        clone_flags: MISSING,
-        clone3_uargs: MISSING,
         exit_ret: MISSING,
         newtask_clone_flags: MISSING,
         rmdir_root: MISSING,

@@ -2,8 +2,6 @@
 //! are decoded and enriched (wall time, cgroup paths, node counts) into `CloneFailure`s with
 //! their cause.
 
-use std::collections::HashMap;
-
 use aya::maps::{MapData, RingBuf};
 use probe_common::clone::{CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
@@ -13,7 +11,7 @@ use crate::{
     cgroups::Hierarchy,
     clock::KernelClock,
     node::NodeTasks,
-    pods::{Attribution, Attributor, PodRef},
+    pods::{Attributor, PodRef},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -93,13 +91,7 @@ pub struct Enricher {
     /// The node's counts and limits, re-read at most every `NODE_REREAD` (a failure storm
     /// must not cost three /proc reads per event).
     node: Option<(std::time::Instant, NodeTasks)>,
-    /// Recent attributions by (cgroup id, pids cgroup inode): a storm of failures from one
-    /// cgroup resolves it once per `ATTRIBUTION_REUSE`, not once per event.
-    attributions: HashMap<(u64, u64), (std::time::Instant, Option<String>, Attribution)>,
 }
-
-const ATTRIBUTION_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
-const MAX_ATTRIBUTIONS: usize = 4096;
 
 /// How stale the node's thread count and limits may be in a failure's evidence (the
 /// threads-max verdict uses the kernel's own count at the failure, not this).
@@ -114,7 +106,6 @@ impl Enricher {
             clock: KernelClock::new(),
             page_size: u64::try_from(page_size).unwrap_or(4096),
             node: None,
-            attributions: HashMap::new(),
         }
     }
 
@@ -157,7 +148,10 @@ impl Enricher {
         } else {
             TaskKind::Process
         };
-        let (cgroup, attribution) = self.attribute(ev.cgroup_id, ev.own_pids_ino);
+        let (cgroup, attribution) = self.attributor.attribute(
+            ev.cgroup_id,
+            (ev.own_pids_ino != 0).then_some(ev.own_pids_ino),
+        );
         CloneFailure {
             kind: "clone_failure",
             time: self.clock.rfc3339(ev.ktime_ns),
@@ -178,29 +172,6 @@ impl Enricher {
             pids_cgroup: pids_cgroup.filter(|_| ev.pids.limit != i64::MAX),
             clone_flags: format!("{:#x}", ev.clone_flags),
         }
-    }
-}
-
-impl Enricher {
-    /// `Attributor::attribute`, reused for a second.
-    fn attribute(&mut self, cgroup_id: u64, own_pids_ino: u64) -> (Option<String>, Attribution) {
-        let key = (cgroup_id, own_pids_ino);
-        if let Some((at, cgroup, who)) = self.attributions.get(&key)
-            && at.elapsed() < ATTRIBUTION_REUSE
-        {
-            return (cgroup.clone(), who.clone());
-        }
-        let (cgroup, who) = self
-            .attributor
-            .attribute(cgroup_id, (own_pids_ino != 0).then_some(own_pids_ino));
-        if self.attributions.len() >= MAX_ATTRIBUTIONS {
-            self.attributions.clear();
-        }
-        self.attributions.insert(
-            key,
-            (std::time::Instant::now(), cgroup.clone(), who.clone()),
-        );
-        (cgroup, who)
     }
 }
 

@@ -31,9 +31,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 pub type Attachment = (&'static str, &'static str, &'static str);
 
 /// Failed task creation.
-pub const CLONE_PROGRAMS: [Attachment; 6] = [
-    ("clone_enter", "syscalls", "sys_enter_clone"),
-    ("clone3_enter", "syscalls", "sys_enter_clone3"),
+pub const CLONE_PROGRAMS: [Attachment; 4] = [
     ("clone_exit", "syscalls", "sys_exit_clone"),
     ("clone3_exit", "syscalls", "sys_exit_clone3"),
     ("fork_exit", "syscalls", "sys_exit_fork"),

@@ -67,6 +67,14 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
         cred_ucounts = "cred"."ucounts",
         ucounts_rlimit = "ucounts"."rlimit",
     );
+    // arm64 keeps the first argument in orig_x0 (x0 is the return value at exit); x86_64 in di.
+    match ["orig_x0", "di"]
+        .iter()
+        .find_map(|m| btf.member_offset("pt_regs", m).ok())
+    {
+        Some(off) => o.pt_regs_arg0 = off,
+        None => missing.push("pt_regs.di"),
+    }
     enumerators!(btf, o, missing;
         pids_subsys_id = "pids_cgrp_id",
         memory_subsys_id = "memory_cgrp_id",
@@ -133,13 +141,6 @@ pub fn tracepoints(tracefs: &Tracefs) -> Resolved<TracepointOffsets> {
     let mut o = TracepointOffsets::NONE;
     let mut missing = Vec::new();
     for (field, category, event, name) in [
-        (
-            &mut o.clone_flags,
-            "syscalls",
-            "sys_enter_clone",
-            "clone_flags",
-        ),
-        (&mut o.clone3_uargs, "syscalls", "sys_enter_clone3", "uargs"),
         (&mut o.exit_ret, "syscalls", "sys_exit_clone", "ret"),
         (
             &mut o.newtask_clone_flags,

@@ -342,7 +342,14 @@ pub struct Attributor {
     pub cgroups: CgroupFs,
     pods: PodDirectory,
     api: Option<ApiPods>,
+    /// Recent answers by (cgroup id, pids cgroup inode): an event storm from one cgroup
+    /// resolves it once per `REUSE`, not once per event.
+    recent: HashMap<(u64, Option<u64>), (Instant, Option<String>, Attribution)>,
 }
+
+/// How long an attribution is reused (pod names from the API may arrive this much later).
+const REUSE: Duration = Duration::from_secs(1);
+const MAX_RECENT: usize = 4096;
 
 impl Attributor {
     /// Node-local sources, plus the Kubernetes API unless disabled or absent.
@@ -361,6 +368,7 @@ impl Attributor {
             cgroups,
             pods: PodDirectory::new(&args.kubelet_logs),
             api,
+            recent: HashMap::new(),
         }
     }
 
@@ -368,6 +376,29 @@ impl Attributor {
     /// pod's (hybrid hosts with the cgroupfs driver keep pods in v1 only), the task's own pids
     /// cgroup, when given, is tried too.
     pub fn attribute(
+        &mut self,
+        cgroup_id: u64,
+        own_pids_ino: Option<u64>,
+    ) -> (Option<String>, Attribution) {
+        let key = (cgroup_id, own_pids_ino);
+        if let Some((at, path, who)) = self.recent.get(&key)
+            && at.elapsed() < REUSE
+        {
+            return (path.clone(), who.clone());
+        }
+        let (path, who) = self.resolve(cgroup_id, own_pids_ino);
+        // An unknown cgroup is not remembered: it may appear at the next rescan.
+        if path.is_some() {
+            if self.recent.len() >= MAX_RECENT {
+                self.recent.clear();
+            }
+            self.recent
+                .insert(key, (Instant::now(), path.clone(), who.clone()));
+        }
+        (path, who)
+    }
+
+    fn resolve(
         &mut self,
         cgroup_id: u64,
         own_pids_ino: Option<u64>,
