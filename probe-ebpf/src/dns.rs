@@ -1,7 +1,8 @@
 //! DNS: cgroup_skb egress and ingress programs on the cgroup v2 root, so they see every pod's
 //! sockets whatever its network namespace. A UDP port 53 query is kept in `DNS_PENDING` (keyed
 //! by socket cookie and transaction id); its answer ends it with one `DnsQueryEvent` carrying
-//! the latency; a re-send on the same socket ends the earlier send as unanswered. Queries
+//! the latency; a re-send on the same socket ends the earlier send as unanswered. Events wake
+//! userspace in batches. Queries
 //! that get no answer are expired by userspace from the map. TCP port 53 is counted per cgroup,
 //! and each DNS flow's sender is recorded for conntrack drop attribution. They never drop a
 //! packet (always return 1).
@@ -272,7 +273,7 @@ fn on_query(
                 ev.captured = prev.send.captured as u32;
                 ev._pad2 = 0;
                 ev.payload[..DNS_QUERY_CAPTURE].copy_from_slice(&prev.query);
-                entry.submit(0);
+                entry.submit(wakeup());
             }
             None => bump(DnsStat::RingbufFull),
         }
@@ -330,7 +331,23 @@ fn on_response(ctx: &SkBuffContext, key: &DnsKey, payload: usize, msg_len: usize
     ev._pad2 = 0;
     ev.captured = copy_payload(ctx, payload, msg_len, &mut ev.payload) as u32;
     let _ = DNS_PENDING.remove(key);
-    entry.submit(0);
+    entry.submit(wakeup());
+}
+
+/// Wake userspace only once this much waits in the ring: a query per event would otherwise
+/// cost a wakeup and a context switch each. Userspace also drains the ring every 250 ms.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+#[inline(always)]
+fn wakeup() -> u64 {
+    if DNS_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 /// Copies 1..=N bytes of the DNS message into `dst`, with bounds the verifier can follow

@@ -252,7 +252,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 outputs.sink.flush()?;
             }
             _ = dns_sweep.tick(), if dns.is_some() => {
-                if let Some(tracker) = dns.as_mut() {
+                if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
+                    // The kernel wakes us for DNS events in batches: collect the rest.
+                    crate::dns::drain(ring.get_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
                     crate::dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
                 }
             }

@@ -380,7 +380,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                     }
                     printer.flush()?;
                 }
-                if let Some(tracker) = dns.as_mut() {
+                if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
+                    // The kernel wakes us for DNS events in batches: collect the rest.
+                    drain_dns(ring.get_mut(), tracker, &mut enricher.attributor, &filter, &mut printer, &mut summary)?;
                     dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
                     printer.flush()?;
                 }
