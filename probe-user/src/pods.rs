@@ -344,8 +344,11 @@ pub struct Attributor {
     api: Option<ApiPods>,
     /// Recent answers by (cgroup id, pids cgroup inode): an event storm from one cgroup
     /// resolves it once per `REUSE`, not once per event.
-    recent: HashMap<(u64, Option<u64>), (Instant, Option<String>, Attribution)>,
+    recent: HashMap<(u64, Option<u64>), Recent>,
 }
+
+/// When an attribution was made, the cgroup path and who.
+type Recent = (Instant, Option<String>, Attribution);
 
 /// How long an attribution is reused (pod names from the API may arrive this much later).
 const REUSE: Duration = Duration::from_secs(1);
