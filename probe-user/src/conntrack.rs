@@ -354,17 +354,24 @@ fn report(
     } else {
         &ev.orig
     };
-    let (cgroup, who) = if ev.owner.cgroup_id != 0 {
+    // The sender: the socket seen leaving this node (DNS flows, local sockets), else the pod
+    // that has the flow's source IP.
+    let src = ip(flow, true).to_string();
+    let (cgroup, who, by_ip) = if ev.owner.cgroup_id != 0 {
         let (path, a) = attributor.attribute(ev.owner.cgroup_id, None);
-        (path, a)
+        (path, a, false)
     } else {
-        (
-            None,
-            crate::pods::Attribution {
-                workload: "?".to_owned(),
-                pod: None,
-            },
-        )
+        match attributor.attribute_ip(&src) {
+            Some(a) => (None, a, true),
+            None => (
+                None,
+                crate::pods::Attribution {
+                    workload: "?".to_owned(),
+                    pod: None,
+                },
+                false,
+            ),
+        }
     };
     let is_dns = flow.proto == 17 && u16::from_be(flow.dport) == 53 && ev.owner.socket_cookie != 0;
     let dns = is_dns.then(|| DnsLink {
@@ -394,7 +401,7 @@ fn report(
         time_unix_nano: clock.unix_nano(ev.ktime_ns),
         cause,
         proto: proto_name(flow.proto),
-        src: ip(flow, true).to_string(),
+        src,
         sport: u16::from_be(flow.sport),
         dst: ip(flow, false).to_string(),
         dport: u16::from_be(flow.dport),
@@ -402,7 +409,10 @@ fn report(
         cgroup,
         workload: who.workload,
         pod: who.pod,
-        evidence: format!("{evidence}; {path}"),
+        evidence: format!(
+            "{evidence}; {path}{}",
+            if by_ip { "; sender by pod IP" } else { "" }
+        ),
         dns,
     }
 }

@@ -52,6 +52,18 @@ impl ApiPods {
     pub fn get(&self, uid: &str) -> Option<ApiPod> {
         self.pods.read().ok()?.get(uid).cloned()
     }
+
+    /// The one pod with this IP (uid, pod); none when no pod or several have it (pods on the
+    /// host network share the node's IP).
+    pub fn by_ip(&self, ip: &str) -> Option<(String, ApiPod)> {
+        let pods = self.pods.read().ok()?;
+        let mut matching = pods.iter().filter(|(_, p)| p.ips.iter().any(|i| i == ip));
+        let (uid, pod) = matching.next()?;
+        matching
+            .next()
+            .is_none()
+            .then(|| (uid.clone(), pod.clone()))
+    }
 }
 
 /// Where to find the API and what to keep.

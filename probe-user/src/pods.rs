@@ -426,6 +426,24 @@ impl Attributor {
         (path, attribution)
     }
 
+    /// The pod that has `ip`, from the API (for packets whose socket faultline did not see).
+    pub fn attribute_ip(&self, ip: &str) -> Option<Attribution> {
+        let (uid, p) = self.api.as_ref()?.by_ip(ip)?;
+        let pod = PodRef {
+            namespace: Some(p.namespace),
+            name: Some(p.name),
+            uid,
+            owner: p.owner,
+            ips: p.ips,
+            labels: p.labels,
+            ..Default::default()
+        };
+        Some(Attribution {
+            workload: pod_workload(&pod),
+            pod: Some(pod),
+        })
+    }
+
     /// Attribution of a cgroup path: names from the API when it knows the pod, else from the
     /// kubelet's directories.
     pub fn attribute_path(&mut self, path: &str) -> Attribution {

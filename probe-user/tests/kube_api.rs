@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{ctlab::*, *};
 use serde_json::{Value, json};
 
 const CID_B: &str = "b0b00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
@@ -347,4 +347,45 @@ fn an_unreachable_api_falls_back_to_the_kubelet_directories_and_says_so_once() {
         .filter(|l| l.contains("Kubernetes API unavailable"))
         .count();
     assert_eq!(said, 1, "said {said} times:\n{stderr}");
+}
+
+/// A dropped packet whose socket faultline never saw (not DNS, so no flow record) is
+/// attributed by its source IP to the pod the API says has it.
+#[test]
+fn a_conntrack_drop_is_attributed_by_pod_ip() {
+    let (uid_b, uid_c) = (uid(12), uid(13));
+    let api = FakeApi::start(
+        pod("cart-7d9f-b", &uid_b, CID_B, "150", V4.client2, true),
+        pod("cart-7d9f-c", &uid_c, CID_C, "199", "10.1.0.3", false),
+    );
+    let config = kubeconfig(api.port);
+    let lab = CtLab::start(&V4);
+    let trace = Trace::start(&[
+        "--events",
+        "conntrack",
+        "--kubeconfig",
+        &config.0.display().to_string(),
+        "--node-name",
+        "node-1",
+    ]);
+    api.wait_for_relist();
+    // Port 5300: not DNS, so the egress program records no flow for it.
+    lab.client(1, &format!("1 --dns-server {}", lab.server(5300)));
+    lab.client(2, &format!("1 --dns-server {}", lab.server(5300)));
+    let (events, _) = trace.stop_json();
+    let drops: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "conntrack_drop" && e["src"] == V4.client2)
+        .collect();
+    assert_eq!(drops.len(), 1, "{events:#?}");
+    let d = drops[0];
+    assert_eq!(d["cause"], "insert_failed", "{d}");
+    assert_eq!(d["pod"]["name"], "cart-7d9f-b", "{d}");
+    assert_eq!(d["workload"], "shop/cart-7d9f-b", "{d}");
+    assert!(
+        d["evidence"]
+            .as_str()
+            .is_some_and(|e| e.contains("sender by pod IP")),
+        "{d}"
+    );
 }

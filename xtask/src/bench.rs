@@ -214,11 +214,13 @@ struct Findings {
 
 impl Findings {
     fn targets(&self) -> String {
-        let mut t = String::from(
-            "## Targets\n\n| target | measured | met |\n|---|---|---|\n",
-        );
+        let mut t = String::from("## Targets\n\n| target | measured | met |\n|---|---|---|\n");
         let mut row = |target: &str, measured: String, met: bool| {
-            let _ = writeln!(t, "| {target} | {measured} | {} |", if met { "yes" } else { "**no**" });
+            let _ = writeln!(
+                t,
+                "| {target} | {measured} | {} |",
+                if met { "yes" } else { "**no**" }
+            );
         };
         for (name, tool, (f_rate, f_cpu), (c_rate, c_cpu)) in &self.ratios {
             let goal = if name.starts_with("DNS") { 0.95 } else { 0.98 };
@@ -229,7 +231,9 @@ impl Findings {
             );
             row(
                 &format!("{name}: faultline's cost below {}'s", tool.name()),
-                format!("throughput {f_rate:.3} vs {c_rate:.3}; workload CPU x{f_cpu:.3} vs x{c_cpu:.3}"),
+                format!(
+                    "throughput {f_rate:.3} vs {c_rate:.3}; workload CPU x{f_cpu:.3} vs x{c_cpu:.3}"
+                ),
                 f_cpu <= c_cpu,
             );
         }
