@@ -163,6 +163,7 @@ pub struct Metrics {
     dns_duration: HistogramVec,
     dns_retransmits: IntCounterVec,
     dns_tcp: IntCounterVec,
+    dns_truncated: IntCounterVec,
     conntrack_drops: IntCounterVec,
     conntrack_clashes: IntCounterVec,
     conntrack_stats: IntCounterVec,
@@ -287,6 +288,11 @@ impl Metrics {
                 "DNS over TCP port 53 segments (counted, not parsed), by direction.",
                 &labels(&["direction"]),
             )?,
+            dns_truncated: counter(
+                "faultline_dns_truncated_total",
+                "DNS answers with the TC bit: the resolver must retry over TCP.",
+                &labels(&[]),
+            )?,
             conntrack_drops: counter(
                 "faultline_conntrack_drops_total",
                 "Packets dropped by netfilter, by cause (insert_failed, table_full, rule, other) and protocol, attributed to the sending pod.",
@@ -374,6 +380,10 @@ impl Metrics {
             self.dns_duration
                 .with_label_values(&labels)
                 .observe(ms / 1000.0);
+        }
+        if q.truncated {
+            let labels = self.cap.admit("dns_truncated", who.clone(), &[]);
+            self.dns_truncated.with_label_values(&labels).inc();
         }
         if q.retransmit {
             let labels = self.cap.admit("dns_retransmits", who, &[]);
@@ -498,6 +508,7 @@ impl Metrics {
             ("tasks_exited", &self.tasks_exited),
             ("dns_queries", &self.dns_queries),
             ("dns_retransmits", &self.dns_retransmits),
+            ("dns_truncated", &self.dns_truncated),
             ("conntrack_drops", &self.conntrack_drops),
         ] {
             for labels in self.cap.expire(metric, STALE_AFTER) {

@@ -170,6 +170,10 @@ pub struct Summary {
     dns_malformed: u64,
     /// Queries the kernel could not track (its map of waiting queries was full).
     dns_untracked: u64,
+    /// Answers with the TC bit, and answers that matched no waiting query (late, duplicate,
+    /// spoofed), counted in the kernel.
+    dns_truncated: u64,
+    dns_unmatched: u64,
     /// DNS query events that did not reach userspace (ring buffer full).
     dns_lost_events: u64,
     /// DNS over TCP port 53 segments in cgroups the kernel map could not count.
@@ -434,6 +438,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         let stats = probes.dns_stats()?;
         summary.dns_malformed = tracker.malformed + stats.malformed;
         summary.dns_untracked = stats.untracked;
+        summary.dns_truncated = stats.truncated;
+        summary.dns_unmatched = stats.unmatched;
         summary.dns_lost_events = stats.lost;
         summary.dns_tcp_uncounted = stats.tcp_uncounted;
         for (id, tcp) in probes.dns_tcp_counts()? {

@@ -369,6 +369,8 @@ fn servfail_slow_answers_tcp_and_redacted_names() {
     lab.resolv_conf_raw(&format!("nameserver {RESPONDER_IP}\noptions attempts:1\n"));
     lab.client("getent ahosts fail.test");
     lab.client("getent ahosts slow.test");
+    // A truncated answer: glibc retries over TCP (the responder has no TCP: refused).
+    lab.client("getent ahosts big.test");
     // DNS over TCP to dnsmasq (glibc's use-vc): counted, not parsed.
     lab.resolv_conf("options use-vc\n");
     lab.client("getent ahosts web.test");
@@ -387,7 +389,16 @@ fn servfail_slow_answers_tcp_and_redacted_names() {
         servfail.iter().all(|e| e["qname"] == servfail[0]["qname"]),
         "{servfail:#?}"
     );
-    let slow: Vec<&&Value> = dns.iter().filter(|e| e["rcode"] == "NOERROR").collect();
+    let truncated: Vec<&&Value> = dns.iter().filter(|e| e["truncated"] == true).collect();
+    assert!(!truncated.is_empty(), "{dns:#?}");
+    assert!(
+        summary["dns_truncated"].as_u64() >= Some(truncated.len() as u64),
+        "{summary}"
+    );
+    let slow: Vec<&&Value> = dns
+        .iter()
+        .filter(|e| e["rcode"] == "NOERROR" && e["truncated"] == false)
+        .collect();
     assert!(!slow.is_empty(), "{dns:#?}");
     for e in &slow {
         let l = e["latency_ms"].as_f64().unwrap_or(0.0);

@@ -32,7 +32,8 @@ enum Mode {
     /// Benchmark: fork and reap `count` short-lived processes one after another, timed.
     SpinForks,
     /// A DNS responder on --dns-listen for `count` seconds: SERVFAIL for names starting with
-    /// "fail.", answers after --dns-delay for names starting with "slow.", NOERROR otherwise.
+    /// "fail.", answers after --dns-delay for names starting with "slow.", truncated (TC) for
+    /// "big.", NOERROR otherwise.
     DnsServer,
     /// Benchmark: `count` DNS queries, one after another, to --dns-server, timed. With
     /// --dns-burst, all sent at once from the one socket, then the answers awaited.
@@ -257,6 +258,9 @@ fn dns_server(
         let mut reply = buf[..n].to_vec();
         let name = first_label(&reply).unwrap_or_default();
         reply[2] |= 0x80; // QR
+        if name == "big" {
+            reply[2] |= 0x02; // TC: too big for UDP, ask again over TCP
+        }
         reply[3] = 0x80 | if name == "fail" { 2 } else { 0 }; // RA, rcode
         if name == "slow" {
             std::thread::sleep(delay);
