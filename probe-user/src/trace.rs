@@ -574,7 +574,7 @@ impl TraceEvent for ClashesResolved {
 impl TraceEvent for DnsQuery {
     fn table_line(&self) -> String {
         format!(
-            "{:<12} dns {} {} -> {} {} {} {}{}{}{}{}",
+            "{:<12} dns {} {} -> {} {} {}{}{}{}{}{}",
             time_of_day(&self.time),
             self.workload,
             self.qname,
@@ -582,7 +582,7 @@ impl TraceEvent for DnsQuery {
             self.qtype,
             self.rcode.as_deref().unwrap_or("TIMEOUT"),
             self.latency_ms
-                .map_or_else(String::new, |l| format!("{l:.1}ms")),
+                .map_or_else(String::new, |l| format!(" {l:.1}ms")),
             if self.truncated { " truncated" } else { "" },
             self.retransmit_gap_ms.map_or_else(String::new, |g| format!(
                 " retransmit after {:.1}s",
