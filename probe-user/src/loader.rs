@@ -80,7 +80,7 @@ pub struct TaskStats {
 }
 
 /// Counters the conntrack-drop program keeps in the kernel, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConntrackStats {
     pub drops: u64,
     /// Drops whose event did not fit in the ring buffer.

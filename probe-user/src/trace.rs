@@ -23,7 +23,7 @@ use crate::{
     clone::{self, CloneFailure, Enricher},
     conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
     dns::{self, DnsQuery, DnsTracker, Names},
-    loader::{self, CLONE_PROGRAMS, CloneStats, Probes, TASK_PROGRAMS},
+    loader::{self, CLONE_PROGRAMS, CloneStats, ConntrackStats, Probes, TASK_PROGRAMS},
     netns::NetnsDirectory,
     pods::{Attributor, PodArgs},
     tasks::{HeadroomWarning, HeadroomWatch, TaskModel},
@@ -184,6 +184,9 @@ pub struct Summary {
     conntrack_clashes_resolved: BTreeMap<String, u64>,
     /// Drops that did not reach userspace (ring buffer full).
     conntrack_lost_events: u64,
+    /// Every netfilter drop the kernel program saw, before filters, by the state of the
+    /// packet's conntrack entry.
+    conntrack_kernel: Option<ConntrackStats>,
 }
 
 /// DNS per workload in the summary.
@@ -417,7 +420,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             &mut printer,
             &mut summary,
         )?;
-        summary.conntrack_lost_events = probes.conntrack_stats()?.lost;
+        let kernel = probes.conntrack_stats()?;
+        summary.conntrack_lost_events = kernel.lost;
+        summary.conntrack_kernel = Some(kernel);
     }
     drain(
         ring.get_mut(),

@@ -77,6 +77,11 @@ fn insert_failed_case(plan: &'static Plan) {
         assert_eq!(q["conntrack_drop"], "insert_failed");
     }
     assert_eq!(summary["conntrack_drops"]["insert_failed"], 3, "{summary}");
+    // The kernel's own count, before filters: at least these, all with unconfirmed entries.
+    assert!(
+        summary["conntrack_kernel"]["unconfirmed"].as_u64() >= Some(3),
+        "{summary}"
+    );
 }
 
 #[test]
