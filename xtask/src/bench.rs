@@ -201,12 +201,14 @@ fn start(env: &Env, tool: Tool, port: u16) -> anyhow::Result<Option<Agent>> {
     })
 }
 
+/// (throughput ratio, workload CPU per operation ratio) of one configuration.
+type Ratios = (f64, f64);
+
 /// The numbers the targets are checked against.
 #[derive(Default)]
 struct Findings {
-    /// Per workload: (throughput ratio, workload CPU ratio) of faultline and of the
-    /// comparison tool, both against no probe.
-    ratios: Vec<(&'static str, Tool, (f64, f64), (f64, f64))>,
+    /// Per workload: faultline's and the comparison tool's ratios, against no probe.
+    ratios: Vec<(&'static str, Tool, Ratios, Ratios)>,
     ceiling: f64,
     rss_10k_mib: f64,
     startup_ms: f64,
