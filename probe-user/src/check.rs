@@ -195,6 +195,21 @@ pub fn run() -> bool {
                         ),
                     }
                 }
+                match CgroupFs::discover().and_then(|fs| probes.attach_dns(&fs)) {
+                    Ok(_) => r.line(
+                        Status::Ok,
+                        "cgroup_skb programs",
+                        "DNS programs verified and attached to the cgroup v2 root (then detached)",
+                    ),
+                    Err(e) => r.line(
+                        Status::Warn,
+                        "cgroup_skb programs",
+                        format!(
+                            "{}: no DNS queries and no conntrack drop attribution by socket (needs CAP_NET_ADMIN and cgroup v2)",
+                            loader::brief(&e)
+                        ),
+                    ),
+                }
             }
             Err(e) => r.line(Status::Fail, "eBPF object", format!("{e:#}")),
         }

@@ -155,7 +155,11 @@ impl Probes {
 
     /// Attaches the DNS programs (cgroup_skb egress and ingress) to the cgroup v2 root, where
     /// they see every socket on the node.
-    fn attach_dns(&mut self, cgroup_v2_root: &std::path::Path) -> anyhow::Result<()> {
+    pub fn attach_dns(&mut self, cgroups: &CgroupFs) -> anyhow::Result<()> {
+        let cgroup_v2_root = &cgroups
+            .mount(Hierarchy::Unified)
+            .context("no cgroup v2 mount")?
+            .path;
         let root = std::fs::File::open(cgroup_v2_root)
             .with_context(|| format!("opening the cgroup v2 root {}", cgroup_v2_root.display()))?;
         for (program, attach_type) in [
@@ -179,12 +183,7 @@ impl Probes {
     /// Attaches the DNS programs to the cgroup v2 root and returns their ring of
     /// `DnsPacketEvent`s (once).
     pub fn dns_events(&mut self, cgroups: &CgroupFs) -> anyhow::Result<EventRing> {
-        let root = cgroups
-            .mount(Hierarchy::Unified)
-            .context("no cgroup v2 mount")?
-            .path
-            .clone();
-        self.attach_dns(&root)?;
+        self.attach_dns(cgroups)?;
         self.take_ring("DNS_EVENTS")
     }
 

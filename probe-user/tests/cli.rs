@@ -60,6 +60,9 @@ fn check_reports_each_item_and_passes_here() {
         "syscalls:sys_exit_clone3",
         "pids controller",
         "tracepoint programs",
+        "skb:kfree_skb",
+        "cgroup_skb programs",
+        "conntrack counters",
     ] {
         assert!(
             stdout
