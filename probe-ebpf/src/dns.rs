@@ -113,6 +113,8 @@ fn note_flow(
     sport: u16,
     dport: u16,
     payload: usize,
+    socket_cookie: u64,
+    cgroup_id: u64,
 ) {
     let mut key = FlowKey {
         sport: sport.to_be(),
@@ -149,12 +151,9 @@ fn note_flow(
     if !loaded {
         return;
     }
-    let skb = ctx.as_ptr() as *mut _;
     let owner = FlowOwner {
-        // SAFETY: the context pointer is the skb of this program.
-        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
-        // SAFETY: as above.
-        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cgroup_id,
+        socket_cookie,
         dns_id: if proto == PROTO_UDP {
             ctx.load::<u16>(payload).map(u16::from_be).unwrap_or(0)
         } else {
@@ -195,9 +194,18 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
         return Ok(());
     }
     let payload = l4 + if proto == PROTO_TCP { 0 } else { 8 };
+    // SAFETY: the context pointer is the skb of this program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The sender's cgroup: egress packets only (an answer's is the receiver's).
+    let cgroup = if to_server {
+        // SAFETY: as above.
+        unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) }
+    } else {
+        0
+    };
     if to_server {
         note_flow(
-            ctx, family, proto, addr_off, addr_len, sport, dport, payload,
+            ctx, family, proto, addr_off, addr_len, sport, dport, payload, cookie, cgroup,
         );
     }
     if proto == PROTO_TCP {
@@ -210,8 +218,7 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
         return Ok(());
     }
     let key = DnsKey {
-        // SAFETY: the context pointer is the skb of this program.
-        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        socket_cookie: cookie,
         id: u16::from_be(ctx.load::<u16>(payload)?),
         _pad: [0; 6],
     };
@@ -226,6 +233,7 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
             dport,
             payload,
             msg_len,
+            cgroup,
         );
     } else if from_server && response {
         on_response(ctx, &key, payload, msg_len);
@@ -248,6 +256,7 @@ fn on_query(
     dport: u16,
     payload: usize,
     msg_len: usize,
+    cgroup_id: u64,
 ) {
     let Some(pending) = DNS_SCRATCH.get_ptr_mut(0) else {
         return;
@@ -279,8 +288,7 @@ fn on_query(
         }
     }
     pending.send.sent_ns = now;
-    // SAFETY: the context pointer is the skb of this program.
-    pending.send.cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
+    pending.send.cgroup_id = cgroup_id;
     pending.send.family = family;
     pending.send._pad = 0;
     pending.send.server_port = dport;
