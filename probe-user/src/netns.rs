@@ -70,22 +70,22 @@ impl NetnsDirectory {
     /// A namespace by inode, rescanning (rate-limited) when unknown.
     pub fn get(&mut self, inode: u64) -> Option<Netns> {
         if !self.by_inode.contains_key(&inode) {
-            self.rescan(false);
+            self.rescan();
         }
         self.by_inode.get(&inode).cloned()
     }
 
     /// Every namespace known after a (rate-limited) rescan.
     pub fn all(&mut self) -> Vec<Netns> {
-        self.rescan(false);
+        self.rescan();
         let mut all: Vec<Netns> = self.by_inode.values().cloned().collect();
         all.sort_by_key(|n| n.inode);
         all
     }
 
-    /// Re-reads the named namespaces and every process's; `force` ignores the rate limit.
-    pub fn rescan(&mut self, force: bool) {
-        if !force && self.last_scan.is_some_and(|t| t.elapsed() < RESCAN) {
+    /// Re-reads the named namespaces and every process's, at most every `RESCAN`.
+    fn rescan(&mut self) {
+        if self.last_scan.is_some_and(|t| t.elapsed() < RESCAN) {
             return;
         }
         self.last_scan = Some(Instant::now());
