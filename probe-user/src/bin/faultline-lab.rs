@@ -340,12 +340,9 @@ fn dns_client(args: &Args) -> anyhow::Result<()> {
             socket.send(&query).context("sending a query")?;
         }
         for _ in 0..count {
-            match socket.recv(&mut buf) {
-                Ok(_) => report.created += 1,
-                Err(_) => report.failures += 1,
-            }
+            report.tally(socket.recv(&mut buf).is_ok());
         }
-        return print_report(&report);
+        return report.timed(start);
     }
     for i in 0..count {
         if args.dns_new_socket && i > 0 {
@@ -356,14 +353,9 @@ fn dns_client(args: &Args) -> anyhow::Result<()> {
             && socket
                 .recv(&mut buf)
                 .is_ok_and(|n| n >= 2 && buf[..2] == query[..2]);
-        if answered {
-            report.created += 1;
-        } else {
-            report.failures += 1;
-        }
+        report.tally(answered);
     }
-    report.elapsed_ns = Some(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
-    print_report(&report)
+    report.timed(start)
 }
 
 /// The first label of the question name.
@@ -395,14 +387,9 @@ fn spin(mode: Mode, count: u32) -> anyhow::Result<()> {
                 child => wait_ok(child).is_ok(),
             }
         };
-        if ok {
-            report.created += 1;
-        } else {
-            report.failures += 1;
-        }
+        report.tally(ok);
     }
-    report.elapsed_ns = Some(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
-    print_report(&report)
+    report.timed(start)
 }
 
 /// cgroup churn: `count` cgroups made, used by one short-lived process each, and removed.
@@ -567,6 +554,23 @@ fn set_comm(comm: &str) -> anyhow::Result<()> {
         unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) },
         "prctl(PR_SET_NAME)",
     )
+}
+
+impl Report {
+    /// One operation of a timed loop: done, or failed.
+    fn tally(&mut self, ok: bool) {
+        if ok {
+            self.created += 1;
+        } else {
+            self.failures += 1;
+        }
+    }
+
+    /// Prints the report of a timed loop that began at `start`.
+    fn timed(mut self, start: std::time::Instant) -> anyhow::Result<()> {
+        self.elapsed_ns = Some(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        print_report(&self)
+    }
 }
 
 /// Serializes the first 64 errnos only.
