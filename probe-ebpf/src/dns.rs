@@ -101,21 +101,17 @@ fn count_tcp(ctx: &SkBuffContext, to_server: bool) {
     }
 }
 
-/// Records which socket sent a DNS flow, so that conntrack drops of it can be attributed.
+/// The packet's 5-tuple (ports in network byte order, as conntrack keeps them); `None` when
+/// the addresses cannot be read.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn note_flow(
+fn flow_key(
     ctx: &SkBuffContext,
     family: u8,
     proto: u8,
     addr_off: usize,
-    addr_len: usize,
     sport: u16,
     dport: u16,
-    payload: usize,
-    socket_cookie: u64,
-    cgroup_id: u64,
-) {
+) -> Option<FlowKey> {
     let mut key = FlowKey {
         sport: sport.to_be(),
         dport: dport.to_be(),
@@ -123,61 +119,32 @@ fn note_flow(
         proto,
         ..FlowKey::default()
     };
-    let loaded = if addr_len == 4 {
-        match (
-            ctx.load::<[u8; 4]>(addr_off),
-            ctx.load::<[u8; 4]>(addr_off + 4),
-        ) {
-            (Ok(s), Ok(d)) => {
-                key.saddr[..4].copy_from_slice(&s);
-                key.daddr[..4].copy_from_slice(&d);
-                true
-            }
-            _ => false,
-        }
+    // Fixed-size reads: the verifier follows them without a length check.
+    if family == 4 {
+        let s = ctx.load::<[u8; 4]>(addr_off).ok()?;
+        let d = ctx.load::<[u8; 4]>(addr_off + 4).ok()?;
+        key.saddr[..4].copy_from_slice(&s);
+        key.daddr[..4].copy_from_slice(&d);
     } else {
-        match (
-            ctx.load::<[u8; 16]>(addr_off),
-            ctx.load::<[u8; 16]>(addr_off + 16),
-        ) {
-            (Ok(s), Ok(d)) => {
-                key.saddr = s;
-                key.daddr = d;
-                true
-            }
-            _ => false,
-        }
-    };
-    if !loaded {
-        return;
+        key.saddr = ctx.load::<[u8; 16]>(addr_off).ok()?;
+        key.daddr = ctx.load::<[u8; 16]>(addr_off + 16).ok()?;
     }
-    let owner = FlowOwner {
-        cgroup_id,
-        socket_cookie,
-        dns_id: if proto == PROTO_UDP {
-            ctx.load::<u16>(payload).map(u16::from_be).unwrap_or(0)
-        } else {
-            0
-        },
-        _pad: [0; 6],
-    };
-    crate::conntrack::note_flow(&key, &owner);
+    Some(key)
 }
 
 #[inline(always)]
 fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
     // cgroup_skb sees the packet from the IP header on.
     let first: u8 = ctx.load(0)?;
-    let (family, proto, l4, addr_off, addr_len) = match first >> 4 {
+    let (family, proto, l4, addr_off) = match first >> 4 {
         4 => (
             4u8,
             ctx.load::<u8>(9)?,
             ((first & 0x0f) as usize) * 4,
             12usize,
-            4usize,
         ),
         // Extension headers are rare on DNS packets and not followed.
-        6 => (6u8, ctx.load::<u8>(6)?, 40usize, 8usize, 16usize),
+        6 => (6u8, ctx.load::<u8>(6)?, 40usize, 8usize),
         _ => return Ok(()),
     };
     if l4 < 20 || l4 > 60 {
@@ -196,49 +163,48 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
     let payload = l4 + if proto == PROTO_TCP { 0 } else { 8 };
     // SAFETY: the context pointer is the skb of this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // The sender's cgroup: egress packets only (an answer's is the receiver's).
-    let cgroup = if to_server {
-        // SAFETY: as above.
-        unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) }
+    // The DNS transaction id (UDP only: over TCP a length prefix comes first).
+    let id = if proto == PROTO_UDP {
+        ctx.load::<u16>(payload).map(u16::from_be).ok()
     } else {
-        0
+        None
     };
-    if to_server {
-        note_flow(
-            ctx, family, proto, addr_off, addr_len, sport, dport, payload, cookie, cgroup,
-        );
-    }
+    // A query leaving: who sent this flow, for conntrack drop attribution.
+    let sent = if to_server {
+        let Some(flow) = flow_key(ctx, family, proto, addr_off, sport, dport) else {
+            return Ok(());
+        };
+        let owner = FlowOwner {
+            // SAFETY: the context pointer is the skb of this program.
+            cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) },
+            socket_cookie: cookie,
+            dns_id: id.unwrap_or(0),
+            _pad: [0; 6],
+        };
+        crate::conntrack::note_flow(&flow, &owner);
+        Some((flow, owner.cgroup_id))
+    } else {
+        None
+    };
     if proto == PROTO_TCP {
         count_tcp(ctx, to_server);
         return Ok(());
     }
     let msg_len = (ctx.len() as usize).saturating_sub(payload);
-    if msg_len < DNS_HEADER {
+    let (Some(id), true) = (id, msg_len >= DNS_HEADER) else {
         bump(DnsStat::Malformed);
         return Ok(());
-    }
+    };
     let key = DnsKey {
         socket_cookie: cookie,
-        id: u16::from_be(ctx.load::<u16>(payload)?),
+        id,
         _pad: [0; 6],
     };
     let response = ctx.load::<u8>(payload + 2)? & 0x80 != 0;
-    if to_server && !response {
-        on_query(
-            ctx,
-            &key,
-            family,
-            addr_off + addr_len,
-            addr_len,
-            dport,
-            payload,
-            msg_len,
-            cgroup,
-        );
-    } else if from_server && response {
-        on_response(ctx, &key, payload, msg_len);
-    } else {
-        bump(DnsStat::Malformed);
+    match (sent, response) {
+        (Some((flow, cgroup_id)), false) => on_query(ctx, &key, &flow, cgroup_id, payload, msg_len),
+        (None, true) => on_response(ctx, &key, payload, msg_len),
+        _ => bump(DnsStat::Malformed),
     }
     Ok(())
 }
@@ -246,17 +212,13 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
 /// A query leaving: kept in `DNS_PENDING` until its answer. A query already waiting under the
 /// same socket and id is a re-send: the earlier send ends as unanswered.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn on_query(
     ctx: &SkBuffContext,
     key: &DnsKey,
-    family: u8,
-    daddr_off: usize,
-    addr_len: usize,
-    dport: u16,
+    flow: &FlowKey,
+    cgroup_id: u64,
     payload: usize,
     msg_len: usize,
-    cgroup_id: u64,
 ) {
     let Some(pending) = DNS_SCRATCH.get_ptr_mut(0) else {
         return;
@@ -289,23 +251,11 @@ fn on_query(
     }
     pending.send.sent_ns = now;
     pending.send.cgroup_id = cgroup_id;
-    pending.send.family = family;
+    pending.send.family = flow.family;
     pending.send._pad = 0;
-    pending.send.server_port = dport;
+    pending.send.server_port = u16::from_be(flow.dport);
     pending.send.dns_len = msg_len.min(u16::MAX as usize) as u16;
-    pending.send.server = [0; 16];
-    let loaded = if addr_len == 4 {
-        ctx.load::<[u8; 4]>(daddr_off)
-            .map(|a| pending.send.server[..4].copy_from_slice(&a))
-            .is_ok()
-    } else {
-        ctx.load::<[u8; 16]>(daddr_off)
-            .map(|a| pending.send.server = a)
-            .is_ok()
-    };
-    if !loaded {
-        return;
-    }
+    pending.send.server = flow.daddr;
     pending.send.captured = copy_payload(ctx, payload, msg_len, &mut pending.query) as u16;
     if DNS_PENDING.insert(key, pending, 0).is_err() {
         bump(DnsStat::PendingFull);

@@ -166,8 +166,10 @@ impl Classifier {
             let fill = format!("entries={} nf_conntrack_max={}", c.entries, c.max);
             out.push(if ev.ct_state == CT_NONE {
                 // Lost clashes count in `drop` too; chain-too-long failures do not.
-                let clash_drops = (c.insert_failed - c.chaintoolong)
-                    .saturating_sub(seen.insert_failed - seen.chaintoolong);
+                let clash_drops = c
+                    .insert_failed
+                    .saturating_sub(c.chaintoolong)
+                    .saturating_sub(seen.insert_failed.saturating_sub(seen.chaintoolong));
                 if c.drop.saturating_sub(seen.drop) > clash_drops {
                     seen.drop += 1;
                     (
@@ -182,12 +184,12 @@ impl Classifier {
                 }
             } else if c.insert_failed > seen.insert_failed {
                 seen.insert_failed += 1;
-                seen.drop += 1;
+                // A lost clash also counts in `drop`; a chain too long does not.
                 let chain = if c.chaintoolong > seen.chaintoolong {
                     seen.chaintoolong += 1;
-                    seen.drop -= 1;
                     ", hash chain too long"
                 } else {
+                    seen.drop += 1;
                     ""
                 };
                 (

@@ -422,14 +422,17 @@ pub fn drain(
     Ok(())
 }
 
-/// Expires the kernel's unanswered queries: reports them (as timeouts) to `on_query` and
-/// removes them from the kernel's map.
-pub fn sweep(
+/// Everything the kernel has for DNS now: the events waiting in the ring (the kernel wakes
+/// userspace in batches), then the queries unanswered past the timeout, reported as timeouts
+/// and removed from the kernel's map.
+pub fn catch_up(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     probes: &mut crate::loader::Probes,
     tracker: &mut DnsTracker,
     attributor: &mut Attributor,
     mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    drain(ring, tracker, attributor, &mut on_query)?;
     let now = tracker.now_ktime();
     let (reports, expired) = tracker.sweep(probes.dns_waiting()?, now, attributor);
     probes.forget_dns_queries(&expired)?;

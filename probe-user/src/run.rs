@@ -242,8 +242,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut guard = guard.context("waiting on the conntrack ring buffer")?;
                 // The waiting queries first, so that drops can name them.
                 if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
-                    crate::dns::drain(ring.get_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
-                    crate::dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
+                    crate::dns::catch_up(ring.get_mut(), &mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
                 }
                 if let Some(c) = classifier.as_mut() {
                     conntrack::drain(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), |d| outputs.conntrack_drop(&d))?;
@@ -254,8 +253,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = dns_sweep.tick(), if dns.is_some() => {
                 if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
                     // The kernel wakes us for DNS events in batches: collect the rest.
-                    crate::dns::drain(ring.get_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
-                    crate::dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
+                    crate::dns::catch_up(ring.get_mut(), &mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
                 }
             }
             _ = refresh.tick() => {

@@ -369,8 +369,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                 let mut guard = guard.context("waiting on the conntrack ring buffer")?;
                 // The waiting queries first, so that a drop can name its query.
                 if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
-                    drain_dns(ring.get_mut(), tracker, &mut enricher.attributor, &filter, &mut printer, &mut summary)?;
-                    dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
+                    dns::catch_up(ring.get_mut(), &mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
                 }
                 if let Some(c) = classifier.as_mut() {
                     drain_conntrack(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), &filter, &mut printer, &mut summary)?;
@@ -389,8 +388,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                 }
                 if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
                     // The kernel wakes us for DNS events in batches: collect the rest.
-                    drain_dns(ring.get_mut(), tracker, &mut enricher.attributor, &filter, &mut printer, &mut summary)?;
-                    dns::sweep(&mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
+                    dns::catch_up(ring.get_mut(), &mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
                     printer.flush()?;
                 }
                 if let Some(h) = headroom.as_mut() {

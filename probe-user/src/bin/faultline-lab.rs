@@ -222,15 +222,7 @@ fn hop(cgroups: &[std::path::PathBuf], count: u32) -> anyhow::Result<()> {
     for dir in cgroups {
         join(dir)?;
         for _ in 0..count {
-            // SAFETY: the child exits at once; the parent reaps it.
-            match unsafe { libc::fork() } {
-                -1 => report.failures += 1,
-                0 => unsafe { libc::_exit(0) },
-                child => {
-                    wait_ok(child)?;
-                    report.created += 1;
-                }
-            }
+            report.tally(fork_and_reap()?);
         }
     }
     print_report(&report)
@@ -380,12 +372,7 @@ fn spin(mode: Mode, count: u32) -> anyhow::Result<()> {
                 .map(|t| t.join().is_ok())
                 .unwrap_or(false)
         } else {
-            // SAFETY: the child exits at once; the parent reaps it.
-            match unsafe { libc::fork() } {
-                -1 => false,
-                0 => unsafe { libc::_exit(0) },
-                child => wait_ok(child).is_ok(),
-            }
+            fork_and_reap().unwrap_or(false)
         };
         report.tally(ok);
     }
@@ -402,15 +389,7 @@ fn churn(root: &std::path::Path, count: u32) -> anyhow::Result<()> {
         let dir = root.join(format!("churn-{i}"));
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         join(&dir)?;
-        // SAFETY: the child exits at once.
-        match unsafe { libc::fork() } {
-            -1 => report.failures += 1,
-            0 => unsafe { libc::_exit(0) },
-            child => {
-                wait_ok(child)?;
-                report.created += 1;
-            }
-        }
+        report.tally(fork_and_reap()?);
         join(root)?;
         std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -779,6 +758,16 @@ fn dead_pidns(args: &Args) -> anyhow::Result<()> {
         init => wait_ok(init)?,
     }
     create(args, None, || Ok(()))
+}
+
+/// Forks a child that exits at once and reaps it: false when the fork was refused.
+fn fork_and_reap() -> anyhow::Result<bool> {
+    // SAFETY: the child only calls _exit.
+    match unsafe { libc::fork() } {
+        -1 => Ok(false),
+        0 => unsafe { libc::_exit(0) },
+        child => wait_ok(child).map(|()| true),
+    }
 }
 
 fn wait_ok(pid: libc::pid_t) -> anyhow::Result<()> {
