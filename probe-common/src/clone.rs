@@ -41,16 +41,19 @@ pub const CLONE_THREAD: u64 = 0x0001_0000;
 pub mod valid {
     /// `pids` holds the pids cgroup nearest to its limit.
     pub const PIDS: u32 = 1 << 0;
-    /// `pidns` holds the pid namespace nearest to its pid_max.
+    /// `pidns` holds the new task's pid namespaces.
     pub const PIDNS: u32 = 1 << 1;
-    /// `pidns.pid_max` was read from the namespace (kernels >= 6.14 have per-namespace pid_max).
+    /// Each level's `pid_max` was read from the namespace (kernels >= 6.14 have per-namespace
+    /// pid_max; before, it is one global value).
     pub const PIDNS_PID_MAX: u32 = 1 << 2;
     /// `nproc` holds the user's process count and RLIMIT_NPROC.
     pub const NPROC: u32 = 1 << 3;
     /// `memory` holds the memory cgroup nearest to its limit.
     pub const MEMORY: u32 = 1 << 4;
-    /// The clone flags were seen on syscall entry (not when faultline attached mid-call).
+    /// The clone flags were read from the syscall's saved user registers.
     pub const FLAGS: u32 = 1 << 5;
+    /// Each level's allocator cursor was read (`pidns.levels[i].cursor`).
+    pub const PIDNS_CURSOR: u32 = 1 << 6;
 }
 
 /// A cgroup level (pids or memory) with its usage and limit, read when the syscall failed.
@@ -70,26 +73,49 @@ pub struct CgroupCounter {
     pub _pad: u32,
 }
 
-/// The pid namespace level with the least free pids, read when the syscall failed.
+/// How many pid namespace levels a snapshot holds, innermost first. Pods sit at level 1,
+/// nested containers a level or two deeper; deeper levels are not read.
+pub const MAX_PIDNS_LEVELS: usize = 6;
+
+/// One pid namespace the new task's pid would be allocated in, read when the syscall failed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PidNsLevel {
+    /// Namespace inode number, as in `/proc/<pid>/ns/pid`.
+    pub inum: u32,
+    /// pids allocated in it (without the PIDNS_ADDING bit).
+    pub allocated: u32,
+    /// Its own pid_max (kernels >= 6.14), or -1 where pid_max is one global value.
+    pub pid_max: i32,
+    /// The allocator's cursor (`idr.idr_next`): past `RESERVED_PIDS` (300), new pids come from
+    /// [300, pid_max) only. 0 when unknown.
+    pub cursor: u32,
+}
+
+/// The pid namespaces of the new task, from the innermost (`pid_ns_for_children`) outwards.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PidNsCounter {
-    /// Namespace inode number, as in `/proc/<pid>/ns/pid`.
-    pub inum: u32,
-    /// Nesting level of that namespace (0 = the initial namespace).
-    pub level: u32,
-    /// pids allocated in it (without the PIDNS_ADDING bit).
-    pub allocated: u32,
-    /// Its pid_max (valid only with [`valid::PIDNS_PID_MAX`]).
-    pub pid_max: i32,
+    pub levels: [PidNsLevel; MAX_PIDNS_LEVELS],
+    /// How many of `levels` were read.
+    pub depth: u32,
+    /// Nesting level of the innermost namespace (0 = the initial namespace).
+    pub innermost_level: u32,
     /// 0 when the innermost namespace no longer accepts new pids (its init exited).
     pub innermost_alive: u32,
-    /// Inode of the innermost namespace (where the child would live).
-    pub innermost_inum: u32,
     /// pids allocated in the initial namespace: every task on the node, the live count that
     /// `kernel.threads-max` limits (0 when the walk did not reach it).
     pub node_tasks: u32,
+    /// The global `kernel.pid_max` at the failure (kernels before 6.14; 0 when unread).
+    pub global_pid_max: i32,
     pub _pad: u32,
+}
+
+impl PidNsCounter {
+    /// The levels read, innermost first.
+    pub fn read_levels(&self) -> &[PidNsLevel] {
+        &self.levels[..(self.depth as usize).min(MAX_PIDNS_LEVELS)]
+    }
 }
 
 /// The calling user's process count against RLIMIT_NPROC.

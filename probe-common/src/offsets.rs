@@ -38,9 +38,25 @@ pub struct KernelOffsets {
     pub pidns_level: u32,
     pub pidns_parent: u32,
     pub pidns_inum: u32,
+    /// `pid_namespace.idr.idr_next`: the pid allocator's cursor.
+    pub pidns_idr_next: u32,
     pub signal_rlim: u32,
+    /// `cred.ucounts` and `ucounts.rlimit`: the process count RLIMIT_NPROC applies to (Linux
+    /// >= 5.14).
     pub cred_ucounts: u32,
     pub ucounts_rlimit: u32,
+    /// `cred.user` and `user_struct.processes`: where that count lived before 5.14.
+    pub cred_user: u32,
+    pub user_processes: u32,
+    /// `task_struct.stack`, the size of `struct pt_regs` and the kernel's THREAD_SIZE: where
+    /// the saved user registers are (`task_pt_regs()`) on kernels without the
+    /// `bpf_task_pt_regs` helper (before 5.15).
+    pub task_stack: u32,
+    pub pt_regs_size: u32,
+    pub thread_size: u32,
+    /// 1 when the kernel has `bpf_get_current_task_btf` and `bpf_task_pt_regs` (5.15+): the
+    /// programs branch on it, and the verifier drops the branch a kernel cannot run.
+    pub has_task_pt_regs: u32,
     /// `enum cgroup_subsys_id` values: index into `css_set.subsys`.
     pub pids_subsys_id: u32,
     pub memory_subsys_id: u32,
@@ -79,9 +95,16 @@ impl KernelOffsets {
         pidns_level: MISSING,
         pidns_parent: MISSING,
         pidns_inum: MISSING,
+        pidns_idr_next: MISSING,
         signal_rlim: MISSING,
         cred_ucounts: MISSING,
         ucounts_rlimit: MISSING,
+        cred_user: MISSING,
+        user_processes: MISSING,
+        task_stack: MISSING,
+        pt_regs_size: MISSING,
+        thread_size: MISSING,
+        has_task_pt_regs: 0,
         pids_subsys_id: MISSING,
         memory_subsys_id: MISSING,
         ucount_rlimit_nproc: MISSING,
@@ -107,6 +130,8 @@ pub struct NetOffsets {
     /// `sock.sk_cgrp_data.cgroup`, then `cgroup.kn` and `kernfs_node.id`: the v2 cgroup id of
     /// a local socket.
     pub sk_cgroup: u32,
+    /// `sock.sk_cgrp_data.val` before 5.15: the cgroup pointer when its low bit is clear.
+    pub sk_cgroup_val: u32,
     pub cgroup_kn: u32,
     pub kn_id: u32,
     pub net_inum: u32,
@@ -139,6 +164,7 @@ impl NetOffsets {
         dev_nd_net: MISSING,
         sk_net: MISSING,
         sk_cgroup: MISSING,
+        sk_cgroup_val: MISSING,
         cgroup_kn: MISSING,
         kn_id: MISSING,
         net_inum: MISSING,
@@ -168,8 +194,9 @@ pub struct TracepointOffsets {
     /// `cgroup:cgroup_rmdir`: `root` (hierarchy id) and `id` (cgroup id).
     pub rmdir_root: u32,
     pub rmdir_id: u32,
-    /// `skb:kfree_skb`: `skbaddr` and `reason`.
+    /// `skb:kfree_skb`: `skbaddr`, `location` and `reason` (Linux >= 5.17).
     pub kfree_skb_skbaddr: u32,
+    pub kfree_skb_location: u32,
     pub kfree_skb_reason: u32,
 }
 
@@ -180,6 +207,7 @@ impl TracepointOffsets {
         rmdir_root: MISSING,
         rmdir_id: MISSING,
         kfree_skb_skbaddr: MISSING,
+        kfree_skb_location: MISSING,
         kfree_skb_reason: MISSING,
     };
 }

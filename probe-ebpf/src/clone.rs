@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use probe_common::{
     clone::{
-        CLONE_STAT_COUNT, CgroupCounter, CloneFailureEvent, CloneStat, NprocCounter, PidNsCounter,
-        Syscall, valid,
+        CLONE_STAT_COUNT, CgroupCounter, CloneFailureEvent, CloneStat, MAX_PIDNS_LEVELS,
+        NprocCounter, PidNsCounter, PidNsLevel, Syscall, valid,
     },
     offsets::{KernelOffsets, MISSING},
 };
@@ -34,6 +34,11 @@ use crate::kernel::{deref, global_field, read, tpoff};
 
 #[unsafe(no_mangle)]
 static CLONE_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
+
+/// Address of the kernel's global `pid_max` variable (from /proc/kallsyms; 0 when unknown or
+/// where pid_max is per namespace): read at the failure, since it may change right after.
+#[unsafe(no_mangle)]
+static PID_MAX_ADDR: Global<u64> = Global::new(0);
 
 macro_rules! koff {
     ($field:ident) => {
@@ -62,7 +67,6 @@ const RLIMIT_NPROC: u32 = 6;
 const RLIMIT_SIZE: u32 = 16;
 /// Deepest cgroup and pid namespace nesting walked to find the limiting level.
 const MAX_CGROUP_DEPTH: u32 = 12;
-const MAX_PIDNS_DEPTH: u32 = 6;
 /// `pids.max` is stored as PID_MAX_LIMIT + 1 when unlimited.
 const PIDS_UNLIMITED: i64 = 4 * 1024 * 1024 + 1;
 /// errno values of syscalls the kernel restarts transparently (ERESTARTSYS..ERESTART_RESTARTBLOCK):
@@ -103,29 +107,45 @@ fn syscall_flags(syscall: Syscall) -> Option<u64> {
     if off == MISSING {
         return None;
     }
-    // SAFETY: helpers on the current task; the registers are read with the fault-tolerant
-    // probe-read helper.
-    let arg0 = unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as usize;
-        if regs == 0 {
-            return None;
-        }
-        let mut arg0: u64 = 0;
-        if probe_read_raw(
+    let regs = user_regs()?;
+    let mut arg0: u64 = 0;
+    // SAFETY: the registers are read with the fault-tolerant probe-read helper.
+    if unsafe {
+        probe_read_raw(
             &mut arg0 as *mut u64 as *mut _,
             8,
             (regs + off as usize) as *const _,
-        ) != 0
-        {
-            return None;
-        }
-        arg0
-    };
+        )
+    } != 0
+    {
+        return None;
+    }
     match syscall {
         Syscall::Clone => Some(arg0),
         // SAFETY: a user pointer, read with the fault-tolerant helper.
         _ => unsafe { bpf_probe_read_user(arg0 as *const u64) }.ok(),
     }
+}
+
+/// Address of the current task's saved user registers. With `bpf_task_pt_regs` (5.15+) from
+/// the helper; before, as the kernel's `task_pt_regs()` computes it: the top of the task's
+/// kernel stack less one `struct pt_regs`. The branch is on a load-time constant, so the
+/// verifier of an old kernel never sees the helpers it does not have.
+#[inline(always)]
+fn user_regs() -> Option<usize> {
+    if koff!(has_task_pt_regs) != 0 {
+        // SAFETY: helpers on the current task.
+        let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as usize;
+        return (regs != 0).then_some(regs);
+    }
+    let (size, thread_size) = (koff!(pt_regs_size), koff!(thread_size));
+    if size == MISSING || thread_size == MISSING {
+        return None;
+    }
+    // SAFETY: no arguments.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let stack = deref(task, koff!(task_stack))? as usize;
+    Some(stack + thread_size as usize - size as usize)
 }
 
 #[inline(always)]
@@ -327,46 +347,47 @@ fn walk_memory(css: *const u8, out: &mut CgroupCounter) -> bool {
     })
 }
 
-/// Walks the pid namespaces the child's pid would be allocated in (innermost first) and keeps
-/// the one with the fewest free pids. Returns the `valid` bits it filled.
+/// Reads the pid namespaces the child's pid would be allocated in, innermost first: each
+/// level's allocation, pid_max (6.14+) and allocator cursor. Returns the `valid` bits it filled.
 #[inline(always)]
 fn walk_pidns(mut ns: *const u8, out: &mut PidNsCounter) -> u32 {
-    let (alloc_off, max_off, level_off, parent_off, inum_off) = (
+    let (alloc_off, max_off, level_off, parent_off, inum_off, cursor_off) = (
         koff!(pidns_pid_allocated),
         koff!(pidns_pid_max),
         koff!(pidns_level),
         koff!(pidns_parent),
         koff!(pidns_inum),
+        koff!(pidns_idr_next),
     );
     let Some(innermost) = read::<u32>(ns, alloc_off) else {
         return 0;
     };
     out.innermost_alive = (innermost & PIDNS_ADDING != 0) as u32;
-    out.innermost_inum = read::<u32>(ns, inum_off).unwrap_or(0);
+    out.innermost_level = read::<u32>(ns, level_off).unwrap_or(0);
     let mut bits = valid::PIDNS;
-    let mut best_free = i64::MAX;
-    for _ in 0..MAX_PIDNS_DEPTH {
+    if max_off != MISSING {
+        bits |= valid::PIDNS_PID_MAX;
+    } else {
+        let addr = PID_MAX_ADDR.load();
+        if addr != 0 {
+            out.global_pid_max = read::<i32>(addr as *const u8, 0).unwrap_or(0);
+        }
+    }
+    if cursor_off != MISSING {
+        bits |= valid::PIDNS_CURSOR;
+    }
+    for i in 0..MAX_PIDNS_LEVELS {
         let Some(allocated) = read::<u32>(ns, alloc_off) else {
             break;
         };
         let allocated = allocated & !PIDNS_ADDING;
-        let pid_max = read::<i32>(ns, max_off);
-        // Without a per-namespace pid_max (kernels < 6.14) only the innermost level is kept;
-        // userspace compares it with the global pid_max.
-        let free = match pid_max {
-            Some(max) => max as i64 - 1 - allocated as i64,
-            None => i64::MAX,
+        out.levels[i] = PidNsLevel {
+            inum: read::<u32>(ns, inum_off).unwrap_or(0),
+            allocated,
+            pid_max: read::<i32>(ns, max_off).unwrap_or(-1),
+            cursor: read::<u32>(ns, cursor_off).unwrap_or(0),
         };
-        if best_free == i64::MAX || free < best_free {
-            best_free = free;
-            out.inum = read::<u32>(ns, inum_off).unwrap_or(0);
-            out.level = read::<u32>(ns, level_off).unwrap_or(0);
-            out.allocated = allocated;
-            out.pid_max = pid_max.unwrap_or(-1);
-            if pid_max.is_some() {
-                bits |= valid::PIDNS_PID_MAX;
-            }
-        }
+        out.depth = i as u32 + 1;
         match deref(ns, parent_off) {
             Some(parent) => ns = parent,
             None => {
@@ -379,19 +400,25 @@ fn walk_pidns(mut ns: *const u8, out: &mut PidNsCounter) -> u32 {
     bits
 }
 
-/// The caller's process count (`cred->ucounts->rlimit[UCOUNT_RLIMIT_NPROC]`) and its
-/// RLIMIT_NPROC soft limit (`signal->rlim[RLIMIT_NPROC].rlim_cur`).
+/// The caller's process count and its RLIMIT_NPROC soft limit
+/// (`signal->rlim[RLIMIT_NPROC].rlim_cur`). The count is `cred->ucounts->rlimit[NPROC]` on
+/// Linux >= 5.14 and `cred->user->processes` before.
 #[inline(always)]
 fn read_nproc(task: *const u8, out: &mut NprocCounter) -> bool {
-    let idx = koff!(ucount_rlimit_nproc);
-    let rlimit_off = koff!(ucounts_rlimit);
     let rlim_off = koff!(signal_rlim);
-    if idx == MISSING || rlimit_off == MISSING || rlim_off == MISSING || idx >= 16 {
+    if rlim_off == MISSING {
         return false;
     }
-    let count = deref(task, koff!(task_real_cred))
-        .and_then(|cred| deref(cred, koff!(cred_ucounts)))
-        .and_then(|ucounts| read::<i64>(ucounts, rlimit_off + idx * 8));
+    let cred = deref(task, koff!(task_real_cred));
+    let (idx, rlimit_off) = (koff!(ucount_rlimit_nproc), koff!(ucounts_rlimit));
+    let count = if idx != MISSING && rlimit_off != MISSING && idx < 16 {
+        cred.and_then(|cred| deref(cred, koff!(cred_ucounts)))
+            .and_then(|ucounts| read::<i64>(ucounts, rlimit_off + idx * 8))
+    } else {
+        cred.and_then(|cred| deref(cred, koff!(cred_user)))
+            .and_then(|user| read::<i32>(user, koff!(user_processes)))
+            .map(i64::from)
+    };
     let limit = deref(task, koff!(task_signal))
         .and_then(|signal| read::<u64>(signal, rlim_off + RLIMIT_NPROC * RLIMIT_SIZE));
     match (count, limit) {

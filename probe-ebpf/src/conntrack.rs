@@ -15,13 +15,19 @@ use probe_common::{
         CT_CONFIRMED, CT_NONE, CT_STAT_COUNT, CT_UNCONFIRMED, ConntrackDropEvent, ConntrackStat,
         FlowKey, FlowOwner, MAX_FLOWS,
     },
-    offsets::NetOffsets,
+    offsets::{MISSING, NetOffsets},
 };
 
 use crate::kernel::{deref, global_field, read, read_into, tpoff};
 
 #[unsafe(no_mangle)]
 pub static NET_OFFSETS: Global<NetOffsets> = Global::new(NetOffsets::NONE);
+
+/// `[start, end)` of `nf_hook_slow` in kernel text: where netfilter frees the packets it drops.
+/// Kernels before 5.17 have no drop reason in `skb:kfree_skb`; there a drop is a free whose
+/// `location` lies in this range.
+#[unsafe(no_mangle)]
+pub static NF_DROP_SITE: Global<[u64; 2]> = Global::new([0; 2]);
 
 /// Drops are rare: 256 KiB holds ~1,200 events between two reads.
 #[map]
@@ -64,21 +70,38 @@ fn bump(stat: ConntrackStat) {
 
 #[tracepoint]
 pub fn conntrack_drop(ctx: TracePointContext) -> u32 {
-    let (reason_off, skb_off) = (
-        tpoff!(kfree_skb_reason) as usize,
-        tpoff!(kfree_skb_skbaddr) as usize,
-    );
-    // SAFETY: offsets from this tracepoint's format file.
-    let reason = unsafe { ctx.read_at::<u32>(reason_off) };
-    if reason != Ok(net_off!(reason_netfilter_drop)) {
+    if !is_netfilter_drop(&ctx) {
         return 0;
     }
     bump(ConntrackStat::Drops);
-    // SAFETY: as above.
+    let skb_off = tpoff!(kfree_skb_skbaddr) as usize;
+    // SAFETY: offset from this tracepoint's format file.
     if let Ok(skb) = unsafe { ctx.read_at::<*const u8>(skb_off) } {
         on_drop(skb);
     }
     0
+}
+
+/// The drop reason `SKB_DROP_REASON_NETFILTER_DROP` (5.17+), or before drop reasons existed,
+/// a free called from `nf_hook_slow`.
+#[inline(always)]
+fn is_netfilter_drop(ctx: &TracePointContext) -> bool {
+    let reason_off = tpoff!(kfree_skb_reason);
+    if reason_off != MISSING {
+        // SAFETY: offset from this tracepoint's format file.
+        let reason = unsafe { ctx.read_at::<u32>(reason_off as usize) };
+        return reason == Ok(net_off!(reason_netfilter_drop));
+    }
+    let location_off = tpoff!(kfree_skb_location);
+    if location_off == MISSING {
+        return false;
+    }
+    // SAFETY: as above.
+    let Ok(location) = (unsafe { ctx.read_at::<u64>(location_off as usize) }) else {
+        return false;
+    };
+    let site = NF_DROP_SITE.load();
+    site[0] != 0 && location >= site[0] && location < site[1]
 }
 
 #[inline(always)]
@@ -145,13 +168,17 @@ fn on_drop(skb: *const u8) {
     } else {
         &ev.orig
     };
+    // Older verifiers (before 6.2) take map keys from the stack only, not from ring-buffer
+    // memory: copy it.
+    // SAFETY: `key` points at a field of the reserved slot; a volatile read keeps the copy.
+    let key: FlowKey = unsafe { core::ptr::read_volatile(key) };
     // SAFETY: the map returns a pointer into a live entry; copied at once.
-    ev.owner = unsafe { FLOWS.get(key) }.copied().unwrap_or_default();
+    ev.owner = unsafe { FLOWS.get(&key) }.copied().unwrap_or_default();
     // A packet dropped before it left its own namespace (an OUTPUT rule) never reached the
     // egress program: its socket says whose it is.
     if ev.owner.cgroup_id == 0
         && let Some(id) = sk
-            .and_then(|s| deref(s, net_off!(sk_cgroup)))
+            .and_then(socket_cgroup)
             .and_then(|c| deref(c, net_off!(cgroup_kn)))
             .and_then(|kn| read::<u64>(kn, net_off!(kn_id)))
     {
@@ -160,10 +187,21 @@ fn on_drop(skb: *const u8) {
     entry.submit(0);
 }
 
+/// The cgroup v2 `struct cgroup` of a socket: `sk_cgrp_data.cgroup` (5.15+), or before, the
+/// `sk_cgrp_data.val` word, which holds that pointer when its low bit is clear.
+#[inline(always)]
+fn socket_cgroup(sk: *const u8) -> Option<*const u8> {
+    if net_off!(sk_cgroup) != MISSING {
+        return deref(sk, net_off!(sk_cgroup));
+    }
+    let val = read::<u64>(sk, net_off!(sk_cgroup_val))?;
+    (val != 0 && val & 1 == 0).then_some(val as *const u8)
+}
+
 /// Fills `k` with the 5-tuple of the `struct nf_conntrack_tuple` at `ct + off`.
 #[inline(always)]
 fn ct_tuple(k: &mut FlowKey, ct: *const u8, off: u32) {
-    if off == probe_common::offsets::MISSING {
+    if off == MISSING {
         return;
     }
     let t = ct.wrapping_add(off as usize);
