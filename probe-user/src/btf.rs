@@ -1,5 +1,6 @@
-//! A small reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`): struct member offsets and
-//! enum values, which the eBPF programs need because Rust eBPF has no CO-RE relocations.
+//! A small reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`, and a module's split BTF on
+//! top of it, e.g. `/sys/kernel/btf/nf_conntrack`): struct member offsets and enum values,
+//! which the eBPF programs need because Rust eBPF has no CO-RE relocations.
 //!
 //! Only what faultline asks is decoded: the type table is indexed once, then members are
 //! looked up by name, through anonymous structs and unions and along dotted paths (`ns.inum`).
@@ -32,11 +33,15 @@ struct TypeEntry {
     extra: usize,
 }
 
-/// A parsed BTF blob.
+/// A parsed BTF blob (with its base, for a module's split BTF).
 pub struct Btf {
+    /// The base blob, then the split blob when there is one.
     data: Vec<u8>,
     strings: usize,
     strings_len: usize,
+    /// A split blob's string section (position in `data`, length): its string offsets
+    /// continue after the base's `strings_len`.
+    split_strings: Option<(usize, usize)>,
     /// Index = type id - 1.
     types: Vec<TypeEntry>,
     structs_by_name: HashMap<String, u32>,
@@ -54,7 +59,28 @@ impl Btf {
         Self::parse(data).with_context(|| format!("parsing BTF from {}", path.display()))
     }
 
+    /// The running kernel's BTF with a module's on top, for types that only the module
+    /// defines (`nf_conn` where conntrack is a module).
+    pub fn with_module(&self, module: &str) -> anyhow::Result<Self> {
+        let path = Path::new("/sys/kernel/btf").join(module);
+        let data =
+            std::fs::read(&path).with_context(|| format!("reading BTF from {}", path.display()))?;
+        Self::parse_split(data, self)
+            .with_context(|| format!("parsing split BTF from {}", path.display()))
+    }
+
     pub fn parse(data: Vec<u8>) -> anyhow::Result<Self> {
+        Self::parse_on(data, None)
+    }
+
+    /// A split BTF blob (a module's): its type ids and string offsets continue the base's.
+    pub fn parse_split(data: Vec<u8>, base: &Btf) -> anyhow::Result<Self> {
+        ensure!(base.split_strings.is_none(), "the base is itself split BTF");
+        Self::parse_on(data, Some(base))
+    }
+
+    fn parse_on(blob: Vec<u8>, base: Option<&Btf>) -> anyhow::Result<Self> {
+        let data = &blob;
         ensure!(data.len() >= 24, "too short for a BTF header");
         ensure!(
             u16::from_le_bytes([data[0], data[1]]) == MAGIC,
@@ -73,8 +99,11 @@ impl Btf {
             type_off + type_len <= data.len() && strings + strings_len <= data.len(),
             "BTF sections run past the end"
         );
+        // Positions in the merged buffer: the base's bytes come first.
+        let shift = base.map_or(0, |b| b.data.len());
 
-        let mut types = Vec::new();
+        let mut types = base.map(|b| b.types.clone()).unwrap_or_default();
+        let first_new = types.len();
         let mut pos = type_off;
         let end = type_off + type_len;
         while pos < end {
@@ -92,24 +121,42 @@ impl Btf {
                 2 | 7..=12 | 16 | 18 => 0,
                 other => bail!("unknown BTF kind {other} at byte {pos}"),
             };
+            ensure!(extra + extra_len <= end, "BTF type {pos} runs past the type section");
             types.push(TypeEntry {
                 kind,
                 name_off,
                 vlen,
                 kind_flag: info >> 31 == 1,
-                extra,
+                extra: extra + shift,
             });
             pos = extra + extra_len;
         }
 
-        let mut btf = Btf {
-            data,
-            strings,
-            strings_len,
-            types,
-            structs_by_name: HashMap::new(),
+        let mut btf = match base {
+            None => Btf {
+                data: blob,
+                strings,
+                strings_len,
+                split_strings: None,
+                types,
+                structs_by_name: HashMap::new(),
+            },
+            Some(b) => {
+                let mut merged = Vec::with_capacity(b.data.len() + blob.len());
+                merged.extend_from_slice(&b.data);
+                merged.extend_from_slice(&blob);
+                Btf {
+                    data: merged,
+                    strings: b.strings,
+                    strings_len: b.strings_len,
+                    split_strings: Some((strings + shift, strings_len)),
+                    types,
+                    structs_by_name: b.structs_by_name.clone(),
+                }
+            }
         };
-        for (i, t) in btf.types.iter().enumerate() {
+        for i in first_new..btf.types.len() {
+            let t = btf.types[i];
             if t.kind == KIND_STRUCT && t.name_off != 0 {
                 let name = btf.string(t.name_off).to_owned();
                 btf.structs_by_name.entry(name).or_insert(i as u32 + 1);
@@ -118,14 +165,23 @@ impl Btf {
         Ok(btf)
     }
 
+    /// Whether the struct is described (e.g. `nf_conn`, which a module may define).
+    pub fn has_struct(&self, strukt: &str) -> bool {
+        self.structs_by_name.contains_key(strukt)
+    }
+
     fn u32_at(&self, off: usize) -> u32 {
         let b = &self.data[off..off + 4];
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 
     fn string(&self, off: u32) -> &str {
-        let start = self.strings + off as usize;
-        let end = self.strings + self.strings_len;
+        let (start, end) = match self.split_strings {
+            Some((pos, len)) if off as usize >= self.strings_len => {
+                (pos + (off as usize - self.strings_len), pos + len)
+            }
+            _ => (self.strings + off as usize, self.strings + self.strings_len),
+        };
         let Some(bytes) = self.data.get(start..end) else {
             return "";
         };
@@ -304,6 +360,39 @@ mod tests {
         out.extend_from_slice(&t);
         out.extend_from_slice(&strings);
         out
+    }
+
+    /// A module's split BTF on top of `sample()`: `struct modstruct { int m @0; struct inner
+    /// i @64; }`, its strings and type ids continuing the base's.
+    fn split_sample(base_strings_len: u32) -> Vec<u8> {
+        let strings = b"modstruct\0m\0i\0".to_vec();
+        let s = |off: u32| base_strings_len + off;
+        let mut t: Vec<u8> = Vec::new();
+        for v in [s(0), KIND_STRUCT << 24 | 2, 16, s(10), 1, 0, s(12), 2, 64] {
+            t.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for v in [24u32, 0, t.len() as u32, t.len() as u32, strings.len() as u32] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&t);
+        out.extend_from_slice(&strings);
+        out
+    }
+
+    #[test]
+    fn split_btf_continues_the_base() {
+        let base = Btf::parse(sample()).expect("test");
+        let module = Btf::parse_split(split_sample(base.strings_len as u32), &base).expect("test");
+        assert!(!base.has_struct("modstruct"));
+        assert!(module.has_struct("modstruct"));
+        assert_eq!(module.member_offset("modstruct", "i.y").expect("test"), 12);
+        // The base's types and strings are still there.
+        assert_eq!(module.member_offset("outer", "in.y").expect("test"), 12);
+        assert_eq!(module.enum_value("E_NEG").expect("test"), -2);
+        assert!(Btf::parse_split(split_sample(0), &module).is_err());
     }
 
     #[test]

@@ -48,6 +48,9 @@ impl Cause {
 /// What the classification knows besides the kernel snapshot.
 pub struct Facts<'a> {
     pub node: NodeTasks,
+    /// How many pids below `RESERVED_PIDS` are in use in a pid namespace (inode, level):
+    /// those the allocator no longer hands out once its cursor has passed them.
+    pub low_pids: &'a dyn Fn(u32, u32) -> Option<u32>,
     /// Path of the pids cgroup the snapshot names, in the pids hierarchy.
     pub pids_cgroup: Option<&'a str>,
     pub memory_cgroup: Option<&'a str>,
@@ -93,7 +96,7 @@ pub fn classify(ev: &CloneFailureEvent, facts: &Facts) -> Verdict {
             if let Some(e) = threads_at_limit(ev, &facts.node) {
                 return verdict(Cause::ThreadsMax, e);
             }
-            if let Some(e) = pidns_full(ev, &facts.node) {
+            if let Some(e) = pidns_full(ev, facts) {
                 return verdict(Cause::PidMax, e);
             }
             if let Some(e) = pids_at_limit(ev, facts) {
@@ -116,7 +119,7 @@ fn dead_pidns(ev: &CloneFailureEvent) -> Option<String> {
     (ev.valid & valid::PIDNS != 0 && ev.pidns.innermost_alive == 0).then(|| {
         format!(
             "pid_ns={} init exited, the namespace accepts no new pids",
-            ev.pidns.innermost_inum
+            ev.pidns.levels[0].inum
         )
     })
 }
@@ -144,28 +147,88 @@ fn threads_at_limit(ev: &CloneFailureEvent, node: &NodeTasks) -> Option<String> 
     )
 }
 
-/// Free pids left in the tightest pid namespace, with the pid_max that applies to it.
-fn pidns_free(ev: &CloneFailureEvent, node: &NodeTasks) -> Option<(i64, i64)> {
-    if ev.valid & valid::PIDNS == 0 {
-        return None;
-    }
-    let pid_max = if ev.valid & valid::PIDNS_PID_MAX != 0 {
-        ev.pidns.pid_max as i64
-    } else {
-        // Before Linux 6.14 pid_max was one global value.
-        node.pid_max as i64
-    };
-    Some((pid_max - 1 - ev.pidns.allocated as i64, pid_max))
+/// pids below this are handed out only until the allocator's cursor first passes it; then
+/// `alloc_pid()` allocates cyclically in [RESERVED_PIDS, pid_max) (kernel/pid.c).
+pub const RESERVED_PIDS: u32 = 300;
+
+/// One pid namespace level as `alloc_pid()` sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PidSpace {
+    inum: u32,
+    level: u32,
+    allocated: u32,
+    pid_max: i64,
+    /// pid_max is the global `kernel.pid_max` (kernels before 6.14).
+    global: bool,
+    /// The lowest pid the allocator still hands out: 1, or RESERVED_PIDS once wrapped.
+    pid_min: u32,
+    /// Free pids in [pid_min, pid_max); `None` when it cannot be told (pids below
+    /// RESERVED_PIDS uncounted).
+    free: Option<i64>,
 }
 
-fn pidns_full(ev: &CloneFailureEvent, node: &NodeTasks) -> Option<String> {
-    let (free, pid_max) = pidns_free(ev, node)?;
-    (free <= 0).then(|| {
-        format!(
-            "pid_ns={} level={} pids={} pid_max={}",
-            ev.pidns.inum, ev.pidns.level, ev.pidns.allocated, pid_max
-        )
-    })
+/// Every level of the new task's pid namespaces, innermost first (the order `alloc_pid()`
+/// allocates in), with its free pids.
+fn pid_spaces(ev: &CloneFailureEvent, facts: &Facts) -> Vec<PidSpace> {
+    if ev.valid & valid::PIDNS == 0 {
+        return Vec::new();
+    }
+    let own_max = ev.valid & valid::PIDNS_PID_MAX != 0;
+    let cursor_known = ev.valid & valid::PIDNS_CURSOR != 0;
+    let mut spaces = Vec::new();
+    for (i, l) in ev.pidns.read_levels().iter().enumerate() {
+        let level = ev.pidns.innermost_level.saturating_sub(i as u32);
+        let global = !own_max || l.pid_max <= 0;
+        let pid_max = match (global, ev.pidns.global_pid_max) {
+            (false, _) => l.pid_max as i64,
+            // The value the kernel had at the failure.
+            (true, at_failure) if at_failure > 0 => at_failure as i64,
+            (true, _) => facts.node.pid_max as i64,
+        };
+        let allocated = l.allocated as i64;
+        // Without the cursor, assume the allocator has wrapped (every busy namespace has).
+        let wrapped = !cursor_known || l.cursor > RESERVED_PIDS;
+        let (pid_min, free) = if !wrapped {
+            (1, Some(pid_max - 1 - allocated))
+        } else {
+            let capacity = pid_max - RESERVED_PIDS as i64;
+            // Every pid below RESERVED_PIDS in use makes room above it: only when the space
+            // looks full without them is it worth counting them.
+            let free = if capacity - allocated > 0 {
+                Some(capacity - allocated)
+            } else {
+                (facts.low_pids)(l.inum, level)
+                    .map(|low| capacity - (allocated - (low as i64).min(allocated)))
+            };
+            (RESERVED_PIDS, free)
+        };
+        spaces.push(PidSpace {
+            inum: l.inum,
+            level,
+            allocated: l.allocated,
+            pid_max,
+            global,
+            pid_min,
+            free,
+        });
+    }
+    spaces
+}
+
+fn pidns_full(ev: &CloneFailureEvent, facts: &Facts) -> Option<String> {
+    let s = pid_spaces(ev, facts)
+        .into_iter()
+        .find(|s| s.free.is_some_and(|f| f <= 0))?;
+    Some(format!(
+        "pid_ns={} level={} pids={} pid_max={}{}: no free pid in [{}, {})",
+        s.inum,
+        s.level,
+        s.allocated,
+        s.pid_max,
+        if s.global { " (global)" } else { "" },
+        s.pid_min,
+        s.pid_max
+    ))
 }
 
 fn pids_at_limit(ev: &CloneFailureEvent, facts: &Facts) -> Option<String> {
@@ -209,8 +272,19 @@ fn nearest_limits(ev: &CloneFailureEvent, facts: &Facts) -> String {
             ev.pids.current, ev.pids.limit
         ));
     }
-    if let Some((free, pid_max)) = pidns_free(ev, &facts.node) {
-        parts.push(format!("pid_ns free={free} pid_max={pid_max}"));
+    // The tightest level.
+    if let Some(s) = pid_spaces(ev, facts)
+        .into_iter()
+        .filter_map(|s| Some((s.free?, s)))
+        .min_by_key(|(free, _)| *free)
+        .map(|(_, s)| s)
+    {
+        parts.push(format!(
+            "pid_ns={} free={} pid_max={}",
+            s.inum,
+            s.free.unwrap_or_default(),
+            s.pid_max
+        ));
     }
     if ev.valid & valid::NPROC != 0 && ev.nproc.limit != u64::MAX {
         parts.push(format!(
@@ -251,7 +325,7 @@ pub fn errno_name(errno: u32) -> String {
 
 #[cfg(test)]
 mod tests {
-    use probe_common::clone::{CgroupCounter, NprocCounter, PidNsCounter};
+    use probe_common::clone::{CgroupCounter, NprocCounter, PidNsCounter, PidNsLevel};
 
     use super::*;
 
@@ -266,7 +340,12 @@ mod tests {
             uid: 1000,
             syscall: 0,
             errno,
-            valid: valid::PIDS | valid::PIDNS | valid::PIDNS_PID_MAX | valid::NPROC | valid::MEMORY,
+            valid: valid::PIDS
+                | valid::PIDNS
+                | valid::PIDNS_PID_MAX
+                | valid::PIDNS_CURSOR
+                | valid::NPROC
+                | valid::MEMORY,
             _pad: 0,
             own_pids_ino: 0,
             comm: [0; 16],
@@ -283,13 +362,24 @@ mod tests {
                 ..Default::default()
             },
             pidns: PidNsCounter {
-                inum: 4026531836,
-                level: 0,
-                allocated: 200,
-                pid_max: 4194304,
+                levels: [
+                    PidNsLevel {
+                        inum: 4026531836,
+                        allocated: 200,
+                        pid_max: 4194304,
+                        cursor: 5000,
+                    },
+                    PidNsLevel::default(),
+                    PidNsLevel::default(),
+                    PidNsLevel::default(),
+                    PidNsLevel::default(),
+                    PidNsLevel::default(),
+                ],
+                depth: 1,
+                innermost_level: 0,
                 innermost_alive: 1,
-                innermost_inum: 4026531836,
                 node_tasks: 0,
+                global_pid_max: 0,
                 _pad: 0,
             },
             nproc: NprocCounter {
@@ -299,6 +389,11 @@ mod tests {
         }
     }
 
+    /// 100 pids below RESERVED_PIDS in use in every namespace.
+    fn low_pids(_inum: u32, _level: u32) -> Option<u32> {
+        Some(100)
+    }
+
     fn facts() -> Facts<'static> {
         Facts {
             node: NodeTasks {
@@ -306,6 +401,7 @@ mod tests {
                 threads_max: 192_730,
                 pid_max: 4_194_304,
             },
+            low_pids: &low_pids,
             pids_cgroup: Some("/kubepods/pod1"),
             memory_cgroup: Some("/kubepods/pod1"),
             page_size: 4096,
@@ -325,29 +421,97 @@ mod tests {
         );
     }
 
+    /// A pod's namespace (level 1, innermost) inside the node's.
+    fn pod_namespace(ev: &mut CloneFailureEvent, pod: PidNsLevel, node: PidNsLevel) {
+        ev.pidns.levels[0] = pod;
+        ev.pidns.levels[1] = node;
+        ev.pidns.depth = 2;
+        ev.pidns.innermost_level = 1;
+    }
+
     #[test]
-    fn pid_max_per_namespace_and_global() {
+    fn pid_max_of_a_fresh_namespace_before_its_cursor_wraps() {
+        // A new namespace with pid_max=301: pids 1..300 taken, the cursor at 301.
         let mut ev = event(EAGAIN);
-        ev.pidns = PidNsCounter {
+        let node = ev.pidns.levels[0];
+        let pod = PidNsLevel {
             inum: 5,
-            level: 1,
             allocated: 300,
             pid_max: 301,
-            innermost_alive: 1,
-            innermost_inum: 5,
-            ..Default::default()
+            cursor: 301,
         };
-        let v = classify(&ev, &facts());
+        pod_namespace(&mut ev, pod, node);
+        let f = Facts {
+            low_pids: &|_, _| Some(299),
+            ..facts()
+        };
+        let v = classify(&ev, &f);
         assert_eq!(v.cause, Cause::PidMax);
-        assert_eq!(v.evidence, "pid_ns=5 level=1 pids=300 pid_max=301");
+        assert_eq!(
+            v.evidence,
+            "pid_ns=5 level=1 pids=300 pid_max=301: no free pid in [300, 301)"
+        );
+        // Before the cursor passes RESERVED_PIDS every pid from 1 is available.
+        ev.pidns.levels[0].cursor = 200;
+        ev.pidns.levels[0].allocated = 199;
+        ev.pidns.levels[0].pid_max = 200;
+        let v = classify(&ev, &f);
+        assert_eq!(v.cause, Cause::PidMax);
+        assert!(v.evidence.ends_with("no free pid in [1, 200)"), "{}", v.evidence);
+    }
 
-        // Old kernel: no per-namespace pid_max, the global one applies.
+    #[test]
+    fn global_pid_max_follows_the_allocator_not_a_count() {
+        // Linux 6.12, kernel.pid_max=301 on the node: 187 tasks, 186 of them below 300 and
+        // the only allocatable pid, 300, taken. A count against pid_max says 113 free.
+        let mut ev = event(EAGAIN);
         ev.valid &= !valid::PIDNS_PID_MAX;
-        ev.pidns.pid_max = -1;
-        ev.pidns.allocated = 32767;
-        let mut f = facts();
-        f.node.pid_max = 32768;
-        assert_eq!(classify(&ev, &f).cause, Cause::PidMax);
+        let node = PidNsLevel {
+            inum: 4026531836,
+            allocated: 187,
+            pid_max: -1,
+            cursor: 301,
+        };
+        let pod = PidNsLevel {
+            inum: 4026532200,
+            allocated: 3,
+            pid_max: -1,
+            cursor: 4,
+        };
+        pod_namespace(&mut ev, pod, node);
+        ev.pidns.global_pid_max = 301;
+        let f = Facts {
+            low_pids: &|inum, level| (inum == 4026531836 && level == 0).then_some(186),
+            ..facts()
+        };
+        let v = classify(&ev, &f);
+        assert_eq!(v.cause, Cause::PidMax);
+        assert_eq!(
+            v.evidence,
+            "pid_ns=4026531836 level=0 pids=187 pid_max=301 (global): no free pid in [300, 301)"
+        );
+        // One task fewer, all 186 below 300: pid 300 is free, so it is not pid_max.
+        ev.pidns.levels[1].allocated = 186;
+        let v = classify(&ev, &f);
+        assert_eq!(v.cause, Cause::Unknown, "{}", v.evidence);
+        assert!(v.evidence.contains("pid_ns=4026531836 free=1 pid_max=301"), "{}", v.evidence);
+        // Uncounted low pids: the verdict is not guessed.
+        ev.pidns.levels[1].allocated = 187;
+        let f = Facts {
+            low_pids: &|_, _| None,
+            ..f
+        };
+        assert_eq!(classify(&ev, &f).cause, Cause::Unknown);
+    }
+
+    #[test]
+    fn a_roomy_namespace_needs_no_count_of_low_pids() {
+        let ev = event(EAGAIN);
+        let f = Facts {
+            low_pids: &|_, _| panic!("counted low pids for a namespace with room"),
+            ..facts()
+        };
+        assert_eq!(classify(&ev, &f).cause, Cause::Unknown);
     }
 
     #[test]
@@ -436,9 +600,14 @@ mod tests {
         let mut ev = event(EAGAIN);
         ev.pids.current = 5;
         ev.pids.limit = 5;
-        ev.pidns.allocated = 300;
-        ev.pidns.pid_max = 301;
-        assert_eq!(classify(&ev, &facts()).cause, Cause::PidMax);
+        ev.pidns.levels[0].allocated = 300;
+        ev.pidns.levels[0].pid_max = 301;
+        ev.pidns.levels[0].cursor = 301;
+        let f = Facts {
+            low_pids: &|_, _| Some(299),
+            ..facts()
+        };
+        assert_eq!(classify(&ev, &f).cause, Cause::PidMax);
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! `faultline check`: what this kernel and host support, one line per item, with what works
-//! and what does not. Exits 0 when the core (failed task creation tracing) works.
+//! `faultline check`: what this kernel and host support, one line per item, with what works,
+//! what an older kernel gets in place of a newer mechanism, and what does not work. A refused
+//! program shows the verifier's last lines (the whole log with `--verbose`). Exits 0 when the
+//! core (failed task creation tracing) works.
 
 use crate::{
     btf::Btf,
@@ -9,6 +11,17 @@ use crate::{
     offsets,
     tracefs::Tracefs,
 };
+
+#[derive(clap::Args, Debug, Default)]
+pub struct CheckArgs {
+    /// Print a refused program's whole verifier log (default: its last lines).
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+/// Verifier log lines shown for a refused program without `--verbose`: the verifier's
+/// complaint is at the end.
+const VERIFIER_TAIL: usize = 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Status {
@@ -36,9 +49,11 @@ impl Report {
 }
 
 /// Prints the report; returns whether the core works.
-pub fn run() -> bool {
+pub fn run(args: &CheckArgs) -> bool {
     let mut r = Report { core_ok: true };
-    r.line(Status::Ok, "kernel", kernel_release());
+    let kernel = kernel_release();
+    r.line(Status::Ok, "kernel", &kernel);
+    let refused = |e: &anyhow::Error| verifier_error(e, &kernel, args.verbose);
 
     let privileged = loader::require_privileges();
     match &privileged {
@@ -75,19 +90,26 @@ pub fn run() -> bool {
         }
     };
     if let Some(btf) = &btf {
-        let missing = offsets::kernel(btf).missing;
+        let (structs, net) = (offsets::kernel(btf), offsets::net(btf));
+        let missing: Vec<&str> = structs.missing.iter().chain(&net.missing).copied().collect();
         if missing.is_empty() {
             r.line(
                 Status::Ok,
                 "kernel structs",
-                "all members the cause snapshot reads are present",
+                "every member the programs read is present",
             );
         } else {
             r.line(
                 Status::Warn,
                 "kernel structs",
-                format!("missing {}: the evidence that needs them is absent (pidns pid_max falls back to /proc/sys/kernel/pid_max)", missing.join(", ")),
+                format!(
+                    "missing {}: the evidence that needs them is absent",
+                    missing.join(", ")
+                ),
             );
+        }
+        for fallback in structs.fallbacks.iter().chain(&net.fallbacks) {
+            r.line(Status::Ok, "older kernel", fallback);
         }
     }
 
@@ -191,7 +213,7 @@ pub fn run() -> bool {
                         Err(e) => r.line(
                             missing_status,
                             "tracepoint programs",
-                            format!("{name}: {e:#}"),
+                            format!("{name}: {}", refused(&e)),
                         ),
                     }
                 }
@@ -206,7 +228,7 @@ pub fn run() -> bool {
                         "cgroup_skb programs",
                         format!(
                             "{}: no DNS queries and no conntrack drop attribution by socket (needs CAP_NET_ADMIN and cgroup v2)",
-                            loader::brief(&e)
+                            refused(&e)
                         ),
                     ),
                 }
@@ -247,6 +269,34 @@ pub fn run() -> bool {
         }
     );
     r.core_ok
+}
+
+/// An error with its verifier log cut to the last lines (all with `verbose`), and the kernel
+/// that refused the program.
+fn verifier_error(e: &anyhow::Error, kernel: &str, verbose: bool) -> String {
+    let text = format!("{e:#}");
+    let Some(i) = text.find("Verifier output:") else {
+        return text;
+    };
+    let (head, log) = text.split_at(i);
+    let log = log.trim_start_matches("Verifier output:");
+    let lines: Vec<&str> = log.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
+    let shown = if verbose {
+        &lines[..]
+    } else {
+        &lines[lines.len().saturating_sub(VERIFIER_TAIL)..]
+    };
+    let omitted = lines.len() - shown.len();
+    let mut out = format!("{}refused by the verifier of Linux {kernel}", head);
+    if omitted > 0 {
+        out += &format!(" (last {} of {} log lines; --verbose for all)", shown.len(), lines.len());
+    }
+    out.push(':');
+    for l in shown {
+        out += "\n        ";
+        out += l;
+    }
+    out
 }
 
 fn kernel_release() -> String {

@@ -10,7 +10,7 @@ use crate::{
     cause::{self, Facts, Verdict},
     cgroups::Hierarchy,
     clock::KernelClock,
-    node::NodeTasks,
+    node::{LowPids, NodeTasks},
     pods::{Attributor, PodRef},
 };
 
@@ -91,6 +91,7 @@ pub struct Enricher {
     /// The node's counts and limits, re-read at most every `NODE_REREAD` (a failure storm
     /// must not cost three /proc reads per event).
     node: Option<(std::time::Instant, NodeTasks)>,
+    low_pids: LowPids,
 }
 
 /// How stale the node's thread count and limits may be in a failure's evidence (the
@@ -106,6 +107,7 @@ impl Enricher {
             clock: KernelClock::new(),
             page_size: u64::try_from(page_size).unwrap_or(4096),
             node: None,
+            low_pids: LowPids::default(),
         }
     }
 
@@ -136,6 +138,7 @@ impl Enricher {
             ev,
             &Facts {
                 node,
+                low_pids: &|inum, level| self.low_pids.count(inum, level),
                 pids_cgroup: pids_cgroup.as_deref(),
                 memory_cgroup: memory_cgroup.as_deref(),
                 page_size: self.page_size,

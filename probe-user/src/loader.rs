@@ -52,6 +52,8 @@ pub struct Probes {
     ebpf: Ebpf,
     /// Kernel struct members this kernel lacks: their evidence will be absent.
     pub missing_members: Vec<&'static str>,
+    /// Older layouts or mechanisms used in place of newer ones on this kernel.
+    pub fallbacks: Vec<&'static str>,
 }
 
 /// Counters the DNS programs keep in the kernel, summed over CPUs.
@@ -122,17 +124,23 @@ impl Probes {
         let kernel = offsets::kernel(btf);
         let net = offsets::net(btf);
         let tracepoints = offsets::tracepoints(tracefs);
+        let symbols = offsets::KernelSymbols::read();
         let ebpf = EbpfLoader::new()
             .override_global("CLONE_KERNEL_OFFSETS", &kernel.offsets, true)
             .override_global("NET_OFFSETS", &net.offsets, true)
             .override_global("TP_OFFSETS", &tracepoints.offsets, true)
+            .override_global("NF_DROP_SITE", &symbols.nf_drop_site, true)
+            .override_global("PID_MAX_ADDR", &symbols.pid_max, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
         let mut missing_members = kernel.missing;
         missing_members.extend(net.missing);
+        let mut fallbacks = kernel.fallbacks;
+        fallbacks.extend(net.fallbacks);
         Ok(Probes {
             ebpf,
             missing_members,
+            fallbacks,
         })
     }
 

@@ -26,7 +26,7 @@ enum Command {
     /// The node daemon: Prometheus metrics on /metrics and event lines, until SIGTERM.
     Run(run::RunArgs),
     /// Report what this kernel supports for faultline.
-    Check,
+    Check(check::CheckArgs),
 }
 
 fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
@@ -41,8 +41,8 @@ fn main() -> ExitCode {
     // clap exits 2 on usage errors and 0 for --help/--version.
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check => {
-            return if check::run() {
+        Command::Check(args) => {
+            return if check::run(&args) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

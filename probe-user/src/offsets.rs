@@ -2,15 +2,25 @@
 //! fields from tracefs. What the running kernel lacks stays `MISSING` and is listed, so that
 //! `faultline check` can say which evidence will be absent.
 
-use probe_common::offsets::{KernelOffsets, NetOffsets, TracepointOffsets};
+use probe_common::offsets::{KernelOffsets, MISSING, NetOffsets, TracepointOffsets};
 
 use crate::{btf::Btf, tracefs::Tracefs};
 
-/// Offsets for this kernel plus the names of the members it does not have.
+/// Offsets for this kernel plus the names of the members it does not have, and the older
+/// layouts or mechanisms used in place of newer ones (for `faultline check`).
 pub struct Resolved<T> {
     pub offsets: T,
     pub missing: Vec<&'static str>,
+    pub fallbacks: Vec<&'static str>,
 }
+
+/// The kernel's THREAD_SIZE on the architectures whose `task_pt_regs()` is the top of the
+/// kernel stack less one `struct pt_regs` (x86_64 and arm64, 16 KiB without KASAN).
+const THREAD_SIZE: Option<u32> = if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+    Some(16 * 1024)
+} else {
+    None
+};
 
 macro_rules! members {
     ($btf:ident, $out:ident, $missing:ident; $($field:ident = $strukt:literal . $member:literal,)*) => {
@@ -37,6 +47,7 @@ macro_rules! enumerators {
 pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
     let mut o = KernelOffsets::NONE;
     let mut missing = Vec::new();
+    let mut fallbacks = Vec::new();
     members!(btf, o, missing;
         task_tgid = "task_struct"."tgid",
         task_real_parent = "task_struct"."real_parent",
@@ -59,14 +70,38 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
         page_counter_failcnt = "page_counter"."failcnt",
         nsproxy_pid_ns_for_children = "nsproxy"."pid_ns_for_children",
         pidns_pid_allocated = "pid_namespace"."pid_allocated",
-        pidns_pid_max = "pid_namespace"."pid_max",
         pidns_level = "pid_namespace"."level",
         pidns_parent = "pid_namespace"."parent",
         pidns_inum = "pid_namespace"."ns.inum",
+        pidns_idr_next = "pid_namespace"."idr.idr_next",
         signal_rlim = "signal_struct"."rlim",
-        cred_ucounts = "cred"."ucounts",
-        ucounts_rlimit = "ucounts"."rlimit",
     );
+    // Per-namespace pid_max arrived in 6.14; before, one global value applies to every level.
+    match btf.member_offset("pid_namespace", "pid_max") {
+        Ok(off) => o.pidns_pid_max = off,
+        Err(_) => fallbacks.push("pid_max is global (before 6.14): compared with /proc/sys/kernel/pid_max"),
+    }
+    // The process count RLIMIT_NPROC limits: in ucounts since 5.14, in user_struct before.
+    let ucounts = (
+        btf.member_offset("cred", "ucounts"),
+        btf.member_offset("ucounts", "rlimit"),
+        btf.enum_value("UCOUNT_RLIMIT_NPROC"),
+    );
+    let user = (
+        btf.member_offset("cred", "user"),
+        btf.member_offset("user_struct", "processes"),
+    );
+    match (ucounts, user) {
+        ((Ok(c), Ok(r), Ok(i)), _) if u32::try_from(i).is_ok() => {
+            (o.cred_ucounts, o.ucounts_rlimit) = (c, r);
+            o.ucount_rlimit_nproc = i as u32;
+        }
+        (_, (Ok(c), Ok(p))) => {
+            (o.cred_user, o.user_processes) = (c, p);
+            fallbacks.push("RLIMIT_NPROC count from cred->user->processes (before 5.14)");
+        }
+        _ => missing.push("cred.ucounts (RLIMIT_NPROC count)"),
+    }
     // arm64 keeps the first argument in orig_x0 (x0 is the return value at exit); x86_64 in di.
     match ["orig_x0", "di"]
         .iter()
@@ -75,22 +110,57 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
         Some(off) => o.pt_regs_arg0 = off,
         None => missing.push("pt_regs.di"),
     }
+    // Where the saved user registers are: bpf_task_pt_regs (5.15+), else the top of the
+    // task's kernel stack.
+    if btf.enum_value("BPF_FUNC_task_pt_regs").is_ok() {
+        o.has_task_pt_regs = 1;
+    } else {
+        match (
+            btf.member_offset("task_struct", "stack"),
+            btf.struct_size("pt_regs"),
+            THREAD_SIZE,
+        ) {
+            (Ok(stack), Ok(size), Some(thread_size)) => {
+                (o.task_stack, o.pt_regs_size, o.thread_size) = (stack, size, thread_size);
+                fallbacks.push("clone flags read from the top of the task's kernel stack (no bpf_task_pt_regs before 5.15)");
+            }
+            _ => missing.push("bpf_task_pt_regs (clone flags: task kind unknown)"),
+        }
+    }
     enumerators!(btf, o, missing;
         pids_subsys_id = "pids_cgrp_id",
         memory_subsys_id = "memory_cgrp_id",
-        ucount_rlimit_nproc = "UCOUNT_RLIMIT_NPROC",
     );
     Resolved {
         offsets: o,
         missing,
+        fallbacks,
     }
 }
 
 /// Offsets for the conntrack-drop program. The tuple's layout is read member by member; the
-/// reply tuple is the second element of `nf_conn.tuplehash`.
-pub fn net(btf: &Btf) -> Resolved<NetOffsets> {
+/// reply tuple is the second element of `nf_conn.tuplehash`. Where conntrack is a module,
+/// `nf_conn` and its tuple are described only in the module's BTF, read on top of vmlinux.
+pub fn net(vmlinux: &Btf) -> Resolved<NetOffsets> {
     let mut o = NetOffsets::NONE;
     let mut missing = Vec::new();
+    let mut fallbacks = Vec::new();
+    let module;
+    let btf = if vmlinux.has_struct("nf_conn") {
+        vmlinux
+    } else {
+        match vmlinux.with_module("nf_conntrack") {
+            Ok(m) => {
+                module = m;
+                fallbacks.push("nf_conn from the nf_conntrack module's BTF");
+                &module
+            }
+            Err(_) => {
+                fallbacks.push("nf_conntrack is not loaded: no conntrack entry details until faultline restarts after it is");
+                vmlinux
+            }
+        }
+    };
     members!(btf, o, missing;
         skb_nfct = "sk_buff"."_nfct",
         skb_head = "sk_buff"."head",
@@ -102,7 +172,6 @@ pub fn net(btf: &Btf) -> Resolved<NetOffsets> {
         dev_name = "net_device"."name",
         dev_nd_net = "net_device"."nd_net",
         sk_net = "sock"."__sk_common.skc_net",
-        sk_cgroup = "sock"."sk_cgrp_data.cgroup",
         cgroup_kn = "cgroup"."kn",
         kn_id = "kernfs_node"."id",
         net_inum = "net"."ns.inum",
@@ -126,13 +195,76 @@ pub fn net(btf: &Btf) -> Resolved<NetOffsets> {
         }
         _ => missing.push("nf_conn.tuplehash"),
     }
-    enumerators!(btf, o, missing;
-        reason_netfilter_drop = "SKB_DROP_REASON_NETFILTER_DROP",
-    );
+    match (
+        btf.member_offset("sock", "sk_cgrp_data.cgroup"),
+        btf.member_offset("sock", "sk_cgrp_data.val"),
+    ) {
+        (Ok(off), _) => o.sk_cgroup = off,
+        (_, Ok(off)) => o.sk_cgroup_val = off,
+        _ => missing.push("sock.sk_cgrp_data"),
+    }
+    // Drop reasons arrived in 5.17; before, a netfilter drop is a free from nf_hook_slow.
+    match btf.enum_value("SKB_DROP_REASON_NETFILTER_DROP") {
+        Ok(v) => o.reason_netfilter_drop = u32::try_from(v).unwrap_or(MISSING),
+        Err(_) => fallbacks.push("no drop reasons (before 5.17): a netfilter drop is a packet freed in nf_hook_slow"),
+    }
     Resolved {
         offsets: o,
         missing,
+        fallbacks,
     }
+}
+
+/// Kernel addresses the programs read from /proc/kallsyms (0 where hidden or absent).
+pub struct KernelSymbols {
+    /// `[start, end)` of `nf_hook_slow`: the conntrack-drop program's test on kernels without
+    /// drop reasons.
+    pub nf_drop_site: [u64; 2],
+    /// The global `pid_max` variable (kernels before 6.14), read at each failure.
+    pub pid_max: u64,
+}
+
+impl KernelSymbols {
+    pub fn read() -> KernelSymbols {
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        let symbols = parse_kallsyms(&kallsyms);
+        KernelSymbols {
+            nf_drop_site: function_range(&symbols, "nf_hook_slow").unwrap_or([0; 2]),
+            pid_max: symbol(&symbols, "pid_max", &["d", "D"]).unwrap_or(0),
+        }
+    }
+}
+
+/// (address, type, name) of each kernel (not module) symbol with a readable address.
+fn parse_kallsyms(kallsyms: &str) -> Vec<(u64, &str, &str)> {
+    kallsyms
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (addr, kind, name) = (f.next()?, f.next()?, f.next()?);
+            let addr = u64::from_str_radix(addr, 16).ok().filter(|a| *a != 0)?;
+            f.next().is_none().then_some((addr, kind, name))
+        })
+        .collect()
+}
+
+fn symbol(symbols: &[(u64, &str, &str)], name: &str, kinds: &[&str]) -> Option<u64> {
+    symbols
+        .iter()
+        .find(|(_, k, n)| *n == name && kinds.contains(k))
+        .map(|(a, _, _)| *a)
+}
+
+/// The text range of `name`: from its address to the next higher text symbol's.
+fn function_range(symbols: &[(u64, &str, &str)], name: &str) -> Option<[u64; 2]> {
+    let text = ["t", "T"];
+    let start = symbol(symbols, name, &text)?;
+    let end = symbols
+        .iter()
+        .filter(|(a, k, _)| *a > start && text.contains(k))
+        .map(|(a, _, _)| *a)
+        .min()?;
+    Some([start, end])
 }
 
 /// Offsets of the tracepoint fields the programs read. A tracepoint this kernel lacks leaves
@@ -151,15 +283,45 @@ pub fn tracepoints(tracefs: &Tracefs) -> Resolved<TracepointOffsets> {
         (&mut o.rmdir_root, "cgroup", "cgroup_rmdir", "root"),
         (&mut o.rmdir_id, "cgroup", "cgroup_rmdir", "id"),
         (&mut o.kfree_skb_skbaddr, "skb", "kfree_skb", "skbaddr"),
-        (&mut o.kfree_skb_reason, "skb", "kfree_skb", "reason"),
+        (&mut o.kfree_skb_location, "skb", "kfree_skb", "location"),
     ] {
         match tracefs.field_offset(category, event, name) {
             Ok(off) => *field = off,
             Err(_) => missing.push(event),
         }
     }
+    // The drop reason field arrived in 5.17.
+    if let Ok(off) = tracefs.field_offset("skb", "kfree_skb", "reason") {
+        o.kfree_skb_reason = off;
+    }
     Resolved {
         offsets: o,
         missing,
+        fallbacks: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kallsyms_function_ranges_and_data() {
+        let k = "ffffffff81000000 T _stext\n\
+                 ffffffff81a00000 T nf_hook_slow\n\
+                 ffffffff81a00100 t nf_hook_slow_list\n\
+                 ffffffff82000000 D pid_max\n\
+                 ffffffffc0000000 t nf_conntrack_in\t[nf_conntrack]\n\
+                 0000000000000000 T hidden\n";
+        let symbols = parse_kallsyms(k);
+        assert_eq!(
+            function_range(&symbols, "nf_hook_slow"),
+            Some([0xffffffff81a00000, 0xffffffff81a00100])
+        );
+        assert_eq!(symbol(&symbols, "pid_max", &["d", "D"]), Some(0xffffffff82000000));
+        assert_eq!(symbol(&symbols, "pid_max", &["t", "T"]), None);
+        // Module symbols and hidden (zero) addresses are not used.
+        assert_eq!(symbol(&symbols, "nf_conntrack_in", &["t"]), None);
+        assert_eq!(symbol(&symbols, "hidden", &["T"]), None);
     }
 }

@@ -164,6 +164,12 @@ fn rlimit_nproc_as_a_non_root_user() {
 
 #[test]
 fn pid_max_of_a_fresh_pid_namespace() {
+    if !per_namespace_pid_max() {
+        eprintln!(
+            "this kernel has one global pid_max (before 6.14): see pid_max_of_the_node_global"
+        );
+        return;
+    }
     let trace = Trace::start(&["--comm", "fl-pidmax"]);
     // pid_max is per pid namespace on Linux >= 6.14: nothing host-wide changes.
     let report = lab(&[
@@ -190,7 +196,59 @@ fn pid_max_of_a_fresh_pid_namespace() {
     );
     for e in &events {
         let evidence = e["evidence"].as_str().unwrap_or_default();
-        assert!(evidence.contains(" level=1 pids=300 pid_max=301"), "{e}");
+        assert!(
+            evidence.contains(" level=1 pids=300 pid_max=301: no free pid in [300, 301)"),
+            "{e}"
+        );
+    }
+}
+
+/// Before 6.14 pid_max is one value for the whole node: the seed incident of this project.
+/// The allocator hands out pids cyclically in [300, pid_max) once it has wrapped, so a full
+/// node is one with no free pid in that range, not one with pid_max tasks.
+#[test]
+fn pid_max_of_the_node_global() {
+    if per_namespace_pid_max() {
+        eprintln!("this kernel has a pid_max per namespace: see pid_max_of_a_fresh_pid_namespace");
+        return;
+    }
+    let Some(kernel) = vm_kernel() else {
+        eprintln!(
+            "not run: lowering the global pid_max stops the whole machine from creating tasks; \
+             `cargo xtask vm-test` runs it in a disposable VM"
+        );
+        return;
+    };
+    let _restore = SysctlGuard::keep("/proc/sys/kernel/pid_max");
+    let trace = Trace::start(&["--comm", "fl-gpidmax"]);
+    // 20 pids left on the node: the lab takes them (others on the machine may take a few).
+    let report = lab(&[
+        "threads",
+        "100",
+        "--comm",
+        "fl-gpidmax",
+        "--global-pid-max-free",
+        "20",
+    ]);
+    let (events, _) = trace.stop_json();
+    assert!(report.created <= 20 && report.failures == 3, "{kernel}: {report:?}");
+    assert_events(
+        &events,
+        "fl-gpidmax",
+        &report,
+        &[
+            ("cause", "pid_max"),
+            ("errno", "EAGAIN"),
+            ("syscall", "clone3"),
+            ("task", "thread"),
+        ],
+    );
+    for e in &events {
+        let evidence = e["evidence"].as_str().unwrap_or_default();
+        assert!(
+            evidence.contains(" level=0 ") && evidence.contains(" (global): no free pid in [300, "),
+            "{e}"
+        );
     }
 }
 

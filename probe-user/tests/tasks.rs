@@ -134,7 +134,9 @@ fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
     let trace = Trace::start(&["--cgroup", &path, "--headroom-warn", "10%"]);
     let join = cg.join_args();
     let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    // One thread every 150 ms until the limit refuses: about 6 s.
+    // One thread every 150 ms until the limit refuses: about 6 s (slower in an emulated VM,
+    // where each `top --once` below takes seconds too).
+    let interval = (150 * pace()).to_string();
     let mut leak = Lab::spawn(
         &[
             &[
@@ -143,7 +145,7 @@ fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
                 "--comm",
                 "fl-leak",
                 "--interval-ms",
-                "150",
+                &interval,
                 "--max-failures",
                 "2",
             ][..],

@@ -71,6 +71,11 @@ struct Args {
     /// Create the tasks as init of a new pid namespace whose pid_max is this.
     #[arg(long)]
     pidns_pid_max: Option<u32>,
+    /// Lower the node's global kernel.pid_max (kernels before 6.14) so that exactly this many
+    /// pids are left to allocate, create the tasks, and restore it. Disposable machines only:
+    /// while it is low, nothing on the machine can create a task.
+    #[arg(long, conflicts_with = "pidns_pid_max")]
+    global_pid_max_free: Option<u32>,
     /// Create a pid namespace whose init exits at once, then fork into it (ENOMEM).
     #[arg(long)]
     dead_pidns: bool,
@@ -178,6 +183,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(pid_max) = args.pidns_pid_max {
         return in_new_pidns(args, stacks.as_ref(), pid_max);
+    }
+    if let Some(free) = args.global_pid_max_free {
+        return with_global_pid_max(args, stacks.as_ref(), free);
     }
     if args.mode == Mode::DnsClient {
         return dns_client(args);
@@ -729,6 +737,56 @@ fn in_new_pidns(args: &Args, stacks: Option<&Stacks>, pid_max: u32) -> anyhow::R
             unsafe { libc::_exit(code) }
         }
         child => wait_ok(child),
+    }
+}
+
+const PID_MAX: &str = "/proc/sys/kernel/pid_max";
+/// pids below this are not handed out again once the allocator has wrapped (kernel/pid.c).
+const RESERVED_PIDS: u32 = 300;
+
+/// Sets the global pid_max so that `free` pids are left in [RESERVED_PIDS, pid_max), creates
+/// the tasks, and restores pid_max before reporting, also on error.
+fn with_global_pid_max(args: &Args, stacks: Option<&Stacks>, free: u32) -> anyhow::Result<()> {
+    let original = std::fs::read_to_string(PID_MAX).context("reading kernel.pid_max")?;
+    let pid_max = pid_max_leaving(&task_ids()?, free);
+    std::fs::write(PID_MAX, pid_max.to_string()).context("lowering kernel.pid_max")?;
+    let result = create(args, stacks, || {
+        std::fs::write(PID_MAX, original.trim()).context("restoring kernel.pid_max")
+    });
+    let restored = std::fs::write(PID_MAX, original.trim()).context("restoring kernel.pid_max");
+    result.and(restored)
+}
+
+/// Every task id (threads included) in our pid namespace.
+fn task_ids() -> anyhow::Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for proc in std::fs::read_dir("/proc").context("reading /proc")?.flatten() {
+        let Some(pid) = proc.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        ids.extend(
+            tasks
+                .flatten()
+                .filter_map(|t| t.file_name().to_str().and_then(|n| n.parse::<u32>().ok())),
+        );
+    }
+    Ok(ids)
+}
+
+/// The pid_max that leaves `free` ids unused in [RESERVED_PIDS, pid_max).
+fn pid_max_leaving(ids: &[u32], free: u32) -> u32 {
+    let mut used: Vec<u32> = ids.iter().copied().filter(|i| *i >= RESERVED_PIDS).collect();
+    used.sort_unstable();
+    let mut pid_max = RESERVED_PIDS + 1;
+    loop {
+        let taken = used.iter().take_while(|i| **i < pid_max).count() as u32;
+        if pid_max - RESERVED_PIDS - taken >= free {
+            return pid_max;
+        }
+        pid_max += 1;
     }
 }
 

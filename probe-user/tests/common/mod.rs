@@ -303,15 +303,32 @@ pub fn mount(h: Hierarchy) -> Option<(PathBuf, bool)> {
 }
 
 /// A cgroup directory made for one test; removed on drop after killing what is left in it.
+/// On a cgroup v2 mount whose root does not yet hand the pids and memory controllers to its
+/// children (a bare VM without systemd), it enables them there, and disables them again on
+/// drop when nothing else uses them.
 pub struct TempCgroup {
     pub dir: PathBuf,
+    enabled: Vec<(PathBuf, &'static str)>,
 }
 
 impl TempCgroup {
     pub fn new(mount: &Path, name: &str) -> TempCgroup {
+        let mut enabled = Vec::new();
+        let available = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+        let control = mount.join("cgroup.subtree_control");
+        let active = std::fs::read_to_string(&control).unwrap_or_default();
+        for controller in ["pids", "memory"] {
+            let has = |list: &str| list.split_whitespace().any(|c| c == controller);
+            if has(&available)
+                && !has(&active)
+                && std::fs::write(&control, format!("+{controller}")).is_ok()
+            {
+                enabled.push((control.clone(), controller));
+            }
+        }
         let dir = mount.join(name);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        TempCgroup { dir }
+        TempCgroup { dir, enabled }
     }
 
     pub fn write(&self, file: &str, value: &str) {
@@ -333,12 +350,36 @@ impl Drop for TempCgroup {
                 }
             }
             if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        eprintln!("warning: could not remove {}", self.dir.display());
+        if self.dir.exists() {
+            eprintln!("warning: could not remove {}", self.dir.display());
+        }
+        for (control, controller) in &self.enabled {
+            // Fails while another cgroup still uses it: then it stays, as someone needs it.
+            let _ = std::fs::write(control, format!("-{controller}"));
+        }
     }
+}
+
+/// The kernel of the VM matrix these tests run in (`cargo xtask vm-test` sets it): a
+/// disposable machine, where host-wide limits may be lowered. `None` on a real host.
+pub fn vm_kernel() -> Option<String> {
+    std::env::var("FAULTLINE_VM_KERNEL").ok()
+}
+
+/// How much slower than real hardware the machine is: an emulated VM (the kernel matrix
+/// without KVM) runs programs several times slower, so paced workloads slow down with it.
+pub fn pace() -> u64 {
+    if vm_kernel().is_some() { 4 } else { 1 }
+}
+
+/// Whether this kernel has a pid_max per pid namespace (Linux >= 6.14), from its BTF.
+pub fn per_namespace_pid_max() -> bool {
+    probe_user::btf::Btf::from_kernel()
+        .is_ok_and(|btf| btf.member_offset("pid_namespace", "pid_max").is_ok())
 }
 
 /// Sets a sysctl for the test and restores the old value on drop.
@@ -348,6 +389,15 @@ pub struct SysctlGuard {
 }
 
 impl SysctlGuard {
+    /// Restores the current value on drop, whoever changes it meanwhile.
+    pub fn keep(path: &str) -> SysctlGuard {
+        let old = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        SysctlGuard {
+            path: path.into(),
+            old: old.trim().to_owned(),
+        }
+    }
+
     pub fn set(path: &str, value: &str) -> SysctlGuard {
         let old = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
         std::fs::write(path, value).unwrap_or_else(|e| panic!("writing {value} to {path}: {e}"));
@@ -380,21 +430,21 @@ pub struct CgroupTree {
 impl CgroupTree {
     pub fn new(mount: &Path, rel: &str) -> CgroupTree {
         let mut levels: Vec<TempCgroup> = Vec::new();
-        let mut dir = mount.to_path_buf();
         for part in rel.split('/').filter(|p| !p.is_empty()) {
-            if let Some(parent) = levels.last()
-                && std::fs::read_to_string(parent.dir.join("cgroup.controllers"))
-                    .is_ok_and(|c| c.contains("pids"))
+            let Some(parent) = levels.last() else {
+                levels.push(TempCgroup::new(mount, part));
+                continue;
+            };
+            if std::fs::read_to_string(parent.dir.join("cgroup.controllers"))
+                .is_ok_and(|c| c.contains("pids"))
             {
                 let _ = std::fs::write(parent.dir.join("cgroup.subtree_control"), "+pids");
             }
-            dir = dir.join(part);
+            let dir = parent.dir.join(part);
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
             levels.push(TempCgroup {
-                dir: {
-                    std::fs::create_dir(&dir)
-                        .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-                    dir.clone()
-                },
+                dir,
+                enabled: Vec::new(),
             });
         }
         CgroupTree { levels }
