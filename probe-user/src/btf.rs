@@ -121,7 +121,10 @@ impl Btf {
                 2 | 7..=12 | 16 | 18 => 0,
                 other => bail!("unknown BTF kind {other} at byte {pos}"),
             };
-            ensure!(extra + extra_len <= end, "BTF type {pos} runs past the type section");
+            ensure!(
+                extra + extra_len <= end,
+                "BTF type {pos} runs past the type section"
+            );
             types.push(TypeEntry {
                 kind,
                 name_off,
@@ -168,6 +171,11 @@ impl Btf {
     /// Whether the struct is described (e.g. `nf_conn`, which a module may define).
     pub fn has_struct(&self, strukt: &str) -> bool {
         self.structs_by_name.contains_key(strukt)
+    }
+
+    /// Names of the structs described.
+    pub fn struct_names(&self) -> impl Iterator<Item = &str> {
+        self.structs_by_name.keys().map(String::as_str)
     }
 
     fn u32_at(&self, off: usize) -> u32 {
@@ -374,7 +382,13 @@ mod tests {
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&[1, 0]);
-        for v in [24u32, 0, t.len() as u32, t.len() as u32, strings.len() as u32] {
+        for v in [
+            24u32,
+            0,
+            t.len() as u32,
+            t.len() as u32,
+            strings.len() as u32,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&t);

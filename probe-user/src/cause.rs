@@ -457,7 +457,11 @@ mod tests {
         ev.pidns.levels[0].pid_max = 200;
         let v = classify(&ev, &f);
         assert_eq!(v.cause, Cause::PidMax);
-        assert!(v.evidence.ends_with("no free pid in [1, 200)"), "{}", v.evidence);
+        assert!(
+            v.evidence.ends_with("no free pid in [1, 200)"),
+            "{}",
+            v.evidence
+        );
     }
 
     #[test]
@@ -494,7 +498,11 @@ mod tests {
         ev.pidns.levels[1].allocated = 186;
         let v = classify(&ev, &f);
         assert_eq!(v.cause, Cause::Unknown, "{}", v.evidence);
-        assert!(v.evidence.contains("pid_ns=4026531836 free=1 pid_max=301"), "{}", v.evidence);
+        assert!(
+            v.evidence.contains("pid_ns=4026531836 free=1 pid_max=301"),
+            "{}",
+            v.evidence
+        );
         // Uncounted low pids: the verdict is not guessed.
         ev.pidns.levels[1].allocated = 187;
         let f = Facts {

@@ -91,7 +91,12 @@ pub fn run(args: &CheckArgs) -> bool {
     };
     if let Some(btf) = &btf {
         let (structs, net) = (offsets::kernel(btf), offsets::net(btf));
-        let missing: Vec<&str> = structs.missing.iter().chain(&net.missing).copied().collect();
+        let missing: Vec<&str> = structs
+            .missing
+            .iter()
+            .chain(&net.missing)
+            .copied()
+            .collect();
         if missing.is_empty() {
             r.line(
                 Status::Ok,
@@ -280,7 +285,11 @@ fn verifier_error(e: &anyhow::Error, kernel: &str, verbose: bool) -> String {
     };
     let (head, log) = text.split_at(i);
     let log = log.trim_start_matches("Verifier output:");
-    let lines: Vec<&str> = log.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
     let shown = if verbose {
         &lines[..]
     } else {
@@ -289,7 +298,11 @@ fn verifier_error(e: &anyhow::Error, kernel: &str, verbose: bool) -> String {
     let omitted = lines.len() - shown.len();
     let mut out = format!("{}refused by the verifier of Linux {kernel}", head);
     if omitted > 0 {
-        out += &format!(" (last {} of {} log lines; --verbose for all)", shown.len(), lines.len());
+        out += &format!(
+            " (last {} of {} log lines; --verbose for all)",
+            shown.len(),
+            lines.len()
+        );
     }
     out.push(':');
     for l in shown {
@@ -303,4 +316,30 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_program_shows_the_kernel_and_the_verifier_tail() {
+        let log: String = (1..=100).map(|i| format!("{i}: insn\n")).collect();
+        let e = anyhow::anyhow!("the BPF_PROG_LOAD syscall failed. Verifier output: {log}")
+            .context("verifying program clone_exit");
+        let brief = verifier_error(&e, "5.10.0-32-amd64", false);
+        let lines: Vec<&str> = brief.lines().collect();
+        assert!(
+            lines[0].contains("refused by the verifier of Linux 5.10.0-32-amd64 (last 20 of 100"),
+            "{brief}"
+        );
+        assert_eq!(lines.len(), 21);
+        assert_eq!(lines[1].trim(), "81: insn");
+        assert_eq!(lines[20].trim(), "100: insn");
+        let full = verifier_error(&e, "5.10.0-32-amd64", true);
+        assert_eq!(full.lines().count(), 101);
+        // Errors without a verifier log are kept whole.
+        let plain = anyhow::anyhow!("no such tracepoint");
+        assert_eq!(verifier_error(&plain, "6.1", false), "no such tracepoint");
+    }
 }

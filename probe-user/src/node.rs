@@ -87,7 +87,10 @@ fn count_in_namespace(inum: u32) -> Option<u32> {
     let mut walked = 0;
     for proc in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
         let name = proc.file_name();
-        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {

@@ -79,7 +79,8 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
     // Per-namespace pid_max arrived in 6.14; before, one global value applies to every level.
     match btf.member_offset("pid_namespace", "pid_max") {
         Ok(off) => o.pidns_pid_max = off,
-        Err(_) => fallbacks.push("pid_max is global (before 6.14): compared with /proc/sys/kernel/pid_max"),
+        Err(_) => fallbacks
+            .push("pid_max is global (before 6.14): the kernel's pid_max read at each failure"),
     }
     // The process count RLIMIT_NPROC limits: in ucounts since 5.14, in user_struct before.
     let ucounts = (
@@ -206,7 +207,9 @@ pub fn net(vmlinux: &Btf) -> Resolved<NetOffsets> {
     // Drop reasons arrived in 5.17; before, a netfilter drop is a free from nf_hook_slow.
     match btf.enum_value("SKB_DROP_REASON_NETFILTER_DROP") {
         Ok(v) => o.reason_netfilter_drop = u32::try_from(v).unwrap_or(MISSING),
-        Err(_) => fallbacks.push("no drop reasons (before 5.17): a netfilter drop is a packet freed in nf_hook_slow"),
+        Err(_) => fallbacks.push(
+            "no drop reasons (before 5.17): a netfilter drop is a packet freed in nf_hook_slow",
+        ),
     }
     Resolved {
         offsets: o,
@@ -318,7 +321,10 @@ mod tests {
             function_range(&symbols, "nf_hook_slow"),
             Some([0xffffffff81a00000, 0xffffffff81a00100])
         );
-        assert_eq!(symbol(&symbols, "pid_max", &["d", "D"]), Some(0xffffffff82000000));
+        assert_eq!(
+            symbol(&symbols, "pid_max", &["d", "D"]),
+            Some(0xffffffff82000000)
+        );
         assert_eq!(symbol(&symbols, "pid_max", &["t", "T"]), None);
         // Module symbols and hidden (zero) addresses are not used.
         assert_eq!(symbol(&symbols, "nf_conntrack_in", &["t"]), None);

@@ -11,7 +11,7 @@ use std::{
 use common::FAULTLINE;
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(FAULTLINE)
+    let out = Command::new(&*FAULTLINE)
         .args(args)
         .output()
         .expect("running faultline");
@@ -84,7 +84,7 @@ fn without_privileges_trace_fails_with_one_line() {
     let dir = std::env::temp_dir().join(common::unique("unprivileged"));
     std::fs::create_dir_all(&dir).expect("creating a temp dir");
     let exe = dir.join("faultline");
-    std::fs::copy(FAULTLINE, &exe).expect("copying faultline");
+    std::fs::copy(&*FAULTLINE, &exe).expect("copying faultline");
     for p in [&dir, &exe] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }

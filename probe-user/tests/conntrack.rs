@@ -8,6 +8,8 @@
 
 mod common;
 
+use probe_user::btf::Btf;
+
 use std::{sync::Mutex, time::Duration};
 
 use common::{ctlab::*, *};
@@ -120,7 +122,14 @@ fn resolved_clash_is_a_near_miss_not_a_drop() {
 
     assert_eq!(held, 2, "both packets were held");
     let resolved = delta(&before, &after, "clashres");
-    assert_eq!(resolved, 1, "the kernel resolved one clash: {after:?}");
+    // Both packets pass on every kernel of the matrix, but only 6.12 and later count this
+    // resolution (the loser behind the router's NAT) in clash_resolve; 5.10 and 6.1 resolve
+    // it without a trace in any counter, so there is no near-miss to see.
+    let counted = u64::from(kernel_version() >= (6, 12));
+    assert_eq!(
+        resolved, counted,
+        "the kernel resolved {counted} clash(es) here: {after:?}"
+    );
     assert_eq!(delta(&before, &after, "insert_failed"), 0);
     let netns = lab.router_inode();
     let reported: u64 = events
@@ -130,10 +139,12 @@ fn resolved_clash_is_a_near_miss_not_a_drop() {
         .sum();
     assert_eq!(reported, resolved, "{events:#?}");
     assert!(drops_in(&events, netns).is_empty(), "no drop: {events:#?}");
-    assert!(
+    assert_eq!(
         summary["conntrack_clashes_resolved"]
             .as_object()
-            .is_some_and(|m| !m.is_empty())
+            .is_some_and(|m| !m.is_empty()),
+        counted > 0,
+        "{summary}"
     );
 }
 
@@ -192,5 +203,45 @@ fn a_drop_rule_is_a_rule_not_an_insert_failure() {
     for d in reported {
         assert_eq!(d["cause"], "rule", "{d}");
         assert_eq!(d["cgroup"], lab.cgroup_path(1).as_str(), "{d}");
+    }
+}
+
+/// Where conntrack is a module (Debian's kernels, every kernel of the VM matrix), its types are
+/// in split BTF on top of vmlinux (`/sys/kernel/btf/nf_conntrack`): read that way, the module's
+/// own structs resolve, and so do the ones vmlinux shares with it, at the same offsets.
+#[test]
+fn conntrack_module_btf_is_read_on_top_of_vmlinux() {
+    if vm_kernel().is_some() {
+        sh("modprobe nf_conntrack");
+    }
+    if !std::path::Path::new("/sys/kernel/btf/nf_conntrack").exists() {
+        eprintln!(
+            "conntrack is built into this kernel: its types are all in vmlinux, no split BTF"
+        );
+        return;
+    }
+    let vmlinux = Btf::from_kernel().expect("vmlinux BTF");
+    let module = vmlinux
+        .with_module("nf_conntrack")
+        .expect("nf_conntrack's split BTF");
+    let own: Vec<&str> = module
+        .struct_names()
+        .filter(|n| !vmlinux.has_struct(n))
+        .collect();
+    assert!(!own.is_empty(), "the module describes no struct of its own");
+    for name in &own {
+        assert!(module.struct_size(name).is_ok(), "{name}");
+    }
+    for (strukt, member) in [
+        ("nf_conn", "status"),
+        ("nf_conn", "tuplehash"),
+        ("sk_buff", "_nfct"),
+    ] {
+        let merged = module
+            .member_offset(strukt, member)
+            .expect("through the module");
+        if let Ok(base) = vmlinux.member_offset(strukt, member) {
+            assert_eq!(merged, base, "{strukt}.{member}");
+        }
     }
 }

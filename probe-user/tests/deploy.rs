@@ -181,7 +181,7 @@ fn the_daemonset_capabilities_are_exactly_enough() {
     let mut child = Command::new("setpriv")
         .arg(format!("--bounding-set=-all,{}", caps.join(",")))
         .args([
-            FAULTLINE,
+            &FAULTLINE,
             "run",
             "--listen",
             &listen,

@@ -153,7 +153,7 @@ impl DnsLab {
                 "netns",
                 "exec",
                 &self.server_ns,
-                LAB,
+                &LAB,
                 "dns-server",
                 "30",
                 "--dns-listen",
@@ -332,7 +332,8 @@ fn a_retry_from_a_new_socket_is_a_retransmit() {
     ]);
     lab.server_drops(true);
     lab.client(&format!(
-        "{LAB} dns-client 2 --dns-new-socket --dns-server {SERVER_IP}:53"
+        "{} dns-client 2 --dns-new-socket --dns-server {SERVER_IP}:53",
+        *LAB
     ));
     lab.server_drops(false);
     std::thread::sleep(Duration::from_millis(1800)); // the second timeout falls due

@@ -154,8 +154,10 @@ fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
         .concat(),
     );
 
+    // Two samples this far apart: the leak creates a thread or two in between.
+    let window = format!("{}ms", 300 * pace());
     let once = |tag: &str| -> Value {
-        let out = std::process::Command::new(FAULTLINE)
+        let out = std::process::Command::new(&*FAULTLINE)
             .args([
                 "top",
                 "--once",
@@ -164,7 +166,7 @@ fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
                 "--cgroup",
                 &path,
                 "--interval",
-                "300ms",
+                &window,
             ])
             .output()
             .expect("running top --once");

@@ -69,6 +69,9 @@ enum Task {
         /// Only this kernel (repeatable): 5.10, 6.1, 6.12.
         #[arg(long)]
         kernel: Vec<String>,
+        /// Rewrite README.md's kernel table from this run (otherwise a difference fails).
+        #[arg(long)]
+        update_readme: bool,
         /// Test name filters passed to each test binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -91,7 +94,11 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup(),
         Task::Test { host_only, args } => setup().and_then(|()| test(&args, host_only)),
-        Task::VmTest { kernel, args } => setup().and_then(|()| vm::run(&workspace_root(), &kernel, &args)),
+        Task::VmTest {
+            kernel,
+            update_readme,
+            args,
+        } => setup().and_then(|()| vm::run(&workspace_root(), &kernel, &args, update_readme)),
         Task::Trace { args } => setup().and_then(|()| trace(&args)),
         Task::Bench { quick } => setup().and_then(|()| bench::run(&workspace_root(), quick)),
     };
@@ -239,7 +246,7 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
         // The benchmark's smoke run: every workload, agent and measurement, briefly.
         bench::run(&workspace_root(), true)?;
         if !host_only {
-            vm::run(&workspace_root(), &[], &[])?;
+            vm::run(&workspace_root(), &[], &[], false)?;
         }
     }
     Ok(())

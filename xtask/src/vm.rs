@@ -55,7 +55,14 @@ const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// The integration tests that touch the kernel: every clone cause, task counting, DNS,
 /// conntrack, the daemon and the CLI. Attribution (pods, kube_api) and deploy/ are pure
 /// userspace and run on the host only.
-const KERNEL_TESTS: [&str; 6] = ["clone_failures", "tasks", "dns", "conntrack", "daemon", "cli"];
+const KERNEL_TESTS: [&str; 6] = [
+    "clone_failures",
+    "tasks",
+    "dns",
+    "conntrack",
+    "daemon",
+    "cli",
+];
 /// One VM's whole run, boot to power-off; past it the VM is killed and the kernel fails.
 const VM_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 
@@ -87,11 +94,8 @@ pub fn setup(root: &Path, kernels: &[&Kernel]) -> anyhow::Result<()> {
         let venv = p.vm.join("venv");
         crate::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
             .context("creating the virtme-ng venv")?;
-        crate::run(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", VIRTME_NG]),
-        )
-        .context("installing virtme-ng from PyPI")?;
+        crate::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", VIRTME_NG]))
+            .context("installing virtme-ng from PyPI")?;
     }
     for k in kernels {
         fetch_kernel(&p, k)?;
@@ -104,7 +108,10 @@ pub fn setup(root: &Path, kernels: &[&Kernel]) -> anyhow::Result<()> {
 fn apt_options(p: &Paths) -> Vec<String> {
     let apt = p.vm.join("apt");
     [
-        format!("Dir::Etc::SourceList={}", apt.join("sources.list").display()),
+        format!(
+            "Dir::Etc::SourceList={}",
+            apt.join("sources.list").display()
+        ),
         "Dir::Etc::SourceParts=/dev/null".to_owned(),
         format!("Dir::State::Lists={}", apt.join("lists").display()),
         format!("Dir::Cache={}", apt.join("cache").display()),
@@ -126,7 +133,12 @@ fn fetch_kernel(p: &Paths, k: &Kernel) -> anyhow::Result<()> {
         fs::create_dir_all(apt.join("cache/archives/partial"))?;
         let sources: String = KERNELS
             .iter()
-            .map(|k| format!("deb [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {} main\n", k.suite))
+            .map(|k| {
+                format!(
+                    "deb [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {} main\n",
+                    k.suite
+                )
+            })
             .collect();
         fs::write(apt.join("sources.list"), sources)?;
         crate::run(Command::new("apt-get").args(apt_options(p)).arg("update"))
@@ -215,7 +227,13 @@ fn vmlinuz(dir: &Path) -> anyhow::Result<PathBuf> {
 fn test_binaries(root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let out = Command::new("cargo")
         .current_dir(root)
-        .args(["test", "--no-run", "-p", "probe-user", "--message-format=json"])
+        .args([
+            "test",
+            "--no-run",
+            "-p",
+            "probe-user",
+            "--message-format=json",
+        ])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cargo test --no-run")?;
@@ -252,7 +270,89 @@ pub struct Outcome {
     pub secs: f64,
 }
 
-pub fn run(root: &Path, only: &[String], filter: &[String]) -> anyhow::Result<()> {
+/// The README section the matrix writes and checks: one row per kernel, from its `faultline
+/// check` (which programs the kernel accepted, which older mechanisms stand in for newer ones).
+const README_BEGIN: &str =
+    "<!-- kernel matrix: written by `cargo xtask vm-test --update-readme` -->";
+const README_END: &str = "<!-- end of kernel matrix -->";
+
+/// The programs `faultline check` loads, by the words of its lines, and their names here.
+const PROGRAMS: [(&str, &str); 4] = [
+    ("clone programs", "failed task creation"),
+    ("task counter programs", "task counts"),
+    ("conntrack drop program", "conntrack drops"),
+    ("DNS programs", "DNS"),
+];
+
+fn table_row(k: &Kernel, o: &Outcome) -> String {
+    let lines: Vec<&str> = o.check.lines().collect();
+    let programs: Vec<String> = PROGRAMS
+        .iter()
+        .map(|(words, name)| {
+            let attached = lines
+                .iter()
+                .any(|l| l.starts_with("ok") && l.contains(words) && l.contains("attached"));
+            if attached {
+                (*name).to_owned()
+            } else {
+                format!("**{name}: refused**")
+            }
+        })
+        .collect();
+    let fallbacks: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("ok    older kernel"))
+        .map(str::trim)
+        .collect();
+    let missing = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("warn  kernel structs"))
+        .map(|m| format!("; {}", m.trim()))
+        .unwrap_or_default();
+    format!(
+        "| {} | `{}` | {} | {}{} |\n",
+        k.name,
+        k.package,
+        programs.join(", "),
+        if fallbacks.is_empty() {
+            "newest mechanisms".to_owned()
+        } else {
+            fallbacks.join("; ")
+        },
+        missing
+    )
+}
+
+/// Compares the README's kernel table with this run's, and rewrites it with `update`.
+fn check_readme(root: &Path, rows: &str, update: bool) -> anyhow::Result<()> {
+    let path = root.join("README.md");
+    let readme = fs::read_to_string(&path).context("reading README.md")?;
+    let (Some(b), Some(e)) = (readme.find(README_BEGIN), readme.find(README_END)) else {
+        bail!("README.md has no kernel matrix markers ({README_BEGIN} ... {README_END})");
+    };
+    let table = format!(
+        "{README_BEGIN}\n| kernel | Debian package | programs attached | older mechanisms in use |\n|---|---|---|---|\n{rows}"
+    );
+    if readme[b..e] == table {
+        return Ok(());
+    }
+    if !update {
+        bail!(
+            "README.md's kernel table differs from what the matrix found:\n{table}\nrun `cargo xtask vm-test --update-readme`"
+        );
+    }
+    let updated = format!("{}{table}{}", &readme[..b], &readme[e..]);
+    fs::write(&path, updated).context("writing README.md")?;
+    eprintln!("xtask: README.md's kernel table updated");
+    Ok(())
+}
+
+pub fn run(
+    root: &Path,
+    only: &[String],
+    filter: &[String],
+    update_readme: bool,
+) -> anyhow::Result<()> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the kernel matrix boots VMs that load eBPF programs: run it as root");
@@ -269,7 +369,7 @@ pub fn run(root: &Path, only: &[String], filter: &[String]) -> anyhow::Result<()
     let bins = test_binaries(root)?;
     let p = Paths::new(root);
     let mut outcomes = Vec::new();
-    for k in kernels {
+    for k in &kernels {
         outcomes.push(run_kernel(&p, k, &bins, filter)?);
     }
     let mut failed = false;
@@ -293,6 +393,14 @@ pub fn run(root: &Path, only: &[String], filter: &[String]) -> anyhow::Result<()
     if failed {
         bail!("the kernel matrix failed (logs under target/vm/out/<kernel>/)");
     }
+    if kernels.len() == KERNELS.len() {
+        let rows: String = kernels
+            .iter()
+            .zip(&outcomes)
+            .map(|(k, o)| table_row(k, o))
+            .collect();
+        check_readme(root, &rows, update_readme)?;
+    }
     Ok(())
 }
 
@@ -305,27 +413,36 @@ fn run_kernel(
     let out = p.vm.join("out").join(k.name);
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
-    let faultline = p.root.join("target/debug/faultline");
+    // The VM runs copies: a rebuild on the host during the run cannot swap them.
+    let bin = p.vm.join("bin").join(k.name);
+    let _ = fs::remove_dir_all(&bin);
+    fs::create_dir_all(&bin)?;
+    for name in ["faultline", "faultline-lab"] {
+        fs::copy(p.root.join("target/debug").join(name), bin.join(name))
+            .with_context(|| format!("copying target/debug/{name}"))?;
+    }
     let mut script = format!(
         "#!/bin/sh\n\
          # Runs inside the VM as root; everything it reports goes to {out}.\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
-         export FAULTLINE_VM_KERNEL={name} RUST_BACKTRACE=1\n\
+         export FAULTLINE_VM_KERNEL={name} FAULTLINE_BIN_DIR={bin} RUST_BACKTRACE=1\n\
          cd {pkg}\n\
          echo booted > {out}/booted\n\
          uname -r > {out}/uname\n\
          pid_max=$(cat /proc/sys/kernel/pid_max)\n\
-         {faultline} check --verbose > {out}/check.txt 2>&1; echo $? > {out}/check.rc\n",
+         {bin}/faultline check --verbose > {out}/check.txt 2>&1; echo $? > {out}/check.rc\n",
         out = out.display(),
         name = k.name,
+        bin = bin.display(),
         pkg = p.root.join("probe-user").display(),
-        faultline = faultline.display(),
     );
     let selected: Vec<&(String, PathBuf)> = bins
         .iter()
         .filter(|(name, _)| KERNEL_TESTS.contains(&name.as_str()))
         .collect();
-    for (name, exe) in &selected {
+    for (name, built) in &selected {
+        let exe = bin.join(name);
+        fs::copy(built, &exe).with_context(|| format!("copying {}", built.display()))?;
         script += &format!(
             "echo \"== {name}\" >> {out}/progress\n\
              {exe} --test-threads=1 {filter} > {out}/{name}.log 2>&1; echo $? > {out}/{name}.rc\n\
@@ -345,7 +462,10 @@ fn run_kernel(
     let kvm = kvm_works();
     boot(p, &vmlinuz, &out, &script_path, kvm)?;
     if !out.join("booted").exists() && kvm {
-        eprintln!("xtask: {}: no boot with KVM, retrying with emulation", k.name);
+        eprintln!(
+            "xtask: {}: no boot with KVM, retrying with emulation",
+            k.name
+        );
         boot(p, &vmlinuz, &out, &script_path, false)?;
     }
     let read = |f: &str| fs::read_to_string(out.join(f)).unwrap_or_default();
@@ -381,7 +501,9 @@ fn run_kernel(
         }
     }
     if !out.join("done").exists() {
-        outcome.failed.push("(the VM stopped before the end)".to_owned());
+        outcome
+            .failed
+            .push("(the VM stopped before the end)".to_owned());
     }
     Ok(outcome)
 }

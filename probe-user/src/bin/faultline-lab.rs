@@ -760,8 +760,15 @@ fn with_global_pid_max(args: &Args, stacks: Option<&Stacks>, free: u32) -> anyho
 /// Every task id (threads included) in our pid namespace.
 fn task_ids() -> anyhow::Result<Vec<u32>> {
     let mut ids = Vec::new();
-    for proc in std::fs::read_dir("/proc").context("reading /proc")?.flatten() {
-        let Some(pid) = proc.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+    for proc in std::fs::read_dir("/proc")
+        .context("reading /proc")?
+        .flatten()
+    {
+        let Some(pid) = proc
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -778,7 +785,11 @@ fn task_ids() -> anyhow::Result<Vec<u32>> {
 
 /// The pid_max that leaves `free` ids unused in [RESERVED_PIDS, pid_max).
 fn pid_max_leaving(ids: &[u32], free: u32) -> u32 {
-    let mut used: Vec<u32> = ids.iter().copied().filter(|i| *i >= RESERVED_PIDS).collect();
+    let mut used: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|i| *i >= RESERVED_PIDS)
+        .collect();
     used.sort_unstable();
     let mut pid_max = RESERVED_PIDS + 1;
     loop {

@@ -154,8 +154,9 @@ impl CtLab {
             .map(|d| format!("echo $$ > {} && ", d.join("cgroup.procs").display()))
             .collect();
         sh(&format!(
-            "{join}exec timeout 30 ip netns exec {} {LAB} dns-client {args} >/dev/null",
-            self.ns[n - 1]
+            "{join}exec timeout 30 ip netns exec {} {} dns-client {args} >/dev/null",
+            self.ns[n - 1],
+            *LAB
         ));
     }
 

@@ -10,15 +10,26 @@ use std::{
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{LazyLock, mpsc},
     time::{Duration, Instant},
 };
 
 use probe_user::cgroups::{CgroupFs, Hierarchy};
 use serde_json::Value;
 
-pub const FAULTLINE: &str = env!("CARGO_BIN_EXE_faultline");
-pub const LAB: &str = env!("CARGO_BIN_EXE_faultline-lab");
+/// The binaries under test: cargo's, or the copies `cargo xtask vm-test` made for a VM run
+/// (`FAULTLINE_BIN_DIR`), so that a rebuild during the run cannot swap them.
+pub static FAULTLINE: LazyLock<String> =
+    LazyLock::new(|| binary("faultline", env!("CARGO_BIN_EXE_faultline")));
+pub static LAB: LazyLock<String> =
+    LazyLock::new(|| binary("faultline-lab", env!("CARGO_BIN_EXE_faultline-lab")));
+
+fn binary(name: &str, built: &str) -> String {
+    match std::env::var("FAULTLINE_BIN_DIR") {
+        Ok(dir) => format!("{dir}/{name}"),
+        Err(_) => built.to_owned(),
+    }
+}
 
 /// Longest wait for faultline to load and attach (cold caches on a busy 2-core machine).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -74,7 +85,7 @@ impl Trace {
 
     fn start_command(args: &[&str], ready: &str) -> Trace {
         require_root();
-        let mut child = Command::new(FAULTLINE)
+        let mut child = Command::new(&*FAULTLINE)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -231,7 +242,7 @@ impl Lab {
             None => Command::new("timeout"),
         };
         let mut child = cmd
-            .args(["--signal=KILL", "60", LAB])
+            .args(["--signal=KILL", "60", &LAB])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -314,7 +325,8 @@ pub struct TempCgroup {
 impl TempCgroup {
     pub fn new(mount: &Path, name: &str) -> TempCgroup {
         let mut enabled = Vec::new();
-        let available = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+        let available =
+            std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
         let control = mount.join("cgroup.subtree_control");
         let active = std::fs::read_to_string(&control).unwrap_or_default();
         for controller in ["pids", "memory"] {
@@ -374,6 +386,16 @@ pub fn vm_kernel() -> Option<String> {
 /// without KVM) runs programs several times slower, so paced workloads slow down with it.
 pub fn pace() -> u64 {
     if vm_kernel().is_some() { 4 } else { 1 }
+}
+
+/// The running kernel's (major, minor).
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// Whether this kernel has a pid_max per pid namespace (Linux >= 6.14), from its BTF.
@@ -575,7 +597,7 @@ impl Daemon {
         require_root();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(FAULTLINE)
+        let child = Command::new(&*FAULTLINE)
             .args([
                 "run",
                 "--listen",
