@@ -86,6 +86,12 @@ pub async fn start(options: ApiOptions) -> Option<ApiPods> {
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         },
+        None if !api_configured() => {
+            eprintln!(
+                "faultline: no Kubernetes API configured (not in a pod, no kubeconfig): pod names come from the kubelet's log directories"
+            );
+            return None;
+        }
         None => Config::infer().await.map_err(|e| e.to_string()),
     };
     let client = match config.and_then(|c| Client::try_from(c).map_err(|e| e.to_string())) {
@@ -100,6 +106,15 @@ pub async fn start(options: ApiOptions) -> Option<ApiPods> {
     let pods = ApiPods::default();
     tokio::spawn(watch(client, options, pods.clone()));
     Some(pods)
+}
+
+/// Whether any way to the API is set up: in a pod (the service's environment), `$KUBECONFIG`
+/// or `~/.kube/config`. Without one, trying is pointless and its error chain is noise.
+fn api_configured() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some()
+        || std::env::var_os("HOME")
+            .is_some_and(|h| std::path::Path::new(&h).join(".kube/config").exists())
 }
 
 async fn watch(client: Client, options: ApiOptions, pods: ApiPods) {

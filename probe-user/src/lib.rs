@@ -10,6 +10,7 @@ pub mod btf;
 pub mod cause;
 pub mod cgroups;
 pub mod check;
+pub mod cli;
 pub mod clock;
 pub mod clone;
 pub mod conntrack;

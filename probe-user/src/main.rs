@@ -10,7 +10,8 @@ use probe_user::{check, run, top, trace};
 #[command(
     name = "faultline",
     version,
-    about = "eBPF probe that shows why things fail on a Kubernetes node, starting with failed task creation and its cause"
+    about = "eBPF probe that shows why things fail on a Kubernetes node: failed task creation with its cause, \
+task creation and pids headroom per pod, DNS latency and timeouts per pod, conntrack drops and near-misses"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -19,13 +20,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Trace failed task creation (clone, clone3, fork, vfork) live, with the cause.
+    /// Trace live, per pod: failed task creation with its cause, DNS queries (latency, rcode,
+    /// timeouts, retransmits), conntrack drops and resolved clashes; a summary at the end.
     Trace(trace::TraceArgs),
     /// Live per-cgroup view of task creation, live tasks and pids headroom.
     Top(top::TopArgs),
-    /// The node daemon: Prometheus metrics on /metrics and event lines, until SIGTERM.
+    /// The node daemon: Prometheus metrics on /metrics, event lines and OTLP, until SIGTERM.
     Run(run::RunArgs),
-    /// Report what this kernel supports for faultline.
+    /// Report what this kernel supports for faultline, and what an older kernel gets instead.
     Check(check::CheckArgs),
 }
 
@@ -40,6 +42,12 @@ fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     // clap exits 2 on usage errors and 0 for --help/--version.
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // A reader that goes away (`faultline check | head -3`) ends the one-shot commands
+        // quietly, as it ends grep; the daemon handles a closed stdout itself.
+        // SAFETY: restoring a signal's default disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Check(args) => {
             return if check::run(&args) {

@@ -56,7 +56,7 @@ pub struct RunArgs {
     #[arg(long, env = "FAULTLINE_NO_EVENTS")]
     pub no_events: bool,
     /// How often the task counters are turned into metrics.
-    #[arg(long, env = "FAULTLINE_REFRESH", value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, env = "FAULTLINE_REFRESH", value_parser = crate::cli::parse_interval, default_value = "5s")]
     pub refresh: Duration,
     /// Also export events over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318).
     #[arg(long, env = "FAULTLINE_OTLP_ENDPOINT")]

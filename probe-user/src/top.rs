@@ -37,8 +37,11 @@ pub struct TopArgs {
     /// Print one snapshot and exit.
     #[arg(long)]
     pub once: bool,
-    #[arg(long, value_enum, default_value_t = Output::Table)]
+    /// `table`: an aligned screen for people, redrawn every interval; `json`: one snapshot
+    /// object per line.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Row order.
     #[arg(long, value_enum, default_value_t = Sort::Rate)]
     pub sort: Sort,
     /// Only cgroups whose path starts with this prefix.
@@ -47,7 +50,9 @@ pub struct TopArgs {
     /// Rows in the table (JSON has them all).
     #[arg(long, default_value_t = 20)]
     pub rows: usize,
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    /// Time between two samples (rates are per second over the last 5 s); with --once, the
+    /// time between the two samples it takes.
+    #[arg(long, short = 'n', value_parser = crate::cli::parse_interval, default_value = "1s")]
     pub interval: Duration,
     #[command(flatten)]
     pub pods: PodArgs,

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -31,7 +31,7 @@ use crate::{
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// One aligned line per event, for people.
+    /// Aligned columns, for people.
     Table,
     /// One JSON object per line, for programs.
     Json,
@@ -42,10 +42,11 @@ pub struct TraceArgs {
     /// Stop after this long (e.g. 10s, 2m); default: until Ctrl-C or SIGTERM.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
-    #[arg(long, value_enum, default_value_t = Output::Table)]
+    /// `table`: one aligned line per event, for people; `json`: one object per line.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     /// Only events of this process (thread group id); repeatable.
-    #[arg(long = "pid")]
+    #[arg(long = "pid", short)]
     pub pids: Vec<u32>,
     /// Only events whose command name is exactly this.
     #[arg(long)]
@@ -54,9 +55,10 @@ pub struct TraceArgs {
     #[arg(long)]
     pub cgroup: Option<String>,
     /// Also warn when a cgroup's pids headroom drops below this share of its limit (e.g. 10%).
-    #[arg(long, value_parser = parse_percent)]
+    #[arg(long, value_parser = crate::cli::parse_percent)]
     pub headroom_warn: Option<f64>,
-    /// What to trace.
+    /// What to trace: failed task creation (clone), DNS queries (dns), netfilter drops and
+    /// resolved clashes (conntrack). Only the programs of the events asked for are attached.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns, EventKind::Conntrack])]
     pub events: Vec<EventKind>,
     /// A DNS query without an answer for this long is reported as a timeout.
@@ -77,17 +79,6 @@ pub enum EventKind {
     Dns,
     /// Packets dropped by netfilter (with their conntrack cause) and resolved clashes.
     Conntrack,
-}
-
-fn parse_percent(s: &str) -> anyhow::Result<f64> {
-    let v: f64 = s
-        .trim_end_matches('%')
-        .parse()
-        .with_context(|| format!("{s:?} is not a percentage"))?;
-    if !(0.0..=100.0).contains(&v) {
-        bail!("{s:?} is not between 0% and 100%");
-    }
-    Ok(v)
 }
 
 /// How often the task counters are read for headroom warnings: a leak must be caught between
@@ -265,7 +256,9 @@ const CLASH_POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut probes = Probes::open()?;
-    probes.attach(&CLONE_PROGRAMS)?;
+    if args.events.contains(&EventKind::Clone) {
+        probes.attach(&CLONE_PROGRAMS)?;
+    }
     let cgroups = CgroupFs::discover()?;
     // Conntrack drops need the DNS programs too: they record who sent each DNS flow, and the
     // tracker names the dropped queries.
@@ -752,18 +745,5 @@ impl Printer {
 
     fn flush(&mut self) -> anyhow::Result<()> {
         self.out.flush().context("writing to stdout")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_percent;
-
-    #[test]
-    fn percentages() {
-        assert_eq!(parse_percent("10%").expect("test"), 10.0);
-        assert_eq!(parse_percent("2.5").expect("test"), 2.5);
-        assert!(parse_percent("150%").is_err());
-        assert!(parse_percent("ten").is_err());
     }
 }

@@ -106,3 +106,41 @@ fn without_privileges_trace_fails_with_one_line() {
     );
     assert_no_panic(&stderr);
 }
+
+/// `--events` decides which programs are loaded: a DNS-only trace attaches no clone program.
+#[test]
+fn trace_attaches_only_the_programs_of_the_events_asked_for() {
+    let trace = common::Trace::start(&["--events", "dns"]);
+    let programs = trace.programs();
+    let (events, summary) = trace.stop_json();
+    assert_eq!(programs, ["dns_egress", "dns_ingress"], "{programs:?}");
+    assert!(
+        events.iter().all(|e| e["kind"] != "clone_failure"),
+        "{events:#?}"
+    );
+    assert_eq!(summary["kernel_failures"], 0, "{summary}");
+}
+
+/// Zero intervals are usage errors, and a reader that goes away ends a one-shot command
+/// quietly (SIGPIPE, as for grep), not with a panic.
+#[test]
+fn zero_intervals_and_closed_pipes() {
+    for args in [
+        &["top", "--interval", "0s"][..],
+        &["run", "--refresh", "0s"],
+    ] {
+        let (code, _, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains("longer than zero"), "{stderr}");
+    }
+    common::require_root();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{} check | head -1", *FAULTLINE))
+        .output()
+        .expect("sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_no_panic(&stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok    kernel"));
+}

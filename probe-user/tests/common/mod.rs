@@ -111,6 +111,39 @@ impl Trace {
         }
     }
 
+    /// Names of the eBPF programs this faultline process holds (its `bpf-prog` file
+    /// descriptors, named through bpftool).
+    pub fn programs(&self) -> Vec<String> {
+        let pid = self.child.id();
+        let mut names = Vec::new();
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .flatten()
+        {
+            let is_prog = std::fs::read_link(fd.path())
+                .is_ok_and(|t| t.to_string_lossy().contains("bpf-prog"));
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) else {
+                continue;
+            };
+            if !is_prog {
+                continue;
+            }
+            let out = Command::new("bpftool")
+                .args(["prog", "show", "id", id.trim(), "--json"])
+                .output()
+                .expect("bpftool");
+            let prog: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+            names.push(prog["name"].as_str().unwrap_or("?").to_owned());
+        }
+        names.sort();
+        names
+    }
+
     /// Reads JSON lines until one satisfies `pred`, for at most `timeout`; returns it.
     pub fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
