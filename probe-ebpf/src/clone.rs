@@ -22,6 +22,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
+use aya_log_ebpf::warn;
 use probe_common::{
     clone::{
         CLONE_STAT_COUNT, CgroupCounter, CloneFailureEvent, CloneStat, MAX_PIDNS_LEVELS,
@@ -185,7 +186,45 @@ fn on_exit(ctx: &TracePointContext, syscall: Syscall) {
     unsafe {
         fill(&mut *ev, syscall, -ret as u32, flags);
     }
+    // SAFETY: as above, the slot is still ours until submit.
+    log_missing(ctx, unsafe { (*ev).valid });
     entry.submit(0);
+}
+
+/// Says which evidence a failure lacks (a member offset this kernel does not have, or a read
+/// that failed): `trace --kernel-log warn` shows it. Removed by the verifier when off.
+#[inline(always)]
+fn log_missing(ctx: &TracePointContext, bits: u32) {
+    if bits & valid::PIDS == 0 {
+        warn!(
+            ctx,
+            "clone failure without a pids cgroup snapshot (offset missing or read failed)"
+        );
+    }
+    if bits & valid::MEMORY == 0 {
+        warn!(
+            ctx,
+            "clone failure without a memory cgroup snapshot (offset missing or read failed)"
+        );
+    }
+    if bits & valid::PIDNS == 0 {
+        warn!(
+            ctx,
+            "clone failure without a pid namespace snapshot (offset missing or read failed)"
+        );
+    }
+    if bits & valid::NPROC == 0 {
+        warn!(
+            ctx,
+            "clone failure without the RLIMIT_NPROC count (offset missing or read failed)"
+        );
+    }
+    if bits & valid::FLAGS == 0 {
+        warn!(
+            ctx,
+            "clone failure without its flags (saved user registers not found)"
+        );
+    }
 }
 
 #[inline(always)]

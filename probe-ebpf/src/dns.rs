@@ -16,6 +16,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::SkBuffContext,
 };
+use aya_log_ebpf::debug;
 use probe_common::conntrack::{FlowKey, FlowOwner};
 use probe_common::dns::{
     DNS_QUERY_CAPTURE, DNS_STAT_COUNT, DnsKey, DnsPending, DnsQueryEvent, DnsStat, DnsTcpCounts,
@@ -192,6 +193,10 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
     }
     let msg_len = (ctx.len() as usize).saturating_sub(payload);
     let (Some(id), true) = (id, msg_len >= DNS_HEADER) else {
+        debug!(
+            ctx,
+            "dns: a port 53 packet of {} bytes is too short for DNS", msg_len
+        );
         bump(DnsStat::Malformed);
         return Ok(());
     };
@@ -204,7 +209,13 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
     match (sent, response) {
         (Some((flow, cgroup_id)), false) => on_query(ctx, &key, &flow, cgroup_id, payload, msg_len),
         (None, true) => on_response(ctx, &key, payload, msg_len),
-        _ => bump(DnsStat::Malformed),
+        _ => {
+            debug!(
+                ctx,
+                "dns: QR bit {} does not fit the packet's direction", response as u8
+            );
+            bump(DnsStat::Malformed)
+        }
     }
     Ok(())
 }

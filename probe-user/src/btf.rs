@@ -53,9 +53,24 @@ impl Btf {
         Self::from_file(Path::new("/sys/kernel/btf/vmlinux"))
     }
 
+    /// BTF from `--btf PATH` when given (a raw BTF file, or a vmlinux ELF with a `.BTF`
+    /// section), else the running kernel's.
+    pub fn from_option(path: Option<&Path>) -> anyhow::Result<Self> {
+        match path {
+            Some(p) => Self::from_file(p),
+            None => Self::from_kernel(),
+        }
+    }
+
+    /// A raw BTF file, or an ELF file (a vmlinux) whose `.BTF` section is read.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let data =
             std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
+        let data = if data.starts_with(b"\x7fELF") {
+            btf_section(&data).with_context(|| format!("reading {}", path.display()))?
+        } else {
+            data
+        };
         Self::parse(data).with_context(|| format!("parsing BTF from {}", path.display()))
     }
 
@@ -296,6 +311,16 @@ impl Btf {
     }
 }
 
+/// The `.BTF` section of an ELF file (a vmlinux built with CONFIG_DEBUG_INFO_BTF).
+fn btf_section(elf: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use object::{Object as _, ObjectSection as _};
+    let file = object::File::parse(elf).context("not a readable ELF file")?;
+    let section = file.section_by_name(".BTF").context(
+        "the ELF file has no .BTF section (a kernel built without CONFIG_DEBUG_INFO_BTF?)",
+    )?;
+    Ok(section.data().context("reading the .BTF section")?.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,6 +419,19 @@ mod tests {
         out.extend_from_slice(&t);
         out.extend_from_slice(&strings);
         out
+    }
+
+    #[test]
+    fn an_elf_file_is_read_through_its_btf_section() {
+        // faultline's own eBPF object is an ELF with a .BTF section describing its types.
+        let path = std::env::temp_dir().join(format!("faultline-btf-test-{}", std::process::id()));
+        std::fs::write(&path, crate::loader::OBJECT).expect("test");
+        let btf = Btf::from_file(&path);
+        let _ = std::fs::remove_file(&path);
+        let btf = btf.expect("test");
+        // The offsets global's type, as probe-common defines it.
+        assert_eq!(btf.member_offset("KernelOffsets", "task_real_parent").expect("test"), 4);
+        assert!(btf_section(b"\x7fELF not really").is_err());
     }
 
     #[test]

@@ -14,9 +14,12 @@ use crate::{
 
 #[derive(clap::Args, Debug, Default)]
 pub struct CheckArgs {
-    /// Print a refused program's whole verifier log (default: its last lines).
+    /// Print a refused program's whole verifier log (default: its last lines), and the
+    /// programs and maps of the eBPF object with what the kernel accepted.
     #[arg(long, short)]
     pub verbose: bool,
+    #[command(flatten)]
+    pub kernel: crate::loader::KernelArgs,
 }
 
 /// Verifier log lines shown for a refused program without `--verbose`: the verifier's
@@ -75,9 +78,14 @@ pub fn run(args: &CheckArgs) -> bool {
         ),
     }
 
-    let btf = match Btf::from_kernel() {
+    let btf_source = args
+        .kernel
+        .btf
+        .as_deref()
+        .unwrap_or(std::path::Path::new("/sys/kernel/btf/vmlinux"));
+    let btf = match Btf::from_option(args.kernel.btf.as_deref()) {
         Ok(btf) => {
-            r.line(Status::Ok, "BTF", "/sys/kernel/btf/vmlinux");
+            r.line(Status::Ok, "BTF", btf_source.display().to_string());
             Some(btf)
         }
         Err(e) => {
@@ -198,7 +206,7 @@ pub fn run(args: &CheckArgs) -> bool {
 
     if let (Ok(()), Some(btf), Ok(tracefs)) = (&privileged, &btf, &tracefs) {
         // Verifying and attaching for real is the only honest test of the program types.
-        match Probes::load(btf, tracefs) {
+        match Probes::load(btf, tracefs, crate::loader::KernelLog::Off) {
             Ok(mut probes) => {
                 for (programs, name, missing_status) in [
                     (&CLONE_PROGRAMS[..], "clone programs", Status::Fail),
@@ -221,6 +229,9 @@ pub fn run(args: &CheckArgs) -> bool {
                             format!("{name}: {}", refused(&e)),
                         ),
                     }
+                }
+                if args.verbose {
+                    object_inventory(&probes);
                 }
                 match CgroupFs::discover().and_then(|fs| probes.attach_dns(&fs)) {
                     Ok(_) => r.line(
@@ -274,6 +285,40 @@ pub fn run(args: &CheckArgs) -> bool {
         }
     );
     r.core_ok
+}
+
+/// `--verbose`: the embedded object's programs (from its ELF) and maps (as the kernel created
+/// them), with the memory the maps take on this node: what a DaemonSet's memory limit must hold.
+fn object_inventory(probes: &Probes) {
+    match loader::object_programs() {
+        Ok(programs) => {
+            for p in programs {
+                println!(
+                    "      program {:<20} {:<22} {} instructions",
+                    p.name, p.section, p.instructions
+                );
+            }
+        }
+        Err(e) => println!("      programs: {e:#}"),
+    }
+    let maps = probes.loaded_maps();
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n.get());
+    for m in &maps {
+        println!(
+            "      map     {:<20} {:<22} key {} value {} entries {}: {} KiB",
+            m.name,
+            m.kind,
+            m.key_size,
+            m.value_size,
+            m.max_entries,
+            m.bytes.div_ceil(1024)
+        );
+    }
+    let total: u64 = maps.iter().map(|m| m.bytes).sum();
+    println!(
+        "      maps take about {} MiB of kernel memory with {cpus} CPUs",
+        total.div_ceil(1024 * 1024)
+    );
 }
 
 /// An error with its verifier log cut to the last lines (all with `verbose`), and the kernel

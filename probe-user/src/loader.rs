@@ -25,7 +25,7 @@ use crate::{
 pub type EventRing = tokio::io::unix::AsyncFd<RingBuf<MapData>>;
 
 /// The eBPF object, built by build.rs with aya-build.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
 /// A program and the tracepoint (category, name) it attaches to.
 pub type Attachment = (&'static str, &'static str, &'static str);
@@ -48,8 +48,67 @@ pub const TASK_PROGRAMS: [Attachment; 3] = [
 /// Packets dropped by netfilter.
 pub const CONNTRACK_PROGRAMS: [Attachment; 1] = [("conntrack_drop", "skb", "kfree_skb")];
 
+/// Where the kernel's types come from. Every command that loads the programs takes it.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct KernelArgs {
+    /// Read the kernel's types from this file (raw BTF, or a vmlinux ELF with a .BTF section)
+    /// instead of /sys/kernel/btf/vmlinux.
+    #[arg(long, env = "FAULTLINE_BTF")]
+    pub btf: Option<std::path::PathBuf>,
+}
+
+/// What the programs may log (`trace --kernel-log`): missing evidence, rejected packets. `off`
+/// (the default) costs nothing: the verifier removes the log statements.
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelLog {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl KernelLog {
+    /// aya-log's level number (`AYA_LOG_LEVEL`): statements above it are dead code.
+    fn level(self) -> u8 {
+        match self {
+            KernelLog::Off => 0,
+            KernelLog::Error => 1,
+            KernelLog::Warn => 2,
+            KernelLog::Info => 3,
+            KernelLog::Debug => 4,
+        }
+    }
+}
+
+/// The programs' log records, printed to stderr as `faultline: kernel <level>: <message>`.
+pub type KernelLogger = tokio::io::unix::AsyncFd<aya_log::EbpfLogger<StderrLog>>;
+
+/// Writes aya-log's records to stderr, one line each.
+pub struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        eprintln!(
+            "faultline: kernel {}: {}",
+            record.level().as_str().to_lowercase(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
 pub struct Probes {
     ebpf: Ebpf,
+    /// The programs' log records, while `--kernel-log` is on (taken once by the command).
+    logger: Option<KernelLogger>,
     /// Kernel struct members this kernel lacks: their evidence will be absent.
     pub missing_members: Vec<&'static str>,
     /// Older layouts or mechanisms used in place of newer ones on this kernel.
@@ -105,11 +164,13 @@ pub struct CloneStats {
 
 impl Probes {
     /// Everything before attaching, for the commands: privileges, tracefs, BTF, load.
-    pub fn open() -> anyhow::Result<Self> {
+    pub fn open(args: &KernelArgs, kernel_log: KernelLog) -> anyhow::Result<Self> {
         require_privileges()?;
         let tracefs = Tracefs::find_or_mount()?;
-        let btf = Btf::from_kernel().context("kernel BTF is required (CONFIG_DEBUG_INFO_BTF)")?;
-        let probes = Probes::load(&btf, &tracefs)?;
+        let btf = Btf::from_option(args.btf.as_deref()).context(
+            "kernel BTF is required (CONFIG_DEBUG_INFO_BTF, or --btf with a vmlinux or BTF file)",
+        )?;
+        let probes = Probes::load(&btf, &tracefs, kernel_log)?;
         for member in &probes.missing_members {
             eprintln!(
                 "faultline: note: this kernel has no {member}; that evidence will be missing"
@@ -119,13 +180,15 @@ impl Probes {
     }
 
     /// Loads the object with offsets from `btf` and `tracefs`. Does not attach anything.
-    pub fn load(btf: &Btf, tracefs: &Tracefs) -> anyhow::Result<Self> {
+    pub fn load(btf: &Btf, tracefs: &Tracefs, kernel_log: KernelLog) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let kernel = offsets::kernel(btf);
         let net = offsets::net(btf);
         let tracepoints = offsets::tracepoints(tracefs);
         let symbols = offsets::KernelSymbols::read();
-        let ebpf = EbpfLoader::new()
+        let level = kernel_log.level();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &level, true)
             .override_global("CLONE_KERNEL_OFFSETS", &kernel.offsets, true)
             .override_global("NET_OFFSETS", &net.offsets, true)
             .override_global("TP_OFFSETS", &tracepoints.offsets, true)
@@ -137,11 +200,24 @@ impl Probes {
         missing_members.extend(net.missing);
         let mut fallbacks = kernel.fallbacks;
         fallbacks.extend(net.fallbacks);
+        let logger = if kernel_log == KernelLog::Off {
+            None
+        } else {
+            let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, StderrLog)
+                .context("reading the programs' log ring")?;
+            Some(register(logger, "the programs' log ring")?)
+        };
         Ok(Probes {
             ebpf,
+            logger,
             missing_members,
             fallbacks,
         })
+    }
+
+    /// The programs' log records (once), when `--kernel-log` is on.
+    pub fn kernel_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
     }
 
     /// Loads (verifies) and attaches programs to their tracepoints.
@@ -277,13 +353,7 @@ impl Probes {
             .with_context(|| format!("map {name} missing or already taken"))?;
         let ring =
             RingBuf::try_from(map).with_context(|| format!("{name} is not a ring buffer"))?;
-        // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open for as long as it is
-        // registered.
-        unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into_parts().1)
-        .with_context(|| format!("registering {name} with the event loop"))
+        register(ring, name)
     }
 
     pub fn clone_stats(&self) -> anyhow::Result<CloneStats> {
@@ -350,6 +420,111 @@ impl Probes {
         }
         Ok(sums)
     }
+}
+
+/// A program of the embedded eBPF object, as its ELF file describes it.
+pub struct ObjectProgram {
+    pub name: String,
+    /// ELF section: the program type and attach point (`tracepoint`, `cgroup_skb/egress`).
+    pub section: String,
+    pub instructions: u64,
+}
+
+/// The programs in the embedded object, read with `object` from the ELF itself.
+pub fn object_programs() -> anyhow::Result<Vec<ObjectProgram>> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+    let file = object::File::parse(OBJECT).context("parsing the embedded eBPF object")?;
+    let mut programs = Vec::new();
+    for symbol in file.symbols() {
+        let Some(index) = symbol.section_index() else {
+            continue;
+        };
+        let section = file.section_by_index(index)?;
+        let section = section.name().unwrap_or("?");
+        if symbol.kind() != SymbolKind::Text || symbol.size() == 0 || section == ".text" {
+            continue;
+        }
+        programs.push(ObjectProgram {
+            name: symbol.name().unwrap_or("?").to_owned(),
+            section: section.to_owned(),
+            instructions: symbol.size() / 8,
+        });
+    }
+    programs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(programs)
+}
+
+/// A map as the kernel created it, with the memory it takes at this node's CPU count.
+pub struct LoadedMap {
+    pub name: String,
+    pub kind: String,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    /// Estimated kernel memory: values (per CPU for per-CPU maps), keys and per-entry overhead
+    /// of hashes; a ring buffer's size.
+    pub bytes: u64,
+}
+
+impl Probes {
+    /// Every map of the loaded object, as the kernel holds it.
+    pub fn loaded_maps(&self) -> Vec<LoadedMap> {
+        use aya::maps::Map;
+        let cpus = aya::util::nr_cpus().map_or(1, |n| u64::from(n.get()));
+        let mut maps = Vec::new();
+        for (name, map) in self.ebpf.maps() {
+            let (data, per_cpu, hash) = match map {
+                Map::Array(d) => (d, false, false),
+                Map::HashMap(d) | Map::LruHashMap(d) => (d, false, true),
+                Map::PerCpuArray(d) => (d, true, false),
+                Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) => (d, true, true),
+                Map::RingBuf(d) => (d, false, false),
+                _ => continue,
+            };
+            let Ok(info) = data.info() else { continue };
+            let (key, value, entries) = (
+                u64::from(info.key_size()),
+                u64::from(info.value_size()),
+                u64::from(info.max_entries()),
+            );
+            let kind = info
+                .map_type()
+                .map_or_else(|_| "?".to_owned(), |t| format!("{t:?}"));
+            let values = if per_cpu {
+                value.next_multiple_of(8) * cpus
+            } else {
+                value
+            };
+            // A hash entry also holds its key and ~48 bytes of bookkeeping; a ring buffer's
+            // max_entries is its size in bytes.
+            let bytes = match (matches!(map, Map::RingBuf(_)), hash) {
+                (true, _) => entries,
+                (false, true) => entries * (values + key.next_multiple_of(8) + 48),
+                (false, false) => entries * values,
+            };
+            maps.push(LoadedMap {
+                name: name.to_owned(),
+                kind,
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                max_entries: info.max_entries(),
+                bytes,
+            });
+        }
+        maps.sort_by(|a, b| a.name.cmp(&b.name));
+        maps
+    }
+}
+
+/// Registers a ring buffer (or a reader owning one) with the tokio event loop.
+fn register<T: std::os::fd::AsRawFd>(
+    ring: T,
+    name: &str,
+) -> anyhow::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: the AsyncFd owns the ring, so the fd stays open for as long as it is registered.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .with_context(|| format!("registering {name} with the event loop"))
 }
 
 /// Decodes one ring-buffer record; `None` for a record shorter than a `T`.

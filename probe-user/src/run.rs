@@ -31,7 +31,7 @@ use crate::{
     clone::{self, Enricher},
     conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
     dns::{DnsQuery, DnsTracker, Names},
-    loader::{Attachment, CLONE_PROGRAMS, Probes, TASK_PROGRAMS},
+    loader::{Attachment, CLONE_PROGRAMS, KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
     metrics::Metrics,
     netns::NetnsDirectory,
     node::NodeTasks,
@@ -67,6 +67,8 @@ pub struct RunArgs {
     /// Most series per metric; past it new workloads share one `_overflow` series.
     #[arg(long, env = "FAULTLINE_MAX_SERIES", default_value_t = 2000)]
     pub max_series: usize,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
     #[command(flatten)]
     pub pods: PodArgs,
 }
@@ -125,7 +127,7 @@ struct Served {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut probes = Probes::open()?;
+    let mut probes = Probes::open(&args.kernel, KernelLog::Off)?;
     let node = args
         .pods
         .node_name

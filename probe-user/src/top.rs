@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cgroups::CgroupFs,
     clock::now_rfc3339,
-    loader::{Probes, TASK_PROGRAMS},
+    loader::{KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
     node::NodeTasks,
     pods::{Attributor, PodArgs},
     tasks::{CgroupRow, Snapshot, TaskModel},
@@ -56,10 +56,12 @@ pub struct TopArgs {
     pub interval: Duration,
     #[command(flatten)]
     pub pods: PodArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
 }
 
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
-    let mut probes = Probes::open()?;
+    let mut probes = Probes::open(&args.kernel, KernelLog::Off)?;
     probes.attach(&TASK_PROGRAMS)?;
     let mut attributor = Attributor::new(CgroupFs::discover()?, &args.pods).await;
     let mut model = TaskModel::default();

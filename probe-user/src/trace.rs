@@ -23,7 +23,10 @@ use crate::{
     clone::{self, CloneFailure, Enricher},
     conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
     dns::{self, DnsQuery, DnsTracker, Names},
-    loader::{self, CLONE_PROGRAMS, CloneStats, ConntrackStats, Probes, TASK_PROGRAMS},
+    loader::{
+        self, CLONE_PROGRAMS, CloneStats, ConntrackStats, KernelArgs, KernelLog, Probes,
+        TASK_PROGRAMS,
+    },
     netns::NetnsDirectory,
     pods::{Attributor, PodArgs},
     tasks::{HeadroomWarning, HeadroomWatch, TaskModel},
@@ -69,6 +72,12 @@ pub struct TraceArgs {
     pub dns_names: Names,
     #[command(flatten)]
     pub pods: PodArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// Also print what the eBPF programs log at this level and above (`warn`: evidence a
+    /// failure lacks; `debug`: rejected DNS packets too). `off` costs nothing.
+    #[arg(long, value_enum, default_value_t = KernelLog::Off)]
+    pub kernel_log: KernelLog,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -255,7 +264,7 @@ struct Headroom {
 const CLASH_POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
-    let mut probes = Probes::open()?;
+    let mut probes = Probes::open(&args.kernel, args.kernel_log)?;
     if args.events.contains(&EventKind::Clone) {
         probes.attach(&CLONE_PROGRAMS)?;
     }
@@ -321,8 +330,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         show_dns,
     };
 
+    let mut kernel_log = probes.kernel_logger();
     eprintln!(
-        "faultline: tracing failed task creation (clone, clone3, fork, vfork){}{}{} {}",
+        "faultline: tracing{}{}{}{} {}",
+        if args.events.contains(&EventKind::Clone) {
+            " failed task creation (clone, clone3, fork, vfork)"
+        } else {
+            ""
+        },
         if headroom.is_some() {
             ", pids headroom"
         } else {
@@ -395,10 +410,18 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                     printer.flush()?;
                 }
             }
+            guard = async { kernel_log.as_mut().expect("only polled with --kernel-log").readable_mut().await }, if kernel_log.is_some() => {
+                let mut guard = guard.context("waiting on the programs' log ring")?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sleep_until(deadline) => break,
         }
+    }
+    if let Some(log) = kernel_log.as_mut() {
+        log.get_mut().flush();
     }
     // Events submitted just before the stop are still in the rings.
     if let (Some(ring), Some(c)) = (ct_ring.as_mut(), classifier.as_mut()) {

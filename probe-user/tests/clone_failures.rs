@@ -300,15 +300,12 @@ fn memory_cgroup_limit_hit_by_thread_creation() {
     let name = unique("memory");
     let memory = TempCgroup::new(&memory_mount, &name);
     let dir = memory.dir.display().to_string();
-    // Linux 5.10 forces a cgroup v2 charge that no OOM kill can make room for (the lab is
-    // unkillable): thread creation never fails there, so there is nothing to report, and
-    // nothing may be reported. 6.1 refuses the charge (ENOMEM).
-    let forced = kernel_version() < (6, 1) && !memory_mount.join("memory.oom_control").exists();
-    let count = if forced { "200" } else { "5000" };
+    // 1 MiB of room holds a few dozen threads' kernel stacks: 1,000 is plenty, and few enough
+    // stacks to map and touch quickly under emulation.
     let trace = Trace::start(&["--comm", "fl-memory"]);
     let report = lab(&[
         "threads",
-        count,
+        "1000",
         "--comm",
         "fl-memory",
         "--memory-cgroup",
@@ -316,20 +313,10 @@ fn memory_cgroup_limit_hit_by_thread_creation() {
         "--memory-headroom",
         "1048576",
     ]);
-    if forced {
-        let (events, _) = trace.stop_json();
-        assert_eq!((report.created, report.failures), (200, 0), "{report:?}");
-        assert!(by_comm(&events, "fl-memory").is_empty(), "{events:#?}");
-        eprintln!(
-            "Linux {:?} forces charges past memory.max: no failure to trace",
-            kernel_version()
-        );
-        return;
-    }
     let (events, _) = trace.stop_json();
     // glibc turns clone3's ENOMEM into EAGAIN for pthread_create; the syscall says ENOMEM.
     assert_eq!(report.failures, 3, "{report:?}");
-    assert!(report.created > 0 && report.created < 5000, "{report:?}");
+    assert!(report.created > 0 && report.created < 1000, "{report:?}");
     assert_events(
         &events,
         "fl-memory",
@@ -425,4 +412,63 @@ fn table_output_has_one_line_per_failure_and_a_summary() {
         lines.iter().any(|l| l == "by cause:  pidns_dead 2"),
         "{lines:#?}"
     );
+}
+
+/// `--btf` with a description of this kernel that lacks `pids_cgroup` (its name altered in a
+/// copy of the running kernel's BTF): the failure is still reported with its cause, and with
+/// `--kernel-log warn` the program says which evidence it could not read.
+#[test]
+fn a_missing_offset_shows_as_a_kernel_log_line() {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("vmlinux BTF");
+    let (name, renamed) = (&b"\0pids_cgroup\0"[..], &b"\0pids_cgrouq\0"[..]);
+    let at: Vec<usize> = btf
+        .windows(name.len())
+        .enumerate()
+        .filter(|(_, w)| *w == name)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        at.len(),
+        1,
+        "the name pids_cgroup appears once in the BTF strings"
+    );
+    let mut doctored = btf;
+    doctored[at[0]..at[0] + name.len()].copy_from_slice(renamed);
+    let path = std::env::temp_dir().join(unique("btf"));
+    let _file = TempFile::new(&path, &doctored);
+    let path = path.display().to_string();
+
+    let trace = Trace::start(&["--comm", "fl-klog", "--btf", &path, "--kernel-log", "warn"]);
+    let report = lab(&[
+        "forks", "50", "--comm", "fl-klog", "--uid", "65534", "--nproc", "3",
+    ]);
+    let (lines, stderr) = trace.stop();
+    assert_eq!(report.failures, 3, "{report:?}");
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["comm"] == "fl-klog")
+        .collect();
+    assert_eq!(events.len(), 3, "{lines:#?}");
+    assert!(
+        events.iter().all(|e| e["cause"] == "rlimit_nproc"),
+        "{events:#?}"
+    );
+    // check reads the same description and names what it lacks.
+    let check = std::process::Command::new(&*FAULTLINE)
+        .args(["check", "--btf", &path])
+        .output()
+        .expect("running check");
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.contains("missing pids_cgroup.css, pids_cgroup.counter, pids_cgroup.limit"),
+        "{check}"
+    );
+    let logged = stderr
+        .lines()
+        .filter(|l| {
+            *l == "faultline: kernel warn: clone failure without a pids cgroup snapshot (offset missing or read failed)"
+        })
+        .count();
+    assert!(logged >= 3, "one kernel log line per failure: {stderr}");
 }

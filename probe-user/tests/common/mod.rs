@@ -409,6 +409,23 @@ impl Drop for TempCgroup {
     }
 }
 
+/// A file written for one test, removed on drop.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    pub fn new(path: &Path, contents: &[u8]) -> TempFile {
+        std::fs::write(path, contents)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        TempFile(path.to_path_buf())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// The kernel of the VM matrix these tests run in (`cargo xtask vm-test` sets it): a
 /// disposable machine, where host-wide limits may be lowered. `None` on a real host.
 pub fn vm_kernel() -> Option<String> {
