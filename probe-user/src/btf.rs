@@ -325,6 +325,20 @@ fn btf_section(elf: &[u8]) -> anyhow::Result<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// A BTF blob: the header, the type section, the string section.
+    fn blob(types: &[u8], strings: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        let (t, s) = (types.len() as u32, strings.len() as u32);
+        for v in [24u32, 0, t, t, s] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(types);
+        out.extend_from_slice(strings);
+        out
+    }
+
     /// Builds a tiny BTF blob: `struct outer { int a; union { int b; struct inner in; }; }`,
     /// `struct inner { int x; int y; }`, `enum e { E_ONE = 1, E_NEG = -2 }`.
     fn sample() -> Vec<u8> {
@@ -378,21 +392,7 @@ mod tests {
             s("E_NEG"),
             (-2i32) as u32,
         ]);
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.extend_from_slice(&[1, 0]);
-        for v in [
-            24u32,
-            0,
-            t.len() as u32,
-            t.len() as u32,
-            strings.len() as u32,
-        ] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out.extend_from_slice(&t);
-        out.extend_from_slice(&strings);
-        out
+        blob(&t, &strings)
     }
 
     /// A module's split BTF on top of `sample()`: `struct modstruct { int m @0; struct inner
@@ -404,21 +404,7 @@ mod tests {
         for v in [s(0), KIND_STRUCT << 24 | 2, 16, s(10), 1, 0, s(12), 2, 64] {
             t.extend_from_slice(&v.to_le_bytes());
         }
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.extend_from_slice(&[1, 0]);
-        for v in [
-            24u32,
-            0,
-            t.len() as u32,
-            t.len() as u32,
-            strings.len() as u32,
-        ] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out.extend_from_slice(&t);
-        out.extend_from_slice(&strings);
-        out
+        blob(&t, &strings)
     }
 
     #[test]
@@ -430,7 +416,11 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let btf = btf.expect("test");
         // The offsets global's type, as probe-common defines it.
-        assert_eq!(btf.member_offset("KernelOffsets", "task_real_parent").expect("test"), 4);
+        assert_eq!(
+            btf.member_offset("KernelOffsets", "task_real_parent")
+                .expect("test"),
+            4
+        );
         assert!(btf_section(b"\x7fELF not really").is_err());
     }
 

@@ -25,7 +25,8 @@ use crate::{
 pub type EventRing = tokio::io::unix::AsyncFd<RingBuf<MapData>>;
 
 /// The eBPF object, built by build.rs with aya-build.
-pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
 /// A program and the tracepoint (category, name) it attaches to.
 pub type Attachment = (&'static str, &'static str, &'static str);

@@ -183,10 +183,22 @@ fn pid_max_of_a_fresh_pid_namespace() {
     let (events, _) = trace.stop_json();
     // pids 1..300 exist in the namespace: init plus 299 threads.
     assert_eq!((report.created, report.failures), (299, 3), "{report:?}");
+    assert_pid_max_threads(&events, "fl-pidmax", &report, |evidence| {
+        evidence.contains(" level=1 pids=300 pid_max=301: no free pid in [300, 301)")
+    });
+}
+
+/// Every thread creation the lab saw refused is reported as pid_max, with this evidence.
+fn assert_pid_max_threads(
+    events: &[Value],
+    comm: &str,
+    report: &LabReport,
+    evidence_ok: impl Fn(&str) -> bool,
+) {
     assert_events(
-        &events,
-        "fl-pidmax",
-        &report,
+        events,
+        comm,
+        report,
         &[
             ("cause", "pid_max"),
             ("errno", "EAGAIN"),
@@ -194,10 +206,9 @@ fn pid_max_of_a_fresh_pid_namespace() {
             ("task", "thread"),
         ],
     );
-    for e in &events {
-        let evidence = e["evidence"].as_str().unwrap_or_default();
+    for e in by_comm(events, comm) {
         assert!(
-            evidence.contains(" level=1 pids=300 pid_max=301: no free pid in [300, 301)"),
+            evidence_ok(e["evidence"].as_str().unwrap_or_default()),
             "{e}"
         );
     }
@@ -235,24 +246,9 @@ fn pid_max_of_the_node_global() {
         report.created <= 20 && report.failures == 3,
         "{kernel}: {report:?}"
     );
-    assert_events(
-        &events,
-        "fl-gpidmax",
-        &report,
-        &[
-            ("cause", "pid_max"),
-            ("errno", "EAGAIN"),
-            ("syscall", "clone3"),
-            ("task", "thread"),
-        ],
-    );
-    for e in &events {
-        let evidence = e["evidence"].as_str().unwrap_or_default();
-        assert!(
-            evidence.contains(" level=0 ") && evidence.contains(" (global): no free pid in [300, "),
-            "{e}"
-        );
-    }
+    assert_pid_max_threads(&events, "fl-gpidmax", &report, |evidence| {
+        evidence.contains(" level=0 ") && evidence.contains(" (global): no free pid in [300, ")
+    });
 }
 
 #[test]

@@ -64,7 +64,7 @@ const KERNEL_TESTS: [&str; 6] = [
     "cli",
 ];
 /// One VM's whole run, boot to power-off; past it the VM is killed and the kernel fails.
-const VM_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 struct Paths {
     root: PathBuf,

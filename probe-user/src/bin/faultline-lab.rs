@@ -748,6 +748,7 @@ const RESERVED_PIDS: u32 = 300;
 /// the tasks, and restores pid_max before reporting, also on error.
 fn with_global_pid_max(args: &Args, stacks: Option<&Stacks>, free: u32) -> anyhow::Result<()> {
     let original = std::fs::read_to_string(PID_MAX).context("reading kernel.pid_max")?;
+    pass_reserved_pids()?;
     let pid_max = pid_max_leaving(&task_ids()?, free);
     std::fs::write(PID_MAX, pid_max.to_string()).context("lowering kernel.pid_max")?;
     let result = create(args, stacks, || {
@@ -755,6 +756,26 @@ fn with_global_pid_max(args: &Args, stacks: Option<&Stacks>, free: u32) -> anyho
     });
     let restored = std::fs::write(PID_MAX, original.trim()).context("restoring kernel.pid_max");
     result.and(restored)
+}
+
+/// Until the pid allocator's cursor first passes RESERVED_PIDS (early after boot), it hands
+/// out freed pids from 1: fork until a child's pid shows it has passed, so that the free range
+/// is [RESERVED_PIDS, pid_max) as on any node that has run for a while.
+fn pass_reserved_pids() -> anyhow::Result<()> {
+    for _ in 0..2 * RESERVED_PIDS {
+        // SAFETY: the child only calls _exit.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+            0 => unsafe { libc::_exit(0) },
+            child => {
+                wait_ok(child)?;
+                if child > RESERVED_PIDS as libc::pid_t {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    bail!("no pid above {RESERVED_PIDS} after {} forks", 2 * RESERVED_PIDS)
 }
 
 /// Every task id (threads included) in our pid namespace.
