@@ -362,3 +362,84 @@ fn every_dashboard_query_parses_and_returns_data() {
     drop(daemon);
     drop(dns_server);
 }
+
+/// The Prometheus Operator's path. The scrape job it generates for deploy/servicemonitor.yaml,
+/// reproduced as a static job (no Kubernetes service discovery here): the discovery labels of
+/// the agent's pod, the Operator's own target relabelings (namespace, service, pod, container,
+/// job, endpoint: the *agent's*), then the ServiceMonitor's relabelings, with honor_labels from
+/// its honorLabels. The failing pod's labels must survive on its series, and node totals must
+/// not be attributed to the agent's pod.
+#[test]
+fn the_operator_scrape_keeps_the_failing_pods_labels() {
+    let sm = yaml_docs(
+        &std::fs::read_to_string(root().join("deploy/servicemonitor.yaml"))
+            .expect("servicemonitor"),
+    )
+    .remove(0);
+    assert_eq!(
+        sm["metadata"]["labels"]["release"], "prometheus",
+        "kube-prometheus-stack's selector"
+    );
+    let endpoint = &sm["spec"]["endpoints"][0];
+    let honor = endpoint["honorLabels"].as_bool().unwrap_or(false);
+    let mut relabel = String::new();
+    for r in endpoint["relabelings"].as_array().expect("relabelings") {
+        relabel += "  - action: ";
+        relabel += r["action"].as_str().unwrap_or("replace");
+        relabel += "\n";
+        if let Some(s) = r["sourceLabels"].as_array() {
+            let names: Vec<&str> = s.iter().filter_map(Value::as_str).collect();
+            relabel += &format!("    source_labels: [{}]\n", names.join(", "));
+        }
+        for (from, to) in [
+            ("targetLabel", "target_label"),
+            ("regex", "regex"),
+            ("replacement", "replacement"),
+        ] {
+            if let Some(v) = r[from].as_str() {
+                relabel += &format!("    {to}: '{v}'\n");
+            }
+        }
+    }
+
+    let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), 0x400);
+    const CID: &str = "0a0b0c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+    let logs = KubeletLogs::new(&[("shop", "op-1", &uid, "app", CID)]);
+    let cg = PodCgroup::systemd(&unique("operator"), &uid, CID, 8);
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
+    let job = format!(
+        "- job_name: serviceMonitor/faultline/faultline/0\n  honor_labels: {honor}\n  static_configs:\n  - targets: ['127.0.0.1:{port}']\n    labels:\n      __meta_kubernetes_namespace: faultline\n      __meta_kubernetes_service_name: faultline\n      __meta_kubernetes_pod_name: faultline-x7k2p\n      __meta_kubernetes_pod_container_name: faultline\n      __meta_kubernetes_pod_node_name: node-1\n  relabel_configs:\n  - source_labels: [__meta_kubernetes_namespace]\n    target_label: namespace\n  - source_labels: [__meta_kubernetes_service_name]\n    target_label: service\n  - source_labels: [__meta_kubernetes_pod_name]\n    target_label: pod\n  - source_labels: [__meta_kubernetes_pod_container_name]\n    target_label: container\n  - source_labels: [__meta_kubernetes_service_name]\n    target_label: job\n  - target_label: endpoint\n    replacement: metrics\n{relabel}",
+        port = daemon.port,
+    );
+    let prom = Prometheus::start_with_job(&job);
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    lab(&[
+        &[
+            "threads",
+            "20",
+            "--comm",
+            "fl-operator",
+            "--max-failures",
+            "2",
+        ][..],
+        &join,
+    ]
+    .concat());
+
+    let failing = r#"faultline_clone_failures_total{namespace="shop",pod="op-1",container="app",node="node-1",job="faultline"}"#;
+    eventually(Duration::from_secs(30), "the failing pod's series", || {
+        prom.value(failing).filter(|v| *v >= 2.0)
+    });
+    assert_eq!(
+        prom.series(r#"faultline_clone_failures_total{pod="faultline-x7k2p"}"#),
+        Some(0),
+        "failures attributed to the agent's pod"
+    );
+    assert_eq!(
+        prom.series(r#"faultline_node_threads{agent_pod="faultline-x7k2p",pod=""}"#),
+        Some(1),
+        "node totals carry the agent, not a pod"
+    );
+    assert_eq!(prom.series(r#"up{job="faultline"} == 1"#), Some(1));
+}

@@ -706,11 +706,18 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(target_port: u16) -> Prometheus {
+        Self::start_with_job(&format!(
+            "- job_name: faultline\n  static_configs:\n  - targets: ['127.0.0.1:{target_port}']\n    labels:\n      node: test-node\n"
+        ))
+    }
+
+    /// A Prometheus scraping every second with this scrape job (YAML, a list item).
+    pub fn start_with_job(job: &str) -> Prometheus {
         let port = free_port();
         let dir = std::env::temp_dir().join(unique(&format!("prometheus-{port}")));
         std::fs::create_dir_all(&dir).expect("prometheus dir");
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: faultline\n  static_configs:\n  - targets: ['127.0.0.1:{target_port}']\n    labels:\n      node: test-node\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{job}"
         );
         std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus config");
         let child = Command::new("prometheus")
