@@ -9,7 +9,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    hash::{Hash as _, Hasher as _},
+    hash::BuildHasher as _,
     net::IpAddr,
     time::Duration,
 };
@@ -58,7 +58,8 @@ pub struct DnsQuery {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Names {
     Full,
-    /// A stable hash instead of the name (same name, same hash, within one run).
+    /// A hash instead of the name, keyed at random when faultline starts: the same name gives
+    /// the same hash within one run, and no dictionary of names reverses it.
     Redact,
 }
 
@@ -167,6 +168,8 @@ type Question = (u64, String, u16);
 pub struct DnsTracker {
     timeout_ns: u64,
     names: Names,
+    /// The key of the redacting hash (SipHash with random keys per process).
+    redact_key: std::hash::RandomState,
     clock: KernelClock,
     /// Questions sent and not (yet) answered, with when: from re-sends, timeouts and the
     /// waiting queries seen in the kernel's map.
@@ -185,6 +188,7 @@ impl DnsTracker {
         DnsTracker {
             timeout_ns: u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX),
             names,
+            redact_key: std::hash::RandomState::new(),
             clock: KernelClock::new(),
             unanswered: HashMap::new(),
             waiting: HashMap::new(),
@@ -381,11 +385,7 @@ impl DnsTracker {
     fn name(&self, qname: &str) -> String {
         match self.names {
             Names::Full => qname.to_owned(),
-            Names::Redact => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                qname.hash(&mut h);
-                format!("redacted-{:08x}", h.finish() as u32)
-            }
+            Names::Redact => format!("redacted-{:016x}", self.redact_key.hash_one(qname)),
         }
     }
 }
@@ -445,6 +445,21 @@ pub fn catch_up(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_is_keyed_per_run() {
+        let a = DnsTracker::new(Duration::from_secs(2), Names::Redact);
+        let b = DnsTracker::new(Duration::from_secs(2), Names::Redact);
+        let name = "payments.internal.example.";
+        assert_eq!(a.name(name), a.name(name), "stable within a run");
+        assert!(a.name(name).starts_with("redacted-") && !a.name(name).contains("payments"));
+        // Another run (another key): a dictionary hashed elsewhere does not match.
+        assert_ne!(a.name(name), b.name(name));
+        assert_eq!(
+            DnsTracker::new(Duration::from_secs(2), Names::Full).name(name),
+            name
+        );
+    }
 
     /// A query for `name` with `id`, as a resolver sends it.
     fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {

@@ -329,6 +329,10 @@ impl Metrics {
             &["version", "kernel"],
         )?;
         m.registry.register(Box::new(info.clone()))?;
+        // The agent's own CPU, memory and file descriptors (process_*), for its SLO and sizing.
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         info.with_label_values(&[env!("CARGO_PKG_VERSION"), kernel.trim()])
             .set(1);

@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// Most series per metric; past it new workloads share one `_overflow` series.
     #[arg(long, env = "FAULTLINE_MAX_SERIES", default_value_t = 2000)]
     pub max_series: usize,
+    /// Query names in event lines and OTLP spans: `full`, or `redact` (a hash keyed at random
+    /// per start). Metrics never carry names. The DaemonSet sets `redact`.
+    #[arg(long, env = "FAULTLINE_DNS_NAMES", value_enum, default_value_t = Names::Full)]
+    pub dns_names: Names,
     #[command(flatten)]
     pub kernel: KernelArgs,
     #[command(flatten)]
@@ -165,7 +169,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics.probe_attached("dns", true);
             (
                 Some(ring),
-                Some(DnsTracker::new(args.dns_timeout, Names::Full)),
+                Some(DnsTracker::new(args.dns_timeout, args.dns_names)),
             )
         }
         Err(e) => {

@@ -46,6 +46,16 @@ fn prometheus_scrapes_exact_counts_per_pod_and_promtool_accepts_them() {
         &events.display().to_string(),
     ]);
     let prom = Prometheus::start(daemon.port);
+    // The agent's own footprint, for its sizing and SLO.
+    let own = daemon.metrics();
+    for family in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_cpu_seconds_total",
+        "faultline_build_info{",
+    ] {
+        assert!(own.contains(family), "{family} missing:\n{own}");
+    }
 
     let join = cg.join_args();
     let join: Vec<&str> = join.iter().map(String::as_str).collect();

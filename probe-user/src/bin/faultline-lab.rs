@@ -775,7 +775,10 @@ fn pass_reserved_pids() -> anyhow::Result<()> {
             }
         }
     }
-    bail!("no pid above {RESERVED_PIDS} after {} forks", 2 * RESERVED_PIDS)
+    bail!(
+        "no pid above {RESERVED_PIDS} after {} forks",
+        2 * RESERVED_PIDS
+    )
 }
 
 /// Every task id (threads included) in our pid namespace.
