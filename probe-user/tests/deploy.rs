@@ -85,6 +85,24 @@ fn the_kustomize_base_renders_and_validates() {
     ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
+    let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/os"],
+        "linux"
+    );
+    // The image: a locked build from a context without target/ (gigabytes) or .git.
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains("cargo build --release --locked"),
+        "{dockerfile}"
+    );
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).expect(".dockerignore");
+    for excluded in ["target/", ".git/"] {
+        assert!(
+            ignore.lines().any(|l| l == excluded),
+            "{excluded} is sent to docker"
+        );
+    }
     // Least privilege: pods get/list/watch, nothing more.
     let role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
     assert_eq!(
