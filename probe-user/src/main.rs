@@ -29,6 +29,12 @@ enum Command {
     Run(run::RunArgs),
     /// Report what this kernel supports for faultline, and what an older kernel gets instead.
     Check(check::CheckArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
@@ -54,6 +60,25 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            };
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "faultline",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("faultline: error: writing the man page: {e}");
+                    ExitCode::FAILURE
+                }
             };
         }
         Command::Trace(args) => block_on(trace::run(args)),

@@ -144,3 +144,23 @@ fn zero_intervals_and_closed_pipes() {
     assert!(stderr.is_empty(), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok    kernel"));
 }
+
+/// The man page and completions come from the command line's own definition.
+#[test]
+fn man_page_and_completions() {
+    let (code, page, stderr) = run(&["man"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        page.contains(".TH faultline 1") && page.contains("trace"),
+        "{page}"
+    );
+    for (shell, marker) in [
+        ("bash", "_faultline()"),
+        ("zsh", "#compdef faultline"),
+        ("fish", "complete -c faultline"),
+    ] {
+        let (code, script, stderr) = run(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {stderr}");
+        assert!(script.contains(marker), "{shell}: {script}");
+    }
+}

@@ -76,6 +76,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, build, then write the man page and shell completions (from the command line's
+    /// own definition) to target/dist.
+    Dist,
     /// Setup, build, then `faultline trace` (default: `--duration 5s`).
     Trace {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -100,6 +103,7 @@ fn main() -> std::process::ExitCode {
             args,
         } => setup().and_then(|()| vm::run(&workspace_root(), &kernel, &args, update_readme)),
         Task::Trace { args } => setup().and_then(|()| trace(&args)),
+        Task::Dist => setup().and_then(|()| dist()),
         Task::Bench { quick } => setup().and_then(|()| bench::run(&workspace_root(), quick)),
     };
     match result {
@@ -249,6 +253,39 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
             vm::run(&workspace_root(), &[], &[], false)?;
         }
     }
+    Ok(())
+}
+
+fn dist() -> anyhow::Result<()> {
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "probe-user"]))?;
+    let faultline = root.join("target/release/faultline");
+    let dist = root.join("target/dist");
+    std::fs::create_dir_all(dist.join("completions"))?;
+    let write = |args: &[&str], file: PathBuf| -> anyhow::Result<()> {
+        let out = Command::new(&faultline)
+            .args(args)
+            .output()
+            .with_context(|| format!("running faultline {args:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "faultline {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::write(&file, out.stdout).with_context(|| format!("writing {}", file.display()))
+    };
+    write(&["man"], dist.join("faultline.1"))?;
+    for (shell, file) in [
+        ("bash", "faultline.bash"),
+        ("zsh", "_faultline"),
+        ("fish", "faultline.fish"),
+    ] {
+        write(&["completions", shell], dist.join("completions").join(file))?;
+    }
+    eprintln!("xtask: man page and completions in {}", dist.display());
     Ok(())
 }
 
