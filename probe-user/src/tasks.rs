@@ -153,6 +153,18 @@ impl TaskModel {
         self.last_update = Some(now);
     }
 
+    /// Adds cgroups that hold tasks but created or ended none since faultline attached (the
+    /// kernel has no counters for them): they show with their live count and limit, at zero
+    /// rates. Call after each [`TaskModel::update`].
+    pub fn include_idle(&mut self, ids: impl IntoIterator<Item = u64>) {
+        for id in ids {
+            self.entries.entry(id).or_insert_with(|| Entry {
+                counts: TaskCounts::default(),
+                samples: VecDeque::new(),
+            });
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -299,6 +311,38 @@ pub fn headroom(max: u64, current: u64) -> (i64, f64) {
         left as f64 * 100.0 / max as f64
     };
     (left, pct)
+}
+
+/// Most cgroup directories walked to find the ones that hold tasks.
+const MAX_CGROUPS_WALKED: usize = 100_000;
+
+/// The cgroup v2 ids (directory inodes) under `root` that hold at least one task now.
+pub fn occupied_cgroups(root: &Path) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    let mut walked = 0;
+    while let Some(dir) = stack.pop() {
+        walked += 1;
+        if walked > MAX_CGROUPS_WALKED {
+            break;
+        }
+        if count_lines(&dir.join("cgroup.threads")).is_some_and(|n| n > 0)
+            && let Ok(meta) = std::fs::metadata(&dir)
+        {
+            found.push(meta.ino());
+        }
+        let Ok(children) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        stack.extend(
+            children
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    found
 }
 
 fn count_lines(path: &Path) -> Option<u64> {

@@ -13,12 +13,12 @@ use clap::{Args, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cgroups::CgroupFs,
+    cgroups::{CgroupFs, Hierarchy},
     clock::now_rfc3339,
     loader::{KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
     node::NodeTasks,
     pods::{Attributor, PodArgs},
-    tasks::{CgroupRow, Snapshot, TaskModel},
+    tasks::{self, CgroupRow, Snapshot, TaskModel},
     trace::Output,
 };
 
@@ -77,6 +77,9 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 model.update(std::time::Instant::now(), probes.task_counts()?);
+                if let Some(root) = attributor.cgroups.mount(Hierarchy::Unified) {
+                    model.include_idle(tasks::occupied_cgroups(&root.path));
+                }
                 samples += 1;
                 // The first sample only starts the rates.
                 if samples == 1 {

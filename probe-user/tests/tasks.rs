@@ -278,3 +278,39 @@ fn count_dirs(dir: &std::path::Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A cgroup that holds tasks but creates none shows at once in `top`, with its live count:
+/// 42 threads and the lab itself, all created before faultline started.
+#[test]
+fn top_lists_an_idle_cgroup_that_holds_tasks() {
+    let cg = TestCgroup::new("idle", None);
+    let path = cg.path();
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let hold = (4000 * pace()).to_string();
+    let mut held = Lab::spawn(
+        &[
+            &["threads", "42", "--comm", "fl-idle", "--hold-ms", &hold][..],
+            &join,
+        ]
+        .concat(),
+    );
+    let report = held.report();
+    assert_eq!((report.created, report.failures), (42, 0), "{report:?}");
+    let out = std::process::Command::new(&*FAULTLINE)
+        .args([
+            "top", "--once", "-o", "json", "--sort", "live", "--cgroup", &path,
+        ])
+        .output()
+        .expect("running top --once");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snapshot: Value = serde_json::from_slice(&out.stdout).expect("one JSON snapshot");
+    let r = row(&snapshot, &path).unwrap_or_else(|| panic!("{path} missing: {snapshot}"));
+    assert_eq!(r["live"], 43, "{r}");
+    assert_eq!(r["threads_created"], 0, "{r}");
+    held.wait();
+}
