@@ -255,6 +255,7 @@ fn the_daemonset_capabilities_are_exactly_enough() {
 fn concrete(expr: &str) -> String {
     expr.replace("$__rate_interval", "30s")
         .replace("$__range", "5m")
+        .replace("$cluster", ".*")
         .replace("$node", ".*")
         .replace("$namespace", ".*")
         .replace("$pod", ".*")
@@ -272,18 +273,43 @@ fn dashboard_exprs() -> Vec<(String, String)> {
             .iter()
             .filter_map(|v| v["name"].as_str())
             .collect();
-        assert!(
-            vars.contains(&"datasource"),
-            "{}: no datasource variable",
-            path.display()
-        );
+        for var in ["datasource", "cluster"] {
+            assert!(vars.contains(&var), "{}: no {var} variable", path.display());
+        }
         for panel in d["panels"].as_array().expect("panels") {
-            assert_eq!(
-                panel["datasource"]["uid"], "${datasource}",
-                "{}",
-                panel["title"]
+            let title = &panel["title"];
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+            assert!(
+                panel["fieldConfig"]["defaults"]["unit"].is_string(),
+                "{title}: no unit"
             );
+            if panel["type"] == "table" {
+                // A table of totals over the range: one instant query, not a time series.
+                for t in panel["targets"].as_array().expect("targets") {
+                    assert_eq!(
+                        (&t["instant"], &t["format"]),
+                        (&Value::Bool(true), &Value::from("table")),
+                        "{title}"
+                    );
+                }
+                // Each pod row leads to the pod dashboard.
+                if panel["targets"][0]["expr"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("pod"))
+                {
+                    assert!(
+                        panel.to_string().contains("/d/faultline-pod/"),
+                        "{title}: no link to the pod dashboard"
+                    );
+                }
+            }
             for t in panel["targets"].as_array().expect("targets") {
+                assert!(
+                    t["expr"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(r#"cluster=~"$cluster""#)),
+                    "{title}: a query without the cluster variable"
+                );
                 exprs.push((
                     format!("{} / {}", d["title"], panel["title"]),
                     t["expr"].as_str().expect("expr").to_owned(),
