@@ -542,9 +542,11 @@ fn boot(p: &Paths, vmlinuz: &Path, out: &Path, script: &Path, kvm: bool) -> anyh
         std::env::var("PATH").unwrap_or_default()
     );
     cmd.env("PATH", path);
+    // vng's own exit status says nothing about the tests (without virtio script ports it ends
+    // a clean power-off with 255): the guest reports through files. Only a timeout is news.
     let status = cmd.status().context("starting virtme-ng")?;
-    if !status.success() {
-        eprintln!("xtask: virtme-ng exited with {status}");
+    if status.code() == Some(124) {
+        eprintln!("xtask: the VM ran past {VM_TIMEOUT:?} and was stopped");
     }
     Ok(())
 }
