@@ -417,6 +417,7 @@ impl MemoryLimit {
     /// OOM killer is kept away (oom_score_adj -1000, or v1's oom_control), so the kernel
     /// refuses charges for new tasks with ENOMEM instead of killing this process.
     fn apply(dir: &std::path::Path, headroom: u64) -> anyhow::Result<Self> {
+        warm_heap();
         std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
             .with_context(|| format!("joining {}", dir.display()))?;
         let unkillable = std::fs::write("/proc/self/oom_score_adj", "-1000").is_ok();
@@ -457,6 +458,24 @@ impl MemoryLimit {
         self.limit_file
             .write_all(self.unlimited.as_bytes())
             .context("lifting the memory limit")
+    }
+}
+
+/// Grows and touches malloc's main heap, and keeps it: glibc allocates each new thread's TLS
+/// vector there, and a page fault at a memory limit with no OOM victim (we are unkillable)
+/// retries forever instead of failing, so no heap page may be first touched under the limit.
+fn warm_heap() {
+    const WARM: usize = 4 << 20;
+    // SAFETY: mallopt only tunes glibc's allocator; the block is written within its length
+    // and freed once.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, (2 * WARM) as libc::c_int);
+        let block = libc::malloc(WARM);
+        if !block.is_null() {
+            std::ptr::write_bytes(block.cast::<u8>(), 1, WARM);
+            libc::free(block);
+        }
     }
 }
 
