@@ -180,7 +180,7 @@ impl Enricher {
 
 fn comm_string(comm: &[u8; 16]) -> String {
     let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..len]).into_owned()
+    crate::text::from_bytes(&comm[..len])
 }
 
 #[cfg(test)]
@@ -202,6 +202,6 @@ mod tests {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"java");
         assert_eq!(comm_string(&comm), "java");
-        assert_eq!(comm_string(&[0xff; 16]).chars().count(), 16);
+        assert_eq!(comm_string(&[0xff; 16]), "\\xff".repeat(16));
     }
 }

@@ -26,6 +26,7 @@ pub mod otlp;
 pub mod pods;
 pub mod run;
 pub mod tasks;
+pub mod text;
 pub mod top;
 pub mod trace;
 pub mod tracefs;

@@ -136,14 +136,18 @@ pub fn log_record(f: &CloneFailure) -> LogRecord {
         severity_text: "WARN".to_owned(),
         event_name: "faultline.clone_failure".to_owned(),
         body: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(format!(
-                "{} {} failed with {}: {} ({})",
-                f.comm,
-                f.syscall,
-                f.errno,
-                f.cause.as_str(),
-                f.evidence
-            ))),
+            // Shown as is by log viewers: escaped like a table line.
+            value: Some(any_value::Value::StringValue(
+                crate::text::printable(&format!(
+                    "{} {} failed with {}: {} ({})",
+                    f.comm,
+                    f.syscall,
+                    f.errno,
+                    f.cause.as_str(),
+                    f.evidence
+                ))
+                .into_owned(),
+            )),
         }),
         attributes,
         ..Default::default()

@@ -116,7 +116,7 @@ fn print(args: &TopArgs, mut snapshot: Snapshot, live_screen: bool) -> anyhow::R
                 write!(out, "\x1b[H\x1b[2J")?;
             }
             for line in render(&snapshot, args.rows) {
-                writeln!(out, "{line}")?;
+                writeln!(out, "{}", crate::text::printable(&line))?;
             }
             if !live_screen {
                 writeln!(out)?;

@@ -706,7 +706,7 @@ impl Printer {
     fn event(&mut self, e: &impl TraceEvent) -> anyhow::Result<()> {
         let line = match self.format {
             Output::Json => serde_json::to_string(e).context("encoding an event as JSON")?,
-            Output::Table => e.table_line(),
+            Output::Table => crate::text::printable(&e.table_line()).into_owned(),
         };
         writeln!(self.out, "{line}").context("writing to stdout")
     }
@@ -727,6 +727,7 @@ impl Printer {
                     writeln!(self.out, "headroom warnings: {}", s.headroom_warnings)?;
                 }
                 for (workload, d) in &s.dns {
+                    let workload = crate::text::printable(workload);
                     writeln!(
                         self.out,
                         "dns {workload}: {} queries, p50 {} p99 {}, {} timeouts, {} retransmits, {:.0}% NXDOMAIN",
@@ -738,6 +739,23 @@ impl Printer {
                         d.nxdomain_share * 100.0
                     )?;
                 }
+                if s.dns_untracked
+                    + s.dns_malformed
+                    + s.dns_unmatched
+                    + s.dns_lost_events
+                    + s.dns_tcp_uncounted
+                    > 0
+                {
+                    writeln!(
+                        self.out,
+                        "dns not followed: {} queries untracked (pending-query map full), {} lost (ring buffer full), {} malformed packets, {} unmatched answers, {} TCP segments uncounted",
+                        s.dns_untracked,
+                        s.dns_lost_events,
+                        s.dns_malformed,
+                        s.dns_unmatched,
+                        s.dns_tcp_uncounted
+                    )?;
+                }
                 if !s.conntrack_drops.is_empty() || !s.conntrack_clashes_resolved.is_empty() {
                     writeln!(
                         self.out,
@@ -747,8 +765,14 @@ impl Printer {
                     )?;
                 }
                 writeln!(self.out, "by cause:  {}", join(&s.by_cause))?;
-                writeln!(self.out, "by cgroup: {}", join(&s.by_cgroup))?;
-                writeln!(self.out, "by comm:   {}", join(&s.by_comm))?;
+                let by_cgroup = join(&s.by_cgroup);
+                writeln!(
+                    self.out,
+                    "by cgroup: {}",
+                    crate::text::printable(&by_cgroup)
+                )?;
+                let by_comm = join(&s.by_comm);
+                writeln!(self.out, "by comm:   {}", crate::text::printable(&by_comm))?;
             }
         }
         if s.conntrack_lost_events > 0 {

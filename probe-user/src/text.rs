@@ -1,0 +1,81 @@
+//! Text that comes from pods (process names, cgroup names, query names) made safe to show:
+//! bytes decoded without losing what is not UTF-8, and lines escaped before a terminal sees
+//! them, so that no pod can forge a line, clear the screen or reorder text. JSON output does
+//! not go through `printable`: its encoder escapes control characters itself.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// Bytes as text: valid UTF-8 as is, every other byte as `\xNN`.
+pub fn from_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// A line safe for a terminal: control characters (C0, DEL, C1) and the bidirectional
+/// formatting characters escaped as `\xNN` or `\u{NNNN}`. Borrowed when there is nothing to
+/// escape.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if !needs_escape(c) {
+            out.push(c);
+        } else if (c as u32) < 0x100 {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+        } else {
+            let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    // is_control: exactly C0, DEL and C1. The others reorder what a terminal shows
+    // (U+202A..U+202E embeddings and overrides, U+2066..U+2069 isolates, LRM/RLM/ALM).
+    c.is_control()
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_text_is_borrowed() {
+        assert!(matches!(printable("java worker-1"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("a\n\x1b[2J\x1b[31mFAKE"),
+            "a\\x0a\\x1b[2J\\x1b[31mFAKE"
+        );
+        assert_eq!(printable("del\x7f c1\u{85}"), "del\\x7f c1\\x85");
+        assert_eq!(printable("evil\u{202e}txt"), "evil\\u{202e}txt");
+        assert_eq!(printable("ünïcode ok"), "ünïcode ok");
+    }
+
+    #[test]
+    fn invalid_utf8_keeps_its_bytes() {
+        assert_eq!(from_bytes(b"java"), "java");
+        assert_eq!(from_bytes(b"a\xffb\xc3"), "a\\xffb\\xc3");
+        assert_eq!(from_bytes("é".as_bytes()), "é");
+    }
+
+    #[test]
+    fn no_output_of_printable_holds_a_control_character() {
+        // Every byte value, alone and in pairs (which covers each two-byte UTF-8 sequence).
+        for a in 0u8..=255 {
+            for b in [0u8, 0x1b, 0x85, 0xc2, 0xe2, b'x', 0xff] {
+                let s = from_bytes(&[a, b]);
+                assert!(!printable(&s).chars().any(needs_escape), "{a:#x} {b:#x}");
+            }
+        }
+    }
+}
