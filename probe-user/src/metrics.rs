@@ -169,6 +169,8 @@ pub struct Metrics {
     conntrack_stats: IntCounterVec,
     conntrack_entries: IntGauge,
     conntrack_max: IntGauge,
+    dns_untracked: IntCounterVec,
+    refresh_errors: IntCounter,
     last_tcp: Mutex<HashMap<u64, DnsTcpCounts>>,
     /// Last kernel counts exported per cgroup id, to turn totals into counter increments.
     last_counts: Mutex<HashMap<u64, TaskCounts>>,
@@ -316,6 +318,19 @@ impl Metrics {
                 "faultline_conntrack_max",
                 "nf_conntrack_max: the most entries one network namespace's table may hold.",
             )?,
+            dns_untracked: counter(
+                "faultline_dns_untracked_total",
+                "Port 53 packets the DNS probe could not follow, by reason: pending_full (a query not tracked: the kernel's map of waiting queries was full), malformed (not DNS), unmatched (an answer to no tracked query), tcp_map_full (a TCP segment in a cgroup the full map could not count).",
+                &["reason"],
+            )?,
+            refresh_errors: {
+                let c = IntCounter::new(
+                    "faultline_refresh_errors_total",
+                    "Refreshes of the task and conntrack metrics that failed (the daemon goes on; its stderr says why).",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             last_tcp: Mutex::new(HashMap::new()),
             last_counts: Mutex::new(HashMap::new()),
             last_lost: Mutex::new((0, 0)),
@@ -355,6 +370,54 @@ impl Metrics {
             dropped,
             failed_requests: failed,
         })
+    }
+
+    /// Counters of the HTTP server, registered with the others.
+    pub fn server_counters(&self) -> anyhow::Result<crate::serve::ServerCounters> {
+        let refused = IntCounter::new(
+            "faultline_http_refused_connections_total",
+            "Connections to the metrics port closed at once: the connection cap was reached.",
+        )?;
+        let accept_errors = IntCounter::new(
+            "faultline_http_accept_errors_total",
+            "Errors accepting connections to the metrics port (e.g. out of file descriptors).",
+        )?;
+        self.registry.register(Box::new(refused.clone()))?;
+        self.registry.register(Box::new(accept_errors.clone()))?;
+        Ok(crate::serve::ServerCounters {
+            refused,
+            accept_errors,
+        })
+    }
+
+    /// Event lines not written, by reason, registered with the others.
+    pub fn event_lines_dropped(&self) -> anyhow::Result<IntCounterVec> {
+        let c = IntCounterVec::new(
+            Opts::new(
+                "faultline_event_lines_dropped_total",
+                "Event lines not written: queue_full (the reader of stdout or the file is slow), closed (stdout was closed), write_error.",
+            ),
+            &["reason"],
+        )?;
+        self.registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    pub fn refresh_failed(&self) {
+        self.refresh_errors.inc();
+    }
+
+    /// The DNS probe's kernel totals of what it could not follow.
+    pub fn dns_untracked(&self, stats: &crate::loader::DnsStats) {
+        for (reason, total) in [
+            ("pending_full", stats.untracked),
+            ("malformed", stats.malformed),
+            ("unmatched", stats.unmatched),
+            ("tcp_map_full", stats.tcp_uncounted),
+        ] {
+            let c = self.dns_untracked.with_label_values(&[reason]);
+            c.inc_by(total.saturating_sub(c.get()));
+        }
     }
 
     pub fn probe_attached(&self, probe: &str, attached: bool) {

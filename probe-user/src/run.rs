@@ -5,22 +5,17 @@
 //! SIGTERM or SIGINT: stop serving, deliver what is in flight, detach, exit 0.
 
 use std::{
-    convert::Infallible,
-    io::Write as _,
     net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -31,12 +26,14 @@ use crate::{
     clone::{self, Enricher},
     conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
     dns::{DnsQuery, DnsTracker, Names},
+    lines::EventLines,
     loader::{Attachment, CLONE_PROGRAMS, KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
     metrics::Metrics,
     netns::NetnsDirectory,
     node::NodeTasks,
     otlp::OtlpExporter,
     pods::{Attributor, PodArgs},
+    serve::{Served, serve},
     tasks::TaskModel,
 };
 
@@ -77,60 +74,8 @@ pub struct RunArgs {
     pub pods: PodArgs,
 }
 
-/// Where event lines go.
-enum Sink {
-    None,
-    /// Buffered (stdout is line-buffered: a write per event in a storm), flushed after each
-    /// batch of events.
-    Stdout(std::io::BufWriter<std::io::Stdout>),
-    File(std::io::BufWriter<std::fs::File>),
-}
-
-impl Sink {
-    fn open(args: &RunArgs) -> anyhow::Result<Self> {
-        Ok(match (&args.events_file, args.no_events) {
-            (_, true) => Sink::None,
-            (Some(path), false) => Sink::File(std::io::BufWriter::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("opening {}", path.display()))?,
-            )),
-            (None, false) => Sink::Stdout(std::io::BufWriter::new(std::io::stdout())),
-        })
-    }
-
-    /// One event as a JSON line (not even encoded when events are off).
-    fn write(&mut self, event: &impl serde::Serialize) -> anyhow::Result<()> {
-        fn line(mut w: impl std::io::Write, event: &impl serde::Serialize) -> anyhow::Result<()> {
-            serde_json::to_writer(&mut w, event).context("encoding an event")?;
-            w.write_all(b"\n")?;
-            Ok(())
-        }
-        match self {
-            Sink::None => Ok(()),
-            Sink::Stdout(out) => line(out, event).context("writing events to stdout"),
-            Sink::File(f) => line(f, event).context("writing the events file"),
-        }
-    }
-
-    fn flush(&mut self) -> anyhow::Result<()> {
-        match self {
-            Sink::None => Ok(()),
-            Sink::Stdout(out) => out.flush().context("writing events to stdout"),
-            Sink::File(f) => f.flush().context("writing the events file"),
-        }
-    }
-}
-
-/// What the HTTP endpoints read.
-struct Served {
-    metrics: Arc<Metrics>,
-    ready: AtomicBool,
-}
-
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    crate::serve::raise_fd_limit();
     let mut probes = Probes::open(&args.kernel, KernelLog::Off)?;
     let node = args
         .pods
@@ -199,7 +144,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut model = TaskModel::default();
     let mut outputs = Outputs {
         metrics: metrics.clone(),
-        sink: Sink::open(&args)?,
+        lines: open_lines(&args, metrics.event_lines_dropped()?)?,
         otlp: match &args.otlp_endpoint {
             Some(endpoint) => Some(OtlpExporter::start(
                 endpoint,
@@ -217,7 +162,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    let server = tokio::spawn(serve(listener, served.clone()));
+    let server = tokio::spawn(serve(listener, served.clone(), metrics.server_counters()?));
+    let mut refresh_errors = RefreshErrors::default();
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -234,7 +180,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 clone::drain(guard.get_inner_mut(), &mut enricher, |f| outputs.clone_failure(&f))?;
                 guard.clear_ready();
-                outputs.sink.flush()?;
             }
             guard = async { dns_ring.as_mut().expect("only polled with DNS").readable_mut().await }, if dns_ring.is_some() => {
                 let mut guard = guard.context("waiting on the DNS ring buffer")?;
@@ -242,7 +187,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     crate::dns::drain(guard.get_inner_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
                 }
                 guard.clear_ready();
-                outputs.sink.flush()?;
             }
             guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
                 let mut guard = guard.context("waiting on the conntrack ring buffer")?;
@@ -254,7 +198,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     conntrack::drain(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), |d| outputs.conntrack_drop(&d))?;
                 }
                 guard.clear_ready();
-                outputs.sink.flush()?;
             }
             _ = dns_sweep.tick(), if dns.is_some() => {
                 if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
@@ -263,34 +206,42 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             _ = refresh.tick() => {
-                if let Some(c) = classifier.as_mut() {
-                    for clashes in c.poll_clashes(args.refresh, &mut enricher.attributor) {
-                        outputs.clashes_resolved(&clashes)?;
+                let result = (|| -> anyhow::Result<()> {
+                    if let Some(c) = classifier.as_mut() {
+                        for clashes in c.poll_clashes(args.refresh, &mut enricher.attributor) {
+                            outputs.clashes_resolved(&clashes);
+                        }
+                        if let Some(node) = c.node_counters() {
+                            metrics.conntrack_node(&node);
+                        }
+                        metrics.events_lost("conntrack", probes.conntrack_stats()?.lost);
                     }
-                    if let Some(node) = c.node_counters() {
-                        metrics.conntrack_node(&node);
+                    if tasks_ok {
+                        model.update(Instant::now(), probes.task_counts()?);
                     }
-                    metrics.events_lost("conntrack", probes.conntrack_stats()?.lost);
+                    if let Some(tracker) = dns.as_ref() {
+                        let mut stats = probes.dns_stats()?;
+                        metrics.events_lost("dns", stats.lost);
+                        stats.malformed += tracker.malformed;
+                        metrics.dns_untracked(&stats);
+                        let tcp = probes
+                            .dns_tcp_counts()?
+                            .into_iter()
+                            .map(|(id, c)| {
+                                let (_, a) = enricher.attributor.attribute(id, None);
+                                (id, c, crate::metrics::who(&a.workload, a.pod.as_ref()))
+                            })
+                            .collect();
+                        metrics.dns_tcp(tcp);
+                    }
+                    let rows = model.rows(&mut enricher.attributor);
+                    metrics.tasks(&rows, NodeTasks::read()?, probes.clone_stats()?, probes.task_stats()?);
+                    Ok(())
+                })();
+                match result {
+                    Ok(()) => served.ready.store(true, Ordering::Relaxed),
+                    Err(e) => refresh_errors.report(&metrics, &e),
                 }
-                if tasks_ok {
-                    model.update(std::time::Instant::now(), probes.task_counts()?);
-                }
-                if dns.is_some() {
-                    metrics.events_lost("dns", probes.dns_stats()?.lost);
-                    let tcp = probes
-                        .dns_tcp_counts()?
-                        .into_iter()
-                        .map(|(id, c)| {
-                            let (_, a) = enricher.attributor.attribute(id, None);
-                            (id, c, crate::metrics::who(&a.workload, a.pod.as_ref()))
-                        })
-                        .collect();
-                    metrics.dns_tcp(tcp);
-                }
-                let rows = model.rows(&mut enricher.attributor);
-                metrics.tasks(&rows, NodeTasks::read()?, probes.clone_stats()?, probes.task_stats()?);
-                outputs.sink.flush()?;
-                served.ready.store(true, Ordering::Relaxed);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -316,7 +267,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             |d| outputs.conntrack_drop(&d),
         )?;
     }
-    outputs.sink.flush()?;
+    outputs.lines.finish();
     let stats = probes.clone_stats()?;
     // Dropping the probes detaches every program.
     drop(ring);
@@ -330,10 +281,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where each event goes: metrics, the event lines, OTLP.
+/// Where each event goes: metrics, the event lines, OTLP. None of them can block.
 struct Outputs {
     metrics: Arc<Metrics>,
-    sink: Sink,
+    lines: EventLines,
     otlp: Option<OtlpExporter>,
 }
 
@@ -343,17 +294,19 @@ impl Outputs {
         if let Some(otlp) = &self.otlp {
             otlp.clone_failure(f);
         }
-        self.sink.write(f)
+        self.lines.send(f);
+        Ok(())
     }
 
     fn conntrack_drop(&mut self, d: &ConntrackDrop) -> anyhow::Result<()> {
         self.metrics.conntrack_drop(d);
-        self.sink.write(d)
+        self.lines.send(d);
+        Ok(())
     }
 
-    fn clashes_resolved(&mut self, c: &ClashesResolved) -> anyhow::Result<()> {
+    fn clashes_resolved(&mut self, c: &ClashesResolved) {
         self.metrics.clashes_resolved(c);
-        self.sink.write(c)
+        self.lines.send(c);
     }
 
     fn dns_query(&mut self, q: &DnsQuery) -> anyhow::Result<()> {
@@ -361,63 +314,38 @@ impl Outputs {
         if let Some(otlp) = &self.otlp {
             otlp.dns_query(q);
         }
-        self.sink.write(q)
+        self.lines.send(q);
+        Ok(())
     }
 }
 
-async fn serve(listener: TcpListener, served: Arc<Served>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let served = served.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| respond(req, served.clone()));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+fn open_lines(args: &RunArgs, dropped: prometheus::IntCounterVec) -> anyhow::Result<EventLines> {
+    match (&args.events_file, args.no_events) {
+        (_, true) => Ok(EventLines::none(dropped)),
+        (Some(path), false) => EventLines::file(path, dropped),
+        (None, false) => EventLines::stdout(dropped),
     }
 }
 
-async fn respond<B>(
-    req: Request<B>,
-    served: Arc<Served>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => match served.metrics.encode() {
-            Ok(text) => (
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                text,
-            ),
-            Err(e) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                format!("{e:#}\n"),
-            ),
-        },
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if served.ready.load(Ordering::Relaxed) => {
-            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+/// A failed refresh is counted and said on stderr (once per distinct error, or once a
+/// minute), never fatal: a pod that makes one /proc or cgroup read fail must not stop the
+/// daemon.
+#[derive(Default)]
+struct RefreshErrors {
+    last: Option<(String, Instant)>,
+}
+
+impl RefreshErrors {
+    fn report(&mut self, metrics: &Metrics, e: &anyhow::Error) {
+        metrics.refresh_failed();
+        let text = format!("{e:#}");
+        let repeat = self
+            .last
+            .as_ref()
+            .is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(60));
+        if !repeat {
+            eprintln!("faultline: refresh failed (will retry): {text}");
+            self.last = Some((text, Instant::now()));
         }
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready\n".to_owned(),
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /metrics, /healthz, /readyz\n".to_owned(),
-        ),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, v);
     }
-    Ok(response)
 }

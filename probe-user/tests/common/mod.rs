@@ -644,10 +644,23 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
+        Self::start_with(&[], extra, Stdio::null())
+    }
+
+    /// `faultline run` behind a command prefix (e.g. `prlimit ... --`), stdout as given.
+    pub fn start_with(prefix: &[&str], extra: &[&str], stdout: Stdio) -> Daemon {
         require_root();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(&*FAULTLINE)
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&*FAULTLINE);
+                c
+            }
+            None => Command::new(&*FAULTLINE),
+        };
+        let child = cmd
             .args([
                 "run",
                 "--listen",
@@ -657,7 +670,7 @@ impl Daemon {
                 "--no-kube-api",
             ])
             .args(extra)
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting faultline run");

@@ -1,0 +1,350 @@
+//! The daemon and the CLI against a hostile node: every pod can reach the metrics port, name
+//! its processes as it likes and stall whatever reads faultline's output. Each test is an
+//! attack (bounded in count and time, on loopback only) and asserts that faultline stays up,
+//! keeps answering and says what it refused. Root only.
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    os::fd::FromRawFd as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// Storms fill every faultline's ring buffers on the node: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const CID: &str = "a0a00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+
+fn pod_uid(tag: u32) -> String {
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        std::process::id(),
+        0x300 + tag
+    )
+}
+
+/// The value of one exact series (`name{labels}`) in an exposition, if present.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the source address `from` (any 127/8 address
+/// is loopback): another peer than the test's own requests, as a pod would be.
+fn connect_from(from: [u8; 4], port: u16) -> Option<TcpStream> {
+    let sockaddr = |addr: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket, bound and connected with valid sockaddr_in structs; owned by
+    // the TcpStream from then on (closed on drop), closed here on failure.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let local = sockaddr(from, 0);
+        let remote = sockaddr([127, 0, 0, 1], port);
+        if libc::bind(fd, (&raw const local).cast(), len) != 0
+            || libc::connect(fd, (&raw const remote).cast(), len) != 0
+        {
+            libc::close(fd);
+            return None;
+        }
+        Some(TcpStream::from_raw_fd(fd))
+    }
+}
+
+/// Raises this test process's own fd limit, so that it can hold its side of the attack.
+fn raise_own_fd_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = want.min(lim.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+fn alive(daemon: &mut Daemon) {
+    assert!(
+        daemon
+            .child
+            .try_wait()
+            .expect("waiting on faultline")
+            .is_none(),
+        "faultline run exited"
+    );
+}
+
+fn healthz_answers(daemon: &Daemon) {
+    eventually(Duration::from_secs(10), "/healthz to answer", || {
+        http_get(daemon.port, "/healthz").filter(|(s, _)| *s == 200)
+    });
+}
+
+#[test]
+fn eleven_hundred_idle_connections_under_a_1024_fd_limit() {
+    let _serial = serial();
+    raise_own_fd_limit(4096);
+    let mut daemon = Daemon::start_with(
+        &["prlimit", "--nofile=1024:1024", "--"],
+        &["--no-events"],
+        Stdio::null(),
+    );
+    // A pod's worth of idle connections, held open, from a peer of its own.
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held.len() < 1100 && Instant::now() < deadline {
+        if let Some(c) = connect_from([127, 0, 0, 2], daemon.port) {
+            held.push(c);
+        }
+    }
+    assert_eq!(held.len(), 1100, "the attack itself could not connect");
+    // The kubelet's probe and Prometheus, from another address, are still served at once.
+    healthz_answers(&daemon);
+    let metrics = daemon.metrics();
+    let refused = sample(&metrics, "faultline_http_refused_connections_total").unwrap_or(0.0);
+    assert!(refused >= 1000.0, "refused {refused}\n{metrics}");
+    // The refresh goes on: 200 new threads show in the node's count.
+    let threads = |d: &Daemon| sample(&d.metrics(), "faultline_node_threads").unwrap_or(0.0);
+    let before = threads(&daemon);
+    let mut lab = Lab::spawn(&[
+        "threads",
+        "200",
+        "--comm",
+        "fl-hostile",
+        "--hold-ms",
+        "20000",
+    ]);
+    let report = lab.report();
+    assert_eq!(report.created, 200, "{report:?}");
+    eventually(
+        Duration::from_secs(10),
+        "the refresh to count 200 more threads",
+        || (threads(&daemon) >= before + 150.0).then_some(()),
+    );
+    assert_eq!(
+        sample(&daemon.metrics(), "faultline_refresh_errors_total"),
+        Some(0.0)
+    );
+    alive(&mut daemon);
+    drop(lab);
+    drop(held);
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "exit {status}: {stderr}");
+}
+
+#[test]
+fn silent_and_half_requests_are_cut_off() {
+    let _serial = serial();
+    let daemon = Daemon::start(&["--no-events"]);
+    let mut silent = connect_from([127, 0, 0, 3], daemon.port).expect("connect");
+    let mut half = connect_from([127, 0, 0, 3], daemon.port).expect("connect");
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .expect("half a request");
+    for (what, conn) in [("silent", &mut silent), ("half", &mut half)] {
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let start = Instant::now();
+        let mut buf = [0u8; 512];
+        // The server closes (0 bytes, or a 408 first then a close).
+        let mut total = 0;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(e) => panic!("{what}: not closed by the server within 20 s: {e}"),
+            }
+            assert!(total < 4096, "{what}: a response to half a request");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{what}: closed only after {:?}",
+            start.elapsed()
+        );
+    }
+    healthz_answers(&daemon);
+}
+
+#[test]
+fn only_get_and_head_are_served() {
+    let _serial = serial();
+    let daemon = Daemon::start(&["--no-events"]);
+    for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
+        let mut conn = TcpStream::connect(("127.0.0.1", daemon.port)).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            conn,
+            "{method} /metrics HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        .expect("request");
+        let mut text = String::new();
+        let _ = conn.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.0 405 "), "{method}: {text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("\r\nallow: get, head\r\n"),
+            "{method}: {text}"
+        );
+    }
+    let mut conn = TcpStream::connect(("127.0.0.1", daemon.port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(conn, "HEAD /healthz HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    let _ = conn.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.0 200 "), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "HEAD has no body: {text:?}");
+}
+
+/// Clone failures as fast as a pids limit of 4 refuses them, for up to `n` attempts.
+fn storm(tag: u32, n: &str) -> (PodCgroup, Lab) {
+    let cg = PodCgroup::systemd(&unique("hostile"), &pod_uid(tag), CID, 4);
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let lab = Lab::spawn(
+        &[
+            &["threads", n, "--comm", "fl-storm", "--max-failures", n][..],
+            &join,
+        ]
+        .concat(),
+    );
+    (cg, lab)
+}
+
+#[test]
+fn a_stalled_stdout_reader_costs_dropped_lines_not_a_stalled_daemon() {
+    let _serial = serial();
+    // stdout is a pipe nobody reads: it fills after ~64 KiB, about a hundred lines.
+    let mut daemon = Daemon::start_with(&[], &[], Stdio::piped());
+    let (_cg, mut lab) = storm(1, "30000");
+    let _ = lab.report();
+    lab.wait();
+    healthz_answers(&daemon);
+    let dropped = eventually(Duration::from_secs(10), "dropped event lines", || {
+        sample(
+            &daemon.metrics(),
+            "faultline_event_lines_dropped_total{reason=\"queue_full\"}",
+        )
+        .filter(|v| *v > 0.0)
+    });
+    eprintln!("{dropped} event lines dropped while stdout was stalled");
+    alive(&mut daemon);
+    let (status, stderr, secs) = daemon.terminate();
+    assert!(status.success(), "exit {status}: {stderr}");
+    assert!(
+        secs < 10.0,
+        "a stalled stdout held the exit for {secs:.1} s"
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_event_lines_not_the_daemon() {
+    let _serial = serial();
+    let mut daemon = Daemon::start_with(&[], &[], Stdio::piped());
+    drop(daemon.child.stdout.take());
+    let (_cg, mut lab) = storm(2, "200");
+    let _ = lab.report();
+    lab.wait();
+    eventually(
+        Duration::from_secs(10),
+        "lines dropped on the closed pipe",
+        || {
+            sample(
+                &daemon.metrics(),
+                "faultline_event_lines_dropped_total{reason=\"closed\"}",
+            )
+            .filter(|v| *v > 0.0)
+        },
+    );
+    healthz_answers(&daemon);
+    alive(&mut daemon);
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "exit {status}: {stderr}");
+    assert!(stderr.contains("stdout was closed"), "{stderr}");
+}
+
+#[test]
+fn a_hostile_process_name_prints_escaped_on_one_line() {
+    let _serial = serial();
+    // 15 bytes, the most a comm holds: a newline, clear-screen and colour escapes.
+    let hostile = "a\n\x1b[2J\x1b[31mFAK";
+    let trace = Trace::start_with_output("table", &["--comm", hostile]);
+    let report = lab(&[
+        "forks",
+        "3",
+        "--comm",
+        hostile,
+        "--dead-pidns",
+        "--max-failures",
+        "1",
+    ]);
+    assert_eq!(report.failures, 1, "{report:?}");
+    let (lines, _) = trace.stop();
+    let escaped = "a\\x0a\\x1b[2J\\x1b[31mFAK";
+    let rows: Vec<&String> = lines.iter().filter(|l| l.contains(escaped)).collect();
+    // The event row, and the summary's "by comm" line.
+    assert_eq!(rows.len(), 2, "{lines:#?}");
+    assert!(rows[0].contains(" pidns_dead "), "{lines:#?}");
+    for line in &lines {
+        assert!(
+            !line.chars().any(char::is_control),
+            "a raw control character reached the table: {line:?}"
+        );
+    }
+}
+
+#[test]
+fn sigkill_leaves_no_program_attached() {
+    let _serial = serial();
+    let mut daemon = Daemon::start(&["--no-events"]);
+    let pid = daemon.child.id();
+    let ids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .collect();
+    assert!(ids.len() >= 9, "programs held: {ids:?}");
+    daemon.child.kill().expect("SIGKILL");
+    let _ = daemon.child.wait();
+    for id in ids {
+        eventually(
+            Duration::from_secs(10),
+            "the kernel to free the program",
+            || {
+                let out = Command::new("bpftool")
+                    .args(["prog", "show", "id", &id])
+                    .output()
+                    .expect("bpftool");
+                (!out.status.success()).then_some(())
+            },
+        );
+    }
+}
