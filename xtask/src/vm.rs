@@ -53,15 +53,17 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// The integration tests that touch the kernel: every clone cause, task counting, DNS,
-/// conntrack, the daemon and the CLI. Attribution (pods, kube_api) and deploy/ are pure
+/// conntrack, the daemon, the CLI and the hostile-node attacks (a SIGKILLed daemon must leave
+/// nothing attached on every kernel). Attribution (pods, kube_api) and deploy/ are pure
 /// userspace and run on the host only.
-const KERNEL_TESTS: [&str; 6] = [
+const KERNEL_TESTS: [&str; 7] = [
     "clone_failures",
     "tasks",
     "dns",
     "conntrack",
     "daemon",
     "cli",
+    "hostile",
 ];
 /// One VM's whole run, boot to power-off; past it the VM is killed and the kernel fails.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
