@@ -146,7 +146,10 @@ pub fn qtype_name(qtype: u16) -> String {
         16 => "TXT".into(),
         28 => "AAAA".into(),
         33 => "SRV".into(),
+        64 => "SVCB".into(),
         65 => "HTTPS".into(),
+        255 => "ANY".into(),
+        257 => "CAA".into(),
         n => format!("TYPE{n}"),
     }
 }

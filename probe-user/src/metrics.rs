@@ -4,7 +4,7 @@
 //! cannot blow up Prometheus. Labels never carry a pid, a command or a query name.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -53,45 +53,55 @@ pub fn who(workload: &str, pod: Option<&PodRef>) -> [String; 4] {
     }
 }
 
-/// Series (full label sets) per metric, up to a cap, with when each was last updated.
+/// Workloads per metric, up to a cap, with the series each has and when it last changed.
+/// The cap counts workloads, not label sets: one workload's many query types cannot push
+/// other pods out. Every other label comes from a closed set (allow-lists in `label`).
 struct SeriesCap {
     cap: usize,
-    seen: Mutex<HashMap<&'static str, Series>>,
+    seen: Mutex<HashMap<&'static str, Workloads>>,
 }
 
-/// One metric's series and how many of them are not the overflow series (kept, so that
-/// admitting an event costs one lookup rather than a walk over every series).
 #[derive(Default)]
-struct Series {
-    last_update: HashMap<Vec<String>, Instant>,
-    counted: usize,
+struct Workloads {
+    /// Whose (namespace, pod, container, workload) -> (last update, label sets in use).
+    admitted: HashMap<[String; 4], (Instant, HashSet<Vec<String>>)>,
+    /// The overflow series in use (every label `_overflow`), and their last update.
+    overflow: HashMap<Vec<String>, Instant>,
 }
 
 impl SeriesCap {
-    /// The labels to use for `who` plus `extra`: themselves, or the overflow labels once the
-    /// metric has `cap` series. The overflow series themselves do not count.
-    fn admit(&self, metric: &'static str, who: [String; 4], extra: &[&str]) -> Vec<String> {
-        let full: Vec<String> = who
-            .into_iter()
-            .chain(extra.iter().map(|e| (*e).to_owned()))
-            .collect();
+    /// The labels to use for `who` plus `extra`: themselves, or, once `cap` workloads have
+    /// series of this metric, the overflow series (every label `_overflow`, so that it does
+    /// not multiply by the extra labels). The bool says the event went to overflow.
+    fn admit(&self, metric: &'static str, who: [String; 4], extra: &[&str]) -> (Vec<String>, bool) {
+        let overflow = || vec![OVERFLOW.to_owned(); WHO.len() + extra.len()];
         let Ok(mut seen) = self.seen.lock() else {
-            return overflow_of(&full);
+            return (overflow(), true);
         };
-        let series = seen.entry(metric).or_default();
+        let workloads = seen.entry(metric).or_default();
         let now = Instant::now();
-        if let Some(t) = series.last_update.get_mut(&full) {
-            *t = now;
-            return full;
-        }
-        let labels = if series.counted < self.cap {
-            series.counted += 1;
-            full
-        } else {
-            overflow_of(&full)
+        let full = || -> Vec<String> {
+            who.iter()
+                .cloned()
+                .chain(extra.iter().map(|e| (*e).to_owned()))
+                .collect()
         };
-        series.last_update.insert(labels.clone(), now);
-        labels
+        if let Some((t, sets)) = workloads.admitted.get_mut(&who) {
+            *t = now;
+            let labels = full();
+            sets.insert(labels.clone());
+            return (labels, false);
+        }
+        if workloads.admitted.len() < self.cap {
+            let labels = full();
+            workloads
+                .admitted
+                .insert(who, (now, HashSet::from([labels.clone()])));
+            return (labels, false);
+        }
+        let labels = overflow();
+        workloads.overflow.insert(labels.clone(), now);
+        (labels, true)
     }
 
     /// Forgets a metric's series (gauges are rebuilt on each refresh).
@@ -101,47 +111,55 @@ impl SeriesCap {
         }
     }
 
-    /// Series of `metric` not updated for `max_age`: forgotten and returned for removal.
-    fn expire(&self, metric: &'static str, max_age: Duration) -> Vec<Vec<String>> {
+    /// Label sets of `metric` whose workload is gone from the node (not in `present`) and was
+    /// not updated for `max_age` (the overflow series: not updated): forgotten and returned
+    /// for removal. A workload still on the node keeps its series, however rare its events.
+    fn expire(
+        &self,
+        metric: &'static str,
+        max_age: Duration,
+        present: &HashSet<[String; 4]>,
+    ) -> Vec<Vec<String>> {
         let Ok(mut seen) = self.seen.lock() else {
             return Vec::new();
         };
-        let Some(series) = seen.get_mut(metric) else {
+        let Some(workloads) = seen.get_mut(metric) else {
             return Vec::new();
         };
-        let old: Vec<Vec<String>> = series
-            .last_update
-            .iter()
-            .filter(|(_, t)| t.elapsed() > max_age)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &old {
-            series.last_update.remove(k);
-            if k[0] != OVERFLOW {
-                series.counted -= 1;
+        let mut old = Vec::new();
+        workloads.admitted.retain(|who, (t, sets)| {
+            let keep = t.elapsed() <= max_age || present.contains(who);
+            if !keep {
+                old.extend(sets.drain());
             }
-        }
+            keep
+        });
+        workloads.overflow.retain(|labels, t| {
+            let keep = t.elapsed() <= max_age;
+            if !keep {
+                old.push(labels.clone());
+            }
+            keep
+        });
         old
     }
 }
 
-/// The overflow series for a label set: whose labels replaced, the rest kept.
-fn overflow_of(full: &[String]) -> Vec<String> {
-    full.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            if i < WHO.len() {
-                OVERFLOW.to_owned()
-            } else {
-                v.clone()
-            }
-        })
-        .collect()
+/// The `qtype` label: the common types by name, every other type as `other` (a pod choosing
+/// among 65,536 types must not choose the series count too).
+fn qtype_label(name: &str) -> &str {
+    match name {
+        "A" | "AAAA" | "CNAME" | "HTTPS" | "MX" | "NS" | "PTR" | "SOA" | "SRV" | "SVCB" | "TXT"
+        | "ANY" | "CAA" => name,
+        _ => "other",
+    }
 }
 
-/// Counter series of workloads not seen for this long are dropped, so the exposition does not
-/// grow with every pod that ever ran on the node. A returning workload restarts from zero,
-/// which Prometheus's rate() and increase() treat as a counter reset.
+/// Counter series of workloads gone from the node (no cgroup with tasks) and not updated for
+/// this long are dropped, so the exposition follows the pods on the node rather than every pod
+/// that ever ran; a workload still on the node keeps its series (a failure an hour after the
+/// last one still shows as an increase). A returning workload restarts from zero, which
+/// Prometheus's rate() and increase() treat as a counter reset.
 const STALE_AFTER: Duration = Duration::from_secs(15 * 60);
 
 pub struct Metrics {
@@ -171,6 +189,7 @@ pub struct Metrics {
     conntrack_max: IntGauge,
     dns_untracked: IntCounterVec,
     refresh_errors: IntCounter,
+    series_overflow: IntCounterVec,
     last_tcp: Mutex<HashMap<u64, DnsTcpCounts>>,
     /// Last kernel counts exported per cgroup id, to turn totals into counter increments.
     last_counts: Mutex<HashMap<u64, TaskCounts>>,
@@ -323,6 +342,11 @@ impl Metrics {
                 "Port 53 packets the DNS probe could not follow, by reason: pending_full (a query not tracked: the kernel's map of waiting queries was full), malformed (not DNS), unmatched (an answer to no tracked query), tcp_map_full (a TCP segment in a cgroup the full map could not count).",
                 &["reason"],
             )?,
+            series_overflow: counter(
+                "faultline_series_overflow_total",
+                "Updates that went to a metric's _overflow series because --max-series workloads already had series of it.",
+                &["metric"],
+            )?,
             refresh_errors: {
                 let c = IntCounter::new(
                     "faultline_refresh_errors_total",
@@ -420,6 +444,15 @@ impl Metrics {
         }
     }
 
+    /// `SeriesCap::admit`, counting what went to overflow.
+    fn admit(&self, metric: &'static str, who: [String; 4], extra: &[&str]) -> Vec<String> {
+        let (labels, overflowed) = self.cap.admit(metric, who, extra);
+        if overflowed {
+            self.series_overflow.with_label_values(&[metric]).inc();
+        }
+        labels
+    }
+
     pub fn probe_attached(&self, probe: &str, attached: bool) {
         self.probe_attached
             .with_label_values(&[probe])
@@ -427,7 +460,7 @@ impl Metrics {
     }
 
     pub fn clone_failure(&self, f: &CloneFailure) {
-        let labels = self.cap.admit(
+        let labels = self.admit(
             "clone_failures",
             who(&f.workload, f.pod.as_ref()),
             &[f.cause.as_str(), &f.errno, f.task.as_str()],
@@ -438,22 +471,24 @@ impl Metrics {
     pub fn dns_query(&self, q: &DnsQuery) {
         let who = who(&q.workload, q.pod.as_ref());
         let rcode = q.rcode.as_deref().unwrap_or("none");
-        let labels = self
-            .cap
-            .admit("dns_queries", who.clone(), &[&q.qtype, rcode, q.outcome]);
+        let labels = self.admit(
+            "dns_queries",
+            who.clone(),
+            &[qtype_label(&q.qtype), rcode, q.outcome],
+        );
         self.dns_queries.with_label_values(&labels).inc();
         if let Some(ms) = q.latency_ms {
-            let labels = self.cap.admit("dns_duration", who.clone(), &[]);
+            let labels = self.admit("dns_duration", who.clone(), &[]);
             self.dns_duration
                 .with_label_values(&labels)
                 .observe(ms / 1000.0);
         }
         if q.truncated {
-            let labels = self.cap.admit("dns_truncated", who.clone(), &[]);
+            let labels = self.admit("dns_truncated", who.clone(), &[]);
             self.dns_truncated.with_label_values(&labels).inc();
         }
         if q.retransmit {
-            let labels = self.cap.admit("dns_retransmits", who, &[]);
+            let labels = self.admit("dns_retransmits", who, &[]);
             self.dns_retransmits.with_label_values(&labels).inc();
         }
     }
@@ -471,7 +506,7 @@ impl Metrics {
                 ("from_server", now.from_server, before.from_server),
             ] {
                 if n > was {
-                    let labels = self.cap.admit("dns_tcp", who.clone(), &[direction]);
+                    let labels = self.admit("dns_tcp", who.clone(), &[direction]);
                     self.dns_tcp.with_label_values(&labels).inc_by(n - was);
                 }
             }
@@ -487,7 +522,7 @@ impl Metrics {
     }
 
     pub fn conntrack_drop(&self, d: &ConntrackDrop) {
-        let labels = self.cap.admit(
+        let labels = self.admit(
             "conntrack_drops",
             who(&d.workload, d.pod.as_ref()),
             &[d.cause.as_str(), &d.proto],
@@ -496,8 +531,16 @@ impl Metrics {
     }
 
     pub fn clashes_resolved(&self, c: &ClashesResolved) {
+        // One label (the namespace's owner), capped and expired like the others.
+        let who = [
+            c.workload.clone(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ];
+        let labels = self.admit("conntrack_clashes", who, &[]);
         self.conntrack_clashes
-            .with_label_values(&[c.workload.as_str()])
+            .with_label_values(&[labels[0].as_str()])
             .inc_by(c.count);
     }
 
@@ -527,12 +570,12 @@ impl Metrics {
                 ("thread", row.threads_created, before.threads),
                 ("process", row.processes_created, before.processes),
             ] {
-                let labels = self.cap.admit("tasks_created", who.clone(), &[kind]);
+                let labels = self.admit("tasks_created", who.clone(), &[kind]);
                 self.tasks_created
                     .with_label_values(&labels)
                     .inc_by(now.saturating_sub(was));
             }
-            let labels = self.cap.admit("tasks_exited", who.clone(), &[]);
+            let labels = self.admit("tasks_exited", who.clone(), &[]);
             self.tasks_exited
                 .with_label_values(&labels)
                 .inc_by(row.exited.saturating_sub(before.exited));
@@ -555,17 +598,18 @@ impl Metrics {
         *last = present;
         drop(last);
 
+        let present: HashSet<[String; 4]> = live.keys().cloned().collect();
         self.tasks_live.reset();
         self.pids_limit.reset();
         self.pids_headroom.reset();
         self.cap.clear("tasks_live");
         self.cap.clear("pids_limit");
         for (who, n) in live {
-            let labels = self.cap.admit("tasks_live", who, &[]);
+            let labels = self.admit("tasks_live", who, &[]);
             self.tasks_live.with_label_values(&labels).add(n);
         }
         for (who, (max, headroom)) in limits {
-            let labels = self.cap.admit("pids_limit", who, &[]);
+            let labels = self.admit("pids_limit", who, &[]);
             self.pids_limit.with_label_values(&labels).set(max);
             self.pids_headroom.with_label_values(&labels).set(headroom);
         }
@@ -577,13 +621,23 @@ impl Metrics {
             ("dns_retransmits", &self.dns_retransmits),
             ("dns_truncated", &self.dns_truncated),
             ("conntrack_drops", &self.conntrack_drops),
+            ("dns_tcp", &self.dns_tcp),
         ] {
-            for labels in self.cap.expire(metric, STALE_AFTER) {
+            for labels in self.cap.expire(metric, STALE_AFTER, &present) {
                 let _ =
                     vec.remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
             }
         }
-        for labels in self.cap.expire("dns_duration", STALE_AFTER) {
+        // Network namespaces are not workloads with tasks: their series expire when idle.
+        for labels in self
+            .cap
+            .expire("conntrack_clashes", STALE_AFTER, &HashSet::new())
+        {
+            let _ = self
+                .conntrack_clashes
+                .remove_label_values(&[labels[0].as_str()]);
+        }
+        for labels in self.cap.expire("dns_duration", STALE_AFTER, &present) {
             let _ = self
                 .dns_duration
                 .remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
@@ -613,7 +667,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cap_sends_new_series_to_overflow_and_stale_series_expire() {
+    fn the_cap_counts_workloads_and_overflow_drops_the_extra_labels() {
         let cap = SeriesCap {
             cap: 2,
             seen: Mutex::new(HashMap::new()),
@@ -626,27 +680,51 @@ mod tests {
                 String::new(),
             ]
         };
-        let full = |p: &str| {
-            vec![
-                "ns".to_owned(),
-                p.to_owned(),
-                String::new(),
-                String::new(),
-                "x".to_owned(),
-            ]
+        let full = |p: &str, x: &str| {
+            (
+                vec![
+                    "ns".to_owned(),
+                    p.to_owned(),
+                    String::new(),
+                    String::new(),
+                    x.to_owned(),
+                ],
+                false,
+            )
         };
-        assert_eq!(cap.admit("m", w("a"), &["x"]), full("a"));
-        assert_eq!(cap.admit("m", w("b"), &["x"]), full("b"));
-        let over = cap.admit("m", w("c"), &["x"]);
-        assert_eq!(over, vec![OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, "x"]);
-        // The overflow series does not use up the budget of known series.
-        assert_eq!(cap.admit("m", w("a"), &["x"]), full("a"));
-        assert_eq!(cap.admit("other", w("c"), &["x"]), full("c"));
-        assert!(cap.expire("m", Duration::from_secs(60)).is_empty());
-        assert_eq!(cap.expire("m", Duration::ZERO).len(), 3);
-        assert_eq!(cap.admit("m", w("c"), &["x"]), full("c"));
+        // One workload with many label sets uses one place under the cap.
+        for x in ["A", "AAAA", "TXT", "other"] {
+            assert_eq!(cap.admit("m", w("a"), &[x]), full("a", x));
+        }
+        assert_eq!(cap.admit("m", w("b"), &["A"]), full("b", "A"));
+        let over = cap.admit("m", w("c"), &["A"]);
+        assert_eq!(over, (vec![OVERFLOW.to_owned(); 5], true));
+        assert_eq!(
+            cap.admit("m", w("d"), &["TXT"]).0,
+            over.0,
+            "one overflow series"
+        );
+        // Admitted workloads keep their series; other metrics have their own cap.
+        assert_eq!(cap.admit("m", w("a"), &["SRV"]), full("a", "SRV"));
+        assert_eq!(cap.admit("other", w("c"), &["x"]), full("c", "x"));
+        let none = HashSet::new();
+        assert!(cap.expire("m", Duration::from_secs(60), &none).is_empty());
+        // A workload still on the node keeps its series however long it is quiet.
+        let a_present = HashSet::from([w("a")]);
+        assert_eq!(cap.expire("m", Duration::ZERO, &a_present).len(), 1 + 1);
+        assert_eq!(cap.admit("m", w("a"), &["A"]), full("a", "A"));
+        // Gone: every series of the workload is returned for removal.
+        assert_eq!(cap.expire("m", Duration::ZERO, &none).len(), 5);
+        assert_eq!(cap.admit("m", w("c"), &["A"]), full("c", "A"));
         cap.clear("m");
-        assert_eq!(cap.admit("m", w("d"), &["x"]), full("d"));
+        assert_eq!(cap.admit("m", w("d"), &["A"]), full("d", "A"));
+    }
+
+    #[test]
+    fn query_types_outside_the_allow_list_are_other() {
+        assert_eq!(qtype_label("AAAA"), "AAAA");
+        assert_eq!(qtype_label("TYPE4242"), "other");
+        assert_eq!(qtype_label(&crate::dns::qtype_name(64)), "SVCB");
     }
 
     #[test]

@@ -141,6 +141,21 @@ impl DnsLab {
             .expect("running the client");
     }
 
+    /// Like `client`, in another cgroup (another workload in the same namespace).
+    fn client_in(&self, cgroup: &TempCgroup, cmd: &str) {
+        let procs = cgroup.dir.join("cgroup.procs");
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec timeout 20 ip netns exec {} bash -c \"$0\"",
+                procs.display(),
+                self.client_ns
+            ))
+            .arg(cmd)
+            .output()
+            .expect("running the client");
+    }
+
     /// faultline-lab's DNS responder (SERVFAIL for fail.*, 300 ms for slow.*) on a second
     /// server address, for 30 s at most.
     fn responder(&self) -> KillOnDrop {
@@ -469,6 +484,61 @@ fn the_daemon_exports_dns_metrics_per_workload() {
     );
     assert!(
         text.contains(r#"faultline_probe_attached{probe="dns"} 1"#),
+        "{text}"
+    );
+}
+
+/// The series cap counts workloads: one workload asking many question types (most of them
+/// outside the allow-list) cannot push another workload's series into `_overflow`.
+#[test]
+fn many_query_types_from_one_workload_leave_room_for_the_others() {
+    let lab = DnsLab::start();
+    let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
+    let quiet = TempCgroup::new(&unified, &unique("dns-quiet"));
+    let quiet_path = format!("/{}", quiet.dir.file_name().unwrap().to_string_lossy());
+    let noisy_path = lab.path();
+    let daemon = Daemon::start(&["--no-events", "--max-series", "2"]);
+    // Five common types, then 22 that the parser knows but the allow-list does not.
+    let types: Vec<String> = [
+        1u16, 28, 15, 16, 33, 10, 11, 13, 14, 17, 18, 20, 21, 22, 29, 35, 36, 37, 43, 45, 46, 47,
+        48, 49, 63, 108, 109,
+    ]
+    .into_iter()
+    .map(|t| t.to_string())
+    .collect();
+    lab.client(&format!(
+        "{} dns-client {} --dns-server {SERVER_IP}:53 --dns-qtypes {}",
+        *LAB,
+        types.len(),
+        types.join(",")
+    ));
+    lab.client_in(
+        &quiet,
+        &format!("{} dns-client 1 --dns-server {SERVER_IP}:53", *LAB),
+    );
+    let has = |m: &str, workload: &str, qtype: &str| {
+        m.lines().any(|l| {
+            l.starts_with("faultline_dns_queries_total{")
+                && l.contains(&format!(r#"workload="{workload}""#))
+                && l.contains(&format!(r#"qtype="{qtype}""#))
+        })
+    };
+    let text = eventually(Duration::from_secs(20), "both workloads' series", || {
+        let m = daemon.metrics();
+        (has(&m, &quiet_path, "A") && has(&m, &noisy_path, "other")).then_some(m)
+    });
+    let noisy: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("faultline_dns_queries_total{")
+                && l.contains(&format!(r#"workload="{noisy_path}""#))
+        })
+        .collect();
+    // A, AAAA, MX, TXT, SRV and one `other` for the 22 others (times rcodes).
+    assert!(noisy.len() <= 12, "{noisy:#?}");
+    assert!(!text.contains(r#"qtype="TYPE"#), "{text}");
+    assert!(
+        !text.contains(r#"faultline_dns_queries_total{container="_overflow""#),
         "{text}"
     );
 }

@@ -110,6 +110,9 @@ struct Args {
     /// dns-client: a new socket for each query (a resolver that retries from a new port).
     #[arg(long)]
     dns_new_socket: bool,
+    /// dns-client: the question types, cycled through query by query (1 = A).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    dns_qtypes: Vec<u16>,
     /// dns-client: the UDP source port (0: any).
     #[arg(long, default_value_t = 0)]
     dns_source_port: u16,
@@ -349,6 +352,8 @@ fn dns_client(args: &Args) -> anyhow::Result<()> {
             socket = open()?;
         }
         query[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        let qtype = args.dns_qtypes[i as usize % args.dns_qtypes.len().max(1)];
+        query[24..26].copy_from_slice(&qtype.to_be_bytes());
         let answered = socket.send(&query).is_ok()
             && socket
                 .recv(&mut buf)
