@@ -236,7 +236,12 @@ impl Classifier {
         }
         self.last_clash_poll = Some(Instant::now());
         let mut out = Vec::new();
-        for ns in self.netns.all() {
+        let all = self.netns.all();
+        // Namespaces gone since are forgotten (their inode may be reused by a new one).
+        let live: std::collections::HashSet<u64> = all.iter().map(|n| n.inode).collect();
+        self.clashes.retain(|inode, _| live.contains(inode));
+        self.accounted.retain(|inode, _| live.contains(inode));
+        for ns in all {
             let Ok((c, _)) = ctstats::read(&ns) else {
                 continue;
             };

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// What is reported for each query.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct DnsQuery {
     pub kind: &'static str,
     /// When the query was sent (RFC 3339).
@@ -317,6 +317,10 @@ impl DnsTracker {
         id: u16,
         cause: &'static str,
     ) -> Option<String> {
+        // Drops of queries never reported would stay forever: bounded like the rest.
+        if self.conntrack_drops.len() >= MAX_UNANSWERED {
+            self.conntrack_drops.clear();
+        }
         self.conntrack_drops.insert((socket_cookie, id), cause);
         let qname = self
             .waiting

@@ -204,6 +204,32 @@ pub struct DnsSummary {
     tcp_segments_from_server: u64,
     #[serde(skip)]
     latencies: Vec<f64>,
+    #[serde(skip)]
+    answered: u64,
+}
+
+/// Latencies kept per workload for the percentiles.
+const MAX_LATENCIES: usize = 20_000;
+/// Keys (cgroups, commands, workloads) per summary map; the rest are counted under OTHERS, so
+/// a pod naming each task anew cannot grow a long trace's memory.
+const MAX_KEYS: usize = 1000;
+const OTHERS: &str = "(others)";
+
+/// The key to count under: itself, or OTHERS once the map has MAX_KEYS keys.
+fn capped<V>(map: &BTreeMap<String, V>, key: &str) -> String {
+    if map.len() < MAX_KEYS || map.contains_key(key) {
+        key.to_owned()
+    } else {
+        OTHERS.to_owned()
+    }
+}
+
+/// A well-mixed 64-bit value of `x` (splitmix64's finaliser): the reservoir's randomness.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl DnsSummary {
@@ -213,7 +239,17 @@ impl DnsSummary {
         self.retransmits += q.retransmit as u64;
         self.nxdomain += (q.rcode.as_deref() == Some("NXDOMAIN")) as u64;
         if let Some(l) = q.latency_ms {
-            self.latencies.push(l);
+            // A uniform sample of at most MAX_LATENCIES (reservoir sampling), so that a long
+            // trace of a busy node keeps bounded memory and fair percentiles.
+            self.answered += 1;
+            if self.latencies.len() < MAX_LATENCIES {
+                self.latencies.push(l);
+            } else {
+                let slot = (splitmix(self.answered) % self.answered) as usize;
+                if let Some(s) = self.latencies.get_mut(slot) {
+                    *s = l;
+                }
+            }
         }
     }
 
@@ -235,14 +271,17 @@ impl DnsSummary {
 
 impl Summary {
     fn add_dns(&mut self, q: &DnsQuery) {
-        self.dns.entry(q.workload.clone()).or_default().add(q);
+        let key = capped(&self.dns, &q.workload);
+        self.dns.entry(key).or_default().add(q);
     }
 
     fn add(&mut self, f: &CloneFailure) {
         self.failures += 1;
         *self.by_cause.entry(f.cause.as_str()).or_default() += 1;
-        *self.by_cgroup.entry(f.cgroup.clone()).or_default() += 1;
-        *self.by_comm.entry(f.comm.clone()).or_default() += 1;
+        let key = capped(&self.by_cgroup, &f.cgroup);
+        *self.by_cgroup.entry(key).or_default() += 1;
+        let key = capped(&self.by_comm, &f.comm);
+        *self.by_comm.entry(key).or_default() += 1;
     }
 
     fn finish(&mut self, stats: CloneStats) {
@@ -388,7 +427,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                 if let Some(c) = classifier.as_mut() {
                     for clashes in c.poll_clashes(CLASH_POLL, &mut enricher.attributor) {
                         if filter.matches_clashes() {
-                            *summary.conntrack_clashes_resolved.entry(clashes.workload.clone()).or_default() += clashes.count;
+                            let key = capped(&summary.conntrack_clashes_resolved, &clashes.workload);
+                            *summary.conntrack_clashes_resolved.entry(key).or_default() += clashes.count;
                             printer.event(&clashes)?;
                         }
                     }
@@ -466,7 +506,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             if filter.cgroup_matches(cgroup.as_deref().unwrap_or("?"), None)
                 && args.pods.matches(who.pod.as_ref())
             {
-                let d = summary.dns.entry(who.workload).or_default();
+                let key = capped(&summary.dns, &who.workload);
+                let d = summary.dns.entry(key).or_default();
                 d.tcp_segments_to_server += tcp.to_server;
                 d.tcp_segments_from_server += tcp.from_server;
             }
@@ -792,5 +833,42 @@ impl Printer {
 
     fn flush(&mut self) -> anyhow::Result<()> {
         self.out.flush().context("writing to stdout")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_maps_stop_growing_at_the_key_cap() {
+        let mut m: BTreeMap<String, u64> = BTreeMap::new();
+        for i in 0..MAX_KEYS + 500 {
+            let key = capped(&m, &format!("comm-{i}"));
+            *m.entry(key).or_default() += 1;
+        }
+        assert_eq!(m.len(), MAX_KEYS + 1);
+        assert_eq!(m[OTHERS], 500);
+        // A key already counted keeps its own entry.
+        assert_eq!(capped(&m, "comm-0"), "comm-0");
+    }
+
+    #[test]
+    fn the_latency_sample_is_bounded_and_fair() {
+        let mut d = DnsSummary::default();
+        let q = |ms: f64| DnsQuery {
+            latency_ms: Some(ms),
+            ..Default::default()
+        };
+        // 100,000 answers, the first half at 1 ms and the second at 100 ms.
+        for i in 0..100_000 {
+            d.add(&q(if i < 50_000 { 1.0 } else { 100.0 }));
+        }
+        assert_eq!(d.latencies.len(), MAX_LATENCIES);
+        let slow = d.latencies.iter().filter(|l| **l > 50.0).count() as f64;
+        let share = slow / MAX_LATENCIES as f64;
+        assert!((0.45..0.55).contains(&share), "{share}");
+        d.finish();
+        assert_eq!(d.queries, 100_000);
     }
 }
