@@ -51,6 +51,12 @@ impl CgroupFs {
         })))
     }
 
+    /// No hierarchy at all (tests).
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
+        Self::from_mounts(HashMap::new())
+    }
+
     fn from_mounts(mounts: HashMap<Hierarchy, Mount>) -> Self {
         CgroupFs {
             mounts,
@@ -139,7 +145,7 @@ fn walk(dir: &Path, rel: &str, depth: usize, budget: &mut usize, f: &mut impl Fn
 
 /// Picks the cgroup mounts out of mountinfo. `controllers_of` reads a v2 mount's
 /// `cgroup.controllers` (a parameter so the parsing is testable without a real mount).
-fn parse_mountinfo(
+pub(crate) fn parse_mountinfo(
     mountinfo: &str,
     controllers_of: impl Fn(&Path) -> String,
 ) -> HashMap<Hierarchy, Mount> {

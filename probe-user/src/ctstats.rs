@@ -155,42 +155,55 @@ fn request(socket: &mut Socket, message_type: u8, flags: u16) -> anyhow::Result<
         let n = socket
             .recv(&mut &mut recv[..], 0)
             .context("receiving a ctnetlink answer")?;
-        let mut offset = 0;
-        while offset < n {
-            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&recv[offset..n])
-                .context("decoding a ctnetlink answer")?;
-            let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    bail!("ctnetlink refused the request: {}", e.to_io())
-                }
-                NetlinkPayload::Error(_) => return Ok(out),
-                NetlinkPayload::InnerMessage(m) => {
-                    if let NetfilterMessageInner::Conntrack(ConntrackMessage::Other {
-                        attributes,
-                        ..
-                    }) = m.inner
-                    {
-                        for a in attributes {
-                            if a.value_len() == 4 {
-                                let mut v = [0u8; 4];
-                                a.emit_value(&mut v);
-                                out.push((a.kind(), u32::from_be_bytes(v) as u64));
-                            }
-                        }
-                    }
-                    if flags & NLM_F_DUMP == 0 {
-                        return Ok(out);
-                    }
-                }
-                _ => {}
-            }
-            ensure!(len > 0, "a zero-length netlink message");
-            offset += (len + 3) & !3;
+        if parse_answers(&recv[..n], flags & NLM_F_DUMP != 0, &mut out)? {
+            return Ok(out);
         }
     }
     bail!("ctnetlink dump did not end")
+}
+
+/// One datagram of ctnetlink answers: every big-endian u32 attribute into `out`. True when
+/// the answer is complete (Done, an ACK, or the one message of a non-dump request).
+pub(crate) fn parse_answers(
+    buf: &[u8],
+    dump: bool,
+    out: &mut Vec<(u16, u64)>,
+) -> anyhow::Result<bool> {
+    let mut offset = 0;
+    while offset < buf.len() {
+        let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..])
+            .context("decoding a ctnetlink answer")?;
+        let len = msg.header.length as usize;
+        match msg.payload {
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(e) if e.code.is_some() => {
+                bail!("ctnetlink refused the request: {}", e.to_io())
+            }
+            NetlinkPayload::Error(_) => return Ok(true),
+            NetlinkPayload::InnerMessage(m) => {
+                if let NetfilterMessageInner::Conntrack(ConntrackMessage::Other {
+                    attributes,
+                    ..
+                }) = m.inner
+                {
+                    for a in attributes {
+                        if a.value_len() == 4 {
+                            let mut v = [0u8; 4];
+                            a.emit_value(&mut v);
+                            out.push((a.kind(), u32::from_be_bytes(v) as u64));
+                        }
+                    }
+                }
+                if !dump {
+                    return Ok(true);
+                }
+            }
+            _ => {}
+        }
+        ensure!(len > 0, "a zero-length netlink message");
+        offset = offset.saturating_add((len + 3) & !3);
+    }
+    Ok(false)
 }
 
 /// `/proc/net/stat/nf_conntrack`: a header of names, then one row of hex numbers per CPU.

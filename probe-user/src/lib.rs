@@ -16,6 +16,8 @@ pub mod clone;
 pub mod conntrack;
 pub mod ctstats;
 pub mod dns;
+#[cfg(test)]
+mod fuzz;
 pub mod kubeapi;
 pub mod lines;
 pub mod loader;

@@ -74,10 +74,9 @@ impl EventLines {
     /// Queues one event as a JSON line (not even encoded when event lines are off).
     pub fn send(&self, event: &impl serde::Serialize) {
         let Some(tx) = &self.tx else { return };
-        let Ok(mut line) = serde_json::to_vec(event) else {
+        let Ok(line) = crate::text::json_line(event) else {
             return;
         };
-        line.push(b'\n');
         match tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.dropped.with_label_values(&["queue_full"]).inc(),

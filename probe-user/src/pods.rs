@@ -375,6 +375,17 @@ impl Attributor {
         }
     }
 
+    /// Node-local sources only, none of them present: what the property tests attribute with.
+    #[cfg(test)]
+    pub(crate) fn offline() -> Self {
+        Attributor {
+            cgroups: CgroupFs::none(),
+            pods: PodDirectory::new("/nonexistent"),
+            api: None,
+            recent: HashMap::new(),
+        }
+    }
+
     /// The cgroup v2 path of `cgroup_id` and who it belongs to. Where the v2 path is not a
     /// pod's (hybrid hosts with the cgroupfs driver keep pods in v1 only), the task's own pids
     /// cgroup, when given, is tried too.
@@ -496,29 +507,34 @@ fn dir_names(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `pods/<namespace>_<name>_<uid>`: namespaces and names cannot contain `_`.
 fn scan_pods(dir: &Path) -> HashMap<String, (String, String)> {
     dir_names(dir)
-        .into_iter()
-        .filter_map(|n| {
-            let mut it = n.splitn(3, '_');
-            let (ns, name, uid) = (it.next()?, it.next()?, it.next()?);
-            Some((pod_uid(uid)?, (ns.to_owned(), name.to_owned())))
-        })
+        .iter()
+        .filter_map(|n| pod_dir_entry(n))
         .collect()
 }
 
-/// `containers/<pod>_<namespace>_<container>-<id>.log`.
+/// `pods/<namespace>_<name>_<uid>` (namespaces and names cannot contain `_`): the uid, and
+/// the namespace and name.
+pub(crate) fn pod_dir_entry(n: &str) -> Option<(String, (String, String))> {
+    let mut it = n.splitn(3, '_');
+    let (ns, name, uid) = (it.next()?, it.next()?, it.next()?);
+    Some((pod_uid(uid)?, (ns.to_owned(), name.to_owned())))
+}
+
 fn scan_containers(dir: &Path) -> HashMap<String, String> {
     dir_names(dir)
-        .into_iter()
-        .filter_map(|n| {
-            let stem = n.strip_suffix(".log")?;
-            let (rest, id) = stem.rsplit_once('-')?;
-            let container = rest.splitn(3, '_').nth(2)?;
-            is_container_id(id).then(|| (id.to_owned(), container.to_owned()))
-        })
+        .iter()
+        .filter_map(|n| container_log_entry(n))
         .collect()
+}
+
+/// `containers/<pod>_<namespace>_<container>-<id>.log`: the container id and name.
+pub(crate) fn container_log_entry(n: &str) -> Option<(String, String)> {
+    let stem = n.strip_suffix(".log")?;
+    let (rest, id) = stem.rsplit_once('-')?;
+    let container = rest.splitn(3, '_').nth(2)?;
+    is_container_id(id).then(|| (id.to_owned(), container.to_owned()))
 }
 
 #[cfg(test)]

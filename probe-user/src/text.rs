@@ -1,7 +1,8 @@
 //! Text that comes from pods (process names, cgroup names, query names) made safe to show:
 //! bytes decoded without losing what is not UTF-8, and lines escaped before a terminal sees
-//! them, so that no pod can forge a line, clear the screen or reorder text. JSON output does
-//! not go through `printable`: its encoder escapes control characters itself.
+//! them, so that no pod can forge a line, clear the screen or reorder text. JSON output keeps
+//! every string exact but escapes the same characters as `\u` sequences (`json`), where the
+//! plain encoder escapes only C0.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -38,6 +39,37 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// One value as a JSON line (with its newline): exact, and with no character a terminal would
+/// obey (DEL, C1 and the bidirectional controls escaped as `\uNNNN`, besides JSON's own C0).
+pub fn json_line(value: &impl serde::Serialize) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(256);
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, TerminalSafe);
+    value.serialize(&mut ser)?;
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// serde_json's compact formatter, escaping what `printable` escapes inside strings.
+struct TerminalSafe;
+
+impl serde_json::ser::Formatter for TerminalSafe {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            if needs_escape(c) {
+                writer.write_all(&fragment.as_bytes()[start..i])?;
+                write!(writer, "\\u{:04x}", c as u32)?;
+                start = i + c.len_utf8();
+            }
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
 fn needs_escape(c: char) -> bool {
     // is_control: exactly C0, DEL and C1. The others reorder what a terminal shows
     // (U+202A..U+202E embeddings and overrides, U+2066..U+2069 isolates, LRM/RLM/ALM).
@@ -59,6 +91,18 @@ mod tests {
         assert_eq!(printable("del\x7f c1\u{85}"), "del\\x7f c1\\x85");
         assert_eq!(printable("evil\u{202e}txt"), "evil\\u{202e}txt");
         assert_eq!(printable("ünïcode ok"), "ünïcode ok");
+    }
+
+    #[test]
+    fn json_lines_are_exact_and_terminal_safe() {
+        let name = "del\x7f c1\u{9b}31m bidi\u{202e} nl\n ok é";
+        let line = json_line(&serde_json::json!({ "comm": name })).unwrap();
+        let text = std::str::from_utf8(&line).unwrap();
+        assert!(text.ends_with('\n'));
+        assert!(!text.trim_end().chars().any(char::is_control), "{text:?}");
+        assert!(!text.contains('\u{202e}'), "{text:?}");
+        let back: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(back["comm"], name, "the string survives exactly");
     }
 
     #[test]

@@ -109,7 +109,7 @@ fn print(args: &TopArgs, mut snapshot: Snapshot, live_screen: bool) -> anyhow::R
     sort(&mut snapshot.cgroups, args.sort);
     let mut out = std::io::stdout().lock();
     match args.output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string(&snapshot)?)?,
+        Output::Json => out.write_all(&crate::text::json_line(&snapshot)?)?,
         Output::Table => {
             if live_screen {
                 // Home and clear: redraw in place.

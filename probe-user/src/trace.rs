@@ -745,18 +745,23 @@ impl Printer {
     }
 
     fn event(&mut self, e: &impl TraceEvent) -> anyhow::Result<()> {
-        let line = match self.format {
-            Output::Json => serde_json::to_string(e).context("encoding an event as JSON")?,
-            Output::Table => crate::text::printable(&e.table_line()).into_owned(),
-        };
-        writeln!(self.out, "{line}").context("writing to stdout")
+        match self.format {
+            Output::Json => {
+                let line = crate::text::json_line(e).context("encoding an event as JSON")?;
+                self.out.write_all(&line).context("writing to stdout")
+            }
+            Output::Table => {
+                let line = crate::text::printable(&e.table_line()).into_owned();
+                writeln!(self.out, "{line}").context("writing to stdout")
+            }
+        }
     }
 
     fn summary(&mut self, s: &Summary) -> anyhow::Result<()> {
         match self.format {
             Output::Json => {
-                let line = serde_json::to_string(s).context("encoding the summary as JSON")?;
-                writeln!(self.out, "{line}").context("writing to stdout")?;
+                let line = crate::text::json_line(s).context("encoding the summary as JSON")?;
+                self.out.write_all(&line).context("writing to stdout")?;
             }
             Output::Table => {
                 writeln!(
