@@ -77,6 +77,14 @@ pub struct DnsQueryEvent {
 /// Most queries waiting for an answer at once; a full map is counted, never silent.
 pub const MAX_DNS_PENDING: u32 = 16384;
 
+/// Most queries one cgroup may have waiting at once: a pod flooding port 53 fills its own
+/// share, not the map the other pods' queries need.
+pub const MAX_DNS_PENDING_PER_CGROUP: u64 = 1024;
+
+/// Cgroups whose waiting queries are counted for that quota (past it, a new cgroup's queries
+/// are tracked without a quota: fail open, counted nowhere as lost).
+pub const MAX_DNS_QUOTA_CGROUPS: u32 = 4096;
+
 /// Index of the counters kept per CPU in `DNS_STATS`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug)]
@@ -87,15 +95,21 @@ pub enum DnsStat {
     TcpMapFull = 1,
     /// Queries not tracked because `DNS_PENDING` was full.
     PendingFull = 2,
-    /// UDP port 53 packets too short for a DNS header, or queries with the response bit set.
+    /// UDP port 53 packets that are not DNS: too short for a header, the response bit wrong
+    /// for the direction, or a "query" that is not a standard query with exactly one question
+    /// (opcode 0, one question, no answer or authority records, a first label of at most 63
+    /// bytes). Never kept in `DNS_PENDING`.
     Malformed = 3,
     /// Responses that matched no waiting query (late, duplicate, spoofed or garbage).
     Unmatched = 4,
     /// Responses with the TC (truncated) bit: the resolver must retry over TCP.
     Truncated = 5,
+    /// Queries not tracked because their cgroup already had `MAX_DNS_PENDING_PER_CGROUP`
+    /// waiting.
+    PendingQuota = 6,
 }
 
-pub const DNS_STAT_COUNT: u32 = 6;
+pub const DNS_STAT_COUNT: u32 = 7;
 
 /// DNS over TCP port 53, per cgroup: segments to and from servers (counted, not parsed).
 #[repr(C)]

@@ -20,7 +20,8 @@ use aya_log_ebpf::debug;
 use probe_common::conntrack::{FlowKey, FlowOwner};
 use probe_common::dns::{
     DNS_QUERY_CAPTURE, DNS_STAT_COUNT, DnsKey, DnsPending, DnsQueryEvent, DnsStat, DnsTcpCounts,
-    MAX_DNS_PENDING, MAX_DNS_TCP_CGROUPS, OUTCOME_ANSWERED, OUTCOME_RESENT,
+    MAX_DNS_PENDING, MAX_DNS_PENDING_PER_CGROUP, MAX_DNS_QUOTA_CGROUPS, MAX_DNS_TCP_CGROUPS,
+    OUTCOME_ANSWERED, OUTCOME_RESENT,
 };
 
 /// One event per query: 1 MiB holds ~1,700 queries between two reads.
@@ -31,6 +32,13 @@ static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 /// eviction; userspace removes the unanswered ones after its timeout.
 #[map]
 static DNS_PENDING: HashMap<DnsKey, DnsPending> = HashMap::with_max_entries(MAX_DNS_PENDING, 0);
+
+/// Queries waiting per cgroup v2 id, for the per-cgroup quota: raised here on a new entry,
+/// lowered on its answer, and set to the truth by userspace at each sweep (which also expires
+/// the unanswered ones), so a lost update corrects itself within 250 ms.
+#[map]
+static DNS_PENDING_BY_CGROUP: HashMap<u64, u64> =
+    HashMap::with_max_entries(MAX_DNS_QUOTA_CGROUPS, 0);
 
 /// Where a pending entry is built (too big for the 512-byte eBPF stack).
 #[map]
@@ -207,6 +215,13 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
     };
     let response = ctx.load::<u8>(payload + 2)? & 0x80 != 0;
     match (sent, response) {
+        (Some(_), false) if !is_query(ctx, payload, msg_len) => {
+            debug!(
+                ctx,
+                "dns: a port 53 packet that is not a one-question query"
+            );
+            bump(DnsStat::Malformed)
+        }
         (Some((flow, cgroup_id)), false) => on_query(ctx, &key, &flow, cgroup_id, payload, msg_len),
         (None, true) => on_response(ctx, &key, payload, msg_len),
         _ => {
@@ -218,6 +233,51 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// A standard query with one question, as every resolver sends: opcode 0, QDCOUNT 1, no
+/// answer or authority records, and a first label of at most 63 bytes (0: the root). Random
+/// bytes to port 53 pass this with a probability of about 2^-50.
+#[inline(always)]
+fn is_query(ctx: &SkBuffContext, payload: usize, msg_len: usize) -> bool {
+    // Header, a one-byte name (the root), type and class.
+    if msg_len < DNS_HEADER + 5 {
+        return false;
+    }
+    let Ok(head) = ctx.load::<[u8; 13]>(payload) else {
+        return false;
+    };
+    let opcode = (head[2] >> 3) & 0x0f;
+    opcode == 0 && head[4..10] == [0, 1, 0, 0, 0, 0] && head[12] <= 63
+}
+
+/// Room for one more waiting query of `cgroup_id` under its quota. A cgroup the full quota
+/// map cannot hold is let through (fail open).
+#[inline(always)]
+fn under_quota(cgroup_id: u64) -> bool {
+    if let Some(n) = DNS_PENDING_BY_CGROUP.get_ptr(&cgroup_id) {
+        // SAFETY: a live entry; a racing update at worst lets one more through.
+        return unsafe { *n } < MAX_DNS_PENDING_PER_CGROUP;
+    }
+    let _ = DNS_PENDING_BY_CGROUP.insert(&cgroup_id, &0, BPF_NOEXIST);
+    true
+}
+
+/// One more (or one fewer, never below zero) waiting query for a cgroup. Not atomic (the BPF
+/// target has no atomic read-modify-write in `core`): two CPUs updating one cgroup at the
+/// same instant may lose one update, which the next sweep corrects.
+#[inline(always)]
+fn count_pending(cgroup_id: u64, up: bool) {
+    if let Some(n) = DNS_PENDING_BY_CGROUP.get_ptr_mut(&cgroup_id) {
+        // SAFETY: a live, aligned u64 in a map value.
+        unsafe {
+            *n = if up {
+                (*n).saturating_add(1)
+            } else {
+                (*n).saturating_sub(1)
+            }
+        };
+    }
 }
 
 /// A query leaving: kept in `DNS_PENDING` until its answer. A query already waiting under the
@@ -240,7 +300,12 @@ fn on_query(
     let now = unsafe { bpf_ktime_get_ns() };
     pending.send.prev_sent_ns = 0;
     // SAFETY: the map returns a pointer into a live entry.
-    if let Some(prev) = unsafe { DNS_PENDING.get(key) } {
+    let prev = unsafe { DNS_PENDING.get(key) };
+    if prev.is_none() && !under_quota(cgroup_id) {
+        bump(DnsStat::PendingQuota);
+        return;
+    }
+    if let Some(prev) = prev {
         pending.send.prev_sent_ns = prev.send.sent_ns;
         match DNS_EVENTS.reserve::<DnsQueryEvent>(0) {
             Some(mut entry) => {
@@ -268,8 +333,11 @@ fn on_query(
     pending.send.dns_len = msg_len.min(u16::MAX as usize) as u16;
     pending.send.server = flow.daddr;
     pending.send.captured = copy_payload(ctx, payload, msg_len, &mut pending.query) as u16;
+    let new = prev.is_none();
     if DNS_PENDING.insert(key, pending, 0).is_err() {
         bump(DnsStat::PendingFull);
+    } else if new {
+        count_pending(cgroup_id, true);
     }
 }
 
@@ -299,7 +367,9 @@ fn on_response(ctx: &SkBuffContext, key: &DnsKey, payload: usize, msg_len: usize
     ev.dns_len = msg_len as u32;
     ev._pad2 = 0;
     ev.captured = copy_payload(ctx, payload, msg_len, &mut ev.payload) as u32;
-    let _ = DNS_PENDING.remove(key);
+    if DNS_PENDING.remove(key).is_ok() {
+        count_pending(ev.send.cgroup_id, false);
+    }
     entry.submit(wakeup());
 }
 

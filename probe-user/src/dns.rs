@@ -441,8 +441,23 @@ pub fn catch_up(
 ) -> anyhow::Result<()> {
     drain(ring, tracker, attributor, &mut on_query)?;
     let now = tracker.now_ktime();
-    let (reports, expired) = tracker.sweep(probes.dns_waiting()?, now, attributor);
+    let waiting = probes.dns_waiting()?;
+    let cgroup_of: HashMap<DnsKey, u64> = waiting
+        .iter()
+        .map(|(k, p)| (*k, p.send.cgroup_id))
+        .collect();
+    let (reports, expired) = tracker.sweep(waiting, now, attributor);
     probes.forget_dns_queries(&expired)?;
+    // What each cgroup still has waiting: the per-cgroup quota's count, made exact again.
+    let mut still = cgroup_of;
+    for key in &expired {
+        still.remove(key);
+    }
+    let mut counts: HashMap<u64, u64> = HashMap::new();
+    for cgroup in still.into_values() {
+        *counts.entry(cgroup).or_default() += 1;
+    }
+    probes.set_dns_pending_counts(&counts)?;
     for q in reports {
         on_query(q)?;
     }

@@ -1,6 +1,8 @@
 //! Pipeline stage 1, load -> attach: the eBPF object built from probe-ebpf, given this kernel's
 //! offsets, and its programs attached to their tracepoints. Owns the maps afterwards.
 
+use std::collections::HashMap;
+
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -125,7 +127,10 @@ pub struct DnsStats {
     pub tcp_uncounted: u64,
     /// Queries not tracked: the kernel's map of waiting queries was full.
     pub untracked: u64,
-    /// Port 53 packets too short for DNS, or with the wrong QR bit for their direction.
+    /// Queries not tracked: their cgroup had its quota of waiting queries.
+    pub over_quota: u64,
+    /// Port 53 packets that are not DNS (too short, the wrong QR bit for their direction, or
+    /// not a standard query with one question).
     pub malformed: u64,
     /// Responses that matched no waiting query.
     pub unmatched: u64,
@@ -278,6 +283,7 @@ impl Probes {
             lost: sums[DnsStat::RingbufFull as usize],
             tcp_uncounted: sums[DnsStat::TcpMapFull as usize],
             untracked: sums[DnsStat::PendingFull as usize],
+            over_quota: sums[DnsStat::PendingQuota as usize],
             malformed: sums[DnsStat::Malformed as usize],
             unmatched: sums[DnsStat::Unmatched as usize],
             truncated: sums[DnsStat::Truncated as usize],
@@ -309,6 +315,30 @@ impl Probes {
             .context("DNS_PENDING is not a hash map")?;
         for key in keys {
             let _ = pending.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Sets each cgroup's count of waiting queries (the quota's) to the truth, and forgets
+    /// the cgroups with none.
+    pub fn set_dns_pending_counts(&mut self, counts: &HashMap<u64, u64>) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("DNS_PENDING_BY_CGROUP")
+            .context("map DNS_PENDING_BY_CGROUP missing")?;
+        let mut by_cgroup = aya::maps::HashMap::<_, u64, u64>::try_from(map)
+            .context("DNS_PENDING_BY_CGROUP is not a hash map")?;
+        let gone: Vec<u64> = by_cgroup
+            .keys()
+            .map_while(Result::ok)
+            .filter(|id| !counts.contains_key(id))
+            .collect();
+        for id in gone {
+            let _ = by_cgroup.remove(&id);
+        }
+        for (id, n) in counts {
+            // Full (a cgroup the kernel let through unquota'd): it is counted next time.
+            let _ = by_cgroup.insert(id, n, 0);
         }
         Ok(())
     }

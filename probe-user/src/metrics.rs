@@ -339,7 +339,7 @@ impl Metrics {
             )?,
             dns_untracked: counter(
                 "faultline_dns_untracked_total",
-                "Port 53 packets the DNS probe could not follow, by reason: pending_full (a query not tracked: the kernel's map of waiting queries was full), malformed (not DNS), unmatched (an answer to no tracked query), tcp_map_full (a TCP segment in a cgroup the full map could not count).",
+                "Port 53 packets the DNS probe could not follow, by reason: pending_full (a query not tracked: the kernel's map of waiting queries was full), cgroup_quota (not tracked: its cgroup had 1,024 queries waiting), malformed (not a DNS query or answer), unmatched (an answer to no tracked query), tcp_map_full (a TCP segment in a cgroup the full map could not count).",
                 &["reason"],
             )?,
             series_overflow: counter(
@@ -435,6 +435,7 @@ impl Metrics {
     pub fn dns_untracked(&self, stats: &crate::loader::DnsStats) {
         for (reason, total) in [
             ("pending_full", stats.untracked),
+            ("cgroup_quota", stats.over_quota),
             ("malformed", stats.malformed),
             ("unmatched", stats.unmatched),
             ("tcp_map_full", stats.tcp_uncounted),

@@ -170,6 +170,8 @@ pub struct Summary {
     dns_malformed: u64,
     /// Queries the kernel could not track (its map of waiting queries was full).
     dns_untracked: u64,
+    /// Queries the kernel did not track: their cgroup had its quota of waiting queries.
+    dns_over_quota: u64,
     /// Answers with the TC bit, and answers that matched no waiting query (late, duplicate,
     /// spoofed), counted in the kernel.
     dns_truncated: u64,
@@ -497,6 +499,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         let stats = probes.dns_stats()?;
         summary.dns_malformed = tracker.malformed + stats.malformed;
         summary.dns_untracked = stats.untracked;
+        summary.dns_over_quota = stats.over_quota;
         summary.dns_truncated = stats.truncated;
         summary.dns_unmatched = stats.unmatched;
         summary.dns_lost_events = stats.lost;
@@ -786,6 +789,7 @@ impl Printer {
                     )?;
                 }
                 if s.dns_untracked
+                    + s.dns_over_quota
                     + s.dns_malformed
                     + s.dns_unmatched
                     + s.dns_lost_events
@@ -794,8 +798,9 @@ impl Printer {
                 {
                     writeln!(
                         self.out,
-                        "dns not followed: {} queries untracked (pending-query map full), {} lost (ring buffer full), {} malformed packets, {} unmatched answers, {} TCP segments uncounted",
+                        "dns not followed: {} queries untracked (pending-query map full), {} over their cgroup's quota, {} lost (ring buffer full), {} malformed packets, {} unmatched answers, {} TCP segments uncounted",
                         s.dns_untracked,
+                        s.dns_over_quota,
                         s.dns_lost_events,
                         s.dns_malformed,
                         s.dns_unmatched,

@@ -19,6 +19,8 @@ const SERVICE_IP: &str = "203.0.113.10";
 const SERVER_IP: &str = "198.51.100.53";
 const CLIENT_IP: &str = "198.51.100.2";
 const RESPONDER_IP: &str = "198.51.100.54";
+/// Off the lab's subnet and nobody's (TEST-NET-1).
+const BLACKHOLE_IP: &str = "192.0.2.53";
 const SERVER_IP6: &str = "fd00:fa17::53";
 const CLIENT_IP6: &str = "fd00:fa17::2";
 
@@ -128,23 +130,18 @@ impl DnsLab {
     /// Runs a command in the client cgroup and namespace (bounded to 20 s). The cgroup is
     /// joined first: inside the namespace `ip netns exec` mounts a sysfs of its own.
     fn client(&self, cmd: &str) {
-        let procs = self.cgroup.dir.join("cgroup.procs");
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {} && exec timeout 20 ip netns exec {} bash -c \"$0\"",
-                procs.display(),
-                self.client_ns
-            ))
-            .arg(cmd)
-            .output()
-            .expect("running the client");
+        self.client_in(&self.cgroup, cmd);
+    }
+
+    /// Like `client`, returning what the command printed.
+    fn client_output(&self, cmd: &str) -> String {
+        self.client_in(&self.cgroup, cmd)
     }
 
     /// Like `client`, in another cgroup (another workload in the same namespace).
-    fn client_in(&self, cgroup: &TempCgroup, cmd: &str) {
+    fn client_in(&self, cgroup: &TempCgroup, cmd: &str) -> String {
         let procs = cgroup.dir.join("cgroup.procs");
-        let _ = Command::new("sh")
+        let out = Command::new("sh")
             .arg("-c")
             .arg(format!(
                 "echo $$ > {} && exec timeout 20 ip netns exec {} bash -c \"$0\"",
@@ -154,6 +151,11 @@ impl DnsLab {
             .arg(cmd)
             .output()
             .expect("running the client");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     }
 
     /// faultline-lab's DNS responder (SERVFAIL for fail.*, 300 ms for slow.*) on a second
@@ -540,6 +542,42 @@ fn many_query_types_from_one_workload_leave_room_for_the_others() {
     assert!(
         !text.contains(r#"faultline_dns_queries_total{container="_overflow""#),
         "{text}"
+    );
+}
+
+/// One pod flooding port 53 (10,000 datagrams that are not DNS, then 20,000 well-formed
+/// queries that nobody answers) cannot untrack another pod's query: the kernel keeps only
+/// real queries, at most 1,024 waiting per cgroup, and counts the rest.
+#[test]
+fn a_port_53_flood_from_one_cgroup_leaves_the_others_tracked() {
+    let lab = DnsLab::start();
+    let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
+    let victim = TempCgroup::new(&unified, &unique("dns-victim"));
+    let victim_path = format!("/{}", victim.dir.file_name().unwrap().to_string_lossy());
+    let trace = Trace::start(&["--events", "dns", "--dns-timeout", "5s"]);
+    // To an address nobody has, off-link: routed into the server namespace, dropped there.
+    let flood = lab.client_output(&format!(
+        "{} dns-flood 20000 --dns-server {BLACKHOLE_IP}:53",
+        *LAB
+    ));
+    assert!(flood.contains(r#""created":40000"#), "{flood}");
+    lab.client_in(
+        &victim,
+        &format!("{} dns-client 1 --dns-server {SERVER_IP}:53", *LAB),
+    );
+    trace.wait_for(
+        Duration::from_secs(20),
+        "the victim's answered query",
+        |e| e["cgroup"] == victim_path.as_str() && e["outcome"] == "answered",
+    );
+    let (_, summary) = trace.stop_json();
+    let count = |k: &str| summary[k].as_u64().unwrap_or(0);
+    assert!(count("dns_over_quota") >= 10_000, "{summary:#}");
+    assert!(count("dns_malformed") >= 10_000, "{summary:#}");
+    assert_eq!(
+        count("dns_untracked"),
+        0,
+        "the map never filled: {summary:#}"
     );
 }
 

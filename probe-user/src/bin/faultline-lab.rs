@@ -41,6 +41,10 @@ enum Mode {
     /// Hold the first `count` packets of NFQUEUE --queue (up to 10 s), then accept them all
     /// at once: packets of one new flow then race to confirm their conntrack entries.
     NfqueueHold,
+    /// A pod flooding port 53 of --dns-server from one socket, waiting for nothing: `count`
+    /// datagrams that are not DNS queries, then `count` (at most 65,536) well-formed queries
+    /// with distinct ids.
+    DnsFlood,
 }
 
 #[derive(Parser, Debug)]
@@ -192,6 +196,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     if args.mode == Mode::DnsClient {
         return dns_client(args);
+    }
+    if args.mode == Mode::DnsFlood {
+        return dns_flood(args.dns_server, args.count);
     }
     if args.mode == Mode::NfqueueHold {
         return nfqueue_hold(args.queue, args.count);
@@ -359,6 +366,39 @@ fn dns_client(args: &Args) -> anyhow::Result<()> {
                 .recv(&mut buf)
                 .is_ok_and(|n| n >= 2 && buf[..2] == query[..2]);
         report.tally(answered);
+    }
+    report.timed(start)
+}
+
+fn dns_flood(server: std::net::SocketAddr, count: u32) -> anyhow::Result<()> {
+    let socket = std::net::UdpSocket::bind(if server.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    })
+    .context("binding a UDP socket")?;
+    socket
+        .connect(server)
+        .with_context(|| format!("connecting to {server}"))?;
+    let mut report = Report {
+        pid: node_pid(),
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    // Not queries: a header claiming five questions and two answers, then noise.
+    let mut junk = [0x5au8; 48];
+    junk[2..12].copy_from_slice(&[0x01, 0x00, 0, 5, 0, 2, 0, 0, 0, 0]);
+    for i in 0..count {
+        junk[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        report.tally(socket.send(&junk).is_ok());
+    }
+    let mut query = vec![
+        0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, b'f', b'l', b'o', b'o', b'd', 4, b't', b'e', b's',
+        b't', 0, 0, 1, 0, 1,
+    ];
+    for i in 0..count.min(65_536) {
+        query[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        report.tally(socket.send(&query).is_ok());
     }
     report.timed(start)
 }
@@ -654,6 +694,7 @@ fn create(
             | Mode::SpinForks
             | Mode::DnsServer
             | Mode::DnsClient
+            | Mode::DnsFlood
             | Mode::NfqueueHold => {
                 break;
             } // run elsewhere
