@@ -47,10 +47,11 @@ static DNS_SCRATCH: PerCpuArray<DnsPending> = PerCpuArray::with_max_entries(1, 0
 #[map]
 static DNS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DNS_STAT_COUNT, 0);
 
-/// DNS over TCP segments per cgroup v2 id.
+/// DNS over TCP segments per cgroup v2 id. Not preallocated (memory per cgroup that uses
+/// DNS over TCP, not entries x CPUs at load), like `TASK_COUNTS`.
 #[map]
 static DNS_TCP: PerCpuHashMap<u64, DnsTcpCounts> =
-    PerCpuHashMap::with_max_entries(MAX_DNS_TCP_CGROUPS, 0);
+    PerCpuHashMap::with_max_entries(MAX_DNS_TCP_CGROUPS, crate::kernel::BPF_F_NO_PREALLOC);
 
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;

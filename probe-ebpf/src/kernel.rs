@@ -4,6 +4,9 @@
 use aya_ebpf::{Global, helpers::bpf_probe_read_kernel};
 use probe_common::offsets::{MISSING, TracepointOffsets};
 
+/// Map flag: entries are allocated when inserted, not all at load.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
 #[unsafe(no_mangle)]
 pub static TP_OFFSETS: Global<TracepointOffsets> = Global::new(TracepointOffsets::NONE);
 

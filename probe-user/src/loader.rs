@@ -485,66 +485,94 @@ pub fn object_programs() -> anyhow::Result<Vec<ObjectProgram>> {
     Ok(programs)
 }
 
-/// A map as the kernel created it, with the memory it takes at this node's CPU count.
+/// A map as the kernel created it, and what it costs in kernel memory.
 pub struct LoadedMap {
     pub name: String,
     pub kind: String,
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
-    /// Estimated kernel memory: values (per CPU for per-CPU maps), keys and per-entry overhead
-    /// of hashes; a ring buffer's size.
-    pub bytes: u64,
+    /// One value per possible CPU.
+    pub per_cpu: bool,
+    pub hash: bool,
+    pub ring: bool,
+    /// Entries allocated at load (a hash without BPF_F_NO_PREALLOC, every array).
+    pub preallocated: bool,
+}
+
+/// BPF_F_NO_PREALLOC in a map's flags.
+const NO_PREALLOC: u32 = 1;
+
+impl LoadedMap {
+    /// Kernel memory of one entry with `cpus` possible CPUs: its value (one per CPU for
+    /// per-CPU maps, each rounded to 8 bytes), and for a hash its key and ~48 bytes of
+    /// bookkeeping.
+    pub fn entry_bytes(&self, cpus: u64) -> u64 {
+        let value = u64::from(self.value_size);
+        let values = if self.per_cpu {
+            value.next_multiple_of(8) * cpus
+        } else {
+            value
+        };
+        if self.hash {
+            values + u64::from(self.key_size).next_multiple_of(8) + 48
+        } else {
+            values
+        }
+    }
+
+    /// Kernel memory with `cpus` possible CPUs and `used` entries in use (a ring buffer's
+    /// max_entries is its size in bytes).
+    pub fn bytes(&self, cpus: u64, used: u64) -> u64 {
+        let entries = u64::from(self.max_entries);
+        if self.ring {
+            entries
+        } else if self.preallocated {
+            entries * self.entry_bytes(cpus)
+        } else {
+            used.min(entries) * self.entry_bytes(cpus)
+        }
+    }
 }
 
 impl Probes {
     /// Every map of the loaded object, as the kernel holds it.
     pub fn loaded_maps(&self) -> Vec<LoadedMap> {
         use aya::maps::Map;
-        let cpus = aya::util::nr_cpus().map_or(1, |n| u64::from(n.get()));
         let mut maps = Vec::new();
         for (name, map) in self.ebpf.maps() {
-            let (data, per_cpu, hash) = match map {
-                Map::Array(d) => (d, false, false),
-                Map::HashMap(d) | Map::LruHashMap(d) => (d, false, true),
-                Map::PerCpuArray(d) => (d, true, false),
-                Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) => (d, true, true),
-                Map::RingBuf(d) => (d, false, false),
+            let (data, per_cpu, hash, ring) = match map {
+                Map::Array(d) => (d, false, false, false),
+                Map::HashMap(d) | Map::LruHashMap(d) => (d, false, true, false),
+                Map::PerCpuArray(d) => (d, true, false, false),
+                Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) => (d, true, true, false),
+                Map::RingBuf(d) => (d, false, false, true),
                 _ => continue,
             };
             let Ok(info) = data.info() else { continue };
-            let (key, value, entries) = (
-                u64::from(info.key_size()),
-                u64::from(info.value_size()),
-                u64::from(info.max_entries()),
-            );
-            let kind = info
-                .map_type()
-                .map_or_else(|_| "?".to_owned(), |t| format!("{t:?}"));
-            let values = if per_cpu {
-                value.next_multiple_of(8) * cpus
-            } else {
-                value
-            };
-            // A hash entry also holds its key and ~48 bytes of bookkeeping; a ring buffer's
-            // max_entries is its size in bytes.
-            let bytes = match (matches!(map, Map::RingBuf(_)), hash) {
-                (true, _) => entries,
-                (false, true) => entries * (values + key.next_multiple_of(8) + 48),
-                (false, false) => entries * values,
-            };
             maps.push(LoadedMap {
                 name: name.to_owned(),
-                kind,
+                kind: info
+                    .map_type()
+                    .map_or_else(|_| "?".to_owned(), |t| format!("{t:?}")),
                 key_size: info.key_size(),
                 value_size: info.value_size(),
                 max_entries: info.max_entries(),
-                bytes,
+                per_cpu,
+                hash,
+                ring,
+                preallocated: !(hash && info.map_flags() & NO_PREALLOC != 0),
             });
         }
         maps.sort_by(|a, b| a.name.cmp(&b.name));
         maps
     }
+}
+
+/// Kernel memory of the maps on a node with `cpus` possible CPUs where `cgroups` cgroups have
+/// entries in the per-cgroup maps that grow with use.
+pub fn maps_memory(maps: &[LoadedMap], cpus: u64, cgroups: u64) -> u64 {
+    maps.iter().map(|m| m.bytes(cpus, cgroups)).sum()
 }
 
 /// Registers a ring buffer (or a reader owning one) with the tokio event loop.

@@ -175,6 +175,82 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_carries_them() {
     }
 }
 
+/// What the agent's own process may use on a large node (series, caches, buffers), on top
+/// of its eBPF maps; deploy/README.md derives the DaemonSet's limit from the same figures.
+const AGENT_BUDGET: u64 = 48 << 20;
+/// The node the limit must hold: 192 possible CPUs and 5,000 cgroups with tasks.
+const BIG_NODE: (u64, u64) = (192, 5000);
+
+fn mebibytes(quantity: &str) -> u64 {
+    let n: u64 = quantity
+        .strip_suffix("Mi")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a memory quantity in Mi: {quantity}"));
+    n << 20
+}
+
+/// The programs loaded on this kernel, their maps as the kernel created them, costed for a
+/// 192-CPU node with 5,000 cgroups (the per-CPU hashes grow per cgroup, allocated on use),
+/// plus the agent's measured peak RSS under load within its budget: inside the limit.
+#[test]
+fn the_memory_limit_holds_a_192_cpu_node() {
+    require_root();
+    let objects = rendered();
+    let ds = objects
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let resources = &ds["spec"]["template"]["spec"]["containers"][0]["resources"];
+    let limit = mebibytes(
+        resources["limits"]["memory"]
+            .as_str()
+            .expect("a memory limit"),
+    );
+    let probes = probe_user::loader::Probes::open(&Default::default(), Default::default())
+        .expect("loading the programs");
+    let maps = probes.loaded_maps();
+    let (cpus, cgroups) = BIG_NODE;
+    let kernel = probe_user::loader::maps_memory(&maps, cpus, cgroups);
+    let preallocated_per_cpu: Vec<&str> = maps
+        .iter()
+        .filter(|m| m.per_cpu && m.hash && m.preallocated)
+        .map(|m| m.name.as_str())
+        .collect();
+    assert!(
+        preallocated_per_cpu.is_empty(),
+        "per-CPU hashes preallocated (entries x CPUs at load): {preallocated_per_cpu:?}"
+    );
+    assert!(
+        kernel + AGENT_BUDGET <= limit,
+        "maps {} MiB on {cpus} CPUs with {cgroups} cgroups + agent {} MiB > limit {} MiB",
+        kernel >> 20,
+        AGENT_BUDGET >> 20,
+        limit >> 20
+    );
+    drop(probes);
+    // The agent's peak RSS (at start: the kernel's BTF is parsed once) stays inside its budget.
+    let daemon = Daemon::start(&["--no-events"]);
+    let report = lab(&["threads", "500", "--comm", "fl-rss"]);
+    assert_eq!(report.created, 500);
+    for _ in 0..5 {
+        let _ = daemon.metrics();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))
+        .expect("the daemon's status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    eprintln!(
+        "maps on a {cpus}-CPU node with {cgroups} cgroups: {} MiB; agent peak RSS here: {} MiB",
+        kernel >> 20,
+        peak_kib >> 10
+    );
+    assert!(peak_kib << 10 <= AGENT_BUDGET, "peak RSS {peak_kib} KiB");
+}
+
 #[test]
 fn the_daemonset_capabilities_are_exactly_enough() {
     probe_user::tracefs::Tracefs::find_or_mount()
