@@ -255,13 +255,24 @@ fn is_query(ctx: &SkBuffContext, payload: usize, msg_len: usize) -> bool {
 /// Room for one more waiting query of `cgroup_id` under its quota. A cgroup the full quota
 /// map cannot hold is let through (fail open).
 #[inline(always)]
-fn under_quota(cgroup_id: u64) -> bool {
+fn under_quota(cgroup_id: u64) -> Result<(), u64> {
     if let Some(n) = DNS_PENDING_BY_CGROUP.get_ptr(&cgroup_id) {
         // SAFETY: a live entry; a racing update at worst lets one more through.
-        return unsafe { *n } < MAX_DNS_PENDING_PER_CGROUP;
+        let n = unsafe { *n };
+        return if n < MAX_DNS_PENDING_PER_CGROUP {
+            Ok(())
+        } else {
+            Err(n)
+        };
     }
-    let _ = DNS_PENDING_BY_CGROUP.insert(&cgroup_id, &0, BPF_NOEXIST);
-    true
+    // A zero written on the stack: with `&0` the compiled program handed the helper a pointer
+    // through which 5.10 and 6.1 read garbage, and each cgroup's count was born as a kernel
+    // address (its quota reached at once).
+    let mut zero = 0u64;
+    // SAFETY: writing a local.
+    unsafe { core::ptr::write_volatile(&mut zero, 0) };
+    let _ = DNS_PENDING_BY_CGROUP.insert(&cgroup_id, &zero, BPF_NOEXIST);
+    Ok(())
 }
 
 /// One more (or one fewer, never below zero) waiting query for a cgroup. Not atomic (the BPF
@@ -302,7 +313,13 @@ fn on_query(
     pending.send.prev_sent_ns = 0;
     // SAFETY: the map returns a pointer into a live entry.
     let prev = unsafe { DNS_PENDING.get(key) };
-    if prev.is_none() && !under_quota(cgroup_id) {
+    if prev.is_none()
+        && let Err(n) = under_quota(cgroup_id)
+    {
+        debug!(
+            ctx,
+            "dns: cgroup {} has its quota of waiting queries ({})", cgroup_id, n
+        );
         bump(DnsStat::PendingQuota);
         return;
     }
