@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     netns::NetnsDirectory,
     node::NodeTasks,
-    otlp::OtlpExporter,
+    otlp::{OtlpConfig, OtlpExporter},
     pods::{Attributor, PodArgs},
     serve::{Served, serve},
     tasks::TaskModel,
@@ -55,7 +55,10 @@ pub struct RunArgs {
     /// How often the task counters are turned into metrics.
     #[arg(long, env = "FAULTLINE_REFRESH", value_parser = crate::cli::parse_interval, default_value = "5s")]
     pub refresh: Duration,
-    /// Also export events over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318).
+    /// Also export events over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318). The
+    /// standard OTEL_EXPORTER_OTLP_* variables (endpoints, headers, compression, timeout) and
+    /// OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME apply too; this flag wins over
+    /// OTEL_EXPORTER_OTLP_ENDPOINT.
     #[arg(long, env = "FAULTLINE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// A DNS query without an answer for this long counts as a timeout.
@@ -145,12 +148,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut outputs = Outputs {
         metrics: metrics.clone(),
         lines: open_lines(&args, metrics.event_lines_dropped()?)?,
-        otlp: match &args.otlp_endpoint {
-            Some(endpoint) => Some(OtlpExporter::start(
-                endpoint,
-                &node,
-                metrics.otlp_counters()?,
-            )?),
+        otlp: match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())?
+        {
+            Some(config) => Some(OtlpExporter::start(config, &node, metrics.otlp_counters()?)),
             None => None,
         },
     };
@@ -300,6 +300,9 @@ impl Outputs {
 
     fn conntrack_drop(&mut self, d: &ConntrackDrop) -> anyhow::Result<()> {
         self.metrics.conntrack_drop(d);
+        if let Some(otlp) = &self.otlp {
+            otlp.conntrack_drop(d);
+        }
         self.lines.send(d);
         Ok(())
     }

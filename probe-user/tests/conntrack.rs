@@ -206,6 +206,71 @@ fn a_drop_rule_is_a_rule_not_an_insert_failure() {
     }
 }
 
+/// The daemon exports conntrack drops over OTLP like the other events, configured the
+/// standard way (OTEL_* variables: endpoint, gzip, a header, resource attributes), and a
+/// collector answering 503 at first gets them on the retry.
+#[test]
+fn conntrack_drops_reach_otlp_configured_by_the_standard_variables() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = CtLab::start(&V4);
+    sh(&format!(
+        "ip netns exec {} {} -I FORWARD -p udp --dport 53 -j DROP",
+        lab.router(),
+        lab.tables()
+    ));
+    let receiver = OtlpReceiver::start_refusing(1);
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let daemon = Daemon::start_with_env(
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=s3cret"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "k8s.cluster.name=lab,deployment.environment=test",
+            ),
+        ],
+        &["--no-events", "--node-name", "node-ct"],
+    );
+    lab.client(1, &format!("2 --dns-server {}", lab.server(53)));
+    let drops = eventually(Duration::from_secs(30), "2 conntrack drop records", || {
+        let recs = receiver.records.lock().unwrap().clone();
+        let mine: Vec<_> = recs
+            .into_iter()
+            .filter(|(_, r)| {
+                r.event_name == "faultline.conntrack_drop"
+                    && r.attributes.iter().any(|kv| {
+                        kv.key == "container.runtime.cgroup" && attr_str(kv) == lab.cgroup_path(1)
+                    })
+            })
+            .collect();
+        (mine.len() >= 2).then_some(mine)
+    });
+    for (resource, rec) in &drops {
+        let attr = |k: &str| rec.attributes.iter().find(|kv| kv.key == k).map(attr_str);
+        assert_eq!(attr("faultline.cause").as_deref(), Some("rule"));
+        assert_eq!(attr("network.transport").as_deref(), Some("udp"));
+        assert_eq!(attr("destination.port").as_deref(), Some("53"));
+        for (k, v) in [
+            ("k8s.cluster.name", "lab"),
+            ("k8s.node.name", "node-ct"),
+            ("service.name", "faultline"),
+        ] {
+            assert!(
+                resource.contains(&(k.to_owned(), v.to_owned())),
+                "{k}={v} missing: {resource:?}"
+            );
+        }
+    }
+    let headers = receiver.headers.lock().unwrap().clone();
+    assert!(headers.len() >= 2, "a refused request, then its retry");
+    for h in &headers {
+        assert!(h.contains(&"content-encoding: gzip".to_owned()), "{h:?}");
+        assert!(h.contains(&"x-api-key: s3cret".to_owned()), "{h:?}");
+    }
+    drop(daemon);
+}
+
 /// Where conntrack is a module (Debian's kernels, every kernel of the VM matrix), its types are
 /// in split BTF on top of vmlinux (`/sys/kernel/btf/nf_conntrack`): read that way, the module's
 /// own structs resolve, and so do the ones vmlinux shares with it, at the same offsets.

@@ -647,8 +647,17 @@ impl Daemon {
         Self::start_with(&[], extra, Stdio::null())
     }
 
+    /// `faultline run` with these environment variables set.
+    pub fn start_with_env(env: &[(&str, &str)], extra: &[&str]) -> Daemon {
+        Self::spawn(&[], env, extra, Stdio::null())
+    }
+
     /// `faultline run` behind a command prefix (e.g. `prlimit ... --`), stdout as given.
     pub fn start_with(prefix: &[&str], extra: &[&str], stdout: Stdio) -> Daemon {
+        Self::spawn(prefix, &[], extra, stdout)
+    }
+
+    fn spawn(prefix: &[&str], env: &[(&str, &str)], extra: &[&str], stdout: Stdio) -> Daemon {
         require_root();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -670,6 +679,7 @@ impl Daemon {
                 "--no-kube-api",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
@@ -832,6 +842,8 @@ pub struct OtlpReceiver {
     pub port: u16,
     pub records: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     pub spans: std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+    /// Every request's header lines, lowercased, in arrival order (refused ones too).
+    pub headers: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
 }
 
 pub fn attr_str(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> String {
@@ -845,19 +857,28 @@ pub fn attr_str(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> String
 
 impl OtlpReceiver {
     pub fn start() -> OtlpReceiver {
+        Self::start_refusing(0)
+    }
+
+    /// A receiver that answers its first `refuse` requests 503 with `Retry-After: 1` (a
+    /// collector restarting), then takes everything.
+    pub fn start_refusing(refuse: usize) -> OtlpReceiver {
         use prost::Message as _;
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (sink, span_sink) = (records.clone(), spans.clone());
+        let headers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (sink, span_sink, header_sink) = (records.clone(), spans.clone(), headers.clone());
         std::thread::spawn(move || {
-            for conn in listener.incoming().take(1000) {
+            for (n, conn) in listener.incoming().take(1000).enumerate() {
                 let Ok(mut conn) = conn else { continue };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
                 let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
                 let mut len = 0usize;
                 let mut traces = false;
+                let mut gzip = false;
+                let mut lines = Vec::new();
                 loop {
                     let mut line = String::new();
                     if std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) == 0
@@ -868,13 +889,33 @@ impl OtlpReceiver {
                     if line.starts_with("POST /v1/traces") {
                         traces = true;
                     }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    let lower = line.trim_end().to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
                         len = v.trim().parse().unwrap_or(0);
                     }
+                    gzip |= lower == "content-encoding: gzip";
+                    lines.push(lower);
                 }
+                header_sink.lock().unwrap().push(lines);
                 let mut body = vec![0; len];
                 if reader.read_exact(&mut body).is_err() {
                     continue;
+                }
+                if n < refuse {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
+                if gzip {
+                    let mut plain = Vec::new();
+                    if flate2::read::GzDecoder::new(body.as_slice())
+                        .read_to_end(&mut plain)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    body = plain;
                 }
                 if traces {
                     if let Ok(req) = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body.as_slice()) {
@@ -904,6 +945,7 @@ impl OtlpReceiver {
             port,
             records,
             spans,
+            headers,
         }
     }
 }
