@@ -35,6 +35,7 @@ use crate::{
     pods::{Attributor, PodArgs},
     serve::{Served, serve},
     tasks::TaskModel,
+    trace::EventKind,
 };
 
 /// Not a default port of any exporter we know of (node_exporter 9100, kube-state-metrics
@@ -52,6 +53,11 @@ pub struct RunArgs {
     /// Do not write event lines at all (metrics only).
     #[arg(long, env = "FAULTLINE_NO_EVENTS")]
     pub no_events: bool,
+    /// Which events become event lines and OTLP records: clone (failed task creation), dns
+    /// (every query: a line per query on a busy node), conntrack (drops and resolved clashes).
+    /// Metrics count all of them whatever this says.
+    #[arg(long, env = "FAULTLINE_EVENTS", value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns, EventKind::Conntrack])]
+    pub events: Vec<EventKind>,
     /// How often the task counters are turned into metrics.
     #[arg(long, env = "FAULTLINE_REFRESH", value_parser = crate::cli::parse_interval, default_value = "5s")]
     pub refresh: Duration,
@@ -146,6 +152,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut enricher = Enricher::new(Attributor::new(cgroups, &args.pods).await);
     let mut model = TaskModel::default();
     let mut outputs = Outputs {
+        kinds: args.events.clone(),
         metrics: metrics.clone(),
         lines: open_lines(&args, metrics.event_lines_dropped()?)?,
         otlp: match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())?
@@ -281,43 +288,57 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where each event goes: metrics, the event lines, OTLP. None of them can block.
+/// Where each event goes: metrics always; the event lines and OTLP for the kinds asked for.
+/// None of them can block.
 struct Outputs {
+    kinds: Vec<EventKind>,
     metrics: Arc<Metrics>,
     lines: EventLines,
     otlp: Option<OtlpExporter>,
 }
 
 impl Outputs {
+    fn wants(&self, kind: EventKind) -> bool {
+        self.kinds.contains(&kind)
+    }
+
     fn clone_failure(&mut self, f: &clone::CloneFailure) -> anyhow::Result<()> {
         self.metrics.clone_failure(f);
-        if let Some(otlp) = &self.otlp {
-            otlp.clone_failure(f);
+        if self.wants(EventKind::Clone) {
+            if let Some(otlp) = &self.otlp {
+                otlp.clone_failure(f);
+            }
+            self.lines.send(f);
         }
-        self.lines.send(f);
         Ok(())
     }
 
     fn conntrack_drop(&mut self, d: &ConntrackDrop) -> anyhow::Result<()> {
         self.metrics.conntrack_drop(d);
-        if let Some(otlp) = &self.otlp {
-            otlp.conntrack_drop(d);
+        if self.wants(EventKind::Conntrack) {
+            if let Some(otlp) = &self.otlp {
+                otlp.conntrack_drop(d);
+            }
+            self.lines.send(d);
         }
-        self.lines.send(d);
         Ok(())
     }
 
     fn clashes_resolved(&mut self, c: &ClashesResolved) {
         self.metrics.clashes_resolved(c);
-        self.lines.send(c);
+        if self.wants(EventKind::Conntrack) {
+            self.lines.send(c);
+        }
     }
 
     fn dns_query(&mut self, q: &DnsQuery) -> anyhow::Result<()> {
         self.metrics.dns_query(q);
-        if let Some(otlp) = &self.otlp {
-            otlp.dns_query(q);
+        if self.wants(EventKind::Dns) {
+            if let Some(otlp) = &self.otlp {
+                otlp.dns_query(q);
+            }
+            self.lines.send(q);
         }
-        self.lines.send(q);
         Ok(())
     }
 }

@@ -545,6 +545,44 @@ fn many_query_types_from_one_workload_leave_room_for_the_others() {
     );
 }
 
+/// `run --events` picks the event lines, not what is counted: without `dns` no query is a
+/// line, and the metrics still count every query.
+#[test]
+fn run_events_selects_the_lines_and_the_metrics_count_everything() {
+    let lab = DnsLab::start();
+    let path = lab.path();
+    let file = std::env::temp_dir().join(unique("events.jsonl"));
+    let events = TempFile::new(&file, b"");
+    let daemon = Daemon::start(&[
+        "--events",
+        "clone,conntrack",
+        "--events-file",
+        &file.display().to_string(),
+    ]);
+    lab.resolv_conf("");
+    lab.client("getent ahosts web.test");
+    let sel = format!(r#"workload="{path}""#);
+    eventually(
+        Duration::from_secs(20),
+        "the queries in the metrics",
+        || {
+            daemon
+                .metrics()
+                .lines()
+                .any(|l| l.starts_with("faultline_dns_queries_total{") && l.contains(&sel))
+                .then_some(())
+        },
+    );
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    let lines = std::fs::read_to_string(&file).expect("the events file");
+    assert!(
+        !lines.lines().any(|l| l.contains(r#""kind":"dns""#)),
+        "a DNS line despite --events clone,conntrack: {lines}"
+    );
+    drop(events);
+}
+
 /// One pod flooding port 53 (10,000 datagrams that are not DNS, then 20,000 well-formed
 /// queries that nobody answers) cannot untrack another pod's query: the kernel keeps only
 /// real queries, at most 1,024 waiting per cgroup, and counts the rest.
