@@ -66,6 +66,7 @@ pub struct CloneFailure {
 pub fn drain(
     ring: &mut RingBuf<MapData>,
     enricher: &mut Enricher,
+    attributor: &mut Attributor,
     mut on_failure: impl FnMut(CloneFailure) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     while let Some(item) = ring.next() {
@@ -77,15 +78,13 @@ pub fn drain(
             continue;
         };
         drop(item);
-        on_failure(enricher.enrich(&raw))?;
+        on_failure(enricher.enrich(&raw, attributor))?;
     }
     Ok(())
 }
 
 /// Turns kernel events into reports: resolves ids to paths and decides the cause.
 pub struct Enricher {
-    /// Shared with the other stages that name cgroups and pods.
-    pub attributor: Attributor,
     clock: KernelClock,
     page_size: u64,
     /// The node's counts and limits, re-read at most every `NODE_REREAD` (a failure storm
@@ -98,12 +97,17 @@ pub struct Enricher {
 /// threads-max verdict uses the kernel's own count at the failure, not this).
 const NODE_REREAD: std::time::Duration = std::time::Duration::from_millis(100);
 
+impl Default for Enricher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Enricher {
-    pub fn new(attributor: Attributor) -> Self {
+    pub fn new() -> Self {
         // SAFETY: sysconf has no preconditions.
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         Enricher {
-            attributor,
             clock: KernelClock::new(),
             page_size: u64::try_from(page_size).unwrap_or(4096),
             node: None,
@@ -111,7 +115,7 @@ impl Enricher {
         }
     }
 
-    pub fn enrich(&mut self, ev: &CloneFailureEvent) -> CloneFailure {
+    pub fn enrich(&mut self, ev: &CloneFailureEvent, attributor: &mut Attributor) -> CloneFailure {
         let node = match self.node {
             Some((at, node)) if at.elapsed() < NODE_REREAD => node,
             _ => {
@@ -121,15 +125,11 @@ impl Enricher {
             }
         };
         let pids_cgroup = (ev.valid & valid::PIDS != 0)
-            .then(|| {
-                self.attributor
-                    .cgroups
-                    .path(Hierarchy::Pids, ev.pids.cgroup_ino)
-            })
+            .then(|| attributor.cgroups.path(Hierarchy::Pids, ev.pids.cgroup_ino))
             .flatten();
         let memory_cgroup = (ev.valid & valid::MEMORY != 0)
             .then(|| {
-                self.attributor
+                attributor
                     .cgroups
                     .path(Hierarchy::Memory, ev.memory.cgroup_ino)
             })
@@ -151,7 +151,7 @@ impl Enricher {
         } else {
             TaskKind::Process
         };
-        let (cgroup, attribution) = self.attributor.attribute(
+        let (cgroup, attribution) = attributor.attribute(
             ev.cgroup_id,
             (ev.own_pids_ino != 0).then_some(ev.own_pids_ino),
         );

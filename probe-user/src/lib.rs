@@ -26,6 +26,7 @@ pub mod netns;
 pub mod node;
 pub mod offsets;
 pub mod otlp;
+pub mod pipeline;
 pub mod pods;
 pub mod run;
 pub mod serve;

@@ -1,8 +1,8 @@
-//! `faultline run`: the node daemon. Loads and attaches every probe the kernel supports
-//! (saying which it skipped and why), then runs the pipeline for as long as the node lives:
-//! clone failures become JSON event lines and counters as they happen; every refresh, the
-//! task counters become per-pod metrics. Serves `/metrics`, `/healthz` and `/readyz`.
-//! SIGTERM or SIGINT: stop serving, deliver what is in flight, detach, exit 0.
+//! `faultline run`: the node daemon, a sink of the pipeline (`pipeline`) with every probe the
+//! kernel supports (saying which it skipped and why), for as long as the node lives: events
+//! become counters, event lines and OTLP records as they happen; every refresh, the kernel's
+//! counters become per-pod metrics. Serves `/metrics`, `/healthz` and `/readyz`.
+//! SIGTERM or SIGINT: deliver what is in flight, stop serving, detach, exit 0.
 
 use std::{
     net::SocketAddr,
@@ -22,19 +22,17 @@ use tokio::{
 };
 
 use crate::{
-    cgroups::CgroupFs,
-    clone::{self, Enricher},
-    conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
-    dns::{DnsQuery, DnsTracker, Names},
+    clone::{self, CloneFailure},
+    conntrack::{ClashesResolved, ConntrackDrop},
+    dns::{DnsQuery, Names},
     lines::EventLines,
-    loader::{Attachment, CLONE_PROGRAMS, KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
+    loader::{KernelArgs, KernelLog},
     metrics::Metrics,
-    netns::NetnsDirectory,
     node::NodeTasks,
     otlp::{OtlpConfig, OtlpExporter},
-    pods::{Attributor, PodArgs},
+    pipeline::{Pipeline, Signal, Sink, State, Want},
+    pods::PodArgs,
     serve::{Served, serve},
-    tasks::TaskModel,
     trace::EventKind,
 };
 
@@ -85,207 +83,163 @@ pub struct RunArgs {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::serve::raise_fd_limit();
-    let mut probes = Probes::open(&args.kernel, KernelLog::Off)?;
     let node = args
         .pods
         .node_name
         .clone()
         .unwrap_or_else(crate::pods::hostname);
     let metrics = Arc::new(Metrics::new(args.max_series)?);
-    let attached =
-        |probes: &mut Probes, name: &str, programs: &[Attachment]| match probes.attach(programs) {
-            Ok(()) => {
-                metrics.probe_attached(name, true);
-                true
-            }
-            Err(e) => {
+    let want = Want {
+        clone: true,
+        tasks: true,
+        dns: Some((args.dns_timeout, args.dns_names)),
+        conntrack: true,
+    };
+    // Every probe the kernel accepts; the others are said and shown in /metrics.
+    let mut pipeline = Pipeline::open(
+        &args.kernel,
+        KernelLog::Off,
+        &args.pods,
+        want,
+        |signal, result| {
+            if let Err(e) = &result {
                 eprintln!(
-                    "faultline: skipped probe {name}: {}",
-                    crate::loader::brief(&e)
+                    "faultline: skipped probe {}: {}",
+                    signal.as_str(),
+                    crate::loader::brief(e)
                 );
-                metrics.probe_attached(name, false);
-                false
             }
-        };
-    let clone_ok = attached(&mut probes, "clone", &CLONE_PROGRAMS);
-    let tasks_ok = attached(&mut probes, "tasks", &TASK_PROGRAMS);
-    if !clone_ok && !tasks_ok {
+            metrics.probe_attached(signal.as_str(), result.is_ok());
+            Ok(())
+        },
+    )
+    .await?;
+    if !pipeline.has(Signal::Clone) && !pipeline.has(Signal::Tasks) {
         bail!("no probe could be attached (see the lines above)");
     }
-    let mut ring = if clone_ok {
-        Some(probes.clone_events()?)
-    } else {
-        None
-    };
-    let cgroups = CgroupFs::discover()?;
-    let (mut dns_ring, mut dns) = match probes.dns_events(&cgroups) {
-        Ok(ring) => {
-            metrics.probe_attached("dns", true);
-            (
-                Some(ring),
-                Some(DnsTracker::new(args.dns_timeout, args.dns_names)),
-            )
-        }
-        Err(e) => {
-            eprintln!("faultline: skipped probe dns: {}", crate::loader::brief(&e));
-            metrics.probe_attached("dns", false);
-            (None, None)
-        }
-    };
-    let (mut ct_ring, mut classifier) = match probes.conntrack_events() {
-        Ok(ring) => {
-            metrics.probe_attached("conntrack", true);
-            (
-                Some(ring),
-                Some(Classifier::new(NetnsDirectory::new("/proc"))),
-            )
-        }
-        Err(e) => {
-            eprintln!(
-                "faultline: skipped probe conntrack: {}",
-                crate::loader::brief(&e)
-            );
-            metrics.probe_attached("conntrack", false);
-            (None, None)
-        }
-    };
-    let mut enricher = Enricher::new(Attributor::new(cgroups, &args.pods).await);
-    let mut model = TaskModel::default();
-    let mut outputs = Outputs {
-        kinds: args.events.clone(),
-        metrics: metrics.clone(),
-        lines: open_lines(&args, metrics.event_lines_dropped()?)?,
-        otlp: match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())?
-        {
-            Some(config) => Some(OtlpExporter::start(config, &node, metrics.otlp_counters()?)),
-            None => None,
-        },
-    };
-
     let served = Arc::new(Served {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
     });
+    let mut sink = Daemon {
+        outputs: Outputs {
+            kinds: args.events.clone(),
+            metrics: metrics.clone(),
+            lines: open_lines(&args, metrics.event_lines_dropped()?)?,
+            otlp: match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| {
+                std::env::var(k).ok()
+            })? {
+                Some(config) => Some(OtlpExporter::start(config, &node, metrics.otlp_counters()?)),
+                None => None,
+            },
+        },
+        served: served.clone(),
+        refresh_errors: RefreshErrors::default(),
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let server = tokio::spawn(serve(listener, served.clone(), metrics.server_counters()?));
-    let mut refresh_errors = RefreshErrors::default();
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut refresh = tokio::time::interval(args.refresh);
-    let mut dns_sweep = tokio::time::interval(crate::dns::SWEEP_INTERVAL);
+    let stop = async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+    };
     eprintln!(
         "faultline: running on node {node}, serving http://{}/metrics",
         args.listen
     );
-
-    loop {
-        tokio::select! {
-            guard = async { ring.as_mut().expect("only polled with a ring").readable_mut().await }, if ring.is_some() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                clone::drain(guard.get_inner_mut(), &mut enricher, |f| outputs.clone_failure(&f))?;
-                guard.clear_ready();
-            }
-            guard = async { dns_ring.as_mut().expect("only polled with DNS").readable_mut().await }, if dns_ring.is_some() => {
-                let mut guard = guard.context("waiting on the DNS ring buffer")?;
-                if let Some(tracker) = dns.as_mut() {
-                    crate::dns::drain(guard.get_inner_mut(), tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
-                }
-                guard.clear_ready();
-            }
-            guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
-                let mut guard = guard.context("waiting on the conntrack ring buffer")?;
-                // The waiting queries first, so that drops can name them.
-                if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
-                    crate::dns::catch_up(ring.get_mut(), &mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
-                }
-                if let Some(c) = classifier.as_mut() {
-                    conntrack::drain(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), |d| outputs.conntrack_drop(&d))?;
-                }
-                guard.clear_ready();
-            }
-            _ = dns_sweep.tick(), if dns.is_some() => {
-                if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
-                    // The kernel wakes us for DNS events in batches: collect the rest.
-                    crate::dns::catch_up(ring.get_mut(), &mut probes, tracker, &mut enricher.attributor, |q| outputs.dns_query(&q))?;
-                }
-            }
-            _ = refresh.tick() => {
-                let result = (|| -> anyhow::Result<()> {
-                    if let Some(c) = classifier.as_mut() {
-                        for clashes in c.poll_clashes(args.refresh, &mut enricher.attributor) {
-                            outputs.clashes_resolved(&clashes);
-                        }
-                        if let Some(node) = c.node_counters() {
-                            metrics.conntrack_node(&node);
-                        }
-                        metrics.events_lost("conntrack", probes.conntrack_stats()?.lost);
-                    }
-                    if tasks_ok {
-                        model.update(Instant::now(), probes.task_counts()?);
-                    }
-                    if let Some(tracker) = dns.as_ref() {
-                        let mut stats = probes.dns_stats()?;
-                        metrics.events_lost("dns", stats.lost);
-                        stats.malformed += tracker.malformed;
-                        metrics.dns_untracked(&stats);
-                        let tcp = probes
-                            .dns_tcp_counts()?
-                            .into_iter()
-                            .map(|(id, c)| {
-                                let (_, a) = enricher.attributor.attribute(id, None);
-                                (id, c, crate::metrics::who(&a.workload, a.pod.as_ref()))
-                            })
-                            .collect();
-                        metrics.dns_tcp(tcp);
-                    }
-                    let rows = model.rows(&mut enricher.attributor);
-                    metrics.tasks(&rows, NodeTasks::read()?, probes.clone_stats()?, probes.task_stats()?);
-                    Ok(())
-                })();
-                match result {
-                    Ok(()) => served.ready.store(true, Ordering::Relaxed),
-                    Err(e) => refresh_errors.report(&metrics, &e),
-                }
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-        }
-    }
-    // Stop serving first, then deliver what the kernel already handed over.
-    server.abort();
+    pipeline.run(&mut sink, args.refresh, stop).await?;
+    // Stopped: not ready any more; what the kernel handed over is delivered.
     served.ready.store(false, Ordering::Relaxed);
-    if let Some(ring) = ring.as_mut() {
-        clone::drain(ring.get_mut(), &mut enricher, |f| outputs.clone_failure(&f))?;
-    }
-    if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
-        crate::dns::drain(ring.get_mut(), tracker, &mut enricher.attributor, |q| {
-            outputs.dns_query(&q)
-        })?;
-    }
-    if let (Some(ring), Some(c)) = (ct_ring.as_mut(), classifier.as_mut()) {
-        conntrack::drain(
-            ring.get_mut(),
-            c,
-            &mut enricher.attributor,
-            dns.as_mut(),
-            |d| outputs.conntrack_drop(&d),
-        )?;
-    }
-    outputs.lines.finish();
-    let stats = probes.clone_stats()?;
-    // Dropping the probes detaches every program.
-    drop(ring);
-    drop(dns_ring);
-    drop(ct_ring);
-    drop(probes);
+    server.abort();
+    sink.outputs.lines.finish();
+    let stats = pipeline.state().probes.clone_stats()?;
+    // Dropping the pipeline detaches every program.
+    drop(pipeline);
     eprintln!(
         "faultline: stopped; {} clone failures seen in the kernel, {} lost (ring buffer full)",
         stats.failures, stats.lost
     );
     Ok(())
+}
+
+/// The daemon as a sink of the pipeline: every event to its outputs; every refresh, the
+/// counters to metrics (a failed refresh counted, never fatal), and ready once one worked.
+struct Daemon {
+    outputs: Outputs,
+    served: Arc<Served>,
+    refresh_errors: RefreshErrors,
+}
+
+impl Sink for Daemon {
+    fn clone_failure(&mut self, f: CloneFailure) -> anyhow::Result<()> {
+        self.outputs.clone_failure(&f)
+    }
+
+    fn dns_query(&mut self, q: DnsQuery) -> anyhow::Result<()> {
+        self.outputs.dns_query(&q)
+    }
+
+    fn conntrack_drop(&mut self, d: ConntrackDrop) -> anyhow::Result<()> {
+        self.outputs.conntrack_drop(&d)
+    }
+
+    fn clashes_resolved(&mut self, c: ClashesResolved) -> anyhow::Result<()> {
+        self.outputs.clashes_resolved(&c);
+        Ok(())
+    }
+
+    fn refresh(&mut self, state: State<'_>) -> anyhow::Result<()> {
+        let metrics = &self.outputs.metrics;
+        let probes = state.probes;
+        if let Some(c) = state.conntrack {
+            if let Some(node) = c.node_counters() {
+                metrics.conntrack_node(&node);
+            }
+            metrics.events_lost("conntrack", probes.conntrack_stats()?.lost);
+        }
+        if let Some(tracker) = state.dns {
+            let mut stats = probes.dns_stats()?;
+            metrics.events_lost("dns", stats.lost);
+            stats.malformed += tracker.malformed;
+            metrics.dns_untracked(&stats);
+            let tcp = probes
+                .dns_tcp_counts()?
+                .into_iter()
+                .map(|(id, c)| {
+                    let (_, a) = state.attributor.attribute(id, None);
+                    (id, c, crate::metrics::who(&a.workload, a.pod.as_ref()))
+                })
+                .collect();
+            metrics.dns_tcp(tcp);
+        }
+        let rows = state
+            .tasks
+            .map(|m| m.rows(state.attributor))
+            .unwrap_or_default();
+        metrics.tasks(
+            &rows,
+            NodeTasks::read()?,
+            probes.clone_stats()?,
+            probes.task_stats()?,
+        );
+        self.served.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn refresh_failed(&mut self, e: anyhow::Error) -> anyhow::Result<()> {
+        self.refresh_errors.report(&self.outputs.metrics, &e);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Where each event goes: metrics always; the event lines and OTLP for the kinds asked for.

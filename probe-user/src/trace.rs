@@ -1,5 +1,6 @@
-//! `faultline trace`: the one-shot CLI. Runs the whole pipeline (load -> attach -> events ->
-//! enrich -> filter -> print) until the duration ends or Ctrl-C/SIGTERM, then prints a summary.
+//! `faultline trace`: the one-shot CLI. A sink of the pipeline (load -> attach -> events ->
+//! enrich, in `pipeline`) that filters and prints each event until the duration ends or
+//! Ctrl-C/SIGTERM, then prints a summary.
 //! With `--headroom-warn`, it also watches the per-cgroup task counters and warns when a pids
 //! limit is about to refuse tasks, before the first failure.
 
@@ -10,7 +11,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tokio::{
@@ -19,17 +19,13 @@ use tokio::{
 };
 
 use crate::{
-    cgroups::CgroupFs,
-    clone::{self, CloneFailure, Enricher},
-    conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
-    dns::{self, DnsQuery, DnsTracker, Names},
-    loader::{
-        self, CLONE_PROGRAMS, CloneStats, ConntrackStats, KernelArgs, KernelLog, Probes,
-        TASK_PROGRAMS,
-    },
-    netns::NetnsDirectory,
-    pods::{Attributor, PodArgs},
-    tasks::{HeadroomWarning, HeadroomWatch, TaskModel},
+    clone::CloneFailure,
+    conntrack::{ClashesResolved, ConntrackDrop},
+    dns::{DnsQuery, Names},
+    loader::{self, CloneStats, ConntrackStats, KernelArgs, KernelLog},
+    pipeline::{Pipeline, Signal, Sink, State, Want},
+    pods::PodArgs,
+    tasks::{HeadroomWarning, HeadroomWatch},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -90,8 +86,8 @@ pub enum EventKind {
     Conntrack,
 }
 
-/// How often the task counters are read for headroom warnings: a leak must be caught between
-/// the warning threshold and the limit.
+/// How often the pipeline refreshes for a trace: the task counters are read this often for
+/// headroom warnings (a leak must be caught between the warning threshold and the limit).
 const HEADROOM_TICK: Duration = Duration::from_millis(250);
 
 /// Which events are shown; the others are counted as filtered out.
@@ -295,229 +291,197 @@ impl Summary {
     }
 }
 
-/// The optional headroom watch: the task counters, their model and the warning state.
-struct Headroom {
-    model: TaskModel,
-    watch: HeadroomWatch,
-}
-
-/// How often every namespace's `clash_resolve` counter is read for near-miss lines.
-const CLASH_POLL: Duration = Duration::from_secs(1);
-
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
-    let mut probes = Probes::open(&args.kernel, args.kernel_log)?;
-    if args.events.contains(&EventKind::Clone) {
-        probes.attach(&CLONE_PROGRAMS)?;
-    }
-    let cgroups = CgroupFs::discover()?;
-    // Conntrack drops need the DNS programs too: they record who sent each DNS flow, and the
-    // tracker names the dropped queries.
     let show_dns = args.events.contains(&EventKind::Dns);
-    let (mut dns_ring, mut dns) = if show_dns || args.events.contains(&EventKind::Conntrack) {
-        match probes.dns_events(&cgroups) {
-            Ok(ring) => (
-                Some(ring),
-                Some(DnsTracker::new(args.dns_timeout, args.dns_names)),
-            ),
-            Err(e) => {
+    let conntrack = args.events.contains(&EventKind::Conntrack);
+    let want = Want {
+        clone: args.events.contains(&EventKind::Clone),
+        tasks: args.headroom_warn.is_some(),
+        // Conntrack drops need the DNS programs too: they record who sent each DNS flow, and
+        // the tracker names the dropped queries.
+        dns: (show_dns || conntrack).then_some((args.dns_timeout, args.dns_names)),
+        conntrack,
+    };
+    let mut pipeline = Pipeline::open(
+        &args.kernel,
+        args.kernel_log,
+        &args.pods,
+        want,
+        |signal, result| match (signal, result) {
+            (_, Ok(())) => Ok(()),
+            (Signal::Clone | Signal::Tasks, Err(e)) => Err(e),
+            (Signal::Dns, Err(e)) => {
                 eprintln!(
                     "faultline: DNS not traced: {}; failed task creation still is",
                     loader::brief(&e)
                 );
-                (None, None)
+                Ok(())
             }
-        }
-    } else {
-        (None, None)
-    };
-    let mut headroom = match args.headroom_warn {
-        Some(pct) => {
-            probes.attach(&TASK_PROGRAMS)?;
-            Some(Headroom {
-                model: TaskModel::default(),
-                watch: HeadroomWatch::new(pct),
-            })
-        }
-        None => None,
-    };
-    let (mut ct_ring, mut classifier) = if args.events.contains(&EventKind::Conntrack) {
-        match probes.conntrack_events() {
-            Ok(ring) => (
-                Some(ring),
-                Some(Classifier::new(NetnsDirectory::new("/proc"))),
-            ),
-            Err(e) => {
+            (Signal::Conntrack, Err(e)) => {
                 eprintln!(
                     "faultline: conntrack drops not traced: {}; the other events still are",
                     loader::brief(&e)
                 );
-                (None, None)
+                Ok(())
             }
-        }
-    } else {
-        (None, None)
+        },
+    )
+    .await?;
+    let mut sink = Tracer {
+        filter: Filter {
+            args: &args,
+            show_dns,
+        },
+        printer: Printer::new(args.output),
+        summary: Summary::default(),
+        headroom: args.headroom_warn.map(HeadroomWatch::new),
     };
-    let mut ring = probes.clone_events()?;
-    let mut enricher = Enricher::new(Attributor::new(cgroups, &args.pods).await);
-
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = args.duration.map(|d| Instant::now() + d);
-    let mut tick = tokio::time::interval(HEADROOM_TICK);
-    let mut printer = Printer::new(args.output);
-    let mut summary = Summary::default();
-    let filter = Filter {
-        args: &args,
-        show_dns,
+    let stop = async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+            () = sleep_until(deadline) => {}
+        }
     };
-
-    let mut kernel_log = probes.kernel_logger();
     eprintln!(
-        "faultline: tracing{}{}{}{} {}",
-        if args.events.contains(&EventKind::Clone) {
-            " failed task creation (clone, clone3, fork, vfork)"
-        } else {
-            ""
-        },
-        if headroom.is_some() {
-            ", pids headroom"
-        } else {
-            ""
-        },
-        if dns.is_some() && show_dns {
-            ", DNS"
-        } else {
-            ""
-        },
-        if ct_ring.is_some() {
-            ", conntrack drops"
-        } else {
-            ""
-        },
+        "faultline: tracing{} {}",
+        what(&pipeline, show_dns),
         match args.duration {
             Some(d) => format!("for {}", humantime::format_duration(d)),
             None => "until Ctrl-C".to_owned(),
         }
     );
-    printer.header()?;
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut enricher, &filter, &mut printer, &mut summary)?;
-                guard.clear_ready();
-            }
-            guard = async { dns_ring.as_mut().expect("only polled with DNS").readable_mut().await }, if dns_ring.is_some() => {
-                let mut guard = guard.context("waiting on the DNS ring buffer")?;
-                if let Some(tracker) = dns.as_mut() {
-                    drain_dns(guard.get_inner_mut(), tracker, &mut enricher.attributor, &filter, &mut printer, &mut summary)?;
-                }
-                guard.clear_ready();
-            }
-            guard = async { ct_ring.as_mut().expect("only polled with conntrack").readable_mut().await }, if ct_ring.is_some() => {
-                let mut guard = guard.context("waiting on the conntrack ring buffer")?;
-                // The waiting queries first, so that a drop can name its query.
-                if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
-                    dns::catch_up(ring.get_mut(), &mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
-                }
-                if let Some(c) = classifier.as_mut() {
-                    drain_conntrack(guard.get_inner_mut(), c, &mut enricher.attributor, dns.as_mut(), &filter, &mut printer, &mut summary)?;
-                }
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                if let Some(c) = classifier.as_mut() {
-                    for clashes in c.poll_clashes(CLASH_POLL, &mut enricher.attributor) {
-                        if filter.matches_clashes() {
-                            let key = capped(&summary.conntrack_clashes_resolved, &clashes.workload);
-                            *summary.conntrack_clashes_resolved.entry(key).or_default() += clashes.count;
-                            printer.event(&clashes)?;
-                        }
-                    }
-                    printer.flush()?;
-                }
-                if let (Some(ring), Some(tracker)) = (dns_ring.as_mut(), dns.as_mut()) {
-                    // The kernel wakes us for DNS events in batches: collect the rest.
-                    dns::catch_up(ring.get_mut(), &mut probes, tracker, &mut enricher.attributor, |q| print_dns(&q, &filter, &mut printer, &mut summary))?;
-                    printer.flush()?;
-                }
-                if let Some(h) = headroom.as_mut() {
-                    h.model.update(std::time::Instant::now(), probes.task_counts()?);
-                    for warning in h.watch.check(&h.model.rows(&mut enricher.attributor)) {
-                        if filter.matches_warning(&warning) {
-                            summary.headroom_warnings += 1;
-                            printer.event(&warning)?;
-                        }
-                    }
-                    printer.flush()?;
-                }
-            }
-            guard = async { kernel_log.as_mut().expect("only polled with --kernel-log").readable_mut().await }, if kernel_log.is_some() => {
-                let mut guard = guard.context("waiting on the programs' log ring")?;
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = sleep_until(deadline) => break,
+    sink.printer.header()?;
+    pipeline.run(&mut sink, HEADROOM_TICK, stop).await?;
+    sink.finish(pipeline.state())?;
+    sink.printer.summary(&sink.summary)
+}
+
+/// What the trace follows, for its first line.
+fn what(pipeline: &Pipeline, show_dns: bool) -> String {
+    [
+        (
+            Signal::Clone,
+            " failed task creation (clone, clone3, fork, vfork)",
+        ),
+        (Signal::Tasks, ", pids headroom"),
+        (Signal::Dns, ", DNS"),
+        (Signal::Conntrack, ", conntrack drops"),
+    ]
+    .into_iter()
+    .filter(|(s, _)| pipeline.has(*s) && (*s != Signal::Dns || show_dns))
+    .map(|(_, text)| text)
+    .collect()
+}
+
+/// `trace` as a sink of the pipeline: filters, prints and sums up.
+struct Tracer<'a> {
+    filter: Filter<'a>,
+    printer: Printer,
+    summary: Summary,
+    headroom: Option<HeadroomWatch>,
+}
+
+impl Sink for Tracer<'_> {
+    fn clone_failure(&mut self, f: CloneFailure) -> anyhow::Result<()> {
+        if self.filter.matches(&f) {
+            self.summary.add(&f);
+            self.printer.event(&f)
+        } else {
+            self.summary.filtered_out += 1;
+            Ok(())
         }
     }
-    if let Some(log) = kernel_log.as_mut() {
-        log.get_mut().flush();
+
+    fn dns_query(&mut self, q: DnsQuery) -> anyhow::Result<()> {
+        if self.filter.matches_dns(&q) {
+            self.summary.add_dns(&q);
+            self.printer.event(&q)?;
+        }
+        Ok(())
     }
-    // Events submitted just before the stop are still in the rings.
-    if let (Some(ring), Some(c)) = (ct_ring.as_mut(), classifier.as_mut()) {
-        drain_conntrack(
-            ring.get_mut(),
-            c,
-            &mut enricher.attributor,
-            dns.as_mut(),
-            &filter,
-            &mut printer,
-            &mut summary,
-        )?;
-        let kernel = probes.conntrack_stats()?;
-        summary.conntrack_lost_events = kernel.lost;
-        summary.conntrack_kernel = Some(kernel);
+
+    fn conntrack_drop(&mut self, d: ConntrackDrop) -> anyhow::Result<()> {
+        if self.filter.matches_drop(&d) {
+            *self
+                .summary
+                .conntrack_drops
+                .entry(d.cause.as_str())
+                .or_default() += 1;
+            self.printer.event(&d)?;
+        }
+        Ok(())
     }
-    drain(
-        ring.get_mut(),
-        &mut enricher,
-        &filter,
-        &mut printer,
-        &mut summary,
-    )?;
-    if let (Some(ring), Some(tracker), true) = (dns_ring.as_mut(), dns.as_mut(), show_dns) {
-        drain_dns(
-            ring.get_mut(),
-            tracker,
-            &mut enricher.attributor,
-            &filter,
-            &mut printer,
-            &mut summary,
-        )?;
-        let stats = probes.dns_stats()?;
-        summary.dns_malformed = tracker.malformed + stats.malformed;
-        summary.dns_untracked = stats.untracked;
-        summary.dns_over_quota = stats.over_quota;
-        summary.dns_truncated = stats.truncated;
-        summary.dns_unmatched = stats.unmatched;
-        summary.dns_lost_events = stats.lost;
-        summary.dns_tcp_uncounted = stats.tcp_uncounted;
-        for (id, tcp) in probes.dns_tcp_counts()? {
-            let (cgroup, who) = enricher.attributor.attribute(id, None);
-            if filter.cgroup_matches(cgroup.as_deref().unwrap_or("?"), None)
-                && args.pods.matches(who.pod.as_ref())
-            {
-                let key = capped(&summary.dns, &who.workload);
-                let d = summary.dns.entry(key).or_default();
-                d.tcp_segments_to_server += tcp.to_server;
-                d.tcp_segments_from_server += tcp.from_server;
+
+    fn clashes_resolved(&mut self, c: ClashesResolved) -> anyhow::Result<()> {
+        if self.filter.matches_clashes() {
+            let key = capped(&self.summary.conntrack_clashes_resolved, &c.workload);
+            *self
+                .summary
+                .conntrack_clashes_resolved
+                .entry(key)
+                .or_default() += c.count;
+            self.printer.event(&c)?;
+        }
+        Ok(())
+    }
+
+    fn refresh(&mut self, state: State<'_>) -> anyhow::Result<()> {
+        let (Some(watch), Some(model)) = (self.headroom.as_mut(), state.tasks) else {
+            return Ok(());
+        };
+        for warning in watch.check(&model.rows(state.attributor)) {
+            if self.filter.matches_warning(&warning) {
+                self.summary.headroom_warnings += 1;
+                self.printer.event(&warning)?;
             }
         }
+        Ok(())
     }
-    summary.finish(probes.clone_stats()?);
-    printer.summary(&summary)
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.printer.flush()
+    }
+}
+
+impl Tracer<'_> {
+    /// The summary's kernel-side counts, once the trace has stopped.
+    fn finish(&mut self, state: State<'_>) -> anyhow::Result<()> {
+        let (probes, summary) = (state.probes, &mut self.summary);
+        if state.conntrack.is_some() {
+            let kernel = probes.conntrack_stats()?;
+            summary.conntrack_lost_events = kernel.lost;
+            summary.conntrack_kernel = Some(kernel);
+        }
+        if let (Some(tracker), true) = (state.dns, self.filter.show_dns) {
+            let stats = probes.dns_stats()?;
+            summary.dns_malformed = tracker.malformed + stats.malformed;
+            summary.dns_untracked = stats.untracked;
+            summary.dns_over_quota = stats.over_quota;
+            summary.dns_truncated = stats.truncated;
+            summary.dns_unmatched = stats.unmatched;
+            summary.dns_lost_events = stats.lost;
+            summary.dns_tcp_uncounted = stats.tcp_uncounted;
+            for (id, tcp) in probes.dns_tcp_counts()? {
+                let (cgroup, who) = state.attributor.attribute(id, None);
+                if self
+                    .filter
+                    .cgroup_matches(cgroup.as_deref().unwrap_or("?"), None)
+                    && self.filter.args.pods.matches(who.pod.as_ref())
+                {
+                    let key = capped(&summary.dns, &who.workload);
+                    let d = summary.dns.entry(key).or_default();
+                    d.tcp_segments_to_server += tcp.to_server;
+                    d.tcp_segments_from_server += tcp.from_server;
+                }
+            }
+        }
+        summary.finish(probes.clone_stats()?);
+        Ok(())
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -525,74 +489,6 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// Hands every clone failure in the ring to the filter, summary and printer.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    enricher: &mut Enricher,
-    filter: &Filter,
-    printer: &mut Printer,
-    summary: &mut Summary,
-) -> anyhow::Result<()> {
-    clone::drain(ring, enricher, |failure| {
-        if filter.matches(&failure) {
-            summary.add(&failure);
-            printer.event(&failure)
-        } else {
-            summary.filtered_out += 1;
-            Ok(())
-        }
-    })?;
-    printer.flush()
-}
-
-fn print_dns(
-    q: &DnsQuery,
-    filter: &Filter,
-    printer: &mut Printer,
-    summary: &mut Summary,
-) -> anyhow::Result<()> {
-    if filter.matches_dns(q) {
-        summary.add_dns(q);
-        printer.event(q)?;
-    }
-    Ok(())
-}
-
-/// Completes the DNS queries whose answers are in the ring.
-fn drain_dns(
-    ring: &mut RingBuf<MapData>,
-    tracker: &mut DnsTracker,
-    attributor: &mut Attributor,
-    filter: &Filter,
-    printer: &mut Printer,
-    summary: &mut Summary,
-) -> anyhow::Result<()> {
-    dns::drain(ring, tracker, attributor, |q| {
-        print_dns(&q, filter, printer, summary)
-    })?;
-    printer.flush()
-}
-
-/// Reports the conntrack drops waiting in the ring (and marks their DNS queries).
-fn drain_conntrack(
-    ring: &mut RingBuf<MapData>,
-    classifier: &mut Classifier,
-    attributor: &mut Attributor,
-    dns: Option<&mut DnsTracker>,
-    filter: &Filter,
-    printer: &mut Printer,
-    summary: &mut Summary,
-) -> anyhow::Result<()> {
-    conntrack::drain(ring, classifier, attributor, dns, |d| {
-        if filter.matches_drop(&d) {
-            *summary.conntrack_drops.entry(d.cause.as_str()).or_default() += 1;
-            printer.event(&d)?;
-        }
-        Ok(())
-    })?;
-    printer.flush()
 }
 
 impl TraceEvent for ConntrackDrop {
