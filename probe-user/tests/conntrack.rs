@@ -186,11 +186,7 @@ fn table_full_drops_name_the_limit() {
 fn a_drop_rule_is_a_rule_not_an_insert_failure() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = CtLab::start(&V4);
-    sh(&format!(
-        "ip netns exec {} {} -I FORWARD -p udp --dport 53 -j DROP",
-        lab.router(),
-        lab.tables()
-    ));
+    lab.drop_dns();
     let trace = Trace::start(&["--events", "conntrack"]);
     let before = lab.counters();
     lab.client(1, &format!("2 --dns-server {}", lab.server(53)));
@@ -213,11 +209,7 @@ fn a_drop_rule_is_a_rule_not_an_insert_failure() {
 fn conntrack_drops_reach_otlp_configured_by_the_standard_variables() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = CtLab::start(&V4);
-    sh(&format!(
-        "ip netns exec {} {} -I FORWARD -p udp --dport 53 -j DROP",
-        lab.router(),
-        lab.tables()
-    ));
+    lab.drop_dns();
     let receiver = OtlpReceiver::start_refusing(1);
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
     let daemon = Daemon::start_with_env(

@@ -133,6 +133,15 @@ impl CtLab {
         }
     }
 
+    /// A DROP rule for DNS in the router's FORWARD chain (removed with the namespace).
+    pub fn drop_dns(&self) {
+        super::sh(&format!(
+            "ip netns exec {} {} -I FORWARD -p udp --dport 53 -j DROP",
+            self.router(),
+            self.tables()
+        ));
+    }
+
     pub fn server(&self, port: u16) -> String {
         if self.plan.v6 {
             format!("[{}]:{port}", self.plan.server)
