@@ -4,12 +4,12 @@
 //! core (failed task creation tracing) works.
 
 use crate::{
-    btf::Btf,
-    cgroups::{CgroupFs, Hierarchy},
-    loader::{self, CLONE_PROGRAMS, CONNTRACK_PROGRAMS, Probes, TASK_PROGRAMS},
-    netns::NetnsDirectory,
-    offsets,
-    tracefs::Tracefs,
+    attribution::cgroups::{CgroupFs, Hierarchy},
+    attribution::netns::NetnsDirectory,
+    kernel::btf::Btf,
+    kernel::loader::{self, CLONE_PROGRAMS, CONNTRACK_PROGRAMS, Probes, TASK_PROGRAMS},
+    kernel::offsets,
+    kernel::tracefs::Tracefs,
 };
 
 #[derive(clap::Args, Debug, Default)]
@@ -19,7 +19,7 @@ pub struct CheckArgs {
     #[arg(long, short)]
     pub verbose: bool,
     #[command(flatten)]
-    pub kernel: crate::loader::KernelArgs,
+    pub kernel: crate::kernel::loader::KernelArgs,
 }
 
 /// Verifier log lines shown for a refused program without `--verbose`: the verifier's
@@ -206,7 +206,7 @@ pub fn run(args: &CheckArgs) -> bool {
 
     if let (Ok(()), Some(btf), Ok(tracefs)) = (&privileged, &btf, &tracefs) {
         // Verifying and attaching for real is the only honest test of the program types.
-        match Probes::load(btf, tracefs, crate::loader::KernelLog::Off) {
+        match Probes::load(btf, tracefs, crate::kernel::loader::KernelLog::Off) {
             Ok(mut probes) => {
                 for (programs, name, missing_status) in [
                     (&CLONE_PROGRAMS[..], "clone programs", Status::Fail),
@@ -254,7 +254,7 @@ pub fn run(args: &CheckArgs) -> bool {
     }
     match NetnsDirectory::new("/proc")
         .node()
-        .and_then(|node| crate::ctstats::read(&node))
+        .and_then(|node| crate::signals::ctstats::read(&node))
     {
         Ok((c, source)) => r.line(
             Status::Ok,

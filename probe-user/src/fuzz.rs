@@ -13,8 +13,8 @@ use probe_common::dns::{DNS_CAPTURE, DNS_QUERY_CAPTURE, DnsKey, DnsPending, DnsQ
 use proptest::prelude::*;
 
 use crate::{
-    dns::{DnsTracker, Names},
-    pods::Attributor,
+    attribution::pods::Attributor,
+    signals::dns::{DnsTracker, Names},
     text::printable,
     trace::TraceEvent,
 };
@@ -119,7 +119,7 @@ fn query_event(payload: &[u8], outcome: u8, fields: (u64, u16, u64, u64, u64)) -
 }
 
 /// What faultline shows of a query, checked: JSON and the escaped table line are clean.
-fn shown_cleanly(q: &crate::dns::DnsQuery) -> Result<(), TestCaseError> {
+fn shown_cleanly(q: &crate::signals::dns::DnsQuery) -> Result<(), TestCaseError> {
     let json = crate::text::json_line(q).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let json = String::from_utf8_lossy(&json);
     prop_assert!(no_control(json.trim_end()), "JSON: {json:?}");
@@ -163,7 +163,7 @@ proptest! {
         dump in any::<bool>(),
     ) {
         let mut out = Vec::new();
-        let _ = crate::ctstats::parse_answers(&datagram, dump, &mut out);
+        let _ = crate::signals::ctstats::parse_answers(&datagram, dump, &mut out);
         // Every attribute taken is a 32-bit value.
         prop_assert!(out.iter().all(|(_, v)| *v <= u32::MAX as u64));
     }
@@ -179,7 +179,7 @@ proptest! {
         ),
     ) {
         let text = String::from_utf8_lossy(&text);
-        let mounts = crate::cgroups::parse_mountinfo(&text, |_| "pids memory".to_owned());
+        let mounts = crate::attribution::cgroups::parse_mountinfo(&text, |_| "pids memory".to_owned());
         prop_assert!(mounts.len() <= 3);
     }
 
@@ -188,7 +188,7 @@ proptest! {
         path in mutated(lines_of("cgroup-paths.txt"), 512),
     ) {
         let path = crate::text::from_bytes(&path);
-        let _ = crate::pods::parse_cgroup_path(&path);
+        let _ = crate::attribution::pods::parse_cgroup_path(&path);
         let who = Attributor::offline().attribute_path(&path);
         prop_assert!(no_control(&printable(&who.workload)), "{:?}", who.workload);
         let json = crate::text::json_line(&who.workload).expect("a string encodes");
@@ -201,12 +201,12 @@ proptest! {
         name in mutated(lines_of("log-dirs.txt"), 512),
     ) {
         let name = String::from_utf8_lossy(&name);
-        if let Some((uid, (ns, pod))) = crate::pods::pod_dir_entry(&name) {
+        if let Some((uid, (ns, pod))) = crate::attribution::pods::pod_dir_entry(&name) {
             // A uid is only ever the canonical form: no room for terminal escapes.
             prop_assert!(uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'), "{uid:?}");
             prop_assert!(!ns.contains('_') && !pod.contains('_'));
         }
-        if let Some((id, _container)) = crate::pods::container_log_entry(&name) {
+        if let Some((id, _container)) = crate::attribution::pods::container_log_entry(&name) {
             prop_assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id:?}");
         }
     }
@@ -224,12 +224,12 @@ fn every_seed_is_read() {
 fn the_seeds_parse_as_they_should() {
     // The well-formed seeds are what the mutations start from: they must parse.
     let query = std::fs::read(corpus("dns/query-a.bin")).expect("seed");
-    let m = crate::dns::parse(&query).expect("a query");
+    let m = crate::signals::dns::parse(&query).expect("a query");
     assert_eq!(m.qname, "web.shop.svc.cluster.local");
     let mut out = Vec::new();
     let dump = std::fs::read(corpus("netlink/stats-cpu-dump.bin")).expect("seed");
-    assert!(crate::ctstats::parse_answers(&dump, true, &mut out).expect("parses"));
+    assert!(crate::signals::ctstats::parse_answers(&dump, true, &mut out).expect("parses"));
     assert_eq!(out.len(), 32, "16 attributes for each of 2 CPUs");
     let error = std::fs::read(corpus("netlink/error-eperm.bin")).expect("seed");
-    assert!(crate::ctstats::parse_answers(&error, true, &mut Vec::new()).is_err());
+    assert!(crate::signals::ctstats::parse_answers(&error, true, &mut Vec::new()).is_err());
 }

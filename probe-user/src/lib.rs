@@ -1,37 +1,24 @@
-//! faultline's userspace: finds why tasks fail to be created on a Kubernetes node.
+//! faultline's userspace: why tasks fail to be created, DNS stalls and conntrack drops on a
+//! Kubernetes node, per pod.
 //!
-//! The pipeline, in order: [`loader`] loads and attaches the eBPF programs (offsets from
-//! [`btf`] and [`tracefs`] via [`offsets`]); [`clone`] decodes ring-buffer events and enriches
-//! them into `CloneFailure`s, using [`cgroups`] and [`pods`] for attribution, [`node`] and
-//! [`cause`] for the verdict; [`tasks`] turns the kernel's per-cgroup task counters into rates, live counts
-//! and headroom. The commands [`trace`], [`top`] and [`check`] export the result.
+//! One flow, [`pipeline`]: [`kernel`] loads and attaches the eBPF programs; the [`signals`]
+//! decode what their ring buffers and counters hold and enrich it (the cause of a failed
+//! clone, the answer to a query, the verdict on a drop); [`attribution`] names the cgroup, pod
+//! and workload; a sink exports it. The commands are sinks or thin consumers: [`trace`]
+//! (lines and a summary), [`run`] (the daemon: [`export`]s metrics, event lines, OTLP),
+//! [`top`] (task counts per cgroup) and [`check`] (what works on this node).
 
-pub mod btf;
-pub mod cause;
-pub mod cgroups;
+pub mod attribution;
 pub mod check;
 pub mod cli;
 pub mod clock;
-pub mod clone;
-pub mod conntrack;
-pub mod ctstats;
-pub mod dns;
+pub mod export;
 #[cfg(test)]
 mod fuzz;
-pub mod kubeapi;
-pub mod lines;
-pub mod loader;
-pub mod metrics;
-pub mod netns;
-pub mod node;
-pub mod offsets;
-pub mod otlp;
+pub mod kernel;
 pub mod pipeline;
-pub mod pods;
 pub mod run;
-pub mod serve;
-pub mod tasks;
+pub mod signals;
 pub mod text;
 pub mod top;
 pub mod trace;
-pub mod tracefs;

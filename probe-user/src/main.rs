@@ -88,7 +88,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("faultline: error: {}", probe_user::loader::brief(&e));
+            eprintln!(
+                "faultline: error: {}",
+                probe_user::kernel::loader::brief(&e)
+            );
             ExitCode::FAILURE
         }
     }

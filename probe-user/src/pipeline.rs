@@ -10,16 +10,16 @@ use std::{future::Future, time::Duration};
 use anyhow::Context as _;
 
 use crate::{
-    cgroups::CgroupFs,
-    clone::{self, CloneFailure, Enricher},
-    conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
-    dns::{self, DnsQuery, DnsTracker, Names},
-    loader::{
+    attribution::cgroups::CgroupFs,
+    attribution::netns::NetnsDirectory,
+    attribution::pods::{Attributor, PodArgs},
+    kernel::loader::{
         CLONE_PROGRAMS, EventRing, KernelArgs, KernelLog, KernelLogger, Probes, TASK_PROGRAMS,
     },
-    netns::NetnsDirectory,
-    pods::{Attributor, PodArgs},
-    tasks::TaskModel,
+    signals::clone::{self, CloneFailure, Enricher},
+    signals::conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
+    signals::dns::{self, DnsQuery, DnsTracker, Names},
+    signals::tasks::TaskModel,
 };
 
 /// The signals a command asks for.

@@ -22,17 +22,17 @@ use tokio::{
 };
 
 use crate::{
-    clone::{self, CloneFailure},
-    conntrack::{ClashesResolved, ConntrackDrop},
-    dns::{DnsQuery, Names},
-    lines::EventLines,
-    loader::{KernelArgs, KernelLog},
-    metrics::Metrics,
-    node::NodeTasks,
-    otlp::{OtlpConfig, OtlpExporter},
+    attribution::pods::PodArgs,
+    export::lines::EventLines,
+    export::metrics::Metrics,
+    export::otlp::{OtlpConfig, OtlpExporter},
+    export::serve::{Served, serve},
+    kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Signal, Sink, State, Want},
-    pods::PodArgs,
-    serve::{Served, serve},
+    signals::clone::{self, CloneFailure},
+    signals::conntrack::{ClashesResolved, ConntrackDrop},
+    signals::dns::{DnsQuery, Names},
+    signals::node::NodeTasks,
     trace::EventKind,
 };
 
@@ -82,12 +82,12 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    crate::serve::raise_fd_limit();
+    crate::export::serve::raise_fd_limit();
     let node = args
         .pods
         .node_name
         .clone()
-        .unwrap_or_else(crate::pods::hostname);
+        .unwrap_or_else(crate::attribution::pods::hostname);
     let metrics = Arc::new(Metrics::new(args.max_series)?);
     let want = Want {
         clone: true,
@@ -106,7 +106,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 eprintln!(
                     "faultline: skipped probe {}: {}",
                     signal.as_str(),
-                    crate::loader::brief(e)
+                    crate::kernel::loader::brief(e)
                 );
             }
             metrics.probe_attached(signal.as_str(), result.is_ok());
@@ -213,7 +213,11 @@ impl Sink for Daemon {
                 .into_iter()
                 .map(|(id, c)| {
                     let (_, a) = state.attributor.attribute(id, None);
-                    (id, c, crate::metrics::who(&a.workload, a.pod.as_ref()))
+                    (
+                        id,
+                        c,
+                        crate::export::metrics::who(&a.workload, a.pod.as_ref()),
+                    )
                 })
                 .collect();
             metrics.dns_tcp(tcp);

@@ -13,12 +13,12 @@ use clap::{Args, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cgroups::{CgroupFs, Hierarchy},
+    attribution::cgroups::{CgroupFs, Hierarchy},
+    attribution::pods::{Attributor, PodArgs},
     clock::now_rfc3339,
-    loader::{KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
-    node::NodeTasks,
-    pods::{Attributor, PodArgs},
-    tasks::{self, CgroupRow, Snapshot, TaskModel},
+    kernel::loader::{KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
+    signals::node::NodeTasks,
+    signals::tasks::{self, CgroupRow, Snapshot, TaskModel},
     trace::Output,
 };
 
@@ -207,7 +207,7 @@ fn shorten(path: &str, width: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::{NodeRow, PidsLimit};
+    use crate::signals::tasks::{NodeRow, PidsLimit};
 
     fn row(cgroup: &str, thr: f64, live: u64, pct: Option<f64>) -> CgroupRow {
         CgroupRow {

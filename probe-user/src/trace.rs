@@ -19,13 +19,13 @@ use tokio::{
 };
 
 use crate::{
-    clone::CloneFailure,
-    conntrack::{ClashesResolved, ConntrackDrop},
-    dns::{DnsQuery, Names},
-    loader::{self, CloneStats, ConntrackStats, KernelArgs, KernelLog},
+    attribution::pods::PodArgs,
+    kernel::loader::{self, CloneStats, ConntrackStats, KernelArgs, KernelLog},
     pipeline::{Pipeline, Signal, Sink, State, Want},
-    pods::PodArgs,
-    tasks::{HeadroomWarning, HeadroomWatch},
+    signals::clone::CloneFailure,
+    signals::conntrack::{ClashesResolved, ConntrackDrop},
+    signals::dns::{DnsQuery, Names},
+    signals::tasks::{HeadroomWarning, HeadroomWatch},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

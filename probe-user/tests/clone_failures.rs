@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use probe_user::cgroups::Hierarchy;
+use probe_user::attribution::cgroups::Hierarchy;
 use serde_json::Value;
 
 /// Asserts that every event of `comm` has these fields and that there is one per refused

@@ -8,7 +8,7 @@
 
 mod common;
 
-use probe_user::btf::Btf;
+use probe_user::kernel::btf::Btf;
 
 use std::{sync::Mutex, time::Duration};
 

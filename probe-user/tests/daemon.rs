@@ -212,7 +212,8 @@ fn sigterm_during_an_event_storm_exits_cleanly_and_detaches_everything() {
 #[test]
 fn five_hundred_pods_stay_within_the_series_cap() {
     let _serial = serial();
-    let (unified, _) = mount(probe_user::cgroups::Hierarchy::Unified).expect("cgroup v2");
+    let (unified, _) =
+        mount(probe_user::attribution::cgroups::Hierarchy::Unified).expect("cgroup v2");
     // The shared levels are owned once and removed after every pod's (locals drop in reverse).
     let base = CgroupTree::new(
         &unified,

@@ -206,11 +206,11 @@ fn the_memory_limit_holds_a_192_cpu_node() {
             .as_str()
             .expect("a memory limit"),
     );
-    let probes = probe_user::loader::Probes::open(&Default::default(), Default::default())
+    let probes = probe_user::kernel::loader::Probes::open(&Default::default(), Default::default())
         .expect("loading the programs");
     let maps = probes.loaded_maps();
     let (cpus, cgroups) = BIG_NODE;
-    let kernel = probe_user::loader::maps_memory(&maps, cpus, cgroups);
+    let kernel = probe_user::kernel::loader::maps_memory(&maps, cpus, cgroups);
     let preallocated_per_cpu: Vec<&str> = maps
         .iter()
         .filter(|m| m.per_cpu && m.hash && m.preallocated)
@@ -253,7 +253,7 @@ fn the_memory_limit_holds_a_192_cpu_node() {
 
 #[test]
 fn the_daemonset_capabilities_are_exactly_enough() {
-    probe_user::tracefs::Tracefs::find_or_mount()
+    probe_user::kernel::tracefs::Tracefs::find_or_mount()
         .expect("tracefs (mounted by the DaemonSet's hostPath)");
     let objects = rendered();
     let ds = objects

@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::*;
-use probe_user::cgroups::Hierarchy;
+use probe_user::attribution::cgroups::Hierarchy;
 use serde_json::Value;
 
 const SERVICE_IP: &str = "203.0.113.10";

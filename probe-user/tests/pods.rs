@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use probe_user::cgroups::Hierarchy;
+use probe_user::attribution::cgroups::Hierarchy;
 use serde_json::Value;
 
 const CID_A: &str = "aaaa0c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use probe_user::cgroups::Hierarchy;
+use probe_user::attribution::cgroups::Hierarchy;
 use serde_json::Value;
 
 /// A cgroup v2 directory and, on hybrid hosts, the pids cgroup of the same name; the lab

@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::MetadataExt as _;
 
-use probe_user::cgroups::Hierarchy;
+use probe_user::attribution::cgroups::Hierarchy;
 
 use super::*;
 

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use probe_user::cgroups::{CgroupFs, Hierarchy};
+use probe_user::attribution::cgroups::{CgroupFs, Hierarchy};
 use serde_json::Value;
 
 /// The binaries under test: cargo's, or the copies `cargo xtask vm-test` made for a VM run
@@ -450,7 +450,7 @@ pub fn kernel_version() -> (u32, u32) {
 
 /// Whether this kernel has a pid_max per pid namespace (Linux >= 6.14), from its BTF.
 pub fn per_namespace_pid_max() -> bool {
-    probe_user::btf::Btf::from_kernel()
+    probe_user::kernel::btf::Btf::from_kernel()
         .is_ok_and(|btf| btf.member_offset("pid_namespace", "pid_max").is_ok())
 }
 

@@ -17,14 +17,14 @@ use prometheus::{
 };
 
 use crate::{
-    clone::CloneFailure,
-    conntrack::{ClashesResolved, ConntrackDrop},
-    ctstats::CtCounters,
-    dns::DnsQuery,
-    loader::{CloneStats, TaskStats},
-    node::NodeTasks,
-    pods::PodRef,
-    tasks::CgroupRow,
+    attribution::pods::PodRef,
+    kernel::loader::{CloneStats, TaskStats},
+    signals::clone::CloneFailure,
+    signals::conntrack::{ClashesResolved, ConntrackDrop},
+    signals::ctstats::CtCounters,
+    signals::dns::DnsQuery,
+    signals::node::NodeTasks,
+    signals::tasks::CgroupRow,
 };
 
 pub const OVERFLOW: &str = "_overflow";
@@ -379,7 +379,7 @@ impl Metrics {
     }
 
     /// Counters of the OTLP exporter, registered with the others.
-    pub fn otlp_counters(&self) -> anyhow::Result<crate::otlp::OtlpCounters> {
+    pub fn otlp_counters(&self) -> anyhow::Result<crate::export::otlp::OtlpCounters> {
         let dropped = IntCounter::new(
             "faultline_otlp_dropped_events_total",
             "Events not exported over OTLP: queue full (slow collector) or request failed.",
@@ -390,14 +390,14 @@ impl Metrics {
         )?;
         self.registry.register(Box::new(dropped.clone()))?;
         self.registry.register(Box::new(failed.clone()))?;
-        Ok(crate::otlp::OtlpCounters {
+        Ok(crate::export::otlp::OtlpCounters {
             dropped,
             failed_requests: failed,
         })
     }
 
     /// Counters of the HTTP server, registered with the others.
-    pub fn server_counters(&self) -> anyhow::Result<crate::serve::ServerCounters> {
+    pub fn server_counters(&self) -> anyhow::Result<crate::export::serve::ServerCounters> {
         let refused = IntCounter::new(
             "faultline_http_refused_connections_total",
             "Connections to the metrics port closed at once: the connection cap was reached.",
@@ -408,7 +408,7 @@ impl Metrics {
         )?;
         self.registry.register(Box::new(refused.clone()))?;
         self.registry.register(Box::new(accept_errors.clone()))?;
-        Ok(crate::serve::ServerCounters {
+        Ok(crate::export::serve::ServerCounters {
             refused,
             accept_errors,
         })
@@ -432,7 +432,7 @@ impl Metrics {
     }
 
     /// The DNS probe's kernel totals of what it could not follow.
-    pub fn dns_untracked(&self, stats: &crate::loader::DnsStats) {
+    pub fn dns_untracked(&self, stats: &crate::kernel::loader::DnsStats) {
         for (reason, total) in [
             ("pending_full", stats.untracked),
             ("cgroup_quota", stats.over_quota),
@@ -725,7 +725,7 @@ mod tests {
     fn query_types_outside_the_allow_list_are_other() {
         assert_eq!(qtype_label("AAAA"), "AAAA");
         assert_eq!(qtype_label("TYPE4242"), "other");
-        assert_eq!(qtype_label(&crate::dns::qtype_name(64)), "SVCB");
+        assert_eq!(qtype_label(&crate::signals::dns::qtype_name(64)), "SVCB");
     }
 
     #[test]
@@ -735,7 +735,7 @@ mod tests {
             name: Some("cart-1".into()),
             uid: "u".into(),
             container: Some("app".into()),
-            owner: Some(crate::kubeapi::Owner {
+            owner: Some(crate::attribution::kubeapi::Owner {
                 kind: "Deployment".into(),
                 name: "cart".into(),
             }),

@@ -18,8 +18,8 @@ use probe_common::dns::{DnsKey, DnsPending, DnsQueryEvent, DnsSend, OUTCOME_ANSW
 use serde::Serialize;
 
 use crate::{
+    attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
-    pods::{Attributor, PodRef},
 };
 
 /// What is reported for each query.
@@ -417,7 +417,7 @@ pub fn drain(
     mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     while let Some(item) = ring.next() {
-        let Some(ev) = crate::loader::decode::<DnsQueryEvent>(&item) else {
+        let Some(ev) = crate::kernel::loader::decode::<DnsQueryEvent>(&item) else {
             tracker.malformed += 1;
             continue;
         };
@@ -434,7 +434,7 @@ pub fn drain(
 /// and removed from the kernel's map.
 pub fn catch_up(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    probes: &mut crate::loader::Probes,
+    probes: &mut crate::kernel::loader::Probes,
     tracker: &mut DnsTracker,
     attributor: &mut Attributor,
     mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,

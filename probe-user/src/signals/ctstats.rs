@@ -14,7 +14,7 @@ use netlink_packet_netfilter::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use serde::Serialize;
 
-use crate::netns::{self, Netns};
+use crate::attribution::netns::{self, Netns};
 
 /// The kernel's conntrack statistics for one namespace, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

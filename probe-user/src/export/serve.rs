@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntCounter;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::export::metrics::Metrics;
 
 /// Connections served at once. Prometheus and the kubelet's probes need a handful; the rest
 /// of the node's fd budget stays for the probes and the refresh.

@@ -15,12 +15,12 @@ use probe_common::conntrack::{CT_CONFIRMED, CT_NONE, ConntrackDropEvent, FlowKey
 use serde::Serialize;
 
 use crate::{
+    attribution::netns::{Netns, NetnsDirectory},
+    attribution::pods::{Attributor, PodRef},
     clock::{self, KernelClock},
-    ctstats::{self, CtCounters},
-    dns::DnsTracker,
-    loader,
-    netns::{Netns, NetnsDirectory},
-    pods::{Attributor, PodRef},
+    kernel::loader,
+    signals::ctstats::{self, CtCounters},
+    signals::dns::DnsTracker,
 };
 
 /// Why netfilter dropped a packet.
@@ -372,7 +372,7 @@ fn report(
             Some(a) => (None, a, true),
             None => (
                 None,
-                crate::pods::Attribution {
+                crate::attribution::pods::Attribution {
                     workload: "?".to_owned(),
                     pod: None,
                 },

@@ -27,7 +27,10 @@ use prometheus::IntCounter;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use crate::{clone::CloneFailure, conntrack::ConntrackDrop, dns::DnsQuery, pods::PodRef};
+use crate::{
+    attribution::pods::PodRef, signals::clone::CloneFailure, signals::conntrack::ConntrackDrop,
+    signals::dns::DnsQuery,
+};
 
 /// What waits in the queue: a log record or a span.
 enum Item {
@@ -192,7 +195,7 @@ fn resource(node: &str, extra: &[(String, String)]) -> Resource {
         ("service.version".into(), env!("CARGO_PKG_VERSION").into()),
         ("service.instance.id".into(), node.into()),
         ("k8s.node.name".into(), node.into()),
-        ("host.name".into(), crate::pods::hostname()),
+        ("host.name".into(), crate::attribution::pods::hostname()),
     ];
     for (key, var) in [
         ("k8s.pod.name", "POD_NAME"),

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::cause::RESERVED_PIDS;
+use crate::signals::cause::RESERVED_PIDS;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeTasks {

@@ -7,11 +7,11 @@ use probe_common::clone::{CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
 
 use crate::{
-    cause::{self, Facts, Verdict},
-    cgroups::Hierarchy,
+    attribution::cgroups::Hierarchy,
+    attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
-    node::{LowPids, NodeTasks},
-    pods::{Attributor, PodRef},
+    signals::cause::{self, Facts, Verdict},
+    signals::node::{LowPids, NodeTasks},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -70,7 +70,7 @@ pub fn drain(
     mut on_failure: impl FnMut(CloneFailure) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     while let Some(item) = ring.next() {
-        let Some(raw) = crate::loader::decode::<CloneFailureEvent>(&item) else {
+        let Some(raw) = crate::kernel::loader::decode::<CloneFailureEvent>(&item) else {
             eprintln!(
                 "faultline: skipped a ring-buffer record of {} bytes (expected a clone failure)",
                 item.len()
@@ -189,10 +189,10 @@ mod tests {
 
     #[test]
     fn short_records_are_rejected() {
-        assert!(crate::loader::decode::<CloneFailureEvent>(&[0u8; 8]).is_none());
+        assert!(crate::kernel::loader::decode::<CloneFailureEvent>(&[0u8; 8]).is_none());
         let bytes = vec![0u8; size_of::<CloneFailureEvent>()];
         assert_eq!(
-            crate::loader::decode::<CloneFailureEvent>(&bytes).map(|e| e.pid),
+            crate::kernel::loader::decode::<CloneFailureEvent>(&bytes).map(|e| e.pid),
             Some(0)
         );
     }

@@ -16,8 +16,8 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::{
-    cgroups::{CgroupFs, Hierarchy},
-    kubeapi::{ApiOptions, ApiPods, Owner},
+    attribution::cgroups::{CgroupFs, Hierarchy},
+    attribution::kubeapi::{ApiOptions, ApiPods, Owner},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -360,7 +360,7 @@ impl Attributor {
         let api = if args.no_kube_api {
             None
         } else {
-            crate::kubeapi::start(ApiOptions {
+            crate::attribution::kubeapi::start(ApiOptions {
                 kubeconfig: args.kubeconfig.clone(),
                 node_name: args.node_name.clone().unwrap_or_else(hostname),
                 labels: args.pod_labels.clone(),

@@ -14,11 +14,11 @@ use probe_common::tasks::TaskCounts;
 use serde::Serialize;
 
 use crate::{
-    cgroups::Hierarchy,
+    attribution::cgroups::Hierarchy,
+    attribution::pods::{Attributor, PodRef},
     clock::now_rfc3339,
-    loader::TaskStats,
-    node::NodeTasks,
-    pods::{Attributor, PodRef},
+    kernel::loader::TaskStats,
+    signals::node::NodeTasks,
 };
 
 /// Rates are averaged over this window.

@@ -17,10 +17,10 @@ use probe_common::{
 };
 
 use crate::{
-    btf::Btf,
-    cgroups::{CgroupFs, Hierarchy},
-    offsets,
-    tracefs::Tracefs,
+    attribution::cgroups::{CgroupFs, Hierarchy},
+    kernel::btf::Btf,
+    kernel::offsets,
+    kernel::tracefs::Tracefs,
 };
 
 /// A ring buffer registered with the tokio event loop.

@@ -8,7 +8,7 @@
 use probe_common::clone::{CloneFailureEvent, valid};
 use serde::Serialize;
 
-use crate::node::NodeTasks;
+use crate::signals::node::NodeTasks;
 
 pub const EAGAIN: u32 = libc::EAGAIN as u32;
 pub const ENOMEM: u32 = libc::ENOMEM as u32;

@@ -4,7 +4,7 @@
 
 use probe_common::offsets::{KernelOffsets, MISSING, NetOffsets, TracepointOffsets};
 
-use crate::{btf::Btf, tracefs::Tracefs};
+use crate::{kernel::btf::Btf, kernel::tracefs::Tracefs};
 
 /// Offsets for this kernel plus the names of the members it does not have, and the older
 /// layouts or mechanisms used in place of newer ones (for `faultline check`).
