@@ -151,10 +151,7 @@ fn user_regs() -> Option<usize> {
 
 #[inline(always)]
 fn bump(stat: CloneStat) {
-    if let Some(v) = CLONE_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe { *v += 1 };
-    }
+    crate::kernel::bump(&CLONE_STATS, stat as u32);
 }
 
 #[inline(always)]

@@ -62,10 +62,7 @@ pub fn note_flow(key: &FlowKey, owner: &FlowOwner) {
 
 #[inline(always)]
 fn bump(stat: ConntrackStat) {
-    if let Some(v) = CT_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot.
-        unsafe { *v += 1 };
-    }
+    crate::kernel::bump(&CT_STATS, stat as u32);
 }
 
 #[tracepoint]

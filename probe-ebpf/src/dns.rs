@@ -18,6 +18,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use probe_common::conntrack::{FlowKey, FlowOwner};
+
+use crate::kernel::{
+    BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    get_or_insert,
+};
 use probe_common::dns::{
     DNS_QUERY_CAPTURE, DNS_STAT_COUNT, DnsKey, DnsPending, DnsQueryEvent, DnsStat, DnsTcpCounts,
     MAX_DNS_PENDING, MAX_DNS_PENDING_PER_CGROUP, MAX_DNS_QUOTA_CGROUPS, MAX_DNS_TCP_CGROUPS,
@@ -51,10 +56,8 @@ static DNS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DNS_STAT_COUN
 /// DNS over TCP, not entries x CPUs at load), like `TASK_COUNTS`.
 #[map]
 static DNS_TCP: PerCpuHashMap<u64, DnsTcpCounts> =
-    PerCpuHashMap::with_max_entries(MAX_DNS_TCP_CGROUPS, crate::kernel::BPF_F_NO_PREALLOC);
+    PerCpuHashMap::with_max_entries(MAX_DNS_TCP_CGROUPS, BPF_F_NO_PREALLOC);
 
-const BPF_NOEXIST: u64 = 1;
-const EEXIST: i32 = 17;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
@@ -76,10 +79,7 @@ pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn bump(stat: DnsStat) {
-    if let Some(v) = DNS_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot.
-        unsafe { *v += 1 };
-    }
+    crate::kernel::bump(&DNS_STATS, stat as u32);
 }
 
 /// Drops a removed cgroup's DNS-over-TCP counts (called from the cgroup_rmdir program).
@@ -92,21 +92,16 @@ pub fn forget_cgroup(id: u64) {
 fn count_tcp(ctx: &SkBuffContext, to_server: bool) {
     // SAFETY: the context pointer is the skb of this program.
     let id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
-    if DNS_TCP.get_ptr_mut(&id).is_none()
-        && let Err(e) = DNS_TCP.insert(&id, &DnsTcpCounts::default(), BPF_NOEXIST)
-        && e != -(EEXIST as i64) as i32
-    {
+    let Some(c) = get_or_insert(&DNS_TCP, &id) else {
         bump(DnsStat::TcpMapFull);
         return;
-    }
-    if let Some(c) = DNS_TCP.get_ptr_mut(&id) {
-        // SAFETY: per-CPU value.
-        unsafe {
-            if to_server {
-                (*c).to_server += 1;
-            } else {
-                (*c).from_server += 1;
-            }
+    };
+    // SAFETY: this CPU's value.
+    unsafe {
+        if to_server {
+            (*c).to_server += 1;
+        } else {
+            (*c).from_server += 1;
         }
     }
 }
@@ -271,7 +266,7 @@ fn under_quota(cgroup_id: u64) -> Result<(), u64> {
     let mut zero = 0u64;
     // SAFETY: writing a local.
     unsafe { core::ptr::write_volatile(&mut zero, 0) };
-    let _ = DNS_PENDING_BY_CGROUP.insert(&cgroup_id, &zero, BPF_NOEXIST);
+    let _ = DNS_PENDING_BY_CGROUP.insert(&cgroup_id, &zero, u64::from(BPF_NOEXIST));
     Ok(())
 }
 
@@ -394,16 +389,13 @@ fn on_response(ctx: &SkBuffContext, key: &DnsKey, payload: usize, msg_len: usize
 /// Wake userspace only once this much waits in the ring: a query per event would otherwise
 /// cost a wakeup and a context switch each. Userspace also drains the ring every 250 ms.
 const WAKEUP_BYTES: u64 = 64 * 1024;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 #[inline(always)]
 fn wakeup() -> u64 {
-    if DNS_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
+    if DNS_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
-        BPF_RB_NO_WAKEUP
+        u64::from(BPF_RB_NO_WAKEUP)
     }
 }
 

@@ -1,11 +1,16 @@
-//! Reading kernel structs at offsets the loader took from the running kernel's BTF, and
-//! tracepoint fields at offsets it took from tracefs.
+//! What every program shares: reading kernel structs at offsets the loader took from the
+//! running kernel's BTF (and tracepoint fields at offsets it took from tracefs), per-CPU
+//! counters, and per-cgroup entries of per-CPU hashes.
 
-use aya_ebpf::{Global, helpers::bpf_probe_read_kernel};
+pub use aya_ebpf::bindings::{
+    BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+};
+use aya_ebpf::{
+    Global,
+    helpers::bpf_probe_read_kernel,
+    maps::{PerCpuArray, PerCpuHashMap},
+};
 use probe_common::offsets::{MISSING, TracepointOffsets};
-
-/// Map flag: entries are allocated when inserted, not all at load.
-pub const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[unsafe(no_mangle)]
 pub static TP_OFFSETS: Global<TracepointOffsets> = Global::new(TracepointOffsets::NONE);
@@ -67,3 +72,35 @@ macro_rules! tpoff {
     };
 }
 pub(crate) use tpoff;
+
+const EEXIST: i32 = 17;
+
+/// Adds one to slot `index` of a per-CPU counter array.
+#[inline(always)]
+pub fn bump(stats: &PerCpuArray<u64>, index: u32) {
+    if let Some(v) = stats.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot; the program runs without preemption on it.
+        unsafe { *v += 1 };
+    }
+}
+
+/// This CPU's value for `key` in a per-CPU hash, inserted zeroed first when missing (another
+/// CPU inserting it first is fine). `None` when the map is full or the kernel is out of
+/// memory for a new entry.
+#[inline(always)]
+pub fn get_or_insert<K, V: Default>(map: &PerCpuHashMap<K, V>, key: &K) -> Option<*mut V> {
+    if let Some(v) = map.get_ptr_mut(key) {
+        return Some(v);
+    }
+    // The zero value written on the stack: a constant's address handed to the helper read
+    // back as garbage on 5.10 and 6.1.
+    let mut zero = V::default();
+    // SAFETY: writing a local.
+    unsafe { core::ptr::write_volatile(&mut zero, V::default()) };
+    if let Err(e) = map.insert(key, &zero, u64::from(BPF_NOEXIST))
+        && e != -EEXIST
+    {
+        return None;
+    }
+    map.get_ptr_mut(key)
+}

@@ -15,7 +15,7 @@ use probe_common::{
     tasks::{CGROUP_V2_ROOT, MAX_TASK_CGROUPS, TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
 
-use crate::kernel::tpoff;
+use crate::kernel::{get_or_insert, tpoff};
 
 /// Not preallocated: a preallocated per-CPU hash takes entries x value x CPUs at load (250 MiB
 /// on a 192-CPU node, far past a DaemonSet's limit); this one takes memory per cgroup that
@@ -27,9 +27,6 @@ static TASK_COUNTS: PerCpuHashMap<u64, TaskCounts> =
 /// Counters indexed by [`TaskStat`].
 #[map]
 static TASK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TASK_STAT_COUNT, 0);
-
-const BPF_NOEXIST: u64 = 1;
-const EEXIST: i32 = 17;
 
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
@@ -74,23 +71,11 @@ pub fn task_cgroup_rmdir(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn update(f: impl Fn(&mut TaskCounts)) {
+    // SAFETY: no arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
-    let counts = match TASK_COUNTS.get_ptr_mut(&id) {
-        Some(c) => c,
-        None => {
-            // A new cgroup: another CPU may insert it first, which is fine (NOEXIST fails,
-            // the lookup below finds theirs).
-            if let Err(e) = TASK_COUNTS.insert(&id, &TaskCounts::default(), BPF_NOEXIST)
-                && e != -EEXIST
-            {
-                bump(TaskStat::MapFull);
-                return;
-            }
-            match TASK_COUNTS.get_ptr_mut(&id) {
-                Some(c) => c,
-                None => return,
-            }
-        }
+    let Some(counts) = get_or_insert(&TASK_COUNTS, &id) else {
+        bump(TaskStat::MapFull);
+        return;
     };
     // SAFETY: a per-CPU value: only this CPU writes it, and preemption is off in the program.
     f(unsafe { &mut *counts });
@@ -98,8 +83,5 @@ fn update(f: impl Fn(&mut TaskCounts)) {
 
 #[inline(always)]
 fn bump(stat: TaskStat) {
-    if let Some(v) = TASK_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot.
-        unsafe { *v += 1 };
-    }
+    crate::kernel::bump(&TASK_STATS, stat as u32);
 }
