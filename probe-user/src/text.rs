@@ -19,6 +19,12 @@ pub fn from_bytes(bytes: &[u8]) -> String {
     out
 }
 
+/// A NUL-terminated (or full) byte array from the kernel, as `from_bytes` decodes it.
+pub fn c_string(bytes: &[u8]) -> String {
+    let len = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    from_bytes(&bytes[..len])
+}
+
 /// A line safe for a terminal: control characters (C0, DEL, C1) and the bidirectional
 /// formatting characters escaped as `\xNN` or `\u{NNNN}`. Borrowed when there is nothing to
 /// escape.

@@ -586,6 +586,29 @@ fn register<T: std::os::fd::AsRawFd>(
         .with_context(|| format!("registering {name} with the event loop"))
 }
 
+/// Takes every record waiting in `ring` as a `T`, in order, and hands each to `f`. A record
+/// shorter than a `T` (the binary and its embedded object would disagree: a bug) is skipped
+/// and said on stderr, the same way for every ring.
+pub fn drain_ring<T: aya::Pod>(
+    ring: &mut aya::maps::RingBuf<MapData>,
+    what: &str,
+    mut f: impl FnMut(T) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    while let Some(item) = ring.next() {
+        let Some(record) = decode::<T>(&item) else {
+            eprintln!(
+                "faultline: skipped a ring-buffer record of {} bytes (expected {what}, {} bytes)",
+                item.len(),
+                size_of::<T>()
+            );
+            continue;
+        };
+        drop(item);
+        f(record)?;
+    }
+    Ok(())
+}
+
 /// Decodes one ring-buffer record; `None` for a record shorter than a `T`.
 pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     if bytes.len() < size_of::<T>() {

@@ -69,18 +69,9 @@ pub fn drain(
     attributor: &mut Attributor,
     mut on_failure: impl FnMut(CloneFailure) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    while let Some(item) = ring.next() {
-        let Some(raw) = crate::kernel::loader::decode::<CloneFailureEvent>(&item) else {
-            eprintln!(
-                "faultline: skipped a ring-buffer record of {} bytes (expected a clone failure)",
-                item.len()
-            );
-            continue;
-        };
-        drop(item);
-        on_failure(enricher.enrich(&raw, attributor))?;
-    }
-    Ok(())
+    crate::kernel::loader::drain_ring(ring, "a clone failure", |raw: CloneFailureEvent| {
+        on_failure(enricher.enrich(&raw, attributor))
+    })
 }
 
 /// Turns kernel events into reports: resolves ids to paths and decides the cause.
@@ -179,8 +170,7 @@ impl Enricher {
 }
 
 fn comm_string(comm: &[u8; 16]) -> String {
-    let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
-    crate::text::from_bytes(&comm[..len])
+    crate::text::c_string(comm)
 }
 
 #[cfg(test)]

@@ -320,21 +320,13 @@ fn nat_note(ev: &ConntrackDropEvent) -> String {
 }
 
 fn ip(k: &FlowKey, source: bool) -> IpAddr {
-    let a = if source { &k.saddr } else { &k.daddr };
-    if k.family == 4 {
-        IpAddr::from([a[0], a[1], a[2], a[3]])
-    } else {
-        IpAddr::from(*a)
-    }
+    super::ip(k.family, if source { &k.saddr } else { &k.daddr })
 }
 
 /// `addr:port` of one side of a tuple (`[v6]:port` for IPv6).
 fn endpoint(k: &FlowKey, source: bool) -> String {
     let port = u16::from_be(if source { k.sport } else { k.dport });
-    match ip(k, source) {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
+    std::net::SocketAddr::new(ip(k, source), port).to_string()
 }
 
 fn proto_name(p: u8) -> String {
@@ -387,14 +379,7 @@ fn report(
             t.note_conntrack_drop(ev.owner.socket_cookie, ev.owner.dns_id, cause.as_str())
         }),
     });
-    let ifname = String::from_utf8_lossy(
-        &ev.ifname[..ev
-            .ifname
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(ev.ifname.len())],
-    )
-    .into_owned();
+    let ifname = crate::text::c_string(&ev.ifname);
     let path = if ev.local != 0 {
         "from a local socket".to_owned()
     } else if ev.iif != 0 && ev.iif != ev.ifindex {
@@ -433,11 +418,10 @@ pub fn drain(
     mut on_drop: impl FnMut(ConntrackDrop) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut batch = Vec::new();
-    while let Some(item) = ring.next() {
-        if let Some(ev) = loader::decode::<ConntrackDropEvent>(&item) {
-            batch.push(ev);
-        }
-    }
+    loader::drain_ring(ring, "a conntrack drop", |ev: ConntrackDropEvent| {
+        batch.push(ev);
+        Ok(())
+    })?;
     if batch.is_empty() {
         return Ok(());
     }

@@ -10,7 +10,6 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     hash::BuildHasher as _,
-    net::IpAddr,
     time::Duration,
 };
 
@@ -398,15 +397,7 @@ impl DnsTracker {
 }
 
 fn endpoint(family: u8, addr: &[u8; 16], port: u16) -> String {
-    let ip = if family == 4 {
-        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
-    } else {
-        IpAddr::from(*addr)
-    };
-    match ip {
-        IpAddr::V4(v4) => format!("{v4}:{port}"),
-        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-    }
+    std::net::SocketAddr::new(super::ip(family, addr), port).to_string()
 }
 
 /// Feeds every query event waiting in the ring to the tracker; reports go to `on_query`.
@@ -416,17 +407,12 @@ pub fn drain(
     attributor: &mut Attributor,
     mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    while let Some(item) = ring.next() {
-        let Some(ev) = crate::kernel::loader::decode::<DnsQueryEvent>(&item) else {
-            tracker.malformed += 1;
-            continue;
-        };
-        drop(item);
-        if let Some(q) = tracker.on_event(&ev, attributor) {
-            on_query(q)?;
+    crate::kernel::loader::drain_ring(ring, "a DNS query", |ev: DnsQueryEvent| {
+        match tracker.on_event(&ev, attributor) {
+            Some(q) => on_query(q),
+            None => Ok(()),
         }
-    }
-    Ok(())
+    })
 }
 
 /// Everything the kernel has for DNS now: the events waiting in the ring (the kernel wakes

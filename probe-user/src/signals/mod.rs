@@ -11,3 +11,12 @@ pub mod ctstats;
 pub mod dns;
 pub mod node;
 pub mod tasks;
+
+/// An address as the kernel programs keep it: IPv4 in the first 4 of 16 bytes.
+pub(crate) fn ip(family: u8, addr: &[u8; 16]) -> std::net::IpAddr {
+    if family == 4 {
+        std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        std::net::IpAddr::from(*addr)
+    }
+}
