@@ -7,7 +7,7 @@ use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
     attribution::netns::NetnsDirectory,
     kernel::btf::Btf,
-    kernel::loader::{self, CLONE_PROGRAMS, CONNTRACK_PROGRAMS, Probes, TASK_PROGRAMS},
+    kernel::loader::{self, Attachment, CLONE_PROGRAMS, CONNTRACK_PROGRAMS, Probes, TASK_PROGRAMS},
     kernel::offsets,
     kernel::tracefs::Tracefs,
 };
@@ -56,14 +56,71 @@ pub fn run(args: &CheckArgs) -> bool {
     let mut r = Report { core_ok: true };
     let kernel = kernel_release();
     r.line(Status::Ok, "kernel", &kernel);
-    let refused = |e: &anyhow::Error| verifier_error(e, &kernel, args.verbose);
+    let privileged = access(&mut r);
+    let btf = btf(&mut r, args);
+    let tracefs = if privileged.is_ok() {
+        Tracefs::find_or_mount()
+    } else {
+        Tracefs::find().ok_or_else(|| anyhow::anyhow!("tracefs not mounted"))
+    };
+    match &tracefs {
+        Ok(t) => {
+            r.line(Status::Ok, "tracefs", t.root().display().to_string());
+            tracepoints(&mut r, t);
+        }
+        Err(e) => r.line(Status::Fail, "tracefs", format!("{e:#}")),
+    }
+    cgroups(&mut r);
+    if let (Ok(()), Some(btf), Ok(tracefs)) = (&privileged, &btf, &tracefs) {
+        programs(&mut r, args, &kernel, btf, tracefs);
+    }
+    conntrack_counters(&mut r);
+    r.line(
+        Status::Ok,
+        "kprobe/fentry",
+        "not used: faultline runs on tracepoints only",
+    );
+    println!(
+        "{}",
+        if r.core_ok {
+            "faultline: failed task creation tracing works on this node"
+        } else {
+            "faultline: the core does not work on this node (see FAIL lines)"
+        }
+    );
+    r.core_ok
+}
 
+/// The tracepoint signals: their programs, their name here, how bad their absence is and
+/// what is lost without them.
+const TRACEPOINT_SIGNALS: [(&[Attachment], &str, Status, &str); 3] = [
+    (
+        &CLONE_PROGRAMS,
+        "clone programs",
+        Status::Fail,
+        "no failed task creation can be traced",
+    ),
+    (
+        &TASK_PROGRAMS,
+        "task counter programs",
+        Status::Warn,
+        "no per-cgroup task counts (top, headroom warnings)",
+    ),
+    (
+        &CONNTRACK_PROGRAMS,
+        "conntrack drop program",
+        Status::Warn,
+        "no conntrack drops (the counters still work)",
+    ),
+];
+
+/// Privileges and lockdown; `Ok` when programs may be loaded.
+fn access(r: &mut Report) -> anyhow::Result<()> {
     let privileged = loader::require_privileges();
     match &privileged {
         Ok(()) => r.line(Status::Ok, "privileges", "can load eBPF programs"),
         Err(e) => r.line(Status::Fail, "privileges", format!("{e:#}")),
     }
-
     match std::fs::read_to_string("/sys/kernel/security/lockdown") {
         Ok(s) if s.contains("[confidentiality]") => r.line(
             Status::Fail,
@@ -77,181 +134,153 @@ pub fn run(args: &CheckArgs) -> bool {
             "not enabled (no securityfs lockdown file)",
         ),
     }
+    privileged
+}
 
-    let btf_source = args
+/// The kernel's BTF, and which struct members the programs read it has.
+fn btf(r: &mut Report, args: &CheckArgs) -> Option<Btf> {
+    let source = args
         .kernel
         .btf
         .as_deref()
         .unwrap_or(std::path::Path::new("/sys/kernel/btf/vmlinux"));
     let btf = match Btf::from_option(args.kernel.btf.as_deref()) {
-        Ok(btf) => {
-            r.line(Status::Ok, "BTF", btf_source.display().to_string());
-            Some(btf)
-        }
+        Ok(btf) => btf,
         Err(e) => {
             r.line(
                 Status::Fail,
                 "BTF",
                 format!("{e:#}: struct offsets unknown, nothing can load"),
             );
-            None
+            return None;
         }
     };
-    if let Some(btf) = &btf {
-        let (structs, net) = (offsets::kernel(btf), offsets::net(btf));
-        let missing: Vec<&str> = structs
-            .missing
-            .iter()
-            .chain(&net.missing)
-            .copied()
-            .collect();
-        if missing.is_empty() {
-            r.line(
-                Status::Ok,
-                "kernel structs",
-                "every member the programs read is present",
-            );
-        } else {
-            r.line(
-                Status::Warn,
-                "kernel structs",
-                format!(
-                    "missing {}: the evidence that needs them is absent",
-                    missing.join(", ")
-                ),
-            );
-        }
-        for fallback in structs.fallbacks.iter().chain(&net.fallbacks) {
-            r.line(Status::Ok, "older kernel", fallback);
-        }
-    }
-
-    let tracefs = if privileged.is_ok() {
-        Tracefs::find_or_mount()
+    r.line(Status::Ok, "BTF", source.display().to_string());
+    let (structs, net) = (offsets::kernel(&btf), offsets::net(&btf));
+    let missing: Vec<&str> = structs
+        .missing
+        .iter()
+        .chain(&net.missing)
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        r.line(
+            Status::Ok,
+            "kernel structs",
+            "every member the programs read is present",
+        );
     } else {
-        Tracefs::find().ok_or_else(|| anyhow::anyhow!("tracefs not mounted"))
+        r.line(
+            Status::Warn,
+            "kernel structs",
+            format!(
+                "missing {}: the evidence that needs them is absent",
+                missing.join(", ")
+            ),
+        );
+    }
+    for fallback in structs.fallbacks.iter().chain(&net.fallbacks) {
+        r.line(Status::Ok, "older kernel", fallback);
+    }
+    Some(btf)
+}
+
+fn tracepoints(r: &mut Report, t: &Tracefs) {
+    for (programs, _, missing_status, lost) in TRACEPOINT_SIGNALS {
+        for &(_, category, tracepoint) in programs {
+            if t.has_event(category, tracepoint) {
+                r.line(Status::Ok, "tracepoint", format!("{category}:{tracepoint}"));
+            } else {
+                r.line(
+                    missing_status,
+                    "tracepoint",
+                    format!("{category}:{tracepoint} missing: {lost}"),
+                );
+            }
+        }
+    }
+}
+
+fn cgroups(r: &mut Report) {
+    let fs = match CgroupFs::discover() {
+        Ok(fs) => fs,
+        Err(e) => return r.line(Status::Warn, "cgroups", format!("{e:#}")),
     };
-    match &tracefs {
-        Ok(t) => r.line(Status::Ok, "tracefs", t.root().display().to_string()),
-        Err(e) => r.line(Status::Fail, "tracefs", format!("{e:#}")),
-    }
-    if let Ok(t) = &tracefs {
-        for (programs, missing_status, lost) in [
-            (
-                &CLONE_PROGRAMS[..],
-                Status::Fail,
-                "no failed task creation can be traced",
-            ),
-            (
-                &TASK_PROGRAMS[..],
-                Status::Warn,
-                "no per-cgroup task counts (top, headroom warnings)",
-            ),
-            (
-                &CONNTRACK_PROGRAMS[..],
-                Status::Warn,
-                "no conntrack drops (the counters still work)",
-            ),
-        ] {
-            for &(_, category, tracepoint) in programs {
-                if t.has_event(category, tracepoint) {
-                    r.line(Status::Ok, "tracepoint", format!("{category}:{tracepoint}"));
-                } else {
-                    r.line(
-                        missing_status,
-                        "tracepoint",
-                        format!("{category}:{tracepoint} missing: {lost}"),
-                    );
-                }
-            }
+    let describe = |h: Hierarchy| match fs.mount(h) {
+        Some(m) => format!("{} ({})", m.path.display(), if m.v2 { "v2" } else { "v1" }),
+        None => "not mounted".to_owned(),
+    };
+    let unified = fs.mount(Hierarchy::Unified).is_some();
+    r.line(
+        if unified { Status::Ok } else { Status::Warn },
+        "cgroup v2",
+        if unified {
+            describe(Hierarchy::Unified)
+        } else {
+            "not mounted: clone failures are attributed through the task's pids cgroup; per-cgroup task counts (top, headroom warnings) are unavailable".to_owned()
+        },
+    );
+    for (h, name, lost) in [
+        (
+            Hierarchy::Pids,
+            "pids controller",
+            "pids limits cannot be named",
+        ),
+        (
+            Hierarchy::Memory,
+            "memory controller",
+            "memory limits cannot be named",
+        ),
+    ] {
+        match fs.mount(h) {
+            Some(_) => r.line(Status::Ok, name, describe(h)),
+            None => r.line(Status::Warn, name, format!("not mounted: {lost}")),
         }
     }
+}
 
-    match CgroupFs::discover() {
-        Ok(fs) => {
-            let describe = |h: Hierarchy| match fs.mount(h) {
-                Some(m) => format!("{} ({})", m.path.display(), if m.v2 { "v2" } else { "v1" }),
-                None => "not mounted".to_owned(),
-            };
-            let unified = fs.mount(Hierarchy::Unified).is_some();
-            r.line(
-                if unified { Status::Ok } else { Status::Warn },
-                "cgroup v2",
-                if unified {
-                    describe(Hierarchy::Unified)
-                } else {
-                    "not mounted: clone failures are attributed through the task's pids cgroup; per-cgroup task counts (top, headroom warnings) are unavailable".to_owned()
-                },
-            );
-            for (h, name, lost) in [
-                (
-                    Hierarchy::Pids,
-                    "pids controller",
-                    "pids limits cannot be named",
-                ),
-                (
-                    Hierarchy::Memory,
-                    "memory controller",
-                    "memory limits cannot be named",
-                ),
-            ] {
-                match fs.mount(h) {
-                    Some(_) => r.line(Status::Ok, name, describe(h)),
-                    None => r.line(Status::Warn, name, format!("not mounted: {lost}")),
-                }
-            }
+/// Verifying and attaching for real: the only honest test of the program types.
+fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: &Tracefs) {
+    let refused = |e: &anyhow::Error| verifier_error(e, kernel, args.verbose);
+    let mut probes = match Probes::load(btf, tracefs, crate::kernel::loader::KernelLog::Off) {
+        Ok(probes) => probes,
+        Err(e) => return r.line(Status::Fail, "eBPF object", format!("{e:#}")),
+    };
+    for (programs, name, missing_status, _) in TRACEPOINT_SIGNALS {
+        match probes.attach(programs) {
+            Ok(()) => r.line(
+                Status::Ok,
+                "tracepoint programs",
+                format!("{name} verified and attached (then detached)"),
+            ),
+            Err(e) => r.line(
+                missing_status,
+                "tracepoint programs",
+                format!("{name}: {}", refused(&e)),
+            ),
         }
-        Err(e) => r.line(Status::Warn, "cgroups", format!("{e:#}")),
     }
+    if args.verbose {
+        object_inventory(&probes);
+    }
+    match CgroupFs::discover().and_then(|fs| probes.attach_dns(&fs)) {
+        Ok(_) => r.line(
+            Status::Ok,
+            "cgroup_skb programs",
+            "DNS programs verified and attached to the cgroup v2 root (then detached)",
+        ),
+        Err(e) => r.line(
+            Status::Warn,
+            "cgroup_skb programs",
+            format!(
+                "{}: no DNS queries and no conntrack drop attribution by socket (needs CAP_NET_ADMIN and cgroup v2)",
+                refused(&e)
+            ),
+        ),
+    }
+}
 
-    if let (Ok(()), Some(btf), Ok(tracefs)) = (&privileged, &btf, &tracefs) {
-        // Verifying and attaching for real is the only honest test of the program types.
-        match Probes::load(btf, tracefs, crate::kernel::loader::KernelLog::Off) {
-            Ok(mut probes) => {
-                for (programs, name, missing_status) in [
-                    (&CLONE_PROGRAMS[..], "clone programs", Status::Fail),
-                    (&TASK_PROGRAMS[..], "task counter programs", Status::Warn),
-                    (
-                        &CONNTRACK_PROGRAMS[..],
-                        "conntrack drop program",
-                        Status::Warn,
-                    ),
-                ] {
-                    match probes.attach(programs) {
-                        Ok(()) => r.line(
-                            Status::Ok,
-                            "tracepoint programs",
-                            format!("{name} verified and attached (then detached)"),
-                        ),
-                        Err(e) => r.line(
-                            missing_status,
-                            "tracepoint programs",
-                            format!("{name}: {}", refused(&e)),
-                        ),
-                    }
-                }
-                if args.verbose {
-                    object_inventory(&probes);
-                }
-                match CgroupFs::discover().and_then(|fs| probes.attach_dns(&fs)) {
-                    Ok(_) => r.line(
-                        Status::Ok,
-                        "cgroup_skb programs",
-                        "DNS programs verified and attached to the cgroup v2 root (then detached)",
-                    ),
-                    Err(e) => r.line(
-                        Status::Warn,
-                        "cgroup_skb programs",
-                        format!(
-                            "{}: no DNS queries and no conntrack drop attribution by socket (needs CAP_NET_ADMIN and cgroup v2)",
-                            refused(&e)
-                        ),
-                    ),
-                }
-            }
-            Err(e) => r.line(Status::Fail, "eBPF object", format!("{e:#}")),
-        }
-    }
+fn conntrack_counters(r: &mut Report) {
     match NetnsDirectory::new("/proc")
         .node()
         .and_then(|node| crate::signals::ctstats::read(&node))
@@ -270,21 +299,6 @@ pub fn run(args: &CheckArgs) -> bool {
             format!("{e:#}: drops are traced but not told apart by counters (cause other)"),
         ),
     }
-    r.line(
-        Status::Ok,
-        "kprobe/fentry",
-        "not used: faultline runs on tracepoints only",
-    );
-
-    println!(
-        "{}",
-        if r.core_ok {
-            "faultline: failed task creation tracing works on this node"
-        } else {
-            "faultline: the core does not work on this node (see FAIL lines)"
-        }
-    );
-    r.core_ok
 }
 
 /// `--verbose`: the embedded object's programs (from its ELF) and maps (as the kernel created
