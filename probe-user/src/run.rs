@@ -121,21 +121,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
     });
-    let mut sink = Daemon {
-        outputs: Outputs {
-            kinds: args.events.clone(),
-            metrics: metrics.clone(),
-            lines: open_lines(&args, metrics.event_lines_dropped()?)?,
-            otlp: match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| {
-                std::env::var(k).ok()
-            })? {
-                Some(config) => Some(OtlpExporter::start(config, &node, metrics.otlp_counters()?)),
-                None => None,
-            },
-        },
-        served: served.clone(),
-        refresh_errors: RefreshErrors::default(),
-    };
+    let mut sink = Daemon::new(&args, &node, metrics.clone(), served.clone())?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -174,6 +160,31 @@ struct Daemon {
     outputs: Outputs,
     served: Arc<Served>,
     refresh_errors: RefreshErrors,
+}
+
+impl Daemon {
+    fn new(
+        args: &RunArgs,
+        node: &str,
+        metrics: Arc<Metrics>,
+        served: Arc<Served>,
+    ) -> anyhow::Result<Self> {
+        let otlp =
+            match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())? {
+                Some(config) => Some(OtlpExporter::start(config, node, metrics.otlp_counters()?)),
+                None => None,
+            };
+        Ok(Daemon {
+            outputs: Outputs {
+                kinds: args.events.clone(),
+                lines: open_lines(args, metrics.event_lines_dropped()?)?,
+                metrics,
+                otlp,
+            },
+            served,
+            refresh_errors: RefreshErrors::default(),
+        })
+    }
 }
 
 impl Sink for Daemon {

@@ -614,6 +614,22 @@ impl Metrics {
             self.pids_limit.with_label_values(&labels).set(max);
             self.pids_headroom.with_label_values(&labels).set(headroom);
         }
+        self.expire_gone(&present);
+        self.node_threads.set(node.threads as i64);
+        self.node_threads_max.set(node.threads_max as i64);
+        self.node_pid_max.set(node.pid_max as i64);
+        if let Ok(mut lost) = self.last_lost.lock() {
+            self.events_lost
+                .with_label_values(&["clone"])
+                .inc_by(clone.lost.saturating_sub(lost.0));
+            self.untracked.inc_by(tasks.map_full.saturating_sub(lost.1));
+            *lost = (clone.lost, tasks.map_full);
+        }
+    }
+
+    /// Drops the series of workloads gone from the node (not in `present`) and quiet for
+    /// STALE_AFTER; network namespaces' series when quiet that long.
+    fn expire_gone(&self, present: &HashSet<[String; 4]>) {
         for (metric, vec) in [
             ("clone_failures", &self.clone_failures),
             ("tasks_created", &self.tasks_created),
@@ -624,7 +640,7 @@ impl Metrics {
             ("conntrack_drops", &self.conntrack_drops),
             ("dns_tcp", &self.dns_tcp),
         ] {
-            for labels in self.cap.expire(metric, STALE_AFTER, &present) {
+            for labels in self.cap.expire(metric, STALE_AFTER, present) {
                 let _ =
                     vec.remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
             }
@@ -638,20 +654,10 @@ impl Metrics {
                 .conntrack_clashes
                 .remove_label_values(&[labels[0].as_str()]);
         }
-        for labels in self.cap.expire("dns_duration", STALE_AFTER, &present) {
+        for labels in self.cap.expire("dns_duration", STALE_AFTER, present) {
             let _ = self
                 .dns_duration
                 .remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
-        }
-        self.node_threads.set(node.threads as i64);
-        self.node_threads_max.set(node.threads_max as i64);
-        self.node_pid_max.set(node.pid_max as i64);
-        if let Ok(mut lost) = self.last_lost.lock() {
-            self.events_lost
-                .with_label_values(&["clone"])
-                .inc_by(clone.lost.saturating_sub(lost.0));
-            self.untracked.inc_by(tasks.map_full.saturating_sub(lost.1));
-            *lost = (clone.lost, tasks.map_full);
         }
     }
 
