@@ -20,8 +20,7 @@ use aya_log_ebpf::debug;
 use probe_common::conntrack::{FlowKey, FlowOwner};
 
 use crate::kernel::{
-    BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-    get_or_insert,
+    BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, get_or_insert,
 };
 use probe_common::dns::{
     DNS_QUERY_CAPTURE, DNS_STAT_COUNT, DnsKey, DnsPending, DnsQueryEvent, DnsStat, DnsTcpCounts,
@@ -52,11 +51,11 @@ static DNS_SCRATCH: PerCpuArray<DnsPending> = PerCpuArray::with_max_entries(1, 0
 #[map]
 static DNS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DNS_STAT_COUNT, 0);
 
-/// DNS over TCP segments per cgroup v2 id. Not preallocated (memory per cgroup that uses
-/// DNS over TCP, not entries x CPUs at load), like `TASK_COUNTS`.
+/// DNS over TCP segments per cgroup v2 id; sized to the CPU count by the loader, like
+/// `TASK_COUNTS`.
 #[map]
 static DNS_TCP: PerCpuHashMap<u64, DnsTcpCounts> =
-    PerCpuHashMap::with_max_entries(MAX_DNS_TCP_CGROUPS, BPF_F_NO_PREALLOC);
+    PerCpuHashMap::with_max_entries(MAX_DNS_TCP_CGROUPS, 0);
 
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;

@@ -3,7 +3,7 @@
 //! counters, and per-cgroup entries of per-CPU hashes.
 
 pub use aya_ebpf::bindings::{
-    BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
 };
 use aya_ebpf::{
     Global,
@@ -85,8 +85,7 @@ pub fn bump(stats: &PerCpuArray<u64>, index: u32) {
 }
 
 /// This CPU's value for `key` in a per-CPU hash, inserted zeroed first when missing (another
-/// CPU inserting it first is fine). `None` when the map is full or the kernel is out of
-/// memory for a new entry.
+/// CPU inserting it first is fine). `None` when the map is full.
 #[inline(always)]
 pub fn get_or_insert<K, V: Default>(map: &PerCpuHashMap<K, V>, key: &K) -> Option<*mut V> {
     if let Some(v) = map.get_ptr_mut(key) {

@@ -1,8 +1,7 @@
 //! Task creation and exit per cgroup: `task:task_newtask`, `sched:sched_process_exit` and
 //! `cgroup:cgroup_rmdir`. Counts only, in a per-CPU hash keyed by cgroup v2 id: no event on
 //! the hot path. A removed cgroup's counters are dropped with it, so the map tracks live
-//! cgroups only; when it is full (or the kernel is out of memory for a new cgroup's entry),
-//! the miss is counted, never silent.
+//! cgroups only; when it is full, the miss is counted, never silent.
 
 use aya_ebpf::{
     helpers::generated::bpf_get_current_cgroup_id,
@@ -17,12 +16,11 @@ use probe_common::{
 
 use crate::kernel::{get_or_insert, tpoff};
 
-/// Not preallocated: a preallocated per-CPU hash takes entries x value x CPUs at load (250 MiB
-/// on a 192-CPU node, far past a DaemonSet's limit); this one takes memory per cgroup that
-/// exists, allocated once at the cgroup's first task.
+/// Preallocated (an insert never waits on an allocator), and sized by the loader to the
+/// node's CPU count: entries x value x CPUs stay within a fixed budget on any node.
 #[map]
 static TASK_COUNTS: PerCpuHashMap<u64, TaskCounts> =
-    PerCpuHashMap::with_max_entries(MAX_TASK_CGROUPS, crate::kernel::BPF_F_NO_PREALLOC);
+    PerCpuHashMap::with_max_entries(MAX_TASK_CGROUPS, 0);
 
 /// Counters indexed by [`TaskStat`].
 #[map]

@@ -334,8 +334,13 @@ fn object_inventory(probes: &Probes) {
         .map(|m| m.entry_bytes(cpus))
         .sum();
     println!(
-        "      maps take about {} MiB of kernel memory with {cpus} CPUs, plus up to {growing} bytes per cgroup counted",
-        loader::maps_memory(&maps, cpus, 0).div_ceil(1024 * 1024)
+        "      maps take about {} MiB of kernel memory with {cpus} CPUs{}",
+        loader::maps_memory(&maps, cpus, 0).div_ceil(1024 * 1024),
+        if growing > 0 {
+            format!(", plus up to {growing} bytes per cgroup counted")
+        } else {
+            String::new()
+        }
     );
 }
 

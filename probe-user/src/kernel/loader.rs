@@ -12,8 +12,8 @@ use aya::{
 use probe_common::{
     clone::{CLONE_STAT_COUNT, CloneStat},
     conntrack::{CT_STAT_COUNT, ConntrackStat},
-    dns::{DNS_STAT_COUNT, DnsKey, DnsPending, DnsStat, DnsTcpCounts},
-    tasks::{TASK_STAT_COUNT, TaskCounts, TaskStat},
+    dns::{DNS_STAT_COUNT, DnsKey, DnsPending, DnsStat, DnsTcpCounts, MAX_DNS_TCP_CGROUPS},
+    tasks::{MAX_TASK_CGROUPS, TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
 
 use crate::{
@@ -193,7 +193,16 @@ impl Probes {
         let tracepoints = offsets::tracepoints(tracefs);
         let symbols = offsets::KernelSymbols::read();
         let level = kernel_log.level();
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as u64);
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(
+                "TASK_COUNTS",
+                per_cpu_hash_entries(MAX_TASK_CGROUPS, 8, 24, cpus),
+            )
+            .map_max_entries(
+                "DNS_TCP",
+                per_cpu_hash_entries(MAX_DNS_TCP_CGROUPS, 8, 16, cpus),
+            )
             .override_global("AYA_LOG_LEVEL", &level, true)
             .override_global("CLONE_KERNEL_OFFSETS", &kernel.offsets, true)
             .override_global("NET_OFFSETS", &net.offsets, true)
@@ -503,6 +512,21 @@ pub struct LoadedMap {
 /// BPF_F_NO_PREALLOC in a map's flags.
 const NO_PREALLOC: u32 = 1;
 
+/// Kernel memory one per-CPU hash may take at load: it holds an entry per cgroup, each with a
+/// value per possible CPU, all preallocated (an insert from a tracepoint never waits on an
+/// allocator). 16,384 cgroups up to ~170 CPUs; fewer on bigger nodes (3,597 at 192 CPUs).
+pub const PER_CPU_HASH_BUDGET: u64 = 16 << 20;
+
+/// Entries of a preallocated per-CPU hash (at most `max`, at least 1,024) that fit
+/// PER_CPU_HASH_BUDGET with `cpus` possible CPUs.
+pub fn per_cpu_hash_entries(max: u32, key_size: u32, value_size: u32, cpus: u64) -> u32 {
+    let entry = u64::from(value_size).next_multiple_of(8) * cpus.max(1)
+        + u64::from(key_size).next_multiple_of(8)
+        + 48;
+    let fit = PER_CPU_HASH_BUDGET / entry;
+    u32::try_from(fit).unwrap_or(u32::MAX).clamp(1024, max)
+}
+
 impl LoadedMap {
     /// Kernel memory of one entry with `cpus` possible CPUs: its value (one per CPU for
     /// per-CPU maps, each rounded to 8 bytes), and for a hash its key and ~48 bytes of
@@ -522,9 +546,19 @@ impl LoadedMap {
     }
 
     /// Kernel memory with `cpus` possible CPUs and `used` entries in use (a ring buffer's
-    /// max_entries is its size in bytes).
+    /// max_entries is its size in bytes; a per-CPU hash has as many entries as the loader
+    /// gives it on a node with that many CPUs).
     pub fn bytes(&self, cpus: u64, used: u64) -> u64 {
-        let entries = u64::from(self.max_entries);
+        let entries = if self.per_cpu && self.hash {
+            u64::from(per_cpu_hash_entries(
+                self.max_entries,
+                self.key_size,
+                self.value_size,
+                cpus,
+            ))
+        } else {
+            u64::from(self.max_entries)
+        };
         if self.ring {
             entries
         } else if self.preallocated {
