@@ -91,9 +91,20 @@ fn exact_created_counts_and_live_tasks() {
 
     // While both hold their tasks: 7 threads and 4 processes created in the cgroup (the labs
     // themselves were created outside it and moved in), 1+7 and 1+4 tasks alive.
-    let held = top.wait_for(Duration::from_secs(10), "13 live tasks", |s| {
-        row(s, &path).is_some_and(|r| r["live"] == 13)
-    });
+    // A sample reads the kernel's counters and the cgroup's live count a moment apart: wait
+    // until both have caught up, then require them exact (no task counted twice).
+    let count = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0);
+    let held = top.wait_for(
+        Duration::from_secs(10),
+        "13 live tasks, 7 + 4 created",
+        |s| {
+            row(s, &path).is_some_and(|r| {
+                r["live"] == 13
+                    && count(r, "threads_created") >= 7
+                    && count(r, "processes_created") >= 4
+            })
+        },
+    );
     let r = row(&held, &path).unwrap();
     assert_eq!(
         (
@@ -110,8 +121,8 @@ fn exact_created_counts_and_live_tasks() {
     forks.wait();
 
     // After they exit: back to the empty baseline; every task that lived there exited.
-    let after = top.wait_for(Duration::from_secs(10), "0 live tasks", |s| {
-        row(s, &path).is_some_and(|r| r["live"] == 0)
+    let after = top.wait_for(Duration::from_secs(10), "0 live tasks, 13 exited", |s| {
+        row(s, &path).is_some_and(|r| r["live"] == 0 && count(r, "exited") >= 13)
     });
     let r = row(&after, &path).unwrap();
     assert_eq!(
