@@ -318,29 +318,19 @@ fn object_inventory(probes: &Probes) {
     let maps = probes.loaded_maps();
     let cpus = aya::util::nr_cpus().map_or(1, |n| u64::from(n.get()));
     for m in &maps {
-        let size = if m.preallocated {
-            format!("{} KiB", m.bytes(cpus, 0).div_ceil(1024))
-        } else {
-            format!("{} bytes per entry in use", m.entry_bytes(cpus))
-        };
         println!(
-            "      map     {:<21} {:<22} key {} value {} entries {}: {size}",
-            m.name, m.kind, m.key_size, m.value_size, m.max_entries,
+            "      map     {:<21} {:<22} key {} value {} entries {}: {} KiB",
+            m.name,
+            m.kind,
+            m.key_size,
+            m.value_size,
+            m.max_entries,
+            m.bytes(cpus).div_ceil(1024)
         );
     }
-    let growing: u64 = maps
-        .iter()
-        .filter(|m| !m.preallocated)
-        .map(|m| m.entry_bytes(cpus))
-        .sum();
     println!(
-        "      maps take about {} MiB of kernel memory with {cpus} CPUs{}",
-        loader::maps_memory(&maps, cpus, 0).div_ceil(1024 * 1024),
-        if growing > 0 {
-            format!(", plus up to {growing} bytes per cgroup counted")
-        } else {
-            String::new()
-        }
+        "      maps take about {} MiB of kernel memory with {cpus} CPUs",
+        loader::maps_memory(&maps, cpus).div_ceil(1024 * 1024)
     );
 }
 

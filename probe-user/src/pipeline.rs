@@ -26,8 +26,8 @@ use crate::{
 #[derive(Clone, Copy, Debug)]
 pub struct Want {
     pub clone: bool,
-    /// DNS queries, with their timeout and how names are shown. Conntrack needs the DNS
-    /// programs as well (they record who sent each flow), so either opens them.
+    /// DNS queries, with their timeout and how names are shown. The DNS programs also record
+    /// who sent each flow, which conntrack drops are attributed by: ask for both.
     pub dns: Option<(Duration, Names)>,
     pub conntrack: bool,
     pub tasks: bool,
@@ -120,10 +120,7 @@ impl Pipeline {
             None
         };
         let cgroups = CgroupFs::discover()?;
-        let dns_settings = want.dns.or(want
-            .conntrack
-            .then_some((Duration::from_secs(2), Names::Full)));
-        let dns = match dns_settings {
+        let dns = match want.dns {
             Some((timeout, names)) => match probes.dns_events(&cgroups) {
                 Ok(ring) => {
                     attached(Signal::Dns, Ok(()))?;

@@ -72,20 +72,6 @@ fn connect_from(from: [u8; 4], port: u16) -> Option<TcpStream> {
     }
 }
 
-/// Raises this test process's own fd limit, so that it can hold its side of the attack.
-fn raise_own_fd_limit(want: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = want.min(lim.rlim_max);
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-}
-
 fn alive(daemon: &mut Daemon) {
     assert!(
         daemon
@@ -106,7 +92,8 @@ fn healthz_answers(daemon: &Daemon) {
 #[test]
 fn eleven_hundred_idle_connections_under_a_1024_fd_limit() {
     let _serial = serial();
-    raise_own_fd_limit(4096);
+    // This process holds its side of the attack: the daemon's own helper raises its limit.
+    probe_user::export::serve::raise_fd_limit();
     let mut daemon = Daemon::start_with(
         &["prlimit", "--nofile=1024:1024", "--"],
         &["--no-events"],

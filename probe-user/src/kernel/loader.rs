@@ -194,14 +194,21 @@ impl Probes {
         let symbols = offsets::KernelSymbols::read();
         let level = kernel_log.level();
         let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as u64);
+        // Both per-cgroup hashes are keyed by a cgroup id.
+        const U64: u32 = size_of::<u64>() as u32;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(
                 "TASK_COUNTS",
-                per_cpu_hash_entries(MAX_TASK_CGROUPS, 8, 24, cpus),
+                per_cpu_hash_entries(MAX_TASK_CGROUPS, U64, size_of::<TaskCounts>() as u32, cpus),
             )
             .map_max_entries(
                 "DNS_TCP",
-                per_cpu_hash_entries(MAX_DNS_TCP_CGROUPS, 8, 16, cpus),
+                per_cpu_hash_entries(
+                    MAX_DNS_TCP_CGROUPS,
+                    U64,
+                    size_of::<DnsTcpCounts>() as u32,
+                    cpus,
+                ),
             )
             .override_global("AYA_LOG_LEVEL", &level, true)
             .override_global("CLONE_KERNEL_OFFSETS", &kernel.offsets, true)
@@ -505,67 +512,57 @@ pub struct LoadedMap {
     pub per_cpu: bool,
     pub hash: bool,
     pub ring: bool,
-    /// Entries allocated at load (a hash without BPF_F_NO_PREALLOC, every array).
-    pub preallocated: bool,
 }
-
-/// BPF_F_NO_PREALLOC in a map's flags.
-const NO_PREALLOC: u32 = 1;
 
 /// Kernel memory one per-CPU hash may take at load: it holds an entry per cgroup, each with a
 /// value per possible CPU, all preallocated (an insert from a tracepoint never waits on an
 /// allocator). 16,384 cgroups up to ~170 CPUs; fewer on bigger nodes (3,597 at 192 CPUs).
 pub const PER_CPU_HASH_BUDGET: u64 = 16 << 20;
 
-/// Entries of a preallocated per-CPU hash (at most `max`, at least 1,024) that fit
-/// PER_CPU_HASH_BUDGET with `cpus` possible CPUs.
+/// Kernel memory of one map entry with `cpus` possible CPUs: its value (one per CPU for
+/// per-CPU maps, each rounded to 8 bytes), and for a hash its key and ~48 bytes of
+/// bookkeeping.
+fn entry_bytes(key_size: u32, value_size: u32, per_cpu: bool, hash: bool, cpus: u64) -> u64 {
+    let value = u64::from(value_size);
+    let values = if per_cpu {
+        value.next_multiple_of(8) * cpus.max(1)
+    } else {
+        value
+    };
+    if hash {
+        values + u64::from(key_size).next_multiple_of(8) + 48
+    } else {
+        values
+    }
+}
+
+/// Entries of a per-CPU hash (at most `max`, at least 1,024) that fit PER_CPU_HASH_BUDGET
+/// with `cpus` possible CPUs.
 pub fn per_cpu_hash_entries(max: u32, key_size: u32, value_size: u32, cpus: u64) -> u32 {
-    let entry = u64::from(value_size).next_multiple_of(8) * cpus.max(1)
-        + u64::from(key_size).next_multiple_of(8)
-        + 48;
-    let fit = PER_CPU_HASH_BUDGET / entry;
+    let fit = PER_CPU_HASH_BUDGET / entry_bytes(key_size, value_size, true, true, cpus);
     u32::try_from(fit).unwrap_or(u32::MAX).clamp(1024, max)
 }
 
 impl LoadedMap {
-    /// Kernel memory of one entry with `cpus` possible CPUs: its value (one per CPU for
-    /// per-CPU maps, each rounded to 8 bytes), and for a hash its key and ~48 bytes of
-    /// bookkeeping.
-    pub fn entry_bytes(&self, cpus: u64) -> u64 {
-        let value = u64::from(self.value_size);
-        let values = if self.per_cpu {
-            value.next_multiple_of(8) * cpus
-        } else {
-            value
-        };
-        if self.hash {
-            values + u64::from(self.key_size).next_multiple_of(8) + 48
-        } else {
-            values
+    /// Kernel memory with `cpus` possible CPUs (a ring buffer's max_entries is its size in
+    /// bytes; a per-CPU hash has as many entries as the loader gives it on such a node).
+    pub fn bytes(&self, cpus: u64) -> u64 {
+        if self.ring {
+            return u64::from(self.max_entries);
         }
-    }
-
-    /// Kernel memory with `cpus` possible CPUs and `used` entries in use (a ring buffer's
-    /// max_entries is its size in bytes; a per-CPU hash has as many entries as the loader
-    /// gives it on a node with that many CPUs).
-    pub fn bytes(&self, cpus: u64, used: u64) -> u64 {
         let entries = if self.per_cpu && self.hash {
-            u64::from(per_cpu_hash_entries(
-                self.max_entries,
+            per_cpu_hash_entries(self.max_entries, self.key_size, self.value_size, cpus)
+        } else {
+            self.max_entries
+        };
+        u64::from(entries)
+            * entry_bytes(
                 self.key_size,
                 self.value_size,
+                self.per_cpu,
+                self.hash,
                 cpus,
-            ))
-        } else {
-            u64::from(self.max_entries)
-        };
-        if self.ring {
-            entries
-        } else if self.preallocated {
-            entries * self.entry_bytes(cpus)
-        } else {
-            used.min(entries) * self.entry_bytes(cpus)
-        }
+            )
     }
 }
 
@@ -595,7 +592,6 @@ impl Probes {
                 per_cpu,
                 hash,
                 ring,
-                preallocated: !(hash && info.map_flags() & NO_PREALLOC != 0),
             });
         }
         maps.sort_by(|a, b| a.name.cmp(&b.name));
@@ -603,10 +599,9 @@ impl Probes {
     }
 }
 
-/// Kernel memory of the maps on a node with `cpus` possible CPUs where `cgroups` cgroups have
-/// entries in the per-cgroup maps that grow with use.
-pub fn maps_memory(maps: &[LoadedMap], cpus: u64, cgroups: u64) -> u64 {
-    maps.iter().map(|m| m.bytes(cpus, cgroups)).sum()
+/// Kernel memory of the maps on a node with `cpus` possible CPUs.
+pub fn maps_memory(maps: &[LoadedMap], cpus: u64) -> u64 {
+    maps.iter().map(|m| m.bytes(cpus)).sum()
 }
 
 /// Registers a ring buffer (or a reader owning one) with the tokio event loop.
