@@ -12,6 +12,8 @@ pub mod attribution;
 pub mod check;
 pub mod cli;
 pub mod clock;
+pub mod diagnosis;
+pub mod explain;
 pub mod export;
 #[cfg(test)]
 mod fuzz;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use probe_user::{check, run, top, trace};
+use probe_user::{check, explain, run, top, trace};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +23,9 @@ enum Command {
     /// Trace live, per pod: failed task creation with its cause, DNS queries (latency, rcode,
     /// timeouts, retransmits), conntrack drops and resolved clashes; a summary at the end.
     Trace(trace::TraceArgs),
+    /// What is wrong on this node, ranked: which pod, which limit, how long until it breaks,
+    /// and what to change (from the node's daemon, or a short observation).
+    Explain(explain::ExplainArgs),
     /// Live per-cgroup view of task creation, live tasks and pids headroom.
     Top(top::TopArgs),
     /// The node daemon: Prometheus metrics on /metrics, event lines and OTLP, until SIGTERM.
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         }
         Command::Trace(args) => block_on(trace::run(args)),
         Command::Top(args) => block_on(top::run(args)),
+        Command::Explain(args) => block_on(explain::run(args)),
         Command::Run(args) => block_on(run::run(args)),
     };
     match result {

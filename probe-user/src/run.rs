@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -23,6 +23,7 @@ use tokio::{
 
 use crate::{
     attribution::pods::PodArgs,
+    diagnosis::Recorder,
     export::lines::EventLines,
     export::metrics::Metrics,
     export::otlp::{OtlpConfig, OtlpExporter},
@@ -56,6 +57,10 @@ pub struct RunArgs {
     /// Metrics count all of them whatever this says.
     #[arg(long, env = "FAULTLINE_EVENTS", value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns, EventKind::Conntrack])]
     pub events: Vec<EventKind>,
+    /// The span each limit's growth is measured over, for its time to exhaustion
+    /// (`faultline_limit_exhaustion_seconds`, `/explain`).
+    #[arg(long, env = "FAULTLINE_TREND_WINDOW", value_parser = crate::cli::parse_interval, default_value = "5m")]
+    pub trend_window: Duration,
     /// How often the task counters are turned into metrics.
     #[arg(long, env = "FAULTLINE_REFRESH", value_parser = crate::cli::parse_interval, default_value = "5s")]
     pub refresh: Duration,
@@ -120,6 +125,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let served = Arc::new(Served {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
+        recorder: Mutex::new(Recorder::new(&node, args.trend_window)),
     });
     let mut sink = Daemon::new(&args, &node, metrics.clone(), served.clone())?;
     let listener = TcpListener::bind(args.listen)
@@ -187,20 +193,33 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The history `/explain` reads.
+    fn record(&self, f: impl FnOnce(&mut Recorder)) {
+        if let Ok(mut r) = self.served.recorder.lock() {
+            f(&mut r);
+        }
+    }
+}
+
 impl Sink for Daemon {
     fn clone_failure(&mut self, f: CloneFailure) -> anyhow::Result<()> {
+        self.record(|r| r.clone_failure(&f));
         self.outputs.clone_failure(&f)
     }
 
     fn dns_query(&mut self, q: DnsQuery) -> anyhow::Result<()> {
+        self.record(|r| r.dns_query(&q));
         self.outputs.dns_query(&q)
     }
 
     fn conntrack_drop(&mut self, d: ConntrackDrop) -> anyhow::Result<()> {
+        self.record(|r| r.conntrack_drop(&d));
         self.outputs.conntrack_drop(&d)
     }
 
     fn clashes_resolved(&mut self, c: ClashesResolved) -> anyhow::Result<()> {
+        self.record(|r| r.clashes_resolved(&c));
         self.outputs.clashes_resolved(&c);
         Ok(())
     }
@@ -208,6 +227,11 @@ impl Sink for Daemon {
     fn refresh(&mut self, state: State<'_>) -> anyhow::Result<()> {
         let metrics = &self.outputs.metrics;
         let probes = state.probes;
+        let tables = state
+            .conntrack
+            .as_ref()
+            .map(|c| c.tables.clone())
+            .unwrap_or_default();
         if let Some(c) = state.conntrack {
             if let Some(node) = c.node_counters() {
                 metrics.conntrack_node(&node);
@@ -237,12 +261,14 @@ impl Sink for Daemon {
             .tasks
             .map(|m| m.rows(state.attributor))
             .unwrap_or_default();
-        metrics.tasks(
-            &rows,
-            NodeTasks::read()?,
-            probes.clone_stats()?,
-            probes.task_stats()?,
-        );
+        let node = NodeTasks::read()?;
+        metrics.tasks(&rows, node, probes.clone_stats()?, probes.task_stats()?);
+        let mut estimates = Vec::new();
+        self.record(|r| {
+            r.refresh(&rows, Some(node), &tables);
+            estimates = r.estimates();
+        });
+        metrics.limit_exhaustion(&estimates);
         self.served.ready.store(true, Ordering::Relaxed);
         Ok(())
     }

@@ -53,10 +53,11 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// The integration tests that touch the kernel: every clone cause, task counting, DNS,
-/// conntrack, the daemon, the CLI and the hostile-node attacks (a SIGKILLed daemon must leave
+/// conntrack, the daemon, the CLI, the hostile-node attacks and `explain` (a leak's time to
+/// exhaustion against its real failure) (a SIGKILLed daemon must leave
 /// nothing attached on every kernel). Attribution (pods, kube_api) and deploy/ are pure
 /// userspace and run on the host only.
-const KERNEL_TESTS: [&str; 7] = [
+const KERNEL_TESTS: [&str; 8] = [
     "clone_failures",
     "tasks",
     "dns",
@@ -64,6 +65,7 @@ const KERNEL_TESTS: [&str; 7] = [
     "daemon",
     "cli",
     "hostile",
+    "explain",
 ];
 /// One VM's whole run, boot to power-off; past it the VM is killed and the kernel fails.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);

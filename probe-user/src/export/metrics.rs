@@ -187,6 +187,7 @@ pub struct Metrics {
     conntrack_stats: IntCounterVec,
     conntrack_entries: IntGauge,
     conntrack_max: IntGauge,
+    limit_exhaustion: prometheus::GaugeVec,
     dns_untracked: IntCounterVec,
     refresh_errors: IntCounter,
     series_overflow: IntCounterVec,
@@ -337,6 +338,17 @@ impl Metrics {
                 "faultline_conntrack_max",
                 "nf_conntrack_max: the most entries one network namespace's table may hold.",
             )?,
+            limit_exhaustion: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "faultline_limit_exhaustion_seconds",
+                        "Seconds until a limit is reached at its current growth (Theil-Sen slope over --trend-window): limit=pids (the workload's pids limit), pid_max and threads_max (workload=node), conntrack (the workload's network namespace's table against nf_conntrack_max). Only while growing, and within a week; 0 when reached while growing.",
+                    ),
+                    &labels(&["limit"]),
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             dns_untracked: counter(
                 "faultline_dns_untracked_total",
                 "Port 53 packets the DNS probe could not follow, by reason: pending_full (a query not tracked: the kernel's map of waiting queries was full), cgroup_quota (not tracked: its cgroup had 1,024 queries waiting), malformed (not a DNS query or answer), unmatched (an answer to no tracked query), tcp_map_full (a TCP segment in a cgroup the full map could not count).",
@@ -553,6 +565,24 @@ impl Metrics {
         }
         self.conntrack_entries.set(c.entries as i64);
         self.conntrack_max.set(c.max as i64);
+    }
+
+    /// The time to exhaustion of every growing limit, rebuilt on each refresh: the soonest
+    /// per workload and limit.
+    pub fn limit_exhaustion(&self, estimates: &[crate::diagnosis::trend::Estimate]) {
+        let mut soonest: HashMap<([String; 4], &'static str), f64> = HashMap::new();
+        for e in estimates {
+            let Some(eta) = e.eta_s else { continue };
+            let who = who(&e.workload, e.pod.as_ref());
+            let slot = soonest.entry((who, e.limit.as_str())).or_insert(eta);
+            *slot = slot.min(eta);
+        }
+        self.limit_exhaustion.reset();
+        self.cap.clear("limit_exhaustion");
+        for ((who, limit), eta) in soonest {
+            let labels = self.admit("limit_exhaustion", who, &[limit]);
+            self.limit_exhaustion.with_label_values(&labels).set(eta);
+        }
     }
 
     /// Exports a refresh of the task model: counter increments since the last refresh, and

@@ -1,5 +1,5 @@
-//! The daemon's HTTP endpoints (`/metrics`, `/healthz`, `/readyz`) on a port every pod on
-//! the node can reach. Read-only (GET and HEAD), and bounded so that no client can take the
+//! The daemon's HTTP endpoints (`/metrics`, `/explain`, `/healthz`, `/readyz`) on a port
+//! every pod on the node can reach. Read-only (GET and HEAD), and bounded so that no client can take the
 //! daemon down: a cap on open connections per peer address and in all (past it, new ones are
 //! closed at once, so one pod cannot crowd out Prometheus or the kubelet's probes), a
 //! deadline for request headers and for each connection's whole life, a pause after accept
@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntCounter;
 use tokio::net::TcpListener;
 
-use crate::export::metrics::Metrics;
+use crate::{diagnosis::Recorder, export::metrics::Metrics};
 
 /// Connections served at once. Prometheus and the kubelet's probes need a handful; the rest
 /// of the node's fd budget stays for the probes and the refresh.
@@ -42,6 +42,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub struct Served {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
+    /// The daemon's recent history and trends, for `/explain`.
+    pub recorder: Mutex<Recorder>,
 }
 
 /// What the server refused, exported with the other metrics.
@@ -169,6 +171,7 @@ async fn respond<B>(
                 format!("{e:#}\n"),
             ),
         },
+        "/explain" => explain(req.uri().query(), &served),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" if served.ready.load(Ordering::Relaxed) => {
             (StatusCode::OK, "text/plain", "ready\n".to_owned())
@@ -181,10 +184,44 @@ async fn respond<B>(
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /readyz\n".to_owned(),
+            "not found: try /metrics, /explain, /healthz, /readyz\n".to_owned(),
         ),
     };
     Ok(text(status, content_type, body))
+}
+
+/// The window `/explain` covers when the query names none.
+pub const EXPLAIN_DEFAULT_SINCE: Duration = Duration::from_secs(900);
+
+/// `/explain[?since=15m]`: the findings of the daemon's history, as `faultline explain
+/// --output json` prints them. Computed from bounded state under a lock held for the call.
+fn explain(query: Option<&str>, served: &Served) -> (StatusCode, &'static str, String) {
+    let since = match query.unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("since=")) {
+        None => Ok(EXPLAIN_DEFAULT_SINCE),
+        Some(v) => humantime::parse_duration(v).map_err(|e| format!("since={v:.40}: {e}\n")),
+    };
+    let since = match since {
+        Ok(d) => d,
+        Err(msg) => return (StatusCode::BAD_REQUEST, "text/plain", crate::text::printable(&msg).into_owned()),
+    };
+    let report = match served.recorder.lock() {
+        Ok(r) => r.report(since, "daemon"),
+        Err(_) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "the history is unavailable\n".to_owned(),
+            );
+        }
+    };
+    match crate::text::json_line(&report) {
+        Ok(body) => (
+            StatusCode::OK,
+            "application/json",
+            String::from_utf8_lossy(&body).into_owned(),
+        ),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+    }
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

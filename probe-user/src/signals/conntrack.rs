@@ -89,6 +89,16 @@ pub struct ClashesResolved {
     pub workload: String,
 }
 
+/// A namespace's conntrack table at the last poll.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CtTable {
+    pub netns: u64,
+    pub workload: String,
+    pub entries: u64,
+    /// `nf_conntrack_max`: each namespace's own count is held to it.
+    pub max: u64,
+}
+
 /// Decides causes; owns the namespaces and the counters already accounted for.
 pub struct Classifier {
     pub netns: NetnsDirectory,
@@ -98,6 +108,8 @@ pub struct Classifier {
     /// Per namespace: `clash_resolve` at the last near-miss report.
     clashes: HashMap<u64, u64>,
     last_clash_poll: Option<Instant>,
+    /// Every namespace's table at the last poll.
+    pub tables: Vec<CtTable>,
 }
 
 impl Classifier {
@@ -119,6 +131,7 @@ impl Classifier {
             accounted,
             clashes,
             last_clash_poll: None,
+            tables: Vec::new(),
         }
     }
 
@@ -236,6 +249,7 @@ impl Classifier {
         }
         self.last_clash_poll = Some(Instant::now());
         let mut out = Vec::new();
+        self.tables.clear();
         let all = self.netns.all();
         // Namespaces gone since are forgotten (their inode may be reused by a new one).
         let live: std::collections::HashSet<u64> = all.iter().map(|n| n.inode).collect();
@@ -247,15 +261,22 @@ impl Classifier {
             };
             // A namespace first seen now starts from zero: it was created while we watched.
             let last = self.clashes.insert(ns.inode, c.clash_resolve).unwrap_or(0);
+            let workload = netns_workload(&ns, attributor);
             if c.clash_resolve > last {
                 out.push(ClashesResolved {
                     kind: "conntrack_clash_resolved",
                     time: clock::now_rfc3339(),
                     netns: ns.inode,
                     count: c.clash_resolve - last,
-                    workload: netns_workload(&ns, attributor),
+                    workload: workload.clone(),
                 });
             }
+            self.tables.push(CtTable {
+                netns: ns.inode,
+                workload,
+                entries: c.entries,
+                max: c.max,
+            });
         }
         out
     }

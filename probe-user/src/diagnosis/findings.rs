@@ -1,0 +1,472 @@
+//! From the recent past and the limits' trends to findings: what is wrong, whose it is, why
+//! (the kernel's evidence), how fast it goes, and what to change, ranked for the person on
+//! call. The JSON of [`Report`] is a stable interface (`faultline explain --output json`,
+//! the daemon's `/explain`); fields are only ever added.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    clock::rfc3339,
+    diagnosis::{
+        history::{Bucket, DnsTally, Names, Who},
+        trend::{Estimate, Limit},
+    },
+};
+
+/// The report's schema version.
+pub const VERSION: u32 = 1;
+/// A limit reached within this, at its trend, is a finding.
+pub const ETA_HORIZON: Duration = Duration::from_secs(3600);
+/// Under this much headroom (share of the limit) a limit is a finding even without a trend.
+const LOW_HEADROOM: f64 = 0.10;
+/// A share of search-path misses among a workload's queries worth a finding, and the fewest.
+const AMPLIFICATION_SHARE: f64 = 0.3;
+const AMPLIFICATION_MIN: u64 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Failing now: tasks refused, packets dropped, queries unanswered.
+    Critical,
+    /// Will fail: a limit reached within the hour, near-misses.
+    Warning,
+    /// Costs, not failures: search-path amplification.
+    Info,
+}
+
+/// How fast it goes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trend {
+    /// Events in the window (failures, drops, timeouts, ...).
+    pub events: u64,
+    pub per_minute: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+    /// The limit: `pids`, `pid_max`, `threads_max`, `conntrack`; and which one: the pids
+    /// cgroup's path, `node`, or `netns:<inode>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_kind: Option<Limit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// The limit's use now, and the limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growth_per_s: Option<f64>,
+    /// Seconds until the limit at that growth (0: reached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// `pids_limit`, `pids_limit_near`, `pid_max`, `threads_max`, `rlimit_nproc`, `memory`,
+    /// `pidns_dead`, `clone_unknown`, `dns_timeouts`, `dns_search_amplification`,
+    /// `conntrack_insert_failed`, `conntrack_table_full`, `conntrack_rule_drops`,
+    /// `conntrack_table_near`, `conntrack_near_misses`.
+    pub kind: String,
+    /// The symptom, one line.
+    pub what: String,
+    pub who: Who,
+    /// The cause, with the kernel's numbers.
+    pub why: String,
+    pub trend: Trend,
+    /// What to change, most direct first.
+    pub advice: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub kind: String,
+    pub version: u32,
+    pub node: String,
+    pub time: String,
+    /// `daemon` (the history of `faultline run` on the node) or `observation` (this command
+    /// watched for `window_s` itself).
+    pub source: String,
+    /// The time the findings cover.
+    pub window_s: f64,
+    pub findings: Vec<Finding>,
+    /// Events not kept in the history (it was full): findings may undercount.
+    pub not_kept: u64,
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// The node's task holders, for node-wide pressure: (workload, live tasks), most first.
+pub type Holders = [(String, u64)];
+
+/// Every finding of a window, ranked: critical first, then by how soon or how much.
+pub fn findings(b: &Bucket, window: Duration, limits: &[Estimate], holders: &Holders) -> Vec<Finding> {
+    let minutes = (window.as_secs_f64() / 60.0).max(1.0 / 60.0);
+    let mut out = Vec::new();
+    clone_findings(b, minutes, limits, holders, &mut out);
+    limit_findings(limits, holders, &out.clone(), &mut out);
+    for t in b.dns.values() {
+        dns_findings(t, minutes, &mut out);
+    }
+    conntrack_findings(b, minutes, limits, &mut out);
+    out.sort_by(|a, b| {
+        a.severity
+            .cmp(&b.severity)
+            .then(urgency(b).total_cmp(&urgency(a)))
+            .then(a.kind.cmp(&b.kind))
+            .then(a.who.workload.cmp(&b.who.workload))
+    });
+    out
+}
+
+/// Within a severity: sooner and more first.
+fn urgency(f: &Finding) -> f64 {
+    match f.trend.eta_s {
+        Some(eta) if f.trend.events == 0 => 1e9 / (1.0 + eta),
+        _ => f.trend.events as f64,
+    }
+}
+
+fn time(ns: u64) -> Option<String> {
+    (ns > 0).then(|| rfc3339(std::time::UNIX_EPOCH + Duration::from_nanos(ns)))
+}
+
+fn events_trend(count: u64, first: u64, last: u64, minutes: f64) -> Trend {
+    Trend {
+        events: count,
+        per_minute: count as f64 / minutes,
+        first: time(first),
+        last: time(last),
+        ..Trend::default()
+    }
+}
+
+fn with_limit(mut t: Trend, e: Option<&Estimate>) -> Trend {
+    if let Some(e) = e {
+        t.limit_kind = Some(e.limit);
+        t.resource = Some(e.resource.clone());
+        t.current = Some(e.current);
+        t.limit = Some(e.max);
+        t.growth_per_s = e.growth_per_s;
+        t.eta_s = e.eta_s;
+    }
+    t
+}
+
+fn top(names: &Names) -> Vec<String> {
+    names.ranked().into_iter().map(|(n, _)| n).collect()
+}
+
+fn listed(names: &Names) -> String {
+    names
+        .ranked()
+        .iter()
+        .map(|(n, c)| format!("{n} ({c})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn holders_text(holders: &Holders) -> String {
+    holders
+        .iter()
+        .take(5)
+        .map(|(w, n)| format!("{w} ({n})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn clone_findings(
+    b: &Bucket,
+    minutes: f64,
+    limits: &[Estimate],
+    holders: &Holders,
+    out: &mut Vec<Finding>,
+) {
+    for ((cause, _), t) in &b.clone {
+        let mut who = t.who.clone();
+        who.processes = top(&t.comms);
+        let procs = listed(&t.comms);
+        let cgroup = who.cgroup.clone().unwrap_or_default();
+        let node_limit = |l: Limit| limits.iter().find(|e| e.limit == l && e.resource == "node");
+        let (kind, what, why, advice, limit) = match *cause {
+            "pids_limit" => {
+                let pids = t.pids_cgroup.clone().unwrap_or_else(|| cgroup.clone());
+                (
+                    "pids_limit",
+                    format!("{} task creations refused: the pids limit is reached", t.span.count),
+                    format!("{} (pids cgroup {pids}); callers: {procs}", t.evidence),
+                    vec![
+                        format!("Find why {procs} keep creating tasks without ending them (a thread or process leak grows the live count without bound: `faultline top --cgroup {cgroup}`)."),
+                        "If the workload needs more tasks, raise its pids limit: the kubelet's `podPidsLimit` (node-wide, per pod) or the container runtime's pids limit.".to_owned(),
+                    ],
+                    limits.iter().find(|e| e.limit == Limit::Pids && e.resource == pids),
+                )
+            }
+            "pid_max" => (
+                "pid_max",
+                format!("{} task creations refused: the pid namespace has no free pid", t.span.count),
+                format!("{}; callers: {procs}; most tasks: {}", t.evidence, holders_text(holders)),
+                vec![
+                    "Raise `kernel.pid_max` (e.g. `sysctl -w kernel.pid_max=4194304` on 64-bit nodes, in a sysctl.d file to keep it).".to_owned(),
+                    "Give every pod a pids limit (kubelet `podPidsLimit`) so that one leaking pod cannot take the node's pids.".to_owned(),
+                ],
+                node_limit(Limit::PidMax),
+            ),
+            "threads_max" => (
+                "threads_max",
+                format!("{} task creations refused: the node's threads-max is reached", t.span.count),
+                format!("{}; callers: {procs}; most tasks: {}", t.evidence, holders_text(holders)),
+                vec![
+                    "Raise `kernel.threads-max` (sysctl), and find the workload holding the threads (above).".to_owned(),
+                    "Give every pod a pids limit (kubelet `podPidsLimit`).".to_owned(),
+                ],
+                node_limit(Limit::ThreadsMax),
+            ),
+            "rlimit_nproc" => (
+                "rlimit_nproc",
+                format!("{} task creations refused: uid {} is at its RLIMIT_NPROC", t.span.count, t.uid),
+                format!("{}; callers: {procs}. RLIMIT_NPROC counts every process of the uid on the node, in every container running as that uid", t.evidence),
+                vec![
+                    format!("Run the pods that share uid {} as distinct uids (`securityContext.runAsUser`), or raise the limit where it is set (the container runtime's default ulimits, `ulimit -u` in the entrypoint).", t.uid),
+                ],
+                None,
+            ),
+            "memory" => (
+                "memory",
+                format!("{} task creations refused: the memory cgroup is at its limit", t.span.count),
+                format!("{}; callers: {procs}. A new task's kernel memory (stack, structures) is charged to the cgroup and was refused", t.evidence),
+                vec![
+                    "Raise the container's memory limit, or find what fills it (its anonymous memory and page cache: `memory.stat`).".to_owned(),
+                ],
+                None,
+            ),
+            "pidns_dead" => (
+                "pidns_dead",
+                format!("{} task creations refused: the pid namespace's init has exited", t.span.count),
+                format!("{}; callers: {procs}", t.evidence),
+                vec![
+                    "The container's PID 1 died while other processes still run in its pid namespace: restart the pod and find why its init exited.".to_owned(),
+                ],
+                None,
+            ),
+            _ => (
+                "clone_unknown",
+                format!("{} task creations failed without a known cause", t.span.count),
+                format!("errno {}; {}; callers: {procs}", listed(&t.errnos), t.evidence),
+                vec!["See the event lines (`faultline trace`) for each failure's errno and flags.".to_owned()],
+                None,
+            ),
+        };
+        out.push(Finding {
+            severity: Severity::Critical,
+            kind: kind.to_owned(),
+            what,
+            who,
+            why,
+            trend: with_limit(events_trend(t.span.count, t.span.first, t.span.last, minutes), limit),
+            advice,
+        });
+    }
+}
+
+/// Limits near exhaustion that no failure finding already covers.
+fn limit_findings(limits: &[Estimate], holders: &Holders, failures: &[Finding], out: &mut Vec<Finding>) {
+    for e in limits {
+        let soon = e.eta_s.is_some_and(|s| s <= ETA_HORIZON.as_secs_f64());
+        let low = e.max > 0 && (e.max.saturating_sub(e.current) as f64) < LOW_HEADROOM * e.max as f64;
+        if !(soon || low) {
+            continue;
+        }
+        let covered = failures
+            .iter()
+            .any(|f| f.trend.limit_kind == Some(e.limit) && f.trend.resource.as_ref() == Some(&e.resource));
+        if covered {
+            continue;
+        }
+        let when = match e.eta_s {
+            Some(s) => format!("reached in {} at the current growth ({:+.2}/s)", duration(s), e.growth_per_s.unwrap_or(0.0)),
+            None => "not growing now".to_owned(),
+        };
+        let (kind, what, why, advice) = match e.limit {
+            Limit::Pids => (
+                "pids_limit_near",
+                format!("the pids limit of {} will refuse new tasks", e.resource),
+                format!("pids.current={} pids.max={}: {when}", e.current, e.max),
+                vec![
+                    format!("Find what keeps creating tasks in {} (`faultline top --sort eta`): a thread or process leak grows its live count without bound.", e.workload),
+                    "If the workload needs more tasks, raise its pids limit (kubelet `podPidsLimit`, or the container runtime's).".to_owned(),
+                ],
+            ),
+            Limit::PidMax | Limit::ThreadsMax => {
+                let name = if e.limit == Limit::PidMax { "kernel.pid_max" } else { "kernel.threads-max" };
+                (
+                    e.limit.as_str(),
+                    format!("the node's {name} will refuse new tasks"),
+                    format!("{} tasks of {}: {when}; most tasks: {}", e.current, e.max, holders_text(holders)),
+                    vec![
+                        format!("Find the workload whose live count grows (above) and stop the leak; raise `{name}` (sysctl) for room."),
+                        "Give every pod a pids limit (kubelet `podPidsLimit`).".to_owned(),
+                    ],
+                )
+            }
+            Limit::Conntrack => (
+                "conntrack_table_near",
+                format!("the conntrack table of {} will be full", e.workload),
+                format!("{} entries of nf_conntrack_max={}: {when}", e.current, e.max),
+                vec![
+                    "Raise `net.netfilter.nf_conntrack_max` (and the hash size), or shorten the timeouts of idle flows (`nf_conntrack_udp_timeout`, `nf_conntrack_tcp_timeout_established`).".to_owned(),
+                    "Find the workload opening the flows (`conntrack -L` grouped by source).".to_owned(),
+                ],
+            ),
+        };
+        let mut who = Who::new(&e.workload, e.pod.as_ref(), None);
+        if e.limit == Limit::Pids {
+            who.cgroup = Some(e.resource.clone());
+        }
+        out.push(Finding {
+            severity: Severity::Warning,
+            kind: kind.to_owned(),
+            what,
+            who,
+            why,
+            trend: with_limit(Trend::default(), Some(e)),
+            advice,
+        });
+    }
+}
+
+fn dns_findings(t: &DnsTally, minutes: f64, out: &mut Vec<Finding>) {
+    let queries = t.span.count;
+    let servers = listed(&t.servers);
+    if t.timeouts > 0 {
+        let mut why = format!(
+            "{} of {queries} queries got no answer in time (servers: {servers}); {} re-sent",
+            t.timeouts, t.retransmits
+        );
+        if t.retransmits_5s > 0 {
+            why.push_str(&format!(", {} of them ~5 s after the first send: the resolver's default timeout, so each such lookup stalled 5 s", t.retransmits_5s));
+        }
+        let mut advice = Vec::new();
+        if t.conntrack_dropped > 0 {
+            why.push_str(&format!("; conntrack dropped {} of the queries' packets", t.conntrack_dropped));
+            advice.push("Packets of parallel A/AAAA queries from one socket race in conntrack: add `options: [{name: single-request-reopen}]` to the pod's `dnsConfig`, or run NodeLocal DNSCache so that pods do not go through DNAT for DNS.".to_owned());
+        } else {
+            advice.push(format!("Check the DNS servers ({servers}): whether they received the queries (their logs, `conntrack -S` insert_failed on the node) and answered."));
+            advice.push("If the loss is in conntrack (parallel A/AAAA from one socket), `single-request-reopen` in the pod's `dnsConfig` or NodeLocal DNSCache avoids it.".to_owned());
+        }
+        out.push(Finding {
+            severity: Severity::Critical,
+            kind: "dns_timeouts".to_owned(),
+            what: format!("{} DNS queries timed out", t.timeouts),
+            who: t.who.clone(),
+            why,
+            trend: events_trend(t.timeouts, t.span.first, t.span.last, minutes),
+            advice,
+        });
+    }
+    if t.search_misses >= AMPLIFICATION_MIN
+        && t.search_misses as f64 >= AMPLIFICATION_SHARE * queries as f64
+    {
+        let lookups = queries.saturating_sub(t.search_misses).max(1);
+        let example = t
+            .chain_example
+            .as_ref()
+            .map(|(n, k)| format!("; e.g. `{n}` was answered after {k} search-path NXDOMAINs"))
+            .unwrap_or_default();
+        out.push(Finding {
+            severity: Severity::Info,
+            kind: "dns_search_amplification".to_owned(),
+            what: format!(
+                "{:.1} DNS queries per lookup: {} of {queries} queries were search-path misses",
+                queries as f64 / lookups as f64,
+                t.search_misses
+            ),
+            who: t.who.clone(),
+            why: format!("names with fewer dots than `ndots` (5 in Kubernetes) are tried with each search domain first, each try an NXDOMAIN round trip{example}"),
+            trend: events_trend(t.search_misses, t.span.first, t.span.last, minutes),
+            advice: vec![
+                "Use fully qualified names with a trailing dot for external names (`api.example.com.`).".to_owned(),
+                "Or lower `ndots` in the pod's `dnsConfig` (`options: [{name: ndots, value: \"2\"}]`), or use NodeLocal DNSCache to make the misses cheap.".to_owned(),
+            ],
+        });
+    }
+}
+
+fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut Vec<Finding>) {
+    for ((cause, _), t) in &b.drops {
+        let dns = if t.dns_queries > 0 {
+            format!("; {} were DNS queries", t.dns_queries)
+        } else {
+            String::new()
+        };
+        let (severity, kind, what, why, advice) = match *cause {
+            "insert_failed" => (
+                Severity::Critical,
+                "conntrack_insert_failed",
+                format!("{} packets dropped by conntrack: insert failed", t.span.count),
+                format!("two packets of one flow (or two flows translated to one tuple) raced to confirm their conntrack entry and this one lost: {}, e.g. {}{dns}", t.evidence, t.flow),
+                vec![
+                    "For DNS: `options: [{name: single-request-reopen}]` in the pod's `dnsConfig` (A and AAAA from separate sockets), or NodeLocal DNSCache.".to_owned(),
+                    "For SNAT port clashes: `--random-fully` on the masquerade rule (kube-proxy/CNI option), or more source addresses.".to_owned(),
+                ],
+            ),
+            "table_full" => (
+                Severity::Critical,
+                "conntrack_table_full",
+                format!("{} packets dropped: the conntrack table is full", t.span.count),
+                format!("{}, e.g. {}{dns}", t.evidence, t.flow),
+                vec![
+                    "Raise `net.netfilter.nf_conntrack_max` (and `nf_conntrack_buckets`), or shorten idle timeouts (`nf_conntrack_udp_timeout`).".to_owned(),
+                    "Find the workload opening the flows (`conntrack -L` grouped by source).".to_owned(),
+                ],
+            ),
+            _ => (
+                Severity::Warning,
+                "conntrack_rule_drops",
+                format!("{} packets dropped by a netfilter rule", t.span.count),
+                format!("{}, e.g. {}{dns}", t.evidence, t.flow),
+                vec!["A rule dropped them (a NetworkPolicy, a firewall, kube-proxy's REJECT for a service without endpoints): check the rules for this flow.".to_owned()],
+            ),
+        };
+        let table = limits
+            .iter()
+            .find(|e| e.limit == Limit::Conntrack && e.workload == t.who.workload);
+        out.push(Finding {
+            severity,
+            kind: kind.to_owned(),
+            what,
+            who: t.who.clone(),
+            why,
+            trend: with_limit(events_trend(t.span.count, t.span.first, t.span.last, minutes), table.filter(|_| *cause == "table_full")),
+            advice,
+        });
+    }
+    for t in b.clashes.values() {
+        out.push(Finding {
+            severity: Severity::Warning,
+            kind: "conntrack_near_misses".to_owned(),
+            what: format!("{} conntrack clashes resolved in time (near-misses)", t.span.count),
+            who: t.who.clone(),
+            why: format!("in network namespace {}, packets raced to confirm one conntrack entry and the kernel merged them; when it cannot, the packet is dropped (insert_failed): near-misses come before the drops", t.netns),
+            trend: events_trend(t.span.count, t.span.first, t.span.last, minutes),
+            advice: vec![
+                "Remove the race before it becomes drops: `single-request-reopen` in the `dnsConfig` of the pods doing DNS, or NodeLocal DNSCache.".to_owned(),
+            ],
+        });
+    }
+}
+
+/// `45 s`, `12 min`, `3.5 h`.
+pub fn duration(secs: f64) -> String {
+    if secs < 120.0 {
+        format!("{secs:.0} s")
+    } else if secs < 7200.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else {
+        format!("{:.1} h", secs / 3600.0)
+    }
+}

@@ -1,0 +1,322 @@
+//! Time to exhaustion: for every limit faultline watches (a cgroup's pids limit, the node's
+//! `pid_max` and `threads-max`, each network namespace's conntrack table), the use sampled on
+//! every refresh over a recent window, its growth as a Theil-Sen slope (the median of the
+//! slopes between every two samples: one spike or one dip does not move it), and the seconds
+//! left until the limit at that growth. No estimate while use is flat or shrinking.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    attribution::pods::PodRef,
+    signals::{conntrack::CtTable, node::NodeTasks, tasks::CgroupRow},
+};
+
+/// The default window the growth is measured over.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
+/// Samples kept per limit: the window is sampled at most this finely (Theil-Sen costs the
+/// square of it, per limit, per refresh).
+const MAX_SAMPLES: usize = 30;
+/// Fewest samples, and shortest span (a share of the window), before a slope is trusted.
+const MIN_SAMPLES: usize = 4;
+const MIN_SPAN_SHARE: f64 = 0.1;
+/// Estimates further away than this are not estimates (a week).
+const MAX_ETA: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A limit that refuses new tasks or connections when reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// A cgroup's `pids.max` (the tightest among the cgroup and its ancestors).
+    Pids,
+    /// The node's `kernel.pid_max`.
+    PidMax,
+    /// The node's `kernel.threads-max`.
+    ThreadsMax,
+    /// A network namespace's conntrack entries against `nf_conntrack_max`.
+    Conntrack,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::Pids => "pids",
+            Limit::PidMax => "pid_max",
+            Limit::ThreadsMax => "threads_max",
+            Limit::Conntrack => "conntrack",
+        }
+    }
+}
+
+/// One limit's use, as read at a refresh.
+#[derive(Clone, Debug)]
+pub struct Reading {
+    pub limit: Limit,
+    /// Which one: the pids cgroup's path, `node`, or `netns:<inode>`.
+    pub resource: String,
+    pub workload: String,
+    pub pod: Option<PodRef>,
+    pub current: u64,
+    pub max: u64,
+}
+
+/// A limit's use, its growth and the time left, for people and for metrics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub limit: Limit,
+    pub resource: String,
+    pub workload: String,
+    pub current: u64,
+    pub max: u64,
+    /// Growth over the window, per second (Theil-Sen); none before enough samples.
+    pub growth_per_s: Option<f64>,
+    /// Seconds until `current` reaches `max` at that growth: 0 when already there; none when
+    /// flat or shrinking, or further than a week.
+    pub eta_s: Option<f64>,
+    #[serde(skip)]
+    pub pod: Option<PodRef>,
+}
+
+struct Series {
+    reading: Reading,
+    samples: VecDeque<(Instant, f64)>,
+}
+
+/// The samples of every limit seen at the last refresh; a limit not seen (its cgroup or
+/// namespace gone) is forgotten, so the watch is as large as the node's limits.
+pub struct LimitWatch {
+    window: Duration,
+    series: HashMap<(Limit, String), Series>,
+}
+
+impl LimitWatch {
+    pub fn new(window: Duration) -> Self {
+        LimitWatch {
+            window: window.max(Duration::from_secs(1)),
+            series: HashMap::new(),
+        }
+    }
+
+    /// Takes one refresh's readings.
+    pub fn update(&mut self, now: Instant, readings: impl IntoIterator<Item = Reading>) {
+        let spacing = self.window.div_f64(MAX_SAMPLES as f64);
+        let mut next = HashMap::with_capacity(self.series.len());
+        for reading in readings {
+            let key = (reading.limit, reading.resource.clone());
+            let mut series = self.series.remove(&key).unwrap_or_else(|| Series {
+                reading: reading.clone(),
+                samples: VecDeque::new(),
+            });
+            let value = reading.current as f64;
+            // Finer than the spacing, the newest sample is replaced: the window keeps its
+            // span whatever the refresh interval.
+            let replace = series.samples.len() >= 2
+                && series
+                    .samples
+                    .get(series.samples.len() - 2)
+                    .is_some_and(|(at, _)| now.duration_since(*at) < spacing);
+            if replace {
+                series.samples.pop_back();
+            }
+            series.samples.push_back((now, value));
+            while series
+                .samples
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
+                || series.samples.len() > MAX_SAMPLES
+            {
+                series.samples.pop_front();
+            }
+            series.reading = reading;
+            next.insert(key, series);
+        }
+        self.series = next;
+    }
+
+    /// Every limit's estimate, by limit and resource.
+    pub fn estimates(&self) -> Vec<Estimate> {
+        let mut out: Vec<Estimate> = self.series.values().map(|s| self.estimate(s)).collect();
+        out.sort_by(|a, b| (a.limit, &a.resource).cmp(&(b.limit, &b.resource)));
+        out
+    }
+
+    /// The estimate of one limit.
+    pub fn get(&self, limit: Limit, resource: &str) -> Option<Estimate> {
+        self.series
+            .get(&(limit, resource.to_owned()))
+            .map(|s| self.estimate(s))
+    }
+
+    fn estimate(&self, s: &Series) -> Estimate {
+        let r = &s.reading;
+        let growth = slope(&s.samples, self.window.as_secs_f64() * MIN_SPAN_SHARE);
+        Estimate {
+            limit: r.limit,
+            resource: r.resource.clone(),
+            workload: r.workload.clone(),
+            pod: r.pod.clone(),
+            current: r.current,
+            max: r.max,
+            growth_per_s: growth,
+            eta_s: growth.and_then(|g| eta(r.current, r.max, g)),
+        }
+    }
+}
+
+/// The readings of one refresh: each pids limit once (the cgroups under one limit share
+/// it), the node's two task limits, each namespace's conntrack table.
+pub fn readings(rows: &[CgroupRow], node: Option<NodeTasks>, tables: &[CtTable]) -> Vec<Reading> {
+    let mut out: Vec<Reading> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for row in rows {
+        let Some(l) = &row.pids_limit else { continue };
+        if seen.insert(l.cgroup.as_str()) {
+            out.push(Reading {
+                limit: Limit::Pids,
+                resource: l.cgroup.clone(),
+                workload: row.workload.clone(),
+                pod: row.pod.clone(),
+                current: l.current,
+                max: l.max,
+            });
+        }
+    }
+    if let Some(n) = node {
+        for (limit, max) in [(Limit::PidMax, n.pid_max), (Limit::ThreadsMax, n.threads_max)] {
+            out.push(Reading {
+                limit,
+                resource: "node".into(),
+                workload: "node".into(),
+                pod: None,
+                current: n.threads,
+                max,
+            });
+        }
+    }
+    for t in tables.iter().filter(|t| t.max > 0) {
+        out.push(Reading {
+            limit: Limit::Conntrack,
+            resource: format!("netns:{}", t.netns),
+            workload: t.workload.clone(),
+            pod: None,
+            current: t.entries,
+            max: t.max,
+        });
+    }
+    out
+}
+
+/// Seconds from `current` to `max` at `growth` per second.
+pub fn eta(current: u64, max: u64, growth: f64) -> Option<f64> {
+    if growth <= 0.0 || !growth.is_finite() {
+        return None;
+    }
+    let left = max.saturating_sub(current) as f64;
+    let secs = left / growth;
+    (secs <= MAX_ETA.as_secs_f64()).then_some(secs)
+}
+
+/// The Theil-Sen slope (per second) of the samples: the median of the slopes between every
+/// two of them. None with fewer than MIN_SAMPLES or a span under `min_span` seconds.
+fn slope(samples: &VecDeque<(Instant, f64)>, min_span: f64) -> Option<f64> {
+    let (first, last) = (samples.front()?, samples.back()?);
+    if samples.len() < MIN_SAMPLES || last.0.duration_since(first.0).as_secs_f64() < min_span {
+        return None;
+    }
+    let mut slopes = Vec::with_capacity(samples.len() * (samples.len() - 1) / 2);
+    for (i, (ti, vi)) in samples.iter().enumerate() {
+        for (tj, vj) in samples.iter().skip(i + 1) {
+            let dt = tj.duration_since(*ti).as_secs_f64();
+            if dt > 0.0 {
+                slopes.push((vj - vi) / dt);
+            }
+        }
+    }
+    if slopes.is_empty() {
+        return None;
+    }
+    slopes.sort_by(f64::total_cmp);
+    let mid = slopes.len() / 2;
+    Some(if slopes.len() % 2 == 1 {
+        slopes[mid]
+    } else {
+        (slopes[mid - 1] + slopes[mid]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(current: u64) -> Reading {
+        Reading {
+            limit: Limit::Pids,
+            resource: "/leak".into(),
+            workload: "leak".into(),
+            pod: None,
+            current,
+            max: 100,
+        }
+    }
+
+    fn feed(watch: &mut LimitWatch, values: &[u64]) -> Option<Estimate> {
+        let t0 = Instant::now();
+        for (i, v) in values.iter().enumerate() {
+            watch.update(t0 + Duration::from_secs(i as u64), [reading(*v)]);
+        }
+        watch.get(Limit::Pids, "/leak")
+    }
+
+    #[test]
+    fn a_steady_leak_gets_its_eta() {
+        let mut w = LimitWatch::new(Duration::from_secs(30));
+        let e = feed(&mut w, &[10, 12, 14, 16, 18, 20]).unwrap();
+        assert_eq!(e.growth_per_s, Some(2.0));
+        assert_eq!(e.eta_s, Some(40.0));
+    }
+
+    #[test]
+    fn one_spike_does_not_move_the_slope() {
+        let mut w = LimitWatch::new(Duration::from_secs(30));
+        let e = feed(&mut w, &[10, 11, 12, 90, 14, 15, 16]).unwrap();
+        assert_eq!(e.growth_per_s, Some(1.0));
+        assert_eq!(e.eta_s, Some(84.0));
+    }
+
+    #[test]
+    fn flat_or_shrinking_use_has_no_eta() {
+        let mut w = LimitWatch::new(Duration::from_secs(30));
+        assert_eq!(feed(&mut w, &[50, 50, 50, 50, 50]).unwrap().eta_s, None);
+        let mut w = LimitWatch::new(Duration::from_secs(30));
+        assert_eq!(feed(&mut w, &[50, 45, 40, 35, 30]).unwrap().eta_s, None);
+    }
+
+    #[test]
+    fn too_few_samples_have_no_slope() {
+        let mut w = LimitWatch::new(Duration::from_secs(30));
+        assert_eq!(feed(&mut w, &[10, 20, 30]).unwrap().growth_per_s, None);
+    }
+
+    #[test]
+    fn at_the_limit_while_growing_is_zero() {
+        assert_eq!(eta(100, 100, 1.0), Some(0.0));
+        assert_eq!(eta(0, u64::MAX, 1e-9), None);
+    }
+
+    #[test]
+    fn samples_stay_bounded_and_gone_limits_are_forgotten() {
+        let mut w = LimitWatch::new(Duration::from_secs(30));
+        let t0 = Instant::now();
+        for i in 0..1000u64 {
+            w.update(t0 + Duration::from_millis(i * 100), [reading(i)]);
+        }
+        let s = w.series.values().next().unwrap();
+        assert!(s.samples.len() <= MAX_SAMPLES, "{}", s.samples.len());
+        w.update(t0 + Duration::from_secs(200), []);
+        assert!(w.series.is_empty());
+    }
+}

@@ -1,0 +1,234 @@
+//! `faultline explain` and time to exhaustion, for real: a pod leaking threads at a steady
+//! rate under its pids limit gets an ETA from the daemon before its first failure, close to
+//! the real time of that failure; after it, `explain` names the pod, the cause and what to
+//! change; a quiet node has no finding. (The DNS and conntrack findings are tested next to
+//! their labs, in dns.rs and conntrack.rs.) Root only.
+
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+/// The tests of this file one at a time: the quiet-node test must not see the leak.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const CID: &str = "f1e2d3c4b5a6978877665544332211000f1e2d3c4b5a69788776655443322110";
+
+/// `faultline explain` with these arguments: (exit code, stdout, stderr).
+fn explain(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(&*FAULTLINE)
+        .arg("explain")
+        .args(args)
+        .args(["--no-kube-api"])
+        .output()
+        .expect("running faultline explain");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The value of the first series of `family` whose labels contain every one of `labels`.
+fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
+    let _serial = serial();
+    let uid = format!("{:08x}-0000-4000-8000-00000000e7a1", std::process::id());
+    let logs = KubeletLogs::new(&[("shop", "leaky-7", &uid, "app", CID)]);
+    // The lab itself is one of the 50 tasks: it fails at its 50th thread.
+    let cg = PodCgroup::systemd(&unique("leak"), &uid, CID, 50);
+    let daemon = Daemon::start(&[
+        "--kubelet-logs",
+        &logs.arg(),
+        "--no-events",
+        "--trend-window",
+        "20s",
+    ]);
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    // One thread every 300 ms: ~15 s to the limit.
+    let mut leak = Lab::spawn(
+        &[
+            &[
+                "threads",
+                "200",
+                "--comm",
+                "fl-leaky",
+                "--interval-ms",
+                "300",
+                "--max-failures",
+                "2",
+                "--hold-ms",
+                "4000",
+            ][..],
+            &join,
+        ]
+        .concat(),
+    );
+    let who = [r#"namespace="shop""#, r#"pod="leaky-7""#, r#"limit="pids""#];
+    let failed = [r#"pod="leaky-7""#, r#"cause="pids_limit""#];
+    // (when read, the ETA read), until the first failure is counted.
+    let mut etas: Vec<(Instant, f64)> = Vec::new();
+    let first_failure = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "no failure after 90 s; ETAs seen: {etas:?}"
+        );
+        let m = daemon.metrics();
+        if sample(&m, "faultline_clone_failures_total", &failed).is_some_and(|n| n > 0.0) {
+            break Instant::now();
+        }
+        if let Some(eta) = sample(&m, "faultline_limit_exhaustion_seconds", &who) {
+            etas.push((Instant::now(), eta));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let report = leak.report();
+    assert!(report.failures >= 1, "the leak was never refused: {report:?}");
+    assert!(report.created >= 40, "{report:?}");
+
+    // Before the failure: ETAs, each within 25% of the real time left when it was read
+    // (those read with 3 s or more left; closer, the scrape's own delay dominates).
+    let early: Vec<(f64, f64)> = etas
+        .iter()
+        .map(|(at, eta)| (first_failure.duration_since(*at).as_secs_f64(), *eta))
+        .filter(|(left, _)| *left >= 3.0)
+        .collect();
+    assert!(
+        early.len() >= 3,
+        "too few ETAs with 3 s or more left (failure {:.1} s after the start): {etas:?}",
+        first_failure.duration_since(started).as_secs_f64()
+    );
+    for (left, eta) in &early {
+        assert!(
+            (eta - left).abs() <= 0.25 * left,
+            "ETA {eta:.1} s with {left:.1} s really left: {early:?}"
+        );
+    }
+    let mut shown = early.clone();
+    shown.dedup_by(|a, b| a.1 == b.1);
+    eprintln!("(real time left, ETA read) in s: {shown:.1?}");
+
+    // After it: the finding, from the daemon, through the CLI.
+    let daemon_url = format!("http://127.0.0.1:{}", daemon.port);
+    let (code, out, err) = explain(&["--daemon", &daemon_url, "--since", "5m", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["kind"], "explain");
+    assert_eq!(report["version"], 1);
+    assert_eq!(report["source"], "daemon");
+    let findings = report["findings"].as_array().expect("findings");
+    let f = findings
+        .iter()
+        .find(|f| f["kind"] == "pids_limit" && f["who"]["pod"] == "leaky-7")
+        .unwrap_or_else(|| panic!("no pids_limit finding for leaky-7: {report:#}"));
+    assert_eq!(f["severity"], "critical");
+    assert_eq!(f["who"]["namespace"], "shop");
+    assert_eq!(f["who"]["container"], "app");
+    assert!(
+        f["who"]["processes"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == "fl-leaky")),
+        "{f:#}"
+    );
+    assert!(f["why"].as_str().is_some_and(|w| w.contains("pids.max=50")), "{f:#}");
+    assert!(f["trend"]["events"].as_u64().is_some_and(|n| n >= 1), "{f:#}");
+    assert_eq!(f["trend"]["limit"], 50, "{f:#}");
+    assert!(
+        f["advice"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a.as_str().is_some_and(|a| a.contains("podPidsLimit")))),
+        "{f:#}"
+    );
+    // The table says the same to people, one finding per block.
+    let (code, table, err) = explain(&["--daemon", &daemon_url, "--pod", "leaky-7"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("CRITICAL pids_limit"), "{table}");
+    assert!(table.contains("shop/leaky-7/app"), "{table}");
+    assert!(table.contains("fl-leaky"), "{table}");
+    assert!(table.contains("change  - "), "{table}");
+    // The endpoint refuses a bad window with a clear 400.
+    let (status, body) = http_get(daemon.port, "/explain?since=forever").expect("GET /explain");
+    assert_eq!(status, 400, "{body}");
+    leak.wait();
+}
+
+#[test]
+fn a_quiet_node_has_no_finding_and_says_where_it_looked() {
+    let _serial = serial();
+    // No daemon on port 1: explain observes for itself and says so.
+    let (code, out, err) = explain(&[
+        "--daemon",
+        "http://127.0.0.1:1",
+        "--observe-for",
+        "3s",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["source"], "observation", "{report:#}");
+    assert!(
+        report["notes"][0]
+            .as_str()
+            .is_some_and(|n| n.contains("no daemon answered at http://127.0.0.1:1")),
+        "{report:#}"
+    );
+    assert_eq!(report["findings"], serde_json::json!([]), "{report:#}");
+    let (code, table, err) = explain(&["--observe", "--observe-for", "2s"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("No finding"), "{table}");
+}
+
+#[test]
+fn explain_rejects_bad_arguments_in_one_line() {
+    for args in [
+        &["--since", "soon"][..],
+        &["--output", "xml"][..],
+        &["--observe-for", "0s"][..],
+    ] {
+        let (code, _, err) = explain(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // A daemon that is not a faultline: a clear error, not a report.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        if let Ok((mut s, _)) = listener.accept() {
+            // The whole request, then the answer.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n<html>not a report</html>");
+        }
+    });
+    let (code, _, err) = explain(&["--daemon", &format!("http://127.0.0.1:{port}")]);
+    let _ = server.join();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a report"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
