@@ -42,7 +42,11 @@ pub struct ExplainArgs {
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     /// The node's daemon, asked first.
-    #[arg(long, env = "FAULTLINE_DAEMON", default_value = "http://127.0.0.1:9847")]
+    #[arg(
+        long,
+        env = "FAULTLINE_DAEMON",
+        default_value = "http://127.0.0.1:9847"
+    )]
     pub daemon: String,
     /// Do not ask a daemon: observe this node for --observe-for.
     #[arg(long)]
@@ -89,9 +93,13 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
 fn matches(pods: &PodArgs, f: &Finding) -> bool {
     let is = |want: &Option<String>, have: &Option<String>, prefix: bool| match want {
         None => true,
-        Some(w) => have
-            .as_deref()
-            .is_some_and(|h| if prefix { h.starts_with(w.as_str()) } else { h == w }),
+        Some(w) => have.as_deref().is_some_and(|h| {
+            if prefix {
+                h.starts_with(w.as_str())
+            } else {
+                h == w
+            }
+        }),
     };
     is(&pods.namespace, &f.who.namespace, false)
         && is(&pods.pod, &f.who.pod, true)
@@ -197,7 +205,9 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
             () = tokio::time::sleep_until(deadline.into()) => {}
         }
     };
-    pipeline.run(&mut sink, Duration::from_secs(1), stop).await?;
+    pipeline
+        .run(&mut sink, Duration::from_secs(1), stop)
+        .await?;
     let mut report = sink.recorder.report(args.observe_for, "observation");
     report.notes = notes;
     report.notes.extend(skipped);
@@ -235,7 +245,10 @@ impl Sink for Observer {
             .tasks
             .map(|m| m.rows(state.attributor))
             .unwrap_or_default();
-        let tables = state.conntrack.map(|c| c.tables.clone()).unwrap_or_default();
+        let tables = state
+            .conntrack
+            .map(|c| c.tables.clone())
+            .unwrap_or_default();
         self.recorder
             .refresh(&rows, NodeTasks::read().ok(), &tables);
         Ok(())
@@ -293,7 +306,10 @@ pub fn render(r: &Report) -> Vec<String> {
         lines.push(format!("   why     {}", f.why));
         lines.push(format!("   trend   {}", trend_text(f)));
         for (j, a) in f.advice.iter().enumerate() {
-            lines.push(format!("   {}  - {a}", if j == 0 { "change" } else { "      " }));
+            lines.push(format!(
+                "   {}  - {a}",
+                if j == 0 { "change" } else { "      " }
+            ));
         }
     }
     lines

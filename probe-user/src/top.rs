@@ -16,6 +16,7 @@ use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
     attribution::pods::{Attributor, PodArgs},
     clock::now_rfc3339,
+    diagnosis::trend::{self, Limit, LimitWatch},
     kernel::loader::{KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
     signals::node::NodeTasks,
     signals::tasks::{self, CgroupRow, Snapshot, TaskModel},
@@ -30,6 +31,8 @@ pub enum Sort {
     Live,
     /// Pids headroom, least first (cgroups without a limit last).
     Headroom,
+    /// Time until the pids limit at the current growth, soonest first (then by headroom).
+    Eta,
 }
 
 #[derive(Args, Debug)]
@@ -54,6 +57,9 @@ pub struct TopArgs {
     /// time between the two samples it takes.
     #[arg(long, short = 'n', value_parser = crate::cli::parse_interval, default_value = "1s")]
     pub interval: Duration,
+    /// The span each limit's growth is measured over, for the ETA column.
+    #[arg(long, value_parser = crate::cli::parse_interval, default_value = "1m")]
+    pub trend_window: Duration,
     #[command(flatten)]
     pub pods: PodArgs,
     #[command(flatten)]
@@ -65,6 +71,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     probes.attach(&TASK_PROGRAMS)?;
     let mut attributor = Attributor::new(CgroupFs::discover()?, &args.pods).await;
     let mut model = TaskModel::default();
+    let mut trends = LimitWatch::new(args.trend_window);
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(args.interval);
@@ -85,7 +92,10 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
                 if samples == 1 {
                     continue;
                 }
-                let snapshot = model.snapshot(&mut attributor, NodeTasks::read()?, probes.task_stats()?, now_rfc3339());
+                let node = NodeTasks::read()?;
+                let mut snapshot = model.snapshot(&mut attributor, node, probes.task_stats()?, now_rfc3339());
+                trends.update(std::time::Instant::now(), trend::readings(&snapshot.cgroups, Some(node), &[]));
+                with_etas(&mut snapshot, &trends);
                 print(&args, snapshot, live_screen)?;
                 if args.once {
                     return Ok(());
@@ -95,6 +105,18 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => return Ok(()),
         }
     }
+}
+
+/// Each row's and the node's time to exhaustion, from the trends.
+fn with_etas(s: &mut Snapshot, trends: &LimitWatch) {
+    for r in &mut s.cgroups {
+        r.pids_eta_s = r
+            .pids_limit
+            .as_ref()
+            .and_then(|l| trends.get(Limit::Pids, &l.cgroup)?.eta_s);
+    }
+    s.node.threads_max_eta_s = trends.get(Limit::ThreadsMax, "node").and_then(|e| e.eta_s);
+    s.node.pid_max_eta_s = trends.get(Limit::PidMax, "node").and_then(|e| e.eta_s);
 }
 
 fn print(args: &TopArgs, mut snapshot: Snapshot, live_screen: bool) -> anyhow::Result<()> {
@@ -140,11 +162,20 @@ fn sort(rows: &mut [CgroupRow], by: Sort) {
             };
             pct(a).total_cmp(&pct(b))
         }),
+        Sort::Eta => rows.sort_by(|a, b| {
+            let eta = |r: &CgroupRow| r.pids_eta_s.unwrap_or(f64::INFINITY);
+            let pct = |r: &CgroupRow| {
+                r.pids_limit
+                    .as_ref()
+                    .map_or(f64::INFINITY, |l| l.headroom_pct)
+            };
+            eta(a).total_cmp(&eta(b)).then(pct(a).total_cmp(&pct(b)))
+        }),
     }
 }
 
 /// Width of the cgroup column: the table fits an 80-column terminal.
-const CGROUP_WIDTH: usize = 36;
+const CGROUP_WIDTH: usize = 32;
 
 /// The table, 80 columns wide: a header with node totals, then one row per cgroup.
 pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
@@ -161,13 +192,19 @@ pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
             }
         ),
         format!(
-            "node: {} threads, threads-max {} ({:.1}% left), pid_max {} ({:.1}%)",
-            n.threads, n.threads_max, n.threads_max_headroom_pct, n.pid_max, n.pid_max_headroom_pct
+            "node: {} threads, threads-max {} ({:.1}% left{}), pid_max {} ({:.1}%{})",
+            n.threads,
+            n.threads_max,
+            n.threads_max_headroom_pct,
+            eta_note(n.threads_max_eta_s),
+            n.pid_max,
+            n.pid_max_headroom_pct,
+            eta_note(n.pid_max_eta_s)
         ),
         String::new(),
         format!(
-            "{:<CGROUP_WIDTH$} {:>6} {:>6} {:>6} {:>7} {:>8}",
-            "WORKLOAD", "THR/s", "PROC/s", "LIVE", "LIMIT", "HEADROOM"
+            "{:<CGROUP_WIDTH$} {:>6} {:>6} {:>6} {:>7} {:>8} {:>5}",
+            "WORKLOAD", "THR/s", "PROC/s", "LIVE", "LIMIT", "HEADROOM", "ETA"
         ),
     ];
     for r in s.cgroups.iter().take(max_rows) {
@@ -176,13 +213,14 @@ pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
             None => ("-".to_owned(), "-".to_owned()),
         };
         lines.push(format!(
-            "{:<CGROUP_WIDTH$} {:>6.1} {:>6.1} {:>6} {:>7} {:>8}",
+            "{:<CGROUP_WIDTH$} {:>6.1} {:>6.1} {:>6} {:>7} {:>8} {:>5}",
             shorten(&r.workload, CGROUP_WIDTH),
             r.threads_per_s,
             r.processes_per_s,
             r.live.map_or("-".to_owned(), |l| l.to_string()),
             limit,
-            headroom
+            headroom,
+            r.pids_eta_s.map_or("-".to_owned(), eta_short)
         ));
     }
     if s.cgroups.len() > max_rows {
@@ -192,6 +230,25 @@ pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
         ));
     }
     lines
+}
+
+/// `, full in 12m` when growing.
+fn eta_note(eta: Option<f64>) -> String {
+    eta.map(|e| format!(", full in {}", eta_short(e)))
+        .unwrap_or_default()
+}
+
+/// At most 5 characters: `45s`, `12m`, `3.5h`, `9d`.
+fn eta_short(secs: f64) -> String {
+    if secs < 100.0 {
+        format!("{secs:.0}s")
+    } else if secs < 6000.0 {
+        format!("{:.0}m", secs / 60.0)
+    } else if secs < 86_400.0 {
+        format!("{:.1}h", secs / 3600.0)
+    } else {
+        format!("{:.0}d", secs / 86_400.0)
+    }
 }
 
 /// Keeps the end of a long path, where pod and container ids are.
@@ -228,6 +285,7 @@ mod tests {
                 headroom: p as i64,
                 headroom_pct: p,
             }),
+            pids_eta_s: (pct == Some(3.0)).then_some(30.0),
         }
     }
 
@@ -252,6 +310,15 @@ mod tests {
         assert_eq!(
             rows.iter().map(|r| r.cgroup.as_str()).collect::<Vec<_>>(),
             ["/c", "/b", "/a"]
+        );
+        sort(&mut rows, Sort::Eta);
+        assert_eq!(
+            rows.iter().map(|r| r.cgroup.as_str()).collect::<Vec<_>>(),
+            ["/c", "/b", "/a"]
+        );
+        assert_eq!(
+            [45.0, 720.0, 12_600.0, 200_000.0].map(eta_short),
+            ["45s", "12m", "3.5h", "2d"]
         );
     }
 

@@ -56,6 +56,10 @@ pub struct TraceArgs {
     /// Also warn when a cgroup's pids headroom drops below this share of its limit (e.g. 10%).
     #[arg(long, value_parser = crate::cli::parse_percent)]
     pub headroom_warn: Option<f64>,
+    /// With --headroom-warn, also warn when a pids limit will be reached within this at the
+    /// current growth (measured over the last minute).
+    #[arg(long, value_parser = crate::cli::parse_interval, default_value = "10m")]
+    pub eta_warn: Duration,
     /// What to trace: failed task creation (clone), DNS queries (dns), netfilter drops and
     /// resolved clashes (conntrack). Only the programs of the events asked for are attached.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns, EventKind::Conntrack])]
@@ -334,7 +338,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         },
         printer: Printer::new(args.output),
         summary: Summary::default(),
-        headroom: args.headroom_warn.map(HeadroomWatch::new),
+        headroom: args
+            .headroom_warn
+            .map(|pct| HeadroomWatch::new(pct, args.eta_warn)),
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -584,7 +590,7 @@ impl TraceEvent for CloneFailure {
 impl TraceEvent for HeadroomWarning {
     fn table_line(&self) -> String {
         format!(
-            "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} pids.current={} pids.max={} cgroup={} headroom={} ({:.1}%)",
+            "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} pids.current={} pids.max={} cgroup={} headroom={} ({:.1}%){}",
             time_of_day(&self.time),
             "-",
             "-",
@@ -598,7 +604,10 @@ impl TraceEvent for HeadroomWarning {
             self.pids_max,
             self.pids_cgroup,
             self.headroom,
-            self.headroom_pct
+            self.headroom_pct,
+            self.eta_s
+                .map(|e| format!(" full in {}", crate::diagnosis::findings::duration(e)))
+                .unwrap_or_default()
         )
     }
 }

@@ -60,6 +60,34 @@ fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
         "--trend-window",
         "20s",
     ]);
+    let container = cg.dirs()[0]
+        .strip_prefix(
+            mount(probe_user::attribution::cgroups::Hierarchy::Unified)
+                .expect("v2")
+                .0,
+        )
+        .map(|p| format!("/{}", p.display()))
+        .expect("container cgroup under the v2 mount");
+    // `top` shows the same ETA per row; a trace warns on it (headroom alone would only warn
+    // under 1%, at the last task).
+    let top = Trace::start_top(&[
+        "--cgroup",
+        &container,
+        "--interval",
+        "500ms",
+        "--trend-window",
+        "10s",
+    ]);
+    let trace = Trace::start(&[
+        "--events",
+        "clone",
+        "--cgroup",
+        &container,
+        "--headroom-warn",
+        "1%",
+        "--eta-warn",
+        "1m",
+    ]);
     let join = cg.join_args();
     let join: Vec<&str> = join.iter().map(String::as_str).collect();
     let started = Instant::now();
@@ -101,7 +129,10 @@ fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let report = leak.report();
-    assert!(report.failures >= 1, "the leak was never refused: {report:?}");
+    assert!(
+        report.failures >= 1,
+        "the leak was never refused: {report:?}"
+    );
     assert!(report.created >= 40, "{report:?}");
 
     // Before the failure: ETAs, each within 25% of the real time left when it was read
@@ -122,6 +153,37 @@ fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
             "ETA {eta:.1} s with {left:.1} s really left: {early:?}"
         );
     }
+    let (top_lines, _) = top.stop();
+    let top_eta = top_lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .any(|snap| {
+            snap["cgroups"].as_array().is_some_and(|rows| {
+                rows.iter().any(|r| {
+                    r["cgroup"] == container.as_str() && r["pids_eta_s"].as_f64().is_some()
+                })
+            })
+        });
+    assert!(
+        top_eta,
+        "top never showed an ETA for {container}: {top_lines:#?}"
+    );
+    let (events, _) = trace.stop_json();
+    let warning = events
+        .iter()
+        .position(|e| e["kind"] == "headroom_warning")
+        .unwrap_or_else(|| panic!("no ETA warning: {events:#?}"));
+    let w = &events[warning];
+    assert!(w["eta_s"].as_f64().is_some_and(|e| e <= 60.0), "{w}");
+    assert!(w["headroom_pct"].as_f64().is_some_and(|p| p > 1.0), "{w}");
+    let failure = events
+        .iter()
+        .position(|e| e["kind"] == "clone_failure")
+        .expect("no failure traced");
+    assert!(
+        warning < failure,
+        "the warning came after the failure: {events:#?}"
+    );
     let mut shown = early.clone();
     shown.dedup_by(|a, b| a.1 == b.1);
     eprintln!("(real time left, ETA read) in s: {shown:.1?}");
@@ -148,13 +210,19 @@ fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
             .is_some_and(|p| p.iter().any(|p| p == "fl-leaky")),
         "{f:#}"
     );
-    assert!(f["why"].as_str().is_some_and(|w| w.contains("pids.max=50")), "{f:#}");
-    assert!(f["trend"]["events"].as_u64().is_some_and(|n| n >= 1), "{f:#}");
+    assert!(
+        f["why"].as_str().is_some_and(|w| w.contains("pids.max=50")),
+        "{f:#}"
+    );
+    assert!(
+        f["trend"]["events"].as_u64().is_some_and(|n| n >= 1),
+        "{f:#}"
+    );
     assert_eq!(f["trend"]["limit"], 50, "{f:#}");
     assert!(
-        f["advice"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|a| a.as_str().is_some_and(|a| a.contains("podPidsLimit")))),
+        f["advice"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| a.contains("podPidsLimit")))),
         "{f:#}"
     );
     // The table says the same to people, one finding per block.

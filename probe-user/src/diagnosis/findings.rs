@@ -104,7 +104,12 @@ pub struct Report {
 pub type Holders = [(String, u64)];
 
 /// Every finding of a window, ranked: critical first, then by how soon or how much.
-pub fn findings(b: &Bucket, window: Duration, limits: &[Estimate], holders: &Holders) -> Vec<Finding> {
+pub fn findings(
+    b: &Bucket,
+    window: Duration,
+    limits: &[Estimate],
+    holders: &Holders,
+) -> Vec<Finding> {
     let minutes = (window.as_secs_f64() / 60.0).max(1.0 / 60.0);
     let mut out = Vec::new();
     clone_findings(b, minutes, limits, holders, &mut out);
@@ -267,28 +272,41 @@ fn clone_findings(
             what,
             who,
             why,
-            trend: with_limit(events_trend(t.span.count, t.span.first, t.span.last, minutes), limit),
+            trend: with_limit(
+                events_trend(t.span.count, t.span.first, t.span.last, minutes),
+                limit,
+            ),
             advice,
         });
     }
 }
 
 /// Limits near exhaustion that no failure finding already covers.
-fn limit_findings(limits: &[Estimate], holders: &Holders, failures: &[Finding], out: &mut Vec<Finding>) {
+fn limit_findings(
+    limits: &[Estimate],
+    holders: &Holders,
+    failures: &[Finding],
+    out: &mut Vec<Finding>,
+) {
     for e in limits {
         let soon = e.eta_s.is_some_and(|s| s <= ETA_HORIZON.as_secs_f64());
-        let low = e.max > 0 && (e.max.saturating_sub(e.current) as f64) < LOW_HEADROOM * e.max as f64;
+        let low =
+            e.max > 0 && (e.max.saturating_sub(e.current) as f64) < LOW_HEADROOM * e.max as f64;
         if !(soon || low) {
             continue;
         }
-        let covered = failures
-            .iter()
-            .any(|f| f.trend.limit_kind == Some(e.limit) && f.trend.resource.as_ref() == Some(&e.resource));
+        let covered = failures.iter().any(|f| {
+            f.trend.limit_kind == Some(e.limit) && f.trend.resource.as_ref() == Some(&e.resource)
+        });
         if covered {
             continue;
         }
         let when = match e.eta_s {
-            Some(s) => format!("reached in {} at the current growth ({:+.2}/s)", duration(s), e.growth_per_s.unwrap_or(0.0)),
+            Some(s) => format!(
+                "reached in {} at the current growth ({:+.2}/s)",
+                duration(s),
+                e.growth_per_s.unwrap_or(0.0)
+            ),
             None => "not growing now".to_owned(),
         };
         let (kind, what, why, advice) = match e.limit {
@@ -352,7 +370,10 @@ fn dns_findings(t: &DnsTally, minutes: f64, out: &mut Vec<Finding>) {
         }
         let mut advice = Vec::new();
         if t.conntrack_dropped > 0 {
-            why.push_str(&format!("; conntrack dropped {} of the queries' packets", t.conntrack_dropped));
+            why.push_str(&format!(
+                "; conntrack dropped {} of the queries' packets",
+                t.conntrack_dropped
+            ));
             advice.push("Packets of parallel A/AAAA queries from one socket race in conntrack: add `options: [{name: single-request-reopen}]` to the pod's `dnsConfig`, or run NodeLocal DNSCache so that pods do not go through DNAT for DNS.".to_owned());
         } else {
             advice.push(format!("Check the DNS servers ({servers}): whether they received the queries (their logs, `conntrack -S` insert_failed on the node) and answered."));
@@ -441,7 +462,10 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
             what,
             who: t.who.clone(),
             why,
-            trend: with_limit(events_trend(t.span.count, t.span.first, t.span.last, minutes), table.filter(|_| *cause == "table_full")),
+            trend: with_limit(
+                events_trend(t.span.count, t.span.first, t.span.last, minutes),
+                table.filter(|_| *cause == "table_full"),
+            ),
             advice,
         });
     }

@@ -97,7 +97,11 @@ pub struct Span {
 
 impl Span {
     fn add(&mut self, at: u64) {
-        self.first = if self.count == 0 { at } else { self.first.min(at) };
+        self.first = if self.count == 0 {
+            at
+        } else {
+            self.first.min(at)
+        };
         self.last = self.last.max(at);
         self.count += 1;
     }
@@ -106,7 +110,11 @@ impl Span {
         if o.count == 0 {
             return;
         }
-        self.first = if self.count == 0 { o.first } else { self.first.min(o.first) };
+        self.first = if self.count == 0 {
+            o.first
+        } else {
+            self.first.min(o.first)
+        };
         self.last = self.last.max(o.last);
         self.count += o.count;
     }
@@ -320,14 +328,19 @@ impl History {
         }
         if q.retransmit {
             t.retransmits += 1;
-            if q.retransmit_gap_ms.is_some_and(|g| (4000.0..=6000.0).contains(&g)) {
+            if q.retransmit_gap_ms
+                .is_some_and(|g| (4000.0..=6000.0).contains(&g))
+            {
                 t.retransmits_5s += 1;
             }
         }
         if q.search_nxdomain > 0 {
             t.search_misses += u64::from(q.search_nxdomain);
             t.chained_lookups += 1;
-            if t.chain_example.as_ref().is_none_or(|c| c.1 < q.search_nxdomain) {
+            if t.chain_example
+                .as_ref()
+                .is_none_or(|c| c.1 < q.search_nxdomain)
+            {
                 t.chain_example = Some((q.qname.clone(), q.search_nxdomain));
             }
         }
@@ -352,10 +365,7 @@ impl History {
         });
         t.span.add(d.time_unix_nano);
         t.evidence.clone_from(&d.evidence);
-        t.flow = format!(
-            "{} {}:{} -> {}:{}",
-            d.proto, d.src, d.sport, d.dst, d.dport
-        );
+        t.flow = format!("{} {}:{} -> {}:{}", d.proto, d.src, d.sport, d.dst, d.dport);
         if d.dns.is_some() {
             t.dns_queries += 1;
         }
@@ -380,7 +390,8 @@ impl History {
 
     /// Every tally of the minutes that overlap the last `since`, merged.
     pub fn since(&self, since: Duration) -> Bucket {
-        let from = now_nanos().saturating_sub(since.min(MAX_AGE).as_nanos() as u64) / 60_000_000_000;
+        let from =
+            now_nanos().saturating_sub(since.min(MAX_AGE).as_nanos() as u64) / 60_000_000_000;
         let mut merged = Bucket::default();
         for b in self.buckets.iter().filter(|b| b.minute >= from) {
             merged.merge(b);
@@ -441,7 +452,12 @@ mod tests {
         assert_eq!(h.not_kept, 500);
         // A known tally still counts.
         h.clone_failure(&failure("/cg0", "y"));
-        assert_eq!(h.since(MAX_AGE).clone[&("pids_limit", "/cg0".to_owned())].span.count, 2);
+        assert_eq!(
+            h.since(MAX_AGE).clone[&("pids_limit", "/cg0".to_owned())]
+                .span
+                .count,
+            2
+        );
     }
 
     #[test]

@@ -186,7 +186,10 @@ pub fn readings(rows: &[CgroupRow], node: Option<NodeTasks>, tables: &[CtTable])
         }
     }
     if let Some(n) = node {
-        for (limit, max) in [(Limit::PidMax, n.pid_max), (Limit::ThreadsMax, n.threads_max)] {
+        for (limit, max) in [
+            (Limit::PidMax, n.pid_max),
+            (Limit::ThreadsMax, n.threads_max),
+        ] {
             out.push(Reading {
                 limit,
                 resource: "node".into(),

@@ -196,13 +196,23 @@ pub const EXPLAIN_DEFAULT_SINCE: Duration = Duration::from_secs(900);
 /// `/explain[?since=15m]`: the findings of the daemon's history, as `faultline explain
 /// --output json` prints them. Computed from bounded state under a lock held for the call.
 fn explain(query: Option<&str>, served: &Served) -> (StatusCode, &'static str, String) {
-    let since = match query.unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("since=")) {
+    let since = match query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("since="))
+    {
         None => Ok(EXPLAIN_DEFAULT_SINCE),
         Some(v) => humantime::parse_duration(v).map_err(|e| format!("since={v:.40}: {e}\n")),
     };
     let since = match since {
         Ok(d) => d,
-        Err(msg) => return (StatusCode::BAD_REQUEST, "text/plain", crate::text::printable(&msg).into_owned()),
+        Err(msg) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                crate::text::printable(&msg).into_owned(),
+            );
+        }
     };
     let report = match served.recorder.lock() {
         Ok(r) => r.report(since, "daemon"),
@@ -220,7 +230,11 @@ fn explain(query: Option<&str>, served: &Served) -> (StatusCode, &'static str, S
             "application/json",
             String::from_utf8_lossy(&body).into_owned(),
         ),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
     }
 }
 

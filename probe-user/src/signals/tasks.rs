@@ -17,6 +17,7 @@ use crate::{
     attribution::cgroups::Hierarchy,
     attribution::pods::{Attributor, PodRef},
     clock::now_rfc3339,
+    diagnosis::trend::{self, Limit, LimitWatch},
     kernel::loader::TaskStats,
     signals::node::NodeTasks,
 };
@@ -75,6 +76,10 @@ pub struct CgroupRow {
     /// Tasks in this cgroup itself now (`cgroup.threads`).
     pub live: Option<u64>,
     pub pids_limit: Option<PidsLimit>,
+    /// Seconds until the pids limit is reached at the current growth (`top` fills it in from
+    /// its trend; none while flat or shrinking).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids_eta_s: Option<f64>,
 }
 
 /// Node-wide task limits.
@@ -85,6 +90,11 @@ pub struct NodeRow {
     pub pid_max: u64,
     pub threads_max_headroom_pct: f64,
     pub pid_max_headroom_pct: f64,
+    /// Seconds until each is reached at the current growth, when growing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads_max_eta_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid_max_eta_s: Option<f64>,
 }
 
 impl NodeRow {
@@ -95,6 +105,8 @@ impl NodeRow {
             pid_max: node.pid_max,
             threads_max_headroom_pct: headroom(node.threads_max, node.threads).1,
             pid_max_headroom_pct: headroom(node.pid_max, node.threads).1,
+            threads_max_eta_s: None,
+            pid_max_eta_s: None,
         }
     }
 }
@@ -199,6 +211,7 @@ impl TaskModel {
                 threads_created: entry.counts.threads,
                 processes_created: entry.counts.processes,
                 exited: entry.counts.exited,
+                pids_eta_s: None,
             });
         }
         rows
@@ -238,32 +251,52 @@ pub struct HeadroomWarning {
     pub pids_max: u64,
     pub headroom: i64,
     pub headroom_pct: f64,
+    /// Seconds until the limit at the current growth, when growing.
+    pub eta_s: Option<f64>,
     pub live: Option<u64>,
 }
 
-/// Warns once per pids limit when its headroom falls below a threshold, and again only after
-/// it has risen above it. Remembers only the limits currently below.
+/// Warns once per pids limit when its headroom falls below a threshold or its time to
+/// exhaustion below another, and again only after it has risen above both. Remembers only
+/// the limits currently below.
 pub struct HeadroomWatch {
     threshold_pct: f64,
+    eta_below: Duration,
+    trends: LimitWatch,
     below: HashSet<String>,
 }
 
+/// The span a trace measures each pids limit's growth over.
+const TRACE_TREND_WINDOW: Duration = Duration::from_secs(60);
+
 impl HeadroomWatch {
-    pub fn new(threshold_pct: f64) -> Self {
+    pub fn new(threshold_pct: f64, eta_below: Duration) -> Self {
         HeadroomWatch {
             threshold_pct,
+            eta_below,
+            trends: LimitWatch::new(TRACE_TREND_WINDOW),
             below: HashSet::new(),
         }
     }
 
     pub fn check(&mut self, rows: &[CgroupRow]) -> Vec<HeadroomWarning> {
+        self.check_at(Instant::now(), rows)
+    }
+
+    fn check_at(&mut self, now: Instant, rows: &[CgroupRow]) -> Vec<HeadroomWarning> {
+        self.trends.update(now, trend::readings(rows, None, &[]));
         let mut warnings = Vec::new();
         let mut below_now = HashSet::new();
         for row in rows {
             let Some(limit) = &row.pids_limit else {
                 continue;
             };
-            if limit.headroom_pct >= self.threshold_pct {
+            let eta = self
+                .trends
+                .get(Limit::Pids, &limit.cgroup)
+                .and_then(|e| e.eta_s);
+            let soon = eta.is_some_and(|e| e <= self.eta_below.as_secs_f64());
+            if limit.headroom_pct >= self.threshold_pct && !soon {
                 continue;
             }
             if below_now.insert(limit.cgroup.clone()) && !self.below.contains(&limit.cgroup) {
@@ -278,6 +311,7 @@ impl HeadroomWatch {
                     pids_max: limit.max,
                     headroom: limit.headroom,
                     headroom_pct: limit.headroom_pct,
+                    eta_s: eta,
                     live: row.live,
                 });
             }
@@ -466,12 +500,13 @@ mod tests {
                 headroom: left,
                 headroom_pct: pct,
             }),
+            pids_eta_s: None,
         }
     }
 
     #[test]
     fn headroom_warns_once_per_crossing_and_per_limit() {
-        let mut w = HeadroomWatch::new(10.0);
+        let mut w = HeadroomWatch::new(10.0, Duration::ZERO);
         assert!(w.check(&[row("/a", "/a", 100, 50)]).is_empty());
         // Two cgroups under one limit: one warning.
         let first = w.check(&[row("/p/c1", "/p", 100, 95), row("/p/c2", "/p", 100, 95)]);
@@ -486,8 +521,25 @@ mod tests {
         assert!(w.check(&[row("/p/c1", "/p", 100, 50)]).is_empty());
         assert_eq!(w.check(&[row("/p/c1", "/p", 100, 99)]).len(), 1);
         // Exactly at the threshold is not below it.
-        let mut w = HeadroomWatch::new(10.0);
+        let mut w = HeadroomWatch::new(10.0, Duration::ZERO);
         assert!(w.check(&[row("/a", "/a", 100, 90)]).is_empty());
+    }
+
+    #[test]
+    fn a_short_eta_warns_with_headroom_left() {
+        // 2 tasks a second, 60 left: 30 s to go, under a 1 min ETA threshold.
+        let mut w = HeadroomWatch::new(10.0, Duration::from_secs(60));
+        let t = Instant::now();
+        let mut warned = Vec::new();
+        for i in 0..8u64 {
+            warned.extend(w.check_at(
+                t + Duration::from_secs(i * 2),
+                &[row("/a", "/a", 100, 10 + 4 * i)],
+            ));
+        }
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].headroom_pct > 10.0);
+        assert!(warned[0].eta_s.is_some_and(|e| e <= 60.0), "{warned:?}");
     }
 
     #[test]
