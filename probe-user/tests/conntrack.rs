@@ -302,3 +302,55 @@ fn conntrack_module_btf_is_read_on_top_of_vmlinux() {
         }
     }
 }
+
+/// `faultline explain` on the insert-failure lab: a critical finding for the sender's
+/// workload with the clashing SNAT and the DNS advice, and its queries' timeouts blamed on
+/// conntrack.
+#[test]
+fn explain_names_the_insert_failures_sender_and_the_clashing_snat() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = CtLab::start(&V4);
+    let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
+    let server = lab.server(53);
+    lab.client(1, &format!("1 --dns-server {server}"));
+    lab.client(2, &format!("3 --dns-server {server}"));
+    let client2 = lab.cgroup_path(2);
+    let url = format!("http://127.0.0.1:{}", daemon.port);
+    let find = |report: &Value, kind: &str| -> Option<Value> {
+        report["findings"]
+            .as_array()?
+            .iter()
+            .find(|f| f["kind"] == kind && f["who"]["cgroup"] == client2.as_str())
+            .cloned()
+    };
+    let report = eventually(Duration::from_secs(20), "conntrack findings", || {
+        let out = std::process::Command::new(&*FAULTLINE)
+            .args(["explain", "--daemon", &url, "-o", "json"])
+            .output()
+            .ok()?;
+        let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (find(&report, "conntrack_insert_failed").is_some()
+            && find(&report, "dns_timeouts").is_some_and(|f| f["trend"]["events"] == 3))
+        .then_some(report)
+    });
+    let f = find(&report, "conntrack_insert_failed").expect("insert_failed");
+    assert_eq!(f["severity"], "critical", "{f:#}");
+    assert_eq!(f["trend"]["events"], 3, "{f:#}");
+    let why = f["why"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("SNAT") && why.contains(&SNAT_PORT.to_string()),
+        "{f:#}"
+    );
+    assert!(why.contains("3 were DNS queries"), "{f:#}");
+    assert!(
+        f["advice"].to_string().contains("single-request-reopen"),
+        "{f:#}"
+    );
+    let t = find(&report, "dns_timeouts").expect("timeouts");
+    assert!(
+        t["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("conntrack dropped 3")),
+        "{t:#}"
+    );
+}

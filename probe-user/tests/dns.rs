@@ -696,3 +696,81 @@ fn dns_over_ipv6() {
         assert_eq!(q["server"], format!("[{SERVER_IP6}]:53"), "{q}");
     }
 }
+
+/// `faultline explain` on the DNS lab: the ndots:5 chain is a search-path amplification
+/// finding with its example name and the ndots advice; queries to a server that drops them
+/// are a timeout finding for the same workload.
+#[test]
+fn explain_finds_search_path_amplification_and_timeouts_per_workload() {
+    let lab = DnsLab::start();
+    let path = lab.path();
+    let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
+    lab.resolv_conf(
+        "search ns.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+    );
+    lab.client("getent ahosts web.test");
+    lab.resolv_conf("options timeout:1 attempts:2\n");
+    lab.server_drops(true);
+    lab.client("getent ahosts slow.test");
+    lab.server_drops(false);
+    let url = format!("http://127.0.0.1:{}", daemon.port);
+    let mine = |report: &Value, kind: &str| -> Option<Value> {
+        report["findings"]
+            .as_array()?
+            .iter()
+            .find(|f| f["kind"] == kind && f["who"]["cgroup"] == path.as_str())
+            .cloned()
+    };
+    let report = eventually(Duration::from_secs(20), "DNS findings", || {
+        let out = std::process::Command::new(&*FAULTLINE)
+            .args(["explain", "--daemon", &url, "-o", "json"])
+            .output()
+            .ok()?;
+        let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (mine(&report, "dns_timeouts").is_some()
+            && mine(&report, "dns_search_amplification").is_some())
+        .then_some(report)
+    });
+    let amp = mine(&report, "dns_search_amplification").expect("amplification");
+    assert_eq!(amp["severity"], "info", "{amp:#}");
+    assert!(
+        amp["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("`web.test`") && w.contains("3 search-path NXDOMAINs")),
+        "{amp:#}"
+    );
+    assert_eq!(
+        amp["trend"]["events"], 6,
+        "three misses each for A and AAAA: {amp:#}"
+    );
+    assert!(amp["advice"].to_string().contains("ndots"), "{amp:#}");
+    let timeouts = mine(&report, "dns_timeouts").expect("timeouts");
+    assert_eq!(timeouts["severity"], "critical", "{timeouts:#}");
+    assert!(
+        timeouts["trend"]["events"].as_u64().is_some_and(|n| n >= 2),
+        "{timeouts:#}"
+    );
+    assert!(
+        timeouts["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("re-sent")),
+        "{timeouts:#}"
+    );
+    assert!(
+        timeouts["advice"]
+            .to_string()
+            .contains("single-request-reopen"),
+        "{timeouts:#}"
+    );
+    // Critical before info.
+    let rank = |kind: &str| {
+        report["findings"].as_array().and_then(|a| {
+            a.iter()
+                .position(|f| f["kind"] == kind && f["who"]["cgroup"] == path.as_str())
+        })
+    };
+    assert!(
+        rank("dns_timeouts") < rank("dns_search_amplification"),
+        "{report:#}"
+    );
+}

@@ -128,12 +128,13 @@ pub fn findings(
     out
 }
 
-/// Within a severity: sooner and more first.
+/// Within a severity: sooner and more first. A limit finding (no events) by its ETA, one without growth as if due at the horizon.
 fn urgency(f: &Finding) -> f64 {
-    match f.trend.eta_s {
-        Some(eta) if f.trend.events == 0 => 1e9 / (1.0 + eta),
-        _ => f.trend.events as f64,
+    if f.trend.events == 0 && f.trend.current.is_some() {
+        let eta = f.trend.eta_s.unwrap_or(ETA_HORIZON.as_secs_f64());
+        return 1e9 / (1.0 + eta);
     }
+    f.trend.events as f64
 }
 
 fn time(ns: u64) -> Option<String> {
@@ -492,5 +493,106 @@ pub fn duration(secs: f64) -> String {
         format!("{:.0} min", secs / 60.0)
     } else {
         format!("{:.1} h", secs / 3600.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagnosis::history::{ClashTally, Span};
+
+    fn estimate(
+        limit: Limit,
+        resource: &str,
+        current: u64,
+        max: u64,
+        eta: Option<f64>,
+    ) -> Estimate {
+        Estimate {
+            limit,
+            resource: resource.into(),
+            workload: if resource == "node" {
+                "node".into()
+            } else {
+                "shop/leaky/app".into()
+            },
+            current,
+            max,
+            growth_per_s: eta.map(|e| (max - current) as f64 / e.max(1.0)),
+            eta_s: eta,
+            pod: None,
+        }
+    }
+
+    #[test]
+    fn nothing_wrong_is_no_finding() {
+        let limits = [
+            estimate(Limit::PidMax, "node", 500, 4_194_304, None),
+            estimate(Limit::Pids, "/kubepods/pod1", 10, 100, Some(50_000.0)),
+        ];
+        assert!(findings(&Bucket::default(), Duration::from_secs(900), &limits, &[]).is_empty());
+    }
+
+    #[test]
+    fn limits_near_exhaustion_and_near_misses_rank_below_failures() {
+        let mut b = Bucket::default();
+        b.clashes.insert(
+            7,
+            ClashTally {
+                who: Who::new("shop/dns-client/app", None, None),
+                netns: 7,
+                span: Span {
+                    count: 4,
+                    first: 1,
+                    last: 2,
+                },
+            },
+        );
+        let limits = [
+            estimate(Limit::PidMax, "node", 30_000, 32_768, Some(1200.0)),
+            estimate(Limit::Pids, "/kubepods/pod1", 95, 100, None),
+            estimate(Limit::Conntrack, "netns:9", 262_000, 262_144, Some(30.0)),
+        ];
+        let holders = [("shop/leaky/app".to_owned(), 29_000u64)];
+        let f = findings(&b, Duration::from_secs(900), &limits, &holders);
+        let kinds: Vec<&str> = f.iter().map(|f| f.kind.as_str()).collect();
+        // The soonest limit first; low headroom without growth still counts.
+        assert_eq!(
+            kinds,
+            [
+                "conntrack_table_near",
+                "pid_max",
+                "pids_limit_near",
+                "conntrack_near_misses"
+            ]
+        );
+        assert!(f.iter().all(|f| f.severity == Severity::Warning));
+        let pid_max = &f[1];
+        assert!(
+            pid_max.why.contains("shop/leaky/app (29000)"),
+            "{}",
+            pid_max.why
+        );
+        assert!(pid_max.advice[0].contains("kernel.pid_max"));
+        assert_eq!(pid_max.trend.eta_s, Some(1200.0));
+    }
+
+    #[test]
+    fn the_report_round_trips_through_json() {
+        let limits = [estimate(Limit::ThreadsMax, "node", 95, 100, Some(10.0))];
+        let r = Report {
+            kind: "explain".into(),
+            version: VERSION,
+            node: "n1".into(),
+            time: "2026-11-25T00:00:00.000Z".into(),
+            source: "daemon".into(),
+            window_s: 900.0,
+            findings: findings(&Bucket::default(), Duration::from_secs(900), &limits, &[]),
+            not_kept: 0,
+            notes: vec![],
+        };
+        let text = serde_json::to_string(&r).expect("test");
+        assert!(text.contains(r#""limit_kind":"threads_max""#), "{text}");
+        assert_eq!(serde_json::from_str::<Report>(&text).expect("test"), r);
     }
 }
