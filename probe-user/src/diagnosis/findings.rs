@@ -204,9 +204,9 @@ fn clone_findings(
                 (
                     "pids_limit",
                     format!("{} task creations refused: the pids limit is reached", t.span.count),
-                    format!("{} (pids cgroup {pids}); callers: {procs}", t.evidence),
+                    format!("{}; callers: {procs}", t.evidence),
                     vec![
-                        format!("Find why {procs} keep creating tasks without ending them (a thread or process leak grows the live count without bound: `faultline top --cgroup {cgroup}`)."),
+                        format!("Find why {} keeps creating tasks without ending them (a thread or process leak grows the live count without bound: `faultline top --cgroup {cgroup}`).", top(&t.comms).join(", ")),
                         "If the workload needs more tasks, raise its pids limit: the kubelet's `podPidsLimit` (node-wide, per pod) or the container runtime's pids limit.".to_owned(),
                     ],
                     limits.iter().find(|e| e.limit == Limit::Pids && e.resource == pids),
@@ -310,10 +310,17 @@ fn limit_findings(
             ),
             None => "not growing now".to_owned(),
         };
+        let soon_text = e
+            .eta_s
+            .map(|s| format!(" in {}", duration(s)))
+            .unwrap_or_else(|| " (little headroom left)".to_owned());
         let (kind, what, why, advice) = match e.limit {
             Limit::Pids => (
                 "pids_limit_near",
-                format!("the pids limit of {} will refuse new tasks", e.resource),
+                match e.eta_s {
+                    Some(s) => format!("the pids limit of {} will refuse new tasks in {}", e.workload, duration(s)),
+                    None => format!("the pids limit of {} is nearly reached", e.workload),
+                },
                 format!("pids.current={} pids.max={}: {when}", e.current, e.max),
                 vec![
                     format!("Find what keeps creating tasks in {} (`faultline top --sort eta`): a thread or process leak grows its live count without bound.", e.workload),
@@ -324,7 +331,7 @@ fn limit_findings(
                 let name = if e.limit == Limit::PidMax { "kernel.pid_max" } else { "kernel.threads-max" };
                 (
                     e.limit.as_str(),
-                    format!("the node's {name} will refuse new tasks"),
+                    format!("the node's {name} will refuse new tasks{soon_text}"),
                     format!("{} tasks of {}: {when}; most tasks: {}", e.current, e.max, holders_text(holders)),
                     vec![
                         format!("Find the workload whose live count grows (above) and stop the leak; raise `{name}` (sysctl) for room."),
@@ -334,7 +341,7 @@ fn limit_findings(
             }
             Limit::Conntrack => (
                 "conntrack_table_near",
-                format!("the conntrack table of {} will be full", e.workload),
+                format!("the conntrack table of {} will be full{soon_text}", e.workload),
                 format!("{} entries of nf_conntrack_max={}: {when}", e.current, e.max),
                 vec![
                     "Raise `net.netfilter.nf_conntrack_max` (and the hash size), or shorten the timeouts of idle flows (`nf_conntrack_udp_timeout`, `nf_conntrack_tcp_timeout_established`).".to_owned(),
