@@ -190,8 +190,8 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
         Ok(())
     })
     .await?;
-    eprintln!(
-        "faultline: observing this node for {}",
+    tracing::info!(
+        "observing this node for {}",
         humantime::format_duration(args.observe_for)
     );
     let mut sink = Observer {

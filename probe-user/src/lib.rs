@@ -18,6 +18,7 @@ pub mod export;
 #[cfg(test)]
 mod fuzz;
 pub mod kernel;
+pub mod logging;
 pub mod pipeline;
 pub mod run;
 pub mod signals;

@@ -4,7 +4,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use probe_user::{check, explain, run, top, trace};
+use probe_user::{
+    check, explain,
+    logging::{self, LogFormat, LogLevel},
+    run, top, trace,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -16,6 +20,13 @@ task creation and pids headroom per pod, DNS latency and timeouts per pod, connt
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// faultline's own messages on stderr: `plain` lines, or `json` objects for a log
+    /// pipeline.
+    #[arg(long, global = true, env = "FAULTLINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+    /// The least severe of faultline's own messages shown.
+    #[arg(long, global = true, env = "FAULTLINE_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    log_level: LogLevel,
 }
 
 #[derive(Subcommand, Debug)]
@@ -51,6 +62,7 @@ fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     // clap exits 2 on usage errors and 0 for --help/--version.
     let cli = Cli::parse();
+    logging::init(cli.log_format, cli.log_level);
     if !matches!(cli.command, Command::Run(_)) {
         // A reader that goes away (`faultline check | head -3`) ends the one-shot commands
         // quietly, as it ends grep; the daemon handles a closed stdout itself.
@@ -79,7 +91,7 @@ fn main() -> ExitCode {
             return match page.render(&mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("faultline: error: writing the man page: {e}");
+                    tracing::error!("writing the man page: {e}");
                     ExitCode::FAILURE
                 }
             };
@@ -92,10 +104,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!(
-                "faultline: error: {}",
-                probe_user::kernel::loader::brief(&e)
-            );
+            tracing::error!("{}", probe_user::kernel::loader::brief(&e));
             ExitCode::FAILURE
         }
     }

@@ -108,8 +108,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         want,
         |signal, result| {
             if let Err(e) = &result {
-                eprintln!(
-                    "faultline: skipped probe {}: {}",
+                tracing::warn!(
+                    "skipped probe {}: {}",
                     signal.as_str(),
                     crate::kernel::loader::brief(e)
                 );
@@ -141,8 +141,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => {}
         }
     };
-    eprintln!(
-        "faultline: running on node {node}, serving http://{}/metrics",
+    tracing::info!(
+        "running on node {node}, serving http://{}/metrics",
         args.listen
     );
     pipeline.run(&mut sink, args.refresh, stop).await?;
@@ -153,9 +153,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stats = pipeline.state().probes.clone_stats()?;
     // Dropping the pipeline detaches every program.
     drop(pipeline);
-    eprintln!(
-        "faultline: stopped; {} clone failures seen in the kernel, {} lost (ring buffer full)",
-        stats.failures, stats.lost
+    tracing::info!(
+        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer full)",
+        stats.failures,
+        stats.lost
     );
     Ok(())
 }
@@ -363,7 +364,7 @@ impl RefreshErrors {
             .as_ref()
             .is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(60));
         if !repeat {
-            eprintln!("faultline: refresh failed (will retry): {text}");
+            tracing::warn!("refresh failed (will retry): {text}");
             self.last = Some((text, Instant::now()));
         }
     }

@@ -77,7 +77,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(args.interval);
     let live_screen = args.output == Output::Table && !args.once && std::io::stdout().is_terminal();
     if !live_screen {
-        eprintln!("faultline: counting task creation per cgroup");
+        tracing::info!("counting task creation per cgroup");
     }
     let mut samples = 0u64;
     loop {

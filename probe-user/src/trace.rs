@@ -315,15 +315,15 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             (_, Ok(())) => Ok(()),
             (Signal::Clone | Signal::Tasks, Err(e)) => Err(e),
             (Signal::Dns, Err(e)) => {
-                eprintln!(
-                    "faultline: DNS not traced: {}; failed task creation still is",
+                tracing::warn!(
+                    "DNS not traced: {}; failed task creation still is",
                     loader::brief(&e)
                 );
                 Ok(())
             }
             (Signal::Conntrack, Err(e)) => {
-                eprintln!(
-                    "faultline: conntrack drops not traced: {}; the other events still are",
+                tracing::warn!(
+                    "conntrack drops not traced: {}; the other events still are",
                     loader::brief(&e)
                 );
                 Ok(())
@@ -352,8 +352,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             () = sleep_until(deadline) => {}
         }
     };
-    eprintln!(
-        "faultline: tracing{} {}",
+    tracing::info!(
+        "tracing{} {}",
         what(&pipeline, show_dns),
         match args.duration {
             Some(d) => format!("for {}", humantime::format_duration(d)),
@@ -732,14 +732,14 @@ impl Printer {
             }
         }
         if s.conntrack_lost_events > 0 {
-            eprintln!(
-                "faultline: warning: {} conntrack drop event(s) were lost (ring buffer full)",
+            tracing::warn!(
+                "warning: {} conntrack drop event(s) were lost (ring buffer full)",
                 s.conntrack_lost_events
             );
         }
         if s.lost_events > 0 {
-            eprintln!(
-                "faultline: warning: {} failure event(s) were lost (ring buffer full); the counts above miss them",
+            tracing::warn!(
+                "warning: {} failure event(s) were lost (ring buffer full); the counts above miss them",
                 s.lost_events
             );
         }

@@ -87,8 +87,8 @@ pub async fn start(options: ApiOptions) -> Option<ApiPods> {
             Err(e) => Err(e.to_string()),
         },
         None if !api_configured() => {
-            eprintln!(
-                "faultline: no Kubernetes API configured (not in a pod, no kubeconfig): pod names come from the kubelet's log directories"
+            tracing::warn!(
+                "no Kubernetes API configured (not in a pod, no kubeconfig): pod names come from the kubelet's log directories"
             );
             return None;
         }
@@ -97,8 +97,8 @@ pub async fn start(options: ApiOptions) -> Option<ApiPods> {
     let client = match config.and_then(|c| Client::try_from(c).map_err(|e| e.to_string())) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
-                "faultline: no Kubernetes API ({e}); pod names come from the kubelet's log directories"
+            tracing::warn!(
+                "no Kubernetes API ({e}); pod names come from the kubelet's log directories"
             );
             return None;
         }
@@ -131,8 +131,8 @@ async fn watch(client: Client, options: ApiOptions, pods: ApiPods) {
             Err(watcher::Error::WatchError(status)) if status.code == 410 => continue,
             Err(e) => {
                 if healthy != Some(false) {
-                    eprintln!(
-                        "faultline: Kubernetes API unavailable ({e}); pod names come from the kubelet's log directories until it is back"
+                    tracing::warn!(
+                        "Kubernetes API unavailable ({e}); pod names come from the kubelet's log directories until it is back"
                     );
                     healthy = Some(false);
                 }
@@ -142,7 +142,7 @@ async fn watch(client: Client, options: ApiOptions, pods: ApiPods) {
         // `Init` only means a relist is being tried; data means the API answered.
         if !matches!(event, watcher::Event::Init) && healthy != Some(true) {
             if healthy == Some(false) {
-                eprintln!("faultline: Kubernetes API reachable again");
+                tracing::info!("Kubernetes API reachable again");
             }
             healthy = Some(true);
         }

@@ -118,7 +118,7 @@ fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write>, name: &str, dropped: 
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::BrokenPipe => {
                 dropped.with_label_values(&["closed"]).inc_by(batch);
-                eprintln!("faultline: {name} was closed: no more event lines; metrics go on");
+                tracing::warn!("{name} was closed: no more event lines; metrics go on");
                 return;
             }
             Err(e) => {
@@ -126,9 +126,7 @@ fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write>, name: &str, dropped: 
                 dropped.with_label_values(&["write_error"]).inc_by(batch);
                 failures += 1;
                 if failures.is_power_of_two() {
-                    eprintln!(
-                        "faultline: writing event lines to {name}: {e} ({failures} failed writes)"
-                    );
+                    tracing::warn!("writing event lines to {name}: {e} ({failures} failed writes)");
                 }
             }
         }

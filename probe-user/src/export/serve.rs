@@ -117,7 +117,7 @@ pub async fn serve(listener: TcpListener, served: Arc<Served>, counters: ServerC
                 counters.accept_errors.inc();
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_BACKOFF);
                 if backoff == MAX_BACKOFF || counters.accept_errors.get() == 1 {
-                    eprintln!("faultline: accepting HTTP connections: {e}; pausing {backoff:?}");
+                    tracing::warn!("accepting HTTP connections: {e}; pausing {backoff:?}");
                 }
                 tokio::time::sleep(backoff).await;
                 continue;

@@ -87,19 +87,19 @@ impl KernelLog {
 }
 
 /// The programs' log records, printed to stderr as `faultline: kernel <level>: <message>`.
-pub type KernelLogger = tokio::io::unix::AsyncFd<aya_log::EbpfLogger<StderrLog>>;
+pub type KernelLogger = tokio::io::unix::AsyncFd<aya_log::EbpfLogger<LogBridge>>;
 
-/// Writes aya-log's records to stderr, one line each.
-pub struct StderrLog;
+/// Hands aya-log's records (the programs' own log, `--kernel-log`) to faultline's log.
+pub struct LogBridge;
 
-impl log::Log for StderrLog {
+impl log::Log for LogBridge {
     fn enabled(&self, _: &log::Metadata) -> bool {
         true
     }
 
     fn log(&self, record: &log::Record) {
-        eprintln!(
-            "faultline: kernel {}: {}",
+        tracing::info!(
+            "kernel {}: {}",
             record.level().as_str().to_lowercase(),
             record.args()
         );
@@ -178,9 +178,7 @@ impl Probes {
         )?;
         let probes = Probes::load(&btf, &tracefs, kernel_log)?;
         for member in &probes.missing_members {
-            eprintln!(
-                "faultline: note: this kernel has no {member}; that evidence will be missing"
-            );
+            tracing::info!("note: this kernel has no {member}; that evidence will be missing");
         }
         Ok(probes)
     }
@@ -225,7 +223,7 @@ impl Probes {
         let logger = if kernel_log == KernelLog::Off {
             None
         } else {
-            let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, StderrLog)
+            let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, LogBridge)
                 .context("reading the programs' log ring")?;
             Some(register(logger, "the programs' log ring")?)
         };
@@ -625,8 +623,8 @@ pub fn drain_ring<T: aya::Pod>(
 ) -> anyhow::Result<()> {
     while let Some(item) = ring.next() {
         let Some(record) = decode::<T>(&item) else {
-            eprintln!(
-                "faultline: skipped a ring-buffer record of {} bytes (expected {what}, {} bytes)",
+            tracing::warn!(
+                "skipped a ring-buffer record of {} bytes (expected {what}, {} bytes)",
                 item.len(),
                 size_of::<T>()
             );

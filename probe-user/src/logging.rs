@@ -1,0 +1,78 @@
+//! faultline's own messages (not its events): one facade, `tracing`, with levels. Plain for
+//! people, `faultline: <message>` on stderr (errors as `faultline: error: ...`), or one JSON
+//! object per line for a log pipeline (`--log-format json`, the DaemonSet's setting).
+
+use std::fmt;
+
+use clap::ValueEnum;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::{
+    fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
+    registry::LookupSpan,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `faultline: <message>` lines.
+    Plain,
+    /// One JSON object per line: timestamp, level, message, target.
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl LogLevel {
+    fn level(self) -> Level {
+        match self {
+            LogLevel::Error => Level::ERROR,
+            LogLevel::Warn => Level::WARN,
+            LogLevel::Info => Level::INFO,
+            LogLevel::Debug => Level::DEBUG,
+        }
+    }
+}
+
+/// Installs the subscriber for the whole process (once; later calls change nothing).
+pub fn init(format: LogFormat, level: LogLevel) {
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level.level());
+    let _ = match format {
+        LogFormat::Plain => builder.event_format(Plain).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// `faultline: ` and the message, as the command line has always printed it.
+struct Plain;
+
+impl<S, N> FormatEvent<S, N> for Plain
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write!(writer, "faultline: ")?;
+        if *event.metadata().level() == Level::ERROR {
+            write!(writer, "error: ")?;
+        }
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
