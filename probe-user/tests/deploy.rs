@@ -429,9 +429,23 @@ fn every_dashboard_query_parses_and_returns_data() {
     // Data: a lab run scraped by a real Prometheus, with failures and task creation in a pod.
     let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), 0x300);
     const CID: &str = "f0f00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
-    let logs = KubeletLogs::new(&[("shop", "dash-1", &uid, "app", CID)]);
+    // A second pod leaks threads towards its pids limit, for the time to exhaustion.
+    let leak_uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), 0x301);
+    const LEAK_CID: &str = "f1f10c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+    let logs = KubeletLogs::new(&[
+        ("shop", "dash-1", &uid, "app", CID),
+        ("shop", "leaky-1", &leak_uid, "app", LEAK_CID),
+    ]);
     let cg = PodCgroup::systemd(&unique("dash"), &uid, CID, 8);
-    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
+    let leak_cg = PodCgroup::systemd(&unique("dash-leak"), &leak_uid, LEAK_CID, 1000);
+    // A short trend window: a leak's time to exhaustion is known within seconds.
+    let daemon = Daemon::start(&[
+        "--kubelet-logs",
+        &logs.arg(),
+        "--no-events",
+        "--trend-window",
+        "10s",
+    ]);
     let prom = Prometheus::start(daemon.port);
     let join = cg.join_args();
     let join: Vec<&str> = join.iter().map(String::as_str).collect();
@@ -472,8 +486,19 @@ fn every_dashboard_query_parses_and_returns_data() {
         &format!("2 --dns-burst --dns-server {}", ct.server(5355)),
     );
     assert_eq!(hold.report().created, 2);
+    // A time to exhaustion exists only while the use grows: the leak runs while its query is
+    // asked (a thread every 100 ms, its limit of 1000 about 90 s away).
+    let mut leak_args: Vec<String> = "threads 500 --comm fl-dash-leak --interval-ms 100"
+        .split(' ')
+        .map(String::from)
+        .collect();
+    leak_args.extend(leak_cg.join_args());
+    let leak_args: Vec<&str> = leak_args.iter().map(String::as_str).collect();
     for (panel, expr) in &exprs {
         let q = concrete(expr);
+        let _leak = expr
+            .contains("faultline_limit_exhaustion_seconds")
+            .then(|| Lab::spawn(&leak_args));
         eventually(
             Duration::from_secs(30),
             &format!("data for {panel}: {q}"),

@@ -18,6 +18,7 @@ use prometheus::{
 
 use crate::{
     attribution::pods::PodRef,
+    export::totals::{KernelTotals, Total},
     kernel::loader::{CloneStats, TaskStats},
     signals::clone::CloneFailure,
     signals::conntrack::{ClashesResolved, ConntrackDrop},
@@ -174,8 +175,7 @@ pub struct Metrics {
     node_threads: IntGauge,
     node_threads_max: IntGauge,
     node_pid_max: IntGauge,
-    events_lost: IntCounterVec,
-    untracked: IntCounter,
+    totals: KernelTotals,
     probe_attached: IntGaugeVec,
     dns_queries: IntCounterVec,
     dns_duration: HistogramVec,
@@ -184,17 +184,14 @@ pub struct Metrics {
     dns_truncated: IntCounterVec,
     conntrack_drops: IntCounterVec,
     conntrack_clashes: IntCounterVec,
-    conntrack_stats: IntCounterVec,
     conntrack_entries: IntGauge,
     conntrack_max: IntGauge,
     limit_exhaustion: prometheus::GaugeVec,
-    dns_untracked: IntCounterVec,
     refresh_errors: IntCounter,
     series_overflow: IntCounterVec,
     last_tcp: Mutex<HashMap<u64, DnsTcpCounts>>,
     /// Last kernel counts exported per cgroup id, to turn totals into counter increments.
     last_counts: Mutex<HashMap<u64, TaskCounts>>,
-    last_lost: Mutex<(u64, u64)>,
 }
 
 fn labels<'a>(extra: &[&'a str]) -> Vec<&'a str> {
@@ -263,18 +260,10 @@ impl Metrics {
                 "faultline_node_pid_max",
                 "The node's kernel.pid_max (initial pid namespace).",
             )?,
-            events_lost: counter(
-                "faultline_events_lost_total",
-                "Events the kernel could not deliver (ring buffer full), by source.",
-                &["source"],
-            )?,
-            untracked: {
-                let c = IntCounter::new(
-                    "faultline_uncounted_task_events_total",
-                    "Task creations and exits in cgroups the full kernel map could not count.",
-                )?;
-                registry.register(Box::new(c.clone()))?;
-                c
+            totals: {
+                let t = KernelTotals::new()?;
+                registry.register(Box::new(t.clone()))?;
+                t
             },
             probe_attached: gauge_vec(
                 "faultline_probe_attached",
@@ -325,11 +314,6 @@ impl Metrics {
                 "Conntrack insert clashes the kernel resolved (near-misses of a drop), per network namespace (node, a pod, or netns:<name>).",
                 &["netns"],
             )?,
-            conntrack_stats: counter(
-                "faultline_conntrack_stat_total",
-                "The kernel's conntrack statistics of the node's network namespace (insert_failed, drop, early_drop, clash_resolve, search_restart, chaintoolong, invalid).",
-                &["counter"],
-            )?,
             conntrack_entries: gauge(
                 "faultline_conntrack_entries",
                 "Entries in the node's conntrack table.",
@@ -349,11 +333,6 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
-            dns_untracked: counter(
-                "faultline_dns_untracked_total",
-                "Port 53 packets the DNS probe could not follow, by reason: pending_full (a query not tracked: the kernel's map of waiting queries was full), cgroup_quota (not tracked: its cgroup had 1,024 queries waiting), malformed (not a DNS query or answer), unmatched (an answer to no tracked query), tcp_map_full (a TCP segment in a cgroup the full map could not count).",
-                &["reason"],
-            )?,
             series_overflow: counter(
                 "faultline_series_overflow_total",
                 "Updates that went to a metric's _overflow series because --max-series workloads already had series of it.",
@@ -369,7 +348,6 @@ impl Metrics {
             },
             last_tcp: Mutex::new(HashMap::new()),
             last_counts: Mutex::new(HashMap::new()),
-            last_lost: Mutex::new((0, 0)),
             registry,
         };
         let info = IntGaugeVec::new(
@@ -452,8 +430,7 @@ impl Metrics {
             ("unmatched", stats.unmatched),
             ("tcp_map_full", stats.tcp_uncounted),
         ] {
-            let c = self.dns_untracked.with_label_values(&[reason]);
-            c.inc_by(total.saturating_sub(c.get()));
+            self.totals.set(Total::DnsUntracked, reason, total);
         }
     }
 
@@ -529,9 +506,8 @@ impl Metrics {
     }
 
     /// Losses of a ring buffer (`dns`, `conntrack`), as a running total from the kernel.
-    pub fn events_lost(&self, source: &str, total: u64) {
-        let c = self.events_lost.with_label_values(&[source]);
-        c.inc_by(total.saturating_sub(c.get()));
+    pub fn events_lost(&self, source: &'static str, total: u64) {
+        self.totals.set(Total::EventsLost, source, total);
     }
 
     pub fn conntrack_drop(&self, d: &ConntrackDrop) {
@@ -560,8 +536,7 @@ impl Metrics {
     /// The node namespace's conntrack counters (kernel totals) and fill.
     pub fn conntrack_node(&self, c: &CtCounters) {
         for (name, total) in c.named() {
-            let counter = self.conntrack_stats.with_label_values(&[name]);
-            counter.inc_by(total.saturating_sub(counter.get()));
+            self.totals.set(Total::ConntrackStat, name, total);
         }
         self.conntrack_entries.set(c.entries as i64);
         self.conntrack_max.set(c.max as i64);
@@ -648,13 +623,9 @@ impl Metrics {
         self.node_threads.set(node.threads as i64);
         self.node_threads_max.set(node.threads_max as i64);
         self.node_pid_max.set(node.pid_max as i64);
-        if let Ok(mut lost) = self.last_lost.lock() {
-            self.events_lost
-                .with_label_values(&["clone"])
-                .inc_by(clone.lost.saturating_sub(lost.0));
-            self.untracked.inc_by(tasks.map_full.saturating_sub(lost.1));
-            *lost = (clone.lost, tasks.map_full);
-        }
+        self.totals.set(Total::EventsLost, "clone", clone.lost);
+        self.totals
+            .set(Total::UncountedTaskEvents, "", tasks.map_full);
     }
 
     /// Drops the series of workloads gone from the node (not in `present`) and quiet for

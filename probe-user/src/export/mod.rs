@@ -1,8 +1,10 @@
 //! Where the daemon's events and counters go: `metrics` (Prometheus families, the series
-//! cap), `serve` (the hardened HTTP endpoints), `lines` (JSON event lines through a bounded
-//! queue), `otlp` (OTLP/HTTP logs and spans).
+//! cap), `totals` (the kernel's running totals, read at scrape time), `serve` (the hardened
+//! HTTP endpoints), `lines` (JSON event lines through a bounded queue), `otlp` (OTLP/HTTP
+//! logs and spans).
 
 pub mod lines;
 pub mod metrics;
 pub mod otlp;
 pub mod serve;
+pub mod totals;
