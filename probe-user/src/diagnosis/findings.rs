@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::rfc3339,
     diagnosis::{
-        history::{Bucket, DnsTally, Names, Who},
+        history::{Bucket, CloneTally, DnsTally, Names, Who},
         trend::{Estimate, Limit},
     },
 };
@@ -185,6 +185,84 @@ fn holders_text(holders: &Holders) -> String {
         .join(", ")
 }
 
+/// How a clone failure cause reads: (kind, symptom, extra evidence, advice, the limit whose
+/// trend belongs to it).
+type CauseText = (
+    &'static str,
+    String,
+    String,
+    Vec<String>,
+    Option<(Limit, String)>,
+);
+
+fn cause_text(cause: &str, t: &CloneTally, holders: &Holders) -> CauseText {
+    let cgroup = t.who.cgroup.clone().unwrap_or_default();
+    let callers = top(&t.comms).join(", ");
+    let pod_limit = "If the workload needs more tasks, raise its pids limit: the kubelet's `podPidsLimit` (node-wide, per pod) or the container runtime's pids limit.";
+    let every_pod = "Give every pod a pids limit (kubelet `podPidsLimit`) so that one leaking pod cannot take the node's tasks.";
+    let held = format!("; most tasks: {}", holders_text(holders));
+    match cause {
+        "pids_limit" => (
+            "pids_limit",
+            "the pids limit is reached".into(),
+            String::new(),
+            vec![
+                format!("Find why {callers} keeps creating tasks without ending them (a thread or process leak grows the live count without bound: `faultline top --cgroup {cgroup}`)."),
+                pod_limit.into(),
+            ],
+            Some((Limit::Pids, t.pids_cgroup.clone().unwrap_or(cgroup))),
+        ),
+        "pid_max" => (
+            "pid_max",
+            "the pid namespace has no free pid".into(),
+            held,
+            vec![
+                "Raise `kernel.pid_max` (e.g. `sysctl -w kernel.pid_max=4194304` on 64-bit nodes, in a sysctl.d file to keep it).".into(),
+                every_pod.into(),
+            ],
+            Some((Limit::PidMax, "node".into())),
+        ),
+        "threads_max" => (
+            "threads_max",
+            "the node's threads-max is reached".into(),
+            held,
+            vec![
+                "Raise `kernel.threads-max` (sysctl), and find the workload holding the threads (above).".into(),
+                every_pod.into(),
+            ],
+            Some((Limit::ThreadsMax, "node".into())),
+        ),
+        "rlimit_nproc" => (
+            "rlimit_nproc",
+            format!("uid {} is at its RLIMIT_NPROC", t.uid),
+            ". RLIMIT_NPROC counts every process of the uid on the node, in every container running as that uid".into(),
+            vec![format!("Run the pods that share uid {} as distinct uids (`securityContext.runAsUser`), or raise the limit where it is set (the container runtime's default ulimits, `ulimit -u` in the entrypoint).", t.uid)],
+            None,
+        ),
+        "memory" => (
+            "memory",
+            "the memory cgroup is at its limit".into(),
+            ". A new task's kernel memory (stack, structures) is charged to the cgroup and was refused".into(),
+            vec!["Raise the container's memory limit, or find what fills it (its anonymous memory and page cache: `memory.stat`).".into()],
+            None,
+        ),
+        "pidns_dead" => (
+            "pidns_dead",
+            "the pid namespace's init has exited".into(),
+            String::new(),
+            vec!["The container's PID 1 died while other processes still run in its pid namespace: restart the pod and find why its init exited.".into()],
+            None,
+        ),
+        _ => (
+            "clone_unknown",
+            "no known cause".into(),
+            format!("; errno {}", listed(&t.errnos)),
+            vec!["See the event lines (`faultline trace`) for each failure's errno and flags.".into()],
+            None,
+        ),
+    }
+}
+
 fn clone_findings(
     b: &Bucket,
     minutes: f64,
@@ -193,89 +271,20 @@ fn clone_findings(
     out: &mut Vec<Finding>,
 ) {
     for ((cause, _), t) in &b.clone {
+        let (kind, symptom, extra, advice, limit) = cause_text(cause, t, holders);
         let mut who = t.who.clone();
         who.processes = top(&t.comms);
-        let procs = listed(&t.comms);
-        let cgroup = who.cgroup.clone().unwrap_or_default();
-        let node_limit = |l: Limit| limits.iter().find(|e| e.limit == l && e.resource == "node");
-        let (kind, what, why, advice, limit) = match *cause {
-            "pids_limit" => {
-                let pids = t.pids_cgroup.clone().unwrap_or_else(|| cgroup.clone());
-                (
-                    "pids_limit",
-                    format!("{} task creations refused: the pids limit is reached", t.span.count),
-                    format!("{}; callers: {procs}", t.evidence),
-                    vec![
-                        format!("Find why {} keeps creating tasks without ending them (a thread or process leak grows the live count without bound: `faultline top --cgroup {cgroup}`).", top(&t.comms).join(", ")),
-                        "If the workload needs more tasks, raise its pids limit: the kubelet's `podPidsLimit` (node-wide, per pod) or the container runtime's pids limit.".to_owned(),
-                    ],
-                    limits.iter().find(|e| e.limit == Limit::Pids && e.resource == pids),
-                )
-            }
-            "pid_max" => (
-                "pid_max",
-                format!("{} task creations refused: the pid namespace has no free pid", t.span.count),
-                format!("{}; callers: {procs}; most tasks: {}", t.evidence, holders_text(holders)),
-                vec![
-                    "Raise `kernel.pid_max` (e.g. `sysctl -w kernel.pid_max=4194304` on 64-bit nodes, in a sysctl.d file to keep it).".to_owned(),
-                    "Give every pod a pids limit (kubelet `podPidsLimit`) so that one leaking pod cannot take the node's pids.".to_owned(),
-                ],
-                node_limit(Limit::PidMax),
-            ),
-            "threads_max" => (
-                "threads_max",
-                format!("{} task creations refused: the node's threads-max is reached", t.span.count),
-                format!("{}; callers: {procs}; most tasks: {}", t.evidence, holders_text(holders)),
-                vec![
-                    "Raise `kernel.threads-max` (sysctl), and find the workload holding the threads (above).".to_owned(),
-                    "Give every pod a pids limit (kubelet `podPidsLimit`).".to_owned(),
-                ],
-                node_limit(Limit::ThreadsMax),
-            ),
-            "rlimit_nproc" => (
-                "rlimit_nproc",
-                format!("{} task creations refused: uid {} is at its RLIMIT_NPROC", t.span.count, t.uid),
-                format!("{}; callers: {procs}. RLIMIT_NPROC counts every process of the uid on the node, in every container running as that uid", t.evidence),
-                vec![
-                    format!("Run the pods that share uid {} as distinct uids (`securityContext.runAsUser`), or raise the limit where it is set (the container runtime's default ulimits, `ulimit -u` in the entrypoint).", t.uid),
-                ],
-                None,
-            ),
-            "memory" => (
-                "memory",
-                format!("{} task creations refused: the memory cgroup is at its limit", t.span.count),
-                format!("{}; callers: {procs}. A new task's kernel memory (stack, structures) is charged to the cgroup and was refused", t.evidence),
-                vec![
-                    "Raise the container's memory limit, or find what fills it (its anonymous memory and page cache: `memory.stat`).".to_owned(),
-                ],
-                None,
-            ),
-            "pidns_dead" => (
-                "pidns_dead",
-                format!("{} task creations refused: the pid namespace's init has exited", t.span.count),
-                format!("{}; callers: {procs}", t.evidence),
-                vec![
-                    "The container's PID 1 died while other processes still run in its pid namespace: restart the pod and find why its init exited.".to_owned(),
-                ],
-                None,
-            ),
-            _ => (
-                "clone_unknown",
-                format!("{} task creations failed without a known cause", t.span.count),
-                format!("errno {}; {}; callers: {procs}", listed(&t.errnos), t.evidence),
-                vec!["See the event lines (`faultline trace`) for each failure's errno and flags.".to_owned()],
-                None,
-            ),
-        };
+        let estimate =
+            limit.and_then(|(l, r)| limits.iter().find(|e| e.limit == l && e.resource == r));
         out.push(Finding {
             severity: Severity::Critical,
             kind: kind.to_owned(),
-            what,
+            what: format!("{} task creations refused: {symptom}", t.span.count),
             who,
-            why,
+            why: format!("{}; callers: {}{extra}", t.evidence, listed(&t.comms)),
             trend: with_limit(
                 events_trend(t.span.count, t.span.first, t.span.last, minutes),
-                limit,
+                estimate,
             ),
             advice,
         });
@@ -293,62 +302,13 @@ fn limit_findings(
         let soon = e.eta_s.is_some_and(|s| s <= ETA_HORIZON.as_secs_f64());
         let low =
             e.max > 0 && (e.max.saturating_sub(e.current) as f64) < LOW_HEADROOM * e.max as f64;
-        if !(soon || low) {
-            continue;
-        }
         let covered = failures.iter().any(|f| {
             f.trend.limit_kind == Some(e.limit) && f.trend.resource.as_ref() == Some(&e.resource)
         });
-        if covered {
+        if !(soon || low) || covered {
             continue;
         }
-        let when = match e.eta_s {
-            Some(s) => format!(
-                "reached in {} at the current growth ({:+.2}/s)",
-                duration(s),
-                e.growth_per_s.unwrap_or(0.0)
-            ),
-            None => "not growing now".to_owned(),
-        };
-        let soon_text = e
-            .eta_s
-            .map(|s| format!(" in {}", duration(s)))
-            .unwrap_or_else(|| " (little headroom left)".to_owned());
-        let (kind, what, why, advice) = match e.limit {
-            Limit::Pids => (
-                "pids_limit_near",
-                match e.eta_s {
-                    Some(s) => format!("the pids limit of {} will refuse new tasks in {}", e.workload, duration(s)),
-                    None => format!("the pids limit of {} is nearly reached", e.workload),
-                },
-                format!("pids.current={} pids.max={}: {when}", e.current, e.max),
-                vec![
-                    format!("Find what keeps creating tasks in {} (`faultline top --sort eta`): a thread or process leak grows its live count without bound.", e.workload),
-                    "If the workload needs more tasks, raise its pids limit (kubelet `podPidsLimit`, or the container runtime's).".to_owned(),
-                ],
-            ),
-            Limit::PidMax | Limit::ThreadsMax => {
-                let name = if e.limit == Limit::PidMax { "kernel.pid_max" } else { "kernel.threads-max" };
-                (
-                    e.limit.as_str(),
-                    format!("the node's {name} will refuse new tasks{soon_text}"),
-                    format!("{} tasks of {}: {when}; most tasks: {}", e.current, e.max, holders_text(holders)),
-                    vec![
-                        format!("Find the workload whose live count grows (above) and stop the leak; raise `{name}` (sysctl) for room."),
-                        "Give every pod a pids limit (kubelet `podPidsLimit`).".to_owned(),
-                    ],
-                )
-            }
-            Limit::Conntrack => (
-                "conntrack_table_near",
-                format!("the conntrack table of {} will be full{soon_text}", e.workload),
-                format!("{} entries of nf_conntrack_max={}: {when}", e.current, e.max),
-                vec![
-                    "Raise `net.netfilter.nf_conntrack_max` (and the hash size), or shorten the timeouts of idle flows (`nf_conntrack_udp_timeout`, `nf_conntrack_tcp_timeout_established`).".to_owned(),
-                    "Find the workload opening the flows (`conntrack -L` grouped by source).".to_owned(),
-                ],
-            ),
-        };
+        let (kind, what, why, advice) = limit_text(e, holders);
         let mut who = Who::new(&e.workload, e.pod.as_ref(), None);
         if e.limit == Limit::Pids {
             who.cgroup = Some(e.resource.clone());
@@ -362,6 +322,54 @@ fn limit_findings(
             trend: with_limit(Trend::default(), Some(e)),
             advice,
         });
+    }
+}
+
+/// How a limit near exhaustion reads: (kind, symptom, cause, advice).
+fn limit_text(e: &Estimate, holders: &Holders) -> (&'static str, String, String, Vec<String>) {
+    let when = match e.eta_s {
+        Some(s) => format!(
+            "reached in {} at the current growth ({:+.2}/s)",
+            duration(s),
+            e.growth_per_s.unwrap_or(0.0)
+        ),
+        None => "not growing now".to_owned(),
+    };
+    let soon = e
+        .eta_s
+        .map(|s| format!(" in {}", duration(s)))
+        .unwrap_or_else(|| " (little headroom left)".to_owned());
+    match e.limit {
+        Limit::Pids => (
+            "pids_limit_near",
+            format!("the pids limit of {} will refuse new tasks{soon}", e.workload),
+            format!("pids.current={} pids.max={}: {when}", e.current, e.max),
+            vec![
+                format!("Find what keeps creating tasks in {} (`faultline top --sort eta`): a thread or process leak grows its live count without bound.", e.workload),
+                "If the workload needs more tasks, raise its pids limit (kubelet `podPidsLimit`, or the container runtime's).".to_owned(),
+            ],
+        ),
+        Limit::PidMax | Limit::ThreadsMax => {
+            let name = if e.limit == Limit::PidMax { "kernel.pid_max" } else { "kernel.threads-max" };
+            (
+                e.limit.as_str(),
+                format!("the node's {name} will refuse new tasks{soon}"),
+                format!("{} tasks of {}: {when}; most tasks: {}", e.current, e.max, holders_text(holders)),
+                vec![
+                    format!("Find the workload whose live count grows (above) and stop the leak; raise `{name}` (sysctl) for room."),
+                    "Give every pod a pids limit (kubelet `podPidsLimit`).".to_owned(),
+                ],
+            )
+        }
+        Limit::Conntrack => (
+            "conntrack_table_near",
+            format!("the conntrack table of {} will be full{soon}", e.workload),
+            format!("{} entries of nf_conntrack_max={}: {when}", e.current, e.max),
+            vec![
+                "Raise `net.netfilter.nf_conntrack_max` (and the hash size), or shorten the timeouts of idle flows (`nf_conntrack_udp_timeout`, `nf_conntrack_tcp_timeout_established`).".to_owned(),
+                "Find the workload opening the flows (`conntrack -L` grouped by source).".to_owned(),
+            ],
+        ),
     }
 }
 

@@ -47,6 +47,51 @@ pub struct Btf {
     structs_by_name: HashMap<String, u32>,
 }
 
+/// The type entries of `data[start..end]`, appended to `types` with their extra data's
+/// position moved by `shift` (where the data will sit in a merged buffer).
+fn read_types(
+    data: &[u8],
+    start: usize,
+    end: usize,
+    shift: usize,
+    types: &mut Vec<TypeEntry>,
+) -> anyhow::Result<()> {
+    let u32_at = |off: usize| -> anyhow::Result<u32> {
+        let b = data.get(off..off + 4).context("truncated BTF")?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let mut pos = start;
+    while pos < end {
+        let name_off = u32_at(pos)?;
+        let info = u32_at(pos + 4)?;
+        let kind = (info >> 24) & 0x1f;
+        let vlen = info & 0xffff;
+        let extra = pos + 12;
+        let extra_len = match kind {
+            KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+            KIND_ARRAY => 12,
+            KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen as usize,
+            KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen as usize,
+            // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+            2 | 7..=12 | 16 | 18 => 0,
+            other => bail!("unknown BTF kind {other} at byte {pos}"),
+        };
+        ensure!(
+            extra + extra_len <= end,
+            "BTF type {pos} runs past the type section"
+        );
+        types.push(TypeEntry {
+            kind,
+            name_off,
+            vlen,
+            kind_flag: info >> 31 == 1,
+            extra: extra + shift,
+        });
+        pos = extra + extra_len;
+    }
+    Ok(())
+}
+
 impl Btf {
     /// The running kernel's BTF.
     pub fn from_kernel() -> anyhow::Result<Self> {
@@ -119,36 +164,7 @@ impl Btf {
 
         let mut types = base.map(|b| b.types.clone()).unwrap_or_default();
         let first_new = types.len();
-        let mut pos = type_off;
-        let end = type_off + type_len;
-        while pos < end {
-            let name_off = u32_at(pos)?;
-            let info = u32_at(pos + 4)?;
-            let kind = (info >> 24) & 0x1f;
-            let vlen = info & 0xffff;
-            let extra = pos + 12;
-            let extra_len = match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen as usize,
-                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen as usize,
-                // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
-                2 | 7..=12 | 16 | 18 => 0,
-                other => bail!("unknown BTF kind {other} at byte {pos}"),
-            };
-            ensure!(
-                extra + extra_len <= end,
-                "BTF type {pos} runs past the type section"
-            );
-            types.push(TypeEntry {
-                kind,
-                name_off,
-                vlen,
-                kind_flag: info >> 31 == 1,
-                extra: extra + shift,
-            });
-            pos = extra + extra_len;
-        }
+        read_types(data, type_off, type_off + type_len, shift, &mut types)?;
 
         let mut btf = match base {
             None => Btf {

@@ -176,51 +176,7 @@ impl Classifier {
                 }
             };
             let seen = self.accounted.entry(inode).or_default();
-            let fill = format!("entries={} nf_conntrack_max={}", c.entries, c.max);
-            out.push(if ev.ct_state == CT_NONE {
-                // Lost clashes count in `drop` too; chain-too-long failures do not.
-                let clash_drops = c
-                    .insert_failed
-                    .saturating_sub(c.chaintoolong)
-                    .saturating_sub(seen.insert_failed.saturating_sub(seen.chaintoolong));
-                if c.drop.saturating_sub(seen.drop) > clash_drops {
-                    seen.drop += 1;
-                    (
-                        Cause::TableFull,
-                        format!("no conntrack entry could be allocated, {fill}"),
-                    )
-                } else {
-                    (
-                        Cause::Rule,
-                        format!("no conntrack entry (dropped before conntrack or untracked), {fill}"),
-                    )
-                }
-            } else if c.insert_failed > seen.insert_failed {
-                seen.insert_failed += 1;
-                // A lost clash also counts in `drop`; a chain too long does not.
-                let chain = if c.chaintoolong > seen.chaintoolong {
-                    seen.chaintoolong += 1;
-                    ", hash chain too long"
-                } else {
-                    seen.drop += 1;
-                    ""
-                };
-                (
-                    Cause::InsertFailed,
-                    format!(
-                        "new entry lost the clash at confirmation{nat}{chain}; insert_failed={} in netns",
-                        c.insert_failed
-                    ),
-                )
-            } else {
-                (
-                    Cause::Rule,
-                    format!(
-                        "new flow{nat} dropped before confirmation, insert_failed unchanged ({})",
-                        c.insert_failed
-                    ),
-                )
-            });
+            out.push(verdict(ev.ct_state, &c, seen, &nat));
         }
         // Everything up to now is explained: a lost event cannot be explained later.
         for (inode, c) in now {
@@ -280,6 +236,55 @@ impl Classifier {
         }
         out
     }
+}
+
+/// The cause of a drop of a packet whose entry was not confirmed (`ct_state`), from its
+/// namespace's counters now (`c`) and those already explained (`seen`, advanced by this one).
+fn verdict(ct_state: u8, c: &CtCounters, seen: &mut CtCounters, nat: &str) -> (Cause, String) {
+    let fill = format!("entries={} nf_conntrack_max={}", c.entries, c.max);
+    if ct_state == CT_NONE {
+        // Lost clashes count in `drop` too; chain-too-long failures do not.
+        let clash_drops = c
+            .insert_failed
+            .saturating_sub(c.chaintoolong)
+            .saturating_sub(seen.insert_failed.saturating_sub(seen.chaintoolong));
+        if c.drop.saturating_sub(seen.drop) > clash_drops {
+            seen.drop += 1;
+            return (
+                Cause::TableFull,
+                format!("no conntrack entry could be allocated, {fill}"),
+            );
+        }
+        return (
+            Cause::Rule,
+            format!("no conntrack entry (dropped before conntrack or untracked), {fill}"),
+        );
+    }
+    if c.insert_failed > seen.insert_failed {
+        seen.insert_failed += 1;
+        // A lost clash also counts in `drop`; a chain too long does not.
+        let chain = if c.chaintoolong > seen.chaintoolong {
+            seen.chaintoolong += 1;
+            ", hash chain too long"
+        } else {
+            seen.drop += 1;
+            ""
+        };
+        return (
+            Cause::InsertFailed,
+            format!(
+                "new entry lost the clash at confirmation{nat}{chain}; insert_failed={} in netns",
+                c.insert_failed
+            ),
+        );
+    }
+    (
+        Cause::Rule,
+        format!(
+            "new flow{nat} dropped before confirmation, insert_failed unchanged ({})",
+            c.insert_failed
+        ),
+    )
 }
 
 /// The workload of a namespace: the pod of a process in it, else `netns:<inode>` (or its
