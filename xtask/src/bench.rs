@@ -113,6 +113,7 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
         &["build", "--release", "-p", "probe-user"]
     };
     crate::run(Command::new("cargo").current_dir(root).args(build))?;
+    crate::build_lab(root, !quick)?;
     let env = Env {
         bin: root.join(if quick {
             "target/debug"

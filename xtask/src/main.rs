@@ -242,6 +242,7 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the test suite loads eBPF programs and creates cgroups: run it as root");
     }
+    build_lab(&workspace_root(), false)?;
     run(Command::new("cargo")
         .current_dir(workspace_root())
         .arg("test") // default-members: every crate but the BPF-only probe-ebpf
@@ -254,6 +255,17 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// faultline-lab (its own crate, `lab/`): the tests, the VM runs and the benchmark run it
+/// from the target directory, and `cargo test` alone does not build another crate's binary.
+pub fn build_lab(root: &Path, release: bool) -> anyhow::Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root).args(["build", "-p", "faultline-lab"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
 }
 
 fn dist() -> anyhow::Result<()> {

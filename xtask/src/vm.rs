@@ -229,6 +229,7 @@ fn vmlinuz(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// The test binaries `cargo test --no-run` built, by target name.
 fn test_binaries(root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    crate::build_lab(root, false)?;
     let out = Command::new("cargo")
         .current_dir(root)
         .args([

@@ -21,8 +21,17 @@ use serde_json::Value;
 /// (`FAULTLINE_BIN_DIR`), so that a rebuild during the run cannot swap them.
 pub static FAULTLINE: LazyLock<String> =
     LazyLock::new(|| binary("faultline", env!("CARGO_BIN_EXE_faultline")));
-pub static LAB: LazyLock<String> =
-    LazyLock::new(|| binary("faultline-lab", env!("CARGO_BIN_EXE_faultline-lab")));
+/// faultline-lab is a crate of its own (`lab/`, never shipped): cargo builds it next to
+/// faultline (`cargo xtask test` does; `cargo build -p faultline-lab` by hand).
+pub static LAB: LazyLock<String> = LazyLock::new(|| {
+    let built = Path::new(env!("CARGO_BIN_EXE_faultline")).with_file_name("faultline-lab");
+    let lab = binary("faultline-lab", &built.display().to_string());
+    assert!(
+        Path::new(&lab).exists(),
+        "{lab} is missing: build it with `cargo build -p faultline-lab` (`cargo xtask test` does)"
+    );
+    lab
+});
 
 fn binary(name: &str, built: &str) -> String {
     match std::env::var("FAULTLINE_BIN_DIR") {
