@@ -5,8 +5,10 @@
 //! decode what their ring buffers and counters hold and enrich it (the cause of a failed
 //! clone, the answer to a query, the verdict on a drop); [`attribution`] names the cgroup, pod
 //! and workload; a sink exports it. The commands are sinks or thin consumers: [`trace`]
-//! (lines and a summary), [`run`] (the daemon: [`export`]s metrics, event lines, OTLP),
-//! [`top`] (task counts per cgroup) and [`check`] (what works on this node).
+//! (lines and a summary), [`run`] (the daemon: [`export`]s metrics, event lines, OTLP, and
+//! keeps a [`diagnosis`] recorder for `/explain`), [`explain`] (findings from the daemon or
+//! its own short observation), [`top`] (task counts per cgroup, with their trends) and
+//! [`check`] (what works on this node). [`logging`] carries faultline's own messages.
 
 pub mod attribution;
 pub mod check;
