@@ -285,6 +285,8 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
         "## Overhead on the workloads faultline watches\n\nMedians of {reps} runs per configuration, configurations alternating within each run; the workload (and the DNS server) pinned to CPU {WORKLOAD_CPU}. *Workload CPU* is the workload's own user+system time per operation (wait4); eBPF programs run inside its system calls, so their cost shows there. *eBPF* is the run time the kernel measured for the agent's programs (`kernel.bpf_stats_enabled`), per operation. *eBPF share* is that run time against the workload's CPU per operation without a probe: the cost attributable to the programs, steadier than the wall-clock ratios. *Agent* is the agent process's CPU time per operation. Ratios are against no probe in the same run.\n\n| workload | configuration | throughput | ratio | workload CPU/op | ratio | eBPF/op | eBPF share | agent CPU/op |\n|---|---|---|---|---|---|---|---|---|"
     )?;
     let mut per_program = String::new();
+    // Each faultline program's size, once: (instructions after the verifier, native bytes).
+    let mut sizes = std::collections::BTreeMap::new();
     let port = free_port()?;
     for w in &WORKLOADS {
         let count = if env.quick { w.quick_count } else { w.count };
@@ -331,6 +333,11 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
                     s.agent_us_per_op
                         .push((a.cpu_seconds() - cpu0) * 1e6 / done);
                     let programs = after.since(&before, &existing);
+                    if tool == Tool::Faultline {
+                        for (name, insns, jited) in after.sizes(&existing) {
+                            sizes.insert(name, (insns, jited));
+                        }
+                    }
                     let ns: u64 = programs.iter().map(|p| p.2).sum();
                     s.bpf_ns_per_op.push(ns as f64 / done);
                     s.programs = programs;
@@ -404,6 +411,14 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
     writeln!(
         doc,
         "\n### eBPF programs, per run (last repetition)\n\n| workload | agent | program | runs | mean run time |\n|---|---|---|---|---|\n{per_program}"
+    )?;
+    let mut size_rows = String::new();
+    for (name, (insns, jited)) in &sizes {
+        writeln!(size_rows, "| {name} | {insns} | {jited} |")?;
+    }
+    writeln!(
+        doc,
+        "\n### faultline's eBPF programs, size\n\nInstructions as the kernel runs them (after the verifier's rewrites: `bpftool prog show` `bytes_xlated` / 8) and bytes of native code (`bytes_jited`): what each change to a program's hot path adds or removes.\n\n| program | instructions | native bytes |\n|---|---|---|\n{size_rows}"
     )?;
     Ok(())
 }

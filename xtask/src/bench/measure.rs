@@ -206,9 +206,10 @@ pub fn report_field(text: &str, name: &str) -> Option<f64> {
 }
 
 /// eBPF programs' cumulative run time and run count, per program id, as the kernel counts
-/// them while `kernel.bpf_stats_enabled` is 1.
+/// them while `kernel.bpf_stats_enabled` is 1, and each program's size (instructions after
+/// the verifier's rewrite, bytes of native code).
 #[derive(Clone, Default)]
-pub struct ProgStats(HashMap<u64, (String, u64, u64)>);
+pub struct ProgStats(HashMap<u64, (String, u64, u64)>, HashMap<u64, (u64, u64)>);
 
 impl ProgStats {
     /// Every loaded program (name, run_time_ns, run_cnt) from `bpftool prog show`.
@@ -220,8 +221,16 @@ impl ProgStats {
         let progs: serde_json::Value =
             serde_json::from_slice(&out.stdout).context("parsing bpftool's JSON")?;
         let mut map = HashMap::new();
+        let mut sizes = HashMap::new();
         for p in progs.as_array().into_iter().flatten() {
             let id = p["id"].as_u64().unwrap_or(0);
+            sizes.insert(
+                id,
+                (
+                    p["bytes_xlated"].as_u64().unwrap_or(0) / 8,
+                    p["bytes_jited"].as_u64().unwrap_or(0),
+                ),
+            );
             map.insert(
                 id,
                 (
@@ -231,7 +240,22 @@ impl ProgStats {
                 ),
             );
         }
-        Ok(ProgStats(map))
+        Ok(ProgStats(map, sizes))
+    }
+
+    /// (name, instructions, native bytes) of the programs loaded since `existing`.
+    pub fn sizes(&self, existing: &ProgStats) -> Vec<(String, u64, u64)> {
+        let mut out: Vec<(String, u64, u64)> = self
+            .0
+            .iter()
+            .filter(|(id, _)| !existing.0.contains_key(id))
+            .map(|(id, (name, _, _))| {
+                let (insns, jited) = self.1.get(id).copied().unwrap_or_default();
+                (name.clone(), insns, jited)
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Per program loaded since `existing` was read (the agent's): (name, runs, ns) between
