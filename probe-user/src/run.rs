@@ -126,6 +126,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
         recorder: Mutex::new(Recorder::new(&node, args.trend_window)),
+        explain_cache: Mutex::new(None),
     });
     let mut sink = Daemon::new(&args, &node, metrics.clone(), served.clone())?;
     let listener = TcpListener::bind(args.listen)

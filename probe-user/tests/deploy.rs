@@ -497,7 +497,7 @@ fn every_dashboard_query_parses_and_returns_data() {
     for (panel, expr) in &exprs {
         let q = concrete(expr);
         let _leak = expr
-            .contains("NO_SUCH_METRIC_XYZ")
+            .contains("faultline_limit_exhaustion_seconds")
             .then(|| Lab::spawn(&leak_args));
         eventually(
             Duration::from_secs(30),

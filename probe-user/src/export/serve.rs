@@ -44,7 +44,13 @@ pub struct Served {
     pub ready: AtomicBool,
     /// The daemon's recent history and trends, for `/explain`.
     pub recorder: Mutex<Recorder>,
+    /// The last `/explain` answer (when, for which window): reused for EXPLAIN_REUSE, so
+    /// that a client asking in a loop costs the event loop one report a second at most.
+    pub explain_cache: Mutex<Option<(std::time::Instant, Duration, String)>>,
 }
+
+/// How long an `/explain` answer is reused.
+const EXPLAIN_REUSE: Duration = Duration::from_secs(1);
 
 /// What the server refused, exported with the other metrics.
 #[derive(Clone)]
@@ -214,6 +220,13 @@ fn explain(query: Option<&str>, served: &Served) -> (StatusCode, &'static str, S
             );
         }
     };
+    if let Ok(cache) = served.explain_cache.lock()
+        && let Some((at, window, body)) = cache.as_ref()
+        && *window == since
+        && at.elapsed() < EXPLAIN_REUSE
+    {
+        return (StatusCode::OK, "application/json", body.clone());
+    }
     let report = match served.recorder.lock() {
         Ok(r) => r.report(since, "daemon"),
         Err(_) => {
@@ -225,11 +238,13 @@ fn explain(query: Option<&str>, served: &Served) -> (StatusCode, &'static str, S
         }
     };
     match crate::text::json_line(&report) {
-        Ok(body) => (
-            StatusCode::OK,
-            "application/json",
-            String::from_utf8_lossy(&body).into_owned(),
-        ),
+        Ok(body) => {
+            let body = String::from_utf8_lossy(&body).into_owned();
+            if let Ok(mut cache) = served.explain_cache.lock() {
+                *cache = Some((std::time::Instant::now(), since, body.clone()));
+            }
+            (StatusCode::OK, "application/json", body)
+        }
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
