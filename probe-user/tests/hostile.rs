@@ -335,3 +335,57 @@ fn sigkill_leaves_no_program_attached() {
         );
     }
 }
+
+/// `/explain` from a pod: bad windows are a 400 whose text cannot drive a terminal, a window
+/// past the history is clipped to it, and asking in a loop (2,000 requests) is answered from
+/// one report a second while the daemon keeps counting events.
+#[test]
+fn explain_in_a_loop_or_with_garbage_stays_cheap_and_safe() {
+    let _serial = serial();
+    let daemon = Daemon::start(&["--no-events"]);
+    for bad in ["since=soon", "since=%1b%5b2J", "since=-5m", "since="] {
+        let (status, body) = http_get(daemon.port, &format!("/explain?{bad}")).expect("GET");
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(!body.chars().any(|c| c == '\u{1b}'), "{bad}: {body:?}");
+    }
+    let (status, body) = http_get(daemon.port, "/explain?since=99999h").expect("GET");
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).expect("a report");
+    assert!(
+        report["window_s"].as_f64().is_some_and(|w| w <= 3600.0),
+        "{report}"
+    );
+    // 2,000 requests from 4 clients would be as many reports; the answers are reused, and
+    // the failures a storm makes meanwhile are still counted.
+    let (_cg, storm_lab) = storm(40, "300");
+    let started = Instant::now();
+    let hammer: Vec<_> = (0..4)
+        .map(|_| {
+            let port = daemon.port;
+            std::thread::spawn(move || {
+                (0..500)
+                    .filter(|_| http_get(port, "/explain").is_some_and(|(s, _)| s == 200))
+                    .count()
+            })
+        })
+        .collect();
+    let answered: usize = hammer.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+    storm_lab.wait();
+    assert_eq!(answered, 2000, "in {:?}", started.elapsed());
+    healthz_answers(&daemon);
+    eventually(
+        Duration::from_secs(20),
+        "the storm's failures counted",
+        || {
+            daemon
+                .metrics()
+                .lines()
+                .any(|l| {
+                    l.starts_with("faultline_clone_failures_total{")
+                        && l.contains(r#"cause="pids_limit""#)
+                        && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(1.0)
+                })
+                .then_some(())
+        },
+    );
+}
