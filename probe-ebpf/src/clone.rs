@@ -156,9 +156,7 @@ fn bump(stat: CloneStat) {
 
 #[inline(always)]
 fn on_exit(ctx: &TracePointContext, syscall: Syscall) {
-    let off = tpoff!(exit_ret) as usize;
-    // SAFETY: offset from this tracepoint's format file.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(off) }) else {
+    let Some(ret) = crate::kernel::tp_u64(ctx, tpoff!(exit_ret)).map(|r| r as i64) else {
         return;
     };
     if ret >= 0 || (-ret >= ERESTART_FIRST && -ret <= ERESTART_LAST) {

@@ -73,6 +73,28 @@ macro_rules! tpoff {
 }
 pub(crate) use tpoff;
 
+/// An 8-byte tracepoint field at `off` (from [`TP_OFFSETS`]). The offsets the loader writes
+/// are constants to the verifier (read-only data), so only one arm of the match is ever
+/// explored: the usual offsets are a direct load from the record (a few ns), any other one
+/// goes through the probe-read helper (tens of ns).
+#[inline(always)]
+pub fn tp_u64(ctx: &aya_ebpf::programs::TracePointContext, off: u32) -> Option<u64> {
+    use aya_ebpf::EbpfContext as _;
+    let base = ctx.as_ptr() as *const u8;
+    // SAFETY: tracepoint programs may load 8 aligned bytes at a constant offset from 8 up
+    // to the record's size; these are the fields' offsets in their format files.
+    unsafe {
+        match off {
+            16 => Some(core::ptr::read(base.add(16) as *const u64)),
+            24 => Some(core::ptr::read(base.add(24) as *const u64)),
+            32 => Some(core::ptr::read(base.add(32) as *const u64)),
+            40 => Some(core::ptr::read(base.add(40) as *const u64)),
+            MISSING => None,
+            _ => ctx.read_at::<u64>(off as usize).ok(),
+        }
+    }
+}
+
 const EEXIST: i32 = 17;
 
 /// Adds one to slot `index` of a per-CPU counter array.

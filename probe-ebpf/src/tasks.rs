@@ -28,9 +28,7 @@ static TASK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TASK_STAT_CO
 
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let off = tpoff!(newtask_clone_flags) as usize;
-    // SAFETY: offset from this tracepoint's format file.
-    let flags = unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0);
+    let flags = crate::kernel::tp_u64(&ctx, tpoff!(newtask_clone_flags)).unwrap_or(0);
     // Runs in the parent: the child starts in the parent's cgroup.
     update(|c| {
         if flags & CLONE_THREAD != 0 {
