@@ -25,6 +25,8 @@ pub const MAX_AGE: Duration = Duration::from_secs(3600);
 pub const MAX_TALLIES: usize = 4096;
 /// Process names, servers and examples kept per tally.
 const MAX_NAMES: usize = 5;
+/// Where the names past MAX_NAMES are counted.
+const OTHERS: &str = "(others)";
 
 /// Whose a finding is, flat: the pod's names when it is a pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,8 +69,10 @@ impl Names {
             *c += n;
         } else if self.0.len() < MAX_NAMES {
             self.0.insert(name.to_owned(), n);
+        } else if let Some(c) = self.0.get_mut(OTHERS) {
+            *c += n;
         } else {
-            *self.0.entry("(others)".to_owned()).or_default() += n;
+            self.0.insert(OTHERS.to_owned(), n);
         }
     }
 
@@ -254,6 +258,8 @@ impl Bucket {
 #[derive(Default)]
 pub struct History {
     buckets: VecDeque<Bucket>,
+    /// Tallies in all buckets.
+    tallies: usize,
     /// Events not kept: the history held MAX_TALLIES tallies.
     pub not_kept: u64,
 }
@@ -268,12 +274,15 @@ fn now_nanos() -> u64 {
 }
 
 impl History {
-    /// The bucket of the minute of `at` (unix ns), if the history has room for `is_new`.
+    /// The bucket of the minute of `at` (unix ns), if the history has room for the event:
+    /// `is_new` says whether it needs a new tally there (the caller then adds it).
     fn bucket(&mut self, at: u64, is_new: impl Fn(&Bucket) -> bool) -> Option<&mut Bucket> {
         let minute = at / 60_000_000_000;
         let oldest = now_nanos().saturating_sub(MAX_AGE.as_nanos() as u64) / 60_000_000_000;
         while self.buckets.front().is_some_and(|b| b.minute < oldest) {
-            self.buckets.pop_front();
+            if let Some(gone) = self.buckets.pop_front() {
+                self.tallies = self.tallies.saturating_sub(gone.len());
+            }
         }
         // Events arrive in order but for a little skew: a late one joins the newest bucket.
         if self.buckets.back().is_none_or(|b| b.minute < minute) {
@@ -282,11 +291,13 @@ impl History {
                 ..Bucket::default()
             });
         }
-        let total: usize = self.buckets.iter().map(Bucket::len).sum();
         let bucket = self.buckets.back_mut()?;
-        if total >= MAX_TALLIES && is_new(bucket) {
-            self.not_kept += 1;
-            return None;
+        if is_new(bucket) {
+            if self.tallies >= MAX_TALLIES {
+                self.not_kept += 1;
+                return None;
+            }
+            self.tallies += 1;
         }
         Some(bucket)
     }
@@ -314,14 +325,22 @@ impl History {
     }
 
     pub fn dns_query(&mut self, q: &DnsQuery) {
-        let key = q.cgroup.clone();
-        let Some(b) = self.bucket(q.start_unix_nano, |b| !b.dns.contains_key(&key)) else {
+        let Some(b) = self.bucket(q.start_unix_nano, |b| !b.dns.contains_key(&q.cgroup)) else {
             return;
         };
-        let t = b.dns.entry(key).or_insert_with(|| DnsTally {
-            who: Who::new(&q.workload, q.pod.as_ref(), Some(&q.cgroup)),
-            ..DnsTally::default()
-        });
+        // The common case, a workload already tallied this minute, allocates nothing.
+        if !b.dns.contains_key(&q.cgroup) {
+            b.dns.insert(
+                q.cgroup.clone(),
+                DnsTally {
+                    who: Who::new(&q.workload, q.pod.as_ref(), Some(&q.cgroup)),
+                    ..DnsTally::default()
+                },
+            );
+        }
+        let Some(t) = b.dns.get_mut(&q.cgroup) else {
+            return;
+        };
         t.span.add(q.start_unix_nano);
         if q.outcome == "timeout" {
             t.timeouts += 1;
