@@ -131,6 +131,7 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
     let mut found = Findings::default();
     overhead(&env, &mut body, &mut found)?;
     storm(&env, &mut body, &mut found)?;
+    replay(root, &env, &mut body)?;
     footprint(&env, &mut body, &mut found)?;
     let doc = found.targets() + &body;
     println!("{doc}");
@@ -511,6 +512,42 @@ fn storm(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     )?;
+    Ok(())
+}
+
+/// The userspace pipeline alone: recorded-shape ring records through decode, enrichment,
+/// attribution, metrics, the explain history and (failures) the JSON line, on one thread
+/// (`probe-user/examples/replay.rs`).
+fn replay(root: &Path, env: &Env, doc: &mut String) -> anyhow::Result<()> {
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(root)
+        .args(["build", "-p", "probe-user", "--example", "replay"]);
+    if !env.quick {
+        build.arg("--release");
+    }
+    crate::run(&mut build)?;
+    let count = if env.quick { "2000" } else { "200000" };
+    let out = stdout_of(
+        Command::new("taskset")
+            .args(["-c", WORKLOAD_CPU])
+            .arg(env.bin.join("examples/replay"))
+            .args([count, "--no-kube-api"]),
+    );
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("events/s per core"))
+        .collect();
+    if rows.len() != 2 {
+        bail!("unexpected replay output: {out}");
+    }
+    writeln!(
+        doc,
+        "\n## Userspace per event, without the kernel (replay)\n\n{count} records of each kind through the same code the daemon runs (decode, cause, attribution, metrics with the series cap, the explain history; failures also encoded as JSON lines), one thread, pinned: the events/s one core carries.\n"
+    )?;
+    for row in rows {
+        writeln!(doc, "- {row}")?;
+    }
     Ok(())
 }
 

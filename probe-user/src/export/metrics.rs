@@ -64,8 +64,9 @@ struct SeriesCap {
 
 #[derive(Default)]
 struct Workloads {
-    /// Whose (namespace, pod, container, workload) -> (last update, label sets in use).
-    admitted: HashMap<[String; 4], (Instant, HashSet<Vec<String>>)>,
+    /// Whose (namespace, pod, container, workload) -> (last update, the extra labels in use:
+    /// short values from closed sets, so that an event costs no hash of the long ones again).
+    admitted: HashMap<[String; 4], (Instant, Vec<Vec<String>>)>,
     /// The overflow series in use (every label `_overflow`), and their last update.
     overflow: HashMap<Vec<String>, Instant>,
 }
@@ -89,15 +90,20 @@ impl SeriesCap {
         };
         if let Some((t, sets)) = workloads.admitted.get_mut(&who) {
             *t = now;
-            let labels = full();
-            sets.insert(labels.clone());
-            return (labels, false);
+            if !sets
+                .iter()
+                .any(|s| s.iter().map(String::as_str).eq(extra.iter().copied()))
+            {
+                sets.push(extra.iter().map(|e| (*e).to_owned()).collect());
+            }
+            return (full(), false);
         }
         if workloads.admitted.len() < self.cap {
             let labels = full();
-            workloads
-                .admitted
-                .insert(who, (now, HashSet::from([labels.clone()])));
+            workloads.admitted.insert(
+                who,
+                (now, vec![extra.iter().map(|e| (*e).to_owned()).collect()]),
+            );
             return (labels, false);
         }
         let labels = overflow();
@@ -131,7 +137,12 @@ impl SeriesCap {
         workloads.admitted.retain(|who, (t, sets)| {
             let keep = t.elapsed() <= max_age || present.contains(who);
             if !keep {
-                old.extend(sets.drain());
+                old.extend(sets.drain(..).map(|extra| {
+                    who.iter()
+                        .cloned()
+                        .chain(extra.iter().map(|e| (*e).to_owned()))
+                        .collect()
+                }));
             }
             keep
         });
