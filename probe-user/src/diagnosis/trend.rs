@@ -84,6 +84,8 @@ pub struct Estimate {
 struct Series {
     reading: Reading,
     samples: VecDeque<(Instant, f64)>,
+    /// The slope of `samples`, computed once per update.
+    growth: Option<f64>,
 }
 
 /// The samples of every limit seen at the last refresh; a limit not seen (its cgroup or
@@ -110,6 +112,7 @@ impl LimitWatch {
             let mut series = self.series.remove(&key).unwrap_or_else(|| Series {
                 reading: reading.clone(),
                 samples: VecDeque::new(),
+                growth: None,
             });
             let value = reading.current as f64;
             // Finer than the spacing, the newest sample is replaced: the window keeps its
@@ -132,6 +135,7 @@ impl LimitWatch {
                 series.samples.pop_front();
             }
             series.reading = reading;
+            series.growth = slope(&series.samples, self.window.as_secs_f64() * MIN_SPAN_SHARE);
             next.insert(key, series);
         }
         self.series = next;
@@ -153,7 +157,7 @@ impl LimitWatch {
 
     fn estimate(&self, s: &Series) -> Estimate {
         let r = &s.reading;
-        let growth = slope(&s.samples, self.window.as_secs_f64() * MIN_SPAN_SHARE);
+        let growth = s.growth;
         Estimate {
             limit: r.limit,
             resource: r.resource.clone(),
@@ -224,11 +228,15 @@ pub fn eta(current: u64, max: u64, growth: f64) -> Option<f64> {
 }
 
 /// The Theil-Sen slope (per second) of the samples: the median of the slopes between every
-/// two of them. None with fewer than MIN_SAMPLES or a span under `min_span` seconds.
+/// two of them. None with fewer than MIN_SAMPLES or a span under `min_span` seconds. A flat
+/// series (most limits, most of the time) is 0 without the pairs.
 fn slope(samples: &VecDeque<(Instant, f64)>, min_span: f64) -> Option<f64> {
     let (first, last) = (samples.front()?, samples.back()?);
     if samples.len() < MIN_SAMPLES || last.0.duration_since(first.0).as_secs_f64() < min_span {
         return None;
+    }
+    if samples.iter().all(|(_, v)| *v == first.1) {
+        return Some(0.0);
     }
     let mut slopes = Vec::with_capacity(samples.len() * (samples.len() - 1) / 2);
     for (i, (ti, vi)) in samples.iter().enumerate() {
