@@ -188,6 +188,7 @@ impl TaskModel {
     /// One row per counted cgroup that still exists, with live counts and limits read now.
     pub fn rows(&self, attributor: &mut Attributor) -> Vec<CgroupRow> {
         let mut rows = Vec::with_capacity(self.entries.len());
+        let mut levels = PidsLevels::new();
         for (&id, entry) in &self.entries {
             let Some(path) = attributor.cgroups.path(Hierarchy::Unified, id) else {
                 continue;
@@ -202,7 +203,7 @@ impl TaskModel {
                     .and_then(|d| count_lines(&d.join("cgroup.threads"))),
                 pids_limit: cgroups
                     .mount(Hierarchy::Pids)
-                    .and_then(|m| tightest_pids_limit(&m.path, &path)),
+                    .and_then(|m| tightest_pids_limit_in(&m.path, &path, &mut levels)),
                 cgroup: path,
                 workload: attribution.workload,
                 pod: attribution.pod,
@@ -395,15 +396,36 @@ fn read_value(path: &Path) -> Option<String> {
 /// limited level with the least headroom. Levels missing from that hierarchy (a hybrid host's
 /// v1 tree need not mirror v2) are skipped.
 pub fn tightest_pids_limit(mount: &Path, path: &str) -> Option<PidsLimit> {
+    tightest_pids_limit_in(mount, path, &mut HashMap::new())
+}
+
+/// `pids.max` and `pids.current` of each level read so far (none: no limit there), so that
+/// the shared ancestors of many cgroups are read once per refresh.
+type PidsLevels = HashMap<String, Option<(u64, u64)>>;
+
+/// [`tightest_pids_limit`], reading each level at most once across the calls sharing `levels`.
+fn tightest_pids_limit_in(mount: &Path, path: &str, levels: &mut PidsLevels) -> Option<PidsLimit> {
     let mut best: Option<PidsLimit> = None;
     let mut level = path.trim_end_matches('/').to_owned();
     loop {
-        let dir = mount.join(level.trim_start_matches('/'));
-        if let (Some(max), Some(current)) = (
-            read_value(&dir.join("pids.max")),
-            read_value(&dir.join("pids.current")),
-        ) && let (Ok(max), Ok(current)) = (max.parse::<u64>(), current.parse::<u64>())
-        {
+        let read = match levels.get(&level) {
+            Some(v) => *v,
+            None => {
+                let dir = mount.join(level.trim_start_matches('/'));
+                let v = match (
+                    read_value(&dir.join("pids.max")),
+                    read_value(&dir.join("pids.current")),
+                ) {
+                    (Some(max), Some(current)) => {
+                        max.parse::<u64>().ok().zip(current.parse::<u64>().ok())
+                    }
+                    _ => None,
+                };
+                levels.insert(level.clone(), v);
+                v
+            }
+        };
+        if let Some((max, current)) = read {
             let (left, pct) = headroom(max, current);
             if best.as_ref().is_none_or(|b| left < b.headroom) {
                 best = Some(PidsLimit {
