@@ -266,7 +266,7 @@ impl Findings {
 /// per-program run times).
 const WHY: &str = "Where a target is missed, on this 2-core VM:\n\n\
 - *Thread and fork creation.* The eBPF programs cost 0.3-0.5 µs per created task (table below: `clone3_exit`, `task_newtask`, `task_exit`, ~60-200 ns each); a thread create+join costs ~20-30 µs of CPU, so their share is ~1.5% (the *eBPF share* column). The same workload's CPU per operation *without any probe* swings between runs by 30% on this VM (0.34 to 0.56 s for 20,000 threads in five back-to-back runs), so throughput ratios of single configurations land anywhere within ±15%; the medians of 9 alternating runs are reported. faultline once traced `sys_enter_clone*` as well: that alone made every thread creation ~7 µs dearer (measured with bpftrace, enter+exit vs exit only), so flags are now read from the saved registers at exit, on failures only.\n\
-- *DNS on loopback.* A query+answer on loopback takes ~7-10 µs, the least any real resolver path takes; the programs add ~2 µs per query (four runs: egress and ingress at client and server, of which two do work: record the flow for conntrack attribution, keep the query in the kernel's map, match the answer and emit the event), and the cgroup_skb hook itself is enabled for every packet. Against a real resolver (hundreds of µs to ms per query) the same ~2 µs is below 1%; on loopback it is 40% of a query, which is why this target is missed. tcpdump copies every packet to user space; its cost lands in softirq and in tcpdump, not in the workload's CPU.\n\
+- *DNS on loopback.* A query+answer on loopback takes ~7-10 µs, the least any real resolver path takes; the programs add ~1.9 µs per query (four runs: egress and ingress at client and server, of which two do work: record the flow for conntrack attribution, keep the query in the kernel's map, match the answer and emit the event; the two that only see a server's packets and return cost ~70 ns each, the headers being read from the packet directly), and the cgroup_skb hook itself is enabled for every packet. Against a real resolver (hundreds of µs to ms per query) the same ~1.9 µs is below 1%; on loopback it is over a third of a query, which is why this target is missed. tcpdump copies every packet to user space; its cost lands in softirq and in tcpdump, not in the workload's CPU.\n\
 - *Event ceiling.* A failing pthread_create costs the generating process ~8 µs of kernel time without a probe and ~12.5 µs with faultline (the failure path reads the pids cgroups, pid namespaces, ucounts and memory cgroup and reserves a 256-byte event), so two cores cannot generate 200,000 failures/s and leave faultline a core; the storm rows show the rates the machine could generate and that faultline delivered them without loss up to the highest parallelism the CPUs allowed. faultline's own cost is ~4 µs per event (release build): one free core would carry ~240,000 events/s.\n\n";
 
 /// One configuration's measurements over the repetitions.
@@ -548,6 +548,7 @@ fn replay(root: &Path, env: &Env, doc: &mut String) -> anyhow::Result<()> {
     for row in rows {
         writeln!(doc, "- {row}")?;
     }
+    writeln!(doc)?;
     Ok(())
 }
 
