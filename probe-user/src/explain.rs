@@ -245,12 +245,8 @@ impl Sink for Observer {
             .tasks
             .map(|m| m.rows(state.attributor))
             .unwrap_or_default();
-        let tables = state
-            .conntrack
-            .map(|c| c.tables.clone())
-            .unwrap_or_default();
         self.recorder
-            .refresh(&rows, NodeTasks::read().ok(), &tables);
+            .refresh(&rows, NodeTasks::read().ok(), state.conntrack_tables());
         Ok(())
     }
 

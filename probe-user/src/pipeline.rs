@@ -17,7 +17,7 @@ use crate::{
         CLONE_PROGRAMS, EventRing, KernelArgs, KernelLog, KernelLogger, Probes, TASK_PROGRAMS,
     },
     signals::clone::{self, CloneFailure, Enricher},
-    signals::conntrack::{self, ClashesResolved, Classifier, ConntrackDrop},
+    signals::conntrack::{self, ClashesResolved, Classifier, ConntrackDrop, CtTable},
     signals::dns::{self, DnsQuery, DnsTracker, Names},
     signals::tasks::TaskModel,
 };
@@ -76,6 +76,15 @@ pub struct State<'a> {
     pub tasks: Option<&'a TaskModel>,
     pub dns: Option<&'a DnsTracker>,
     pub conntrack: Option<&'a mut Classifier>,
+}
+
+impl State<'_> {
+    /// Every network namespace's conntrack table at the last poll (none without conntrack).
+    pub fn conntrack_tables(&self) -> &[CtTable] {
+        self.conntrack
+            .as_deref()
+            .map_or(&[], |c| c.tables.as_slice())
+    }
 }
 
 pub struct Pipeline {

@@ -193,9 +193,7 @@ impl Daemon {
             refresh_errors: RefreshErrors::default(),
         })
     }
-}
 
-impl Daemon {
     /// The history `/explain` reads.
     fn record(&self, f: impl FnOnce(&mut Recorder)) {
         if let Ok(mut r) = self.served.recorder.lock() {
@@ -226,15 +224,10 @@ impl Sink for Daemon {
         Ok(())
     }
 
-    fn refresh(&mut self, state: State<'_>) -> anyhow::Result<()> {
+    fn refresh(&mut self, mut state: State<'_>) -> anyhow::Result<()> {
         let metrics = &self.outputs.metrics;
         let probes = state.probes;
-        let tables = state
-            .conntrack
-            .as_ref()
-            .map(|c| c.tables.clone())
-            .unwrap_or_default();
-        if let Some(c) = state.conntrack {
+        if let Some(c) = state.conntrack.as_deref_mut() {
             if let Some(node) = c.node_counters() {
                 metrics.conntrack_node(&node);
             }
@@ -267,7 +260,7 @@ impl Sink for Daemon {
         metrics.tasks(&rows, node, probes.clone_stats()?, probes.task_stats()?);
         let mut estimates = Vec::new();
         self.record(|r| {
-            r.refresh(&rows, Some(node), &tables);
+            r.refresh(&rows, Some(node), state.conntrack_tables());
             estimates = r.estimates();
         });
         metrics.limit_exhaustion(&estimates);

@@ -315,20 +315,9 @@ fn explain_names_the_insert_failures_sender_and_the_clashing_snat() {
     lab.client(1, &format!("1 --dns-server {server}"));
     lab.client(2, &format!("3 --dns-server {server}"));
     let client2 = lab.cgroup_path(2);
-    let url = format!("http://127.0.0.1:{}", daemon.port);
-    let find = |report: &Value, kind: &str| -> Option<Value> {
-        report["findings"]
-            .as_array()?
-            .iter()
-            .find(|f| f["kind"] == kind && f["who"]["cgroup"] == client2.as_str())
-            .cloned()
-    };
+    let find = |report: &Value, kind: &str| finding(report, kind, &client2);
     let report = eventually(Duration::from_secs(20), "conntrack findings", || {
-        let out = std::process::Command::new(&*FAULTLINE)
-            .args(["explain", "--daemon", &url, "-o", "json"])
-            .output()
-            .ok()?;
-        let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let report = daemon.explain()?;
         (find(&report, "conntrack_insert_failed").is_some()
             && find(&report, "dns_timeouts").is_some_and(|f| f["trend"]["events"] == 3))
         .then_some(report)

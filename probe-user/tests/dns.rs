@@ -191,6 +191,23 @@ impl DnsLab {
         ));
     }
 
+    /// `name` looked up with Kubernetes' ndots:5 and three search domains in front of it.
+    fn search_chain(&self, name: &str) {
+        self.resolv_conf(
+            "search ns.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+        );
+        self.client(&format!("getent ahosts {name}"));
+    }
+
+    /// `name` looked up while the server drops every query, by a resolver that retries after
+    /// 1 s.
+    fn unanswered(&self, name: &str) {
+        self.resolv_conf("options timeout:1 attempts:2\n");
+        self.server_drops(true);
+        self.client(&format!("getent ahosts {name}"));
+        self.server_drops(false);
+    }
+
     fn path(&self) -> String {
         format!(
             "/{}",
@@ -241,15 +258,9 @@ fn dns_queries_answers_timeouts_retransmits_search_path_and_garbage() {
     // 2. A name the server does not know.
     lab.client("getent ahosts nope.test");
     // 3. The ndots:5 search list in front of an external-looking name.
-    lab.resolv_conf(
-        "search ns.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
-    );
-    lab.client("getent ahosts web.test");
+    lab.search_chain("web.test");
     // 4. A server that drops queries, with a resolver that retries after 1 s.
-    lab.resolv_conf("options timeout:1 attempts:2\n");
-    lab.server_drops(true);
-    lab.client("getent ahosts slow.test");
-    lab.server_drops(false);
+    lab.unanswered("slow.test");
     // 5. Garbage to and from port 53: random bytes, a truncated header, a compression loop.
     lab.client(&format!(
         "printf 'garbage-not-dns' > /dev/udp/{SERVER_IP}/53; printf '\\001\\002\\003' > /dev/udp/{SERVER_IP}/53; printf '\\000\\001\\000\\000\\000\\001\\000\\000\\000\\000\\000\\000\\300\\014\\000\\001\\000\\001' > /dev/udp/{SERVER_IP}/53"
@@ -705,28 +716,11 @@ fn explain_finds_search_path_amplification_and_timeouts_per_workload() {
     let lab = DnsLab::start();
     let path = lab.path();
     let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
-    lab.resolv_conf(
-        "search ns.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
-    );
-    lab.client("getent ahosts web.test");
-    lab.resolv_conf("options timeout:1 attempts:2\n");
-    lab.server_drops(true);
-    lab.client("getent ahosts slow.test");
-    lab.server_drops(false);
-    let url = format!("http://127.0.0.1:{}", daemon.port);
-    let mine = |report: &Value, kind: &str| -> Option<Value> {
-        report["findings"]
-            .as_array()?
-            .iter()
-            .find(|f| f["kind"] == kind && f["who"]["cgroup"] == path.as_str())
-            .cloned()
-    };
+    lab.search_chain("web.test");
+    lab.unanswered("slow.test");
+    let mine = |report: &Value, kind: &str| finding(report, kind, &path);
     let report = eventually(Duration::from_secs(20), "DNS findings", || {
-        let out = std::process::Command::new(&*FAULTLINE)
-            .args(["explain", "--daemon", &url, "-o", "json"])
-            .output()
-            .ok()?;
-        let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let report = daemon.explain()?;
         (mine(&report, "dns_timeouts").is_some()
             && mine(&report, "dns_search_amplification").is_some())
         .then_some(report)

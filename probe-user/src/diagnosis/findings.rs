@@ -113,7 +113,12 @@ pub fn findings(
     let minutes = (window.as_secs_f64() / 60.0).max(1.0 / 60.0);
     let mut out = Vec::new();
     clone_findings(b, minutes, limits, holders, &mut out);
-    limit_findings(limits, holders, &out.clone(), &mut out);
+    // A limit already reached has its failure finding, which carries its trend.
+    let reached: Vec<(Limit, String)> = out
+        .iter()
+        .filter_map(|f| Some((f.trend.limit_kind?, f.trend.resource.clone()?)))
+        .collect();
+    limit_findings(limits, holders, &reached, &mut out);
     for t in b.dns.values() {
         dns_findings(t, minutes, &mut out);
     }
@@ -128,7 +133,8 @@ pub fn findings(
     out
 }
 
-/// Within a severity: sooner and more first. A limit finding (no events) by its ETA, one without growth as if due at the horizon.
+/// Within a severity: sooner and more first. A limit finding (no events) by its ETA, one
+/// without growth as if due at the horizon.
 fn urgency(f: &Finding) -> f64 {
     if f.trend.events == 0 && f.trend.current.is_some() {
         let eta = f.trend.eta_s.unwrap_or(ETA_HORIZON.as_secs_f64());
@@ -179,7 +185,6 @@ fn listed(names: &Names) -> String {
 fn holders_text(holders: &Holders) -> String {
     holders
         .iter()
-        .take(5)
         .map(|(w, n)| format!("{w} ({n})"))
         .collect::<Vec<_>>()
         .join(", ")
@@ -291,20 +296,20 @@ fn clone_findings(
     }
 }
 
-/// Limits near exhaustion that no failure finding already covers.
+/// Limits near exhaustion that no failure finding (`reached`) already covers.
 fn limit_findings(
     limits: &[Estimate],
     holders: &Holders,
-    failures: &[Finding],
+    reached: &[(Limit, String)],
     out: &mut Vec<Finding>,
 ) {
     for e in limits {
         let soon = e.eta_s.is_some_and(|s| s <= ETA_HORIZON.as_secs_f64());
         let low =
             e.max > 0 && (e.max.saturating_sub(e.current) as f64) < LOW_HEADROOM * e.max as f64;
-        let covered = failures.iter().any(|f| {
-            f.trend.limit_kind == Some(e.limit) && f.trend.resource.as_ref() == Some(&e.resource)
-        });
+        let covered = reached
+            .iter()
+            .any(|(l, r)| *l == e.limit && *r == e.resource);
         if !(soon || low) || covered {
             continue;
         }

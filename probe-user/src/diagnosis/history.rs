@@ -278,7 +278,8 @@ impl History {
     /// `is_new` says whether it needs a new tally there (the caller then adds it).
     fn bucket(&mut self, at: u64, is_new: impl Fn(&Bucket) -> bool) -> Option<&mut Bucket> {
         let minute = at / 60_000_000_000;
-        let oldest = now_nanos().saturating_sub(MAX_AGE.as_nanos() as u64) / 60_000_000_000;
+        // The event's own time ages the history (no clock read per event).
+        let oldest = at.saturating_sub(MAX_AGE.as_nanos() as u64) / 60_000_000_000;
         while self.buckets.front().is_some_and(|b| b.minute < oldest) {
             if let Some(gone) = self.buckets.pop_front() {
                 self.tallies = self.tallies.saturating_sub(gone.len());

@@ -54,7 +54,6 @@ impl Recorder {
     }
 
     pub fn dns_query(&mut self, q: &DnsQuery) {
-        // Answered without a search-path miss: nothing to explain, only counted.
         self.history.dns_query(q);
     }
 

@@ -109,41 +109,44 @@ impl LimitWatch {
         let mut next = HashMap::with_capacity(self.series.len());
         for reading in readings {
             let key = (reading.limit, reading.resource.clone());
-            let mut series = self.series.remove(&key).unwrap_or_else(|| Series {
-                reading: reading.clone(),
-                samples: VecDeque::new(),
-                growth: None,
-            });
-            let value = reading.current as f64;
+            let mut samples = self
+                .series
+                .remove(&key)
+                .map(|s| s.samples)
+                .unwrap_or_default();
             // Finer than the spacing, the newest sample is replaced: the window keeps its
             // span whatever the refresh interval.
-            let replace = series.samples.len() >= 2
-                && series
-                    .samples
-                    .get(series.samples.len() - 2)
+            let replace = samples.len() >= 2
+                && samples
+                    .get(samples.len() - 2)
                     .is_some_and(|(at, _)| now.duration_since(*at) < spacing);
             if replace {
-                series.samples.pop_back();
+                samples.pop_back();
             }
-            series.samples.push_back((now, value));
-            while series
-                .samples
+            samples.push_back((now, reading.current as f64));
+            while samples
                 .front()
                 .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
-                || series.samples.len() > MAX_SAMPLES
+                || samples.len() > MAX_SAMPLES
             {
-                series.samples.pop_front();
+                samples.pop_front();
             }
-            series.reading = reading;
-            series.growth = slope(&series.samples, self.window.as_secs_f64() * MIN_SPAN_SHARE);
-            next.insert(key, series);
+            let growth = slope(&samples, self.window.as_secs_f64() * MIN_SPAN_SHARE);
+            next.insert(
+                key,
+                Series {
+                    reading,
+                    samples,
+                    growth,
+                },
+            );
         }
         self.series = next;
     }
 
     /// Every limit's estimate, by limit and resource.
     pub fn estimates(&self) -> Vec<Estimate> {
-        let mut out: Vec<Estimate> = self.series.values().map(|s| self.estimate(s)).collect();
+        let mut out: Vec<Estimate> = self.series.values().map(Series::estimate).collect();
         out.sort_by(|a, b| (a.limit, &a.resource).cmp(&(b.limit, &b.resource)));
         out
     }
@@ -152,12 +155,14 @@ impl LimitWatch {
     pub fn get(&self, limit: Limit, resource: &str) -> Option<Estimate> {
         self.series
             .get(&(limit, resource.to_owned()))
-            .map(|s| self.estimate(s))
+            .map(Series::estimate)
     }
+}
 
-    fn estimate(&self, s: &Series) -> Estimate {
-        let r = &s.reading;
-        let growth = s.growth;
+impl Series {
+    fn estimate(&self) -> Estimate {
+        let r = &self.reading;
+        let growth = self.growth;
         Estimate {
             limit: r.limit,
             resource: r.resource.clone(),

@@ -205,7 +205,13 @@ impl Classifier {
         }
         self.last_clash_poll = Some(Instant::now());
         let mut out = Vec::new();
-        self.tables.clear();
+        // A namespace's owner does not change: the last poll's names are reused, so each
+        // namespace's processes are read once in its life, not once per poll.
+        let mut known: HashMap<u64, String> = self
+            .tables
+            .drain(..)
+            .map(|t| (t.netns, t.workload))
+            .collect();
         let all = self.netns.all();
         // Namespaces gone since are forgotten (their inode may be reused by a new one).
         let live: std::collections::HashSet<u64> = all.iter().map(|n| n.inode).collect();
@@ -217,7 +223,9 @@ impl Classifier {
             };
             // A namespace first seen now starts from zero: it was created while we watched.
             let last = self.clashes.insert(ns.inode, c.clash_resolve).unwrap_or(0);
-            let workload = netns_workload(&ns, attributor);
+            let workload = known
+                .remove(&ns.inode)
+                .unwrap_or_else(|| netns_workload(&ns, attributor));
             if c.clash_resolve > last {
                 out.push(ClashesResolved {
                     kind: "conntrack_clash_resolved",

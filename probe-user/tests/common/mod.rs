@@ -619,6 +619,15 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// The finding of `kind` for the workload in `cgroup` in an explain report.
+pub fn finding(report: &Value, kind: &str, cgroup: &str) -> Option<Value> {
+    report["findings"]
+        .as_array()?
+        .iter()
+        .find(|f| f["kind"] == kind && f["who"]["cgroup"] == cgroup)
+        .cloned()
+}
+
 pub fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -698,6 +707,22 @@ impl Daemon {
             http_get(port, "/readyz").filter(|(s, _)| *s == 200)
         });
         d
+    }
+
+    /// `faultline explain -o json` asked of this daemon, parsed (none if it did not answer
+    /// with a report).
+    pub fn explain(&self) -> Option<Value> {
+        let out = Command::new(&*FAULTLINE)
+            .args([
+                "explain",
+                "--daemon",
+                &format!("http://127.0.0.1:{}", self.port),
+                "-o",
+                "json",
+            ])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
     }
 
     pub fn metrics(&self) -> String {
