@@ -1,10 +1,13 @@
 //! `cargo xtask bench`: faultline's cost, measured against no probe and against the tool an
 //! SRE would use instead, in the same run on the same machine. Writes BENCHMARKS.md.
 //!
-//! 1. Overhead: thread create+join, fork+wait and a UDP DNS query loop, each run with no
-//!    probe, with `faultline run`, and with the comparison (an equivalent bpftrace script for
-//!    task creation, `tcpdump -w /dev/null udp port 53` for DNS). Configurations alternate
-//!    within each repetition; the workload is pinned to one CPU. Reported: median throughput,
+//! 1. Overhead: thread create+join, fork+wait and two UDP DNS query loops: on loopback, and a
+//!    pod's path to the cluster DNS, from a pod network namespace through a veth and the
+//!    node's DNAT of a service IP to dnsmasq in another (`bench/netlab.rs`). Each is run with
+//!    no probe, with `faultline run`, and with the comparison (an equivalent bpftrace script
+//!    for task creation, `tcpdump -w /dev/null udp port 53` for DNS, capturing on lo or in the
+//!    node namespace on the pod's veth). Configurations alternate within each repetition; the
+//!    workload (and its DNS server) is pinned to one CPU. Reported: median throughput,
 //!    the workload's own CPU time per operation (from wait4), the eBPF programs' run time per
 //!    operation (the kernel's `bpf_stats`), and the agent's CPU time per operation.
 //! 2. Failure storm and pipeline ceiling: processes failing pthread_create as fast as they can
@@ -13,6 +16,7 @@
 //! 3. Footprint: exec to ready, RSS idle, after the storm, after 10,000 cgroups.
 
 mod measure;
+mod netlab;
 
 use std::{
     fmt::Write as _,
@@ -26,6 +30,7 @@ use measure::{
     Agent, BenchCgroup, ProgStats, Ready, Sysctl, cgroup2_root, http_get, metric_sum, report_field,
     run_measured,
 };
+use netlab::Net;
 
 /// Who watches the node while a workload runs.
 #[derive(Clone, Copy, PartialEq)]
@@ -33,7 +38,8 @@ enum Tool {
     None,
     Faultline,
     Bpftrace,
-    Tcpdump,
+    /// tcpdump capturing the workload's DNS where a node agent would on that network.
+    Tcpdump(Net),
 }
 
 impl Tool {
@@ -42,7 +48,7 @@ impl Tool {
             Tool::None => "no probe",
             Tool::Faultline => "faultline run",
             Tool::Bpftrace => "bpftrace (equivalent script)",
-            Tool::Tcpdump => "tcpdump -w /dev/null udp port 53",
+            Tool::Tcpdump(_) => "tcpdump -w /dev/null udp port 53",
         }
     }
 }
@@ -53,17 +59,20 @@ struct Workload {
     lab: &'static [&'static str],
     /// A faultline-lab helper running for the whole workload (a DNS server), if any.
     helper: Option<&'static [&'static str]>,
+    /// Where the workload runs and its packets go.
+    net: Net,
     count: u32,
     quick_count: u32,
     unit: &'static str,
     comparison: Tool,
 }
 
-const WORKLOADS: [Workload; 3] = [
+const WORKLOADS: [Workload; 4] = [
     Workload {
         name: "thread create+join",
         lab: &["spin-threads"],
         helper: None,
+        net: Net::Loopback,
         count: 20_000,
         quick_count: 300,
         unit: "threads/s",
@@ -73,6 +82,7 @@ const WORKLOADS: [Workload; 3] = [
         name: "fork+wait",
         lab: &["spin-forks"],
         helper: None,
+        net: Net::Loopback,
         count: 3_000,
         quick_count: 50,
         unit: "forks/s",
@@ -82,10 +92,21 @@ const WORKLOADS: [Workload; 3] = [
         name: "DNS query+answer, UDP on loopback",
         lab: &["dns-client", "--dns-server", "127.53.0.1:53"],
         helper: Some(&["dns-server", "900", "--dns-listen", "127.53.0.1:53"]),
+        net: Net::Loopback,
         count: 20_000,
         quick_count: 300,
         unit: "queries/s",
-        comparison: Tool::Tcpdump,
+        comparison: Tool::Tcpdump(Net::Loopback),
+    },
+    Workload {
+        name: "DNS query+answer, pod to service IP via veth+DNAT to dnsmasq",
+        lab: &["dns-client", "--dns-server", netlab::SERVICE],
+        helper: None,
+        net: Net::PodToService,
+        count: 20_000,
+        quick_count: 300,
+        unit: "queries/s",
+        comparison: Tool::Tcpdump(Net::PodToService),
     },
 ];
 
@@ -195,9 +216,9 @@ fn start(env: &Env, tool: Tool, port: u16) -> anyhow::Result<Option<Agent>> {
             Command::new("bpftrace").arg(&env.bpftrace_script),
             Ready::Stdout("Attaching"),
         )?),
-        Tool::Tcpdump => Some(Agent::start(
+        Tool::Tcpdump(net) => Some(Agent::start(
             "tcpdump",
-            Command::new("tcpdump").args(["-i", "lo", "-n", "-w", "/dev/null", "udp port 53"]),
+            &mut net.capture(),
             Ready::Stderr("listening on"),
         )?),
     })
@@ -283,7 +304,7 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
     let reps = if env.quick { 1 } else { REPS };
     writeln!(
         doc,
-        "## Overhead on the workloads faultline watches\n\nMedians of {reps} runs per configuration, configurations alternating within each run; the workload (and the DNS server) pinned to CPU {WORKLOAD_CPU}. *Workload CPU* is the workload's own user+system time per operation (wait4); eBPF programs run inside its system calls, so their cost shows there. *eBPF* is the run time the kernel measured for the agent's programs (`kernel.bpf_stats_enabled`), per operation. *eBPF share* is that run time against the workload's CPU per operation without a probe: the cost attributable to the programs, steadier than the wall-clock ratios. *Agent* is the agent process's CPU time per operation. Ratios are against no probe in the same run.\n\n| workload | configuration | throughput | ratio | workload CPU/op | ratio | eBPF/op | eBPF share | agent CPU/op |\n|---|---|---|---|---|---|---|---|---|"
+        "## Overhead on the workloads faultline watches\n\nMedians of {reps} runs per configuration, configurations alternating within each run; the workload (and the DNS server) pinned to CPU {WORKLOAD_CPU}. *Workload CPU* is the workload's own user+system time per operation (wait4); eBPF programs run inside its system calls, so their cost shows there. *eBPF* is the run time the kernel measured for the agent's programs (`kernel.bpf_stats_enabled`), per operation. *eBPF share* is that run time against the workload's CPU per operation without a probe: the cost attributable to the programs, steadier than the wall-clock ratios. *Agent* is the agent process's CPU time per operation. Ratios are against no probe in the same run. tcpdump captures where a node agent would: on lo, or in the node's namespace on the pod's veth.\n\n| workload | configuration | throughput | ratio | workload CPU/op | ratio | eBPF/op | eBPF share | agent CPU/op |\n|---|---|---|---|---|---|---|---|---|"
     )?;
     let mut per_program = String::new();
     // Each faultline program's size, once: (instructions after the verifier, native bytes).
@@ -291,6 +312,9 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
     let port = free_port()?;
     for w in &WORKLOADS {
         let count = if env.quick { w.quick_count } else { w.count };
+        // Namespaces and dnsmasq, if the workload's network has them: dropped (removed) after
+        // the workload's last run.
+        let _net = w.net.up(&env.bin, WORKLOAD_CPU)?;
         let _helper = match w.helper {
             Some(args) => Some(Agent::start(
                 "DNS server",
@@ -311,9 +335,8 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
                 let before = ProgStats::read()?;
                 let cpu0 = agent.as_ref().map_or(0.0, Agent::cpu_seconds);
                 let run = run_measured(
-                    Command::new("taskset")
-                        .args(["-c", WORKLOAD_CPU])
-                        .arg(env.bin.join("faultline-lab"))
+                    w.net
+                        .workload(WORKLOAD_CPU, &env.bin.join("faultline-lab"))
                         .args(w.lab)
                         .arg(count.to_string()),
                 )?;
