@@ -13,10 +13,16 @@
 //! 2. Failure storm and pipeline ceiling: processes failing pthread_create as fast as they can
 //!    under a pids limit of 1, at rising parallelism, with `faultline run` counting: events
 //!    per second delivered, events lost, faultline's CPU time per event.
-//! 3. Footprint: exec to ready, RSS idle, after the storm, after 10,000 cgroups.
+//! 3. The floor: empty tracepoint programs' run time, and userspace per event without the
+//!    kernel (replay of ring records through the daemon's code).
+//! 4. Footprint: exec to ready, RSS idle, after the storm, after 10,000 cgroups.
+//!
+//! `--profile` instead runs each workload once beside faultline under `perf record` and the
+//! replay too, and writes where the time goes (`bench/profile.rs`).
 
 mod measure;
 mod netlab;
+mod profile;
 
 use std::{
     fmt::Write as _,
@@ -110,6 +116,35 @@ const WORKLOADS: [Workload; 4] = [
     },
 ];
 
+impl Workload {
+    /// What the workload needs around it for all its runs: its network (namespaces and
+    /// dnsmasq) and its DNS server; both go when the returned guards drop.
+    fn set_up(&self, env: &Env) -> anyhow::Result<(Option<netlab::PodToService>, Option<Agent>)> {
+        let net = self.net.up(&env.bin, WORKLOAD_CPU)?;
+        let helper = match self.helper {
+            Some(args) => Some(Agent::start(
+                "DNS server",
+                Command::new("taskset")
+                    .args(["-c", WORKLOAD_CPU])
+                    .arg(env.bin.join("faultline-lab"))
+                    .args(args),
+                Ready::Stderr("DNS responder"),
+            )?),
+            None => None,
+        };
+        Ok((net, helper))
+    }
+
+    /// The workload's command for `count` operations, pinned, on its network.
+    fn command(&self, env: &Env, count: u32) -> Command {
+        let mut cmd = self
+            .net
+            .workload(WORKLOAD_CPU, &env.bin.join("faultline-lab"));
+        cmd.args(self.lab).arg(count.to_string());
+        cmd
+    }
+}
+
 const REPS: usize = 9;
 /// The CPU the workload (and its DNS server) is pinned to; agents run where they like.
 const WORKLOAD_CPU: &str = "1";
@@ -121,7 +156,19 @@ struct Env {
     quick: bool,
 }
 
-pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
+/// What `cargo xtask bench` does.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Everything, release builds, 9 repetitions: writes BENCHMARKS.md.
+    Full,
+    /// One short run of each part with the debug builds: checks that the benchmark works.
+    Quick,
+    /// Where the time goes: each workload once under `perf record` (`bench/profile.rs`).
+    Profile,
+}
+
+pub fn run(root: &Path, mode: Mode) -> anyhow::Result<()> {
+    let quick = mode == Mode::Quick;
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark attaches eBPF programs and creates cgroups: run it as root");
@@ -144,6 +191,9 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
         bpftrace_script: root.join("xtask/bench/clone-equivalent.bt"),
         quick,
     };
+    if mode == Mode::Profile {
+        return profile::run(root, &env);
+    }
     // The kernel counts each program's runs and run time while this is set.
     let _stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
     let started = Instant::now();
@@ -152,7 +202,8 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
     let mut found = Findings::default();
     overhead(&env, &mut body, &mut found)?;
     storm(&env, &mut body, &mut found)?;
-    replay(root, &env, &mut body)?;
+    floor(&env, &mut body, &mut found)?;
+    replay(root, &env, &mut body, &mut found)?;
     footprint(&env, &mut body, &mut found)?;
     let doc = found.targets() + &body;
     println!("{doc}");
@@ -206,6 +257,12 @@ fn start(env: &Env, tool: Tool, port: u16) -> anyhow::Result<Option<Agent>> {
                 "--no-kube-api",
                 "--events-file",
                 "/dev/null",
+                // As deploy/daemonset.yaml runs it: event lines for the rare events only
+                // (DNS is in the metrics), names redacted.
+                "--events",
+                "clone,conntrack",
+                "--dns-names",
+                "redact",
                 "--refresh",
                 "1s",
             ]),
@@ -232,6 +289,13 @@ type Ratios = (f64, f64);
 struct Findings {
     /// Per workload: faultline's and the comparison tool's ratios, against no probe.
     ratios: Vec<(&'static str, Tool, Ratios, Ratios)>,
+    /// Per workload: faultline's eBPF run time per operation (ns, median) and its programs'
+    /// runs per operation.
+    kernel: Vec<(&'static str, f64, f64)>,
+    /// An empty tracepoint program's run time per run (ns), measured in the same run.
+    floor_ns: f64,
+    /// Userspace per event without the kernel (replay): (kind, µs).
+    replay_us: Vec<(String, f64)>,
     ceiling: f64,
     rss_10k_mib: f64,
     startup_ms: f64,
@@ -247,6 +311,37 @@ impl Findings {
                 if met { "yes" } else { "**no**" }
             );
         };
+        // The programs' own run time per operation (bpf_stats): the steadiest figure.
+        for (name, ns, runs) in &self.kernel {
+            if name.starts_with("DNS") {
+                row(
+                    &format!("{name}: eBPF per query, client side <= 0.35 µs"),
+                    format!(
+                        "{:.2} µs for both sides ({runs:.1} runs per query: the client's query and answer, the server's too)",
+                        ns / 1e3
+                    ),
+                    *ns <= 350.0,
+                );
+            } else {
+                row(
+                    &format!("{name}: eBPF per created task <= 0.20 µs"),
+                    format!(
+                        "{:.2} µs in {runs:.1} runs; {runs:.1} runs of an empty program: {:.2} µs",
+                        ns / 1e3,
+                        runs * self.floor_ns / 1e3
+                    ),
+                    *ns <= 200.0,
+                );
+            }
+        }
+        for (kind, us) in &self.replay_us {
+            let goal = if kind.starts_with("dns") { 2.0 } else { 1.5 };
+            row(
+                &format!("userspace per {kind} (replay) <= {goal} µs"),
+                format!("{us:.2} µs ({:.0} events/s per core)", 1e6 / us),
+                *us <= goal,
+            );
+        }
         for (name, tool, (f_rate, f_cpu), (c_rate, c_cpu)) in &self.ratios {
             let goal = if name.starts_with("DNS") { 0.95 } else { 0.98 };
             row(
@@ -314,18 +409,8 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
         let count = if env.quick { w.quick_count } else { w.count };
         // Namespaces and dnsmasq, if the workload's network has them: dropped (removed) after
         // the workload's last run.
-        let _net = w.net.up(&env.bin, WORKLOAD_CPU)?;
-        let _helper = match w.helper {
-            Some(args) => Some(Agent::start(
-                "DNS server",
-                Command::new("taskset")
-                    .args(["-c", WORKLOAD_CPU])
-                    .arg(env.bin.join("faultline-lab"))
-                    .args(args),
-                Ready::Stderr("DNS responder"),
-            )?),
-            None => None,
-        };
+        // The network and DNS server, if the workload has them: removed after its last run.
+        let _setting = w.set_up(env)?;
         let tools = [Tool::None, Tool::Faultline, w.comparison];
         let mut samples: Vec<Samples> = tools.iter().map(|_| Samples::default()).collect();
         for rep in 0..reps {
@@ -334,12 +419,7 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
                 let agent = start(env, tool, port)?;
                 let before = ProgStats::read()?;
                 let cpu0 = agent.as_ref().map_or(0.0, Agent::cpu_seconds);
-                let run = run_measured(
-                    w.net
-                        .workload(WORKLOAD_CPU, &env.bin.join("faultline-lab"))
-                        .args(w.lab)
-                        .arg(count.to_string()),
-                )?;
+                let run = run_measured(&mut w.command(env, count))?;
                 let after = ProgStats::read()?;
                 let s = &mut samples[i];
                 let (Some(done), Some(ns)) = (
@@ -390,6 +470,12 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
         found
             .ratios
             .push((w.name, w.comparison, ratio(&samples[1]), ratio(&samples[2])));
+        let runs: u64 = samples[1].programs.iter().map(|p| p.1).sum();
+        found.kernel.push((
+            w.name,
+            median(&mut samples[1].bpf_ns_per_op.clone()),
+            runs as f64 / f64::from(count),
+        ));
         for (tool, s) in tools.iter().zip(samples.iter_mut()) {
             let rate = median(&mut s.rate);
             let cpu = median(&mut s.cpu_us_per_op);
@@ -538,25 +624,49 @@ fn storm(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()
     Ok(())
 }
 
+/// The least a tracepoint program costs here: empty bpftrace probes on the tracepoints the
+/// task path uses, during thread create+join, their run time per run from bpf_stats (the
+/// statistics' own clock reads included, as in every figure of this file).
+fn floor(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()> {
+    let existing = ProgStats::read()?;
+    let agent = Agent::start(
+        "bpftrace (empty probes)",
+        Command::new("bpftrace").args([
+            "-e",
+            "tracepoint:syscalls:sys_exit_clone3 {} tracepoint:task:task_newtask {} tracepoint:sched:sched_process_exit {}",
+        ]),
+        Ready::Stdout("Attaching"),
+    )?;
+    let before = ProgStats::read()?;
+    let count = if env.quick { 300 } else { 20_000 };
+    run_measured(
+        Command::new("taskset")
+            .args(["-c", WORKLOAD_CPU])
+            .arg(env.bin.join("faultline-lab"))
+            .args(["spin-threads", &count.to_string()]),
+    )?;
+    let after = ProgStats::read()?;
+    agent.stop()?;
+    let programs = after.since(&before, &existing);
+    let (runs, ns) = programs.iter().fold((0, 0), |(r, t), p| (r + p.1, t + p.2));
+    if runs == 0 {
+        bail!("the empty bpftrace probes never ran");
+    }
+    found.floor_ns = ns as f64 / runs as f64;
+    writeln!(
+        doc,
+        "\n## The floor: an empty program\n\nEmpty bpftrace probes (`{{}}`) on `sys_exit_clone3`, `task_newtask` and `sched_process_exit` during {count} thread create+joins: **{:.0} ns per run** ({runs} runs), the least any tracepoint program costs on this machine with bpf_stats on. A created and exited thread runs four (the clone3 exit in parent and child, the new task, the exit).\n",
+        found.floor_ns
+    )?;
+    Ok(())
+}
+
 /// The userspace pipeline alone: recorded-shape ring records through decode, enrichment,
 /// attribution, metrics, the explain history and (failures) the JSON line, on one thread
 /// (`probe-user/examples/replay.rs`).
-fn replay(root: &Path, env: &Env, doc: &mut String) -> anyhow::Result<()> {
-    let mut build = Command::new("cargo");
-    build
-        .current_dir(root)
-        .args(["build", "-p", "probe-user", "--example", "replay"]);
-    if !env.quick {
-        build.arg("--release");
-    }
-    crate::run(&mut build)?;
+fn replay(root: &Path, env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()> {
     let count = if env.quick { "2000" } else { "200000" };
-    let out = stdout_of(
-        Command::new("taskset")
-            .args(["-c", WORKLOAD_CPU])
-            .arg(env.bin.join("examples/replay"))
-            .args([count, "--no-kube-api"]),
-    );
+    let out = stdout_of(&mut replay_command(root, env, count)?);
     let rows: Vec<&str> = out
         .lines()
         .filter(|l| l.contains("events/s per core"))
@@ -570,9 +680,34 @@ fn replay(root: &Path, env: &Env, doc: &mut String) -> anyhow::Result<()> {
     )?;
     for row in rows {
         writeln!(doc, "- {row}")?;
+        // "<kind>: ... events/s per core, <us> µs per event"
+        let us = row
+            .strip_suffix(" µs per event")
+            .and_then(|r| r.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if let (Some((kind, _)), Some(us)) = (row.split_once(':'), us) {
+            found.replay_us.push((kind.to_owned(), us));
+        }
     }
     writeln!(doc)?;
     Ok(())
+}
+
+/// The replay example, built, pinned, for `count` records of each kind.
+fn replay_command(root: &Path, env: &Env, count: &str) -> anyhow::Result<Command> {
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(root)
+        .args(["build", "-p", "probe-user", "--example", "replay"]);
+    if !env.quick {
+        build.arg("--release");
+    }
+    crate::run(&mut build)?;
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", WORKLOAD_CPU])
+        .arg(env.bin.join("examples/replay"))
+        .args([count, "--no-kube-api"]);
+    Ok(cmd)
 }
 
 fn footprint(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()> {

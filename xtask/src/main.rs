@@ -16,7 +16,7 @@ mod vm;
 /// Debian packages: what bpf-linker links against (LLVM 22, the major of the eBPF nightly),
 /// and what the integration tests run against: a real Prometheus and promtool, bpftool (to
 /// check programs are detached), dnsmasq and iptables (DNS through a service-IP DNAT).
-const APT_PACKAGES: [&str; 13] = [
+const APT_PACKAGES: [&str; 14] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
@@ -28,6 +28,8 @@ const APT_PACKAGES: [&str; 13] = [
     // The tools the benchmark compares faultline with.
     "bpftrace",
     "tcpdump",
+    // `cargo xtask bench --profile`.
+    "linux-perf",
     // The kernel matrix (`cargo xtask vm-test`): QEMU, and what virtme-ng needs on the host
     // to boot a kernel with this root filesystem (depmod, a static busybox for its initramfs).
     "qemu-system-x86",
@@ -88,8 +90,12 @@ enum Task {
     /// BENCHMARKS.md.
     Bench {
         /// One short run of each workload, to check that the benchmark works.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "profile")]
         quick: bool,
+        /// Each workload once beside faultline under `perf record`, and the replay: writes
+        /// where the time goes (programs, kernel, agent) to target/bench/profile/.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -104,7 +110,14 @@ fn main() -> std::process::ExitCode {
         } => setup().and_then(|()| vm::run(&workspace_root(), &kernel, &args, update_readme)),
         Task::Trace { args } => setup().and_then(|()| trace(&args)),
         Task::Dist => setup().and_then(|()| dist()),
-        Task::Bench { quick } => setup().and_then(|()| bench::run(&workspace_root(), quick)),
+        Task::Bench { quick, profile } => {
+            let mode = match (quick, profile) {
+                (true, _) => bench::Mode::Quick,
+                (_, true) => bench::Mode::Profile,
+                _ => bench::Mode::Full,
+            };
+            setup().and_then(|()| bench::run(&workspace_root(), mode))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -249,7 +262,7 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
         .args(args))?;
     if args.is_empty() {
         // The benchmark's smoke run: every workload, agent and measurement, briefly.
-        bench::run(&workspace_root(), true)?;
+        bench::run(&workspace_root(), bench::Mode::Quick)?;
         if !host_only {
             vm::run(&workspace_root(), &[], &[], false)?;
         }
