@@ -25,15 +25,13 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
-/// Who sent a flow, recorded on egress.
+/// Who sent a flow, recorded on egress: the same for every packet of the flow, so a flow is
+/// written once, not per packet.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowOwner {
     pub cgroup_id: u64,
     pub socket_cookie: u64,
-    /// DNS transaction id of the last query sent on the flow.
-    pub dns_id: u16,
-    pub _pad: [u8; 6],
 }
 
 /// Flows remembered for attribution (LRU: the oldest are forgotten first).
@@ -62,7 +60,9 @@ pub struct ConntrackDropEvent {
     pub ct_state: u8,
     /// 1 when the packet still belonged to a local socket.
     pub local: u8,
-    pub _pad: [u8; 6],
+    /// The DNS transaction id, from the dropped packet itself (UDP; meaningful to port 53).
+    pub dns_id: u16,
+    pub _pad: [u8; 4],
     pub ifname: [u8; 16],
 }
 

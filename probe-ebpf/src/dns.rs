@@ -191,7 +191,7 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
         6 => (6u8, pkt.load::<u8>(6)?, 40usize, 8usize),
         _ => return Ok(()),
     };
-    if l4 < 20 || l4 > 60 {
+    if !(20..=60).contains(&l4) {
         return Ok(());
     }
     let sport = u16::from_be(pkt.load::<u16>(l4)?);
@@ -222,8 +222,6 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
             // SAFETY: the context pointer is the skb of this program.
             cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) },
             socket_cookie: cookie,
-            dns_id: id,
-            _pad: [0; 6],
         };
         crate::conntrack::note_flow(&flow, &owner);
         Some((flow, owner.cgroup_id))
@@ -323,7 +321,9 @@ fn answered_one(cgroup_id: u64) {
 }
 
 /// A query leaving: kept in `DNS_PENDING` until its answer. A query already waiting under the
-/// same socket and id is a re-send: the earlier send ends as unanswered.
+/// same socket and id is a re-send: the earlier send ends as unanswered. A new query, the
+/// common case, costs one insert and its cgroup's quota count; only a failed insert looks for
+/// the earlier send.
 #[inline(always)]
 fn on_query(
     ctx: &SkBuffContext,
@@ -340,45 +340,8 @@ fn on_query(
     let pending = unsafe { &mut *pending };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    pending.send.prev_sent_ns = 0;
-    // SAFETY: the map returns a pointer into a live entry.
-    let prev = unsafe { DNS_PENDING.get(key) };
-    // A new query takes a slot of its cgroup's quota (the count itself, to raise below).
-    let mut count = None;
-    if prev.is_none() {
-        match under_quota(cgroup_id) {
-            Ok(c) => count = c,
-            Err(n) => {
-                debug!(
-                    ctx,
-                    "dns: cgroup {} has its quota of waiting queries ({})", cgroup_id, n
-                );
-                bump(DnsStat::PendingQuota);
-                return;
-            }
-        }
-    }
-    if let Some(prev) = prev {
-        pending.send.prev_sent_ns = prev.send.sent_ns;
-        match DNS_EVENTS.reserve::<DnsQueryEvent>(0) {
-            Some(mut entry) => {
-                // SAFETY: a reserved slot of the right size; every field is written.
-                let ev = unsafe { &mut *entry.as_mut_ptr() };
-                ev.key = *key;
-                ev.send = prev.send;
-                ev.done_ns = now;
-                ev.outcome = OUTCOME_RESENT;
-                ev._pad = [0; 3];
-                ev.dns_len = prev.send.dns_len as u32;
-                ev.captured = prev.send.captured as u32;
-                ev._pad2 = 0;
-                ev.payload[..DNS_QUERY_CAPTURE].copy_from_slice(&prev.query);
-                entry.submit(wakeup());
-            }
-            None => bump(DnsStat::RingbufFull),
-        }
-    }
     pending.send.sent_ns = now;
+    pending.send.prev_sent_ns = 0;
     pending.send.cgroup_id = cgroup_id;
     pending.send.family = flow.family;
     pending.send._pad = 0;
@@ -386,12 +349,53 @@ fn on_query(
     pending.send.dns_len = msg_len.min(u16::MAX as usize) as u16;
     pending.send.server = flow.daddr;
     pending.send.captured = copy_payload(ctx, payload, msg_len, &mut pending.query) as u16;
+    if DNS_PENDING
+        .insert(key, pending, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        // A new query takes a slot of its cgroup's quota, or is not kept.
+        match under_quota(cgroup_id) {
+            // SAFETY: a live, aligned u64 in a map value (entries are only removed by the
+            // sweep, which then rewrites every count).
+            Ok(Some(n)) => unsafe { *n = (*n).saturating_add(1) },
+            Ok(None) => {}
+            Err(n) => {
+                let _ = DNS_PENDING.remove(key);
+                debug!(
+                    ctx,
+                    "dns: cgroup {} has its quota of waiting queries ({})", cgroup_id, n
+                );
+                bump(DnsStat::PendingQuota);
+            }
+        }
+        return;
+    }
+    // SAFETY: the map returns a pointer into a live entry.
+    let Some(prev) = (unsafe { DNS_PENDING.get(key) }) else {
+        bump(DnsStat::PendingFull);
+        return;
+    };
+    pending.send.prev_sent_ns = prev.send.sent_ns;
+    match DNS_EVENTS.reserve::<DnsQueryEvent>(0) {
+        Some(mut entry) => {
+            // SAFETY: a reserved slot of the right size; every field is written.
+            let ev = unsafe { &mut *entry.as_mut_ptr() };
+            ev.key = *key;
+            ev.send = prev.send;
+            ev.done_ns = now;
+            ev.outcome = OUTCOME_RESENT;
+            ev._pad = [0; 3];
+            ev.dns_len = prev.send.dns_len as u32;
+            ev.captured = prev.send.captured as u32;
+            ev._pad2 = 0;
+            ev.payload[..DNS_QUERY_CAPTURE].copy_from_slice(&prev.query);
+            entry.submit(wakeup());
+        }
+        None => bump(DnsStat::RingbufFull),
+    }
+    // The re-send replaces the earlier send; it already holds its cgroup's slot.
     if DNS_PENDING.insert(key, pending, 0).is_err() {
         bump(DnsStat::PendingFull);
-    } else if let Some(n) = count {
-        // SAFETY: a live, aligned u64 in a map value (entries are only removed by the sweep,
-        // which then rewrites every count).
-        unsafe { *n = (*n).saturating_add(1) };
     }
 }
 

@@ -106,7 +106,9 @@ const WORKLOADS: [Workload; 4] = [
     },
     Workload {
         name: "DNS query+answer, pod to service IP via veth+DNAT to dnsmasq",
-        lab: &["dns-client", "--dns-server", netlab::SERVICE],
+        // A new socket per query, as glibc, musl and Go open one per lookup: each query is a
+        // new flow for the node's conntrack and DNAT, and for faultline's flow record.
+        lab: &["dns-client", "--dns-new-socket", "--dns-server", netlab::SERVICE],
         helper: None,
         net: Net::PodToService,
         count: 20_000,

@@ -408,10 +408,9 @@ fn report(
     };
     let is_dns = flow.proto == 17 && u16::from_be(flow.dport) == 53 && ev.owner.socket_cookie != 0;
     let dns = is_dns.then(|| DnsLink {
-        id: ev.owner.dns_id,
-        qname: dns.and_then(|t| {
-            t.note_conntrack_drop(ev.owner.socket_cookie, ev.owner.dns_id, cause.as_str())
-        }),
+        id: ev.dns_id,
+        qname: dns
+            .and_then(|t| t.note_conntrack_drop(ev.owner.socket_cookie, ev.dns_id, cause.as_str())),
     });
     let ifname = crate::text::c_string(&ev.ifname);
     let path = if ev.local != 0 {
