@@ -131,10 +131,7 @@ impl Workload {
         let helper = match self.helper {
             Some(args) => Some(Agent::start(
                 "DNS server",
-                Command::new("taskset")
-                    .args(["-c", WORKLOAD_CPU])
-                    .arg(env.bin.join("faultline-lab"))
-                    .args(args),
+                pinned(&env.bin.join("faultline-lab")).args(args),
                 Ready::Stderr("DNS responder"),
             )?),
             None => None,
@@ -155,6 +152,12 @@ impl Workload {
 const REPS: usize = 9;
 /// The CPU the workload (and its DNS server) is pinned to; agents run where they like.
 const WORKLOAD_CPU: &str = "1";
+
+/// `program` pinned to the workload's CPU, in the benchmark's own namespace; the caller adds
+/// the arguments.
+fn pinned(program: &Path) -> Command {
+    Net::Loopback.workload(WORKLOAD_CPU, program)
+}
 
 /// Where things are.
 struct Env {
@@ -416,8 +419,6 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
     let port = free_port()?;
     for w in &WORKLOADS {
         let count = if env.quick { w.quick_count } else { w.count };
-        // Namespaces and dnsmasq, if the workload's network has them: dropped (removed) after
-        // the workload's last run.
         // The network and DNS server, if the workload has them: removed after its last run.
         let _setting = w.set_up(env)?;
         let tools = [Tool::None, Tool::Faultline, w.comparison];
@@ -649,10 +650,7 @@ fn floor(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()
     let before = ProgStats::read()?;
     let count = if env.quick { 300 } else { 20_000 };
     run_measured(
-        Command::new("taskset")
-            .args(["-c", WORKLOAD_CPU])
-            .arg(env.bin.join("faultline-lab"))
-            .args(["spin-threads", &count.to_string()]),
+        pinned(&env.bin.join("faultline-lab")).args(["spin-threads", &count.to_string()]),
     )?;
     let after = ProgStats::read()?;
     agent.stop()?;
@@ -712,10 +710,8 @@ fn replay_command(root: &Path, env: &Env, count: &str) -> anyhow::Result<Command
         build.arg("--release");
     }
     crate::run(&mut build)?;
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", WORKLOAD_CPU])
-        .arg(env.bin.join("examples/replay"))
-        .args([count, "--no-kube-api"]);
+    let mut cmd = pinned(&env.bin.join("examples/replay"));
+    cmd.args([count, "--no-kube-api"]);
     Ok(cmd)
 }
 
