@@ -65,6 +65,19 @@ pub struct KernelOffsets {
     /// A syscall's first argument in the saved user registers at syscall exit:
     /// `pt_regs.di` on x86_64, `pt_regs.orig_x0` on arm64 (x0 holds the return value by then).
     pub pt_regs_arg0: u32,
+    /// The syscall number in the saved user registers (`pt_regs.orig_ax` on x86_64,
+    /// `pt_regs.syscallno` on arm64): what `raw_syscalls:sys_exit` filters on.
+    pub pt_regs_syscall_nr: u32,
+    /// This architecture's numbers of clone, clone3, fork and vfork ([`MISSING`] where it has
+    /// no such syscall: arm64 has no fork or vfork).
+    pub nr_clone: u32,
+    pub nr_clone3: u32,
+    pub nr_fork: u32,
+    pub nr_vfork: u32,
+    /// `cgroup.root` and `cgroup_root.hierarchy_id`: which hierarchy a removed cgroup was in
+    /// (the raw `cgroup_rmdir` tracepoint hands over the cgroup itself).
+    pub cgroup_root: u32,
+    pub cgroup_root_hierarchy_id: u32,
 }
 
 impl KernelOffsets {
@@ -109,6 +122,13 @@ impl KernelOffsets {
         memory_subsys_id: MISSING,
         ucount_rlimit_nproc: MISSING,
         pt_regs_arg0: MISSING,
+        pt_regs_syscall_nr: MISSING,
+        nr_clone: MISSING,
+        nr_clone3: MISSING,
+        nr_fork: MISSING,
+        nr_vfork: MISSING,
+        cgroup_root: MISSING,
+        cgroup_root_hierarchy_id: MISSING,
     };
 }
 
@@ -182,34 +202,18 @@ impl NetOffsets {
     };
 }
 
-/// Offsets of the tracepoint fields the programs read, from tracefs `format`
-/// files (stable in practice, but read rather than assumed).
+/// Offsets of the tracepoint fields the programs read, from tracefs `format` files (stable in
+/// practice, but read rather than assumed). Only the syscall exit tracepoints are perf
+/// tracepoints; every other program is a raw tracepoint, handed the kernel's own arguments.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TracepointOffsets {
     /// `sys_exit_*`: `ret`.
     pub exit_ret: u32,
-    /// `task:task_newtask`: `clone_flags`.
-    pub newtask_clone_flags: u32,
-    /// `cgroup:cgroup_rmdir`: `root` (hierarchy id) and `id` (cgroup id).
-    pub rmdir_root: u32,
-    pub rmdir_id: u32,
-    /// `skb:kfree_skb`: `skbaddr`, `location` and `reason` (Linux >= 5.17).
-    pub kfree_skb_skbaddr: u32,
-    pub kfree_skb_location: u32,
-    pub kfree_skb_reason: u32,
 }
 
 impl TracepointOffsets {
-    pub const NONE: TracepointOffsets = TracepointOffsets {
-        exit_ret: MISSING,
-        newtask_clone_flags: MISSING,
-        rmdir_root: MISSING,
-        rmdir_id: MISSING,
-        kfree_skb_skbaddr: MISSING,
-        kfree_skb_location: MISSING,
-        kfree_skb_reason: MISSING,
-    };
+    pub const NONE: TracepointOffsets = TracepointOffsets { exit_ret: MISSING };
 }
 
 #[cfg(feature = "user")]

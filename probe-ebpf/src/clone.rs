@@ -1,4 +1,7 @@
-//! Failed task creation: `syscalls:sys_exit_{clone,clone3,fork,vfork}`.
+//! Failed task creation: `syscalls:sys_exit_{clone,clone3,fork,vfork}`, or where those perf
+//! tracepoints cannot be attached (Debian's kernels refuse `perf_event_open` without
+//! CAP_SYS_ADMIN at perf_event_paranoid 3), the raw tracepoint `sys_exit` (a bpf link) filtered
+//! to the same four syscalls: it runs on every syscall's exit, and returns at once on success.
 //!
 //! The exit programs do nothing on success. On failure they read the clone flags from the
 //! syscall's first argument in the task's saved user registers (fork and vfork have fixed
@@ -9,7 +12,7 @@
 //! success path.
 
 use aya_ebpf::{
-    Global,
+    EbpfContext, Global,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_user,
@@ -18,9 +21,9 @@ use aya_ebpf::{
             bpf_ktime_get_ns, bpf_probe_read_kernel as probe_read_raw, bpf_task_pt_regs,
         },
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use probe_common::{
@@ -34,10 +37,10 @@ use probe_common::{
 use crate::kernel::{deref, global_field, read, tpoff};
 
 #[unsafe(no_mangle)]
-static CLONE_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
+pub(crate) static CLONE_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
 
-/// Address of the kernel's global `pid_max` variable (from /proc/kallsyms; 0 when unknown or
-/// where pid_max is per namespace): read at the failure, since it may change right after.
+/// Address of the kernel's global `pid_max` variable (from /proc/kallsyms, which shows it only
+/// to CAP_SYSLOG; 0 when hidden, unknown or where pid_max is per namespace): read at the failure, since it may change right after.
 #[unsafe(no_mangle)]
 static PID_MAX_ADDR: Global<u64> = Global::new(0);
 
@@ -77,38 +80,79 @@ const ERESTART_LAST: i64 = 516;
 
 #[tracepoint]
 pub fn clone_exit(ctx: TracePointContext) -> u32 {
-    on_exit(&ctx, Syscall::Clone);
+    on_tracepoint(&ctx, Syscall::Clone);
     0
 }
 
 #[tracepoint]
 pub fn clone3_exit(ctx: TracePointContext) -> u32 {
-    on_exit(&ctx, Syscall::Clone3);
+    on_tracepoint(&ctx, Syscall::Clone3);
     0
 }
 
 #[tracepoint]
 pub fn fork_exit(ctx: TracePointContext) -> u32 {
-    on_exit(&ctx, Syscall::Fork);
+    on_tracepoint(&ctx, Syscall::Fork);
     0
 }
 
 #[tracepoint]
 pub fn vfork_exit(ctx: TracePointContext) -> u32 {
-    on_exit(&ctx, Syscall::Vfork);
+    on_tracepoint(&ctx, Syscall::Vfork);
     0
+}
+
+/// `sys_exit(struct pt_regs *regs, long ret)`, for every syscall: the return value first (a
+/// success costs one compare), then the syscall number from the saved user registers.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn clone_sys_exit(ctx: RawTracePointContext) -> u32 {
+    let ret: i64 = ctx.arg(1);
+    if ret >= 0 {
+        return 0;
+    }
+    let regs: usize = ctx.arg(0);
+    let Some(nr) = read::<u64>(regs as *const u8, koff!(pt_regs_syscall_nr)) else {
+        return 0;
+    };
+    let syscall = if nr == u64::from(koff!(nr_clone)) {
+        Syscall::Clone
+    } else if nr == u64::from(koff!(nr_clone3)) {
+        Syscall::Clone3
+    } else if nr == u64::from(koff!(nr_fork)) {
+        Syscall::Fork
+    } else if nr == u64::from(koff!(nr_vfork)) {
+        Syscall::Vfork
+    } else {
+        return 0;
+    };
+    on_exit(&ctx, ret, syscall, Some(regs));
+    0
+}
+
+#[inline(always)]
+fn on_tracepoint(ctx: &TracePointContext, syscall: Syscall) {
+    let Some(ret) = crate::kernel::tp_u64(ctx, tpoff!(exit_ret)).map(|r| r as i64) else {
+        return;
+    };
+    if ret < 0 {
+        let regs = match syscall {
+            Syscall::Clone | Syscall::Clone3 => user_regs(),
+            Syscall::Fork | Syscall::Vfork => None,
+        };
+        on_exit(ctx, ret, syscall, regs);
+    }
 }
 
 /// The clone flags of the failing clone/clone3 call: its first argument (the flags, or for
 /// clone3 a user pointer to `struct clone_args`, whose first u64 is the flags), read from the
 /// user registers the kernel saved at syscall entry.
 #[inline(always)]
-fn syscall_flags(syscall: Syscall) -> Option<u64> {
+fn syscall_flags(syscall: Syscall, regs: Option<usize>) -> Option<u64> {
     let off = koff!(pt_regs_arg0);
     if off == MISSING {
         return None;
     }
-    let regs = user_regs()?;
+    let regs = regs?;
     let mut arg0: u64 = 0;
     // SAFETY: the registers are read with the fault-tolerant probe-read helper.
     if unsafe {
@@ -154,19 +198,17 @@ fn bump(stat: CloneStat) {
     crate::kernel::bump(&CLONE_STATS, stat as u32);
 }
 
+/// A failed task creation (`ret` < 0), with the saved user registers where known.
 #[inline(always)]
-fn on_exit(ctx: &TracePointContext, syscall: Syscall) {
-    let Some(ret) = crate::kernel::tp_u64(ctx, tpoff!(exit_ret)).map(|r| r as i64) else {
-        return;
-    };
-    if ret >= 0 || (-ret >= ERESTART_FIRST && -ret <= ERESTART_LAST) {
+fn on_exit<C: EbpfContext>(ctx: &C, ret: i64, syscall: Syscall, regs: Option<usize>) {
+    if -ret >= ERESTART_FIRST && -ret <= ERESTART_LAST {
         return;
     }
     bump(CloneStat::Failures);
     let flags = match syscall {
         Syscall::Fork => Some(FORK_FLAGS),
         Syscall::Vfork => Some(VFORK_FLAGS),
-        Syscall::Clone | Syscall::Clone3 => syscall_flags(syscall),
+        Syscall::Clone | Syscall::Clone3 => syscall_flags(syscall, regs),
     };
     if flags.is_none() {
         bump(CloneStat::MissingEntry);
@@ -189,7 +231,7 @@ fn on_exit(ctx: &TracePointContext, syscall: Syscall) {
 /// Says which evidence a failure lacks (a member offset this kernel does not have, or a read
 /// that failed): `trace --kernel-log warn` shows it. Removed by the verifier when off.
 #[inline(always)]
-fn log_missing(ctx: &TracePointContext, bits: u32) {
+fn log_missing<C: EbpfContext>(ctx: &C, bits: u32) {
     if bits & valid::PIDS == 0 {
         warn!(
             ctx,

@@ -1,4 +1,5 @@
-//! Conntrack drops: `skb:kfree_skb` filtered to the netfilter drop reason. For each dropped
+//! Conntrack drops: the raw tracepoint `kfree_skb` (attached through a bpf link: no
+//! `perf_event_open`), filtered to the netfilter drop reason. For each dropped
 //! packet one `ConntrackDropEvent` with the packet's tuple, its conntrack entry (state, status,
 //! original and reply tuples), the network namespace, and the socket that
 //! sent the flow when the DNS egress program recorded it in `FLOWS`. Counted per entry state.
@@ -6,9 +7,9 @@
 use aya_ebpf::{
     Global,
     helpers::generated::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use probe_common::{
     conntrack::{
@@ -18,14 +19,15 @@ use probe_common::{
     offsets::{MISSING, NetOffsets},
 };
 
-use crate::kernel::{deref, global_field, read, read_into, tpoff};
+use crate::kernel::{deref, global_field, read, read_into};
 
 #[unsafe(no_mangle)]
 pub static NET_OFFSETS: Global<NetOffsets> = Global::new(NetOffsets::NONE);
 
 /// `[start, end)` of `nf_hook_slow` in kernel text: where netfilter frees the packets it drops.
-/// Kernels before 5.17 have no drop reason in `skb:kfree_skb`; there a drop is a free whose
-/// `location` lies in this range.
+/// Kernels before 5.17 have no drop reason in `kfree_skb`; there a drop is a free whose
+/// `location` lies in this range. Read from /proc/kallsyms, which shows addresses only to
+/// CAP_SYSLOG: without them the loader does not attach this program on such kernels.
 #[unsafe(no_mangle)]
 pub static NF_DROP_SITE: Global<[u64; 2]> = Global::new([0; 2]);
 
@@ -70,38 +72,32 @@ fn bump(stat: ConntrackStat) {
     crate::kernel::bump(&CT_STATS, stat as u32);
 }
 
-#[tracepoint]
-pub fn conntrack_drop(ctx: TracePointContext) -> u32 {
+/// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)`; the
+/// reason argument arrived in 5.17.
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn conntrack_drop(ctx: RawTracePointContext) -> u32 {
     if !is_netfilter_drop(&ctx) {
         return 0;
     }
     bump(ConntrackStat::Drops);
-    let skb_off = tpoff!(kfree_skb_skbaddr) as usize;
-    // SAFETY: offset from this tracepoint's format file.
-    if let Ok(skb) = unsafe { ctx.read_at::<*const u8>(skb_off) } {
+    let skb: *const u8 = ctx.arg(0);
+    if !skb.is_null() {
         on_drop(skb);
     }
     0
 }
 
 /// The drop reason `SKB_DROP_REASON_NETFILTER_DROP` (5.17+), or before drop reasons existed,
-/// a free called from `nf_hook_slow`.
+/// a free called from `nf_hook_slow`. The branch is on a load-time constant: an older kernel's
+/// verifier never sees the third argument read, which its tracepoint does not have.
 #[inline(always)]
-fn is_netfilter_drop(ctx: &TracePointContext) -> bool {
-    let reason_off = tpoff!(kfree_skb_reason);
-    if reason_off != MISSING {
-        // SAFETY: offset from this tracepoint's format file.
-        let reason = unsafe { ctx.read_at::<u32>(reason_off as usize) };
-        return reason == Ok(net_off!(reason_netfilter_drop));
+fn is_netfilter_drop(ctx: &RawTracePointContext) -> bool {
+    let netfilter_drop = net_off!(reason_netfilter_drop);
+    if netfilter_drop != MISSING {
+        let reason: u64 = ctx.arg(2);
+        return reason == u64::from(netfilter_drop);
     }
-    let location_off = tpoff!(kfree_skb_location);
-    if location_off == MISSING {
-        return false;
-    }
-    // SAFETY: as above.
-    let Ok(location) = (unsafe { ctx.read_at::<u64>(location_off as usize) }) else {
-        return false;
-    };
+    let location: u64 = ctx.arg(1);
     let site = NF_DROP_SITE.load();
     site[0] != 0 && location >= site[0] && location < site[1]
 }

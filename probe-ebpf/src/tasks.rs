@@ -1,20 +1,29 @@
-//! Task creation and exit per cgroup: `task:task_newtask`, `sched:sched_process_exit` and
-//! `cgroup:cgroup_rmdir`. Counts only, in a per-CPU hash keyed by cgroup v2 id: no event on
+//! Task creation and exit per cgroup: the raw tracepoints `task_newtask`, `sched_process_exit`
+//! and `cgroup_rmdir`. Raw tracepoints attach through a bpf link (no `perf_event_open`, which
+//! Debian's kernels refuse without CAP_SYS_ADMIN at perf_event_paranoid 3) and are handed the
+//! kernel's own arguments, without the record a perf tracepoint builds first. Counts only, in a per-CPU hash keyed by cgroup v2 id: no event on
 //! the hot path. A removed cgroup's counters are dropped with it, so the map tracks live
 //! cgroups only; when it is full, the miss is counted, never silent.
 
 use aya_ebpf::{
     helpers::generated::bpf_get_current_cgroup_id,
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use probe_common::{
     clone::CLONE_THREAD,
+    offsets::KernelOffsets,
     tasks::{CGROUP_V2_ROOT, MAX_TASK_CGROUPS, TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
 
-use crate::kernel::{get_or_insert, tpoff};
+use crate::kernel::{deref, get_or_insert, global_field, read};
+
+macro_rules! koff {
+    ($field:ident) => {
+        global_field!(crate::clone::CLONE_KERNEL_OFFSETS, KernelOffsets, $field)
+    };
+}
 
 /// Preallocated (an insert never waits on an allocator), and sized by the loader to the
 /// node's CPU count: entries x value x CPUs stay within a fixed budget on any node.
@@ -26,9 +35,10 @@ static TASK_COUNTS: PerCpuHashMap<u64, TaskCounts> =
 #[map]
 static TASK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TASK_STAT_COUNT, 0);
 
-#[tracepoint]
-pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let flags = crate::kernel::tp_u64(&ctx, tpoff!(newtask_clone_flags)).unwrap_or(0);
+/// `task_newtask(struct task_struct *task, unsigned long clone_flags)`.
+#[raw_tracepoint(tracepoint = "task_newtask")]
+pub fn task_newtask(ctx: RawTracePointContext) -> u32 {
+    let flags: u64 = ctx.arg(1);
     // Runs in the parent: the child starts in the parent's cgroup.
     update(|c| {
         if flags & CLONE_THREAD != 0 {
@@ -40,20 +50,23 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn task_exit(_ctx: TracePointContext) -> u32 {
+/// `sched_process_exit(struct task_struct *p)`.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn task_exit(_ctx: RawTracePointContext) -> u32 {
     // Runs in the exiting task, still in its cgroup.
     update(|c| c.exited += 1);
     0
 }
 
-#[tracepoint]
-pub fn task_cgroup_rmdir(ctx: TracePointContext) -> u32 {
-    let (root_off, id_off) = (tpoff!(rmdir_root) as usize, tpoff!(rmdir_id) as usize);
-    // SAFETY: offsets from this tracepoint's format file.
-    let (Ok(root), Ok(id)) = (unsafe { ctx.read_at::<i32>(root_off) }, unsafe {
-        ctx.read_at::<u64>(id_off)
-    }) else {
+/// `cgroup_rmdir(struct cgroup *cgrp, const char *path)`: the hierarchy is
+/// `cgrp->root->hierarchy_id`, the id `cgrp->kn->id` (what the perf tracepoint records).
+#[raw_tracepoint(tracepoint = "cgroup_rmdir")]
+pub fn task_cgroup_rmdir(ctx: RawTracePointContext) -> u32 {
+    let cgrp: *const u8 = ctx.arg(0);
+    let root = deref(cgrp, koff!(cgroup_root))
+        .and_then(|root| read::<i32>(root, koff!(cgroup_root_hierarchy_id)));
+    let id = deref(cgrp, koff!(cgroup_kn)).and_then(|kn| read::<u64>(kn, koff!(kernfs_node_id)));
+    let (Some(root), Some(id)) = (root, id) else {
         return 0;
     };
     if root == CGROUP_V2_ROOT {

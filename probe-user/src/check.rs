@@ -7,7 +7,7 @@ use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
     attribution::netns::NetnsDirectory,
     kernel::btf::Btf,
-    kernel::loader::{self, Attachment, CLONE_PROGRAMS, CONNTRACK_PROGRAMS, Probes, TASK_PROGRAMS},
+    kernel::loader::{self, CLONE_PROGRAMS, Hook, Memlock, Probes, TASK_PROGRAMS},
     kernel::offsets,
     kernel::tracefs::Tracefs,
 };
@@ -68,11 +68,15 @@ pub fn run(args: &CheckArgs) -> bool {
             r.line(Status::Ok, "tracefs", t.root().display().to_string());
             tracepoints(&mut r, t);
         }
-        Err(e) => r.line(Status::Fail, "tracefs", format!("{e:#}")),
+        Err(e) => r.line(
+            Status::Warn,
+            "tracefs",
+            format!("{e:#}: failed task creation is traced through the raw sys_exit tracepoint (every syscall's exit)"),
+        ),
     }
     cgroups(&mut r);
-    if let (Ok(()), Some(btf), Ok(tracefs)) = (&privileged, &btf, &tracefs) {
-        programs(&mut r, args, &kernel, btf, tracefs);
+    if let (Ok(()), Some(btf)) = (&privileged, &btf) {
+        programs(&mut r, args, &kernel, btf, tracefs.as_ref().ok());
     }
     conntrack_counters(&mut r);
     r.line(
@@ -90,29 +94,6 @@ pub fn run(args: &CheckArgs) -> bool {
     );
     r.core_ok
 }
-
-/// The tracepoint signals: their programs, their name here, how bad their absence is and
-/// what is lost without them.
-const TRACEPOINT_SIGNALS: [(&[Attachment], &str, Status, &str); 3] = [
-    (
-        &CLONE_PROGRAMS,
-        "clone programs",
-        Status::Fail,
-        "no failed task creation can be traced",
-    ),
-    (
-        &TASK_PROGRAMS,
-        "task counter programs",
-        Status::Warn,
-        "no per-cgroup task counts (top, headroom warnings)",
-    ),
-    (
-        &CONNTRACK_PROGRAMS,
-        "conntrack drop program",
-        Status::Warn,
-        "no conntrack drops (the counters still work)",
-    ),
-];
 
 /// Privileges and lockdown; `Ok` when programs may be loaded.
 fn access(r: &mut Report) -> anyhow::Result<()> {
@@ -185,18 +166,21 @@ fn btf(r: &mut Report, args: &CheckArgs) -> Option<Btf> {
     Some(btf)
 }
 
+/// The perf tracepoints the clone programs prefer (the other programs attach to raw
+/// tracepoints, which need no tracefs).
 fn tracepoints(r: &mut Report, t: &Tracefs) {
-    for (programs, _, missing_status, lost) in TRACEPOINT_SIGNALS {
-        for &(_, category, tracepoint) in programs {
-            if t.has_event(category, tracepoint) {
-                r.line(Status::Ok, "tracepoint", format!("{category}:{tracepoint}"));
-            } else {
-                r.line(
-                    missing_status,
-                    "tracepoint",
-                    format!("{category}:{tracepoint} missing: {lost}"),
-                );
-            }
+    for a in CLONE_PROGRAMS {
+        let Hook::Tracepoint(category, name) = a.hook else {
+            continue;
+        };
+        if t.has_event(category, name) {
+            r.line(Status::Ok, "tracepoint", format!("{category}:{name}"));
+        } else {
+            r.line(
+                Status::Warn,
+                "tracepoint",
+                format!("{category}:{name} missing: failed task creation through the raw sys_exit tracepoint"),
+            );
         }
     }
 }
@@ -239,26 +223,75 @@ fn cgroups(r: &mut Report) {
     }
 }
 
-/// Verifying and attaching for real: the only honest test of the program types.
-fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: &Tracefs) {
+/// Verifying and attaching for real: the only honest test of the program types and of the
+/// privileges this process has.
+fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: Option<&Tracefs>) {
     let refused = |e: &anyhow::Error| verifier_error(e, kernel, args.verbose);
+    let cpus = aya::util::nr_cpus().map_or(1, |n| u64::from(n.get()));
+    let memlock = Memlock::raise(cpus);
+    let short = memlock.shortfall().is_some();
+    r.line(
+        if short { Status::Fail } else { Status::Ok },
+        "memlock",
+        memlock.describe(),
+    );
     let mut probes = match Probes::load(btf, tracefs, crate::kernel::loader::KernelLog::Off) {
         Ok(probes) => probes,
+        Err(_) if short => {
+            return r.line(Status::Fail, "eBPF object", "not loaded (memlock above)");
+        }
         Err(e) => return r.line(Status::Fail, "eBPF object", format!("{e:#}")),
     };
-    for (programs, name, missing_status, _) in TRACEPOINT_SIGNALS {
-        match probes.attach(programs) {
-            Ok(()) => r.line(
-                Status::Ok,
-                "tracepoint programs",
-                format!("{name} verified and attached (then detached)"),
+    let attached =
+        |what: &str, how: &str| format!("{what} verified and attached {how} (then detached)");
+    match probes.attach_clone() {
+        Ok(path) => r.line(
+            Status::Ok,
+            "tracepoint programs",
+            attached("clone programs", path.describe()),
+        ),
+        Err(e) => r.line(
+            Status::Fail,
+            "tracepoint programs",
+            format!(
+                "clone programs: {}: no failed task creation can be traced",
+                refused(&e)
             ),
-            Err(e) => r.line(
-                missing_status,
-                "tracepoint programs",
-                format!("{name}: {}", refused(&e)),
+        ),
+    }
+    match probes.attach(&TASK_PROGRAMS) {
+        Ok(()) => r.line(
+            Status::Ok,
+            "tracepoint programs",
+            attached("task counter programs", "to raw tracepoints"),
+        ),
+        Err(e) => r.line(
+            Status::Warn,
+            "tracepoint programs",
+            format!(
+                "task counter programs: {}: no per-cgroup task counts (top, headroom warnings)",
+                refused(&e)
             ),
-        }
+        ),
+    }
+    match probes.attach_conntrack() {
+        Ok(_) => r.line(
+            Status::Ok,
+            "tracepoint programs",
+            attached("conntrack drop program", "to the raw tracepoint kfree_skb"),
+        ),
+        Err(e) => r.line(
+            Status::Warn,
+            "tracepoint programs",
+            format!("conntrack drop program: {}", refused(&e)),
+        ),
+    }
+    for d in &probes.degraded {
+        r.line(
+            Status::Warn,
+            "degraded",
+            format!("{} probe: {}", d.probe(), d.describe()),
+        );
     }
     if args.verbose {
         object_inventory(&probes);
@@ -296,7 +329,7 @@ fn conntrack_counters(r: &mut Report) {
         Err(e) => r.line(
             Status::Warn,
             "conntrack counters",
-            format!("{e:#}: drops are traced but not told apart by counters (cause other)"),
+            format!("{e:#}: drops are traced but not told apart by counters (cause other; ctnetlink needs CAP_NET_ADMIN)"),
         ),
     }
 }

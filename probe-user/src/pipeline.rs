@@ -14,7 +14,7 @@ use crate::{
     attribution::netns::NetnsDirectory,
     attribution::pods::{Attributor, PodArgs},
     kernel::loader::{
-        CLONE_PROGRAMS, EventRing, KernelArgs, KernelLog, KernelLogger, Probes, TASK_PROGRAMS,
+        ClonePath, Degraded, EventRing, KernelArgs, KernelLog, KernelLogger, Probes, TASK_PROGRAMS,
     },
     signals::clone::{self, CloneFailure, Enricher},
     signals::conntrack::{self, ClashesResolved, Classifier, ConntrackDrop, CtTable},
@@ -113,7 +113,11 @@ impl Pipeline {
     ) -> anyhow::Result<Self> {
         let mut probes = Probes::open(kernel, kernel_log)?;
         let clone = if want.clone {
-            let r = probes.attach(&CLONE_PROGRAMS);
+            let r = probes.attach_clone().map(|path| {
+                if path == ClonePath::RawSysExit {
+                    tracing::info!("note: failed task creation is traced {}", path.describe());
+                }
+            });
             let ok = r.is_ok();
             attached(Signal::Clone, r)?;
             ok
@@ -171,6 +175,11 @@ impl Pipeline {
             tasks,
             kernel_log,
         })
+    }
+
+    /// Evidence the attached probes lack here for want of a privilege.
+    pub fn degraded(&self) -> &[Degraded] {
+        &self.probes.degraded
     }
 
     pub fn has(&self, signal: Signal) -> bool {

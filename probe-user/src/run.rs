@@ -119,6 +119,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    for d in pipeline.degraded() {
+        metrics.probe_degraded(d.probe(), d.reason());
+    }
     if !pipeline.has(Signal::Clone) && !pipeline.has(Signal::Tasks) {
         bail!("no probe could be attached (see the lines above)");
     }

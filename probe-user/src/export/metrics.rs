@@ -215,6 +215,7 @@ pub struct Metrics {
     node_pid_max: IntGauge,
     totals: KernelTotals,
     probe_attached: IntGaugeVec,
+    probe_degraded: IntGaugeVec,
     dns_queries: IntCounterVec,
     dns_duration: HistogramVec,
     dns_retransmits: IntCounterVec,
@@ -307,6 +308,11 @@ impl Metrics {
                 "faultline_probe_attached",
                 "1 when a probe's programs are attached, 0 when the kernel refused them.",
                 &["probe"],
+            )?,
+            probe_degraded: gauge_vec(
+                "faultline_probe_degraded",
+                "1 when an attached probe lacks evidence for want of a privilege (the reason: e.g. kernel_addresses_hidden, no CAP_SYSLOG); see `faultline check`.",
+                &["probe", "reason"],
             )?,
             dns_queries: counter(
                 "faultline_dns_queries_total",
@@ -485,6 +491,12 @@ impl Metrics {
         self.probe_attached
             .with_label_values(&[probe])
             .set(attached as i64);
+    }
+
+    pub fn probe_degraded(&self, probe: &str, reason: &str) {
+        self.probe_degraded
+            .with_label_values(&[probe, reason])
+            .set(1);
     }
 
     pub fn clone_failure(&self, f: &CloneFailure) {

@@ -1,5 +1,6 @@
 //! Pipeline stage 1, load -> attach: the eBPF object built from probe-ebpf, given this kernel's
-//! offsets, and its programs attached to their tracepoints. Owns the maps afterwards.
+//! offsets, and its programs attached to their tracepoints through the path this kernel and
+//! these privileges allow (raw tracepoints need no `perf_event_open`). Owns the maps afterwards.
 
 use std::collections::HashMap;
 
@@ -7,12 +8,13 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint},
 };
 use probe_common::{
     clone::{CLONE_STAT_COUNT, CloneStat},
     conntrack::{CT_STAT_COUNT, ConntrackStat},
     dns::{DNS_STAT_COUNT, DnsKey, DnsPending, DnsStat, DnsTcpCounts, MAX_DNS_TCP_CGROUPS},
+    offsets::MISSING,
     tasks::{MAX_TASK_CGROUPS, TASK_STAT_COUNT, TaskCounts, TaskStat},
 };
 
@@ -30,26 +32,118 @@ pub type EventRing = tokio::io::unix::AsyncFd<RingBuf<MapData>>;
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
-/// A program and the tracepoint (category, name) it attaches to.
-pub type Attachment = (&'static str, &'static str, &'static str);
+/// Where a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// A perf tracepoint (category, name): attached through `perf_event_open`, which Debian's
+    /// kernels refuse without CAP_SYS_ADMIN at perf_event_paranoid 3.
+    Tracepoint(&'static str, &'static str),
+    /// A raw tracepoint by name: attached through a bpf link, with CAP_BPF and CAP_PERFMON.
+    Raw(&'static str),
+}
 
-/// Failed task creation.
+/// A program of the object and its hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub program: &'static str,
+    pub hook: Hook,
+}
+
+const fn tracepoint(
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+) -> Attachment {
+    Attachment {
+        program,
+        hook: Hook::Tracepoint(category, name),
+    }
+}
+
+const fn raw(program: &'static str, name: &'static str) -> Attachment {
+    Attachment {
+        program,
+        hook: Hook::Raw(name),
+    }
+}
+
+/// Failed task creation: the four syscalls' exit tracepoints (run only on those syscalls).
 pub const CLONE_PROGRAMS: [Attachment; 4] = [
-    ("clone_exit", "syscalls", "sys_exit_clone"),
-    ("clone3_exit", "syscalls", "sys_exit_clone3"),
-    ("fork_exit", "syscalls", "sys_exit_fork"),
-    ("vfork_exit", "syscalls", "sys_exit_vfork"),
+    tracepoint("clone_exit", "syscalls", "sys_exit_clone"),
+    tracepoint("clone3_exit", "syscalls", "sys_exit_clone3"),
+    tracepoint("fork_exit", "syscalls", "sys_exit_fork"),
+    tracepoint("vfork_exit", "syscalls", "sys_exit_vfork"),
 ];
+
+/// Failed task creation where the perf tracepoints cannot be attached: every syscall's exit,
+/// filtered in the program (syscall tracepoints have no raw form of their own).
+pub const CLONE_RAW_PROGRAMS: [Attachment; 1] = [raw("clone_sys_exit", "sys_exit")];
 
 /// Task creation and exit counters per cgroup.
 pub const TASK_PROGRAMS: [Attachment; 3] = [
-    ("task_newtask", "task", "task_newtask"),
-    ("task_exit", "sched", "sched_process_exit"),
-    ("task_cgroup_rmdir", "cgroup", "cgroup_rmdir"),
+    raw("task_newtask", "task_newtask"),
+    raw("task_exit", "sched_process_exit"),
+    raw("task_cgroup_rmdir", "cgroup_rmdir"),
 ];
 
 /// Packets dropped by netfilter.
-pub const CONNTRACK_PROGRAMS: [Attachment; 1] = [("conntrack_drop", "skb", "kfree_skb")];
+pub const CONNTRACK_PROGRAMS: [Attachment; 1] = [raw("conntrack_drop", "kfree_skb")];
+
+/// How the clone programs are attached on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClonePath {
+    /// `syscalls:sys_exit_{clone,clone3,fork,vfork}`.
+    SyscallTracepoints,
+    /// `raw_syscalls:sys_exit` (a raw tracepoint), the perf tracepoints refused.
+    RawSysExit,
+}
+
+impl ClonePath {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ClonePath::SyscallTracepoints => "via syscalls:sys_exit_{clone,clone3,fork,vfork}",
+            ClonePath::RawSysExit => {
+                "via the raw tracepoint sys_exit (the syscall tracepoints need perf_event_open, refused here: Debian's perf_event_paranoid 3 wants CAP_SYS_ADMIN); runs on every syscall's exit, returning at once on success"
+            }
+        }
+    }
+}
+
+/// Evidence a probe lacks on this node although it is attached: said by `check`, in `run`'s
+/// log, and in `faultline_probe_degraded`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Degraded {
+    /// Before 6.14 pid_max is one global variable, found in /proc/kallsyms, which shows
+    /// addresses only to CAP_SYSLOG: the value used is the one userspace reads after the failure.
+    GlobalPidMaxHidden,
+}
+
+impl Degraded {
+    /// The probe (signal) it degrades, as `faultline_probe_attached` names it.
+    pub fn probe(self) -> &'static str {
+        match self {
+            Degraded::GlobalPidMaxHidden => "clone",
+        }
+    }
+
+    /// The metric's `reason` label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Degraded::GlobalPidMaxHidden => "kernel_addresses_hidden",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Degraded::GlobalPidMaxHidden => {
+                "kernel addresses hidden (no CAP_SYSLOG): the node's pid_max (global before 6.14) is read after a failure, not at it"
+            }
+        }
+    }
+}
+
+/// What the conntrack-drop program cannot do without kernel addresses (before 5.17).
+const CONNTRACK_BLIND: &str = "kernel addresses hidden (no CAP_SYSLOG): before 5.17 a conntrack drop cannot be told from another freed packet (no drop reasons; the free's location is compared with nf_hook_slow's address): conntrack drops off, the counters still work";
 
 /// Where the kernel's types come from. Every command that loads the programs takes it.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -116,6 +210,10 @@ pub struct Probes {
     pub missing_members: Vec<&'static str>,
     /// Older layouts or mechanisms used in place of newer ones on this kernel.
     pub fallbacks: Vec<&'static str>,
+    /// Evidence missing for want of a privilege.
+    pub degraded: Vec<Degraded>,
+    /// Why the conntrack-drop program cannot tell a netfilter drop here, if it cannot.
+    conntrack_blind: Option<&'static str>,
 }
 
 /// Counters the DNS programs keep in the kernel, summed over CPUs.
@@ -172,29 +270,40 @@ impl Probes {
     /// Everything before attaching, for the commands: privileges, tracefs, BTF, load.
     pub fn open(args: &KernelArgs, kernel_log: KernelLog) -> anyhow::Result<Self> {
         require_privileges()?;
-        let tracefs = Tracefs::find_or_mount()?;
+        // Only the syscall exit tracepoints need tracefs; without it they fall back to a raw
+        // tracepoint.
+        let tracefs = Tracefs::find_or_mount()
+            .inspect_err(|e| tracing::info!("note: {e:#}"))
+            .ok();
         let btf = Btf::from_option(args.btf.as_deref()).context(
             "kernel BTF is required (CONFIG_DEBUG_INFO_BTF, or --btf with a vmlinux or BTF file)",
         )?;
-        let probes = Probes::load(&btf, &tracefs, kernel_log)?;
+        let probes = Probes::load(&btf, tracefs.as_ref(), kernel_log)?;
         for member in &probes.missing_members {
             tracing::info!("note: this kernel has no {member}; that evidence will be missing");
+        }
+        for d in &probes.degraded {
+            tracing::warn!("{} probe degraded: {}", d.probe(), d.describe());
         }
         Ok(probes)
     }
 
     /// Loads the object with offsets from `btf` and `tracefs`. Does not attach anything.
-    pub fn load(btf: &Btf, tracefs: &Tracefs, kernel_log: KernelLog) -> anyhow::Result<Self> {
-        raise_memlock_limit();
+    pub fn load(
+        btf: &Btf,
+        tracefs: Option<&Tracefs>,
+        kernel_log: KernelLog,
+    ) -> anyhow::Result<Self> {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as u64);
+        let memlock = Memlock::raise(cpus);
         let kernel = offsets::kernel(btf);
         let net = offsets::net(btf);
         let tracepoints = offsets::tracepoints(tracefs);
         let symbols = offsets::KernelSymbols::read();
         let level = kernel_log.level();
-        let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as u64);
         // Both per-cgroup hashes are keyed by a cgroup id.
         const U64: u32 = size_of::<u64>() as u32;
-        let mut ebpf = EbpfLoader::new()
+        let loaded = EbpfLoader::new()
             .map_max_entries(
                 "TASK_COUNTS",
                 per_cpu_hash_entries(MAX_TASK_CGROUPS, U64, size_of::<TaskCounts>() as u32, cpus),
@@ -214,12 +323,27 @@ impl Probes {
             .override_global("TP_OFFSETS", &tracepoints.offsets, true)
             .override_global("NF_DROP_SITE", &symbols.nf_drop_site, true)
             .override_global("PID_MAX_ADDR", &symbols.pid_max, true)
-            .load(OBJECT)
-            .context("loading the eBPF object")?;
+            .load(OBJECT);
+        let mut ebpf = match (loaded, memlock.shortfall()) {
+            (Ok(ebpf), _) => ebpf,
+            (Err(e), Some(short)) => return Err(anyhow::Error::new(e).context(short)),
+            (Err(e), None) => return Err(e).context("loading the eBPF object"),
+        };
         let mut missing_members = kernel.missing;
         missing_members.extend(net.missing);
         let mut fallbacks = kernel.fallbacks;
         fallbacks.extend(net.fallbacks);
+        let mut degraded = Vec::new();
+        if kernel.offsets.pidns_pid_max == MISSING && symbols.pid_max == 0 && symbols.hidden {
+            degraded.push(Degraded::GlobalPidMaxHidden);
+        }
+        let conntrack_blind = (net.offsets.reason_netfilter_drop == MISSING
+            && symbols.nf_drop_site[0] == 0)
+            .then_some(if symbols.hidden {
+                CONNTRACK_BLIND
+            } else {
+                "no drop reasons (before 5.17) and nf_hook_slow not in /proc/kallsyms: conntrack drops off, the counters still work"
+            });
         let logger = if kernel_log == KernelLog::Off {
             None
         } else {
@@ -232,6 +356,8 @@ impl Probes {
             logger,
             missing_members,
             fallbacks,
+            degraded,
+            conntrack_blind,
         })
     }
 
@@ -240,21 +366,60 @@ impl Probes {
         self.logger.take()
     }
 
-    /// Loads (verifies) and attaches programs to their tracepoints.
+    /// Loads (verifies) and attaches programs to their hooks.
     pub fn attach(&mut self, programs: &[Attachment]) -> anyhow::Result<()> {
-        for &(program, category, tracepoint) in programs {
-            let prog: &mut TracePoint = self
+        for a in programs {
+            let program = self
                 .ebpf
-                .program_mut(program)
-                .with_context(|| format!("program {program} missing from the eBPF object"))?
-                .try_into()
-                .with_context(|| format!("program {program} is not a tracepoint"))?;
-            prog.load()
-                .with_context(|| format!("verifying program {program}"))?;
-            prog.attach(category, tracepoint)
-                .with_context(|| format!("attaching {program} to {category}:{tracepoint}"))?;
+                .program_mut(a.program)
+                .with_context(|| format!("program {} missing from the eBPF object", a.program))?;
+            match a.hook {
+                Hook::Tracepoint(category, name) => {
+                    let prog: &mut TracePoint = program
+                        .try_into()
+                        .with_context(|| format!("program {} is not a tracepoint", a.program))?;
+                    prog.load()
+                        .with_context(|| format!("verifying program {}", a.program))?;
+                    prog.attach(category, name)
+                        .with_context(|| format!("attaching {} to {category}:{name}", a.program))?;
+                }
+                Hook::Raw(name) => {
+                    let prog: &mut RawTracePoint = program.try_into().with_context(|| {
+                        format!("program {} is not a raw tracepoint", a.program)
+                    })?;
+                    prog.load()
+                        .with_context(|| format!("verifying program {}", a.program))?;
+                    prog.attach(name).with_context(|| {
+                        format!("attaching {} to the raw tracepoint {name}", a.program)
+                    })?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Attaches the clone programs: the syscall exit tracepoints where `perf_event_open` is
+    /// allowed, else the raw `sys_exit` tracepoint. Both refused: both reasons.
+    pub fn attach_clone(&mut self) -> anyhow::Result<ClonePath> {
+        let tracepoints = match self.attach(&CLONE_PROGRAMS) {
+            Ok(()) => return Ok(ClonePath::SyscallTracepoints),
+            Err(e) => e,
+        };
+        // Detach whichever of the four did attach before one was refused.
+        for a in &CLONE_PROGRAMS {
+            if let Some(prog) = self.ebpf.program_mut(a.program)
+                && let Ok(prog) = <&mut TracePoint>::try_from(prog)
+            {
+                let _ = prog.unload();
+            }
+        }
+        match self.attach(&CLONE_RAW_PROGRAMS) {
+            Ok(()) => Ok(ClonePath::RawSysExit),
+            Err(raw) => Err(raw.context(format!(
+                "the syscall exit tracepoints were refused too ({})",
+                brief(&tracepoints)
+            ))),
+        }
     }
 
     /// Attaches the DNS programs (cgroup_skb egress and ingress) to the cgroup v2 root, where
@@ -370,8 +535,16 @@ impl Probes {
     /// Attaches the conntrack-drop program and returns its ring of `ConntrackDropEvent`s
     /// (once).
     pub fn conntrack_events(&mut self) -> anyhow::Result<EventRing> {
-        self.attach(&CONNTRACK_PROGRAMS)?;
+        self.attach_conntrack()?;
         self.take_ring("CT_EVENTS")
+    }
+
+    /// Attaches the conntrack-drop program, where it can tell a netfilter drop on this node.
+    pub fn attach_conntrack(&mut self) -> anyhow::Result<()> {
+        if let Some(blind) = self.conntrack_blind {
+            bail!("{blind}");
+        }
+        self.attach(&CONNTRACK_PROGRAMS)
     }
 
     pub fn conntrack_stats(&self) -> anyhow::Result<ConntrackStats> {
@@ -684,13 +857,134 @@ pub fn require_privileges() -> anyhow::Result<()> {
     )
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
-/// Raising it is best effort: where it cannot be raised the load error says so.
-fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+/// What RLIMIT_MEMLOCK means for loading here. Kernels before 5.11 charge eBPF maps (and
+/// programs) to it, per user; later ones to the memory cgroup. Raising it needs
+/// CAP_SYS_RESOURCE, which a container does not have unless asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Memlock {
+    /// Linux 5.11+: maps are charged to the memory cgroup, the limit does not apply.
+    Cgroup,
+    /// Raised to unlimited.
+    Unlimited,
+    /// A kernel that charges the limit, which could not be raised: `limit` bytes, of which
+    /// the maps need about `need`.
+    Limited {
+        kernel: String,
+        limit: u64,
+        need: u64,
+    },
+}
+
+/// The first release that charges eBPF memory to the memory cgroup instead of RLIMIT_MEMLOCK.
+const MEMCG_CHARGED: (u32, u32) = (5, 11);
+
+impl Memlock {
+    /// Raises the limit to unlimited (best effort), and says where that leaves the load.
+    pub fn raise(cpus: u64) -> Memlock {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: plain setrlimit(2) with a valid struct.
+        let raised = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0;
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        if release_at_least(&kernel, MEMCG_CHARGED) {
+            return Memlock::Cgroup;
+        }
+        let mut current = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain getrlimit(2) into a valid struct.
+        let read = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) } == 0;
+        if raised || (read && current.rlim_cur == libc::RLIM_INFINITY) {
+            return Memlock::Unlimited;
+        }
+        Memlock::Limited {
+            kernel,
+            limit: current.rlim_cur,
+            need: object_maps_memory(cpus),
+        }
+    }
+
+    /// Why loading fails here, when the limit is below what the maps need.
+    pub fn shortfall(&self) -> Option<String> {
+        match self {
+            Memlock::Limited {
+                kernel,
+                limit,
+                need,
+            } if limit < need => Some(format!(
+                "kernel {kernel} charges eBPF maps to RLIMIT_MEMLOCK: {} KiB here, faultline's maps need about {} MiB; give the container CAP_SYS_RESOURCE (faultline then raises the limit itself) or a memlock limit of at least that",
+                limit / 1024,
+                need.div_ceil(1 << 20)
+            )),
+            _ => None,
+        }
+    }
+
+    /// One line for `check`.
+    pub fn describe(&self) -> String {
+        match self {
+            Memlock::Cgroup => {
+                "not charged: Linux 5.11+ charges eBPF maps to the memory cgroup".to_owned()
+            }
+            Memlock::Unlimited => {
+                "raised to unlimited (this kernel charges eBPF maps to RLIMIT_MEMLOCK)".to_owned()
+            }
+            Memlock::Limited { limit, need, .. } => self.shortfall().unwrap_or_else(|| {
+                format!(
+                    "{} KiB, enough for the maps' ~{} MiB",
+                    limit / 1024,
+                    need.div_ceil(1 << 20)
+                )
+            }),
+        }
+    }
+}
+
+/// Whether a release string ("5.10.0-32-amd64") is at least `(major, minor)`; an unreadable
+/// one counts as new.
+fn release_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => true,
+    }
+}
+
+/// The embedded object's maps as it declares them (before any is created), costed like
+/// [`LoadedMap::bytes`].
+pub fn object_maps_memory(cpus: u64) -> u64 {
+    const HASH: u32 = 1;
+    const PERCPU_HASH: u32 = 5;
+    const PERCPU_ARRAY: u32 = 6;
+    const LRU_HASH: u32 = 9;
+    const LRU_PERCPU_HASH: u32 = 10;
+    const RINGBUF: u32 = 27;
+    let Ok(object) = aya_obj::Object::parse(OBJECT) else {
+        return 0;
     };
-    // SAFETY: plain setrlimit(2) with a valid struct.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    let maps: Vec<LoadedMap> = object
+        .maps
+        .iter()
+        .map(|(name, m)| {
+            let t = m.map_type();
+            LoadedMap {
+                name: name.clone(),
+                kind: t.to_string(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries: m.max_entries(),
+                per_cpu: matches!(t, PERCPU_HASH | PERCPU_ARRAY | LRU_PERCPU_HASH),
+                hash: matches!(t, HASH | PERCPU_HASH | LRU_HASH | LRU_PERCPU_HASH),
+                ring: t == RINGBUF,
+            }
+        })
+        .collect();
+    maps_memory(&maps, cpus)
 }

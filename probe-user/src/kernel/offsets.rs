@@ -33,6 +33,17 @@ macro_rules! members {
     };
 }
 
+/// This architecture's clone, clone3, fork and vfork syscall numbers (arm64 has no fork or
+/// vfork: glibc makes them clone calls there).
+fn syscall_numbers() -> (u32, u32, u32, u32) {
+    let nr = |n: libc::c_long| u32::try_from(n).unwrap_or(MISSING);
+    #[cfg(target_arch = "x86_64")]
+    let (fork, vfork) = (nr(libc::SYS_fork), nr(libc::SYS_vfork));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (fork, vfork) = (MISSING, MISSING);
+    (nr(libc::SYS_clone), nr(libc::SYS_clone3), fork, vfork)
+}
+
 macro_rules! enumerators {
     ($btf:ident, $out:ident, $missing:ident; $($field:ident = $name:literal,)*) => {
         $(
@@ -60,6 +71,8 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
         css_parent = "cgroup_subsys_state"."parent",
         cgroup_kn = "cgroup"."kn",
         kernfs_node_id = "kernfs_node"."id",
+        cgroup_root = "cgroup"."root",
+        cgroup_root_hierarchy_id = "cgroup_root"."hierarchy_id",
         pids_css = "pids_cgroup"."css",
         pids_counter = "pids_cgroup"."counter",
         pids_limit = "pids_cgroup"."limit",
@@ -111,6 +124,16 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
         Some(off) => o.pt_regs_arg0 = off,
         None => missing.push("pt_regs.di"),
     }
+    // The syscall number, for the raw `sys_exit` tracepoint: orig_ax on x86_64, syscallno on
+    // arm64.
+    match ["syscallno", "orig_ax"]
+        .iter()
+        .find_map(|m| btf.member_offset("pt_regs", m).ok())
+    {
+        Some(off) => o.pt_regs_syscall_nr = off,
+        None => missing.push("pt_regs.orig_ax"),
+    }
+    (o.nr_clone, o.nr_clone3, o.nr_fork, o.nr_vfork) = syscall_numbers();
     // Where the saved user registers are: bpf_task_pt_regs (5.15+), else the top of the
     // task's kernel stack.
     if btf.enum_value("BPF_FUNC_task_pt_regs").is_ok() {
@@ -225,6 +248,9 @@ pub struct KernelSymbols {
     pub nf_drop_site: [u64; 2],
     /// The global `pid_max` variable (kernels before 6.14), read at each failure.
     pub pid_max: u64,
+    /// /proc/kallsyms lists symbols but shows every address as 0: they are shown only to
+    /// CAP_SYSLOG (at kptr_restrict 0 also at perf_event_paranoid <= 1).
+    pub hidden: bool,
 }
 
 impl KernelSymbols {
@@ -234,6 +260,7 @@ impl KernelSymbols {
         KernelSymbols {
             nf_drop_site: function_range(&symbols, "nf_hook_slow").unwrap_or([0; 2]),
             pid_max: symbol(&symbols, "pid_max", &["d", "D"]).unwrap_or(0),
+            hidden: symbols.is_empty() && !kallsyms.is_empty(),
         }
     }
 }
@@ -270,32 +297,14 @@ fn function_range(symbols: &[(u64, &str, &str)], name: &str) -> Option<[u64; 2]>
     Some([start, end])
 }
 
-/// Offsets of the tracepoint fields the programs read. A tracepoint this kernel lacks leaves
-/// its fields `MISSING` and is listed; attaching its program then fails with its name.
-pub fn tracepoints(tracefs: &Tracefs) -> Resolved<TracepointOffsets> {
+/// Offsets of the syscall exit tracepoints' `ret` field. Missing when tracefs is not there
+/// (or lacks them): the clone programs then attach to the raw `sys_exit` tracepoint instead.
+pub fn tracepoints(tracefs: Option<&Tracefs>) -> Resolved<TracepointOffsets> {
     let mut o = TracepointOffsets::NONE;
     let mut missing = Vec::new();
-    for (field, category, event, name) in [
-        (&mut o.exit_ret, "syscalls", "sys_exit_clone", "ret"),
-        (
-            &mut o.newtask_clone_flags,
-            "task",
-            "task_newtask",
-            "clone_flags",
-        ),
-        (&mut o.rmdir_root, "cgroup", "cgroup_rmdir", "root"),
-        (&mut o.rmdir_id, "cgroup", "cgroup_rmdir", "id"),
-        (&mut o.kfree_skb_skbaddr, "skb", "kfree_skb", "skbaddr"),
-        (&mut o.kfree_skb_location, "skb", "kfree_skb", "location"),
-    ] {
-        match tracefs.field_offset(category, event, name) {
-            Ok(off) => *field = off,
-            Err(_) => missing.push(event),
-        }
-    }
-    // The drop reason field arrived in 5.17.
-    if let Ok(off) = tracefs.field_offset("skb", "kfree_skb", "reason") {
-        o.kfree_skb_reason = off;
+    match tracefs.map(|t| t.field_offset("syscalls", "sys_exit_clone", "ret")) {
+        Some(Ok(off)) => o.exit_ret = off,
+        _ => missing.push("sys_exit_clone"),
     }
     Resolved {
         offsets: o,
