@@ -412,6 +412,12 @@ fn on_response(ctx: &SkBuffContext, key: &DnsKey, flags: u8, payload: usize, msg
     };
     let Some(mut entry) = DNS_EVENTS.reserve::<DnsQueryEvent>(0) else {
         bump(DnsStat::RingbufFull);
+        // Answered all the same: left waiting, the query would be swept as a timeout that
+        // never happened, holding its cgroup's quota until then. Its answer is counted lost.
+        let cgroup = pending.send.cgroup_id;
+        if DNS_PENDING.remove(key).is_ok() {
+            answered_one(cgroup);
+        }
         return;
     };
     // SAFETY: a reserved slot of the right size; every field is written before submit.

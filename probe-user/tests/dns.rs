@@ -768,3 +768,61 @@ fn explain_finds_search_path_amplification_and_timeouts_per_workload() {
         "{report:#}"
     );
 }
+
+/// Answers the reader could not take in time (the daemon stopped while a pod's queries are all
+/// answered, so the ring of query events fills) are lost and counted, never reported as
+/// timeouts, and do not use up the pod's quota of waiting queries.
+#[test]
+fn a_full_ring_loses_answers_but_invents_no_timeouts() {
+    let lab = DnsLab::start();
+    let path = lab.path();
+    let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGSTOP) };
+    // 3,000 answered queries: more than the 1 MiB ring holds (~1,700).
+    let sent = lab.client_output(&format!(
+        "{} dns-client 3000 --dns-server {SERVER_IP}:53",
+        *LAB
+    ));
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGCONT) };
+    assert!(sent.contains(r#""created":3000"#), "{sent}");
+    let sel = format!(r#"workload="{path}""#);
+    let sum = |m: &str, prefix: &str, must: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(&sel) && l.contains(must))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let lost = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("faultline_events_lost_total{source=\"dns\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let m = eventually(Duration::from_secs(30), "the answers the ring held", || {
+        let m = daemon.metrics();
+        (lost(&m) > 0.0 && sum(&m, "faultline_dns_queries_total{", r#"outcome="answered""#) > 0.0)
+            .then_some(m)
+    });
+    // Past the timeout and a sweep: nothing the kernel saw answered may turn into a timeout.
+    std::thread::sleep(Duration::from_secs(3));
+    let m2 = daemon.metrics();
+    let answered = sum(&m2, "faultline_dns_queries_total{", r#"outcome="answered""#);
+    assert_eq!(
+        sum(&m2, "faultline_dns_queries_total{", r#"outcome="timeout""#),
+        0.0,
+        "answered queries reported as timeouts:\n{m2}"
+    );
+    assert_eq!(
+        answered + lost(&m2),
+        3000.0,
+        "every query is reported or counted lost:\n{m}"
+    );
+    assert!(
+        m2.lines().all(|l| !l
+            .starts_with(r#"faultline_dns_untracked_total{reason="cgroup_quota"}"#)
+            || l.ends_with(" 0")),
+        "answered queries held the quota:\n{m2}"
+    );
+}
