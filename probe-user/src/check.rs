@@ -244,7 +244,7 @@ fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: 
     };
     let attached =
         |what: &str, how: &str| format!("{what} verified and attached {how} (then detached)");
-    match probes.attach_clone() {
+    match probes.attach_clone(args.kernel.clone_hook) {
         Ok(path) => r.line(
             Status::Ok,
             "tracepoint programs",

@@ -113,7 +113,7 @@ impl Pipeline {
     ) -> anyhow::Result<Self> {
         let mut probes = Probes::open(kernel, kernel_log)?;
         let clone = if want.clone {
-            let r = probes.attach_clone().map(|path| {
+            let r = probes.attach_clone(kernel.clone_hook).map(|path| {
                 if path == ClonePath::RawSysExit {
                     tracing::info!("note: failed task creation is traced {}", path.describe());
                 }

@@ -103,7 +103,7 @@ impl ClonePath {
         match self {
             ClonePath::SyscallTracepoints => "via syscalls:sys_exit_{clone,clone3,fork,vfork}",
             ClonePath::RawSysExit => {
-                "via the raw tracepoint sys_exit (the syscall tracepoints need perf_event_open, refused here: Debian's perf_event_paranoid 3 wants CAP_SYS_ADMIN); runs on every syscall's exit, returning at once on success"
+                "via the raw tracepoint sys_exit (where the syscall tracepoints' perf_event_open is refused: Debian's perf_event_paranoid 3 wants CAP_SYS_ADMIN); runs on every syscall's exit, returning at once on success"
             }
         }
     }
@@ -152,6 +152,22 @@ pub struct KernelArgs {
     /// instead of /sys/kernel/btf/vmlinux.
     #[arg(long, env = "FAULTLINE_BTF")]
     pub btf: Option<std::path::PathBuf>,
+    /// How failed task creation is hooked: the syscall exit tracepoints where perf_event_open
+    /// is allowed, else the raw sys_exit tracepoint (`auto`); or only one of them.
+    #[arg(long, env = "FAULTLINE_CLONE_HOOK", value_enum, default_value_t)]
+    pub clone_hook: CloneHook,
+}
+
+/// How failed task creation is hooked (`--clone-hook`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CloneHook {
+    /// The syscall exit tracepoints, else (perf_event_open refused) the raw sys_exit tracepoint.
+    #[default]
+    Auto,
+    /// Only the syscall exit tracepoints (perf_event_open; run on those four syscalls only).
+    Tracepoints,
+    /// Only the raw sys_exit tracepoint (a bpf link; runs on every syscall's exit).
+    Raw,
 }
 
 /// What the programs may log (`trace --kernel-log`): missing evidence, rejected packets. `off`
@@ -398,11 +414,18 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the clone programs: the syscall exit tracepoints where `perf_event_open` is
-    /// allowed, else the raw `sys_exit` tracepoint. Both refused: both reasons.
-    pub fn attach_clone(&mut self) -> anyhow::Result<ClonePath> {
+    /// Attaches the clone programs as `hook` says: with `Auto`, the syscall exit tracepoints
+    /// where `perf_event_open` is allowed, else the raw `sys_exit` tracepoint (both refused:
+    /// both reasons).
+    pub fn attach_clone(&mut self, hook: CloneHook) -> anyhow::Result<ClonePath> {
+        if hook == CloneHook::Raw {
+            return self
+                .attach(&CLONE_RAW_PROGRAMS)
+                .map(|()| ClonePath::RawSysExit);
+        }
         let tracepoints = match self.attach(&CLONE_PROGRAMS) {
             Ok(()) => return Ok(ClonePath::SyscallTracepoints),
+            Err(e) if hook == CloneHook::Tracepoints => return Err(e),
             Err(e) => e,
         };
         // Detach whichever of the four did attach before one was refused.
