@@ -43,6 +43,9 @@ use netlab::Net;
 enum Tool {
     None,
     Faultline,
+    /// faultline with failed task creation on the raw sys_exit tracepoint, the path Debian's
+    /// kernels (perf_event_paranoid 3) leave the DaemonSet: it runs on every syscall's exit.
+    FaultlineRawClone,
     Bpftrace,
     /// tcpdump capturing the workload's DNS where a node agent would on that network.
     Tcpdump(Net),
@@ -53,6 +56,7 @@ impl Tool {
         match self {
             Tool::None => "no probe",
             Tool::Faultline => "faultline run",
+            Tool::FaultlineRawClone => "faultline run --clone-hook raw",
             Tool::Bpftrace => "bpftrace (equivalent script)",
             Tool::Tcpdump(_) => "tcpdump -w /dev/null udp port 53",
         }
@@ -258,8 +262,8 @@ fn median(v: &mut [f64]) -> f64 {
 fn start(env: &Env, tool: Tool, port: u16) -> anyhow::Result<Option<Agent>> {
     Ok(match tool {
         Tool::None => None,
-        Tool::Faultline => Some(Agent::start(
-            "faultline run",
+        Tool::Faultline | Tool::FaultlineRawClone => Some(Agent::start(
+            tool.name(),
             Command::new(env.bin.join("faultline")).args([
                 "run",
                 "--listen",
@@ -275,6 +279,12 @@ fn start(env: &Env, tool: Tool, port: u16) -> anyhow::Result<Option<Agent>> {
                 "redact",
                 "--refresh",
                 "1s",
+                "--clone-hook",
+                if tool == Tool::FaultlineRawClone {
+                    "raw"
+                } else {
+                    "auto"
+                },
             ]),
             Ready::Stderr("faultline: running on node"),
         )?),
@@ -421,7 +431,12 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
         let count = if env.quick { w.quick_count } else { w.count };
         // The network and DNS server, if the workload has them: removed after its last run.
         let _setting = w.set_up(env)?;
-        let tools = [Tool::None, Tool::Faultline, w.comparison];
+        let tools = [
+            Tool::None,
+            Tool::Faultline,
+            w.comparison,
+            Tool::FaultlineRawClone,
+        ];
         let mut samples: Vec<Samples> = tools.iter().map(|_| Samples::default()).collect();
         for rep in 0..reps {
             for (i, &tool) in tools.iter().enumerate() {
@@ -447,7 +462,7 @@ fn overhead(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result
                     s.agent_us_per_op
                         .push((a.cpu_seconds() - cpu0) * 1e6 / done);
                     let programs = after.since(&before, &existing);
-                    if tool == Tool::Faultline {
+                    if matches!(tool, Tool::Faultline | Tool::FaultlineRawClone) {
                         for (name, insns, jited) in after.sizes(&existing) {
                             sizes.insert(name, (insns, jited));
                         }
