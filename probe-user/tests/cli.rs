@@ -11,7 +11,7 @@ use std::{
 use common::FAULTLINE;
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(&*FAULTLINE)
+    let out = common::faultline()
         .args(args)
         .output()
         .expect("running faultline");
@@ -60,7 +60,8 @@ fn check_reports_each_item_and_passes_here() {
         "syscalls:sys_exit_clone3",
         "pids controller",
         "tracepoint programs",
-        "skb:kfree_skb",
+        "raw tracepoint kfree_skb",
+        "memlock",
         "cgroup_skb programs",
         "conntrack counters",
     ] {
@@ -80,6 +81,7 @@ fn check_reports_each_item_and_passes_here() {
 #[test]
 fn without_privileges_trace_fails_with_one_line() {
     common::require_root();
+    // Not as deployed: faultline as an unprivileged uid (the launcher keeps uid 0).
     // A copy nobody can execute, whatever the permissions of the checkout's directories.
     let dir = std::env::temp_dir().join(common::unique("unprivileged"));
     std::fs::create_dir_all(&dir).expect("creating a temp dir");
@@ -136,7 +138,7 @@ fn zero_intervals_and_closed_pipes() {
     common::require_root();
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!("{} check | head -1", *FAULTLINE))
+        .arg(format!("{} check | head -1", common::faultline_shell()))
         .output()
         .expect("sh");
     let stderr = String::from_utf8_lossy(&out.stderr);

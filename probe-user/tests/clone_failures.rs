@@ -451,7 +451,7 @@ fn a_missing_offset_shows_as_a_kernel_log_line() {
         "{events:#?}"
     );
     // check reads the same description and names what it lacks.
-    let check = std::process::Command::new(&*FAULTLINE)
+    let check = common::faultline()
         .args(["check", "--btf", &path])
         .output()
         .expect("running check");

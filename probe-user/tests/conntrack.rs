@@ -30,7 +30,8 @@ fn drops_in(events: &[Value], netns: u64) -> Vec<&Value> {
 fn insert_failed_case(plan: &'static Plan) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = CtLab::start(plan);
-    let trace = Trace::start(&["--events", "conntrack,dns", "--dns-timeout", "1500ms"]);
+    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
+    let trace = Trace::start_full_root(&["--events", "conntrack,dns", "--dns-timeout", "1500ms"]);
     let server = lab.server(53);
     lab.client(1, &format!("1 --dns-server {server}"));
     let before = lab.counters();
@@ -106,7 +107,8 @@ fn resolved_clash_is_a_near_miss_not_a_drop() {
     sh(&format!(
         "ip netns exec {r} iptables -I FORWARD -p udp --dport 5355 -j NFQUEUE --queue-num 7"
     ));
-    let trace = Trace::start(&["--events", "conntrack"]);
+    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
+    let trace = Trace::start_full_root(&["--events", "conntrack"]);
     let before = lab.counters();
     let mut hold = Lab::spawn_in(Some(&r), &["nfqueue-hold", "2", "--queue", "7"]);
     assert!(hold.line().contains("ready"), "nfqueue-hold did not start");
@@ -153,7 +155,8 @@ fn resolved_clash_is_a_near_miss_not_a_drop() {
 fn table_full_drops_name_the_limit() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = CtLab::start(&V4);
-    let trace = Trace::start(&["--events", "conntrack"]);
+    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
+    let trace = Trace::start_full_root(&["--events", "conntrack"]);
     lab.client(1, &format!("1 --dns-server {}", lab.server(53)));
     let before = lab.counters();
     let drops = {
@@ -187,7 +190,8 @@ fn a_drop_rule_is_a_rule_not_an_insert_failure() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = CtLab::start(&V4);
     lab.drop_dns();
-    let trace = Trace::start(&["--events", "conntrack"]);
+    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
+    let trace = Trace::start_full_root(&["--events", "conntrack"]);
     let before = lab.counters();
     lab.client(1, &format!("2 --dns-server {}", lab.server(53)));
     let after = lab.counters();
@@ -212,7 +216,8 @@ fn conntrack_drops_reach_otlp_configured_by_the_standard_variables() {
     lab.drop_dns();
     let receiver = OtlpReceiver::start_refusing(1);
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
-    let daemon = Daemon::start_with_env(
+    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
+    let daemon = Daemon::start_full_root(
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
@@ -310,7 +315,8 @@ fn conntrack_module_btf_is_read_on_top_of_vmlinux() {
 fn explain_names_the_insert_failures_sender_and_the_clashing_snat() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = CtLab::start(&V4);
-    let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
+    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
+    let daemon = Daemon::start_full_root(&[], &["--no-events", "--dns-timeout", "1s"]);
     let server = lab.server(53);
     lab.client(1, &format!("1 --dns-server {server}"));
     lab.client(2, &format!("3 --dns-server {server}"));

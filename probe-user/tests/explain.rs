@@ -6,10 +6,7 @@
 
 mod common;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -25,7 +22,7 @@ const CID: &str = "f1e2d3c4b5a6978877665544332211000f1e2d3c4b5a69788776655443322
 
 /// `faultline explain` with these arguments: (exit code, stdout, stderr).
 fn explain(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(&*FAULTLINE)
+    let out = common::faultline()
         .arg("explain")
         .args(args)
         .args(["--no-kube-api"])

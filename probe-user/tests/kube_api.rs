@@ -360,7 +360,8 @@ fn a_conntrack_drop_is_attributed_by_pod_ip() {
     );
     let config = kubeconfig(api.port);
     let lab = CtLab::start(&V4);
-    let trace = Trace::start(&[
+    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
+    let trace = Trace::start_full_root(&[
         "--events",
         "conntrack",
         "--kubeconfig",

@@ -176,7 +176,7 @@ fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
     // Two samples this far apart: the leak creates a thread or two in between.
     let window = format!("{}ms", 300 * pace());
     let once = |tag: &str| -> Value {
-        let out = std::process::Command::new(&*FAULTLINE)
+        let out = common::faultline()
             .args([
                 "top",
                 "--once",
@@ -306,17 +306,18 @@ fn top_lists_an_idle_cgroup_that_holds_tasks() {
     let path = cg.path();
     let join = cg.join_args();
     let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let hold = (4000 * pace()).to_string();
+    // Held until `top` has answered (then ended), within the lab's 60 s: under emulation `top
+    // --once` takes 15-30 s to load and attach, more than any fixed hold that fits the pace.
     let mut held = Lab::spawn(
         &[
-            &["threads", "42", "--comm", "fl-idle", "--hold-ms", &hold][..],
+            &["threads", "42", "--comm", "fl-idle", "--hold-ms", "50000"][..],
             &join,
         ]
         .concat(),
     );
     let report = held.report();
     assert_eq!((report.created, report.failures), (42, 0), "{report:?}");
-    let out = std::process::Command::new(&*FAULTLINE)
+    let out = common::faultline()
         .args([
             "top", "--once", "-o", "json", "--sort", "live", "--cgroup", &path,
         ])
@@ -331,5 +332,7 @@ fn top_lists_an_idle_cgroup_that_holds_tasks() {
     let r = row(&snapshot, &path).unwrap_or_else(|| panic!("{path} missing: {snapshot}"));
     assert_eq!(r["live"], 43, "{r}");
     assert_eq!(r["threads_created"], 0, "{r}");
-    held.wait();
+    // SAFETY: killing the lab this test started (its `timeout` parent then reaps it).
+    unsafe { libc::kill(report.pid as i32, libc::SIGKILL) };
+    drop(held);
 }

@@ -11,12 +11,13 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod deployed;
 mod vm;
 
 /// Debian packages: what bpf-linker links against (LLVM 22, the major of the eBPF nightly),
 /// and what the integration tests run against: a real Prometheus and promtool, bpftool (to
 /// check programs are detached), dnsmasq and iptables (DNS through a service-IP DNAT).
-const APT_PACKAGES: [&str; 14] = [
+const APT_PACKAGES: [&str; 16] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
@@ -35,6 +36,11 @@ const APT_PACKAGES: [&str; 14] = [
     "qemu-system-x86",
     "kmod",
     "busybox-static",
+    // The image test (probe-user/tests/image.rs): a base image from Debian's packages, and a
+    // container runtime to run it as the DaemonSet says (Debian's docker.io, 20.10, cannot
+    // add CAP_BPF or CAP_PERFMON to a container; podman can).
+    "mmdebstrap",
+    "podman",
 ];
 /// Must match EBPF_TOOLCHAIN in probe-user/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
@@ -78,6 +84,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write target/as-deployed/profile.json from the rendered manifest (`test` and `vm-test`
+    /// do it first), for running test binaries by hand as deployed:
+    /// `FAULTLINE_AS_DEPLOYED=$PWD/target/as-deployed/profile.json cargo test ...`.
+    AsDeployedProfile,
     /// Setup, build, then write the man page and shell completions (from the command line's
     /// own definition) to target/dist.
     Dist,
@@ -110,6 +120,9 @@ fn main() -> std::process::ExitCode {
         } => setup().and_then(|()| vm::run(&workspace_root(), &kernel, &args, update_readme)),
         Task::Trace { args } => setup().and_then(|()| trace(&args)),
         Task::Dist => setup().and_then(|()| dist()),
+        Task::AsDeployedProfile => deployed::write_profile(&workspace_root()).map(|p| {
+            println!("{}", p.path.display());
+        }),
         Task::Bench { quick, profile } => {
             let mode = match (quick, profile) {
                 (true, _) => bench::Mode::Quick,
@@ -255,11 +268,29 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the test suite loads eBPF programs and creates cgroups: run it as root");
     }
-    build_lab(&workspace_root(), false)?;
+    let root = workspace_root();
+    build_lab(&root, false)?;
+    // The image test (probe-user/tests/image.rs) ships the release binary in the image.
     run(Command::new("cargo")
-        .current_dir(workspace_root())
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "probe-user"]))?;
+    // The kernel-facing tests run faultline as the DaemonSet does (the harness wraps it in the
+    // launcher; the few tests that need more say so), with a runtime's 64 KiB memlock.
+    let profile = deployed::write_profile(&root)?;
+    let launcher = root.join("target/debug").join(deployed::LAUNCHER);
+    deployed::remove_cgroup(&launcher)?;
+    let tests = run(Command::new("cargo")
+        .current_dir(&root)
         .arg("test") // default-members: every crate but the BPF-only probe-ebpf
-        .args(args))?;
+        .args(args)
+        .env("FAULTLINE_AS_DEPLOYED", &profile.path)
+        .env(
+            "FAULTLINE_AS_DEPLOYED_MEMLOCK",
+            deployed::MEMLOCK_64K.to_string(),
+        ));
+    // Also after a failure: what a killed test left in the launcher's cgroup, and the cgroup.
+    let removed = deployed::remove_cgroup(&launcher);
+    tests.and(removed)?;
     if args.is_empty() {
         // The benchmark's smoke run: every workload, agent and measurement, briefly.
         bench::run(&workspace_root(), bench::Mode::Quick)?;
@@ -270,8 +301,9 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// faultline-lab (its own crate, `lab/`): the tests, the VM runs and the benchmark run it
-/// from the target directory, and `cargo test` alone does not build another crate's binary.
+/// faultline-lab and faultline-as-deployed (their own crate, `lab/`): the tests, the VM runs
+/// and the benchmark run them from the target directory, and `cargo test` alone does not
+/// build another crate's binary.
 pub fn build_lab(root: &Path, release: bool) -> anyhow::Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root).args(["build", "-p", "faultline-lab"]);

@@ -1,7 +1,9 @@
 //! `cargo xtask vm-test`: the kernel matrix. Boots Debian's stock kernels (the ones production
 //! nodes run) under QEMU with this machine's root filesystem shared read-only (virtme-ng), and
 //! runs `faultline check` and the real-kernel integration tests inside each, against the same
-//! build as the host suite.
+//! build as the host suite. The tests run faultline as the DaemonSet does (xtask/src/deployed.rs),
+//! and `check` runs so too, on this machine as well: with two runtime memlock limits and once
+//! without each capability the manifest adds (the README's capability matrix).
 //!
 //! Kernels come from Debian's own suites through a private apt configuration under
 //! `target/vm/apt` (the host's apt sources are never touched) and are unpacked with `dpkg -x`
@@ -16,6 +18,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::deployed;
 
 /// One kernel of the matrix: the Debian suite that ships it and its image package. When the
 /// pinned package has left the suite's index, the newest package with the same prefix is used
@@ -273,6 +277,8 @@ pub struct Outcome {
     pub failed: Vec<String>,
     pub passed: Vec<String>,
     pub secs: f64,
+    /// `faultline check` as deployed.
+    pub deployed: deployed::Checks,
 }
 
 /// The README section the matrix writes and checks: one row per kernel, from its `faultline
@@ -373,11 +379,32 @@ pub fn run(
     setup(root, &kernels)?;
     let bins = test_binaries(root)?;
     let p = Paths::new(root);
+    let profile = deployed::write_profile(root)?;
+    let host = deployed::host_checks(root, &profile, &p.vm.join("out/host"))?;
     let mut outcomes = Vec::new();
     for k in &kernels {
-        outcomes.push(run_kernel(&p, k, &bins, filter)?);
+        outcomes.push(run_kernel(&p, k, &bins, filter, &profile)?);
     }
-    let mut failed = false;
+    // The capability matrix: each kernel's as-deployed checks, then this machine's.
+    let mut checks: Vec<&deployed::Checks> = outcomes.iter().map(|o| &o.deployed).collect();
+    checks.push(&host);
+    let (cap_rows, unneeded) = deployed::matrix(&checks, &profile.caps);
+    eprintln!("\nxtask: capability matrix (faultline check as deployed)\n{cap_rows}");
+    let ran: Vec<&str> = checks.iter().map(|c| c.kernel.as_str()).collect();
+    for cap in &unneeded {
+        eprintln!(
+            "xtask: warning: removing CAP_{cap} changed nothing on {}: the manifest should not ask for it",
+            ran.join(", ")
+        );
+    }
+    let broken = host.broken();
+    let mut failed = !broken.is_empty();
+    if failed {
+        eprintln!(
+            "xtask: faultline check as deployed on this machine failed to run: {} (target/vm/out/host/)",
+            broken.join("; ")
+        );
+    }
     eprintln!("\nxtask: kernel matrix");
     for o in &outcomes {
         let status = if o.failed.is_empty() { "ok" } else { "FAILED" };
@@ -405,6 +432,7 @@ pub fn run(
             .map(|(k, o)| table_row(k, o))
             .collect();
         check_readme(root, &rows, update_readme)?;
+        deployed::check_readme(root, &profile.caps, &cap_rows, update_readme)?;
     }
     Ok(())
 }
@@ -414,6 +442,7 @@ fn run_kernel(
     k: &Kernel,
     bins: &[(String, PathBuf)],
     filter: &[String],
+    profile: &deployed::Profile,
 ) -> anyhow::Result<Outcome> {
     let out = p.vm.join("out").join(k.name);
     let _ = fs::remove_dir_all(&out);
@@ -422,10 +451,14 @@ fn run_kernel(
     let bin = p.vm.join("bin").join(k.name);
     let _ = fs::remove_dir_all(&bin);
     fs::create_dir_all(&bin)?;
-    for name in ["faultline", "faultline-lab"] {
+    for name in ["faultline", "faultline-lab", deployed::LAUNCHER] {
         fs::copy(p.root.join("target/debug").join(name), bin.join(name))
             .with_context(|| format!("copying target/debug/{name}"))?;
     }
+    let profile_copy = bin.join("profile.json");
+    fs::copy(&profile.path, &profile_copy)
+        .with_context(|| format!("copying {}", profile.path.display()))?;
+    let launcher = bin.join(deployed::LAUNCHER);
     let mut script = format!(
         "#!/bin/sh\n\
          # Runs inside the VM as root; everything it reports goes to {out}.\n\
@@ -435,11 +468,22 @@ fn run_kernel(
          echo booted > {out}/booted\n\
          uname -r > {out}/uname\n\
          pid_max=$(cat /proc/sys/kernel/pid_max)\n\
-         {bin}/faultline check --verbose > {out}/check.txt 2>&1; echo $? > {out}/check.rc\n",
+         {bin}/faultline check --verbose > {out}/check.txt 2>&1; echo $? > {out}/check.rc\n\
+         {launcher} --remove-cgroup > {out}/cgroup-cleanup.txt 2>&1\n",
         out = out.display(),
         name = k.name,
         bin = bin.display(),
         pkg = p.root.join("probe-user").display(),
+        launcher = launcher.display(),
+    );
+    // `check` as deployed (after the root one, which mounts tracefs as a node's systemd does),
+    // then every test binary runs faultline so.
+    script += &deployed::capbnd_script(&out);
+    script += &deployed::check_script(&bin, &profile_copy, &out, &profile.caps);
+    script += &format!(
+        "export FAULTLINE_AS_DEPLOYED={} FAULTLINE_AS_DEPLOYED_MEMLOCK={}\n",
+        profile_copy.display(),
+        deployed::MEMLOCK_64K
     );
     let selected: Vec<&(String, PathBuf)> = bins
         .iter()
@@ -457,7 +501,11 @@ fn run_kernel(
             filter = filter.join(" "),
         );
     }
-    script += &format!("echo done > {}/done\n", out.display());
+    script += &format!(
+        "{} --remove-cgroup >> {out}/cgroup-cleanup.txt 2>&1\necho done > {out}/done\n",
+        launcher.display(),
+        out = out.display()
+    );
     let script_path = out.join("guest.sh");
     fs::write(&script_path, script)?;
 
@@ -488,9 +536,15 @@ fn run_kernel(
         failed: Vec::new(),
         passed: Vec::new(),
         secs: started.elapsed().as_secs_f64(),
+        deployed: deployed::Checks::read(k.name, &out, &profile.caps),
     };
     if read("check.rc").trim() != "0" {
         outcome.failed.push("check".to_owned());
+    }
+    // A check as deployed may fail (that is what the capability matrix shows); its launcher
+    // may not.
+    for broken in outcome.deployed.broken() {
+        outcome.failed.push(format!("check as deployed ({broken})"));
     }
     for (name, _) in &selected {
         if read(&format!("{name}.rc")).trim() == "0" {

@@ -301,6 +301,9 @@ fn netns_workload(ns: &Netns, attributor: &mut Attributor) -> String {
     if let Some(pid) = ns.pid
         && let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         && let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::"))
+        // In a private cgroup namespace (a container's default) a cgroup outside it reads
+        // as `/../..`-relative: no path to attribute, rather than a wrong one.
+        && !path.starts_with("/..")
     {
         let a = attributor.attribute_path(path);
         if a.pod.is_some() || pid != 1 {

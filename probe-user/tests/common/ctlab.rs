@@ -43,6 +43,10 @@ pub struct CtLab {
     plan: &'static Plan,
     ns: [String; 4],
     cgroups: [TempCgroup; 2],
+    /// One sleeping process in each namespace, as a pod's has its pause container: how
+    /// faultline finds a pod's namespace as deployed (`/proc/<pid>/ns/net`; `/run/netns` is not
+    /// one of the DaemonSet's mounts). Killed on drop.
+    pause: Vec<std::process::Child>,
 }
 
 impl CtLab {
@@ -53,11 +57,12 @@ impl CtLab {
             + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ns = ["c1", "c2", "r", "s"].map(|n| format!("flct{n}{id}"));
         let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
-        let lab = CtLab {
+        let mut lab = CtLab {
             plan,
             cgroups: [1, 2]
                 .map(|n| TempCgroup::new(&unified, &format!("{}-c{n}-{id}", unique("ct")))),
             ns: ns.clone(),
+            pause: Vec::new(),
         };
         let [c1, c2, r, s] = &ns;
         let (ip, p) = (if plan.v6 { "ip -6" } else { "ip" }, plan.prefix);
@@ -70,6 +75,12 @@ impl CtLab {
         for n in &ns {
             sh(&format!("ip netns add {n}"));
             sh(&format!("ip -n {n} link set lo up"));
+            let pause = std::process::Command::new("ip")
+                .args(["netns", "exec", n, "sleep", "900"])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("a process in the lab's namespace");
+            lab.pause.push(pause);
         }
         for (i, (client, addr)) in [(c1, plan.client1), (c2, plan.client2), (s, plan.server)]
             .into_iter()
@@ -213,6 +224,10 @@ impl CtLab {
 
 impl Drop for CtLab {
     fn drop(&mut self) {
+        for p in &mut self.pause {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
         for n in &self.ns {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", n])

@@ -1,6 +1,8 @@
 //! Shared harness of the integration tests: runs the real `faultline` and `faultline-lab`
 //! binaries as root on the real kernel, and cleans up every cgroup and sysctl it touches,
-//! also when a test fails (Drop guards run while a panic unwinds).
+//! also when a test fails (Drop guards run while a panic unwinds). faultline itself is started
+//! by [`faultline`]: as the DaemonSet runs it when `FAULTLINE_AS_DEPLOYED` names a profile
+//! (`cargo xtask test` and `vm-test` set it), else as plain root.
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod ctlab;
@@ -32,6 +34,88 @@ pub static LAB: LazyLock<String> = LazyLock::new(|| {
     );
     lab
 });
+
+/// The launcher that runs faultline as the DaemonSet does (lab/src/bin/faultline-as-deployed.rs,
+/// built with faultline-lab), and the profile it reads: only when `FAULTLINE_AS_DEPLOYED` names
+/// one (`cargo xtask as-deployed-profile` writes target/as-deployed/profile.json).
+pub static AS_DEPLOYED: LazyLock<Option<AsDeployed>> = LazyLock::new(|| {
+    let profile = std::env::var("FAULTLINE_AS_DEPLOYED")
+        .ok()
+        .filter(|p| !p.is_empty())?;
+    assert!(
+        Path::new(&profile).exists(),
+        "FAULTLINE_AS_DEPLOYED={profile}: no such profile (`cargo xtask as-deployed-profile`)"
+    );
+    let built = Path::new(env!("CARGO_BIN_EXE_faultline")).with_file_name("faultline-as-deployed");
+    let launcher = binary("faultline-as-deployed", &built.display().to_string());
+    assert!(
+        Path::new(&launcher).exists(),
+        "{launcher} is missing: build it with `cargo build -p faultline-lab`"
+    );
+    let memlock = std::env::var("FAULTLINE_AS_DEPLOYED_MEMLOCK").unwrap_or("65536".to_owned());
+    // A node has tracefs mounted (systemd's sys-kernel-tracing.mount); the DaemonSet's hostPath
+    // only passes it in, and faultline cannot mount it without CAP_SYS_ADMIN.
+    probe_user::kernel::tracefs::Tracefs::find_or_mount().expect("tracefs on this node");
+    Some(AsDeployed {
+        launcher,
+        profile,
+        memlock,
+    })
+});
+
+pub struct AsDeployed {
+    pub launcher: String,
+    pub profile: String,
+    pub memlock: String,
+}
+
+/// The command line that starts faultline: the launcher and its arguments first when running
+/// as deployed; with `full_root` the launcher keeps every capability (all else as deployed).
+pub fn faultline_argv(full_root: bool) -> Vec<String> {
+    let mut argv = Vec::new();
+    if let Some(d) = &*AS_DEPLOYED {
+        argv.extend([
+            d.launcher.clone(),
+            "--profile".to_owned(),
+            d.profile.clone(),
+            "--memlock".to_owned(),
+            d.memlock.clone(),
+        ]);
+        if full_root {
+            argv.push("--full-root".to_owned());
+        }
+        argv.push("--".to_owned());
+    }
+    argv.push(FAULTLINE.clone());
+    argv
+}
+
+/// `faultline`, as the DaemonSet runs it when `FAULTLINE_AS_DEPLOYED` is set: every test
+/// starts faultline through this (or says at the call why it needs [`faultline_full_root`]).
+pub fn faultline() -> Command {
+    command(&faultline_argv(false))
+}
+
+/// `faultline` with every capability, for a test that needs more than the manifest gives (the
+/// call says what); otherwise as deployed all the same (mounts, namespaces, memlock).
+pub fn faultline_full_root() -> Command {
+    command(&faultline_argv(true))
+}
+
+/// [`faultline_argv`] as one shell word list, for `sh -c`.
+pub fn faultline_shell() -> String {
+    faultline_argv(false)
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn command(argv: &[String]) -> Command {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    cmd
+}
 
 fn binary(name: &str, built: &str) -> String {
     match std::env::var("FAULTLINE_BIN_DIR") {
@@ -83,18 +167,24 @@ impl Trace {
 
     pub fn start_with_output(output: &str, extra: &[&str]) -> Trace {
         let args = [&["trace", "--output", output][..], extra].concat();
-        Self::start_command(&args, "faultline: tracing")
+        Self::start_command(faultline(), &args, "faultline: tracing")
+    }
+
+    /// [`Trace::start`] with every capability ([`faultline_full_root`]).
+    pub fn start_full_root(extra: &[&str]) -> Trace {
+        let args = [&["trace", "--output", "json"][..], extra].concat();
+        Self::start_command(faultline_full_root(), &args, "faultline: tracing")
     }
 
     /// Starts `faultline top --output json` and waits until its programs are attached.
     pub fn start_top(extra: &[&str]) -> Trace {
         let args = [&["top", "--output", "json"][..], extra].concat();
-        Self::start_command(&args, "faultline: counting")
+        Self::start_command(faultline(), &args, "faultline: counting")
     }
 
-    fn start_command(args: &[&str], ready: &str) -> Trace {
+    fn start_command(mut cmd: Command, args: &[&str], ready: &str) -> Trace {
         require_root();
-        let mut child = Command::new(&*FAULTLINE)
+        let mut child = cmd
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -667,26 +757,38 @@ impl Daemon {
 
     /// `faultline run` with these environment variables set.
     pub fn start_with_env(env: &[(&str, &str)], extra: &[&str]) -> Daemon {
-        Self::spawn(&[], env, extra, Stdio::null())
+        Self::spawn(&[], env, extra, Stdio::null(), false)
     }
 
-    /// `faultline run` behind a command prefix (e.g. `prlimit ... --`), stdout as given.
+    /// [`Daemon::start_with_env`] with every capability ([`faultline_full_root`]).
+    pub fn start_full_root(env: &[(&str, &str)], extra: &[&str]) -> Daemon {
+        Self::spawn(&[], env, extra, Stdio::null(), true)
+    }
+
+    /// `faultline run` behind a command prefix (e.g. `prlimit ... --`), stdout as given. The
+    /// prefix runs first, on the host, as a runtime sets a container's limits before starting
+    /// it; the launcher (as deployed) runs after it and execs faultline: it keeps the prefix's
+    /// limits but its own memlock, as a runtime's would, and the pid stays faultline's.
     pub fn start_with(prefix: &[&str], extra: &[&str], stdout: Stdio) -> Daemon {
-        Self::spawn(prefix, &[], extra, stdout)
+        Self::spawn(prefix, &[], extra, stdout, false)
     }
 
-    fn spawn(prefix: &[&str], env: &[(&str, &str)], extra: &[&str], stdout: Stdio) -> Daemon {
+    fn spawn(
+        prefix: &[&str],
+        env: &[(&str, &str)],
+        extra: &[&str],
+        stdout: Stdio,
+        full_root: bool,
+    ) -> Daemon {
         require_root();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let mut cmd = match prefix.split_first() {
-            Some((program, rest)) => {
-                let mut c = Command::new(program);
-                c.args(rest).arg(&*FAULTLINE);
-                c
-            }
-            None => Command::new(&*FAULTLINE),
-        };
+        let argv: Vec<String> = prefix
+            .iter()
+            .map(|a| a.to_string())
+            .chain(faultline_argv(full_root))
+            .collect();
+        let mut cmd = command(&argv);
         let child = cmd
             .args([
                 "run",
@@ -712,7 +814,7 @@ impl Daemon {
     /// `faultline explain -o json` asked of this daemon, parsed (none if it did not answer
     /// with a report).
     pub fn explain(&self) -> Option<Value> {
-        let out = Command::new(&*FAULTLINE)
+        let out = faultline()
             .args([
                 "explain",
                 "--daemon",
