@@ -181,6 +181,10 @@ pub enum Mode {
     Profile,
 }
 
+/// Where BENCHMARKS.md's hand-written sections begin (the image's size and start-to-ready,
+/// printed by probe-user/tests/image.rs): a rewrite keeps them.
+const HAND_WRITTEN: &str = "\n## The image";
+
 pub fn run(root: &Path, mode: Mode) -> anyhow::Result<()> {
     let quick = mode == Mode::Quick;
     // SAFETY: geteuid cannot fail.
@@ -242,7 +246,17 @@ pub fn run(root: &Path, mode: Mode) -> anyhow::Result<()> {
         tcpdump =
             stdout_of(Command::new("sh").args(["-c", "tcpdump --version 2>&1 | head -1"])).trim(),
     );
-    std::fs::write(root.join("BENCHMARKS.md"), header + &doc).context("writing BENCHMARKS.md")?;
+    // Sections measured elsewhere and written by hand (the image's, by probe-user/tests/image.rs)
+    // are kept, at the end.
+    let kept = std::fs::read_to_string(root.join("BENCHMARKS.md"))
+        .ok()
+        .and_then(|old| old.find(HAND_WRITTEN).map(|i| old[i..].to_owned()))
+        .unwrap_or_default();
+    std::fs::write(
+        root.join("BENCHMARKS.md"),
+        format!("{header}{}\n{kept}", doc.trim_end()),
+    )
+    .context("writing BENCHMARKS.md")?;
     eprintln!("bench: wrote BENCHMARKS.md");
     Ok(())
 }
