@@ -70,6 +70,7 @@ pub struct Finding {
     /// `pids_limit`, `pids_limit_near`, `pid_max`, `threads_max`, `rlimit_nproc`, `memory`,
     /// `pidns_dead`, `clone_unknown`, `dns_timeouts`, `dns_search_amplification`,
     /// `conntrack_insert_failed`, `conntrack_table_full`, `conntrack_rule_drops`,
+    /// `conntrack_drops_unclassified`,
     /// `conntrack_table_near`, `conntrack_near_misses`.
     pub kind: String,
     /// The symptom, one line.
@@ -464,6 +465,18 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
                 vec![
                     "Raise `net.netfilter.nf_conntrack_max` (and `nf_conntrack_buckets`), or shorten idle timeouts (`nf_conntrack_udp_timeout`).".to_owned(),
                     "Find the workload opening the flows (`conntrack -L` grouped by source).".to_owned(),
+                ],
+            ),
+            // The namespace's counters could not tell (not readable from here): say so, never
+            // guess a rule.
+            "other" => (
+                Severity::Warning,
+                "conntrack_drops_unclassified",
+                format!("{} packets dropped by netfilter, cause not told", t.span.count),
+                format!("{}, e.g. {}{dns}", t.evidence, t.flow),
+                vec![
+                    "Read the namespace's counters where the drop happened (`conntrack -S` inside it): insert_failed, drop (table full) or neither (a rule).".to_owned(),
+                    "Drops in a pod's own network namespace are classified only with CAP_SYS_PTRACE and CAP_SYS_ADMIN (to find and enter it); the node's namespace always is.".to_owned(),
                 ],
             ),
             _ => (
