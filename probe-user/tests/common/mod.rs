@@ -697,7 +697,9 @@ pub fn free_port() -> u16 {
 /// A plain HTTP/1.0 GET on loopback: (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    // Emulated VMs (pace) run the daemon and its programs many times slower.
+    conn.set_read_timeout(Some(Duration::from_secs(10 * pace())))
+        .ok()?;
     write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut text = String::new();
     conn.read_to_string(&mut text).ok()?;
