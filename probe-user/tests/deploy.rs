@@ -12,61 +12,8 @@ use std::{
     time::Duration,
 };
 
-use common::{ctlab::*, *};
+use common::{ctlab::*, manifest::*, *};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn tool(name: &str) -> PathBuf {
-    let path = root().join("target/deploy-tools/bin").join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo xtask setup`",
-        path.display()
-    );
-    path
-}
-
-fn output(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// YAML documents as JSON values (through the tools venv's PyYAML).
-fn yaml_docs(yaml: &str) -> Vec<Value> {
-    let mut child = Command::new(tool("python3"))
-        .args(["-c", "import sys, yaml, json; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d is not None]))"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), yaml.as_bytes())
-        .expect("feeding python");
-    let out = child.wait_with_output().expect("python");
-    assert!(out.status.success(), "not YAML");
-    serde_json::from_slice(&out.stdout).expect("JSON from python")
-}
-
-fn rendered() -> Vec<Value> {
-    yaml_docs(&output(
-        Command::new(tool("kubectl"))
-            .args(["kustomize"])
-            .arg(root().join("deploy")),
-    ))
-}
 
 #[test]
 fn the_kustomize_base_renders_and_validates() {
@@ -126,7 +73,7 @@ fn the_kustomize_base_renders_and_validates() {
         files.push(f);
     }
     let report = output(
-        Command::new(tool("kubernetes-validate"))
+        Command::new(deploy_tool("kubernetes-validate"))
             .args(["--strict", "--kubernetes-version", "1.33.0"])
             .args(&files),
     );
@@ -321,14 +268,9 @@ fn the_daemonset_capabilities_are_exactly_enough() {
             .unwrap_or(0)
     };
     let ours = std::fs::read_to_string("/proc/self/status").expect("our status");
-    // Their numbers in linux/capability.h.
-    let number = |cap: &str| match cap {
-        "+net_admin" => 12,
-        "+sys_resource" => 24,
-        "+syslog" => 34,
-        "+perfmon" => 38,
-        "+bpf" => 39,
-        other => panic!("{other}: a capability this test does not know"),
+    let number = |cap: &str| {
+        probe_common::caps::number(cap.trim_start_matches('+'))
+            .unwrap_or_else(|| panic!("{cap}: not a capability"))
     };
     let manifest: u64 = caps.iter().map(|c| 1u64 << number(c)).sum();
     assert_eq!(

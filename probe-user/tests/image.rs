@@ -35,32 +35,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{manifest::*, *};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
-}
-
-fn output(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -886,94 +865,16 @@ impl Drop for Lan {
 // ---------------------------------------------------------------------------------------
 // The manifest, translated
 
-/// YAML documents as JSON values (through the deploy tools venv's PyYAML, as deploy.rs does).
-fn yaml_docs(yaml: &str) -> Vec<Value> {
-    let mut child = Command::new(deploy_tool("python3"))
-        .args(["-c", "import sys, yaml, json; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d is not None]))"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), yaml.as_bytes())
-        .expect("feeding python");
-    let out = child.wait_with_output().expect("python");
-    assert!(out.status.success(), "not YAML");
-    serde_json::from_slice(&out.stdout).expect("JSON from python")
-}
-
-fn deploy_tool(name: &str) -> PathBuf {
-    let path = root().join("target/deploy-tools/bin").join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo xtask setup`",
-        path.display()
-    );
-    path
-}
-
 /// The DaemonSet as `kubectl kustomize deploy/` renders it.
 fn daemonset() -> Value {
-    yaml_docs(&output(
-        Command::new(deploy_tool("kubectl"))
-            .arg("kustomize")
-            .arg(root().join("deploy")),
-    ))
-    .into_iter()
-    .find(|o| o["kind"] == "DaemonSet")
-    .expect("a DaemonSet in the rendered base")
+    rendered()
+        .into_iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .expect("a DaemonSet in the rendered base")
 }
 
-/// Linux capability numbers (capability.h).
-const CAPS: [&str; 41] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "DAC_READ_SEARCH",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "LINUX_IMMUTABLE",
-    "NET_BIND_SERVICE",
-    "NET_BROADCAST",
-    "NET_ADMIN",
-    "NET_RAW",
-    "IPC_LOCK",
-    "IPC_OWNER",
-    "SYS_MODULE",
-    "SYS_RAWIO",
-    "SYS_CHROOT",
-    "SYS_PTRACE",
-    "SYS_PACCT",
-    "SYS_ADMIN",
-    "SYS_BOOT",
-    "SYS_NICE",
-    "SYS_RESOURCE",
-    "SYS_TIME",
-    "SYS_TTY_CONFIG",
-    "MKNOD",
-    "LEASE",
-    "AUDIT_WRITE",
-    "AUDIT_CONTROL",
-    "SETFCAP",
-    "MAC_OVERRIDE",
-    "MAC_ADMIN",
-    "SYSLOG",
-    "WAKE_ALARM",
-    "BLOCK_SUSPEND",
-    "AUDIT_READ",
-    "PERFMON",
-    "BPF",
-    "CHECKPOINT_RESTORE",
-];
-
 fn cap_bit(name: &str) -> u64 {
-    let name = name.trim_start_matches("CAP_");
-    let n = CAPS
-        .iter()
-        .position(|c| *c == name)
-        .unwrap_or_else(|| panic!("unknown capability {name}"));
+    let n = probe_common::caps::number(name).unwrap_or_else(|| panic!("unknown capability {name}"));
     1 << n
 }
 

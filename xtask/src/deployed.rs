@@ -273,51 +273,6 @@ pub struct Checks {
     pub unheld: Vec<String>,
 }
 
-/// Capability numbers, from linux/capability.h (as in the launcher).
-const CAPABILITIES: [&str; 41] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "DAC_READ_SEARCH",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "LINUX_IMMUTABLE",
-    "NET_BIND_SERVICE",
-    "NET_BROADCAST",
-    "NET_ADMIN",
-    "NET_RAW",
-    "IPC_LOCK",
-    "IPC_OWNER",
-    "SYS_MODULE",
-    "SYS_RAWIO",
-    "SYS_CHROOT",
-    "SYS_PTRACE",
-    "SYS_PACCT",
-    "SYS_ADMIN",
-    "SYS_BOOT",
-    "SYS_NICE",
-    "SYS_RESOURCE",
-    "SYS_TIME",
-    "SYS_TTY_CONFIG",
-    "MKNOD",
-    "LEASE",
-    "AUDIT_WRITE",
-    "AUDIT_CONTROL",
-    "SETFCAP",
-    "MAC_OVERRIDE",
-    "MAC_ADMIN",
-    "SYSLOG",
-    "WAKE_ALARM",
-    "BLOCK_SUSPEND",
-    "AUDIT_READ",
-    "PERFMON",
-    "BPF",
-    "CHECKPOINT_RESTORE",
-];
-
 /// The shell line that records the bounding set the launcher starts from.
 pub fn capbnd_script(out: &Path) -> String {
     format!(
@@ -336,12 +291,7 @@ fn unheld(capbnd: &str, caps: &[String]) -> Vec<String> {
         return Vec::new();
     };
     caps.iter()
-        .filter(|c| {
-            CAPABILITIES
-                .iter()
-                .position(|n| n == c)
-                .is_some_and(|bit| mask & (1 << bit) == 0)
-        })
+        .filter(|c| probe_common::caps::number(c).is_some_and(|bit| mask & (1 << bit) == 0))
         .cloned()
         .collect()
 }

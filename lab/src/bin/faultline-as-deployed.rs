@@ -36,6 +36,7 @@ use std::{
     time::Duration,
 };
 
+use probe_common::caps;
 use serde::Deserialize;
 
 const EXIT_FAILURE: i32 = 125;
@@ -171,51 +172,6 @@ fn cap_name(s: &str) -> String {
     upper.strip_prefix("CAP_").unwrap_or(&upper).to_owned()
 }
 
-/// Capability numbers, from linux/capability.h.
-const CAPABILITIES: [&str; 41] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "DAC_READ_SEARCH",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "LINUX_IMMUTABLE",
-    "NET_BIND_SERVICE",
-    "NET_BROADCAST",
-    "NET_ADMIN",
-    "NET_RAW",
-    "IPC_LOCK",
-    "IPC_OWNER",
-    "SYS_MODULE",
-    "SYS_RAWIO",
-    "SYS_CHROOT",
-    "SYS_PTRACE",
-    "SYS_PACCT",
-    "SYS_ADMIN",
-    "SYS_BOOT",
-    "SYS_NICE",
-    "SYS_RESOURCE",
-    "SYS_TIME",
-    "SYS_TTY_CONFIG",
-    "MKNOD",
-    "LEASE",
-    "AUDIT_WRITE",
-    "AUDIT_CONTROL",
-    "SETFCAP",
-    "MAC_OVERRIDE",
-    "MAC_ADMIN",
-    "SYSLOG",
-    "WAKE_ALARM",
-    "BLOCK_SUSPEND",
-    "AUDIT_READ",
-    "PERFMON",
-    "BPF",
-    "CHECKPOINT_RESTORE",
-];
-
 fn launch(args: Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.profile)
         .map_err(|e| io_fail(format!("reading {}", args.profile.display()), e))?;
@@ -239,10 +195,8 @@ fn launch(args: Args) -> Result<()> {
         }
     }
     for name in profile_caps.iter().filter(|c| !args.without.contains(c)) {
-        let bit = CAPABILITIES
-            .iter()
-            .position(|c| c == name)
-            .ok_or_else(|| fail(format!("capability {name}"), "unknown"))?;
+        let bit =
+            caps::number(name).ok_or_else(|| fail(format!("capability {name}"), "unknown"))?;
         keep |= 1 << bit;
     }
     let program = resolve_program(&args.program[0])?;
@@ -769,7 +723,7 @@ fn drop_capabilities(keep: u64) -> Result<()> {
         .map_err(|_| fail("reading /proc/sys/kernel/cap_last_cap", "not a number"))?;
     if let Some(bit) = (last + 1..64).find(|b| keep & (1 << b) != 0) {
         return Err(fail(
-            format!("CAP_{}", CAPABILITIES.get(bit as usize).unwrap_or(&"?")),
+            format!("CAP_{}", caps::name(bit)),
             "not known to this kernel",
         ));
     }
@@ -777,10 +731,7 @@ fn drop_capabilities(keep: u64) -> Result<()> {
         check(
             // SAFETY: prctl with integer arguments.
             unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) },
-            format!(
-                "dropping CAP_{} from the bounding set",
-                CAPABILITIES.get(cap as usize).unwrap_or(&"?")
-            ),
+            format!("dropping CAP_{} from the bounding set", caps::name(cap)),
         )?;
     }
     check(

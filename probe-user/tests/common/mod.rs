@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod ctlab;
+pub mod manifest;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
