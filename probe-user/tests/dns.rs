@@ -8,6 +8,7 @@ mod common;
 
 use std::{
     process::{Child, Command, Stdio},
+    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::Duration,
 };
 
@@ -33,6 +34,20 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Tests of this file run in parallel and every daemon sees every lab's packets. A test that
+/// reads node-wide counters (events lost, the quota counter) takes its turn alone.
+static TURNS: RwLock<()> = RwLock::new(());
+
+/// A lab's turn: shared with the other labs, or alone. Released after the lab is torn down.
+enum Turn {
+    Shared {
+        _guard: RwLockReadGuard<'static, ()>,
+    },
+    Alone {
+        _guard: RwLockWriteGuard<'static, ()>,
+    },
+}
+
 /// Two namespaces joined by a veth pair, dnsmasq in one, the service-IP DNAT in the other.
 struct DnsLab {
     server_ns: String,
@@ -40,10 +55,25 @@ struct DnsLab {
     client_ns: String,
     dnsmasq: Option<Child>,
     cgroup: TempCgroup,
+    _turn: Turn,
 }
 
 impl DnsLab {
     fn start() -> DnsLab {
+        // A test that failed holding its turn poisons the lock; the labs it guards are gone.
+        Self::start_in(Turn::Shared {
+            _guard: TURNS.read().unwrap_or_else(|e| e.into_inner()),
+        })
+    }
+
+    /// A lab while no other lab of this file runs.
+    fn start_alone() -> DnsLab {
+        Self::start_in(Turn::Alone {
+            _guard: TURNS.write().unwrap_or_else(|e| e.into_inner()),
+        })
+    }
+
+    fn start_in(turn: Turn) -> DnsLab {
         require_root();
         // Unique per lab: tests of this file run in parallel.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -57,6 +87,7 @@ impl DnsLab {
             client_ns: client_ns.clone(),
             dnsmasq: None,
             cgroup: TempCgroup::new(&unified, &format!("{}-{id}", unique("dns-client"))),
+            _turn: turn,
         };
         for cmd in [
             format!("ip netns add {server_ns}"),
@@ -774,7 +805,8 @@ fn explain_finds_search_path_amplification_and_timeouts_per_workload() {
 /// timeouts, and do not use up the pod's quota of waiting queries.
 #[test]
 fn a_full_ring_loses_answers_but_invents_no_timeouts() {
-    let lab = DnsLab::start();
+    // Alone: the lost-event and quota counters are the node's, not this lab's.
+    let lab = DnsLab::start_alone();
     let path = lab.path();
     let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
     // SAFETY: signalling our own child.
