@@ -16,6 +16,8 @@
 //! 3. The floor: empty tracepoint programs' run time, and userspace per event without the
 //!    kernel (replay of ring records through the daemon's code).
 //! 4. Footprint: exec to ready, RSS idle, after the storm, after 10,000 cgroups.
+//! 5. Serving under attack: `/healthz` latency and RSS while 256 connections from 16 pods read
+//!    nothing of a 2,000-workload exposition (`bench/serving.rs`).
 //!
 //! `--profile` instead runs each workload once beside faultline under `perf record` and the
 //! replay too, and writes where the time goes (`bench/profile.rs`).
@@ -23,6 +25,7 @@
 mod measure;
 mod netlab;
 mod profile;
+mod serving;
 
 use std::{
     fmt::Write as _,
@@ -223,6 +226,7 @@ pub fn run(root: &Path, mode: Mode) -> anyhow::Result<()> {
     floor(&env, &mut body, &mut found)?;
     replay(root, &env, &mut body, &mut found)?;
     footprint(&env, &mut body, &mut found)?;
+    serving::run(&env, &mut body, &mut found)?;
     let doc = found.targets() + &body;
     println!("{doc}");
     eprintln!(
@@ -333,6 +337,11 @@ struct Findings {
     ceiling: f64,
     rss_10k_mib: f64,
     startup_ms: f64,
+    /// `/healthz` under the slow-reader attack: the slowest answer (ms), and the probes not
+    /// answered.
+    healthz_under_attack: Option<(f64, usize)>,
+    /// The daemon's high-water RSS by the end of the attack.
+    rss_under_attack_mib: f64,
 }
 
 impl Findings {
@@ -406,6 +415,18 @@ impl Findings {
             format!("{:.0} ms", self.startup_ms),
             self.startup_ms < 1000.0,
         );
+        if let Some((max_ms, failed)) = self.healthz_under_attack {
+            row(
+                "/healthz within 1 s under the slow-reader attack",
+                format!("max {max_ms:.1} ms, {failed} not answered"),
+                max_ms < 1000.0 && failed == 0,
+            );
+            row(
+                "RSS within the DaemonSet's 128 MiB under that attack",
+                format!("{:.1} MiB (high-water mark)", self.rss_under_attack_mib),
+                self.rss_under_attack_mib < 128.0,
+            );
+        }
         t.push('\n');
         t.push_str(WHY);
         t
