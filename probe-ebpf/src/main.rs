@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod cgroups;
 mod clone;
 mod conntrack;
 mod dns;

@@ -7,7 +7,7 @@ use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
     attribution::netns::NetnsDirectory,
     kernel::btf::Btf,
-    kernel::loader::{self, CLONE_PROGRAMS, Hook, Memlock, Probes, TASK_PROGRAMS},
+    kernel::loader::{self, CGROUP_PROGRAMS, CLONE_PROGRAMS, Hook, Memlock, Probes, TASK_PROGRAMS},
     kernel::offsets,
     kernel::tracefs::Tracefs,
 };
@@ -270,6 +270,27 @@ fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: 
             "tracepoint programs",
             format!(
                 "task counter programs: {}: no per-cgroup task counts (top, headroom warnings)",
+                refused(&e)
+            ),
+        ),
+    }
+    match CgroupFs::discover()
+        .and_then(|fs| fs.followable())
+        .and_then(|()| probes.attach(&CGROUP_PROGRAMS))
+    {
+        Ok(()) => r.line(
+            Status::Ok,
+            "tracepoint programs",
+            attached(
+                "cgroup naming programs",
+                "to the raw tracepoints cgroup_mkdir, cgroup_rmdir",
+            ),
+        ),
+        Err(e) => r.line(
+            Status::Warn,
+            "tracepoint programs",
+            format!(
+                "cgroup naming programs: {}: cgroups made after start are found by walking cgroupfs (rate-limited; slower to name a new pod)",
                 refused(&e)
             ),
         ),

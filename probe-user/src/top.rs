@@ -69,7 +69,7 @@ pub struct TopArgs {
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut probes = Probes::open(&args.kernel, KernelLog::Off)?;
     probes.attach(&TASK_PROGRAMS)?;
-    let mut attributor = Attributor::new(CgroupFs::discover()?, &args.pods).await;
+    let mut attributor = Attributor::new(CgroupFs::open(&mut probes)?, &args.pods).await;
     let mut model = TaskModel::default();
     let mut trends = LimitWatch::new(args.trend_window);
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -83,6 +83,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                attributor.cgroups.catch_up();
                 model.update(std::time::Instant::now(), probes.task_counts()?);
                 if let Some(root) = attributor.cgroups.mount(Hierarchy::Unified) {
                     model.include_idle(tasks::occupied_cgroups(&root.path));

@@ -109,13 +109,18 @@ fn without_privileges_trace_fails_with_one_line() {
     assert_no_panic(&stderr);
 }
 
-/// `--events` decides which programs are loaded: a DNS-only trace attaches no clone program.
+/// `--events` decides which programs are loaded: a DNS-only trace attaches no clone program
+/// (the cgroup naming programs serve every signal's attribution).
 #[test]
 fn trace_attaches_only_the_programs_of_the_events_asked_for() {
     let trace = common::Trace::start(&["--events", "dns"]);
     let programs = trace.programs();
     let (events, summary) = trace.stop_json();
-    assert_eq!(programs, ["dns_egress", "dns_ingress"], "{programs:?}");
+    assert_eq!(
+        programs,
+        ["cgroup_mkdir", "cgroup_rmdir", "dns_egress", "dns_ingress"],
+        "{programs:?}"
+    );
     assert!(
         events.iter().all(|e| e["kind"] != "clone_failure"),
         "{events:#?}"

@@ -468,3 +468,128 @@ fn a_missing_offset_shows_as_a_kernel_log_line() {
         .count();
     assert!(logged >= 3, "one kernel log line per failure: {stderr}");
 }
+
+/// A pod uid unique to this test run.
+fn pod_uid(tag: u32) -> String {
+    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), tag)
+}
+
+/// 20 pods made one right after another after faultline started, each refusing a fork at
+/// once (pids.max 1: the lab alone fills it): every failure is named by its pod and container
+/// cgroup, none is `?`. The kernel names each new cgroup before anything runs in it; a walk
+/// limited to one per 250 ms named 5 of 20.
+#[test]
+fn attribution_by_id_names_a_burst_of_new_pods() {
+    const PODS: u32 = 20;
+    let cid = |i: u32| format!("{:064x}", 0xb0b0_0000_u64 + u64::from(i));
+    let uids: Vec<String> = (0..PODS).map(|i| pod_uid(100 + i)).collect();
+    let names: Vec<String> = (0..PODS).map(|i| format!("burst-{i}")).collect();
+    let cids: Vec<String> = (0..PODS).map(cid).collect();
+    let logs = KubeletLogs::new(
+        &(0..PODS as usize)
+            .map(|i| {
+                (
+                    "burst",
+                    names[i].as_str(),
+                    uids[i].as_str(),
+                    "app",
+                    cids[i].as_str(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    let trace = Trace::start(&["--comm", "fl-burst", "--kubelet-logs", &logs.arg()]);
+    let top = unique("burst");
+    let mut pods = Vec::new();
+    let mut labs = Vec::new();
+    for i in 0..PODS {
+        let cg = PodCgroup::systemd(
+            &format!("{top}-{i}"),
+            &uids[i as usize],
+            &cids[i as usize],
+            1,
+        );
+        let join = cg.join_args();
+        let join: Vec<&str> = join.iter().map(String::as_str).collect();
+        labs.push(Lab::spawn(
+            &[
+                &["forks", "1", "--comm", "fl-burst", "--max-failures", "1"][..],
+                &join,
+            ]
+            .concat(),
+        ));
+        pods.push(cg);
+    }
+    let reports: Vec<LabReport> = labs.iter_mut().map(Lab::report).collect();
+    for lab in labs {
+        lab.wait();
+    }
+    let (events, _) = trace.stop_json();
+    for (i, r) in reports.iter().enumerate() {
+        assert_eq!((r.created, r.failures), (0, 1), "pod {i}: {r:?}");
+        let mine: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|e| e["pid"].as_u64() == Some(r.pid))
+            .collect();
+        assert_eq!(mine.len(), 1, "pod {i}: {events:#?}");
+        let e = mine[0];
+        let cgroup = format!(
+            "/{}",
+            pods[i]
+                .v2
+                .leaf()
+                .dir
+                .strip_prefix(mount(Hierarchy::Unified).expect("cgroup v2").0)
+                .expect("under the v2 mount")
+                .display()
+        );
+        assert_eq!(e["cgroup"], cgroup, "pod {i}: {e}");
+        assert_eq!(
+            e["workload"],
+            format!("burst/burst-{i}/app"),
+            "pod {i}: {e}"
+        );
+        assert_eq!(e["pod"]["uid"], uids[i], "pod {i}: {e}");
+        assert_eq!(e["cause"], "pids_limit", "pod {i}: {e}");
+    }
+}
+
+/// A cgroup 40 levels deep, made after faultline started (a walk stopped at 32 levels):
+/// its failure is attributed to its whole path.
+#[test]
+fn attribution_by_id_names_a_cgroup_deeper_than_32_levels() {
+    let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
+    let (pids_mount, pids_v2) = mount(Hierarchy::Pids).expect("pids controller");
+    let trace = Trace::start(&["--comm", "fl-deep"]);
+    let top = unique("deep");
+    let levels: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+    let rel = format!("{top}/{}", levels.join("/"));
+    let deep = CgroupTree::new(&unified, &rel);
+    // The limit: on the leaf itself on cgroup v2, in a shallow v1 pids cgroup on hybrid hosts.
+    let pids = (!pids_v2).then(|| TempCgroup::new(&pids_mount, &top));
+    pids.as_ref().unwrap_or(deep.leaf()).write("pids.max", "1");
+    let mut args = vec![
+        "forks".to_owned(),
+        "1".to_owned(),
+        "--comm".to_owned(),
+        "fl-deep".to_owned(),
+        "--max-failures".to_owned(),
+        "1".to_owned(),
+        "--cgroup".to_owned(),
+        deep.leaf().dir.display().to_string(),
+    ];
+    if let Some(p) = &pids {
+        args.extend(["--cgroup".to_owned(), p.dir.display().to_string()]);
+    }
+    let report = lab(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (events, _) = trace.stop_json();
+    assert_eq!((report.created, report.failures), (0, 1), "{report:?}");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(e["cgroup"], format!("/{rel}"), "{e}");
+    assert_eq!(e["cause"], "pids_limit", "{e}");
+    if pids.is_none() {
+        // The pids cgroup is the same deep one, named by id as well.
+        assert_eq!(e["pids_cgroup"], format!("/{rel}"), "{e}");
+    }
+}

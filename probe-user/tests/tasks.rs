@@ -336,3 +336,66 @@ fn top_lists_an_idle_cgroup_that_holds_tasks() {
     unsafe { libc::kill(report.pid as i32, libc::SIGKILL) };
     drop(held);
 }
+
+/// A cgroup whose name is not UTF-8 (`caf\xe9`), one made before `top` started (walked) and
+/// one after (named from the kernel's record): each keeps its live count and pids limit (read
+/// through the name's bytes) and is shown escaped.
+#[test]
+fn attribution_by_id_keeps_a_non_utf8_cgroup_accounted() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2 mount");
+    let pids_mount = mount(Hierarchy::Pids)
+        .map(|(m, _)| m)
+        .filter(|m| *m != unified);
+    let odd = |tag: &str| -> (Vec<u8>, String) {
+        let name = unique(tag);
+        (
+            [name.as_bytes(), b"-caf\xe9"].concat(),
+            format!("/{name}-caf\\xe9"),
+        )
+    };
+    let make = |bytes: &[u8]| {
+        let name = std::ffi::OsStr::from_bytes(bytes);
+        let v2 = TempCgroup::named(&unified, name);
+        let pids = pids_mount.as_ref().map(|m| TempCgroup::named(m, name));
+        pids.as_ref().unwrap_or(&v2).write("pids.max", "50");
+        let mut args: Vec<std::ffi::OsString> =
+            ["threads", "5", "--comm", "fl-odd", "--hold-ms", "20000"]
+                .map(Into::into)
+                .into();
+        for dir in std::iter::once(&v2).chain(&pids) {
+            args.extend(["--cgroup".into(), dir.dir.clone().into_os_string()]);
+        }
+        (v2, pids, args)
+    };
+    let hold = |args: &[std::ffi::OsString]| {
+        let mut lab = Lab::spawn(args);
+        assert_eq!(lab.report().created, 5);
+        lab
+    };
+    let (before_name, before) = odd("odd-before");
+    let made_before = make(&before_name);
+    let top = Trace::start_top(&["--interval", "200ms"]);
+    let (after_name, after) = odd("odd-after");
+    let made_after = make(&after_name);
+    let labs = [hold(&made_before.2), hold(&made_after.2)];
+    let s = top.wait_for(
+        Duration::from_secs(10),
+        "both cgroups with 6 live tasks",
+        |s| {
+            [&before, &after]
+                .iter()
+                .all(|p| row(s, p).is_some_and(|r| r["live"] == 6))
+        },
+    );
+    for path in [&before, &after] {
+        let r = row(&s, path).expect("row");
+        assert_eq!(r["pids_limit"]["max"], 50, "{r}");
+        assert_eq!(r["pids_limit"]["current"], 6, "{r}");
+        assert_eq!(r["pids_limit"]["cgroup"], path.as_str(), "{r}");
+        assert_eq!(r["threads_created"], 5, "{r}");
+    }
+    drop(top);
+    drop(labs);
+    drop((made_before, made_after));
+}

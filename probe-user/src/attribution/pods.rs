@@ -417,7 +417,10 @@ impl Attributor {
         cgroup_id: u64,
         own_pids_ino: Option<u64>,
     ) -> (Option<String>, Attribution) {
-        let path = self.cgroups.path(Hierarchy::Unified, cgroup_id);
+        let path = self
+            .cgroups
+            .path(Hierarchy::Unified, cgroup_id)
+            .map(|p| p.text());
         let mut attribution = match &path {
             Some(p) => self.attribute_path(p),
             None => Attribution {
@@ -429,7 +432,7 @@ impl Attributor {
             && let Some(pids_path) =
                 own_pids_ino.and_then(|ino| self.cgroups.path(Hierarchy::Pids, ino))
         {
-            let by_pids = self.attribute_path(&pids_path);
+            let by_pids = self.attribute_path(&pids_path.text());
             if by_pids.pod.is_some() {
                 attribution = by_pids;
             }

@@ -14,7 +14,7 @@ use probe_common::tasks::TaskCounts;
 use serde::Serialize;
 
 use crate::{
-    attribution::cgroups::Hierarchy,
+    attribution::cgroups::{CgroupPath, Hierarchy},
     attribution::pods::{Attributor, PodRef},
     clock::now_rfc3339,
     diagnosis::trend::{self, Limit, LimitWatch},
@@ -193,7 +193,7 @@ impl TaskModel {
             let Some(path) = attributor.cgroups.path(Hierarchy::Unified, id) else {
                 continue;
             };
-            let attribution = attributor.attribute_path(&path);
+            let attribution = attributor.attribute_path(&path.text());
             let cgroups = &attributor.cgroups;
             let (threads_per_s, processes_per_s) = rates(&entry.samples);
             rows.push(CgroupRow {
@@ -204,7 +204,7 @@ impl TaskModel {
                 pids_limit: cgroups
                     .mount(Hierarchy::Pids)
                     .and_then(|m| tightest_pids_limit_in(&m.path, &path, &mut levels)),
-                cgroup: path,
+                cgroup: path.text(),
                 workload: attribution.workload,
                 pod: attribution.pod,
                 threads_per_s,
@@ -395,23 +395,27 @@ fn read_value(path: &Path) -> Option<String> {
 /// Walks `path` and its ancestors in the pids hierarchy mounted at `mount`, returning the
 /// limited level with the least headroom. Levels missing from that hierarchy (a hybrid host's
 /// v1 tree need not mirror v2) are skipped.
-pub fn tightest_pids_limit(mount: &Path, path: &str) -> Option<PidsLimit> {
+pub fn tightest_pids_limit(mount: &Path, path: &CgroupPath) -> Option<PidsLimit> {
     tightest_pids_limit_in(mount, path, &mut HashMap::new())
 }
 
 /// `pids.max` and `pids.current` of each level read so far (none: no limit there), so that
 /// the shared ancestors of many cgroups are read once per refresh.
-type PidsLevels = HashMap<String, Option<(u64, u64)>>;
+type PidsLevels = HashMap<CgroupPath, Option<(u64, u64)>>;
 
 /// [`tightest_pids_limit`], reading each level at most once across the calls sharing `levels`.
-fn tightest_pids_limit_in(mount: &Path, path: &str, levels: &mut PidsLevels) -> Option<PidsLimit> {
+fn tightest_pids_limit_in(
+    mount: &Path,
+    path: &CgroupPath,
+    levels: &mut PidsLevels,
+) -> Option<PidsLimit> {
     let mut best: Option<PidsLimit> = None;
-    let mut level = path.trim_end_matches('/').to_owned();
-    loop {
-        let read = match levels.get(&level) {
+    let mut level = Some(path.clone());
+    while let Some(at) = level {
+        let read = match levels.get(&at) {
             Some(v) => *v,
             None => {
-                let dir = mount.join(level.trim_start_matches('/'));
+                let dir = at.under(mount);
                 let v = match (
                     read_value(&dir.join("pids.max")),
                     read_value(&dir.join("pids.current")),
@@ -421,7 +425,7 @@ fn tightest_pids_limit_in(mount: &Path, path: &str, levels: &mut PidsLevels) -> 
                     }
                     _ => None,
                 };
-                levels.insert(level.clone(), v);
+                levels.insert(at.clone(), v);
                 v
             }
         };
@@ -429,11 +433,7 @@ fn tightest_pids_limit_in(mount: &Path, path: &str, levels: &mut PidsLevels) -> 
             let (left, pct) = headroom(max, current);
             if best.as_ref().is_none_or(|b| left < b.headroom) {
                 best = Some(PidsLimit {
-                    cgroup: if level.is_empty() {
-                        "/".to_owned()
-                    } else {
-                        level.clone()
-                    },
+                    cgroup: at.text(),
                     max,
                     current,
                     headroom: left,
@@ -441,16 +441,15 @@ fn tightest_pids_limit_in(mount: &Path, path: &str, levels: &mut PidsLevels) -> 
                 });
             }
         }
-        match level.rfind('/') {
-            Some(i) if !level.is_empty() => level.truncate(i),
-            _ => break,
-        }
+        level = at.parent();
     }
     best
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::ffi::OsStrExt as _;
+
     use super::*;
 
     fn at(start: Instant, ms: u64, threads: u64, processes: u64) -> Sample {
@@ -588,19 +587,29 @@ mod tests {
         write("kubepods/pod1/ctr", "max", "90");
         write("kubepods/pod2", "max", "10");
 
-        let l = tightest_pids_limit(&root, "/kubepods/pod1/ctr").expect("test");
+        let limit =
+            |path: &[u8]| tightest_pids_limit(&root, &CgroupPath::parse(path).expect("test"));
+        let l = limit(b"/kubepods/pod1/ctr").expect("test");
         assert_eq!(
             (l.cgroup.as_str(), l.max, l.current, l.headroom),
             ("/kubepods/pod1", 100, 95, 5)
         );
         // pod2 has no limit of its own: the kubepods limit applies.
-        let l = tightest_pids_limit(&root, "/kubepods/pod2").expect("test");
+        let l = limit(b"/kubepods/pod2").expect("test");
         assert_eq!((l.cgroup.as_str(), l.headroom), ("/kubepods", 600));
         // No limit anywhere: none.
-        assert!(tightest_pids_limit(&root, "/").is_none());
+        let none = CgroupPath::parse(b"/").expect("test");
+        assert!(tightest_pids_limit(&root, &none).is_none());
         // A path the pids tree does not have: its ancestors still apply.
-        let l = tightest_pids_limit(&root, "/kubepods/pod3/ctr").expect("test");
+        let l = limit(b"/kubepods/pod3/ctr").expect("test");
         assert_eq!(l.cgroup, "/kubepods");
+        // A name that is not UTF-8: read through its bytes, shown escaped.
+        let odd = root.join(std::ffi::OsStr::from_bytes(b"kubepods/pod\xff"));
+        std::fs::create_dir_all(&odd).expect("test");
+        std::fs::write(odd.join("pids.max"), "7").expect("test");
+        std::fs::write(odd.join("pids.current"), "3").expect("test");
+        let l = limit(b"/kubepods/pod\xff").expect("test");
+        assert_eq!((l.cgroup.as_str(), l.max), ("/kubepods/pod\\xff", 7));
         std::fs::remove_dir_all(&root).expect("test");
     }
 }
