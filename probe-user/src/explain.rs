@@ -177,6 +177,8 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
         tasks: true,
         dns: Some((Duration::from_secs(2), Names::Full)),
         conntrack: true,
+
+        drop_privileges: false,
     };
     let mut skipped = Vec::new();
     let mut pipeline = Pipeline::open(&args.kernel, KernelLog::Off, &args.pods, want, |s, r| {

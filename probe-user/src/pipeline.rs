@@ -1,9 +1,10 @@
 //! The one flow every command drives: load the programs -> attach the signals asked for ->
-//! wait on their ring buffers and on ticks -> decode and enrich each event (cause, cgroup,
-//! pod) -> hand it to a [`Sink`]. `trace` (lines and a summary) and `run` (metrics, event
-//! lines, OTLP) are sinks; neither repeats the flow. Events are born in the kernel programs
-//! (`probe-ebpf`), decoded and enriched by the signal modules (`clone`, `dns`, `conntrack`,
-//! `tasks`), and exported by the sink.
+//! (optionally) give up the privileges only loading needed -> read their ring buffers on a
+//! thread of their own (`kernel::rings`) -> decode and enrich each batch of events (cause,
+//! cgroup, pod) and refresh on ticks -> hand them to a [`Sink`]. `trace` (lines and a summary)
+//! and `run` (metrics, event lines, OTLP) are sinks; neither repeats the flow. Events are born
+//! in the kernel programs (`probe-ebpf`), decoded and enriched by the signal modules (`clone`,
+//! `dns`, `conntrack`, `tasks`), and exported by the sink.
 
 use std::{future::Future, time::Duration};
 
@@ -14,8 +15,11 @@ use crate::{
     attribution::netns::NetnsDirectory,
     attribution::pods::{Attributor, PodArgs},
     kernel::loader::{
-        ClonePath, Degraded, EventRing, KernelArgs, KernelLog, KernelLogger, Probes, TASK_PROGRAMS,
+        ClonePath, CloneStats, ConntrackStats, Degraded, DnsStats, KernelArgs, KernelLog,
+        KernelLogger, Probes, TASK_PROGRAMS,
     },
+    kernel::privileges,
+    kernel::rings::{Batch, Ring, Rings},
     signals::clone::{self, CloneFailure, Enricher},
     signals::conntrack::{self, ClashesResolved, Classifier, ConntrackDrop, CtTable},
     signals::dns::{self, DnsQuery, DnsTracker, Names},
@@ -31,6 +35,8 @@ pub struct Want {
     pub dns: Option<(Duration, Names)>,
     pub conntrack: bool,
     pub tasks: bool,
+    /// Once everything is attached, keep only the capabilities reading needs (the daemon).
+    pub drop_privileges: bool,
 }
 
 /// A signal of the pipeline, as named in messages and metrics.
@@ -72,6 +78,8 @@ pub trait Sink {
 /// The pipeline's state, lent to a sink on refresh and read by commands at the end.
 pub struct State<'a> {
     pub probes: &'a Probes,
+    /// Records read from the kernel but dropped because the pipeline was behind.
+    pub rings: &'a Rings,
     pub attributor: &'a mut Attributor,
     pub tasks: Option<&'a TaskModel>,
     pub dns: Option<&'a DnsTracker>,
@@ -79,6 +87,27 @@ pub struct State<'a> {
 }
 
 impl State<'_> {
+    /// The clone programs' counts; `lost` also counts what the reader's queue dropped.
+    pub fn clone_stats(&self) -> anyhow::Result<CloneStats> {
+        let mut stats = self.probes.clone_stats()?;
+        stats.lost += self.rings.dropped(Ring::Clone);
+        Ok(stats)
+    }
+
+    /// The DNS programs' counts; `lost` also counts what the reader's queue dropped.
+    pub fn dns_stats(&self) -> anyhow::Result<DnsStats> {
+        let mut stats = self.probes.dns_stats()?;
+        stats.lost += self.rings.dropped(Ring::Dns);
+        Ok(stats)
+    }
+
+    /// The conntrack program's counts; `lost` also counts what the reader's queue dropped.
+    pub fn conntrack_stats(&self) -> anyhow::Result<ConntrackStats> {
+        let mut stats = self.probes.conntrack_stats()?;
+        stats.lost += self.rings.dropped(Ring::Conntrack);
+        Ok(stats)
+    }
+
     /// Every network namespace's conntrack table at the last poll (none without conntrack).
     pub fn conntrack_tables(&self) -> &[CtTable] {
         self.conntrack
@@ -90,9 +119,10 @@ impl State<'_> {
 pub struct Pipeline {
     probes: Probes,
     attributor: Attributor,
-    clone: Option<(EventRing, Enricher)>,
-    dns: Option<(EventRing, DnsTracker)>,
-    conntrack: Option<(EventRing, Classifier)>,
+    rings: Rings,
+    clone: Option<Enricher>,
+    dns: Option<DnsTracker>,
+    conntrack: Option<Classifier>,
     tasks: Option<TaskModel>,
     kernel_log: Option<KernelLogger>,
 }
@@ -132,12 +162,14 @@ impl Pipeline {
         } else {
             None
         };
-        let cgroups = CgroupFs::discover()?;
+        let cgroups = CgroupFs::open(&mut probes)?;
+        let mut rings = Vec::new();
         let dns = match want.dns {
             Some((timeout, names)) => match probes.dns_events(&cgroups) {
                 Ok(ring) => {
                     attached(Signal::Dns, Ok(()))?;
-                    Some((ring, DnsTracker::new(timeout, names)))
+                    rings.push((Ring::Dns, ring));
+                    Some(DnsTracker::new(timeout, names))
                 }
                 Err(e) => {
                     attached(Signal::Dns, Err(e))?;
@@ -150,7 +182,8 @@ impl Pipeline {
             match probes.conntrack_events() {
                 Ok(ring) => {
                     attached(Signal::Conntrack, Ok(()))?;
-                    Some((ring, Classifier::new(NetnsDirectory::new("/proc"))))
+                    rings.push((Ring::Conntrack, ring));
+                    Some(Classifier::new(NetnsDirectory::new("/proc")))
                 }
                 Err(e) => {
                     attached(Signal::Conntrack, Err(e))?;
@@ -161,13 +194,20 @@ impl Pipeline {
             None
         };
         let clone = if clone {
-            Some((probes.clone_events()?, Enricher::new()))
+            rings.push((Ring::Clone, probes.clone_events()?));
+            Some(Enricher::new())
         } else {
             None
         };
         let kernel_log = probes.kernel_logger();
+        if want.drop_privileges {
+            // Before any other thread exists: capabilities are per thread, and threads made
+            // later inherit the reduced sets.
+            privileges::keep_only(&privileges::after_attach(conntrack.is_some()))?;
+        }
         Ok(Pipeline {
             attributor: Attributor::new(cgroups, pods).await,
+            rings: Rings::start(rings)?,
             probes,
             clone,
             dns,
@@ -205,24 +245,17 @@ impl Pipeline {
         let clash_every = every.max(CLASH_POLL_MIN);
         loop {
             tokio::select! {
-                guard = async { self.clone.as_mut().expect("polled with clone").0.readable_mut().await }, if self.clone.is_some() => {
-                    guard.context("waiting on the clone ring buffer")?.clear_ready();
-                    self.drain_clone(sink)?;
-                }
-                guard = async { self.dns.as_mut().expect("polled with DNS").0.readable_mut().await }, if self.dns.is_some() => {
-                    guard.context("waiting on the DNS ring buffer")?.clear_ready();
-                    self.drain_dns(sink)?;
-                }
-                guard = async { self.conntrack.as_mut().expect("polled with conntrack").0.readable_mut().await }, if self.conntrack.is_some() => {
-                    guard.context("waiting on the conntrack ring buffer")?.clear_ready();
-                    // The waiting queries first, so that a drop can name its query.
-                    self.catch_up_dns(sink)?;
-                    self.drain_conntrack(sink)?;
-                }
+                batch = self.rings.next() => match batch {
+                    Some(batch) => {
+                        self.deliver(&batch, sink)?;
+                        sink.flush()?;
+                    }
+                    None => return Err(self.rings.failure()),
+                },
                 _ = sweep.tick(), if self.dns.is_some() => {
-                    // The kernel wakes us for DNS events in batches: collect the rest, and the
-                    // queries past their timeout.
-                    self.catch_up_dns(sink)?;
+                    // What was read first, then the queries past their timeout.
+                    self.deliver_read(sink)?;
+                    self.sweep_dns(sink)?;
                 }
                 _ = refresh.tick() => self.refresh(sink, clash_every)?,
                 guard = async { self.kernel_log.as_mut().expect("polled with --kernel-log").readable_mut().await }, if self.kernel_log.is_some() => {
@@ -236,36 +269,70 @@ impl Pipeline {
         if let Some(log) = self.kernel_log.as_mut() {
             log.get_mut().flush();
         }
-        // Events submitted just before the stop are still in the rings.
-        self.drain_conntrack(sink)?;
-        self.drain_clone(sink)?;
-        self.drain_dns(sink)
+        // Events submitted just before the stop: the reader reads every ring once more.
+        self.rings.stop()?;
+        self.deliver_read(sink)
     }
 
     /// The state, for a command's closing summary.
     pub fn state(&mut self) -> State<'_> {
         State {
             probes: &self.probes,
+            rings: &self.rings,
             attributor: &mut self.attributor,
             tasks: self.tasks.as_ref(),
-            dns: self.dns.as_ref().map(|(_, t)| t),
-            conntrack: self.conntrack.as_mut().map(|(_, c)| c),
+            dns: self.dns.as_ref(),
+            conntrack: self.conntrack.as_mut(),
         }
     }
 
-    fn drain_clone(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
-        if let Some((ring, enricher)) = self.clone.as_mut() {
-            clone::drain(ring.get_mut(), enricher, &mut self.attributor, |f| {
-                sink.clone_failure(f)
-            })?;
-            sink.flush()?;
+    /// Every batch the reader has handed over so far.
+    fn deliver_read(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
+        while let Some(batch) = self.rings.try_next() {
+            self.deliver(&batch, sink)?;
         }
-        Ok(())
+        sink.flush()
     }
 
-    fn drain_dns(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
-        if let Some((ring, tracker)) = self.dns.as_mut() {
-            dns::drain(ring.get_mut(), tracker, &mut self.attributor, |q| {
+    /// One batch, to the signal its ring belongs to.
+    fn deliver(&mut self, batch: &Batch, sink: &mut impl Sink) -> anyhow::Result<()> {
+        // New cgroups first: an event from one made a moment ago finds its name.
+        self.attributor.cgroups.catch_up();
+        let attributor = &mut self.attributor;
+        match batch.ring {
+            Ring::Clone => match self.clone.as_mut() {
+                Some(enricher) => {
+                    clone::deliver(batch, enricher, attributor, |f| sink.clone_failure(f))
+                }
+                None => Ok(()),
+            },
+            Ring::Dns => match self.dns.as_mut() {
+                Some(tracker) => dns::deliver(batch, tracker, attributor, |q| sink.dns_query(q)),
+                None => Ok(()),
+            },
+            Ring::Conntrack => {
+                // The queries waiting in the kernel first, so that a drop can name its query
+                // (an unanswered query has no event of its own yet).
+                if self.conntrack.is_some() {
+                    self.sweep_dns(sink)?;
+                }
+                let Some(classifier) = self.conntrack.as_mut() else {
+                    return Ok(());
+                };
+                conntrack::deliver(
+                    batch,
+                    classifier,
+                    &mut self.attributor,
+                    self.dns.as_mut(),
+                    |d| sink.conntrack_drop(d),
+                )
+            }
+        }
+    }
+
+    fn sweep_dns(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
+        if let Some(tracker) = self.dns.as_mut() {
+            dns::sweep(&mut self.probes, tracker, &mut self.attributor, |q| {
                 sink.dns_query(q)
             })?;
             sink.flush()?;
@@ -273,38 +340,11 @@ impl Pipeline {
         Ok(())
     }
 
-    fn catch_up_dns(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
-        if let Some((ring, tracker)) = self.dns.as_mut() {
-            dns::catch_up(
-                ring.get_mut(),
-                &mut self.probes,
-                tracker,
-                &mut self.attributor,
-                |q| sink.dns_query(q),
-            )?;
-            sink.flush()?;
-        }
-        Ok(())
-    }
-
-    fn drain_conntrack(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
-        if let Some((ring, classifier)) = self.conntrack.as_mut() {
-            let tracker = self.dns.as_mut().map(|(_, t)| t);
-            conntrack::drain(
-                ring.get_mut(),
-                classifier,
-                &mut self.attributor,
-                tracker,
-                |d| sink.conntrack_drop(d),
-            )?;
-            sink.flush()?;
-        }
-        Ok(())
-    }
-
     /// Near-misses, the task counts, then the sink's own refresh.
     fn refresh(&mut self, sink: &mut impl Sink, clash_every: Duration) -> anyhow::Result<()> {
-        if let Some((_, classifier)) = self.conntrack.as_mut() {
+        // Also when no other event comes: the cgroup ring must not fill up meanwhile.
+        self.attributor.cgroups.catch_up();
+        if let Some(classifier) = self.conntrack.as_mut() {
             for clashes in classifier.poll_clashes(clash_every, &mut self.attributor) {
                 sink.clashes_resolved(clashes)?;
             }

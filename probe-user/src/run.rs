@@ -1,8 +1,12 @@
 //! `faultline run`: the node daemon, a sink of the pipeline (`pipeline`) with every probe the
 //! kernel supports (saying which it skipped and why), for as long as the node lives: events
 //! become counters, event lines and OTLP records as they happen; every refresh, the kernel's
-//! counters become per-pod metrics. Serves `/metrics`, `/healthz` and `/readyz`.
-//! SIGTERM or SIGINT: deliver what is in flight, stop serving, detach, exit 0.
+//! counters become per-pod metrics. Serves `/metrics`, `/explain`, `/healthz` and `/readyz`
+//! on threads of their own (a runtime apart from the pipeline's, so no response delays the
+//! events, and no event storm delays `/healthz`); the rings are read on a thread of their own
+//! too (`kernel::rings`). After attaching it keeps only the capabilities reading needs
+//! (`kernel::privileges`). SIGTERM or SIGINT: deliver what is in flight, stop serving,
+//! detach, exit 0. SIGHUP: reopen the events file (log rotation), go on.
 
 use std::{
     net::SocketAddr,
@@ -73,7 +77,8 @@ pub struct RunArgs {
     /// A DNS query without an answer for this long counts as a timeout.
     #[arg(long, env = "FAULTLINE_DNS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
     pub dns_timeout: Duration,
-    /// Most series per metric; past it new workloads share one `_overflow` series.
+    /// Most series per metric (one workload has at most 16 of a metric's: its further label
+    /// sets count under `other`); past it new series share one `_overflow` series.
     #[arg(long, env = "FAULTLINE_MAX_SERIES", default_value_t = 2000)]
     pub max_series: usize,
     /// Query names in event lines and OTLP spans: `full`, or `redact` (a hash keyed at random
@@ -99,6 +104,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tasks: true,
         dns: Some((args.dns_timeout, args.dns_names)),
         conntrack: true,
+        drop_privileges: true,
     };
     // Every probe the kernel accepts; the others are said and shown in /metrics.
     let mut pipeline = Pipeline::open(
@@ -132,13 +138,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         explain_cache: Mutex::new(None),
     });
     let mut sink = Daemon::new(&args, &node, metrics.clone(), served.clone())?;
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("listening on {}", args.listen))?;
-    let server = tokio::spawn(serve(listener, served.clone(), metrics.server_counters()?));
+    let server = HttpThread::start(listener, served.clone(), metrics.server_counters()?)?;
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let reopen = sink.outputs.lines.reopen();
+    let events_file = args.events_file.is_some() && !args.no_events;
+    tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            if events_file {
+                tracing::info!("SIGHUP: reopening the events file");
+                reopen.request();
+            } else {
+                tracing::info!("SIGHUP: no events file to reopen; going on");
+            }
+        }
+    });
     let stop = async move {
         tokio::select! {
             _ = sigint.recv() => {}
@@ -152,17 +170,74 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     pipeline.run(&mut sink, args.refresh, stop).await?;
     // Stopped: not ready any more; what the kernel handed over is delivered.
     served.ready.store(false, Ordering::Relaxed);
-    server.abort();
+    server.stop();
     sink.outputs.lines.finish();
-    let stats = pipeline.state().probes.clone_stats()?;
+    let stats = pipeline.state().clone_stats()?;
     // Dropping the pipeline detaches every program.
     drop(pipeline);
     tracing::info!(
-        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer full)",
+        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer or queue full)",
         stats.failures,
         stats.lost
     );
     Ok(())
+}
+
+/// The HTTP endpoints on a runtime of their own: two worker threads, so that neither an event
+/// storm nor one slow response holds up `/healthz`.
+struct HttpThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long stopping waits for responses in flight.
+const HTTP_SHUTDOWN: Duration = Duration::from_secs(1);
+
+impl HttpThread {
+    fn start(
+        listener: std::net::TcpListener,
+        served: Arc<Served>,
+        counters: crate::export::serve::ServerCounters,
+    ) -> anyhow::Result<HttpThread> {
+        listener
+            .set_nonblocking(true)
+            .context("making the listening socket non-blocking")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("http")
+            .enable_all()
+            .build()
+            .context("starting the HTTP runtime")?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("http-accept".to_owned())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => tokio::select! {
+                            () = serve(listener, served, counters) => {}
+                            _ = stopped => {}
+                        },
+                        Err(e) => tracing::error!("serving HTTP: {e}"),
+                    }
+                });
+                runtime.shutdown_timeout(HTTP_SHUTDOWN);
+            })
+            .context("starting the HTTP thread")?;
+        Ok(HttpThread {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The daemon as a sink of the pipeline: every event to its outputs; every refresh, the
@@ -234,10 +309,10 @@ impl Sink for Daemon {
             if let Some(node) = c.node_counters() {
                 metrics.conntrack_node(&node);
             }
-            metrics.events_lost("conntrack", probes.conntrack_stats()?.lost);
+            metrics.events_lost("conntrack", state.conntrack_stats()?.lost);
         }
         if let Some(tracker) = state.dns {
-            let mut stats = probes.dns_stats()?;
+            let mut stats = state.dns_stats()?;
             metrics.events_lost("dns", stats.lost);
             stats.malformed += tracker.malformed;
             metrics.dns_untracked(&stats);
@@ -255,12 +330,15 @@ impl Sink for Daemon {
                 .collect();
             metrics.dns_tcp(tcp);
         }
+        if let Some(lost) = state.attributor.cgroups.events_lost() {
+            metrics.events_lost("cgroups", lost);
+        }
         let rows = state
             .tasks
             .map(|m| m.rows(state.attributor))
             .unwrap_or_default();
         let node = NodeTasks::read()?;
-        metrics.tasks(&rows, node, probes.clone_stats()?, probes.task_stats()?);
+        metrics.tasks(&rows, node, state.clone_stats()?, probes.task_stats()?);
         let mut estimates = Vec::new();
         self.record(|r| {
             r.refresh(&rows, Some(node), state.conntrack_tables());

@@ -305,6 +305,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         // the tracker names the dropped queries.
         dns: (show_dns || conntrack).then_some((args.dns_timeout, args.dns_names)),
         conntrack,
+
+        drop_privileges: false,
     };
     let mut pipeline = Pipeline::open(
         &args.kernel,
@@ -458,12 +460,12 @@ impl Tracer<'_> {
     fn finish(&mut self, state: State<'_>) -> anyhow::Result<()> {
         let (probes, summary) = (state.probes, &mut self.summary);
         if state.conntrack.is_some() {
-            let kernel = probes.conntrack_stats()?;
+            let kernel = state.conntrack_stats()?;
             summary.conntrack_lost_events = kernel.lost;
             summary.conntrack_kernel = Some(kernel);
         }
         if let (Some(tracker), true) = (state.dns, self.filter.show_dns) {
-            let stats = probes.dns_stats()?;
+            let stats = state.dns_stats()?;
             summary.dns_malformed = tracker.malformed + stats.malformed;
             summary.dns_untracked = stats.untracked;
             summary.dns_over_quota = stats.over_quota;
@@ -485,7 +487,7 @@ impl Tracer<'_> {
                 }
             }
         }
-        summary.finish(probes.clone_stats()?);
+        summary.finish(state.clone_stats()?);
         Ok(())
     }
 }

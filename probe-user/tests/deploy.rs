@@ -258,9 +258,9 @@ fn the_daemonset_capabilities_are_exactly_enough() {
             ready.1
         );
     }
-    // setpriv exec'd faultline: its effective set is the bounding set, the manifest's
-    // capabilities less any this machine's own bounding set lacks (this kind of machine has
-    // no CAP_SYS_RESOURCE to give).
+    // setpriv exec'd faultline: its bounding set is the manifest's capabilities less any this
+    // machine's own bounding set lacks (this kind of machine has no CAP_SYS_RESOURCE to give);
+    // once attached, it keeps only CAP_BPF and CAP_NET_ADMIN in effect.
     let field = |text: &str, name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -274,9 +274,14 @@ fn the_daemonset_capabilities_are_exactly_enough() {
     };
     let manifest: u64 = caps.iter().map(|c| 1u64 << number(c)).sum();
     assert_eq!(
-        field(&status, "CapEff:"),
+        field(&status, "CapBnd:"),
         manifest & field(&ours, "CapBnd:"),
         "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_RESOURCE and CAP_SYSLOG only:\n{status}"
+    );
+    assert_eq!(
+        field(&status, "CapEff:"),
+        (1 << number("BPF")) | (1 << number("NET_ADMIN")),
+        "CAP_BPF and CAP_NET_ADMIN after attaching:\n{status}"
     );
     // The node namespace's conntrack counters were readable (ctnetlink).
     assert!(

@@ -1319,7 +1319,8 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
     }
     let to_ready = t0.elapsed();
     let agent_pid = podman.pid(&agent_id).to_string();
-    // Exactly the manifest's capabilities, less those this machine's root has not got to give.
+    // Exactly the manifest's capabilities (the bounding set), less those this machine's root
+    // has not got to give.
     let bounding = cap_mask("self", "CapBnd");
     let asked: u64 = agent.caps.iter().map(|c| cap_bit(c)).fold(0, |a, b| a | b);
     let missing: Vec<&String> = agent
@@ -1333,10 +1334,16 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
         );
     }
     assert_eq!(
-        cap_mask(&agent_pid, "CapEff"),
+        cap_mask(&agent_pid, "CapBnd"),
         asked & bounding,
-        "the agent's effective capabilities are not the manifest's {:?}",
+        "the agent's capability bounding set is not the manifest's {:?}",
         agent.caps
+    );
+    // Once attached it keeps only what reading needs.
+    assert_eq!(
+        cap_mask(&agent_pid, "CapEff"),
+        (cap_bit("BPF") | cap_bit("NET_ADMIN")) & bounding,
+        "the agent kept more than CAP_BPF and CAP_NET_ADMIN after attaching"
     );
     let limits = std::fs::read_to_string(format!("/proc/{agent_pid}/limits")).expect("limits");
     assert!(

@@ -1,12 +1,18 @@
 //! The daemon's event lines (JSON, the `trace --output json` schema) to stdout or a file,
 //! written by a thread of their own through a bounded queue: a slow or stalled reader (a log
 //! agent behind, a full pipe) costs dropped lines, counted, never a stalled daemon; a closed
-//! stdout ends the event lines, not the daemon.
+//! stdout ends the event lines, not the daemon. SIGHUP (`reopen`) makes the writer reopen
+//! the events file before its next line, as log rotation expects.
 
 use std::{
+    fs::File,
     io::{ErrorKind, Write},
-    path::Path,
-    sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+    },
     time::Duration,
 };
 
@@ -15,6 +21,8 @@ use prometheus::IntCounterVec;
 
 /// Lines waiting for the writer; past it, new lines are dropped.
 const QUEUE: usize = 8192;
+/// How often an idle writer looks for a reopen request.
+const REOPEN_POLL: Duration = Duration::from_millis(250);
 /// How long shutdown waits for the writer to deliver what is queued.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
@@ -24,6 +32,31 @@ pub struct EventLines {
     /// `faultline_event_lines_dropped_total{reason}`: queue_full, closed, write_error.
     dropped: IntCounterVec,
     done: Option<Receiver<()>>,
+    reopen: Arc<AtomicBool>,
+}
+
+/// Where the writer writes.
+enum Target {
+    Stdout,
+    File(PathBuf),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Stdout => "stdout",
+            Target::File(_) => "the events file",
+        }
+    }
+
+    fn open(&self) -> std::io::Result<Box<dyn Write + Send>> {
+        match self {
+            Target::Stdout => Ok(Box::new(std::io::stdout())),
+            Target::File(path) => Ok(Box::new(
+                File::options().create(true).append(true).open(path)?,
+            )),
+        }
+    }
 }
 
 impl EventLines {
@@ -33,34 +66,32 @@ impl EventLines {
             tx: None,
             dropped,
             done: None,
+            reopen: Arc::default(),
         }
     }
 
     pub fn stdout(dropped: IntCounterVec) -> anyhow::Result<Self> {
-        Self::spawn(Box::new(std::io::stdout()), "stdout", dropped)
+        Self::spawn(Target::Stdout, dropped)
     }
 
     pub fn file(path: &Path, dropped: IntCounterVec) -> anyhow::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Self::spawn(Box::new(file), "the events file", dropped)
+        Self::spawn(Target::File(path.to_owned()), dropped)
     }
 
-    fn spawn(
-        out: Box<dyn Write + Send>,
-        name: &'static str,
-        dropped: IntCounterVec,
-    ) -> anyhow::Result<Self> {
+    fn spawn(target: Target, dropped: IntCounterVec) -> anyhow::Result<Self> {
+        let out = target.open().with_context(|| match &target {
+            Target::File(path) => format!("opening {}", path.display()),
+            Target::Stdout => "opening stdout".to_owned(),
+        })?;
         let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
         let (done_tx, done) = sync_channel(1);
         let counter = dropped.clone();
+        let reopen = Arc::new(AtomicBool::new(false));
+        let writer_reopen = reopen.clone();
         std::thread::Builder::new()
             .name("event-lines".to_owned())
             .spawn(move || {
-                write_lines(rx, out, name, counter);
+                write_lines(rx, out, &target, &writer_reopen, counter);
                 let _ = done_tx.send(());
             })
             .context("starting the event-line writer")?;
@@ -68,7 +99,14 @@ impl EventLines {
             tx: Some(tx),
             dropped,
             done: Some(done),
+            reopen,
         })
+    }
+
+    /// Asks the writer to reopen the events file before its next line (after a log rotation
+    /// moved it away); nothing for stdout.
+    pub fn reopen(&self) -> Reopen {
+        Reopen(self.reopen.clone())
     }
 
     /// Queues one event as a JSON line (not even encoded when event lines are off).
@@ -93,12 +131,45 @@ impl EventLines {
     }
 }
 
+/// A handle that asks the event-line writer to reopen its file (SIGHUP).
+#[derive(Clone)]
+pub struct Reopen(Arc<AtomicBool>);
+
+impl Reopen {
+    pub fn request(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The writer thread: buffered writes, a flush whenever the queue runs dry. Lines of a batch
 /// that failed are counted as dropped (`write_error`, or `closed` for a closed pipe).
-fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write>, name: &str, dropped: IntCounterVec) {
+fn write_lines(
+    rx: Receiver<Vec<u8>>,
+    out: Box<dyn Write + Send>,
+    target: &Target,
+    reopen: &AtomicBool,
+    dropped: IntCounterVec,
+) {
+    let name = target.name();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut failures = 0u64;
-    while let Ok(line) = rx.recv() {
+    loop {
+        // Idle, the writer still looks for a reopen now and then: the new file appears
+        // without waiting for a line.
+        let line = rx.recv_timeout(REOPEN_POLL);
+        if reopen.swap(false, Ordering::Relaxed) && matches!(target, Target::File(_)) {
+            // What was buffered belongs to the old file.
+            let _ = out.flush();
+            match target.open() {
+                Ok(file) => out = std::io::BufWriter::with_capacity(64 * 1024, file),
+                Err(e) => tracing::warn!("reopening {name}: {e}; still writing to the old one"),
+            }
+        }
+        let line = match line {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let mut batch = 1;
         let mut result = out.write_all(&line);
         // Everything queued so far in one go, then one flush.

@@ -64,6 +64,11 @@ impl Who {
 
 /// `namespace`, `pod`, `container`, `workload` of a pod or another workload.
 pub fn who(workload: &str, pod: Option<&PodRef>) -> Who {
+    // Names come from pods and cgroups: no byte a terminal running `curl /metrics` obeys.
+    let label = |s: String| match crate::text::printable(&s) {
+        std::borrow::Cow::Borrowed(_) => s,
+        std::borrow::Cow::Owned(escaped) => escaped,
+    };
     Who(match pod {
         Some(p) => [
             p.namespace.clone().unwrap_or_default(),
@@ -80,19 +85,29 @@ pub fn who(workload: &str, pod: Option<&PodRef>) -> Who {
             String::new(),
             workload.to_owned(),
         ],
-    })
+    }
+    .map(label))
 }
 
-/// Workloads per metric, up to a cap, with the series each has and when it last changed.
-/// The cap counts workloads, not label sets: one workload's many query types cannot push
-/// other pods out. Every other label comes from a closed set (allow-lists in `label`).
+/// Series per metric, up to a cap, by workload, with when each workload's last changed. The
+/// cap counts series; one workload has at most `PER_WORKLOAD` of a metric's (past them its
+/// new label sets are counted under `other`), so one pod's many query types cannot push
+/// other pods out. Every other label comes from a closed set (allow-lists such as
+/// `qtype_label`, `rcode_label`).
 struct SeriesCap {
     cap: usize,
     seen: Mutex<HashMap<&'static str, Workloads>>,
 }
 
+/// The most series one workload has of one metric: its last is the `other` set.
+const PER_WORKLOAD: usize = 16;
+/// Every extra label of a workload's label sets past `PER_WORKLOAD`.
+const OTHER: &str = "other";
+
 #[derive(Default)]
 struct Workloads {
+    /// Series admitted, all workloads together (the overflow ones apart).
+    series: usize,
     /// Whose (namespace, pod, container, workload) -> (last update, the extra labels in use:
     /// short values from closed sets, so that an event costs no hash of the long ones again).
     admitted: HashMap<Who, (Instant, Vec<Vec<String>>)>,
@@ -101,10 +116,11 @@ struct Workloads {
 }
 
 impl SeriesCap {
-    /// The labels to use for `who` plus `extra`: themselves, or, once `cap` workloads have
-    /// series of this metric, the overflow series (every label `_overflow`, so that it does
-    /// not multiply by the extra labels). The bool says the event went to overflow. Borrows:
-    /// an event whose workload and label set are known allocates nothing.
+    /// The labels to use for `who` plus `extra`: themselves; `who` with every extra label
+    /// `other` once the workload has `PER_WORKLOAD - 1` other sets; or, once the metric has
+    /// `cap` series, the overflow series (every label `_overflow`, so that it does not
+    /// multiply by the extra labels). The bool says the event went to overflow. Borrows: an
+    /// event whose workload and label set are known allocates nothing.
     fn admit<'a>(
         &self,
         metric: &'static str,
@@ -117,21 +133,40 @@ impl SeriesCap {
         };
         let workloads = seen.entry(metric).or_default();
         let now = Instant::now();
-        let owned = || extra.iter().map(|e| (*e).to_owned()).collect::<Vec<_>>();
-        let full = || -> Vec<&'a str> { who.labels().chain(extra.iter().copied()).collect() };
+        let room = workloads.series < self.cap;
+        let with = |extra: &[&'a str]| -> Vec<&'a str> {
+            who.labels().chain(extra.iter().copied()).collect()
+        };
+        let owned = |extra: &[&str]| extra.iter().map(|e| (*e).to_owned()).collect::<Vec<_>>();
+        let known = |sets: &[Vec<String>], extra: &[&str]| {
+            sets.iter()
+                .any(|s| s.iter().map(String::as_str).eq(extra.iter().copied()))
+        };
         if let Some((t, sets)) = workloads.admitted.get_mut(who) {
             *t = now;
-            if !sets
-                .iter()
-                .any(|s| s.iter().map(String::as_str).eq(extra.iter().copied()))
-            {
-                sets.push(owned());
+            if known(sets, extra) {
+                return (with(extra), false);
             }
-            return (full(), false);
-        }
-        if workloads.admitted.len() < self.cap {
-            workloads.admitted.insert(who.clone(), (now, vec![owned()]));
-            return (full(), false);
+            if room && sets.len() + 1 < PER_WORKLOAD {
+                sets.push(owned(extra));
+                workloads.series += 1;
+                return (with(extra), false);
+            }
+            let other = vec![OTHER; extra.len()];
+            if known(sets, &other) {
+                return (with(&other), false);
+            }
+            if room {
+                sets.push(owned(&other));
+                workloads.series += 1;
+                return (with(&other), false);
+            }
+        } else if room {
+            workloads
+                .admitted
+                .insert(who.clone(), (now, vec![owned(extra)]));
+            workloads.series += 1;
+            return (with(extra), false);
         }
         let labels = overflow();
         workloads
@@ -163,9 +198,11 @@ impl SeriesCap {
             return Vec::new();
         };
         let mut old = Vec::new();
+        let series = &mut workloads.series;
         workloads.admitted.retain(|who, (t, sets)| {
             let keep = t.elapsed() <= max_age || present.contains(who);
             if !keep {
+                *series -= sets.len();
                 old.extend(
                     sets.drain(..)
                         .map(|extra| who.labels().map(str::to_owned).chain(extra).collect()),
@@ -184,13 +221,22 @@ impl SeriesCap {
     }
 }
 
+/// The `rcode` label: the six codes a resolver meets, `none` (no answer), and every other
+/// code as `other`.
+fn rcode_label(name: &str) -> &str {
+    match name {
+        "NOERROR" | "FORMERR" | "SERVFAIL" | "NXDOMAIN" | "NOTIMP" | "REFUSED" | "none" => name,
+        _ => OTHER,
+    }
+}
+
 /// The `qtype` label: the common types by name, every other type as `other` (a pod choosing
 /// among 65,536 types must not choose the series count too).
 fn qtype_label(name: &str) -> &str {
     match name {
         "A" | "AAAA" | "CNAME" | "HTTPS" | "MX" | "NS" | "PTR" | "SOA" | "SRV" | "SVCB" | "TXT"
         | "ANY" | "CAA" => name,
-        _ => "other",
+        _ => OTHER,
     }
 }
 
@@ -379,7 +425,7 @@ impl Metrics {
             },
             series_overflow: counter(
                 "faultline_series_overflow_total",
-                "Updates that went to a metric's _overflow series because --max-series workloads already had series of it.",
+                "Updates that went to a metric's _overflow series because it already had --max-series series.",
                 &["metric"],
             )?,
             refresh_errors: {
@@ -432,18 +478,21 @@ impl Metrics {
 
     /// Counters of the HTTP server, registered with the others.
     pub fn server_counters(&self) -> anyhow::Result<crate::export::serve::ServerCounters> {
-        let refused = IntCounter::new(
-            "faultline_http_refused_connections_total",
-            "Connections to the metrics port closed at once: the connection cap was reached.",
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "faultline_http_shed_connections_total",
+                "Connections to the metrics port the server closed, by reason: peer_full (its address had 16 open and opened another), slots_full (every slot of its pool was taken and another peer connected), slow_reader (still reading an exposition two generations old, or the longest reading of the /explain answers in flight past 4).",
+            ),
+            &["reason"],
         )?;
         let accept_errors = IntCounter::new(
             "faultline_http_accept_errors_total",
             "Errors accepting connections to the metrics port (e.g. out of file descriptors).",
         )?;
-        self.registry.register(Box::new(refused.clone()))?;
+        self.registry.register(Box::new(shed.clone()))?;
         self.registry.register(Box::new(accept_errors.clone()))?;
         Ok(crate::export::serve::ServerCounters {
-            refused,
+            shed,
             accept_errors,
         })
     }
@@ -515,7 +564,7 @@ impl Metrics {
         let labels = self.admit(
             "dns_queries",
             &who,
-            &[qtype_label(&q.qtype), rcode, q.outcome],
+            &[qtype_label(&q.qtype), rcode_label(rcode), q.outcome],
         );
         self.dns_queries.with_label_values(&labels).inc();
         if let Some(ms) = q.latency_ms {
@@ -556,7 +605,8 @@ impl Metrics {
         *last = present;
     }
 
-    /// Losses of a ring buffer (`dns`, `conntrack`), as a running total from the kernel.
+    /// Losses of a ring buffer (`dns`, `conntrack`, `cgroups`), as a running total from the
+    /// kernel.
     pub fn events_lost(&self, source: &'static str, total: u64) {
         self.totals.set(Total::EventsLost, source, total);
     }
@@ -723,9 +773,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cap_counts_workloads_and_overflow_drops_the_extra_labels() {
+    fn the_cap_counts_series_folds_a_workloads_many_sets_and_overflow_drops_the_extras() {
         let cap = SeriesCap {
-            cap: 2,
+            cap: PER_WORKLOAD + 2,
             seen: Mutex::new(HashMap::new()),
         };
         let w = |p: &str| {
@@ -756,39 +806,74 @@ mod tests {
                 over,
             )
         };
-        // One workload with many label sets uses one place under the cap.
-        for x in ["A", "AAAA", "TXT", "other"] {
-            assert_eq!(admit("m", w("a"), &[x]), full("a", x));
+        // One workload's label sets: its own up to PER_WORKLOAD - 1, then one `other` set.
+        let sets: Vec<String> = (0..PER_WORKLOAD + 5).map(|i| format!("T{i}")).collect();
+        for (i, x) in sets.iter().enumerate() {
+            let expect = if i + 1 < PER_WORKLOAD {
+                x.as_str()
+            } else {
+                OTHER
+            };
+            assert_eq!(admit("m", w("a"), &[x]), full("a", expect), "{x}");
         }
+        assert_eq!(
+            admit("m", w("a"), &["T0"]),
+            full("a", "T0"),
+            "known sets stay"
+        );
+        // Two series left under the cap: another workload's two, then overflow.
         assert_eq!(admit("m", w("b"), &["A"]), full("b", "A"));
+        assert_eq!(admit("m", w("b"), &["AAAA"]), full("b", "AAAA"));
         let over = admit("m", w("c"), &["A"]);
         assert_eq!(over, (vec![OVERFLOW.to_owned(); 5], true));
+        assert_eq!(
+            admit("m", w("b"), &["TXT"]),
+            over,
+            "a new set of an admitted one too"
+        );
         assert_eq!(
             admit("m", w("d"), &["TXT"]).0,
             over.0,
             "one overflow series"
         );
-        // Admitted workloads keep their series; other metrics have their own cap.
-        assert_eq!(admit("m", w("a"), &["SRV"]), full("a", "SRV"));
+        // Other metrics have their own cap.
         assert_eq!(admit("other", w("c"), &["x"]), full("c", "x"));
         let none = HashSet::new();
         assert!(cap.expire("m", Duration::from_secs(60), &none).is_empty());
         // A workload still on the node keeps its series however long it is quiet.
         let a_present = HashSet::from([w("a")]);
-        assert_eq!(cap.expire("m", Duration::ZERO, &a_present).len(), 1 + 1);
-        assert_eq!(admit("m", w("a"), &["A"]), full("a", "A"));
-        // Gone: every series of the workload is returned for removal.
-        assert_eq!(cap.expire("m", Duration::ZERO, &none).len(), 5);
+        assert_eq!(cap.expire("m", Duration::ZERO, &a_present).len(), 2 + 1);
+        // b's two series are free again.
         assert_eq!(admit("m", w("c"), &["A"]), full("c", "A"));
+        // Gone: every series of the workload is returned for removal, and its room freed.
+        assert_eq!(
+            cap.expire("m", Duration::ZERO, &none).len(),
+            PER_WORKLOAD + 1
+        );
+        assert_eq!(admit("m", w("e"), &["A"]), full("e", "A"));
         cap.clear("m");
         assert_eq!(admit("m", w("d"), &["A"]), full("d", "A"));
     }
 
     #[test]
-    fn query_types_outside_the_allow_list_are_other() {
-        assert_eq!(qtype_label("AAAA"), "AAAA");
-        assert_eq!(qtype_label("TYPE4242"), "other");
-        assert_eq!(qtype_label(&crate::signals::dns::qtype_name(64)), "SVCB");
+    fn rcodes_outside_the_common_set_are_other() {
+        assert_eq!(rcode_label("NXDOMAIN"), "NXDOMAIN");
+        assert_eq!(rcode_label("none"), "none");
+        assert_eq!(rcode_label(&crate::signals::dns::rcode_name(9)), "other");
+    }
+
+    #[test]
+    fn label_values_carry_no_terminal_controls() {
+        let hostile = "/pod\u{1b}[31m\u{202e}evil\u{7}";
+        let label = &who(hostile, None).0[3];
+        assert!(
+            label.chars().all(|c| !c.is_control() && c != '\u{202e}'),
+            "{label:?}"
+        );
+        assert!(
+            label.starts_with("/pod") && label.contains("evil"),
+            "{label:?}"
+        );
     }
 
     #[test]

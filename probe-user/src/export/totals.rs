@@ -16,7 +16,7 @@ use prometheus::{
 /// The families, each with at most one label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Total {
-    /// `source`: clone, dns, conntrack.
+    /// `source`: clone, dns, conntrack, cgroups (new cgroup v2 directories).
     EventsLost,
     UncountedTaskEvents,
     /// `reason`: pending_full, cgroup_quota, malformed, unmatched, tcp_map_full.

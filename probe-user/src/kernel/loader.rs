@@ -19,14 +19,14 @@ use probe_common::{
 };
 
 use crate::{
-    attribution::cgroups::{CgroupFs, Hierarchy},
+    attribution::cgroups::{CgroupEvents, CgroupFs, Hierarchy},
     kernel::btf::Btf,
     kernel::offsets,
     kernel::tracefs::Tracefs,
 };
 
-/// A ring buffer registered with the tokio event loop.
-pub type EventRing = tokio::io::unix::AsyncFd<RingBuf<MapData>>;
+/// A ring buffer of events, read by `kernel::rings`.
+pub type EventRing = RingBuf<MapData>;
 
 /// The eBPF object, built by build.rs with aya-build.
 pub(crate) static OBJECT: &[u8] =
@@ -86,6 +86,12 @@ pub const TASK_PROGRAMS: [Attachment; 3] = [
     raw("task_cgroup_rmdir", "cgroup_rmdir"),
 ];
 
+/// cgroup v2 directories made and removed, for naming cgroups by id (attribution).
+pub const CGROUP_PROGRAMS: [Attachment; 2] = [
+    raw("cgroup_mkdir", "cgroup_mkdir"),
+    raw("cgroup_rmdir", "cgroup_rmdir"),
+];
+
 /// Packets dropped by netfilter.
 pub const CONNTRACK_PROGRAMS: [Attachment; 1] = [raw("conntrack_drop", "kfree_skb")];
 
@@ -116,6 +122,9 @@ pub enum Degraded {
     /// Before 6.14 pid_max is one global variable, found in /proc/kallsyms, which shows
     /// addresses only to CAP_SYSLOG: the value used is the one userspace reads after the failure.
     GlobalPidMaxHidden,
+    /// The cgroup naming programs could not be attached (or the cgroup v2 mount is not the
+    /// hierarchy's root): cgroups made after start are named by walking cgroupfs.
+    CgroupsNamedByWalk,
 }
 
 impl Degraded {
@@ -123,6 +132,7 @@ impl Degraded {
     pub fn probe(self) -> &'static str {
         match self {
             Degraded::GlobalPidMaxHidden => "clone",
+            Degraded::CgroupsNamedByWalk => "tasks",
         }
     }
 
@@ -130,6 +140,7 @@ impl Degraded {
     pub fn reason(self) -> &'static str {
         match self {
             Degraded::GlobalPidMaxHidden => "kernel_addresses_hidden",
+            Degraded::CgroupsNamedByWalk => "cgroups_named_by_walk",
         }
     }
 
@@ -137,6 +148,9 @@ impl Degraded {
         match self {
             Degraded::GlobalPidMaxHidden => {
                 "kernel addresses hidden (no CAP_SYSLOG): the node's pid_max (global before 6.14) is read after a failure, not at it"
+            }
+            Degraded::CgroupsNamedByWalk => {
+                "cgroups made after start are named by walking cgroupfs (rate-limited), not from the kernel's records: the first events of a new pod may show no pod"
             }
         }
     }
@@ -581,6 +595,18 @@ impl Probes {
         })
     }
 
+    /// Attaches the cgroup naming programs and returns their ring and counters (once).
+    pub fn cgroup_events(&mut self) -> anyhow::Result<CgroupEvents> {
+        self.attach(&CGROUP_PROGRAMS)?;
+        let ring = self.take_ring("CGROUP_EVENTS")?;
+        let stats = self
+            .ebpf
+            .take_map("CGROUP_STATS")
+            .context("map CGROUP_STATS missing or already taken")?;
+        let stats = PerCpuArray::try_from(stats).context("CGROUP_STATS is not a per-CPU array")?;
+        Ok(CgroupEvents::new(ring, stats))
+    }
+
     /// The ring of `CloneFailureEvent`s (once).
     pub fn clone_events(&mut self) -> anyhow::Result<EventRing> {
         self.take_ring("CLONE_EVENTS")
@@ -592,9 +618,7 @@ impl Probes {
             .ebpf
             .take_map(name)
             .with_context(|| format!("map {name} missing or already taken"))?;
-        let ring =
-            RingBuf::try_from(map).with_context(|| format!("{name} is not a ring buffer"))?;
-        register(ring, name)
+        RingBuf::try_from(map).with_context(|| format!("{name} is not a ring buffer"))
     }
 
     pub fn clone_stats(&self) -> anyhow::Result<CloneStats> {
@@ -809,16 +833,16 @@ fn register<T: std::os::fd::AsRawFd>(
         .with_context(|| format!("registering {name} with the event loop"))
 }
 
-/// Takes every record waiting in `ring` as a `T`, in order, and hands each to `f`. A record
-/// shorter than a `T` (the binary and its embedded object would disagree: a bug) is skipped
-/// and said on stderr, the same way for every ring.
-pub fn drain_ring<T: aya::Pod>(
-    ring: &mut aya::maps::RingBuf<MapData>,
+/// Decodes each record of a batch the ring reader took as a `T`, in order, and hands each
+/// to `f`. A record shorter than a `T` (the binary and its embedded object would disagree: a
+/// bug) is skipped and said on stderr, the same way for every ring.
+pub fn decode_each<'a, T: aya::Pod>(
+    records: impl IntoIterator<Item = &'a [u8]>,
     what: &str,
     mut f: impl FnMut(T) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    while let Some(item) = ring.next() {
-        let Some(record) = decode::<T>(&item) else {
+    for item in records {
+        let Some(record) = decode::<T>(item) else {
             tracing::warn!(
                 "skipped a ring-buffer record of {} bytes (expected {what}, {} bytes)",
                 item.len(),
@@ -826,7 +850,6 @@ pub fn drain_ring<T: aya::Pod>(
             );
             continue;
         };
-        drop(item);
         f(record)?;
     }
     Ok(())

@@ -2,7 +2,6 @@
 //! are decoded and enriched (wall time, cgroup paths, node counts) into `CloneFailure`s with
 //! their cause.
 
-use aya::maps::{MapData, RingBuf};
 use probe_common::clone::{CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
 
@@ -10,6 +9,7 @@ use crate::{
     attribution::cgroups::Hierarchy,
     attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
+    kernel::rings::Batch,
     signals::cause::{self, Facts, Verdict},
     signals::node::{LowPids, NodeTasks},
 };
@@ -63,15 +63,17 @@ pub struct CloneFailure {
 }
 
 /// Decodes and enriches every event waiting in the ring buffer, in order.
-pub fn drain(
-    ring: &mut RingBuf<MapData>,
+pub fn deliver(
+    batch: &Batch,
     enricher: &mut Enricher,
     attributor: &mut Attributor,
     mut on_failure: impl FnMut(CloneFailure) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    crate::kernel::loader::drain_ring(ring, "a clone failure", |raw: CloneFailureEvent| {
-        on_failure(enricher.enrich(&raw, attributor))
-    })
+    crate::kernel::loader::decode_each(
+        batch.records(),
+        "a clone failure",
+        |raw: CloneFailureEvent| on_failure(enricher.enrich(&raw, attributor)),
+    )
 }
 
 /// Turns kernel events into reports: resolves ids to paths and decides the cause.
@@ -117,14 +119,16 @@ impl Enricher {
         };
         let pids_cgroup = (ev.valid & valid::PIDS != 0)
             .then(|| attributor.cgroups.path(Hierarchy::Pids, ev.pids.cgroup_ino))
-            .flatten();
+            .flatten()
+            .map(|p| p.text());
         let memory_cgroup = (ev.valid & valid::MEMORY != 0)
             .then(|| {
                 attributor
                     .cgroups
                     .path(Hierarchy::Memory, ev.memory.cgroup_ino)
             })
-            .flatten();
+            .flatten()
+            .map(|p| p.text());
         let Verdict { cause, evidence } = cause::classify(
             ev,
             &Facts {

@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
 use probe_common::conntrack::{CT_CONFIRMED, CT_NONE, ConntrackDropEvent, FlowKey};
 use serde::Serialize;
 
@@ -19,6 +18,7 @@ use crate::{
     attribution::pods::{Attributor, PodRef},
     clock::{self, KernelClock},
     kernel::loader,
+    kernel::rings::Batch,
     signals::ctstats::{self, CtCounters},
     signals::dns::DnsTracker,
 };
@@ -445,24 +445,28 @@ fn report(
     }
 }
 
-/// Decodes, classifies and enriches every drop waiting in the ring, in order.
-pub fn drain(
-    ring: &mut RingBuf<MapData>,
+/// Decodes, classifies and enriches every drop of a batch, in order.
+pub fn deliver(
+    batch: &Batch,
     classifier: &mut Classifier,
     attributor: &mut Attributor,
     mut dns: Option<&mut DnsTracker>,
     mut on_drop: impl FnMut(ConntrackDrop) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut batch = Vec::new();
-    loader::drain_ring(ring, "a conntrack drop", |ev: ConntrackDropEvent| {
-        batch.push(ev);
-        Ok(())
-    })?;
-    if batch.is_empty() {
+    let mut drops = Vec::new();
+    loader::decode_each(
+        batch.records(),
+        "a conntrack drop",
+        |ev: ConntrackDropEvent| {
+            drops.push(ev);
+            Ok(())
+        },
+    )?;
+    if drops.is_empty() {
         return Ok(());
     }
-    let verdicts = classifier.classify(&batch);
-    for (ev, verdict) in batch.iter().zip(verdicts) {
+    let verdicts = classifier.classify(&drops);
+    for (ev, verdict) in drops.iter().zip(verdicts) {
         let clock = &classifier.clock;
         on_drop(report(ev, verdict, clock, attributor, dns.as_deref_mut()))?;
     }

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::{
     attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
+    kernel::rings::Batch,
 };
 
 /// What is reported for each query.
@@ -400,14 +401,14 @@ fn endpoint(family: u8, addr: &[u8; 16], port: u16) -> String {
     std::net::SocketAddr::new(super::ip(family, addr), port).to_string()
 }
 
-/// Feeds every query event waiting in the ring to the tracker; reports go to `on_query`.
-pub fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+/// Feeds every query event of a batch to the tracker; reports go to `on_query`.
+pub fn deliver(
+    batch: &Batch,
     tracker: &mut DnsTracker,
     attributor: &mut Attributor,
     mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    crate::kernel::loader::drain_ring(ring, "a DNS query", |ev: DnsQueryEvent| {
+    crate::kernel::loader::decode_each(batch.records(), "a DNS query", |ev: DnsQueryEvent| {
         match tracker.on_event(&ev, attributor) {
             Some(q) => on_query(q),
             None => Ok(()),
@@ -415,17 +416,14 @@ pub fn drain(
     })
 }
 
-/// Everything the kernel has for DNS now: the events waiting in the ring (the kernel wakes
-/// userspace in batches), then the queries unanswered past the timeout, reported as timeouts
-/// and removed from the kernel's map.
-pub fn catch_up(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+/// The queries the kernel still has waiting past the timeout (after the pipeline delivered
+/// the batches already read), reported as timeouts and removed from the kernel's map.
+pub fn sweep(
     probes: &mut crate::kernel::loader::Probes,
     tracker: &mut DnsTracker,
     attributor: &mut Attributor,
     mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    drain(ring, tracker, attributor, &mut on_query)?;
     let now = tracker.now_ktime();
     let waiting = probes.dns_waiting()?;
     let cgroup_of: HashMap<DnsKey, u64> = waiting

@@ -360,12 +360,13 @@ pub struct Lab {
 }
 
 impl Lab {
-    pub fn spawn(args: &[&str]) -> Lab {
+    /// Arguments need not be UTF-8 (a cgroup directory's name is bytes).
+    pub fn spawn(args: &[impl AsRef<std::ffi::OsStr>]) -> Lab {
         Self::spawn_in(None, args)
     }
 
     /// faultline-lab inside a named network namespace (`ip netns exec`), or in ours.
-    pub fn spawn_in(netns: Option<&str>, args: &[&str]) -> Lab {
+    pub fn spawn_in(netns: Option<&str>, args: &[impl AsRef<std::ffi::OsStr>]) -> Lab {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -384,7 +385,10 @@ impl Lab {
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
         Lab {
             child,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args: args
+                .iter()
+                .map(|s| s.as_ref().to_string_lossy().into_owned())
+                .collect(),
             stdout,
         }
     }
@@ -457,6 +461,11 @@ pub struct TempCgroup {
 
 impl TempCgroup {
     pub fn new(mount: &Path, name: &str) -> TempCgroup {
+        Self::named(mount, std::ffi::OsStr::new(name))
+    }
+
+    /// [`TempCgroup::new`] with a name that need not be UTF-8 (cgroup names are bytes).
+    pub fn named(mount: &Path, name: &std::ffi::OsStr) -> TempCgroup {
         let mut enabled = Vec::new();
         let available =
             std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
@@ -516,6 +525,11 @@ impl TempFile {
     pub fn new(path: &Path, contents: &[u8]) -> TempFile {
         std::fs::write(path, contents)
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        TempFile(path.to_path_buf())
+    }
+
+    /// A file something else creates, removed on drop like the others.
+    pub fn adopt(path: &Path) -> TempFile {
         TempFile(path.to_path_buf())
     }
 }
