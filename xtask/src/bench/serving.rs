@@ -21,8 +21,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    Env, Findings, Tool, free_port,
-    measure::{Agent, Ready, cgroup2_root, http_get, metric_sum, run_measured},
+    Env, Findings, Tool, clone_counts, free_port,
+    measure::{Agent, BenchCgroup, Ready, cgroup2_root, http_get, metric_sum, run_measured},
     start,
 };
 
@@ -236,6 +236,19 @@ pub fn run(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<
             (1..=16).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect()
         }
     };
+    // A failure storm at the same time: the events are read on a thread of their own, so the
+    // attack on the port must not cost them.
+    let storm_cg = BenchCgroup::pids("faultline-bench-http-storm", 1)?;
+    let storm_failures: u32 = if env.quick { 2_000 } else { 100_000 };
+    let (d0, l0) = clone_counts(port)?;
+    let mut storm = Command::new(env.bin.join("faultline-lab"))
+        .args(["threads", "4", "--comm", "fl-http-storm", "--max-failures"])
+        .arg(storm_failures.to_string())
+        .arg("--cgroup")
+        .arg(&storm_cg.dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting the storm")?;
     let mut held = std::collections::VecDeque::new();
     let mut latencies = Vec::new();
     let (mut most_rss, mut most_queued, mut opened, mut failed) = (before, 0, 0usize, 0usize);
@@ -266,6 +279,21 @@ pub fn run(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<
         most_queued = most_queued.max(send_queued(port));
         std::thread::sleep(Duration::from_millis(100));
     }
+    storm.wait().context("waiting for the storm")?;
+    // Every failure delivered or counted lost (or no change for 3 s).
+    let (mut delivered, mut lost) = (0.0, 0.0);
+    let (mut last, mut still) = ((f64::NAN, f64::NAN), 0);
+    for _ in 0..240 {
+        let (d, l) = clone_counts(port)?;
+        (delivered, lost) = (d - d0, l - l0);
+        still = if (d, l) == last { still + 1 } else { 0 };
+        if delivered + lost >= f64::from(storm_failures) || still >= 12 {
+            break;
+        }
+        last = (d, l);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(storm_cg);
     let (_, hwm) = agent.rss_kib();
     let metrics = http_get(port, "/metrics").unwrap_or_default();
     let shed = |reason: &str| {
@@ -295,6 +323,9 @@ pub fn run(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<
         "16 loopback peers (the node's slots: 32)"
     };
     eprintln!(
+        "bench: serving under attack: a storm of {storm_failures}: {delivered} delivered, {lost} lost"
+    );
+    eprintln!(
         "bench: serving under attack: /healthz p50 {p50:?} max {max:?}, {failed} failed; RSS {:.1} -> {:.1} MiB (peak {:.1})",
         mib(before << 10),
         mib(most_rss << 10),
@@ -302,7 +333,7 @@ pub fn run(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<
     );
     writeln!(
         doc,
-        "## Serving under attack\n\n`faultline run` with {workloads} workloads (each a fork and an answered DNS query; {counted} with their DNS series by then: a {:.1} MB exposition), while {from} hold 256 connections that ask for `/metrics` and never read (4 KiB receive buffers), renewed by 64 every 1.5 s so that new expositions are encoded while old ones are held ({opened} connections in {secs} s); `/healthz` from 127.0.0.1 every 100 ms, as the kubelet probes. The DaemonSet's memory limit is 128 MiB.\n\n| measure | value |\n|---|---|\n| `/healthz` latency, p50 / max ({probes} probes) | {:.2} ms / {:.2} ms |\n| `/healthz` probes not answered 200 within 5 s | {failed} |\n| RSS before the attack | {:.1} MiB |\n| RSS at most during the attack (sampled every 100 ms) / high-water mark | {:.1} MiB / {:.1} MiB |\n| kernel send queues of its connections, at most | {:.1} MiB |\n| connections shed: slots_full / slow_reader | {slots_full:.0} / {slow_reader:.0} |\n",
+        "## Serving under attack\n\n`faultline run` with {workloads} workloads (each a fork and an answered DNS query; {counted} with their DNS series by then: a {:.1} MB exposition), while {from} hold 256 connections that ask for `/metrics` and never read (4 KiB receive buffers), renewed by 64 every 1.5 s so that new expositions are encoded while old ones are held ({opened} connections in {secs} s), and a pod failing {storm_failures} thread creations as fast as it can (4 threads, pids limit 1); `/healthz` from 127.0.0.1 every 100 ms, as the kubelet probes. The DaemonSet's memory limit is 128 MiB.\n\n| measure | value |\n|---|---|\n| `/healthz` latency, p50 / max ({probes} probes) | {:.2} ms / {:.2} ms |\n| `/healthz` probes not answered 200 within 5 s | {failed} |\n| RSS before the attack | {:.1} MiB |\n| RSS at most during the attack (sampled every 100 ms) / high-water mark | {:.1} MiB / {:.1} MiB |\n| kernel send queues of its connections, at most | {:.1} MiB |\n| connections shed: slots_full / slow_reader | {slots_full:.0} / {slow_reader:.0} |\n| the storm's failures delivered / lost (counted) | {delivered:.0} / {lost:.0} |\n",
         exposition as f64 / 1e6,
         p50.as_secs_f64() * 1e3,
         max.as_secs_f64() * 1e3,
