@@ -127,6 +127,9 @@ pub struct Pipeline {
     kernel_log: Option<KernelLogger>,
 }
 
+/// How long a stop spends delivering the events already read.
+const FINAL_DELIVERY: Duration = Duration::from_secs(2);
+
 /// Near-misses are polled at most this often (each poll reads every namespace's counters).
 const CLASH_POLL_MIN: Duration = Duration::from_secs(1);
 
@@ -242,36 +245,52 @@ impl Pipeline {
         tokio::pin!(stop);
         let mut refresh = tokio::time::interval(every);
         let mut sweep = tokio::time::interval(dns::SWEEP_INTERVAL);
+        // Behind (a long batch), a tick comes once, not once for every one missed.
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let clash_every = every.max(CLASH_POLL_MIN);
         loop {
             tokio::select! {
-                batch = self.rings.next() => match batch {
-                    Some(batch) => {
-                        self.deliver(&batch, sink)?;
-                        sink.flush()?;
-                    }
-                    None => return Err(self.rings.failure()),
-                },
-                _ = sweep.tick(), if self.dns.is_some() => {
-                    // What was read first, then the queries past their timeout.
-                    self.deliver_read(sink)?;
-                    self.sweep_dns(sink)?;
-                }
+                // In this order: a stop and the ticks are never starved by a backlog.
+                biased;
+                () = &mut stop => break,
                 _ = refresh.tick() => self.refresh(sink, clash_every)?,
+                // The queries past their timeout, from the kernel's map (an answered query is
+                // no longer in it, even while its answer waits in the queue).
+                _ = sweep.tick(), if self.dns.is_some() => self.sweep_dns(sink)?,
                 guard = async { self.kernel_log.as_mut().expect("polled with --kernel-log").readable_mut().await }, if self.kernel_log.is_some() => {
                     let mut guard = guard.context("waiting on the programs' log ring")?;
                     guard.get_inner_mut().flush();
                     guard.clear_ready();
                 }
-                () = &mut stop => break,
+                batch = self.rings.next() => match batch {
+                    Some(batch) => {
+                        self.deliver(&batch, sink)?;
+                        sink.flush()?;
+                        // A backlog is always ready: give the runtime its turn (signals, the
+                        // SIGHUP task) between batches.
+                        tokio::task::yield_now().await;
+                    }
+                    None => return Err(self.rings.failure()),
+                },
             }
         }
         if let Some(log) = self.kernel_log.as_mut() {
             log.get_mut().flush();
         }
-        // Events submitted just before the stop: the reader reads every ring once more.
+        // Events submitted just before the stop: the reader reads every ring once more, and
+        // what the pipeline can deliver within FINAL_DELIVERY is delivered; the rest of a
+        // storm's backlog is counted as lost, so that a stop takes seconds, not minutes.
         self.rings.stop()?;
-        self.deliver_read(sink)
+        let deadline = std::time::Instant::now() + FINAL_DELIVERY;
+        while let Some(batch) = self.rings.try_next() {
+            if std::time::Instant::now() < deadline {
+                self.deliver(&batch, sink)?;
+            } else {
+                self.rings.discard(batch);
+            }
+        }
+        sink.flush()
     }
 
     /// The state, for a command's closing summary.
@@ -284,14 +303,6 @@ impl Pipeline {
             dns: self.dns.as_ref(),
             conntrack: self.conntrack.as_mut(),
         }
-    }
-
-    /// Every batch the reader has handed over so far.
-    fn deliver_read(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
-        while let Some(batch) = self.rings.try_next() {
-            self.deliver(&batch, sink)?;
-        }
-        sink.flush()
     }
 
     /// One batch, to the signal its ring belongs to.

@@ -176,7 +176,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Dropping the pipeline detaches every program.
     drop(pipeline);
     tracing::info!(
-        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer or queue full)",
+        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer or queue full, or still queued at the stop)",
         stats.failures,
         stats.lost
     );

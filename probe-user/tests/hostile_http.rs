@@ -499,9 +499,16 @@ impl Drop for MemoryLimit {
 
 const CID: &str = "b0b00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
 
+/// Pods' container cgroups and the shared levels above them: fields drop in order, so the
+/// pods go first, then the shared levels (also when a test fails).
+struct Workloads {
+    trees: Vec<CgroupTree>,
+    _base: CgroupTree,
+}
+
 /// `n` pods' container cgroups (v2), each with one fork counted in it: a large node's
 /// exposition. Removed on drop (pods first, then the shared levels).
-fn workloads(n: u32) -> (Vec<CgroupTree>, CgroupTree) {
+fn workloads(n: u32) -> Workloads {
     let (unified, _) = mount(Hierarchy::Unified).expect("cgroup v2");
     let base = CgroupTree::new(
         &unified,
@@ -513,7 +520,7 @@ fn workloads(n: u32) -> (Vec<CgroupTree>, CgroupTree) {
             CgroupTree::new(&base.leaf().dir, &format!("pod{uid}/{CID}"))
         })
         .collect();
-    (trees, base)
+    Workloads { trees, _base: base }
 }
 
 /// Activity in each of `trees`: a fork, and a DNS query answered (a query counter and a
@@ -555,13 +562,14 @@ fn slow_readers_of_a_large_exposition_stay_within_the_daemonsets_memory() {
     let _serial = serial();
     probe_user::export::serve::raise_fd_limit();
     let pods = PodAddresses::add(16);
-    let (trees, base) = workloads(2000);
+    let pods_cgroups = workloads(2000);
+    let trees = &pods_cgroups.trees;
     let limit = MemoryLimit::new(DAEMONSET_MEMORY);
     let kills_before = limit.as_ref().map_or(0, MemoryLimit::oom_kills);
     let prefix = limit.as_ref().map(|l| l.prefix.clone()).unwrap_or_default();
     let (mut daemon, log) = start_daemon(&prefix, &["--refresh", "1s"]);
     let (port, pid) = (daemon.port, daemon.child.id());
-    activity_in(&trees);
+    activity_in(trees);
     // The pods' uids (`workloads`) begin with this.
     let ours = format!("pod=\"{:08x}-0000-4000-8000-", std::process::id());
     let exposition = eventually(
@@ -691,8 +699,7 @@ fn slow_readers_of_a_large_exposition_stay_within_the_daemonsets_memory() {
     );
     drop(daemon);
     drop(limit);
-    drop(trees);
-    drop(base);
+    drop(pods_cgroups);
     drop(pods);
 }
 

@@ -49,7 +49,7 @@ impl Ring {
 /// kernel's own rings (1 MiB each), a small share of the DaemonSet's 128 MiB.
 const MAX_QUEUED: usize = 8 << 20;
 /// A batch is handed over once it holds this much, so a long drain is delivered as it goes.
-const BATCH_BYTES: usize = 256 << 10;
+const BATCH_BYTES: usize = 64 << 10;
 /// Every ring is also read this often: the DNS program submits without a wakeup until 64 KiB
 /// wait (a wakeup per query would cost a context switch each), so a quiet node's last queries
 /// are read within this.
@@ -141,7 +141,14 @@ impl Rings {
             .fetch_sub(batch.data.len(), Ordering::Relaxed);
     }
 
-    /// Records of `ring` dropped because the pipeline was behind by `MAX_QUEUED`.
+    /// Counts a batch's records as dropped instead of delivering them (a stop that cannot
+    /// wait for a pipeline far behind).
+    pub fn discard(&self, batch: Batch) {
+        self.shared.dropped[batch.ring.index()]
+            .fetch_add(batch.ends.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Records of `ring` dropped because the pipeline was behind by `MAX_QUEUED`, or at a stop.
     pub fn dropped(&self, ring: Ring) -> u64 {
         self.shared.dropped[ring.index()].load(Ordering::Relaxed)
     }
