@@ -532,8 +532,8 @@ fn the_daemon_exports_dns_metrics_per_workload() {
     );
 }
 
-/// The series cap counts workloads: one workload asking many question types (most of them
-/// outside the allow-list) cannot push another workload's series into `_overflow`.
+/// One workload asking many question types (most of them outside the allow-list) folds into
+/// a few series, at most its 16, and cannot push another workload's series into `_overflow`.
 #[test]
 fn many_query_types_from_one_workload_leave_room_for_the_others() {
     let lab = DnsLab::start();
