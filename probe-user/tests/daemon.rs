@@ -445,7 +445,7 @@ fn after_attaching_every_thread_keeps_only_what_reading_needs() {
             Daemon::start(&["--no-events"])
         };
         // The HTTP workers exist once it answers; the others before it is ready.
-        healthz(&daemon);
+        healthz_answers(&daemon);
         let threads = thread_caps(daemon.child.id());
         assert!(threads.len() >= 4, "{threads:?}");
         for (comm, caps) in &threads {
@@ -459,12 +459,6 @@ fn after_attaching_every_thread_keeps_only_what_reading_needs() {
             "{stderr}"
         );
     }
-}
-
-fn healthz(daemon: &Daemon) {
-    eventually(Duration::from_secs(10 * pace()), "/healthz", || {
-        http_get(daemon.port, "/healthz").filter(|(code, _)| *code == 200)
-    });
 }
 
 /// SIGHUP, as log rotation sends it: the daemon reopens its events file (a new one appears
@@ -485,7 +479,7 @@ fn sighup_reopens_the_events_file_and_the_daemon_goes_on() {
         "a new events file",
         || events.exists().then_some(()),
     );
-    healthz(&daemon);
+    healthz_answers(&daemon);
     let cg = PodCgroup::systemd(&unique("rotate"), &pod_uid(9), CID, 4);
     let join = cg.join_args();
     let join: Vec<&str> = join.iter().map(String::as_str).collect();

@@ -7,8 +7,7 @@ mod common;
 
 use std::{
     io::{Read as _, Write as _},
-    net::TcpStream,
-    os::fd::FromRawFd as _,
+    net::{Ipv4Addr, TcpStream},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -41,37 +40,6 @@ fn sample(exposition: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// A TCP connection to 127.0.0.1:`port` from the source address `from` (any 127/8 address
-/// is loopback): another peer than the test's own requests, as a pod would be.
-fn connect_from(from: [u8; 4], port: u16) -> Option<TcpStream> {
-    let sockaddr = |addr: [u8; 4], port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(addr),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a fresh socket, bound and connected with valid sockaddr_in structs; owned by
-    // the TcpStream from then on (closed on drop), closed here on failure.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return None;
-        }
-        let local = sockaddr(from, 0);
-        let remote = sockaddr([127, 0, 0, 1], port);
-        if libc::bind(fd, (&raw const local).cast(), len) != 0
-            || libc::connect(fd, (&raw const remote).cast(), len) != 0
-        {
-            libc::close(fd);
-            return None;
-        }
-        Some(TcpStream::from_raw_fd(fd))
-    }
-}
-
 fn alive(daemon: &mut Daemon) {
     assert!(
         daemon
@@ -80,15 +48,6 @@ fn alive(daemon: &mut Daemon) {
             .expect("waiting on faultline")
             .is_none(),
         "faultline run exited"
-    );
-}
-
-fn healthz_answers(daemon: &Daemon) {
-    // Emulated VMs run every program (the raw sys_exit one on every syscall) many times slower.
-    eventually(
-        Duration::from_secs(10 * pace()),
-        "/healthz to answer",
-        || http_get(daemon.port, "/healthz").filter(|(s, _)| *s == 200),
     );
 }
 
@@ -106,7 +65,12 @@ fn eleven_hundred_idle_connections_under_a_1024_fd_limit() {
     let mut held = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while held.len() < 1100 && Instant::now() < deadline {
-        if let Some(c) = connect_from([127, 0, 0, 2], daemon.port) {
+        if let Some(c) = connect_from(
+            Ipv4Addr::new(127, 0, 0, 2),
+            Ipv4Addr::LOCALHOST,
+            daemon.port,
+            None,
+        ) {
             held.push(c);
         }
     }
@@ -154,8 +118,20 @@ fn eleven_hundred_idle_connections_under_a_1024_fd_limit() {
 fn silent_and_half_requests_are_cut_off() {
     let _serial = serial();
     let daemon = Daemon::start(&["--no-events"]);
-    let mut silent = connect_from([127, 0, 0, 3], daemon.port).expect("connect");
-    let mut half = connect_from([127, 0, 0, 3], daemon.port).expect("connect");
+    let mut silent = connect_from(
+        Ipv4Addr::new(127, 0, 0, 3),
+        Ipv4Addr::LOCALHOST,
+        daemon.port,
+        None,
+    )
+    .expect("connect");
+    let mut half = connect_from(
+        Ipv4Addr::new(127, 0, 0, 3),
+        Ipv4Addr::LOCALHOST,
+        daemon.port,
+        None,
+    )
+    .expect("connect");
     half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
         .expect("half a request");
     for (what, conn) in [("silent", &mut silent), ("half", &mut half)] {

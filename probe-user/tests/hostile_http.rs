@@ -12,7 +12,6 @@ mod common;
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::fd::FromRawFd as _,
     path::PathBuf,
     process::{Command, Stdio},
     sync::{
@@ -42,47 +41,6 @@ const ATTACK: Duration = Duration::from_secs(10);
 /// The kubelet's promise: /healthz within 1 s (an emulated VM runs everything slower).
 fn healthz_deadline() -> Duration {
     Duration::from_secs(pace())
-}
-
-/// A TCP connection to `to`:`port` from the source address `from`; with `rcvbuf`, a small
-/// receive buffer set first (a reader that never reads then stalls the daemon's sends at once).
-fn connect_from(from: Ipv4Addr, to: Ipv4Addr, port: u16, rcvbuf: Option<i32>) -> Option<TcpStream> {
-    let sockaddr = |addr: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a fresh socket, configured, bound and connected with valid structs; owned by
-    // the TcpStream from then on (closed on drop), closed here on failure.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return None;
-        }
-        let local = sockaddr(from, 0);
-        let remote = sockaddr(to, port);
-        let small = rcvbuf.is_none_or(|size| {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&raw const size).cast(),
-                std::mem::size_of::<i32>() as libc::socklen_t,
-            ) == 0
-        });
-        if !small
-            || libc::bind(fd, (&raw const local).cast(), len) != 0
-            || libc::connect(fd, (&raw const remote).cast(), len) != 0
-        {
-            libc::close(fd);
-            return None;
-        }
-        Some(TcpStream::from_raw_fd(fd))
-    }
 }
 
 /// A GET over HTTP/1.0 to `to`: (status, body length, how long it took), or why not.

@@ -10,7 +10,8 @@ pub mod manifest;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    os::fd::FromRawFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{LazyLock, mpsc},
@@ -1101,4 +1102,60 @@ impl OtlpReceiver {
             headers,
         }
     }
+}
+
+/// A TCP connection to `to`:`port` from the source address `from`; with `rcvbuf`, a small
+/// receive buffer set first (a reader that never reads then stalls the daemon's sends at once).
+pub fn connect_from(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    port: u16,
+    rcvbuf: Option<i32>,
+) -> Option<TcpStream> {
+    let sockaddr = |addr: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket, configured, bound and connected with valid structs; owned by
+    // the TcpStream from then on (closed on drop), closed here on failure.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let local = sockaddr(from, 0);
+        let remote = sockaddr(to, port);
+        let small = rcvbuf.is_none_or(|size| {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const size).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            ) == 0
+        });
+        if !small
+            || libc::bind(fd, (&raw const local).cast(), len) != 0
+            || libc::connect(fd, (&raw const remote).cast(), len) != 0
+        {
+            libc::close(fd);
+            return None;
+        }
+        Some(TcpStream::from_raw_fd(fd))
+    }
+}
+
+/// Waits for the daemon's `/healthz` to answer 200. Emulated VMs run every program (the raw
+/// sys_exit one on every syscall) many times slower.
+pub fn healthz_answers(daemon: &Daemon) {
+    eventually(
+        Duration::from_secs(10 * pace()),
+        "/healthz to answer",
+        || http_get(daemon.port, "/healthz").filter(|(s, _)| *s == 200),
+    );
 }
