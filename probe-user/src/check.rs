@@ -337,7 +337,7 @@ fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: 
 fn conntrack_counters(r: &mut Report) {
     match NetnsDirectory::new("/proc")
         .node()
-        .and_then(|node| crate::signals::ctstats::read(&node))
+        .and_then(|node| crate::signals::conntrack::ctstats::read(&node))
     {
         Ok((c, source)) => r.line(
             Status::Ok,

@@ -1,8 +1,30 @@
-//! Argument parsers the commands share.
+//! What the commands' arguments share: the output formats, the event kinds, and parsers.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use clap::ValueEnum;
+
+/// How a command prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns, for people.
+    Table,
+    /// One JSON object per line, for programs.
+    Json,
+}
+
+/// The kinds of events a command prints or exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EventKind {
+    /// Failed task creation.
+    Clone,
+    /// DNS queries over UDP port 53.
+    Dns,
+    /// Packets dropped by netfilter (with their conntrack cause) and resolved clashes.
+    Conntrack,
+}
+
 
 /// `10%` or `10` -> 10.0, within 0..=100.
 pub fn parse_percent(s: &str) -> anyhow::Result<f64> {

@@ -25,9 +25,9 @@ use crate::{
         clone::CloneFailure,
         conntrack::{ClashesResolved, ConntrackDrop},
         dns::{DnsQuery, Names},
-        node::NodeTasks,
+        clone::node::NodeTasks,
     },
-    trace::Output,
+    cli::Output,
 };
 
 /// Largest `/explain` answer read (the daemon's history is bounded far below).

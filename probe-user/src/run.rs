@@ -37,8 +37,8 @@ use crate::{
     signals::clone::{self, CloneFailure},
     signals::conntrack::{ClashesResolved, ConntrackDrop},
     signals::dns::{DnsQuery, Names},
-    signals::node::NodeTasks,
-    trace::EventKind,
+    signals::clone::node::NodeTasks,
+    cli::EventKind,
 };
 
 /// Not a default port of any exporter we know of (node_exporter 9100, kube-state-metrics

@@ -18,9 +18,9 @@ use crate::{
     clock::now_rfc3339,
     diagnosis::trend::{self, Limit, LimitWatch},
     kernel::loader::{KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
-    signals::node::NodeTasks,
+    signals::clone::node::NodeTasks,
     signals::tasks::{self, CgroupRow, Snapshot, TaskModel},
-    trace::Output,
+    cli::Output,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

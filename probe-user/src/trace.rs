@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde::Serialize;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    cli::{EventKind, Output},
     attribution::pods::PodArgs,
     kernel::loader::{self, CloneStats, ConntrackStats, KernelArgs, KernelLog},
     pipeline::{Pipeline, Signal, Sink, State, Want},
@@ -27,14 +28,6 @@ use crate::{
     signals::dns::{DnsQuery, Names},
     signals::tasks::{HeadroomWarning, HeadroomWatch},
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    /// Aligned columns, for people.
-    Table,
-    /// One JSON object per line, for programs.
-    Json,
-}
 
 #[derive(Args, Debug)]
 pub struct TraceArgs {
@@ -78,16 +71,6 @@ pub struct TraceArgs {
     /// failure lacks; `debug`: rejected DNS packets too). `off` costs nothing.
     #[arg(long, value_enum, default_value_t = KernelLog::Off)]
     pub kernel_log: KernelLog,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum EventKind {
-    /// Failed task creation.
-    Clone,
-    /// DNS queries over UDP port 53.
-    Dns,
-    /// Packets dropped by netfilter (with their conntrack cause) and resolved clashes.
-    Conntrack,
 }
 
 /// How often the pipeline refreshes for a trace: the task counters are read this often for

@@ -437,7 +437,7 @@ mod tests {
             syscall: "clone3",
             errno: "EAGAIN".into(),
             task: crate::signals::clone::TaskKind::Thread,
-            cause: crate::signals::cause::Cause::PidsLimit,
+            cause: crate::signals::clone::cause::Cause::PidsLimit,
             evidence: "pids.current=5 pids.max=5".into(),
             cgroup: cgroup.into(),
             workload: cgroup.into(),

@@ -17,7 +17,7 @@ use crate::{
         clone::CloneFailure,
         conntrack::{ClashesResolved, ConntrackDrop, CtTable},
         dns::DnsQuery,
-        node::NodeTasks,
+        clone::node::NodeTasks,
         tasks::CgroupRow,
     },
 };

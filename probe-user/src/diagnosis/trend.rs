@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     attribution::pods::PodRef,
-    signals::{conntrack::CtTable, node::NodeTasks, tasks::CgroupRow},
+    signals::{clone::node::NodeTasks, conntrack::CtTable, tasks::CgroupRow},
 };
 
 /// The default window the growth is measured over.

@@ -22,9 +22,9 @@ use crate::{
     kernel::loader::{CloneStats, TaskStats},
     signals::clone::CloneFailure,
     signals::conntrack::{ClashesResolved, ConntrackDrop},
-    signals::ctstats::CtCounters,
+    signals::conntrack::ctstats::CtCounters,
     signals::dns::DnsQuery,
-    signals::node::NodeTasks,
+    signals::clone::node::NodeTasks,
     signals::tasks::CgroupRow,
 };
 

@@ -4,12 +4,9 @@
 //! `dns` (queries, answers, timeouts, retransmits), `conntrack` (drops and near-misses, with
 //! the kernel's own counters from `ctstats`).
 
-pub mod cause;
 pub mod clone;
 pub mod conntrack;
-pub mod ctstats;
 pub mod dns;
-pub mod node;
 pub mod tasks;
 
 /// An address as the kernel programs keep it: IPv4 in the first 4 of 16 bytes.

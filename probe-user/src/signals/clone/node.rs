@@ -11,7 +11,9 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::signals::cause::RESERVED_PIDS;
+/// pids below this are handed out only until the allocator's cursor first passes it; then
+/// `alloc_pid()` allocates cyclically in [RESERVED_PIDS, pid_max) (kernel/pid.c).
+pub const RESERVED_PIDS: u32 = 300;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeTasks {

@@ -1,8 +1,11 @@
-//! Pipeline stages 2-3 for conntrack drops: `ConntrackDropEvent`s from the ring buffer are
+//! Conntrack drops: `ConntrackDropEvent`s from the ring buffer are
 //! decoded, given their cause from the kernel state at the drop plus the namespace's
 //! conntrack counters, attributed to the pod that sent the flow, and linked to its DNS query.
 //! Also watches every namespace's `clash_resolve` counter: clashes the kernel resolved in time
-//! (near-misses of the race that drops packets on older kernels).
+//! (near-misses of the race that drops packets on older kernels). [`ctstats`] reads the
+//! kernel's own counters per namespace.
+
+pub mod ctstats;
 
 use std::{
     collections::HashMap,
@@ -19,9 +22,9 @@ use crate::{
     clock::{self, KernelClock},
     kernel::loader,
     kernel::rings::Batch,
-    signals::ctstats::{self, CtCounters},
     signals::dns::DnsTracker,
 };
+use ctstats::CtCounters;
 
 /// Why netfilter dropped a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -19,7 +19,7 @@ use crate::{
     clock::now_rfc3339,
     diagnosis::trend::{self, Limit, LimitWatch},
     kernel::loader::TaskStats,
-    signals::node::NodeTasks,
+    signals::clone::node::NodeTasks,
 };
 
 /// Rates are averaged over this window.

@@ -1,6 +1,9 @@
-//! Pipeline stages 2-3 for failed task creation: raw `CloneFailureEvent`s from the ring buffer
-//! are decoded and enriched (wall time, cgroup paths, node counts) into `CloneFailure`s with
-//! their cause.
+//! Failed task creation: raw `CloneFailureEvent`s from the ring buffer are decoded and
+//! enriched (wall time, cgroup paths, node counts) into `CloneFailure`s with their cause,
+//! decided by [`cause`] from the kernel state at the failure and [`node`]'s counts.
+
+pub mod cause;
+pub mod node;
 
 use probe_common::clone::{CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
@@ -10,9 +13,9 @@ use crate::{
     attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
     kernel::rings::Batch,
-    signals::cause::{self, Facts, Verdict},
-    signals::node::{LowPids, NodeTasks},
 };
+use cause::{Facts, Verdict};
+use node::{LowPids, NodeTasks};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,7 +8,7 @@
 use probe_common::clone::{CloneFailureEvent, valid};
 use serde::Serialize;
 
-use crate::signals::node::NodeTasks;
+use crate::signals::clone::node::{NodeTasks, RESERVED_PIDS};
 
 pub const EAGAIN: u32 = libc::EAGAIN as u32;
 pub const ENOMEM: u32 = libc::ENOMEM as u32;
@@ -147,9 +147,6 @@ fn threads_at_limit(ev: &CloneFailureEvent, node: &NodeTasks) -> Option<String> 
     )
 }
 
-/// pids below this are handed out only until the allocator's cursor first passes it; then
-/// `alloc_pid()` allocates cyclically in [RESERVED_PIDS, pid_max) (kernel/pid.c).
-pub const RESERVED_PIDS: u32 = 300;
 
 /// One pid namespace level as `alloc_pid()` sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
