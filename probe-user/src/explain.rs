@@ -15,19 +15,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::pods::PodArgs,
+    cli::Output,
     diagnosis::{
         Recorder,
         findings::{Finding, Report, duration},
     },
     kernel::loader::{KernelArgs, KernelLog},
-    pipeline::{Pipeline, Sink, State, Want},
-    signals::{
-        clone::CloneFailure,
-        conntrack::{ClashesResolved, ConntrackDrop},
-        dns::{DnsQuery, Names},
-        clone::node::NodeTasks,
-    },
-    cli::Output,
+    pipeline::{Pipeline, Sink},
+    signals::{DnsOptions, Event, Refresh, Signal, Want},
 };
 
 /// Largest `/explain` answer read (the daemon's history is bounded far below).
@@ -173,15 +168,15 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
         .clone()
         .unwrap_or_else(crate::attribution::pods::hostname);
     let want = Want {
-        clone: true,
-        tasks: true,
-        dns: Some((Duration::from_secs(2), Names::Full)),
-        conntrack: true,
-
+        signals: Signal::ALL.to_vec(),
+        dns: DnsOptions::default(),
+        trend: Some(args.observe_for),
+        headroom: None,
+        idle_cgroups: false,
         drop_privileges: false,
     };
     let mut skipped = Vec::new();
-    let mut pipeline = Pipeline::open(&args.kernel, KernelLog::Off, &args.pods, want, |s, r| {
+    let mut pipeline = Pipeline::open(&args.kernel, KernelLog::Off, &args.pods, &want, |s, r| {
         if let Err(e) = r {
             skipped.push(format!(
                 "{} not observed: {}",
@@ -197,7 +192,7 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
         humantime::format_duration(args.observe_for)
     );
     let mut sink = Observer {
-        recorder: Recorder::new(&node, args.observe_for),
+        recorder: Recorder::new(&node),
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let deadline = Instant::now() + args.observe_for;
@@ -222,33 +217,19 @@ struct Observer {
 }
 
 impl Sink for Observer {
-    fn clone_failure(&mut self, f: CloneFailure) -> anyhow::Result<()> {
-        self.recorder.clone_failure(&f);
+    fn event(&mut self, event: &Event) -> anyhow::Result<()> {
+        self.recorder.event(event);
         Ok(())
     }
 
-    fn dns_query(&mut self, q: DnsQuery) -> anyhow::Result<()> {
-        self.recorder.dns_query(&q);
+    fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
+        self.recorder.refresh(refresh);
         Ok(())
     }
 
-    fn conntrack_drop(&mut self, d: ConntrackDrop) -> anyhow::Result<()> {
-        self.recorder.conntrack_drop(&d);
-        Ok(())
-    }
-
-    fn clashes_resolved(&mut self, c: ClashesResolved) -> anyhow::Result<()> {
-        self.recorder.clashes_resolved(&c);
-        Ok(())
-    }
-
-    fn refresh(&mut self, state: State<'_>) -> anyhow::Result<()> {
-        let rows = state
-            .tasks
-            .map(|m| m.rows(state.attributor))
-            .unwrap_or_default();
-        self.recorder
-            .refresh(&rows, NodeTasks::read().ok(), state.conntrack_tables());
+    /// A short observation goes on without one refresh's counts.
+    fn refresh_failed(&mut self, e: anyhow::Error) -> anyhow::Result<()> {
+        tracing::debug!("refresh failed: {e:#}");
         Ok(())
     }
 

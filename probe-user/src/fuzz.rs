@@ -16,7 +16,6 @@ use crate::{
     attribution::pods::Attributor,
     signals::dns::{DnsTracker, Names},
     text::printable,
-    trace::TraceEvent,
 };
 
 /// Cases per target in the suite (about a second each), unless PROPTEST_CASES says otherwise.
@@ -120,10 +119,11 @@ fn query_event(payload: &[u8], outcome: u8, fields: (u64, u16, u64, u64, u64)) -
 
 /// What faultline shows of a query, checked: JSON and the escaped table line are clean.
 fn shown_cleanly(q: &crate::signals::dns::DnsQuery) -> Result<(), TestCaseError> {
-    let json = crate::text::json_line(q).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let event = crate::signals::Event::DnsQuery(q.clone());
+    let json = crate::text::json_line(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let json = String::from_utf8_lossy(&json);
     prop_assert!(no_control(json.trim_end()), "JSON: {json:?}");
-    let line = printable(&q.table_line()).into_owned();
+    let line = printable(&crate::trace::table_line(&event)).into_owned();
     prop_assert!(no_control(&line), "table line: {line:?}");
     Ok(())
 }

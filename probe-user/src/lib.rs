@@ -27,3 +27,4 @@ pub mod signals;
 pub mod text;
 pub mod top;
 pub mod trace;
+pub mod trend;

@@ -27,18 +27,15 @@ use tokio::{
 
 use crate::{
     attribution::pods::PodArgs,
+    cli::EventKind,
     diagnosis::Recorder,
     export::lines::EventLines,
     export::metrics::Metrics,
     export::otlp::{OtlpConfig, OtlpExporter},
     export::serve::{Served, serve},
-    kernel::loader::{KernelArgs, KernelLog},
-    pipeline::{Pipeline, Signal, Sink, State, Want},
-    signals::clone::{self, CloneFailure},
-    signals::conntrack::{ClashesResolved, ConntrackDrop},
-    signals::dns::{DnsQuery, Names},
-    signals::clone::node::NodeTasks,
-    cli::EventKind,
+    kernel::loader::{CloneStats, KernelArgs, KernelLog},
+    pipeline::{Pipeline, Sink},
+    signals::{DnsOptions, Event, Refresh, Signal, Want, dns::Names},
 };
 
 /// Not a default port of any exporter we know of (node_exporter 9100, kube-state-metrics
@@ -100,10 +97,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(crate::attribution::pods::hostname);
     let metrics = Arc::new(Metrics::new(args.max_series)?);
     let want = Want {
-        clone: true,
-        tasks: true,
-        dns: Some((args.dns_timeout, args.dns_names)),
-        conntrack: true,
+        signals: Signal::ALL.to_vec(),
+        dns: DnsOptions {
+            timeout: args.dns_timeout,
+            names: args.dns_names,
+        },
+        trend: Some(args.trend_window),
+        headroom: None,
+        idle_cgroups: false,
         drop_privileges: true,
     };
     // Every probe the kernel accepts; the others are said and shown in /metrics.
@@ -111,7 +112,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.kernel,
         KernelLog::Off,
         &args.pods,
-        want,
+        &want,
         |signal, result| {
             if let Err(e) = &result {
                 tracing::warn!(
@@ -134,7 +135,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let served = Arc::new(Served {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
-        recorder: Mutex::new(Recorder::new(&node, args.trend_window)),
+        recorder: Mutex::new(Recorder::new(&node)),
         explain_cache: Mutex::new(None),
     });
     let mut sink = Daemon::new(&args, &node, metrics.clone(), served.clone())?;
@@ -168,11 +169,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.listen
     );
     pipeline.run(&mut sink, args.refresh, stop).await?;
+    pipeline.refresh_once(&mut sink)?;
     // Stopped: not ready any more; what the kernel handed over is delivered.
     served.ready.store(false, Ordering::Relaxed);
     server.stop();
     sink.outputs.lines.finish();
-    let stats = pipeline.state().clone_stats()?;
+    let stats = sink.last_clone_stats;
     // Dropping the pipeline detaches every program.
     drop(pipeline);
     tracing::info!(
@@ -246,6 +248,8 @@ struct Daemon {
     outputs: Outputs,
     served: Arc<Served>,
     refresh_errors: RefreshErrors,
+    /// For the closing line.
+    last_clone_stats: CloneStats,
 }
 
 impl Daemon {
@@ -269,6 +273,7 @@ impl Daemon {
             },
             served,
             refresh_errors: RefreshErrors::default(),
+            last_clone_stats: CloneStats::default(),
         })
     }
 
@@ -281,70 +286,46 @@ impl Daemon {
 }
 
 impl Sink for Daemon {
-    fn clone_failure(&mut self, f: CloneFailure) -> anyhow::Result<()> {
-        self.record(|r| r.clone_failure(&f));
-        self.outputs.clone_failure(&f)
-    }
-
-    fn dns_query(&mut self, q: DnsQuery) -> anyhow::Result<()> {
-        self.record(|r| r.dns_query(&q));
-        self.outputs.dns_query(&q)
-    }
-
-    fn conntrack_drop(&mut self, d: ConntrackDrop) -> anyhow::Result<()> {
-        self.record(|r| r.conntrack_drop(&d));
-        self.outputs.conntrack_drop(&d)
-    }
-
-    fn clashes_resolved(&mut self, c: ClashesResolved) -> anyhow::Result<()> {
-        self.record(|r| r.clashes_resolved(&c));
-        self.outputs.clashes_resolved(&c);
+    fn event(&mut self, event: &Event) -> anyhow::Result<()> {
+        self.record(|r| r.event(event));
+        self.outputs.event(event);
         Ok(())
     }
 
-    fn refresh(&mut self, mut state: State<'_>) -> anyhow::Result<()> {
+    fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
         let metrics = &self.outputs.metrics;
-        let probes = state.probes;
-        if let Some(c) = state.conntrack.as_deref_mut() {
-            if let Some(node) = c.node_counters() {
-                metrics.conntrack_node(&node);
+        if let Some(ct) = &refresh.conntrack {
+            if let Some(node) = &ct.node {
+                metrics.conntrack_node(node);
             }
-            metrics.events_lost("conntrack", state.conntrack_stats()?.lost);
+            metrics.events_lost("conntrack", ct.stats.lost);
         }
-        if let Some(tracker) = state.dns {
-            let mut stats = state.dns_stats()?;
-            metrics.events_lost("dns", stats.lost);
-            stats.malformed += tracker.malformed;
-            metrics.dns_untracked(&stats);
-            let tcp = probes
-                .dns_tcp_counts()?
-                .into_iter()
-                .map(|(id, c)| {
-                    let (_, a) = state.attributor.attribute(id, None);
-                    (
-                        id,
-                        c,
-                        crate::export::metrics::who(&a.workload, a.pod.as_ref()),
-                    )
+        if let Some(dns) = &refresh.dns {
+            metrics.events_lost("dns", dns.stats.lost);
+            metrics.dns_untracked(&dns.stats);
+            let tcp = dns
+                .tcp
+                .iter()
+                .map(|t| {
+                    let counts = probe_common::dns::DnsTcpCounts {
+                        to_server: t.to_server,
+                        from_server: t.from_server,
+                    };
+                    let who = crate::export::metrics::who(&t.workload, t.pod.as_ref());
+                    (t.cgroup_id, counts, who)
                 })
                 .collect();
             metrics.dns_tcp(tcp);
         }
-        if let Some(lost) = state.attributor.cgroups.events_lost() {
+        if let Some(lost) = refresh.cgroup_events_lost {
             metrics.events_lost("cgroups", lost);
         }
-        let rows = state
-            .tasks
-            .map(|m| m.rows(state.attributor))
-            .unwrap_or_default();
-        let node = NodeTasks::read()?;
-        metrics.tasks(&rows, node, state.clone_stats()?, probes.task_stats()?);
-        let mut estimates = Vec::new();
-        self.record(|r| {
-            r.refresh(&rows, Some(node), state.conntrack_tables());
-            estimates = r.estimates();
-        });
-        metrics.limit_exhaustion(&estimates);
+        let clone = refresh.clone.unwrap_or_default();
+        let task_stats = refresh.tasks.as_ref().map(|t| t.stats).unwrap_or_default();
+        metrics.tasks(refresh.rows(), refresh.node, clone, task_stats);
+        self.record(|r| r.refresh(refresh));
+        metrics.limit_exhaustion(&refresh.estimates);
+        self.last_clone_stats = clone;
         self.served.ready.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -369,48 +350,14 @@ struct Outputs {
 }
 
 impl Outputs {
-    fn wants(&self, kind: EventKind) -> bool {
-        self.kinds.contains(&kind)
-    }
-
-    fn clone_failure(&mut self, f: &clone::CloneFailure) -> anyhow::Result<()> {
-        self.metrics.clone_failure(f);
-        if self.wants(EventKind::Clone) {
+    fn event(&mut self, event: &Event) {
+        self.metrics.event(event);
+        if event.kind().is_some_and(|k| self.kinds.contains(&k)) {
             if let Some(otlp) = &self.otlp {
-                otlp.clone_failure(f);
+                otlp.event(event);
             }
-            self.lines.send(f);
+            self.lines.send(event);
         }
-        Ok(())
-    }
-
-    fn conntrack_drop(&mut self, d: &ConntrackDrop) -> anyhow::Result<()> {
-        self.metrics.conntrack_drop(d);
-        if self.wants(EventKind::Conntrack) {
-            if let Some(otlp) = &self.otlp {
-                otlp.conntrack_drop(d);
-            }
-            self.lines.send(d);
-        }
-        Ok(())
-    }
-
-    fn clashes_resolved(&mut self, c: &ClashesResolved) {
-        self.metrics.clashes_resolved(c);
-        if self.wants(EventKind::Conntrack) {
-            self.lines.send(c);
-        }
-    }
-
-    fn dns_query(&mut self, q: &DnsQuery) -> anyhow::Result<()> {
-        self.metrics.dns_query(q);
-        if self.wants(EventKind::Dns) {
-            if let Some(otlp) = &self.otlp {
-                otlp.dns_query(q);
-            }
-            self.lines.send(q);
-        }
-        Ok(())
     }
 }
 

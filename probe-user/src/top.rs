@@ -13,14 +13,16 @@ use clap::{Args, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attribution::cgroups::{CgroupFs, Hierarchy},
-    attribution::pods::{Attributor, PodArgs},
-    clock::now_rfc3339,
-    diagnosis::trend::{self, Limit, LimitWatch},
-    kernel::loader::{KernelArgs, KernelLog, Probes, TASK_PROGRAMS},
-    signals::clone::node::NodeTasks,
-    signals::tasks::{self, CgroupRow, Snapshot, TaskModel},
+    attribution::pods::PodArgs,
     cli::Output,
+    clock::now_rfc3339,
+    kernel::loader::{KernelArgs, KernelLog},
+    pipeline::{Pipeline, Sink},
+    signals::{
+        DnsOptions, Event, Refresh, Signal, Want,
+        tasks::{CgroupRow, Snapshot},
+    },
+    trend::Limit,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -67,57 +69,89 @@ pub struct TopArgs {
 }
 
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
-    let mut probes = Probes::open(&args.kernel, KernelLog::Off)?;
-    probes.attach(&TASK_PROGRAMS)?;
-    let mut attributor = Attributor::new(CgroupFs::open(&mut probes)?, &args.pods).await;
-    let mut model = TaskModel::default();
-    let mut trends = LimitWatch::new(args.trend_window);
+    let want = Want {
+        signals: vec![Signal::Tasks],
+        dns: DnsOptions::default(),
+        trend: Some(args.trend_window),
+        headroom: None,
+        idle_cgroups: true,
+        drop_privileges: false,
+    };
+    let mut pipeline =
+        Pipeline::open(&args.kernel, KernelLog::Off, &args.pods, &want, |_, attached| {
+            attached
+        })
+        .await?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut tick = tokio::time::interval(args.interval);
+    let (done, printed) = tokio::sync::oneshot::channel();
     let live_screen = args.output == Output::Table && !args.once && std::io::stdout().is_terminal();
     if !live_screen {
         tracing::info!("counting task creation per cgroup");
     }
-    let mut samples = 0u64;
-    loop {
+    let mut sink = Viewer {
+        args: &args,
+        live_screen,
+        refreshes: 0,
+        done: Some(done),
+    };
+    let stop = async move {
         tokio::select! {
-            _ = tick.tick() => {
-                attributor.cgroups.catch_up();
-                model.update(std::time::Instant::now(), probes.task_counts()?);
-                if let Some(root) = attributor.cgroups.mount(Hierarchy::Unified) {
-                    model.include_idle(tasks::occupied_cgroups(&root.path));
-                }
-                samples += 1;
-                // The first sample only starts the rates.
-                if samples == 1 {
-                    continue;
-                }
-                let node = NodeTasks::read()?;
-                let mut snapshot = model.snapshot(&mut attributor, node, probes.task_stats()?, now_rfc3339());
-                trends.update(std::time::Instant::now(), trend::readings(&snapshot.cgroups, Some(node), &[]));
-                with_etas(&mut snapshot, &trends);
-                print(&args, snapshot, live_screen)?;
-                if args.once {
-                    return Ok(());
-                }
-            }
-            _ = sigint.recv() => return Ok(()),
-            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+            _ = printed => {}
         }
+    };
+    pipeline.run(&mut sink, args.interval, stop).await
+}
+
+/// `top` as a sink of the pipeline: a screen (or a JSON line) per refresh.
+struct Viewer<'a> {
+    args: &'a TopArgs,
+    live_screen: bool,
+    refreshes: u64,
+    /// Said after the one snapshot of `--once`.
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Sink for Viewer<'_> {
+    fn event(&mut self, _: &Event) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
+        self.refreshes += 1;
+        // The first refresh only starts the rates; `--once` prints one snapshot.
+        let Some(tasks) = refresh.tasks.as_ref() else {
+            return Ok(());
+        };
+        if self.refreshes == 1 || (self.args.once && self.done.is_none()) {
+            return Ok(());
+        }
+        let mut snapshot = Snapshot::new(refresh.node, tasks, now_rfc3339());
+        with_etas(&mut snapshot, refresh);
+        print(self.args, snapshot, self.live_screen)?;
+        if self.args.once
+            && let Some(done) = self.done.take()
+        {
+            let _ = done.send(());
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 
-/// Each row's and the node's time to exhaustion, from the trends.
-fn with_etas(s: &mut Snapshot, trends: &LimitWatch) {
+/// Each row's and the node's time to exhaustion, from the refresh's estimates.
+fn with_etas(s: &mut Snapshot, refresh: &Refresh) {
+    let eta = |limit, resource: &str| refresh.estimate(limit, resource).and_then(|e| e.eta_s);
     for r in &mut s.cgroups {
-        r.pids_eta_s = r
-            .pids_limit
-            .as_ref()
-            .and_then(|l| trends.get(Limit::Pids, &l.cgroup)?.eta_s);
+        r.pids_eta_s = r.pids_limit.as_ref().and_then(|l| eta(Limit::Pids, &l.cgroup));
     }
-    s.node.threads_max_eta_s = trends.get(Limit::ThreadsMax, "node").and_then(|e| e.eta_s);
-    s.node.pid_max_eta_s = trends.get(Limit::PidMax, "node").and_then(|e| e.eta_s);
+    s.node.threads_max_eta_s = eta(Limit::ThreadsMax, "node");
+    s.node.pid_max_eta_s = eta(Limit::PidMax, "node");
 }
 
 fn print(args: &TopArgs, mut snapshot: Snapshot, live_screen: bool) -> anyhow::Result<()> {
@@ -265,7 +299,10 @@ fn shorten(path: &str, width: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signals::tasks::{NodeRow, PidsLimit};
+    use crate::signals::{
+        clone::node::NodeTasks,
+        tasks::{NodeRow, PidsLimit},
+    };
 
     fn row(cgroup: &str, thr: f64, live: u64, pct: Option<f64>) -> CgroupRow {
         CgroupRow {

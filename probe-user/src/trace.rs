@@ -19,14 +19,18 @@ use tokio::{
 };
 
 use crate::{
-    cli::{EventKind, Output},
     attribution::pods::PodArgs,
-    kernel::loader::{self, CloneStats, ConntrackStats, KernelArgs, KernelLog},
-    pipeline::{Pipeline, Signal, Sink, State, Want},
-    signals::clone::CloneFailure,
-    signals::conntrack::{ClashesResolved, ConntrackDrop},
-    signals::dns::{DnsQuery, Names},
-    signals::tasks::{HeadroomWarning, HeadroomWatch},
+    cli::{EventKind, Output},
+    kernel::loader::{self, CloneStats, ConntrackStats},
+    kernel::loader::{KernelArgs, KernelLog},
+    pipeline::{Pipeline, Sink},
+    signals::{
+        DnsOptions, Event, Refresh, Signal, Want,
+        clone::CloneFailure,
+        conntrack::{ClashesResolved, ConntrackDrop},
+        dns::{DnsQuery, Names, Outcome},
+        tasks::{HeadroomThresholds, HeadroomWarning},
+    },
 };
 
 #[derive(Args, Debug)]
@@ -76,6 +80,8 @@ pub struct TraceArgs {
 /// How often the pipeline refreshes for a trace: the task counters are read this often for
 /// headroom warnings (a leak must be caught between the warning threshold and the limit).
 const HEADROOM_TICK: Duration = Duration::from_millis(250);
+/// The span a trace measures each pids limit's growth over.
+const HEADROOM_TREND_WINDOW: Duration = Duration::from_secs(60);
 
 /// Which events are shown; the others are counted as filtered out.
 struct Filter<'a> {
@@ -90,44 +96,44 @@ impl Filter<'_> {
         })
     }
 
-    fn matches(&self, f: &CloneFailure) -> bool {
+    /// Whether the trace is narrowed to processes (which only clone failures have).
+    fn by_process(&self) -> bool {
+        !self.args.pids.is_empty() || self.args.comm.is_some()
+    }
+
+    fn matches(&self, event: &Event) -> bool {
         let args = self.args;
-        (args.pids.is_empty() || args.pids.contains(&f.pid))
-            && args.comm.as_deref().is_none_or(|c| c == f.comm)
-            && self.cgroup_matches(&f.cgroup, f.pids_cgroup.as_deref())
-            && args.pods.matches(f.pod.as_ref())
-    }
-
-    /// DNS queries belong to sockets: the cgroup and pod filters apply.
-    fn matches_dns(&self, q: &DnsQuery) -> bool {
-        self.show_dns
-            && self.args.pids.is_empty()
-            && self.args.comm.is_none()
-            && self.cgroup_matches(&q.cgroup, None)
-            && self.args.pods.matches(q.pod.as_ref())
-    }
-
-    /// Drops belong to flows: the cgroup and pod filters apply to their sender.
-    fn matches_drop(&self, d: &ConntrackDrop) -> bool {
-        self.args.pids.is_empty()
-            && self.args.comm.is_none()
-            && self.cgroup_matches(d.cgroup.as_deref().unwrap_or("?"), None)
-            && self.args.pods.matches(d.pod.as_ref())
-    }
-
-    /// Near-misses belong to namespaces: shown unless the trace is narrowed to a process,
-    /// cgroup or pod.
-    fn matches_clashes(&self) -> bool {
-        self.args.pids.is_empty()
-            && self.args.comm.is_none()
-            && self.args.cgroup.is_none()
-            && !self.args.pods.filters()
-    }
-
-    /// Warnings belong to cgroups, not processes: only the cgroup filter applies.
-    fn matches_warning(&self, w: &HeadroomWarning) -> bool {
-        self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup))
-            && self.args.pods.matches(w.pod.as_ref())
+        match event {
+            Event::CloneFailure(f) => {
+                (args.pids.is_empty() || args.pids.contains(&f.pid))
+                    && args.comm.as_deref().is_none_or(|c| c == f.comm)
+                    && self.cgroup_matches(&f.cgroup, f.pids_cgroup.as_deref())
+                    && args.pods.matches(f.pod.as_ref())
+            }
+            // DNS queries belong to sockets: the cgroup and pod filters apply.
+            Event::DnsQuery(q) => {
+                self.show_dns
+                    && !self.by_process()
+                    && self.cgroup_matches(&q.cgroup, None)
+                    && args.pods.matches(q.pod.as_ref())
+            }
+            // Drops belong to flows: the cgroup and pod filters apply to their sender.
+            Event::ConntrackDrop(d) => {
+                !self.by_process()
+                    && self.cgroup_matches(d.cgroup.as_deref().unwrap_or("?"), None)
+                    && args.pods.matches(d.pod.as_ref())
+            }
+            // Near-misses belong to namespaces: shown unless the trace is narrowed to a
+            // process, cgroup or pod.
+            Event::ClashesResolved(_) => {
+                !self.by_process() && args.cgroup.is_none() && !args.pods.filters()
+            }
+            // Warnings belong to cgroups, not processes: only the cgroup filter applies.
+            Event::HeadroomWarning(w) => {
+                self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup))
+                    && args.pods.matches(w.pod.as_ref())
+            }
+        }
     }
 }
 
@@ -220,7 +226,7 @@ fn splitmix(x: u64) -> u64 {
 impl DnsSummary {
     fn add(&mut self, q: &DnsQuery) {
         self.queries += 1;
-        self.timeouts += (q.outcome == "timeout") as u64;
+        self.timeouts += (q.outcome == Outcome::Timeout) as u64;
         self.retransmits += q.retransmit as u64;
         self.nxdomain += (q.rcode.as_deref() == Some("NXDOMAIN")) as u64;
         if let Some(l) = q.latency_ms {
@@ -255,47 +261,103 @@ impl DnsSummary {
 }
 
 impl Summary {
-    fn add_dns(&mut self, q: &DnsQuery) {
-        let key = capped(&self.dns, &q.workload);
-        self.dns.entry(key).or_default().add(q);
+    fn add(&mut self, event: &Event) {
+        match event {
+            Event::CloneFailure(f) => {
+                self.failures += 1;
+                *self.by_cause.entry(f.cause.as_str()).or_default() += 1;
+                let key = capped(&self.by_cgroup, &f.cgroup);
+                *self.by_cgroup.entry(key).or_default() += 1;
+                let key = capped(&self.by_comm, &f.comm);
+                *self.by_comm.entry(key).or_default() += 1;
+            }
+            Event::DnsQuery(q) => {
+                let key = capped(&self.dns, &q.workload);
+                self.dns.entry(key).or_default().add(q);
+            }
+            Event::ConntrackDrop(d) => {
+                *self.conntrack_drops.entry(d.cause.as_str()).or_default() += 1;
+            }
+            Event::ClashesResolved(c) => {
+                let key = capped(&self.conntrack_clashes_resolved, &c.workload);
+                *self.conntrack_clashes_resolved.entry(key).or_default() += c.count;
+            }
+            Event::HeadroomWarning(_) => self.headroom_warnings += 1,
+        }
     }
 
-    fn add(&mut self, f: &CloneFailure) {
-        self.failures += 1;
-        *self.by_cause.entry(f.cause.as_str()).or_default() += 1;
-        let key = capped(&self.by_cgroup, &f.cgroup);
-        *self.by_cgroup.entry(key).or_default() += 1;
-        let key = capped(&self.by_comm, &f.comm);
-        *self.by_comm.entry(key).or_default() += 1;
-    }
-
-    fn finish(&mut self, stats: CloneStats) {
+    /// The kernel's counts, from the last refresh (taken after the stop's final delivery).
+    fn finish(&mut self, last: &Refresh, filter: &Filter<'_>) {
         self.kind = "summary";
+        if let Some(ct) = &last.conntrack {
+            self.conntrack_lost_events = ct.stats.lost;
+            self.conntrack_kernel = Some(ct.stats);
+        }
+        if let (Some(dns), true) = (&last.dns, filter.show_dns) {
+            let stats = dns.stats;
+            self.dns_malformed = stats.malformed;
+            self.dns_untracked = stats.untracked;
+            self.dns_over_quota = stats.over_quota;
+            self.dns_truncated = stats.truncated;
+            self.dns_unmatched = stats.unmatched;
+            self.dns_lost_events = stats.lost;
+            self.dns_tcp_uncounted = stats.tcp_uncounted;
+            for tcp in &dns.tcp {
+                if filter.cgroup_matches(tcp.cgroup.as_deref().unwrap_or("?"), None)
+                    && filter.args.pods.matches(tcp.pod.as_ref())
+                {
+                    let key = capped(&self.dns, &tcp.workload);
+                    let d = self.dns.entry(key).or_default();
+                    d.tcp_segments_to_server += tcp.to_server;
+                    d.tcp_segments_from_server += tcp.from_server;
+                }
+            }
+        }
         self.dns.values_mut().for_each(DnsSummary::finish);
-        self.lost_events = stats.lost;
-        self.kernel_failures = stats.failures;
-        self.flags_unknown = stats.missing_entry;
+        let clone: CloneStats = last.clone.unwrap_or_default();
+        self.lost_events = clone.lost;
+        self.kernel_failures = clone.failures;
+        self.flags_unknown = clone.missing_entry;
     }
 }
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let show_dns = args.events.contains(&EventKind::Dns);
     let conntrack = args.events.contains(&EventKind::Conntrack);
+    let mut signals = Vec::new();
+    if args.events.contains(&EventKind::Clone) {
+        signals.push(Signal::Clone);
+    }
+    if args.headroom_warn.is_some() {
+        signals.push(Signal::Tasks);
+    }
+    // Conntrack drops need the DNS programs too: they record who sent each DNS flow, and
+    // the tracker names the dropped queries.
+    if show_dns || conntrack {
+        signals.push(Signal::Dns);
+    }
+    if conntrack {
+        signals.push(Signal::Conntrack);
+    }
     let want = Want {
-        clone: args.events.contains(&EventKind::Clone),
-        tasks: args.headroom_warn.is_some(),
-        // Conntrack drops need the DNS programs too: they record who sent each DNS flow, and
-        // the tracker names the dropped queries.
-        dns: (show_dns || conntrack).then_some((args.dns_timeout, args.dns_names)),
-        conntrack,
-
+        signals,
+        dns: DnsOptions {
+            timeout: args.dns_timeout,
+            names: args.dns_names,
+        },
+        trend: args.headroom_warn.map(|_| HEADROOM_TREND_WINDOW),
+        headroom: args.headroom_warn.map(|headroom_pct| HeadroomThresholds {
+            headroom_pct,
+            eta: args.eta_warn,
+        }),
+        idle_cgroups: false,
         drop_privileges: false,
     };
     let mut pipeline = Pipeline::open(
         &args.kernel,
         args.kernel_log,
         &args.pods,
-        want,
+        &want,
         |signal, result| match (signal, result) {
             (_, Ok(())) => Ok(()),
             (Signal::Clone | Signal::Tasks, Err(e)) => Err(e),
@@ -323,9 +385,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         },
         printer: Printer::new(args.output),
         summary: Summary::default(),
-        headroom: args
-            .headroom_warn
-            .map(|pct| HeadroomWatch::new(pct, args.eta_warn)),
+        last: Refresh::default(),
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -338,7 +398,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
     };
     tracing::info!(
-        "tracing{} {}",
+        "tracing {} {}",
         what(&pipeline, show_dns),
         match args.duration {
             Some(d) => format!("for {}", humantime::format_duration(d)),
@@ -347,25 +407,19 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     );
     sink.printer.header()?;
     pipeline.run(&mut sink, HEADROOM_TICK, stop).await?;
-    sink.finish(pipeline.state())?;
+    pipeline.refresh_once(&mut sink)?;
+    sink.summary.finish(&sink.last, &sink.filter);
     sink.printer.summary(&sink.summary)
 }
 
 /// What the trace follows, for its first line.
 fn what(pipeline: &Pipeline, show_dns: bool) -> String {
-    [
-        (
-            Signal::Clone,
-            " failed task creation (clone, clone3, fork, vfork)",
-        ),
-        (Signal::Tasks, ", pids headroom"),
-        (Signal::Dns, ", DNS"),
-        (Signal::Conntrack, ", conntrack drops"),
-    ]
-    .into_iter()
-    .filter(|(s, _)| pipeline.has(*s) && (*s != Signal::Dns || show_dns))
-    .map(|(_, text)| text)
-    .collect()
+    Signal::ALL
+        .into_iter()
+        .filter(|s| pipeline.has(*s) && (*s != Signal::Dns || show_dns))
+        .map(Signal::what)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `trace` as a sink of the pipeline: filters, prints and sums up.
@@ -373,105 +427,33 @@ struct Tracer<'a> {
     filter: Filter<'a>,
     printer: Printer,
     summary: Summary,
-    headroom: Option<HeadroomWatch>,
+    /// The last refresh: the kernel's counts for the summary.
+    last: Refresh,
 }
 
 impl Sink for Tracer<'_> {
-    fn clone_failure(&mut self, f: CloneFailure) -> anyhow::Result<()> {
-        if self.filter.matches(&f) {
-            self.summary.add(&f);
-            self.printer.event(&f)
+    fn event(&mut self, event: &Event) -> anyhow::Result<()> {
+        if self.filter.matches(event) {
+            self.summary.add(event);
+            self.printer.event(event)
         } else {
-            self.summary.filtered_out += 1;
+            if let Event::CloneFailure(_) = event {
+                self.summary.filtered_out += 1;
+            }
             Ok(())
         }
     }
 
-    fn dns_query(&mut self, q: DnsQuery) -> anyhow::Result<()> {
-        if self.filter.matches_dns(&q) {
-            self.summary.add_dns(&q);
-            self.printer.event(&q)?;
-        }
-        Ok(())
-    }
-
-    fn conntrack_drop(&mut self, d: ConntrackDrop) -> anyhow::Result<()> {
-        if self.filter.matches_drop(&d) {
-            *self
-                .summary
-                .conntrack_drops
-                .entry(d.cause.as_str())
-                .or_default() += 1;
-            self.printer.event(&d)?;
-        }
-        Ok(())
-    }
-
-    fn clashes_resolved(&mut self, c: ClashesResolved) -> anyhow::Result<()> {
-        if self.filter.matches_clashes() {
-            let key = capped(&self.summary.conntrack_clashes_resolved, &c.workload);
-            *self
-                .summary
-                .conntrack_clashes_resolved
-                .entry(key)
-                .or_default() += c.count;
-            self.printer.event(&c)?;
-        }
-        Ok(())
-    }
-
-    fn refresh(&mut self, state: State<'_>) -> anyhow::Result<()> {
-        let (Some(watch), Some(model)) = (self.headroom.as_mut(), state.tasks) else {
-            return Ok(());
-        };
-        for warning in watch.check(&model.rows(state.attributor)) {
-            if self.filter.matches_warning(&warning) {
-                self.summary.headroom_warnings += 1;
-                self.printer.event(&warning)?;
-            }
-        }
+    fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
+        // The kernel's counts only: the summary needs no rows.
+        self.last.clone = refresh.clone;
+        self.last.dns.clone_from(&refresh.dns);
+        self.last.conntrack.clone_from(&refresh.conntrack);
         Ok(())
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
         self.printer.flush()
-    }
-}
-
-impl Tracer<'_> {
-    /// The summary's kernel-side counts, once the trace has stopped.
-    fn finish(&mut self, state: State<'_>) -> anyhow::Result<()> {
-        let (probes, summary) = (state.probes, &mut self.summary);
-        if state.conntrack.is_some() {
-            let kernel = state.conntrack_stats()?;
-            summary.conntrack_lost_events = kernel.lost;
-            summary.conntrack_kernel = Some(kernel);
-        }
-        if let (Some(tracker), true) = (state.dns, self.filter.show_dns) {
-            let stats = state.dns_stats()?;
-            summary.dns_malformed = tracker.malformed + stats.malformed;
-            summary.dns_untracked = stats.untracked;
-            summary.dns_over_quota = stats.over_quota;
-            summary.dns_truncated = stats.truncated;
-            summary.dns_unmatched = stats.unmatched;
-            summary.dns_lost_events = stats.lost;
-            summary.dns_tcp_uncounted = stats.tcp_uncounted;
-            for (id, tcp) in probes.dns_tcp_counts()? {
-                let (cgroup, who) = state.attributor.attribute(id, None);
-                if self
-                    .filter
-                    .cgroup_matches(cgroup.as_deref().unwrap_or("?"), None)
-                    && self.filter.args.pods.matches(who.pod.as_ref())
-                {
-                    let key = capped(&summary.dns, &who.workload);
-                    let d = summary.dns.entry(key).or_default();
-                    d.tcp_segments_to_server += tcp.to_server;
-                    d.tcp_segments_from_server += tcp.from_server;
-                }
-            }
-        }
-        summary.finish(state.clone_stats()?);
-        Ok(())
     }
 }
 
@@ -482,119 +464,115 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-impl TraceEvent for ConntrackDrop {
-    fn table_line(&self) -> String {
-        let dns = self.dns.as_ref().map_or_else(String::new, |d| {
-            format!(
-                " dns query id {}{}",
-                d.id,
-                d.qname
-                    .as_deref()
-                    .map_or_else(String::new, |n| format!(" {n}"))
-            )
-        });
+fn conntrack_drop_line(e: &ConntrackDrop) -> String {
+    let dns = e.dns.as_ref().map_or_else(String::new, |d| {
         format!(
-            "{:<12} conntrack_drop {} {} {}:{} -> {}:{} netns={}{} / {}",
-            time_of_day(&self.time),
-            self.cause.as_str(),
-            self.workload,
-            self.src,
-            self.sport,
-            self.dst,
-            self.dport,
-            self.netns,
-            dns,
-            self.evidence
+            " dns query id {}{}",
+            d.id,
+            d.qname
+                .as_deref()
+                .map_or_else(String::new, |n| format!(" {n}"))
         )
+    });
+    format!(
+        "{:<12} conntrack_drop {} {} {}:{} -> {}:{} netns={}{} / {}",
+        time_of_day(&e.time),
+        e.cause.as_str(),
+        e.workload,
+        e.src,
+        e.sport,
+        e.dst,
+        e.dport,
+        e.netns,
+        dns,
+        e.evidence
+    )
+}
+
+fn clashes_line(e: &ClashesResolved) -> String {
+    format!(
+        "{:<12} conntrack_clash_resolved {} netns={} count={}",
+        time_of_day(&e.time),
+        e.workload,
+        e.netns,
+        e.count
+    )
+}
+
+fn dns_line(e: &DnsQuery) -> String {
+    format!(
+        "{:<12} dns {} {} -> {} {} {}{}{}{}{}{}",
+        time_of_day(&e.time),
+        e.workload,
+        e.qname,
+        e.server,
+        e.qtype,
+        e.rcode.as_deref().unwrap_or("TIMEOUT"),
+        e.latency_ms
+            .map_or_else(String::new, |l| format!(" {l:.1}ms")),
+        if e.truncated { " truncated" } else { "" },
+        e.retransmit_gap_ms.map_or_else(String::new, |g| format!(
+            " retransmit after {:.1}s",
+            g / 1000.0
+        )),
+        if e.search_nxdomain > 0 {
+            format!(" after {} search-path NXDOMAIN", e.search_nxdomain)
+        } else {
+            String::new()
+        },
+        e.conntrack_drop
+            .map_or_else(String::new, |c| format!(" dropped by conntrack: {c}")),
+    )
+}
+
+/// An event as a table line.
+pub fn table_line(event: &Event) -> String {
+    match event {
+        Event::CloneFailure(f) => clone_failure_line(f),
+        Event::DnsQuery(q) => dns_line(q),
+        Event::ConntrackDrop(d) => conntrack_drop_line(d),
+        Event::ClashesResolved(c) => clashes_line(c),
+        Event::HeadroomWarning(w) => headroom_line(w),
     }
 }
 
-impl TraceEvent for ClashesResolved {
-    fn table_line(&self) -> String {
-        format!(
-            "{:<12} conntrack_clash_resolved {} netns={} count={}",
-            time_of_day(&self.time),
-            self.workload,
-            self.netns,
-            self.count
-        )
-    }
+fn clone_failure_line(e: &CloneFailure) -> String {
+    format!(
+        "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} {}",
+        time_of_day(&e.time),
+        e.pid,
+        e.tid,
+        e.comm,
+        e.syscall,
+        e.task.as_str(),
+        e.errno,
+        e.cause.as_str(),
+        e.workload,
+        e.evidence
+    )
 }
 
-impl TraceEvent for DnsQuery {
-    fn table_line(&self) -> String {
-        format!(
-            "{:<12} dns {} {} -> {} {} {}{}{}{}{}{}",
-            time_of_day(&self.time),
-            self.workload,
-            self.qname,
-            self.server,
-            self.qtype,
-            self.rcode.as_deref().unwrap_or("TIMEOUT"),
-            self.latency_ms
-                .map_or_else(String::new, |l| format!(" {l:.1}ms")),
-            if self.truncated { " truncated" } else { "" },
-            self.retransmit_gap_ms.map_or_else(String::new, |g| format!(
-                " retransmit after {:.1}s",
-                g / 1000.0
-            )),
-            if self.search_nxdomain > 0 {
-                format!(" after {} search-path NXDOMAIN", self.search_nxdomain)
-            } else {
-                String::new()
-            },
-            self.conntrack_drop
-                .map_or_else(String::new, |c| format!(" dropped by conntrack: {c}")),
-        )
-    }
-}
-
-/// An event `trace` prints: a JSON object, or a table line.
-pub trait TraceEvent: Serialize {
-    fn table_line(&self) -> String;
-}
-
-impl TraceEvent for CloneFailure {
-    fn table_line(&self) -> String {
-        format!(
-            "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} {}",
-            time_of_day(&self.time),
-            self.pid,
-            self.tid,
-            self.comm,
-            self.syscall,
-            self.task.as_str(),
-            self.errno,
-            self.cause.as_str(),
-            self.workload,
-            self.evidence
-        )
-    }
-}
-
-impl TraceEvent for HeadroomWarning {
-    fn table_line(&self) -> String {
-        format!(
-            "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} pids.current={} pids.max={} cgroup={} headroom={} ({:.1}%){}",
-            time_of_day(&self.time),
-            "-",
-            "-",
-            "-",
-            "-",
-            "-",
-            "-",
-            "headroom_low",
-            self.workload,
-            self.pids_current,
-            self.pids_max,
-            self.pids_cgroup,
-            self.headroom,
-            self.headroom_pct,
-            self.eta_s
-                .map(|e| format!(" full in {}", crate::diagnosis::findings::duration(e)))
-                .unwrap_or_default()
-        )
-    }
+fn headroom_line(e: &HeadroomWarning) -> String {
+    format!(
+        "{:<12} {:<8} {:<8} {:<16} {:<7} {:<7} {:<6} {:<12} {} pids.current={} pids.max={} cgroup={} headroom={} ({:.1}%){}",
+        time_of_day(&e.time),
+        "-",
+        "-",
+        "-",
+        "-",
+        "-",
+        "-",
+        "headroom_low",
+        e.workload,
+        e.pids_current,
+        e.pids_max,
+        e.pids_cgroup,
+        e.headroom,
+        e.headroom_pct,
+        e.eta_s
+            .map(|e| format!(" full in {}", crate::diagnosis::findings::duration(e)))
+            .unwrap_or_default()
+    )
 }
 
 /// `key count, key count` of a summary map, `-` when empty.
@@ -637,14 +615,14 @@ impl Printer {
         Ok(())
     }
 
-    fn event(&mut self, e: &impl TraceEvent) -> anyhow::Result<()> {
+    fn event(&mut self, e: &Event) -> anyhow::Result<()> {
         match self.format {
             Output::Json => {
                 let line = crate::text::json_line(e).context("encoding an event as JSON")?;
                 self.out.write_all(&line).context("writing to stdout")
             }
             Output::Table => {
-                let line = crate::text::printable(&e.table_line()).into_owned();
+                let line = crate::text::printable(&table_line(e)).into_owned();
                 writeln!(self.out, "{line}").context("writing to stdout")
             }
         }

@@ -9,10 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::rfc3339,
-    diagnosis::{
-        history::{Bucket, CloneTally, DnsTally, Names, Who},
-        trend::{Estimate, Limit},
-    },
+    diagnosis::history::{Bucket, CloneTally, DnsTally, TopNames, Who},
+    trend::{Estimate, Limit},
 };
 
 /// The report's schema version.
@@ -170,11 +168,11 @@ fn with_limit(mut t: Trend, e: Option<&Estimate>) -> Trend {
     t
 }
 
-fn top(names: &Names) -> Vec<String> {
+fn top(names: &TopNames) -> Vec<String> {
     names.ranked().into_iter().map(|(n, _)| n).collect()
 }
 
-fn listed(names: &Names) -> String {
+fn listed(names: &TopNames) -> String {
     names
         .ranked()
         .iter()

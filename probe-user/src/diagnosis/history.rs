@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     attribution::pods::PodRef,
     signals::{
+        Event,
         clone::CloneFailure,
         conntrack::{ClashesResolved, ConntrackDrop},
-        dns::DnsQuery,
+        dns::{DnsQuery, Outcome},
     },
 };
 
@@ -59,11 +60,11 @@ impl Who {
     }
 }
 
-/// Names with counts, at most MAX_NAMES of them; the rest counted under "(others)".
+/// TopNames with counts, at most MAX_NAMES of them; the rest counted under "(others)".
 #[derive(Clone, Debug, Default)]
-pub struct Names(pub BTreeMap<String, u64>);
+pub struct TopNames(pub BTreeMap<String, u64>);
 
-impl Names {
+impl TopNames {
     fn add(&mut self, name: &str, n: u64) {
         if let Some(c) = self.0.get_mut(name) {
             *c += n;
@@ -76,7 +77,7 @@ impl Names {
         }
     }
 
-    fn merge(&mut self, other: &Names) {
+    fn merge(&mut self, other: &TopNames) {
         for (k, v) in &other.0 {
             self.add(k, *v);
         }
@@ -129,8 +130,8 @@ impl Span {
 pub struct CloneTally {
     pub who: Who,
     pub span: Span,
-    pub comms: Names,
-    pub errnos: Names,
+    pub comms: TopNames,
+    pub errnos: TopNames,
     /// The newest failure's evidence and pids cgroup.
     pub evidence: String,
     pub pids_cgroup: Option<String>,
@@ -154,8 +155,8 @@ pub struct DnsTally {
     pub chain_example: Option<(String, u32)>,
     /// Queries whose packet conntrack dropped.
     pub conntrack_dropped: u64,
-    pub rcodes: Names,
-    pub servers: Names,
+    pub rcodes: TopNames,
+    pub servers: TopNames,
 }
 
 /// Packets of one workload netfilter dropped, for one cause.
@@ -303,7 +304,18 @@ impl History {
         Some(bucket)
     }
 
-    pub fn clone_failure(&mut self, f: &CloneFailure) {
+    /// Tallies one event (a headroom warning is no problem seen: not kept).
+    pub fn event(&mut self, event: &Event) {
+        match event {
+            Event::CloneFailure(f) => self.clone_failure(f),
+            Event::DnsQuery(q) => self.dns_query(q),
+            Event::ConntrackDrop(d) => self.conntrack_drop(d),
+            Event::ClashesResolved(c) => self.clashes_resolved(c),
+            Event::HeadroomWarning(_) => {}
+        }
+    }
+
+    fn clone_failure(&mut self, f: &CloneFailure) {
         let key = (f.cause.as_str(), f.cgroup.clone());
         let Some(b) = self.bucket(f.time_unix_nano, |b| !b.clone.contains_key(&key)) else {
             return;
@@ -311,8 +323,8 @@ impl History {
         let t = b.clone.entry(key).or_insert_with(|| CloneTally {
             who: Who::new(&f.workload, f.pod.as_ref(), Some(&f.cgroup)),
             span: Span::default(),
-            comms: Names::default(),
-            errnos: Names::default(),
+            comms: TopNames::default(),
+            errnos: TopNames::default(),
             evidence: String::new(),
             pids_cgroup: None,
             uid: f.uid,
@@ -325,7 +337,7 @@ impl History {
         t.uid = f.uid;
     }
 
-    pub fn dns_query(&mut self, q: &DnsQuery) {
+    fn dns_query(&mut self, q: &DnsQuery) {
         let Some(b) = self.bucket(q.start_unix_nano, |b| !b.dns.contains_key(&q.cgroup)) else {
             return;
         };
@@ -343,7 +355,7 @@ impl History {
             return;
         };
         t.span.add(q.start_unix_nano);
-        if q.outcome == "timeout" {
+        if q.outcome == Outcome::Timeout {
             t.timeouts += 1;
         }
         if q.retransmit {
@@ -371,7 +383,7 @@ impl History {
         t.servers.add(&q.server, 1);
     }
 
-    pub fn conntrack_drop(&mut self, d: &ConntrackDrop) {
+    fn conntrack_drop(&mut self, d: &ConntrackDrop) {
         let key = (d.cause.as_str(), d.workload.clone());
         let Some(b) = self.bucket(d.time_unix_nano, |b| !b.drops.contains_key(&key)) else {
             return;
@@ -391,7 +403,7 @@ impl History {
         }
     }
 
-    pub fn clashes_resolved(&mut self, c: &ClashesResolved) {
+    fn clashes_resolved(&mut self, c: &ClashesResolved) {
         let at = now_nanos();
         let Some(b) = self.bucket(at, |b| !b.clashes.contains_key(&c.netns)) else {
             return;
@@ -426,7 +438,6 @@ mod tests {
 
     fn failure(cgroup: &str, comm: &str) -> CloneFailure {
         CloneFailure {
-            kind: "clone_failure",
             time: String::new(),
             time_unix_nano: now_nanos(),
             pid: 1,
@@ -482,7 +493,7 @@ mod tests {
 
     #[test]
     fn names_are_capped() {
-        let mut n = Names::default();
+        let mut n = TopNames::default();
         for i in 0..100 {
             n.add(&format!("p{i}"), 1);
         }

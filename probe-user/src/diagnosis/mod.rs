@@ -1,29 +1,22 @@
 //! Diagnosis: from what the pipeline saw to "which pod, which limit, how long until it
-//! breaks, and what to change". [`trend`] estimates each limit's time to exhaustion,
-//! [`history`] keeps the last hour's problems, bounded, and [`findings`] turns both into a
-//! ranked [`findings::Report`]. A [`Recorder`] holds the three; the daemon keeps one for its
+//! breaks, and what to change". [`history`] keeps the last hour's problems, bounded, and
+//! [`findings`] turns them and each limit's time to exhaustion (the refreshes' estimates,
+//! from `trend`) into a ranked [`findings::Report`]. A [`Recorder`] holds them; the daemon keeps one for its
 //! whole life (served on `/explain`), `faultline explain` fills one in a short observation
 //! when no daemon answers.
 
 pub mod findings;
 pub mod history;
-pub mod trend;
 
 use std::time::{Duration, Instant};
 
 use crate::{
     clock::now_rfc3339,
-    signals::{
-        clone::CloneFailure,
-        conntrack::{ClashesResolved, ConntrackDrop, CtTable},
-        dns::DnsQuery,
-        clone::node::NodeTasks,
-        tasks::CgroupRow,
-    },
+    signals::{Event, Refresh},
+    trend::Estimate,
 };
 use findings::Report;
 use history::History;
-use trend::{Estimate, LimitWatch};
 
 /// Workloads named as the node's top task holders.
 const HOLDERS: usize = 5;
@@ -32,45 +25,32 @@ pub struct Recorder {
     node: String,
     started: Instant,
     history: History,
-    limits: LimitWatch,
+    /// Every limit's estimate at the last refresh.
+    limits: Vec<Estimate>,
     /// (workload, live tasks), most first, at the last refresh.
     holders: Vec<(String, u64)>,
 }
 
 impl Recorder {
-    /// `window`: the span each limit's growth is measured over.
-    pub fn new(node: &str, window: Duration) -> Self {
+    pub fn new(node: &str) -> Self {
         Recorder {
             node: node.to_owned(),
             started: Instant::now(),
             history: History::default(),
-            limits: LimitWatch::new(window),
+            limits: Vec::new(),
             holders: Vec::new(),
         }
     }
 
-    pub fn clone_failure(&mut self, f: &CloneFailure) {
-        self.history.clone_failure(f);
+    pub fn event(&mut self, event: &Event) {
+        self.history.event(event);
     }
 
-    pub fn dns_query(&mut self, q: &DnsQuery) {
-        self.history.dns_query(q);
-    }
-
-    pub fn conntrack_drop(&mut self, d: &ConntrackDrop) {
-        self.history.conntrack_drop(d);
-    }
-
-    pub fn clashes_resolved(&mut self, c: &ClashesResolved) {
-        self.history.clashes_resolved(c);
-    }
-
-    /// One refresh: the limits' use now, and who holds the node's tasks.
-    pub fn refresh(&mut self, rows: &[CgroupRow], node: Option<NodeTasks>, tables: &[CtTable]) {
-        self.limits
-            .update(Instant::now(), trend::readings(rows, node, tables));
+    /// One refresh: the limits' estimates, and who holds the node's tasks.
+    pub fn refresh(&mut self, refresh: &Refresh) {
+        self.limits.clone_from(&refresh.estimates);
         let mut by_workload: std::collections::HashMap<&str, u64> = Default::default();
-        for r in rows {
+        for r in refresh.rows() {
             *by_workload.entry(r.workload.as_str()).or_default() += r.live.unwrap_or(0);
         }
         let mut holders: Vec<(String, u64)> = by_workload
@@ -83,16 +63,11 @@ impl Recorder {
         self.holders = holders;
     }
 
-    pub fn estimates(&self) -> Vec<Estimate> {
-        self.limits.estimates()
-    }
-
     /// The findings of the last `since` (at most the history's hour, and the time since the
     /// recorder started).
     pub fn report(&self, since: Duration, source: &str) -> Report {
         let window = since.min(history::MAX_AGE).min(self.started.elapsed());
         let bucket = self.history.since(window);
-        let limits = self.limits.estimates();
         Report {
             kind: "explain".to_owned(),
             version: findings::VERSION,
@@ -100,7 +75,7 @@ impl Recorder {
             time: now_rfc3339(),
             source: source.to_owned(),
             window_s: window.as_secs_f64(),
-            findings: findings::findings(&bucket, window, &limits, &self.holders),
+            findings: findings::findings(&bucket, window, &self.limits, &self.holders),
             not_kept: self.history.not_kept,
             notes: Vec::new(),
         }

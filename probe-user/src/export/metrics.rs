@@ -20,6 +20,7 @@ use crate::{
     attribution::pods::PodRef,
     export::totals::{KernelTotals, Total},
     kernel::loader::{CloneStats, TaskStats},
+    signals::Event,
     signals::clone::CloneFailure,
     signals::conntrack::{ClashesResolved, ConntrackDrop},
     signals::conntrack::ctstats::CtCounters,
@@ -548,7 +549,18 @@ impl Metrics {
             .set(1);
     }
 
-    pub fn clone_failure(&self, f: &CloneFailure) {
+    /// Counts one event (a headroom warning is a trace's, never the daemon's).
+    pub fn event(&self, event: &Event) {
+        match event {
+            Event::CloneFailure(f) => self.clone_failure(f),
+            Event::DnsQuery(q) => self.dns_query(q),
+            Event::ConntrackDrop(d) => self.conntrack_drop(d),
+            Event::ClashesResolved(c) => self.clashes_resolved(c),
+            Event::HeadroomWarning(_) => {}
+        }
+    }
+
+    fn clone_failure(&self, f: &CloneFailure) {
         let who = who(&f.workload, f.pod.as_ref());
         let labels = self.admit(
             "clone_failures",
@@ -558,13 +570,13 @@ impl Metrics {
         self.clone_failures.with_label_values(&labels).inc();
     }
 
-    pub fn dns_query(&self, q: &DnsQuery) {
+    fn dns_query(&self, q: &DnsQuery) {
         let who = who(&q.workload, q.pod.as_ref());
         let rcode = q.rcode.as_deref().unwrap_or("none");
         let labels = self.admit(
             "dns_queries",
             &who,
-            &[qtype_label(&q.qtype), rcode_label(rcode), q.outcome],
+            &[qtype_label(&q.qtype), rcode_label(rcode), q.outcome.as_str()],
         );
         self.dns_queries.with_label_values(&labels).inc();
         if let Some(ms) = q.latency_ms {
@@ -611,13 +623,13 @@ impl Metrics {
         self.totals.set(Total::EventsLost, source, total);
     }
 
-    pub fn conntrack_drop(&self, d: &ConntrackDrop) {
+    fn conntrack_drop(&self, d: &ConntrackDrop) {
         let who = who(&d.workload, d.pod.as_ref());
         let labels = self.admit("conntrack_drops", &who, &[d.cause.as_str(), &d.proto]);
         self.conntrack_drops.with_label_values(&labels).inc();
     }
 
-    pub fn clashes_resolved(&self, c: &ClashesResolved) {
+    fn clashes_resolved(&self, c: &ClashesResolved) {
         // One label (the namespace's owner), capped and expired like the others.
         let who = Who([
             c.workload.clone(),
@@ -642,7 +654,7 @@ impl Metrics {
 
     /// The time to exhaustion of every growing limit, rebuilt on each refresh: the soonest
     /// per workload and limit.
-    pub fn limit_exhaustion(&self, estimates: &[crate::diagnosis::trend::Estimate]) {
+    pub fn limit_exhaustion(&self, estimates: &[crate::trend::Estimate]) {
         let mut soonest: HashMap<(Who, &'static str), f64> = HashMap::new();
         for e in estimates {
             let Some(eta) = e.eta_s else { continue };

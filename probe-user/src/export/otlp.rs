@@ -28,8 +28,8 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::{
-    attribution::pods::PodRef, signals::clone::CloneFailure, signals::conntrack::ConntrackDrop,
-    signals::dns::DnsQuery,
+    attribution::pods::PodRef, signals::Event, signals::clone::CloneFailure, signals::conntrack::ConntrackDrop,
+    signals::dns::{DnsQuery, Outcome},
 };
 
 /// What waits in the queue: a log record or a span.
@@ -224,17 +224,17 @@ impl OtlpExporter {
         OtlpExporter { tx, counters }
     }
 
-    /// Queues an event; drops and counts it when the queue is full.
-    pub fn clone_failure(&self, f: &CloneFailure) {
-        self.queue(Item::Log(log_record(f)));
-    }
-
-    pub fn conntrack_drop(&self, d: &ConntrackDrop) {
-        self.queue(Item::Log(drop_record(d)));
-    }
-
-    pub fn dns_query(&self, q: &DnsQuery) {
-        self.queue(Item::Span(dns_span(q)));
+    /// Queues an event: failures and drops as log records, queries as spans (near-misses
+    /// and headroom warnings are metrics and lines only); drops and counts it when the queue
+    /// is full.
+    pub fn event(&self, event: &Event) {
+        let item = match event {
+            Event::CloneFailure(f) => Item::Log(log_record(f)),
+            Event::ConntrackDrop(d) => Item::Log(drop_record(d)),
+            Event::DnsQuery(q) => Item::Span(dns_span(q)),
+            Event::ClashesResolved(_) | Event::HeadroomWarning(_) => return,
+        };
+        self.queue(item);
     }
 
     fn queue(&self, item: Item) {
@@ -384,7 +384,7 @@ pub fn dns_span(q: &DnsQuery) -> Span {
     let mut attributes = vec![
         kv("dns.question.name", q.qname.clone()),
         kv("dns.question.type", q.qtype.clone()),
-        kv("faultline.dns.outcome", q.outcome),
+        kv("faultline.dns.outcome", q.outcome.as_str()),
         kv("server.address", server.trim_matches(['[', ']'])),
         kv("faultline.workload", q.workload.clone()),
         kv("container.runtime.cgroup", q.cgroup.clone()),
@@ -399,7 +399,7 @@ pub fn dns_span(q: &DnsQuery) -> Span {
         attributes.push(kv("faultline.dns.retransmit_gap_ms", format!("{gap:.1}")));
     }
     attributes.extend(k8s_attributes(q.pod.as_ref()));
-    let failed = q.outcome == "timeout"
+    let failed = q.outcome == Outcome::Timeout
         || q.rcode
             .as_deref()
             .is_some_and(|r| r == "SERVFAIL" || r == "REFUSED");

@@ -619,7 +619,7 @@ mod tests {
             served: Arc::new(Served {
                 metrics,
                 ready: AtomicBool::new(true),
-                recorder: Mutex::new(Recorder::new("node", Duration::from_secs(300))),
+                recorder: Mutex::new(Recorder::new("node")),
                 explain_cache: Mutex::new(None),
             }),
             connections: Connections::new(counters.shed),

@@ -296,6 +296,20 @@ pub struct CloneStats {
     pub missing_entry: u64,
 }
 
+/// Counters with a count of events lost: the reader's queue drops add to the kernel's.
+macro_rules! plus_lost {
+    ($($stats:ty),*) => {$(
+        impl $stats {
+            /// With `dropped` more events lost (the ring reader's queue was full).
+            pub fn plus_lost(mut self, dropped: u64) -> Self {
+                self.lost += dropped;
+                self
+            }
+        }
+    )*};
+}
+plus_lost!(CloneStats, DnsStats, ConntrackStats);
+
 impl Probes {
     /// Everything before attaching, for the commands: privileges, tracefs, BTF, load.
     pub fn open(args: &KernelArgs, kernel_log: KernelLog) -> anyhow::Result<Self> {

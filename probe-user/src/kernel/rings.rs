@@ -19,31 +19,12 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-/// The rings, in the order the reader empties them on every wake: DNS before conntrack, so
-/// that a drop finds the query it belongs to already delivered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ring {
-    Dns,
-    Clone,
-    Conntrack,
-}
+/// A ring, by its place in the list [`Rings::start`] was given: the reader empties them in
+/// that order on every wake.
+pub type RingIndex = usize;
 
-impl Ring {
-    const COUNT: usize = 3;
-
-    /// As in `faultline_events_lost_total{source}`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Ring::Dns => "dns",
-            Ring::Clone => "clone",
-            Ring::Conntrack => "conntrack",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
+/// The most rings read.
+const MAX_RINGS: usize = 8;
 
 /// Bytes of records the pipeline has not taken yet, all rings together: a few times the
 /// kernel's own rings (1 MiB each), a small share of the DaemonSet's 128 MiB.
@@ -57,14 +38,14 @@ const POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Records of one ring, copied out in the order the kernel wrote them.
 pub struct Batch {
-    pub ring: Ring,
+    pub ring: RingIndex,
     data: Vec<u8>,
     /// Where each record ends in `data`.
     ends: Vec<usize>,
 }
 
 impl Batch {
-    fn new(ring: Ring) -> Batch {
+    fn new(ring: RingIndex) -> Batch {
         Batch {
             ring,
             data: Vec::new(),
@@ -90,7 +71,7 @@ struct Shared {
     /// Bytes sent and not yet taken.
     queued: AtomicUsize,
     /// Records dropped because the queue was full, by ring.
-    dropped: [AtomicU64; Ring::COUNT],
+    dropped: [AtomicU64; MAX_RINGS],
 }
 
 /// The pipeline's end: batches as they are read, and the reader's thread.
@@ -104,7 +85,11 @@ pub struct Rings {
 impl Rings {
     /// Starts the reader thread on these rings (none is fine: the reader then only waits
     /// for the stop).
-    pub fn start(rings: Vec<(Ring, RingBuf<MapData>)>) -> anyhow::Result<Rings> {
+    /// `rings`: each ring's name (for messages) and map, in the order to empty them.
+    pub fn start(rings: Vec<(&'static str, RingBuf<MapData>)>) -> anyhow::Result<Rings> {
+        if rings.len() > MAX_RINGS {
+            anyhow::bail!("{} rings: at most {MAX_RINGS} are read", rings.len());
+        }
         let (tx, batches) = mpsc::unbounded_channel();
         let (stop, stopped) = oneshot::channel();
         let shared = Arc::new(Shared::default());
@@ -144,13 +129,15 @@ impl Rings {
     /// Counts a batch's records as dropped instead of delivering them (a stop that cannot
     /// wait for a pipeline far behind).
     pub fn discard(&self, batch: Batch) {
-        self.shared.dropped[batch.ring.index()]
+        self.shared.dropped[batch.ring]
             .fetch_add(batch.ends.len() as u64, Ordering::Relaxed);
     }
 
     /// Records of `ring` dropped because the pipeline was behind by `MAX_QUEUED`, or at a stop.
-    pub fn dropped(&self, ring: Ring) -> u64 {
-        self.shared.dropped[ring.index()].load(Ordering::Relaxed)
+    pub fn dropped(&self, ring: RingIndex) -> u64 {
+        self.shared.dropped
+            .get(ring)
+            .map_or(0, |d| d.load(Ordering::Relaxed))
     }
 
     /// Stops the reader after one last read of every ring; what it read stays to be taken
@@ -183,7 +170,7 @@ impl Drop for Rings {
 
 /// The reader thread: waits on every ring at once, and on each wake empties all of them.
 fn read(
-    rings: Vec<(Ring, RingBuf<MapData>)>,
+    rings: Vec<(&'static str, RingBuf<MapData>)>,
     tx: &mpsc::UnboundedSender<Batch>,
     shared: &Shared,
     mut stopped: oneshot::Receiver<()>,
@@ -196,15 +183,15 @@ fn read(
     runtime.block_on(async {
         let mut rings = rings
             .into_iter()
-            .map(|(ring, buf)| {
+            .enumerate()
+            .map(|(ring, (name, buf))| {
                 // SAFETY: the AsyncFd owns the ring, so its fd stays open while registered.
                 unsafe { AsyncFd::register_with_interest(buf, Interest::READABLE) }
                     .map_err(|e| e.into_parts().1)
                     .map(|fd| (ring, fd))
-                    .with_context(|| format!("registering the {} ring", ring.as_str()))
+                    .with_context(|| format!("registering the {name} ring"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        rings.sort_by_key(|(ring, _)| ring.index());
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -231,7 +218,7 @@ fn read(
 
 /// Copies every record of every ring into batches.
 fn empty(
-    rings: &mut [(Ring, AsyncFd<RingBuf<MapData>>)],
+    rings: &mut [(RingIndex, AsyncFd<RingBuf<MapData>>)],
     tx: &mpsc::UnboundedSender<Batch>,
     shared: &Shared,
 ) {
@@ -240,7 +227,7 @@ fn empty(
         while let Some(item) = fd.get_mut().next() {
             let queued = shared.queued.load(Ordering::Relaxed) + batch.data.len();
             if queued + item.len() > MAX_QUEUED {
-                shared.dropped[ring.index()].fetch_add(1, Ordering::Relaxed);
+                shared.dropped[*ring].fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             batch.data.extend_from_slice(&item);
@@ -267,13 +254,13 @@ mod tests {
 
     #[test]
     fn a_batch_gives_back_its_records_in_order() {
-        let mut b = Batch::new(Ring::Dns);
+        let mut b = Batch::new(0);
         for r in [&b"one"[..], b"", b"three"] {
             b.data.extend_from_slice(r);
             b.ends.push(b.data.len());
         }
         let got: Vec<&[u8]> = b.records().collect();
         assert_eq!(got, vec![&b"one"[..], b"", b"three"]);
-        assert!(Batch::new(Ring::Clone).records().next().is_none());
+        assert!(Batch::new(1).records().next().is_none());
     }
 }

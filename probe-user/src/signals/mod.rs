@@ -1,13 +1,101 @@
-//! The signals: what each kernel program reports, decoded and enriched. `clone` (failed task
-//! creation, its cause decided by `cause` from the kernel state at the failure and `node`'s
-//! counts), `tasks` (task creation and live counts per cgroup, headroom to the pids limit),
-//! `dns` (queries, answers, timeouts, retransmits), `conntrack` (drops and near-misses, with
-//! the kernel's own counters from `ctstats`).
+//! The signals: what each kernel program reports, decoded and enriched, one folder each.
+//! `clone` (failed task creation, its cause decided by `clone::cause` from the kernel state at
+//! the failure and `clone::node`'s counts), `tasks` (task creation and live counts per cgroup,
+//! headroom to the pids limit), `dns` (queries, answers, timeouts, retransmits), `conntrack`
+//! (drops and near-misses, with the kernel's own counters from `conntrack::ctstats`).
+//!
+//! What the rest of faultline sees of them is data: an [`Event`] as each happens, a
+//! [`Refresh`] on every tick, and the [`Signals`] registry (`registry`), the one place that
+//! lists the signals and drives each: the pipeline, the loader and the commands name none.
 
 pub mod clone;
 pub mod conntrack;
 pub mod dns;
+mod event;
+mod refresh;
+mod registry;
 pub mod tasks;
+
+use std::time::Duration;
+
+pub use event::Event;
+pub use refresh::{ConntrackRefresh, DnsRefresh, DnsTcp, Refresh, TaskRefresh};
+pub use registry::Signals;
+
+/// A signal, as named in messages and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Clone,
+    Tasks,
+    Dns,
+    Conntrack,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 4] = [Signal::Clone, Signal::Tasks, Signal::Dns, Signal::Conntrack];
+
+    /// As in `faultline_probe_attached{probe}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Clone => "clone",
+            Signal::Tasks => "tasks",
+            Signal::Dns => "dns",
+            Signal::Conntrack => "conntrack",
+        }
+    }
+
+    /// What it follows, for people.
+    pub fn what(self) -> &'static str {
+        match self {
+            Signal::Clone => "failed task creation (clone, clone3, fork, vfork)",
+            Signal::Tasks => "pids headroom",
+            Signal::Dns => "DNS",
+            Signal::Conntrack => "conntrack drops",
+        }
+    }
+}
+
+/// The signals a command asks for, and how they run.
+#[derive(Clone, Debug)]
+pub struct Want {
+    /// DNS is also needed by conntrack: the DNS programs record who sent each flow, which
+    /// drops are attributed by; ask for both.
+    pub signals: Vec<Signal>,
+    pub dns: DnsOptions,
+    /// The span each limit's growth is measured over, for the refreshes' times to exhaustion
+    /// (none: no estimates).
+    pub trend: Option<Duration>,
+    /// Warn (an [`Event::HeadroomWarning`]) when a pids limit is about to refuse tasks.
+    pub headroom: Option<tasks::HeadroomThresholds>,
+    /// Also show cgroups that hold tasks but created none since attaching (walks the cgroup
+    /// tree on every refresh: `top` only).
+    pub idle_cgroups: bool,
+    /// Once everything is attached, keep only the capabilities reading needs (the daemon).
+    pub drop_privileges: bool,
+}
+
+impl Want {
+    pub fn has(&self, signal: Signal) -> bool {
+        self.signals.contains(&signal)
+    }
+}
+
+/// How DNS queries are followed.
+#[derive(Clone, Copy, Debug)]
+pub struct DnsOptions {
+    /// A query without an answer for this long is a timeout.
+    pub timeout: Duration,
+    pub names: dns::Names,
+}
+
+impl Default for DnsOptions {
+    fn default() -> Self {
+        DnsOptions {
+            timeout: Duration::from_secs(2),
+            names: dns::Names::Full,
+        }
+    }
+}
 
 /// An address as the kernel programs keep it: IPv4 in the first 4 of 16 bytes.
 pub(crate) fn ip(family: u8, addr: &[u8; 16]) -> std::net::IpAddr {

@@ -13,6 +13,7 @@ use crate::{
     attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
     kernel::rings::Batch,
+    signals::Event,
 };
 use cause::{Facts, Verdict};
 use node::{LowPids, NodeTasks};
@@ -39,7 +40,6 @@ impl TaskKind {
 /// One failed clone/clone3/fork/vfork, as reported.
 #[derive(Clone, Debug, Serialize)]
 pub struct CloneFailure {
-    pub kind: &'static str,
     /// RFC 3339, UTC, milliseconds.
     pub time: String,
     /// The same instant in nanoseconds since the epoch, for exporters.
@@ -70,12 +70,12 @@ pub fn deliver(
     batch: &Batch,
     enricher: &mut Enricher,
     attributor: &mut Attributor,
-    mut on_failure: impl FnMut(CloneFailure) -> anyhow::Result<()>,
+    mut emit: impl FnMut(Event) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     crate::kernel::loader::decode_each(
         batch.records(),
         "a clone failure",
-        |raw: CloneFailureEvent| on_failure(enricher.enrich(&raw, attributor)),
+        |raw: CloneFailureEvent| emit(Event::CloneFailure(enricher.enrich(&raw, attributor))),
     )
 }
 
@@ -154,7 +154,6 @@ impl Enricher {
             (ev.own_pids_ino != 0).then_some(ev.own_pids_ino),
         );
         CloneFailure {
-            kind: "clone_failure",
             time: self.clock.rfc3339(ev.ktime_ns),
             time_unix_nano: self.clock.unix_nano(ev.ktime_ns),
             pid: ev.pid,

@@ -22,6 +22,7 @@ use crate::{
     clock::{self, KernelClock},
     kernel::loader,
     kernel::rings::Batch,
+    signals::Event,
     signals::dns::DnsTracker,
 };
 use ctstats::CtCounters;
@@ -62,7 +63,6 @@ pub struct DnsLink {
 /// One packet dropped by netfilter, as reported.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConntrackDrop {
-    pub kind: &'static str,
     pub time: String,
     #[serde(skip)]
     pub time_unix_nano: u64,
@@ -85,7 +85,6 @@ pub struct ConntrackDrop {
 /// Clashes the kernel resolved in one namespace since the previous report.
 #[derive(Clone, Debug, Serialize)]
 pub struct ClashesResolved {
-    pub kind: &'static str,
     pub time: String,
     pub netns: u64,
     pub count: u64,
@@ -231,7 +230,6 @@ impl Classifier {
                 .unwrap_or_else(|| netns_workload(&ns, attributor));
             if c.clash_resolve > last {
                 out.push(ClashesResolved {
-                    kind: "conntrack_clash_resolved",
                     time: clock::now_rfc3339(),
                     netns: ns.inode,
                     count: c.clash_resolve - last,
@@ -427,7 +425,6 @@ fn report(
         format!("received on {ifname}")
     };
     ConntrackDrop {
-        kind: "conntrack_drop",
         time: clock.rfc3339(ev.ktime_ns),
         time_unix_nano: clock.unix_nano(ev.ktime_ns),
         cause,
@@ -454,7 +451,7 @@ pub fn deliver(
     classifier: &mut Classifier,
     attributor: &mut Attributor,
     mut dns: Option<&mut DnsTracker>,
-    mut on_drop: impl FnMut(ConntrackDrop) -> anyhow::Result<()>,
+    mut emit: impl FnMut(Event) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut drops = Vec::new();
     loader::decode_each(
@@ -471,7 +468,13 @@ pub fn deliver(
     let verdicts = classifier.classify(&drops);
     for (ev, verdict) in drops.iter().zip(verdicts) {
         let clock = &classifier.clock;
-        on_drop(report(ev, verdict, clock, attributor, dns.as_deref_mut()))?;
+        emit(Event::ConntrackDrop(report(
+            ev,
+            verdict,
+            clock,
+            attributor,
+            dns.as_deref_mut(),
+        )))?;
     }
     Ok(())
 }

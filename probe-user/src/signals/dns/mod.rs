@@ -1,4 +1,4 @@
-//! Pipeline stages 2-3 for DNS: the kernel matches answers to queries (socket cookie and
+//! DNS: the kernel matches answers to queries (socket cookie and
 //! transaction id) and emits one event per answered or re-sent query; here each becomes one
 //! `DnsQuery` (names parsed with the `simple-dns` wire parser), queries still unanswered after
 //! the timeout are taken out of the kernel's map and reported as timeouts, and retransmits are
@@ -20,12 +20,12 @@ use crate::{
     attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
     kernel::rings::Batch,
+    signals::Event,
 };
 
 /// What is reported for each query.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DnsQuery {
-    pub kind: &'static str,
     /// When the query was sent (RFC 3339).
     pub time: String,
     #[serde(skip)]
@@ -36,8 +36,7 @@ pub struct DnsQuery {
     pub qtype: String,
     /// NOERROR, NXDOMAIN, SERVFAIL, REFUSED, ... (none for a timeout).
     pub rcode: Option<String>,
-    /// "answered" or "timeout".
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     pub latency_ms: Option<f64>,
     pub truncated: bool,
     pub retransmit: bool,
@@ -52,6 +51,35 @@ pub struct DnsQuery {
     pub cgroup: String,
     pub workload: String,
     pub pod: Option<PodRef>,
+}
+
+/// What became of a query.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    #[default]
+    Answered,
+    /// No answer within the timeout.
+    Timeout,
+}
+
+impl Outcome {
+    /// As in `faultline_dns_queries_total{outcome}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// The answer to a query, as the kernel saw it.
+#[derive(Clone, Copy, Debug)]
+struct Answer {
+    /// When it came (kernel clock).
+    at_ns: u64,
+    rcode: u8,
+    truncated: bool,
 }
 
 /// How query names are shown.
@@ -236,7 +264,11 @@ impl DnsTracker {
             &ev.key,
             &ev.send,
             &msg,
-            Some((ev.done_ns, msg.rcode, msg.truncated)),
+            Some(Answer {
+                at_ns: ev.done_ns,
+                rcode: msg.rcode,
+                truncated: msg.truncated,
+            }),
             gap,
             search_nxdomain,
             attributor,
@@ -355,29 +387,28 @@ impl DnsTracker {
         key: &DnsKey,
         send: &DnsSend,
         msg: &Message,
-        answer: Option<(u64, u8, bool)>,
+        answer: Option<Answer>,
         retransmit_gap: Option<u64>,
         search_nxdomain: u32,
         attributor: &mut Attributor,
     ) -> DnsQuery {
         let (cgroup, attribution) = attributor.attribute(send.cgroup_id, None);
-        let end = answer.map_or(send.sent_ns + self.timeout_ns, |a| a.0);
+        let end = answer.map_or(send.sent_ns + self.timeout_ns, |a| a.at_ns);
         let port = send.server_port;
         DnsQuery {
-            kind: "dns",
             time: self.clock.rfc3339(send.sent_ns),
             start_unix_nano: self.clock.unix_nano(send.sent_ns),
             end_unix_nano: self.clock.unix_nano(end),
             qname: self.name(&msg.qname),
             qtype: qtype_name(msg.qtype),
-            rcode: answer.map(|a| rcode_name(a.1)),
+            rcode: answer.map(|a| rcode_name(a.rcode)),
             outcome: if answer.is_some() {
-                "answered"
+                Outcome::Answered
             } else {
-                "timeout"
+                Outcome::Timeout
             },
-            latency_ms: answer.map(|a| a.0.saturating_sub(send.sent_ns) as f64 / 1e6),
-            truncated: answer.is_some_and(|a| a.2),
+            latency_ms: answer.map(|a| a.at_ns.saturating_sub(send.sent_ns) as f64 / 1e6),
+            truncated: answer.is_some_and(|a| a.truncated),
             retransmit: retransmit_gap.is_some(),
             retransmit_gap_ms: retransmit_gap.map(|g| g as f64 / 1e6),
             search_nxdomain,
@@ -401,16 +432,16 @@ fn endpoint(family: u8, addr: &[u8; 16], port: u16) -> String {
     std::net::SocketAddr::new(super::ip(family, addr), port).to_string()
 }
 
-/// Feeds every query event of a batch to the tracker; reports go to `on_query`.
+/// Feeds every query event of a batch to the tracker; reports go to `emit`.
 pub fn deliver(
     batch: &Batch,
     tracker: &mut DnsTracker,
     attributor: &mut Attributor,
-    mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
+    mut emit: impl FnMut(Event) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     crate::kernel::loader::decode_each(batch.records(), "a DNS query", |ev: DnsQueryEvent| {
         match tracker.on_event(&ev, attributor) {
-            Some(q) => on_query(q),
+            Some(q) => emit(Event::DnsQuery(q)),
             None => Ok(()),
         }
     })
@@ -422,7 +453,7 @@ pub fn sweep(
     probes: &mut crate::kernel::loader::Probes,
     tracker: &mut DnsTracker,
     attributor: &mut Attributor,
-    mut on_query: impl FnMut(DnsQuery) -> anyhow::Result<()>,
+    mut emit: impl FnMut(Event) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let now = tracker.now_ktime();
     let waiting = probes.dns_waiting()?;
@@ -443,7 +474,7 @@ pub fn sweep(
     }
     probes.set_dns_pending_counts(&counts)?;
     for q in reports {
-        on_query(q)?;
+        emit(Event::DnsQuery(q))?;
     }
     Ok(())
 }

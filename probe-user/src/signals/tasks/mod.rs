@@ -17,9 +17,8 @@ use crate::{
     attribution::cgroups::{CgroupPath, Hierarchy},
     attribution::pods::{Attributor, PodRef},
     clock::now_rfc3339,
-    diagnosis::trend::{self, Limit, LimitWatch},
-    kernel::loader::TaskStats,
-    signals::clone::node::NodeTasks,
+    signals::{TaskRefresh, clone::node::NodeTasks},
+    trend::{Estimate, Limit},
 };
 
 /// Rates are averaged over this window.
@@ -217,22 +216,19 @@ impl TaskModel {
         }
         rows
     }
+}
 
-    pub fn snapshot(
-        &self,
-        attributor: &mut Attributor,
-        node: NodeTasks,
-        stats: TaskStats,
-        time: String,
-    ) -> Snapshot {
+impl Snapshot {
+    /// What `top` shows of one refresh.
+    pub fn new(node: NodeTasks, tasks: &TaskRefresh, time: String) -> Snapshot {
         Snapshot {
             kind: "tasks",
             time,
             node: NodeRow::from(node),
-            cgroups: self.rows(attributor),
-            tracked_cgroups: self.len(),
-            cgroups_removed: stats.cgroups_removed,
-            untracked_events: stats.map_full,
+            cgroups: tasks.rows.clone(),
+            tracked_cgroups: tasks.tracked,
+            cgroups_removed: tasks.stats.cgroups_removed,
+            untracked_events: tasks.stats.map_full,
         }
     }
 }
@@ -240,7 +236,6 @@ impl TaskModel {
 /// A pids limit about to refuse tasks, reported before the first failure.
 #[derive(Clone, Debug, Serialize)]
 pub struct HeadroomWarning {
-    pub kind: &'static str,
     pub time: String,
     /// The cgroup v2 path where tasks are being created.
     pub cgroup: String,
@@ -257,52 +252,48 @@ pub struct HeadroomWarning {
     pub live: Option<u64>,
 }
 
-/// Warns once per pids limit when its headroom falls below a threshold or its time to
-/// exhaustion below another, and again only after it has risen above both. Remembers only
-/// the limits currently below.
+/// When a pids limit is about to refuse tasks: its headroom below a share of the limit, or
+/// its time to exhaustion below a duration.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadroomThresholds {
+    pub headroom_pct: f64,
+    pub eta: Duration,
+}
+
+/// Warns once per pids limit when its headroom or its time to exhaustion falls below the
+/// thresholds, and again only after it has risen above both. Remembers only the limits
+/// currently below.
 pub struct HeadroomWatch {
-    threshold_pct: f64,
-    eta_below: Duration,
-    trends: LimitWatch,
+    thresholds: HeadroomThresholds,
     below: HashSet<String>,
 }
 
-/// The span a trace measures each pids limit's growth over.
-const TRACE_TREND_WINDOW: Duration = Duration::from_secs(60);
-
 impl HeadroomWatch {
-    pub fn new(threshold_pct: f64, eta_below: Duration) -> Self {
+    pub fn new(thresholds: HeadroomThresholds) -> Self {
         HeadroomWatch {
-            threshold_pct,
-            eta_below,
-            trends: LimitWatch::new(TRACE_TREND_WINDOW),
+            thresholds,
             below: HashSet::new(),
         }
     }
 
-    pub fn check(&mut self, rows: &[CgroupRow]) -> Vec<HeadroomWarning> {
-        self.check_at(Instant::now(), rows)
-    }
-
-    fn check_at(&mut self, now: Instant, rows: &[CgroupRow]) -> Vec<HeadroomWarning> {
-        self.trends.update(now, trend::readings(rows, None, &[]));
+    /// The warnings of one refresh: its rows and the limits' estimates.
+    pub fn check(&mut self, rows: &[CgroupRow], estimates: &[Estimate]) -> Vec<HeadroomWarning> {
         let mut warnings = Vec::new();
         let mut below_now = HashSet::new();
         for row in rows {
             let Some(limit) = &row.pids_limit else {
                 continue;
             };
-            let eta = self
-                .trends
-                .get(Limit::Pids, &limit.cgroup)
+            let eta = estimates
+                .iter()
+                .find(|e| e.limit == Limit::Pids && e.resource == limit.cgroup)
                 .and_then(|e| e.eta_s);
-            let soon = eta.is_some_and(|e| e <= self.eta_below.as_secs_f64());
-            if limit.headroom_pct >= self.threshold_pct && !soon {
+            let soon = eta.is_some_and(|e| e <= self.thresholds.eta.as_secs_f64());
+            if limit.headroom_pct >= self.thresholds.headroom_pct && !soon {
                 continue;
             }
             if below_now.insert(limit.cgroup.clone()) && !self.below.contains(&limit.cgroup) {
                 warnings.push(HeadroomWarning {
-                    kind: "headroom_warning",
                     time: now_rfc3339(),
                     cgroup: row.cgroup.clone(),
                     workload: row.workload.clone(),
@@ -525,38 +516,48 @@ mod tests {
         }
     }
 
+    fn thresholds(headroom_pct: f64, eta: Duration) -> HeadroomThresholds {
+        HeadroomThresholds { headroom_pct, eta }
+    }
+
     #[test]
     fn headroom_warns_once_per_crossing_and_per_limit() {
-        let mut w = HeadroomWatch::new(10.0, Duration::ZERO);
-        assert!(w.check(&[row("/a", "/a", 100, 50)]).is_empty());
+        let mut w = HeadroomWatch::new(thresholds(10.0, Duration::ZERO));
+        assert!(w.check(&[row("/a", "/a", 100, 50)], &[]).is_empty());
         // Two cgroups under one limit: one warning.
-        let first = w.check(&[row("/p/c1", "/p", 100, 95), row("/p/c2", "/p", 100, 95)]);
+        let first = w.check(&[row("/p/c1", "/p", 100, 95), row("/p/c2", "/p", 100, 95)], &[]);
         assert_eq!(first.len(), 1);
         assert_eq!(
             (first[0].pids_cgroup.as_str(), first[0].headroom),
             ("/p", 5)
         );
         // Still below: no repeat.
-        assert!(w.check(&[row("/p/c1", "/p", 100, 97)]).is_empty());
+        assert!(w.check(&[row("/p/c1", "/p", 100, 97)], &[]).is_empty());
         // Back above, then below again: warns again.
-        assert!(w.check(&[row("/p/c1", "/p", 100, 50)]).is_empty());
-        assert_eq!(w.check(&[row("/p/c1", "/p", 100, 99)]).len(), 1);
+        assert!(w.check(&[row("/p/c1", "/p", 100, 50)], &[]).is_empty());
+        assert_eq!(w.check(&[row("/p/c1", "/p", 100, 99)], &[]).len(), 1);
         // Exactly at the threshold is not below it.
-        let mut w = HeadroomWatch::new(10.0, Duration::ZERO);
-        assert!(w.check(&[row("/a", "/a", 100, 90)]).is_empty());
+        let mut w = HeadroomWatch::new(thresholds(10.0, Duration::ZERO));
+        assert!(w.check(&[row("/a", "/a", 100, 90)], &[]).is_empty());
     }
 
     #[test]
     fn a_short_eta_warns_with_headroom_left() {
         // 2 tasks a second, 60 left: 30 s to go, under a 1 min ETA threshold.
-        let mut w = HeadroomWatch::new(10.0, Duration::from_secs(60));
+        let mut w = HeadroomWatch::new(thresholds(10.0, Duration::from_secs(60)));
+        let mut trend = crate::trend::LimitWatch::new(Duration::from_secs(60));
         let t = Instant::now();
         let mut warned = Vec::new();
         for i in 0..8u64 {
-            warned.extend(w.check_at(
-                t + Duration::from_secs(i * 2),
-                &[row("/a", "/a", 100, 10 + 4 * i)],
-            ));
+            let refresh = crate::signals::Refresh {
+                tasks: Some(TaskRefresh {
+                    rows: vec![row("/a", "/a", 100, 10 + 4 * i)],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            trend.update(t + Duration::from_secs(i * 2), refresh.readings());
+            warned.extend(w.check(refresh.rows(), &trend.estimates()));
         }
         assert_eq!(warned.len(), 1, "{warned:?}");
         assert!(warned[0].headroom_pct > 10.0);

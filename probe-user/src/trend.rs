@@ -11,10 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    attribution::pods::PodRef,
-    signals::{clone::node::NodeTasks, conntrack::CtTable, tasks::CgroupRow},
-};
+use crate::attribution::pods::PodRef;
 
 /// The default window the growth is measured over.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
@@ -174,52 +171,6 @@ impl Series {
             eta_s: growth.and_then(|g| eta(r.current, r.max, g)),
         }
     }
-}
-
-/// The readings of one refresh: each pids limit once (the cgroups under one limit share
-/// it), the node's two task limits, each namespace's conntrack table.
-pub fn readings(rows: &[CgroupRow], node: Option<NodeTasks>, tables: &[CtTable]) -> Vec<Reading> {
-    let mut out: Vec<Reading> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for row in rows {
-        let Some(l) = &row.pids_limit else { continue };
-        if seen.insert(l.cgroup.as_str()) {
-            out.push(Reading {
-                limit: Limit::Pids,
-                resource: l.cgroup.clone(),
-                workload: row.workload.clone(),
-                pod: row.pod.clone(),
-                current: l.current,
-                max: l.max,
-            });
-        }
-    }
-    if let Some(n) = node {
-        for (limit, max) in [
-            (Limit::PidMax, n.pid_max),
-            (Limit::ThreadsMax, n.threads_max),
-        ] {
-            out.push(Reading {
-                limit,
-                resource: "node".into(),
-                workload: "node".into(),
-                pod: None,
-                current: n.threads,
-                max,
-            });
-        }
-    }
-    for t in tables.iter().filter(|t| t.max > 0) {
-        out.push(Reading {
-            limit: Limit::Conntrack,
-            resource: format!("netns:{}", t.netns),
-            workload: t.workload.clone(),
-            pod: None,
-            current: t.entries,
-            max: t.max,
-        });
-    }
-    out
 }
 
 /// Seconds from `current` to `max` at `growth` per second.

@@ -1,0 +1,49 @@
+//! The one event type every sink receives: each signal's report, tagged by its `kind` (the
+//! event lines' JSON schema: `{"kind":"clone_failure",...}`). A new signal adds a variant
+//! here, and the compiler lists every exporter, filter and printer that must handle it.
+
+use serde::Serialize;
+
+use super::{
+    clone::CloneFailure,
+    conntrack::{ClashesResolved, ConntrackDrop},
+    dns::DnsQuery,
+    tasks::HeadroomWarning,
+};
+use crate::cli::EventKind;
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    CloneFailure(CloneFailure),
+    #[serde(rename = "dns")]
+    DnsQuery(DnsQuery),
+    ConntrackDrop(ConntrackDrop),
+    #[serde(rename = "conntrack_clash_resolved")]
+    ClashesResolved(ClashesResolved),
+    HeadroomWarning(HeadroomWarning),
+}
+
+impl Event {
+    /// The `--events` choice it belongs to; none for a headroom warning (asked for with
+    /// `--headroom-warn`, never exported).
+    pub fn kind(&self) -> Option<EventKind> {
+        match self {
+            Event::CloneFailure(_) => Some(EventKind::Clone),
+            Event::DnsQuery(_) => Some(EventKind::Dns),
+            Event::ConntrackDrop(_) | Event::ClashesResolved(_) => Some(EventKind::Conntrack),
+            Event::HeadroomWarning(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kind_tag_comes_first_as_before() {
+        let line = serde_json::to_string(&Event::DnsQuery(DnsQuery::default())).expect("test");
+        assert!(line.starts_with(r#"{"kind":"dns","time":"#), "{line}");
+    }
+}

@@ -1,0 +1,132 @@
+//! What every sink receives on each tick: the node's state, read from the kernel and /proc
+//! and attributed once by the pipeline (the task rows, the node's counts, the conntrack
+//! tables, each program's counters, the times to exhaustion), so that no sink reads or
+//! recomputes it. A part is absent when its signal is not attached.
+
+use crate::{
+    attribution::pods::PodRef,
+    kernel::loader::{CloneStats, ConntrackStats, DnsStats, TaskStats},
+    signals::{
+        clone::node::NodeTasks,
+        conntrack::{CtTable, ctstats::CtCounters},
+        tasks::CgroupRow,
+    },
+    trend::{Estimate, Limit, Reading},
+};
+
+#[derive(Clone, Debug, Default)]
+pub struct Refresh {
+    /// The node's thread count and task limits.
+    pub node: NodeTasks,
+    pub clone: Option<CloneStats>,
+    pub tasks: Option<TaskRefresh>,
+    pub dns: Option<DnsRefresh>,
+    pub conntrack: Option<ConntrackRefresh>,
+    /// cgroup naming events that did not reach userspace (none: cgroups named by walk).
+    pub cgroup_events_lost: Option<u64>,
+    /// Every watched limit's use, growth and time left (empty unless the command asked for a
+    /// trend window).
+    pub estimates: Vec<Estimate>,
+}
+
+/// The task counters per cgroup.
+#[derive(Clone, Debug, Default)]
+pub struct TaskRefresh {
+    /// One row per counted cgroup that still exists, attributed.
+    pub rows: Vec<CgroupRow>,
+    /// cgroups with counters (kernel map entries).
+    pub tracked: usize,
+    pub stats: TaskStats,
+}
+
+/// The DNS programs' counters.
+#[derive(Clone, Debug, Default)]
+pub struct DnsRefresh {
+    /// `lost` counts the reader's queue drops too, `malformed` userspace's parse failures.
+    pub stats: DnsStats,
+    /// DNS over TCP, counted (not parsed) per cgroup.
+    pub tcp: Vec<DnsTcp>,
+}
+
+/// DNS-over-TCP segments of one cgroup.
+#[derive(Clone, Debug)]
+pub struct DnsTcp {
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub workload: String,
+    pub pod: Option<PodRef>,
+    pub to_server: u64,
+    pub from_server: u64,
+}
+
+/// The conntrack program's counters and the tables at the last poll.
+#[derive(Clone, Debug, Default)]
+pub struct ConntrackRefresh {
+    /// `lost` counts the reader's queue drops too.
+    pub stats: ConntrackStats,
+    /// The node's own namespace's counters, when readable.
+    pub node: Option<CtCounters>,
+    pub tables: Vec<CtTable>,
+}
+
+impl Refresh {
+    pub fn rows(&self) -> &[CgroupRow] {
+        self.tasks.as_ref().map_or(&[], |t| t.rows.as_slice())
+    }
+
+    pub fn conntrack_tables(&self) -> &[CtTable] {
+        self.conntrack.as_ref().map_or(&[], |c| c.tables.as_slice())
+    }
+
+    /// A limit's estimate, by limit and resource (a pids cgroup's path, `node`).
+    pub fn estimate(&self, limit: Limit, resource: &str) -> Option<&Estimate> {
+        self.estimates
+            .iter()
+            .find(|e| e.limit == limit && e.resource == resource)
+    }
+
+    /// The readings a trend takes: each pids limit once (the cgroups under one limit share
+    /// it), the node's two task limits, each namespace's conntrack table.
+    pub fn readings(&self) -> Vec<Reading> {
+        let mut out: Vec<Reading> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for row in self.rows() {
+            let Some(l) = &row.pids_limit else { continue };
+            if seen.insert(l.cgroup.as_str()) {
+                out.push(Reading {
+                    limit: Limit::Pids,
+                    resource: l.cgroup.clone(),
+                    workload: row.workload.clone(),
+                    pod: row.pod.clone(),
+                    current: l.current,
+                    max: l.max,
+                });
+            }
+        }
+        let n = self.node;
+        for (limit, max) in [
+            (Limit::PidMax, n.pid_max),
+            (Limit::ThreadsMax, n.threads_max),
+        ] {
+            out.push(Reading {
+                limit,
+                resource: "node".into(),
+                workload: "node".into(),
+                pod: None,
+                current: n.threads,
+                max,
+            });
+        }
+        for t in self.conntrack_tables().iter().filter(|t| t.max > 0) {
+            out.push(Reading {
+                limit: Limit::Conntrack,
+                resource: format!("netns:{}", t.netns),
+                workload: t.workload.clone(),
+                pod: None,
+                current: t.entries,
+                max: t.max,
+            });
+        }
+        out
+    }
+}

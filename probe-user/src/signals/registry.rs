@@ -1,0 +1,288 @@
+//! The signals a command runs, in one place: each attached as its descriptor says, each ring
+//! handed to its signal's decoder, each signal's part of a [`Refresh`]. The pipeline drives
+//! this without naming a signal; adding one means a folder, a [`Signal`] variant, an
+//! [`Event`] variant, and the arms the compiler asks for here.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use super::{
+    ConntrackRefresh, DnsRefresh, DnsTcp, Event, Refresh, Signal, TaskRefresh, Want,
+    clone::{self, Enricher, node::NodeTasks},
+    conntrack::{self, Classifier},
+    dns::{self, DnsTracker},
+    tasks::{self, HeadroomWatch, TaskModel},
+};
+use crate::{
+    attribution::cgroups::{CgroupFs, Hierarchy},
+    attribution::netns::NetnsDirectory,
+    attribution::pods::Attributor,
+    kernel::loader::{ClonePath, EventRing, KernelArgs, Probes, TASK_PROGRAMS},
+    kernel::rings::{Batch, Rings},
+};
+
+/// Where events go: the pipeline's sink.
+pub type Emit<'a> = dyn FnMut(Event) -> anyhow::Result<()> + 'a;
+
+/// The signals attached, with their userspace state.
+pub struct Signals {
+    clone: Option<Enricher>,
+    tasks: Option<TaskModel>,
+    dns: Option<DnsTracker>,
+    conntrack: Option<Classifier>,
+    headroom: Option<HeadroomWatch>,
+    idle_cgroups: bool,
+    /// Which signal each ring (by its index in [`Signals::attach`]'s list) belongs to.
+    rings: Vec<Signal>,
+}
+
+/// Near-misses are polled at most this often (each poll reads every namespace's counters).
+const CLASH_POLL_MIN: Duration = Duration::from_secs(1);
+
+impl Signals {
+    /// Attaches the signals `want` asks for. Each one's outcome is handed to `attached` (a
+    /// refused one with the kernel's reason), which decides whether the command can go on
+    /// without it. Returns the rings to read, DNS before conntrack: the reader empties them
+    /// in this order, so that a drop finds its query already delivered.
+    pub fn attach(
+        probes: &mut Probes,
+        kernel: &KernelArgs,
+        cgroups: &CgroupFs,
+        want: &Want,
+        attached: &mut dyn FnMut(Signal, anyhow::Result<()>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<(Signals, Vec<(&'static str, EventRing)>)> {
+        let mut signals = Signals {
+            clone: None,
+            tasks: None,
+            dns: None,
+            conntrack: None,
+            headroom: None,
+            idle_cgroups: want.idle_cgroups,
+            rings: Vec::new(),
+        };
+        let mut rings = Vec::new();
+        for signal in [Signal::Clone, Signal::Tasks, Signal::Dns, Signal::Conntrack] {
+            if !want.has(signal) {
+                continue;
+            }
+            let ring = match Self::attach_one(probes, kernel, cgroups, signal) {
+                Ok(ring) => {
+                    attached(signal, Ok(()))?;
+                    ring
+                }
+                Err(e) => {
+                    attached(signal, Err(e))?;
+                    continue;
+                }
+            };
+            if let Some(ring) = ring {
+                rings.push((signal.as_str(), ring));
+                signals.rings.push(signal);
+            }
+            match signal {
+                Signal::Clone => signals.clone = Some(Enricher::new()),
+                Signal::Tasks => {
+                    signals.tasks = Some(TaskModel::default());
+                    signals.headroom = want.headroom.map(HeadroomWatch::new);
+                }
+                Signal::Dns => {
+                    signals.dns = Some(DnsTracker::new(want.dns.timeout, want.dns.names));
+                }
+                Signal::Conntrack => {
+                    signals.conntrack = Some(Classifier::new(NetnsDirectory::new("/proc")));
+                }
+            }
+        }
+        // The reader empties the rings in this order.
+        let order = |s: &Signal| match s {
+            Signal::Dns => 0,
+            Signal::Clone => 1,
+            _ => 2,
+        };
+        let mut paired: Vec<_> = signals.rings.drain(..).zip(rings).collect();
+        paired.sort_by_key(|(s, _)| order(s));
+        let (order, rings): (Vec<_>, Vec<_>) = paired.into_iter().unzip();
+        signals.rings = order;
+        Ok((signals, rings))
+    }
+
+    /// Attaches one signal's programs; its ring, if it has one.
+    fn attach_one(
+        probes: &mut Probes,
+        kernel: &KernelArgs,
+        cgroups: &CgroupFs,
+        signal: Signal,
+    ) -> anyhow::Result<Option<EventRing>> {
+        match signal {
+            Signal::Clone => {
+                let path = probes.attach_clone(kernel.clone_hook)?;
+                if path == ClonePath::RawSysExit {
+                    tracing::info!("note: failed task creation is traced {}", path.describe());
+                }
+                probes.clone_events().map(Some)
+            }
+            Signal::Tasks => probes.attach(&TASK_PROGRAMS).map(|()| None),
+            Signal::Dns => probes.dns_events(cgroups).map(Some),
+            Signal::Conntrack => probes.conntrack_events().map(Some),
+        }
+    }
+
+    pub fn has(&self, signal: Signal) -> bool {
+        match signal {
+            Signal::Clone => self.clone.is_some(),
+            Signal::Tasks => self.tasks.is_some(),
+            Signal::Dns => self.dns.is_some(),
+            Signal::Conntrack => self.conntrack.is_some(),
+        }
+    }
+
+    /// Whether [`Signals::sweep`] has work: queries to time out.
+    pub fn sweeps(&self) -> bool {
+        self.dns.is_some()
+    }
+
+    /// One batch, to the signal its ring belongs to.
+    pub fn deliver(
+        &mut self,
+        batch: &Batch,
+        probes: &mut Probes,
+        attributor: &mut Attributor,
+        emit: &mut Emit<'_>,
+    ) -> anyhow::Result<()> {
+        match self.rings.get(batch.ring) {
+            Some(Signal::Clone) => match self.clone.as_mut() {
+                Some(enricher) => clone::deliver(batch, enricher, attributor, emit),
+                None => Ok(()),
+            },
+            Some(Signal::Dns) => match self.dns.as_mut() {
+                Some(tracker) => dns::deliver(batch, tracker, attributor, emit),
+                None => Ok(()),
+            },
+            Some(Signal::Conntrack) => {
+                // The queries waiting in the kernel first, so that a drop can name its query
+                // (an unanswered query has no event of its own yet).
+                self.sweep(probes, attributor, emit)?;
+                match self.conntrack.as_mut() {
+                    Some(classifier) => {
+                        conntrack::deliver(batch, classifier, attributor, self.dns.as_mut(), emit)
+                    }
+                    None => Ok(()),
+                }
+            }
+            Some(Signal::Tasks) | None => Ok(()),
+        }
+    }
+
+    /// The queries past their timeout, from the kernel's map (an answered query is no longer
+    /// in it, even while its answer waits in the queue).
+    pub fn sweep(
+        &mut self,
+        probes: &mut Probes,
+        attributor: &mut Attributor,
+        emit: &mut Emit<'_>,
+    ) -> anyhow::Result<()> {
+        match self.dns.as_mut() {
+            Some(tracker) => dns::sweep(probes, tracker, attributor, emit),
+            None => Ok(()),
+        }
+    }
+
+    /// Events of the tick (near-misses), then every signal's counters as one refresh, with
+    /// its estimates; then the headroom warnings they call for.
+    pub fn refresh(
+        &mut self,
+        every: Duration,
+        probes: &Probes,
+        rings: &Rings,
+        attributor: &mut Attributor,
+        emit: &mut Emit<'_>,
+    ) -> anyhow::Result<Refresh> {
+        if let Some(classifier) = self.conntrack.as_mut() {
+            for clashes in classifier.poll_clashes(every.max(CLASH_POLL_MIN), attributor) {
+                emit(Event::ClashesResolved(clashes))?;
+            }
+        }
+        let lost = |signal: Signal| {
+            let index = self.rings.iter().position(|s| *s == signal);
+            index.map_or(0, |i| rings.dropped(i))
+        };
+        let clone = match self.clone {
+            Some(_) => Some(probes.clone_stats()?.plus_lost(lost(Signal::Clone))),
+            None => None,
+        };
+        let dns = match self.dns.as_ref() {
+            Some(tracker) => Some(Self::dns_refresh(probes, tracker, lost(Signal::Dns), attributor)?),
+            None => None,
+        };
+        let conntrack = match self.conntrack.as_mut() {
+            Some(classifier) => Some(ConntrackRefresh {
+                stats: probes.conntrack_stats()?.plus_lost(lost(Signal::Conntrack)),
+                node: classifier.node_counters(),
+                tables: classifier.tables.clone(),
+            }),
+            None => None,
+        };
+        let tasks = match self.tasks.as_mut() {
+            Some(model) => {
+                model.update(Instant::now(), probes.task_counts()?);
+                if self.idle_cgroups
+                    && let Some(root) = attributor.cgroups.mount(Hierarchy::Unified)
+                {
+                    model.include_idle(tasks::occupied_cgroups(&root.path));
+                }
+                Some(TaskRefresh {
+                    rows: model.rows(attributor),
+                    tracked: model.len(),
+                    stats: probes.task_stats()?,
+                })
+            }
+            None => None,
+        };
+        Ok(Refresh {
+            node: NodeTasks::read().context("reading the node's task counts")?,
+            clone,
+            tasks,
+            dns,
+            conntrack,
+            cgroup_events_lost: attributor.cgroups.events_lost(),
+            estimates: Vec::new(),
+        })
+    }
+
+    /// Warnings for the pids limits about to refuse tasks (with `--headroom-warn`).
+    pub fn warn(&mut self, refresh: &Refresh, emit: &mut Emit<'_>) -> anyhow::Result<()> {
+        if let Some(watch) = self.headroom.as_mut() {
+            for warning in watch.check(refresh.rows(), &refresh.estimates) {
+                emit(Event::HeadroomWarning(warning))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn dns_refresh(
+        probes: &Probes,
+        tracker: &DnsTracker,
+        lost: u64,
+        attributor: &mut Attributor,
+    ) -> anyhow::Result<DnsRefresh> {
+        let mut stats = probes.dns_stats()?.plus_lost(lost);
+        stats.malformed += tracker.malformed;
+        let tcp = probes
+            .dns_tcp_counts()?
+            .into_iter()
+            .map(|(id, c)| {
+                let (cgroup, who) = attributor.attribute(id, None);
+                DnsTcp {
+                    cgroup_id: id,
+                    cgroup,
+                    workload: who.workload,
+                    pod: who.pod,
+                    to_server: c.to_server,
+                    from_server: c.from_server,
+                }
+            })
+            .collect();
+        Ok(DnsRefresh { stats, tcp })
+    }
+}
