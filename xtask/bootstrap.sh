@@ -12,3 +12,5 @@ toolchain=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
 if ! rustup toolchain list | grep -q "^$toolchain"; then
     rustup toolchain install "$toolchain" --profile minimal --component rustfmt,clippy
 fi
+# An existing toolchain may lack them (`cargo xtask test` lints first); a no-op when present.
+rustup component add --toolchain "$toolchain" rustfmt clippy

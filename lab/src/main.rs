@@ -174,8 +174,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             rlim_cur: n,
             rlim_max: n,
         };
-        // SAFETY: setrlimit with a valid struct.
         check(
+            // SAFETY: setrlimit with a valid struct.
             unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &lim) },
             "setrlimit(RLIMIT_NPROC)",
         )?;
@@ -183,6 +183,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(uid) = args.uid {
         // SAFETY: plain syscalls; gid first, while still privileged.
         check(unsafe { libc::setresgid(uid, uid, uid) }, "setresgid")?;
+        // SAFETY: as above, a plain syscall on integers.
         check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
     }
     if args.dead_pidns {
@@ -468,8 +469,8 @@ impl MemoryLimit {
         // join is charged to the limited cgroup, reclaimed under its pressure and faulted
         // back in a loop: with no OOM victim, a livelock (seen on 6.12: 138,000 failed
         // charges, 7,000 major faults, no report).
-        // SAFETY: mlockall takes flags only.
         check(
+            // SAFETY: mlockall takes flags only.
             unsafe { libc::mlockall(libc::MCL_CURRENT) },
             "mlockall (needs CAP_IPC_LOCK)",
         )?;
@@ -690,8 +691,8 @@ fn create(
                 Some(stack) => spawn_parked(stack, pipe[0]).map(|t| threads.push(t)),
                 None => break,
             },
-            // SAFETY: the child only calls async-signal-safe functions (see park_child).
             Mode::Forks | Mode::Vforks => {
+                // SAFETY: the child only calls async-signal-safe functions (see park_child).
                 fork_with(|| unsafe { libc::fork() }).map(|pid| children.push(pid))
             }
             Mode::SysForks => {
@@ -729,6 +730,7 @@ fn create(
             #[allow(deprecated)]
             let pid = unsafe { libc::vfork() };
             match pid {
+                // SAFETY: _exit is what a vfork child may call: it ends the child at once.
                 0 => unsafe { libc::_exit(0) },
                 -1 => {
                     report.failures += 1;
@@ -842,6 +844,7 @@ fn pass_reserved_pids() -> anyhow::Result<()> {
         // SAFETY: the child only calls _exit.
         match unsafe { libc::fork() } {
             -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+            // SAFETY: _exit is async-signal-safe and ends the child at once.
             0 => unsafe { libc::_exit(0) },
             child => {
                 wait_ok(child)?;
@@ -904,12 +907,13 @@ fn pid_max_leaving(ids: &[u32], free: u32) -> u32 {
 /// Moves our future children into a new pid namespace and forks its init: 0 in the child
 /// (pid 1 there), the child's pid in the parent.
 fn fork_into_new_pidns() -> anyhow::Result<libc::pid_t> {
-    // SAFETY: unshare of the pid namespace affects only our future children; the child of
-    // fork only runs the lab logic and leaves with _exit.
     check(
+        // SAFETY: unshare of the pid namespace affects only our future children.
         unsafe { libc::unshare(libc::CLONE_NEWPID) },
         "unshare(CLONE_NEWPID)",
     )?;
+    // SAFETY: no other thread exists yet (the callers fork before creating any), so the child
+    // may run the lab logic; it leaves with _exit.
     match unsafe { libc::fork() } {
         -1 => bail!(
             "fork into the new pid namespace: {}",
@@ -934,6 +938,7 @@ fn fork_and_reap() -> anyhow::Result<bool> {
     // SAFETY: the child only calls _exit.
     match unsafe { libc::fork() } {
         -1 => Ok(false),
+        // SAFETY: _exit is async-signal-safe and ends the child at once.
         0 => unsafe { libc::_exit(0) },
         child => wait_ok(child).map(|()| true),
     }

@@ -88,5 +88,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConntrackDropEvent {}
     // SAFETY: #[repr(C)] structs with explicit padding: every bit pattern valid.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: #[repr(C)] struct of two u64s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::FlowOwner {}
 }

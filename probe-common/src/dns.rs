@@ -126,7 +126,10 @@ pub const MAX_DNS_TCP_CGROUPS: u32 = 16384;
 mod pod {
     // SAFETY: #[repr(C)] plain data with explicit padding, valid for any bit pattern.
     unsafe impl aya::Pod for super::DnsQueryEvent {}
+    // SAFETY: #[repr(C)] DnsSend (no padding) and a byte array: every bit pattern valid.
     unsafe impl aya::Pod for super::DnsPending {}
+    // SAFETY: #[repr(C)] u64, u16 and explicit padding bytes: every bit pattern valid.
     unsafe impl aya::Pod for super::DnsKey {}
+    // SAFETY: #[repr(C)] struct of two u64s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::DnsTcpCounts {}
 }

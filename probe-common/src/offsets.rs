@@ -220,6 +220,8 @@ impl TracepointOffsets {
 mod pod {
     // SAFETY: #[repr(C)] structs of u32 only: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above, #[repr(C)] with one u32.
     unsafe impl aya::Pod for super::TracepointOffsets {}
+    // SAFETY: as above, #[repr(C)] struct of u32 only.
     unsafe impl aya::Pod for super::NetOffsets {}
 }

@@ -267,8 +267,11 @@ fn log_missing<C: EbpfContext>(ctx: &C, bits: u32) {
 #[inline(always)]
 fn fill(ev: &mut CloneFailureEvent, syscall: Syscall, errno: u32, flags: Option<u64>) {
     let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a helper without arguments; the task is only read through bpf_probe_read_kernel.
     let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: a helper without arguments or preconditions.
     ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a helper without arguments or preconditions.
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     ev.clone_flags = flags.unwrap_or(0);
     ev.pid = (pid_tgid >> 32) as u32;

@@ -109,7 +109,7 @@ fn count_tcp(ctx: &SkBuffContext, to_server: bool) {
 /// the addresses cannot be read.
 #[inline(always)]
 fn flow_key(
-    pkt: &Packet,
+    pkt: &Packet<'_>,
     family: u8,
     proto: u8,
     addr_off: usize,
@@ -273,7 +273,7 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
 /// answer or authority records, and a first label of at most 63 bytes (0: the root). Random
 /// bytes to port 53 pass this with a probability of about 2^-50.
 #[inline(always)]
-fn is_query(pkt: &Packet, payload: usize, msg_len: usize) -> bool {
+fn is_query(pkt: &Packet<'_>, payload: usize, msg_len: usize) -> bool {
     // Header, a one-byte name (the root), type and class.
     if msg_len < DNS_HEADER + 5 {
         return false;

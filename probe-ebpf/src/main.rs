@@ -11,7 +11,7 @@ mod tasks;
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     // The verifier proves no program reaches a panic; this only satisfies no_std.
     loop {}
 }

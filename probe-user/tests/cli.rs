@@ -1,5 +1,6 @@
 //! The command line's contract: usage errors exit 2, runtime errors exit 1 with one line,
 //! never a panic; `faultline check` runs and passes on a supported node.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Each cause of a failed task creation, produced for real on this kernel and checked in what
 //! `faultline trace` reports: cause, errno, syscall, task kind, comm, pid, evidence, and that
 //! nothing else is misreported. Root only.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! host-wide `nf_conntrack_max` (table full, restored on every path); a plain DROP rule; and
 //! the insert failure again over IPv6. Every namespace is removed and the sysctl restored on
 //! drop. Root only.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! `faultline run` as a DaemonSet runs it: scraped by a real Prometheus (Debian's package,
 //! on loopback), its exposition checked by promtool, stopped by SIGTERM in the middle of an
 //! event storm, and kept within its series cap by 500 pods' worth of cgroups. Root only.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

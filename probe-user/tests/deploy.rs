@@ -3,6 +3,7 @@
 //! rules, the DaemonSet's capabilities are exactly enough, and every dashboard query parses
 //! and returns data from a real Prometheus scraping faultline with induced failures.
 //! The tools come from `cargo xtask setup` (target/deploy-tools, Debian's prometheus).
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! the real time of that failure; after it, `explain` names the pod, the cause and what to
 //! change; a quiet node has no finding. (The DNS and conntrack findings are tested next to
 //! their labs, in dns.rs and conntrack.rs.) Root only.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! its processes as it likes and stall whatever reads faultline's output. Each test is an
 //! attack (bounded in count and time, on loopback only) and asserts that faultline stays up,
 //! keeps answering and says what it shed or refused. Root only.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! hostNetwork; pods are peers at addresses of the benchmarking range (198.18.0.0/15) put on
 //! `lo` for the test and removed after, the node is 127.0.0.1 and the machine's own address.
 //! Root only.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

@@ -26,6 +26,7 @@
 //! run's own directories and cgroup parent and is removed at the end, also when a check fails.
 //! Root only. Needs `podman` and `mmdebstrap` (`cargo xtask setup`), and deb.debian.org for
 //! the first (uncached) base.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 
@@ -393,8 +394,8 @@ fn base() -> (PathBuf, PathBuf) {
     let cached = dir.join("base");
     let recipe = base_recipe().join("\n");
     let lock = std::fs::File::create(dir.join("base.lock")).expect("lock file");
-    // SAFETY: a lock on a file we hold open; released when it closes.
     assert_eq!(
+        // SAFETY: a lock on a file we hold open; released when it closes.
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
         0
     );

@@ -3,6 +3,7 @@
 //! a ReplicaSet owned by a Deployment. faultline must name pods from the API (the kubelet log
 //! directory is empty here), report owner, IPs and only allow-listed labels; and with the API
 //! unreachable it must keep naming pods from the kubelet directories and say so once. Root only.
+#![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 

@@ -172,6 +172,7 @@ fn setup() -> anyhow::Result<()> {
         bail!("faultline builds and runs on Linux only");
     }
     apt_packages()?;
+    lint_components()?;
     ebpf_toolchain()?;
     bpf_linker()?;
     deploy_tools()?;
@@ -200,10 +201,30 @@ fn apt_packages() -> anyhow::Result<()> {
     .context("installing Debian packages (run as root on Debian 12)")
 }
 
+/// rustfmt and clippy for the userspace toolchain (rust-toolchain.toml), which `lint` runs:
+/// a toolchain installed before bootstrap.sh (or with another profile) may lack them.
+fn lint_components() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let has = |tool: &str| {
+        succeeds(
+            Command::new("cargo")
+                .current_dir(&root)
+                .args([tool, "--version"]),
+        )
+    };
+    if has("fmt") && has("clippy") {
+        return Ok(());
+    }
+    run(Command::new("rustup")
+        .current_dir(&root)
+        .args(["component", "add", "rustfmt", "clippy"]))
+}
+
 fn ebpf_toolchain() -> anyhow::Result<()> {
     let installed = stdout_of(Command::new("rustup").args(["toolchain", "list"]));
     let has_toolchain = installed.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN));
-    let has_src = has_toolchain
+    // rust-src for `-Z build-std=core`, clippy for `lint`.
+    let has_components = has_toolchain
         && stdout_of(Command::new("rustup").args([
             "component",
             "list",
@@ -212,8 +233,10 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
             EBPF_TOOLCHAIN,
         ]))
         .lines()
-        .any(|l| l.starts_with("rust-src"));
-    if !has_src {
+        .filter(|l| l.starts_with("rust-src") || l.starts_with("clippy"))
+        .count()
+            == 2;
+    if !has_components {
         run(Command::new("rustup").args([
             "toolchain",
             "install",
@@ -221,7 +244,7 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
             "--profile",
             "minimal",
             "--component",
-            "rust-src",
+            "rust-src,clippy",
         ]))?;
     }
     Ok(())
@@ -269,6 +292,7 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
         bail!("the test suite loads eBPF programs and creates cgroups: run it as root");
     }
     let root = workspace_root();
+    lint(&root)?;
     build_lab(&root, false)?;
     // The image test (probe-user/tests/image.rs) ships the release binary in the image.
     run(Command::new("cargo")
@@ -299,6 +323,61 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The style the build enforces, failing on any finding: rustfmt, then clippy with every
+/// warning an error (the lints are `[workspace.lints]` in Cargo.toml, clippy.toml allows
+/// unwrap in tests). `cargo clippy --workspace` cannot work: probe-ebpf only builds for the BPF
+/// target, so the userspace crates are named, and probe-ebpf is checked as probe-user/build.rs
+/// (aya-build) builds it: the pinned nightly, `-Z build-std=core`, the BPF target and cfg.
+fn lint(root: &Path) -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["fmt", "--all", "--check"]))
+    .context("formatting differs: run `cargo fmt --all`")?;
+    run(Command::new("cargo").current_dir(root).args([
+        "clippy",
+        "-p",
+        "probe-common",
+        "-p",
+        "probe-user",
+        "-p",
+        "faultline-lab",
+        "-p",
+        "xtask",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let endian = if cfg!(target_endian = "big") {
+        "bpfeb"
+    } else {
+        "bpfel"
+    };
+    run(Command::new("rustup")
+        .current_dir(root)
+        .args([
+            "run",
+            EBPF_TOOLCHAIN,
+            "cargo",
+            "clippy",
+            "--package",
+            "probe-ebpf",
+        ])
+        .args(["--bins", "--release", "-Z", "build-std=core", "--target"])
+        .arg(format!("{endian}-unknown-none"))
+        // Its own directory: another toolchain and target than the userspace build.
+        .arg("--target-dir")
+        .arg(root.join("target/bpf-clippy"))
+        .args(["--", "-D", "warnings"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        )
+        // As aya-build does: a RUSTC from the outer cargo would pick the userspace compiler.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER"))
 }
 
 /// faultline-lab and faultline-as-deployed (their own crate, `lab/`): the tests, the VM runs

@@ -668,8 +668,8 @@ fn pivot(root: &Path) -> Result<()> {
     let old = open(Path::new("/"))?;
     let new = open(root)?;
     use std::os::fd::AsRawFd as _;
-    // SAFETY: fchdir to an open directory.
     check(
+        // SAFETY: fchdir to an open directory.
         unsafe { libc::fchdir(new.as_raw_fd()) },
         "entering the new root",
     )?;
@@ -679,14 +679,14 @@ fn pivot(root: &Path) -> Result<()> {
         rc as libc::c_int,
         format!("pivot_root to {}", root.display()),
     )?;
-    // SAFETY: fchdir to an open directory (the old root, now stacked on /).
     check(
+        // SAFETY: fchdir to an open directory (the old root, now stacked on /).
         unsafe { libc::fchdir(old.as_raw_fd()) },
         "entering the old root",
     )?;
     mount(None, ".", None, libc::MS_SLAVE | libc::MS_REC, None)?;
-    // SAFETY: umount2 of a NUL-terminated path.
     check(
+        // SAFETY: umount2 of a NUL-terminated path.
         unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) },
         "detaching the old root",
     )?;

@@ -217,11 +217,11 @@ pub type KernelLogger = tokio::io::unix::AsyncFd<aya_log::EbpfLogger<LogBridge>>
 pub struct LogBridge;
 
 impl log::Log for LogBridge {
-    fn enabled(&self, _: &log::Metadata) -> bool {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
         true
     }
 
-    fn log(&self, record: &log::Record) {
+    fn log(&self, record: &log::Record<'_>) {
         tracing::info!(
             "kernel {}: {}",
             record.level().as_str().to_lowercase(),

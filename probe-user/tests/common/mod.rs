@@ -146,8 +146,8 @@ pub fn sh(cmd: &str) {
 }
 
 pub fn require_root() {
-    // SAFETY: geteuid cannot fail.
     assert_eq!(
+        // SAFETY: geteuid cannot fail.
         unsafe { libc::geteuid() },
         0,
         "the integration tests load eBPF programs: run them as root"

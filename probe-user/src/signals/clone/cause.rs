@@ -80,7 +80,7 @@ fn node_threads(ev: &CloneFailureEvent, node: &NodeTasks) -> u64 {
     }
 }
 
-pub fn classify(ev: &CloneFailureEvent, facts: &Facts) -> Verdict {
+pub fn classify(ev: &CloneFailureEvent, facts: &Facts<'_>) -> Verdict {
     let verdict = |cause, evidence| Verdict { cause, evidence };
     match ev.errno {
         ENOMEM => {
@@ -166,7 +166,7 @@ struct PidSpace {
 
 /// Every level of the new task's pid namespaces, innermost first (the order `alloc_pid()`
 /// allocates in), with its free pids.
-fn pid_spaces(ev: &CloneFailureEvent, facts: &Facts) -> Vec<PidSpace> {
+fn pid_spaces(ev: &CloneFailureEvent, facts: &Facts<'_>) -> Vec<PidSpace> {
     if ev.valid & valid::PIDNS == 0 {
         return Vec::new();
     }
@@ -212,7 +212,7 @@ fn pid_spaces(ev: &CloneFailureEvent, facts: &Facts) -> Vec<PidSpace> {
     spaces
 }
 
-fn pidns_full(ev: &CloneFailureEvent, facts: &Facts) -> Option<String> {
+fn pidns_full(ev: &CloneFailureEvent, facts: &Facts<'_>) -> Option<String> {
     let s = pid_spaces(ev, facts)
         .into_iter()
         .find(|s| s.free.is_some_and(|f| f <= 0))?;
@@ -228,7 +228,7 @@ fn pidns_full(ev: &CloneFailureEvent, facts: &Facts) -> Option<String> {
     ))
 }
 
-fn pids_at_limit(ev: &CloneFailureEvent, facts: &Facts) -> Option<String> {
+fn pids_at_limit(ev: &CloneFailureEvent, facts: &Facts<'_>) -> Option<String> {
     let p = &ev.pids;
     (ev.valid & valid::PIDS != 0 && p.limit != i64::MAX && p.current >= p.limit).then(|| {
         format!(
@@ -240,7 +240,7 @@ fn pids_at_limit(ev: &CloneFailureEvent, facts: &Facts) -> Option<String> {
     })
 }
 
-fn memory_evidence(ev: &CloneFailureEvent, facts: &Facts) -> String {
+fn memory_evidence(ev: &CloneFailureEvent, facts: &Facts<'_>) -> String {
     if ev.valid & valid::MEMORY == 0 {
         return "no memory cgroup snapshot; node memory or kernel allocation failure".to_owned();
     }
@@ -261,7 +261,7 @@ fn memory_evidence(ev: &CloneFailureEvent, facts: &Facts) -> String {
 }
 
 /// For an unexplained failure: the closest of each limit, so a person can judge.
-fn nearest_limits(ev: &CloneFailureEvent, facts: &Facts) -> String {
+fn nearest_limits(ev: &CloneFailureEvent, facts: &Facts<'_>) -> String {
     let mut parts = Vec::new();
     if ev.valid & valid::PIDS != 0 && ev.pids.limit != i64::MAX {
         parts.push(format!(
