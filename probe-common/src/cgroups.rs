@@ -62,6 +62,11 @@ pub enum CgroupStat {
 
 pub const CGROUP_STAT_COUNT: u32 = 1;
 
+/// The ring buffer of cgroup records (a `CgroupEventHeader` and the path).
+pub const EVENTS: &str = "CGROUP_EVENTS";
+/// The per-CPU array of `CgroupStat` counters.
+pub const STATS: &str = "CGROUP_STATS";
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)] plain data without padding (8 + 4 + 1 + 1 + 2 bytes), valid for any

@@ -165,19 +165,20 @@ impl CloneFailureEvent {
     }
 }
 
-/// Index of the counters kept per CPU in the `CLONE_STATS` array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug)]
-pub enum CloneStat {
-    /// Failures seen (before any userspace filter).
-    Failures = 0,
-    /// Failures whose event did not fit in the ring buffer: lost, and reported as such.
-    RingbufFull = 1,
-    /// Syscall exits without a matching entry (faultline attached mid-call): flags unknown.
-    MissingEntry = 2,
+crate::counters! {
+    /// Index of the counters kept per CPU in the `CLONE_STATS` array.
+    pub enum CloneStat, pub struct CloneStats, CLONE_STAT_COUNT, "CLONE_STATS" {
+        /// Failures seen (before any userspace filter).
+        Failures = 0 => failures,
+        /// Failures whose event did not fit in the ring buffer: lost, and reported as such.
+        RingbufFull = 1 => lost,
+        /// Syscall exits without a matching entry (faultline attached mid-call): flags unknown.
+        MissingEntry = 2 => missing_entry,
+    }
 }
 
-pub const CLONE_STAT_COUNT: u32 = 3;
+/// The ring buffer of `CloneFailureEvent`s.
+pub const EVENTS: &str = "CLONE_EVENTS";
 
 #[cfg(feature = "user")]
 mod pod {

@@ -66,21 +66,22 @@ pub struct ConntrackDropEvent {
     pub ifname: [u8; 16],
 }
 
-/// Index of the counters kept per CPU in `CT_STATS`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug)]
-pub enum ConntrackStat {
-    /// Every netfilter drop seen.
-    Drops = 0,
-    /// Drops whose event did not fit in the ring buffer.
-    RingbufFull = 1,
-    /// Drops by the state of the packet's conntrack entry.
-    NoEntry = 2,
-    Unconfirmed = 3,
-    Confirmed = 4,
+crate::counters! {
+    /// Index of the counters kept per CPU in `CT_STATS`.
+    pub enum ConntrackStat, pub struct ConntrackStats, CT_STAT_COUNT, "CT_STATS" {
+        /// Every netfilter drop seen.
+        Drops = 0 => drops,
+        /// Drops whose event did not fit in the ring buffer.
+        RingbufFull = 1 => lost,
+        /// Drops by the state of the packet's conntrack entry.
+        NoEntry = 2 => no_entry,
+        Unconfirmed = 3 => unconfirmed,
+        Confirmed = 4 => confirmed,
+    }
 }
 
-pub const CT_STAT_COUNT: u32 = 5;
+/// The ring buffer of `ConntrackDropEvent`s.
+pub const EVENTS: &str = "CT_EVENTS";
 
 #[cfg(feature = "user")]
 mod pod {

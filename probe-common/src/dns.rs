@@ -85,31 +85,29 @@ pub const MAX_DNS_PENDING_PER_CGROUP: u64 = 1024;
 /// are tracked without a quota: fail open, counted nowhere as lost).
 pub const MAX_DNS_QUOTA_CGROUPS: u32 = 4096;
 
-/// Index of the counters kept per CPU in `DNS_STATS`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug)]
-pub enum DnsStat {
-    /// Events that did not fit in the ring buffer.
-    RingbufFull = 0,
-    /// DNS over TCP port 53 segments in cgroups the full `DNS_TCP` map could not count.
-    TcpMapFull = 1,
-    /// Queries not tracked because `DNS_PENDING` was full.
-    PendingFull = 2,
-    /// UDP port 53 packets that are not DNS: too short for a header, the response bit wrong
-    /// for the direction, or a "query" that is not a standard query with exactly one question
-    /// (opcode 0, one question, no answer or authority records, a first label of at most 63
-    /// bytes). Never kept in `DNS_PENDING`.
-    Malformed = 3,
-    /// Responses that matched no waiting query (late, duplicate, spoofed or garbage).
-    Unmatched = 4,
-    /// Responses with the TC (truncated) bit: the resolver must retry over TCP.
-    Truncated = 5,
-    /// Queries not tracked because their cgroup already had `MAX_DNS_PENDING_PER_CGROUP`
-    /// waiting.
-    PendingQuota = 6,
+crate::counters! {
+    /// Index of the counters kept per CPU in `DNS_STATS`.
+    pub enum DnsStat, pub struct DnsStats, DNS_STAT_COUNT, "DNS_STATS" {
+        /// Events that did not fit in the ring buffer.
+        RingbufFull = 0 => lost,
+        /// DNS over TCP port 53 segments in cgroups the full `DNS_TCP` map could not count.
+        TcpMapFull = 1 => tcp_uncounted,
+        /// Queries not tracked because `DNS_PENDING` was full.
+        PendingFull = 2 => untracked,
+        /// UDP port 53 packets that are not DNS: too short for a header, the response bit wrong
+        /// for the direction, or a "query" that is not a standard query with exactly one question
+        /// (opcode 0, one question, no answer or authority records, a first label of at most 63
+        /// bytes). Never kept in `DNS_PENDING`.
+        Malformed = 3 => malformed,
+        /// Responses that matched no waiting query (late, duplicate, spoofed or garbage).
+        Unmatched = 4 => unmatched,
+        /// Responses with the TC (truncated) bit: the resolver must retry over TCP.
+        Truncated = 5 => truncated,
+        /// Queries not tracked because their cgroup already had `MAX_DNS_PENDING_PER_CGROUP`
+        /// waiting.
+        PendingQuota = 6 => over_quota,
+    }
 }
-
-pub const DNS_STAT_COUNT: u32 = 7;
 
 /// DNS over TCP port 53, per cgroup: segments to and from servers (counted, not parsed).
 #[repr(C)]
@@ -121,6 +119,15 @@ pub struct DnsTcpCounts {
 
 /// Most cgroups counted in `DNS_TCP`.
 pub const MAX_DNS_TCP_CGROUPS: u32 = 16384;
+
+/// The ring buffer of `DnsQueryEvent`s.
+pub const EVENTS: &str = "DNS_EVENTS";
+/// The hash of queries waiting for their answer (`DnsKey` -> `DnsPending`).
+pub const PENDING: &str = "DNS_PENDING";
+/// The hash of each cgroup's count of waiting queries (the quota's).
+pub const PENDING_BY_CGROUP: &str = "DNS_PENDING_BY_CGROUP";
+/// The per-CPU hash of `DnsTcpCounts` by cgroup v2 id.
+pub const TCP: &str = "DNS_TCP";
 
 #[cfg(feature = "user")]
 mod pod {

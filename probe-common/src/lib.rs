@@ -6,6 +6,58 @@
 //! `cgroups` names the cgroup v2 directories the kernel makes, for attribution by id.
 #![no_std]
 
+/// A program's counters, summed over CPUs, as userspace reads them: one named field per slot
+/// of the per-CPU array `MAP`.
+#[cfg(feature = "user")]
+pub trait Counters: Sized + Default {
+    /// The per-CPU array's name in the eBPF object.
+    const MAP: &'static str;
+    /// Slots in the array.
+    const COUNT: u32;
+    /// From each slot's sum over CPUs, in slot order (a missing slot reads as 0).
+    fn from_sums(sums: &[u64]) -> Self;
+}
+
+/// Declares a program's per-CPU counter array once, for both sides: the slot enum the kernel
+/// side counts by, the number of slots, and (userspace) the struct of named sums decoded from
+/// it, with the array's name.
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub enum $slot:ident, pub struct $sums:ident, $count:ident, $map:literal {
+            $( $(#[$doc:meta])* $variant:ident = $index:literal => $field:ident, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug)]
+        pub enum $slot {
+            $( $(#[$doc])* $variant = $index, )*
+        }
+
+        /// Slots in the array.
+        pub const $count: u32 = [$($index),*].len() as u32;
+
+        #[doc = concat!("The sums of `", $map, "` over CPUs, by slot.")]
+        #[cfg(feature = "user")]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+        pub struct $sums {
+            $( $(#[$doc])* pub $field: u64, )*
+        }
+
+        #[cfg(feature = "user")]
+        impl $crate::Counters for $sums {
+            const MAP: &'static str = $map;
+            const COUNT: u32 = $count;
+            fn from_sums(sums: &[u64]) -> Self {
+                let at = |i: usize| sums.get(i).copied().unwrap_or(0);
+                $sums { $( $field: at($index), )* }
+            }
+        }
+    };
+}
+pub(crate) use counters;
+
 pub mod caps;
 pub mod cgroups;
 pub mod clone;

@@ -17,20 +17,21 @@ pub struct TaskCounts {
 /// cgroups are counted in [`TaskStat::MapFull`] instead.
 pub const MAX_TASK_CGROUPS: u32 = 16384;
 
-/// Index of the counters kept per CPU in the `TASK_STATS` array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug)]
-pub enum TaskStat {
-    /// A task was created or exited in a cgroup the full map had no room for.
-    MapFull = 0,
-    /// cgroup v2 directories removed (their counters are dropped with them).
-    CgroupsRemoved = 1,
+crate::counters! {
+    /// Index of the counters kept per CPU in the `TASK_STATS` array.
+    pub enum TaskStat, pub struct TaskStats, TASK_STAT_COUNT, "TASK_STATS" {
+        /// A task was created or exited in a cgroup the full map had no room for.
+        MapFull = 0 => map_full,
+        /// cgroup v2 directories removed (their counters are dropped with them).
+        CgroupsRemoved = 1 => cgroups_removed,
+    }
 }
-
-pub const TASK_STAT_COUNT: u32 = 2;
 
 /// `root` of the `cgroup:*` tracepoints for the cgroup v2 hierarchy.
 pub const CGROUP_V2_ROOT: i32 = 0;
+
+/// The per-CPU hash of `TaskCounts` by cgroup v2 id.
+pub const COUNTS: &str = "TASK_COUNTS";
 
 #[cfg(feature = "user")]
 mod pod {

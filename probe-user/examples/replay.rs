@@ -21,6 +21,7 @@ use probe_user::{
     diagnosis::Recorder,
     export::metrics::Metrics,
     signals::{
+        Event,
         clone::Enricher,
         dns::{DnsTracker, Names},
     },
@@ -129,7 +130,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let mut attributor = rt.block_on(Attributor::new(CgroupFs::discover()?, &args.pods));
     let metrics = Metrics::new(2000)?;
-    let mut recorder = Recorder::new("replay", Duration::from_secs(300));
+    let mut recorder = Recorder::new("replay");
     let cgroup_id = own_cgroup_id();
     let mut sink = Vec::with_capacity(1 << 20);
 
@@ -139,10 +140,10 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let start = Instant::now();
     for ev in &clones {
-        let f = enricher.enrich(ev, &mut attributor);
-        metrics.clone_failure(&f);
-        recorder.clone_failure(&f);
-        sink.extend_from_slice(&probe_user::text::json_line(&f)?);
+        let event = Event::CloneFailure(enricher.enrich(ev, &mut attributor));
+        metrics.event(&event);
+        recorder.event(&event);
+        sink.extend_from_slice(&probe_user::text::json_line(&event)?);
         if sink.len() > 1 << 20 {
             sink.clear();
         }
@@ -155,8 +156,9 @@ fn main() -> anyhow::Result<()> {
     let mut queries = 0u32;
     for ev in &answers {
         if let Some(q) = tracker.on_event(ev, &mut attributor) {
-            metrics.dns_query(&q);
-            recorder.dns_query(&q);
+            let event = Event::DnsQuery(q);
+            metrics.event(&event);
+            recorder.event(&event);
             queries += 1;
         }
     }

@@ -7,9 +7,12 @@ use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
     attribution::netns::NetnsDirectory,
     kernel::btf::Btf,
-    kernel::loader::{self, CGROUP_PROGRAMS, CLONE_PROGRAMS, Hook, Memlock, Probes, TASK_PROGRAMS},
+    kernel::inventory::{self, Memlock},
+    kernel::loader::{Hook, Probes},
     kernel::offsets,
+    kernel::privileges,
     kernel::tracefs::Tracefs,
+    signals::{clone, conntrack, dns, tasks},
 };
 
 #[derive(clap::Args, Debug, Default)]
@@ -97,7 +100,7 @@ pub fn run(args: &CheckArgs) -> bool {
 
 /// Privileges and lockdown; `Ok` when programs may be loaded.
 fn access(r: &mut Report) -> anyhow::Result<()> {
-    let privileged = loader::require_privileges();
+    let privileged = privileges::require_privileges();
     match &privileged {
         Ok(()) => r.line(Status::Ok, "privileges", "can load eBPF programs"),
         Err(e) => r.line(Status::Fail, "privileges", format!("{e:#}")),
@@ -169,7 +172,7 @@ fn btf(r: &mut Report, args: &CheckArgs) -> Option<Btf> {
 /// The perf tracepoints the clone programs prefer (the other programs attach to raw
 /// tracepoints, which need no tracefs).
 fn tracepoints(r: &mut Report, t: &Tracefs) {
-    for a in CLONE_PROGRAMS {
+    for a in clone::PROGRAMS {
         let Hook::Tracepoint(category, name) = a.hook else {
             continue;
         };
@@ -226,7 +229,27 @@ fn cgroups(r: &mut Report) {
 /// Verifying and attaching for real: the only honest test of the program types and of the
 /// privileges this process has.
 fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: Option<&Tracefs>) {
+    let Some(mut probes) = load_probes(r, btf, tracefs) else {
+        return;
+    };
     let refused = |e: &anyhow::Error| verifier_error(e, kernel, args.verbose);
+    tracepoint_programs(r, &mut probes, args, &refused);
+    for d in &probes.degraded {
+        r.line(
+            Status::Warn,
+            "degraded",
+            format!("{} probe: {}", d.probe(), d.describe()),
+        );
+    }
+    if args.verbose {
+        object_inventory(&probes);
+    }
+    dns_programs(r, &mut probes, &refused);
+}
+
+/// Raises RLIMIT_MEMLOCK and loads the eBPF object (every program verified at attach), with a
+/// line for each; `None` when it could not be loaded.
+fn load_probes(r: &mut Report, btf: &Btf, tracefs: Option<&Tracefs>) -> Option<Probes> {
     let cpus = aya::util::nr_cpus().map_or(1, |n| u64::from(n.get()));
     let memlock = Memlock::raise(cpus);
     let short = memlock.shortfall().is_some();
@@ -235,16 +258,33 @@ fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: 
         "memlock",
         memlock.describe(),
     );
-    let mut probes = match Probes::load(btf, tracefs, crate::kernel::loader::KernelLog::Off) {
-        Ok(probes) => probes,
+    match Probes::load(btf, tracefs, crate::kernel::loader::KernelLog::Off) {
+        Ok(probes) => Some(probes),
         Err(_) if short => {
-            return r.line(Status::Fail, "eBPF object", "not loaded (memlock above)");
+            r.line(Status::Fail, "eBPF object", "not loaded (memlock above)");
+            None
         }
-        Err(e) => return r.line(Status::Fail, "eBPF object", format!("{e:#}")),
-    };
-    let attached =
-        |what: &str, how: &str| format!("{what} verified and attached {how} (then detached)");
-    match probes.attach_clone(args.kernel.clone_hook) {
+        Err(e) => {
+            r.line(Status::Fail, "eBPF object", format!("{e:#}"));
+            None
+        }
+    }
+}
+
+/// "verified and attached" lines: what, and to which hooks.
+fn attached(what: &str, how: &str) -> String {
+    format!("{what} verified and attached {how} (then detached)")
+}
+
+/// The programs on tracepoints: failed task creation (the core), task counts, cgroup naming,
+/// conntrack drops; `refused` says why the kernel refused one.
+fn tracepoint_programs(
+    r: &mut Report,
+    probes: &mut Probes,
+    args: &CheckArgs,
+    refused: &dyn Fn(&anyhow::Error) -> String,
+) {
+    match clone::attach(probes, args.kernel.clone_hook) {
         Ok(path) => r.line(
             Status::Ok,
             "tracepoint programs",
@@ -259,7 +299,7 @@ fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: 
             ),
         ),
     }
-    match probes.attach(&TASK_PROGRAMS) {
+    match probes.attach(&tasks::PROGRAMS) {
         Ok(()) => r.line(
             Status::Ok,
             "tracepoint programs",
@@ -276,7 +316,7 @@ fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: 
     }
     match CgroupFs::discover()
         .and_then(|fs| fs.followable())
-        .and_then(|()| probes.attach(&CGROUP_PROGRAMS))
+        .and_then(|()| probes.attach(&crate::attribution::cgroups::PROGRAMS))
     {
         Ok(()) => r.line(
             Status::Ok,
@@ -295,7 +335,7 @@ fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: 
             ),
         ),
     }
-    match probes.attach_conntrack() {
+    match conntrack::attach(probes) {
         Ok(_) => r.line(
             Status::Ok,
             "tracepoint programs",
@@ -307,17 +347,11 @@ fn programs(r: &mut Report, args: &CheckArgs, kernel: &str, btf: &Btf, tracefs: 
             format!("conntrack drop program: {}", refused(&e)),
         ),
     }
-    for d in &probes.degraded {
-        r.line(
-            Status::Warn,
-            "degraded",
-            format!("{} probe: {}", d.probe(), d.describe()),
-        );
-    }
-    if args.verbose {
-        object_inventory(&probes);
-    }
-    match CgroupFs::discover().and_then(|fs| probes.attach_dns(&fs)) {
+}
+
+/// The cgroup_skb programs of the DNS probe, on the cgroup v2 root.
+fn dns_programs(r: &mut Report, probes: &mut Probes, refused: &dyn Fn(&anyhow::Error) -> String) {
+    match CgroupFs::discover().and_then(|fs| dns::attach(probes, &fs)) {
         Ok(_) => r.line(
             Status::Ok,
             "cgroup_skb programs",
@@ -358,7 +392,7 @@ fn conntrack_counters(r: &mut Report) {
 /// `--verbose`: the embedded object's programs (from its ELF) and maps (as the kernel created
 /// them), with the memory the maps take on this node: what a DaemonSet's memory limit must hold.
 fn object_inventory(probes: &Probes) {
-    match loader::object_programs() {
+    match inventory::object_programs() {
         Ok(programs) => {
             for p in programs {
                 println!(
@@ -384,7 +418,7 @@ fn object_inventory(probes: &Probes) {
     }
     println!(
         "      maps take about {} MiB of kernel memory with {cpus} CPUs",
-        loader::maps_memory(&maps, cpus).div_ceil(1024 * 1024)
+        inventory::maps_memory(&maps, cpus).div_ceil(1024 * 1024)
     );
 }
 

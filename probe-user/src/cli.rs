@@ -25,7 +25,6 @@ pub enum EventKind {
     Conntrack,
 }
 
-
 /// `10%` or `10` -> 10.0, within 0..=100.
 pub fn parse_percent(s: &str) -> anyhow::Result<f64> {
     let v: f64 = s

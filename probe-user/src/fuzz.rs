@@ -228,8 +228,12 @@ fn the_seeds_parse_as_they_should() {
     assert_eq!(m.qname, "web.shop.svc.cluster.local");
     let mut out = Vec::new();
     let dump = std::fs::read(corpus("netlink/stats-cpu-dump.bin")).expect("seed");
-    assert!(crate::signals::conntrack::ctstats::parse_answers(&dump, true, &mut out).expect("parses"));
+    assert!(
+        crate::signals::conntrack::ctstats::parse_answers(&dump, true, &mut out).expect("parses")
+    );
     assert_eq!(out.len(), 32, "16 attributes for each of 2 CPUs");
     let error = std::fs::read(corpus("netlink/error-eperm.bin")).expect("seed");
-    assert!(crate::signals::conntrack::ctstats::parse_answers(&error, true, &mut Vec::new()).is_err());
+    assert!(
+        crate::signals::conntrack::ctstats::parse_answers(&error, true, &mut Vec::new()).is_err()
+    );
 }

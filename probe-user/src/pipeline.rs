@@ -47,7 +47,6 @@ pub struct Pipeline {
 /// How long a stop spends delivering the events already read.
 const FINAL_DELIVERY: Duration = Duration::from_secs(2);
 
-
 impl Pipeline {
     /// Loads the programs and attaches the signals asked for. Each signal's outcome is handed
     /// to `attached` (a refused one with the kernel's reason), which decides whether the
@@ -153,17 +152,17 @@ impl Pipeline {
     fn deliver(&mut self, batch: &Batch, sink: &mut impl Sink) -> anyhow::Result<()> {
         // New cgroups first: an event from one made a moment ago finds its name.
         self.attributor.cgroups.catch_up();
-        self.signals.deliver(
-            batch,
-            &mut self.probes,
-            &mut self.attributor,
-            &mut |e| sink.event(&e),
-        )
+        self.signals
+            .deliver(batch, &mut self.probes, &mut self.attributor, &mut |e| {
+                sink.event(&e)
+            })
     }
 
     fn sweep(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
         self.signals
-            .sweep(&mut self.probes, &mut self.attributor, &mut |e| sink.event(&e))?;
+            .sweep(&mut self.probes, &mut self.attributor, &mut |e| {
+                sink.event(&e)
+            })?;
         sink.flush()
     }
 

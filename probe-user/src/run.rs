@@ -25,6 +25,8 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use probe_common::clone::CloneStats;
+
 use crate::{
     attribution::pods::PodArgs,
     cli::EventKind,
@@ -33,7 +35,7 @@ use crate::{
     export::metrics::Metrics,
     export::otlp::{OtlpConfig, OtlpExporter},
     export::serve::{Served, serve},
-    kernel::loader::{CloneStats, KernelArgs, KernelLog},
+    kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
     signals::{DnsOptions, Event, Refresh, Signal, Want, dns::Names},
 };

@@ -77,11 +77,14 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         idle_cgroups: true,
         drop_privileges: false,
     };
-    let mut pipeline =
-        Pipeline::open(&args.kernel, KernelLog::Off, &args.pods, &want, |_, attached| {
-            attached
-        })
-        .await?;
+    let mut pipeline = Pipeline::open(
+        &args.kernel,
+        KernelLog::Off,
+        &args.pods,
+        &want,
+        |_, attached| attached,
+    )
+    .await?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let (done, printed) = tokio::sync::oneshot::channel();
@@ -148,7 +151,10 @@ impl Sink for Viewer<'_> {
 fn with_etas(s: &mut Snapshot, refresh: &Refresh) {
     let eta = |limit, resource: &str| refresh.estimate(limit, resource).and_then(|e| e.eta_s);
     for r in &mut s.cgroups {
-        r.pids_eta_s = r.pids_limit.as_ref().and_then(|l| eta(Limit::Pids, &l.cgroup));
+        r.pids_eta_s = r
+            .pids_limit
+            .as_ref()
+            .and_then(|l| eta(Limit::Pids, &l.cgroup));
     }
     s.node.threads_max_eta_s = eta(Limit::ThreadsMax, "node");
     s.node.pid_max_eta_s = eta(Limit::PidMax, "node");

@@ -18,10 +18,12 @@ use tokio::{
     time::Instant,
 };
 
+use probe_common::{clone::CloneStats, conntrack::ConntrackStats};
+
 use crate::{
     attribution::pods::PodArgs,
     cli::{EventKind, Output},
-    kernel::loader::{self, CloneStats, ConntrackStats},
+    kernel::loader,
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
     signals::{

@@ -159,12 +159,12 @@ fn the_memory_limit_holds_a_192_cpu_node() {
         .expect("loading the programs");
     let maps = probes.loaded_maps();
     let cpus = BIG_NODE_CPUS;
-    let kernel = probe_user::kernel::loader::maps_memory(&maps, cpus);
+    let kernel = probe_user::kernel::inventory::maps_memory(&maps, cpus);
     // Every per-CPU hash stays within its budget on the big node (the loader sizes it).
     for m in maps.iter().filter(|m| m.per_cpu && m.hash) {
         let bytes = m.bytes(cpus);
         assert!(
-            bytes <= probe_user::kernel::loader::PER_CPU_HASH_BUDGET,
+            bytes <= probe_user::kernel::inventory::PER_CPU_HASH_BUDGET,
             "{} takes {} MiB on {cpus} CPUs",
             m.name,
             bytes >> 20

@@ -24,13 +24,19 @@ use anyhow::{Context as _, bail};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use probe_common::{
     cgroups::{
-        CGROUP_HEADER_BYTES, CGROUP_MADE, CGROUP_REMOVED, CgroupEventHeader, CgroupStat,
-        PATH_INCOMPLETE,
+        self as common, CGROUP_HEADER_BYTES, CGROUP_MADE, CGROUP_REMOVED, CgroupEventHeader,
+        CgroupStat, PATH_INCOMPLETE,
     },
     tasks::CGROUP_V2_ROOT,
 };
 
-use crate::kernel::loader::{Degraded, Probes, brief, decode};
+use crate::kernel::loader::{Attachment, Degraded, Probes, brief, decode, raw};
+
+/// cgroup v2 directories made and removed, for naming cgroups by id.
+pub const PROGRAMS: [Attachment; 2] = [
+    raw("cgroup_mkdir", "cgroup_mkdir"),
+    raw("cgroup_rmdir", "cgroup_rmdir"),
+];
 
 /// A cgroup hierarchy the kernel ids can refer to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -261,7 +267,11 @@ impl CgroupFs {
     /// once.
     fn follow(&mut self, probes: &mut Probes) -> anyhow::Result<()> {
         self.followable()?;
-        let events = probes.cgroup_events()?;
+        probes.attach(&PROGRAMS)?;
+        let ring = probes.take_ring(common::EVENTS)?;
+        let stats = PerCpuArray::try_from(probes.take_map(common::STATS)?)
+            .with_context(|| format!("{} is not a per-CPU array", common::STATS))?;
+        let events = CgroupEvents::new(ring, stats);
         let now = Instant::now();
         self.followed = Some(Followed {
             events,

@@ -1,7 +1,8 @@
-//! Prometheus metrics of `faultline run`: the families, who updates them, and the cap on
-//! series per metric. Past the cap, new pods are counted in one overflow series (their
-//! `namespace`, `pod`, `container` and `workload` labels set to `_overflow`), so one noisy node
-//! cannot blow up Prometheus. Labels never carry a pid, a command or a query name.
+//! Prometheus metrics of `faultline run`: the registry of the families `families` declares,
+//! which event or refresh updates each, and the cap on series per metric. Past the cap, new
+//! pods are counted in one overflow series (their `namespace`, `pod`, `container` and
+//! `workload` labels set to `_overflow`), so one noisy node cannot blow up Prometheus. Labels
+//! never carry a pid, a command or a query name.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,27 +13,29 @@ use std::{
 use anyhow::Context as _;
 use probe_common::{dns::DnsTcpCounts, tasks::TaskCounts};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
+
+use probe_common::{clone::CloneStats, dns::DnsStats, tasks::TaskStats};
 
 use crate::{
     attribution::pods::PodRef,
-    export::totals::{KernelTotals, Total},
-    kernel::loader::{CloneStats, TaskStats},
+    export::{
+        families::{self, Registered, WHO},
+        otlp::OtlpCounters,
+        server_counters::ServerCounters,
+        totals::{KernelTotals, Total},
+    },
     signals::Event,
     signals::clone::CloneFailure,
-    signals::conntrack::{ClashesResolved, ConntrackDrop},
-    signals::conntrack::ctstats::CtCounters,
-    signals::dns::DnsQuery,
     signals::clone::node::NodeTasks,
+    signals::conntrack::ctstats::CtCounters,
+    signals::conntrack::{ClashesResolved, ConntrackDrop},
+    signals::dns::DnsQuery,
     signals::tasks::CgroupRow,
 };
 
 pub const OVERFLOW: &str = "_overflow";
-
-/// The labels that say whose a series is.
-const WHO: [&str; 4] = ["namespace", "pod", "container", "workload"];
 
 /// Whose a series is: `namespace`, `pod`, `container`, `workload`.
 #[derive(Clone, Debug, Eq)]
@@ -272,7 +275,7 @@ pub struct Metrics {
     conntrack_clashes: IntCounterVec,
     conntrack_entries: IntGauge,
     conntrack_max: IntGauge,
-    limit_exhaustion: prometheus::GaugeVec,
+    limit_exhaustion: GaugeVec,
     refresh_errors: IntCounter,
     series_overflow: IntCounterVec,
     last_tcp: Mutex<HashMap<u64, DnsTcpCounts>>,
@@ -280,235 +283,89 @@ pub struct Metrics {
     last_counts: Mutex<HashMap<u64, TaskCounts>>,
 }
 
-fn labels<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    WHO.iter().copied().chain(extra.iter().copied()).collect()
-}
-
 impl Metrics {
     pub fn new(max_series: usize) -> anyhow::Result<Self> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, l: &[&str]| -> anyhow::Result<IntCounterVec> {
-            let c = IntCounterVec::new(Opts::new(name, help), l)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge_vec = |name: &str, help: &str, l: &[&str]| -> anyhow::Result<IntGaugeVec> {
-            let g = IntGaugeVec::new(Opts::new(name, help), l)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let gauge = |name: &str, help: &str| -> anyhow::Result<IntGauge> {
-            let g = IntGauge::new(name, help)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
+        let mut f = Registered::new(&registry, families::RUN)?;
+        let totals = KernelTotals::new().context("the kernel totals")?;
+        registry
+            .register(Box::new(totals.clone()))
+            .context("registering the kernel totals")?;
+        // The agent's own CPU, memory and file descriptors (process_*), for its SLO and sizing.
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .context("registering the process metrics")?;
+        let info: IntGaugeVec = f.take("faultline_build_info")?;
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), kernel.trim()])
+            .set(1);
         let m = Metrics {
             cap: SeriesCap {
                 cap: max_series.max(1),
                 seen: Mutex::new(HashMap::new()),
             },
-            clone_failures: counter(
-                "faultline_clone_failures_total",
-                "Failed task creations (clone, clone3, fork, vfork) by cause.",
-                &labels(&["cause", "errno", "task"]),
-            )?,
-            tasks_created: counter(
-                "faultline_tasks_created_total",
-                "Tasks created, by kind (thread or process).",
-                &labels(&["kind"]),
-            )?,
-            tasks_exited: counter(
-                "faultline_tasks_exited_total",
-                "Tasks that exited.",
-                &labels(&[]),
-            )?,
-            tasks_live: gauge_vec(
-                "faultline_tasks_live",
-                "Tasks alive in the workload's cgroups.",
-                &labels(&[]),
-            )?,
-            pids_limit: gauge_vec(
-                "faultline_pids_limit",
-                "The tightest pids limit over the workload's cgroups and their ancestors.",
-                &labels(&[]),
-            )?,
-            pids_headroom: gauge_vec(
-                "faultline_pids_headroom",
-                "Tasks that can still be created before that pids limit refuses one.",
-                &labels(&[]),
-            )?,
-            node_threads: gauge("faultline_node_threads", "Threads alive on the node.")?,
-            node_threads_max: gauge(
-                "faultline_node_threads_max",
-                "The node's kernel.threads-max.",
-            )?,
-            node_pid_max: gauge(
-                "faultline_node_pid_max",
-                "The node's kernel.pid_max (initial pid namespace).",
-            )?,
-            totals: {
-                let t = KernelTotals::new()?;
-                registry.register(Box::new(t.clone()))?;
-                t
-            },
-            probe_attached: gauge_vec(
-                "faultline_probe_attached",
-                "1 when a probe's programs are attached, 0 when the kernel refused them.",
-                &["probe"],
-            )?,
-            probe_degraded: gauge_vec(
-                "faultline_probe_degraded",
-                "1 when an attached probe lacks evidence for want of a privilege (the reason: e.g. kernel_addresses_hidden, no CAP_SYSLOG); see `faultline check`.",
-                &["probe", "reason"],
-            )?,
-            dns_queries: counter(
-                "faultline_dns_queries_total",
-                "DNS queries over UDP, by question type, response code (none for a timeout) and outcome.",
-                &labels(&["qtype", "rcode", "outcome"]),
-            )?,
-            dns_duration: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "faultline_dns_query_duration_seconds",
-                        "Time from a DNS query to its answer.",
-                    )
-                    .buckets(vec![
-                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    ]),
-                    &WHO,
-                )?;
-                registry.register(Box::new(h.clone()))?;
-                h
-            },
-            dns_retransmits: counter(
-                "faultline_dns_retransmits_total",
-                "DNS queries re-sent before an answer (5 s apart: the classic resolver timeout).",
-                &labels(&[]),
-            )?,
-            dns_tcp: counter(
-                "faultline_dns_tcp_segments_total",
-                "DNS over TCP port 53 segments (counted, not parsed), by direction.",
-                &labels(&["direction"]),
-            )?,
-            dns_truncated: counter(
-                "faultline_dns_truncated_total",
-                "DNS answers with the TC bit: the resolver must retry over TCP.",
-                &labels(&[]),
-            )?,
-            conntrack_drops: counter(
-                "faultline_conntrack_drops_total",
-                "Packets dropped by netfilter, by cause (insert_failed, table_full, rule, other) and protocol, attributed to the sending pod.",
-                &labels(&["cause", "proto"]),
-            )?,
-            conntrack_clashes: counter(
-                "faultline_conntrack_clashes_resolved_total",
-                "Conntrack insert clashes the kernel resolved (near-misses of a drop), per network namespace (node, a pod, or netns:<name>).",
-                &["netns"],
-            )?,
-            conntrack_entries: gauge(
-                "faultline_conntrack_entries",
-                "Entries in the node's conntrack table.",
-            )?,
-            conntrack_max: gauge(
-                "faultline_conntrack_max",
-                "nf_conntrack_max: the most entries one network namespace's table may hold.",
-            )?,
-            limit_exhaustion: {
-                let g = prometheus::GaugeVec::new(
-                    Opts::new(
-                        "faultline_limit_exhaustion_seconds",
-                        "Seconds until a limit is reached at its current growth (Theil-Sen slope over --trend-window): limit=pids (the workload's pids limit), pid_max and threads_max (workload=node), conntrack (the workload's network namespace's table against nf_conntrack_max). Only while growing, and within a week; 0 when reached while growing.",
-                    ),
-                    &labels(&["limit"]),
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
-            series_overflow: counter(
-                "faultline_series_overflow_total",
-                "Updates that went to a metric's _overflow series because it already had --max-series series.",
-                &["metric"],
-            )?,
-            refresh_errors: {
-                let c = IntCounter::new(
-                    "faultline_refresh_errors_total",
-                    "Refreshes of the task and conntrack metrics that failed (the daemon goes on; its stderr says why).",
-                )?;
-                registry.register(Box::new(c.clone()))?;
-                c
-            },
+            clone_failures: f.take("faultline_clone_failures_total")?,
+            tasks_created: f.take("faultline_tasks_created_total")?,
+            tasks_exited: f.take("faultline_tasks_exited_total")?,
+            tasks_live: f.take("faultline_tasks_live")?,
+            pids_limit: f.take("faultline_pids_limit")?,
+            pids_headroom: f.take("faultline_pids_headroom")?,
+            node_threads: f.take("faultline_node_threads")?,
+            node_threads_max: f.take("faultline_node_threads_max")?,
+            node_pid_max: f.take("faultline_node_pid_max")?,
+            totals,
+            probe_attached: f.take("faultline_probe_attached")?,
+            probe_degraded: f.take("faultline_probe_degraded")?,
+            dns_queries: f.take("faultline_dns_queries_total")?,
+            dns_duration: f.take("faultline_dns_query_duration_seconds")?,
+            dns_retransmits: f.take("faultline_dns_retransmits_total")?,
+            dns_tcp: f.take("faultline_dns_tcp_segments_total")?,
+            dns_truncated: f.take("faultline_dns_truncated_total")?,
+            conntrack_drops: f.take("faultline_conntrack_drops_total")?,
+            conntrack_clashes: f.take("faultline_conntrack_clashes_resolved_total")?,
+            conntrack_entries: f.take("faultline_conntrack_entries")?,
+            conntrack_max: f.take("faultline_conntrack_max")?,
+            limit_exhaustion: f.take("faultline_limit_exhaustion_seconds")?,
+            series_overflow: f.take("faultline_series_overflow_total")?,
+            refresh_errors: f.take("faultline_refresh_errors_total")?,
             last_tcp: Mutex::new(HashMap::new()),
             last_counts: Mutex::new(HashMap::new()),
             registry,
         };
-        let info = IntGaugeVec::new(
-            Opts::new(
-                "faultline_build_info",
-                "faultline's version and the node's kernel; always 1.",
-            ),
-            &["version", "kernel"],
-        )?;
-        m.registry.register(Box::new(info.clone()))?;
-        // The agent's own CPU, memory and file descriptors (process_*), for its SLO and sizing.
-        m.registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        info.with_label_values(&[env!("CARGO_PKG_VERSION"), kernel.trim()])
-            .set(1);
+        f.finish()?;
         Ok(m)
     }
 
     /// Counters of the OTLP exporter, registered with the others.
-    pub fn otlp_counters(&self) -> anyhow::Result<crate::export::otlp::OtlpCounters> {
-        let dropped = IntCounter::new(
-            "faultline_otlp_dropped_events_total",
-            "Events not exported over OTLP: queue full (slow collector) or request failed.",
-        )?;
-        let failed = IntCounter::new(
-            "faultline_otlp_failed_requests_total",
-            "OTLP export requests that failed.",
-        )?;
-        self.registry.register(Box::new(dropped.clone()))?;
-        self.registry.register(Box::new(failed.clone()))?;
-        Ok(crate::export::otlp::OtlpCounters {
-            dropped,
-            failed_requests: failed,
-        })
+    pub fn otlp_counters(&self) -> anyhow::Result<OtlpCounters> {
+        let mut f = Registered::new(&self.registry, families::OTLP)?;
+        let counters = OtlpCounters {
+            dropped: f.take("faultline_otlp_dropped_events_total")?,
+            failed_requests: f.take("faultline_otlp_failed_requests_total")?,
+        };
+        f.finish()?;
+        Ok(counters)
     }
 
     /// Counters of the HTTP server, registered with the others.
-    pub fn server_counters(&self) -> anyhow::Result<crate::export::serve::ServerCounters> {
-        let shed = IntCounterVec::new(
-            Opts::new(
-                "faultline_http_shed_connections_total",
-                "Connections to the metrics port the server closed, by reason: peer_full (its address had 16 open and opened another), slots_full (every slot of its pool was taken and another peer connected), slow_reader (still reading an exposition two generations old, or the longest reading of the /explain answers in flight past 4).",
-            ),
-            &["reason"],
-        )?;
-        let accept_errors = IntCounter::new(
-            "faultline_http_accept_errors_total",
-            "Errors accepting connections to the metrics port (e.g. out of file descriptors).",
-        )?;
-        self.registry.register(Box::new(shed.clone()))?;
-        self.registry.register(Box::new(accept_errors.clone()))?;
-        Ok(crate::export::serve::ServerCounters {
-            shed,
-            accept_errors,
-        })
+    pub fn server_counters(&self) -> anyhow::Result<ServerCounters> {
+        let mut f = Registered::new(&self.registry, families::HTTP_SERVER)?;
+        let counters = ServerCounters {
+            shed: f.take("faultline_http_shed_connections_total")?,
+            accept_errors: f.take("faultline_http_accept_errors_total")?,
+        };
+        f.finish()?;
+        Ok(counters)
     }
 
     /// Event lines not written, by reason, registered with the others.
     pub fn event_lines_dropped(&self) -> anyhow::Result<IntCounterVec> {
-        let c = IntCounterVec::new(
-            Opts::new(
-                "faultline_event_lines_dropped_total",
-                "Event lines not written: queue_full (the reader of stdout or the file is slow), closed (stdout was closed), write_error.",
-            ),
-            &["reason"],
-        )?;
-        self.registry.register(Box::new(c.clone()))?;
-        Ok(c)
+        let mut f = Registered::new(&self.registry, families::EVENT_LINES)?;
+        let dropped = f.take("faultline_event_lines_dropped_total")?;
+        f.finish()?;
+        Ok(dropped)
     }
 
     pub fn refresh_failed(&self) {
@@ -516,7 +373,7 @@ impl Metrics {
     }
 
     /// The DNS probe's kernel totals of what it could not follow.
-    pub fn dns_untracked(&self, stats: &crate::kernel::loader::DnsStats) {
+    pub fn dns_untracked(&self, stats: &DnsStats) {
         for (reason, total) in [
             ("pending_full", stats.untracked),
             ("cgroup_quota", stats.over_quota),
@@ -576,7 +433,11 @@ impl Metrics {
         let labels = self.admit(
             "dns_queries",
             &who,
-            &[qtype_label(&q.qtype), rcode_label(rcode), q.outcome.as_str()],
+            &[
+                qtype_label(&q.qtype),
+                rcode_label(rcode),
+                q.outcome.as_str(),
+            ],
         );
         self.dns_queries.with_label_values(&labels).inc();
         if let Some(ms) = q.latency_ms {

@@ -1,11 +1,15 @@
-//! Where the daemon's events and counters go: `metrics` (Prometheus families, the series
+//! Where the daemon's events and counters go: `families` (the table of Prometheus families:
+//! name, help, labels, kind), `metrics` (the registry, who updates which family, the series
 //! cap), `totals` (the kernel's running totals, read at scrape time), `serve` (the hardened
-//! HTTP endpoints) and `connections` (its slots, and whom to shed), `lines` (JSON event
-//! lines through a bounded queue), `otlp` (OTLP/HTTP logs and spans).
+//! HTTP endpoints, reading `metrics`) with `connections` (its slots, and whom to shed) and
+//! `server_counters` (what it shed and failed to accept), `lines` (JSON event lines through a
+//! bounded queue), `otlp` (OTLP/HTTP logs and spans).
 
 pub mod connections;
+mod families;
 pub mod lines;
 pub mod metrics;
 pub mod otlp;
 pub mod serve;
+mod server_counters;
 pub mod totals;

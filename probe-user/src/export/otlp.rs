@@ -28,7 +28,10 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::{
-    attribution::pods::PodRef, signals::Event, signals::clone::CloneFailure, signals::conntrack::ConntrackDrop,
+    attribution::pods::PodRef,
+    signals::Event,
+    signals::clone::CloneFailure,
+    signals::conntrack::ConntrackDrop,
     signals::dns::{DnsQuery, Outcome},
 };
 

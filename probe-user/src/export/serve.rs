@@ -61,7 +61,6 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::{IntCounter, IntCounterVec};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Semaphore, oneshot, watch},
@@ -74,6 +73,9 @@ use crate::{
         metrics::Metrics,
     },
 };
+
+// Built by `Metrics::server_counters`; re-exported where the server takes them.
+pub use crate::export::server_counters::ServerCounters;
 
 /// A client that has not sent its request headers by then is disconnected.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,16 +122,6 @@ pub struct ExplainAnswer {
     at: Instant,
     since: Duration,
     body: Bytes,
-}
-
-/// What the server shed and failed to accept, exported with the other metrics.
-#[derive(Clone)]
-pub struct ServerCounters {
-    /// Connections the server closed, by reason (`connections::ShedReason`): to give their
-    /// slot to a newcomer, or to let go of an old exposition or `/explain` answer.
-    pub shed: IntCounterVec,
-    /// accept(2) errors (e.g. EMFILE).
-    pub accept_errors: IntCounter,
 }
 
 /// What every connection shares: the endpoints' state, the connection table, the exposition

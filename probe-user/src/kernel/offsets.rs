@@ -55,10 +55,27 @@ macro_rules! enumerators {
     };
 }
 
+/// Offsets of the kernel struct members and enum values the clone programs read.
 pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
-    let mut o = KernelOffsets::NONE;
-    let mut missing = Vec::new();
-    let mut fallbacks = Vec::new();
+    let mut r = Resolved {
+        offsets: KernelOffsets::NONE,
+        missing: Vec::new(),
+        fallbacks: Vec::new(),
+    };
+    struct_members(btf, &mut r);
+    pid_max(btf, &mut r);
+    nproc_count(btf, &mut r);
+    syscall_registers(btf, &mut r);
+    let o = &mut r.offsets;
+    (o.nr_clone, o.nr_clone3, o.nr_fork, o.nr_vfork) = syscall_numbers();
+    user_registers(btf, &mut r);
+    subsys_ids(btf, &mut r);
+    r
+}
+
+/// The struct members read as they are, with no older layout to fall back on.
+fn struct_members(btf: &Btf, r: &mut Resolved<KernelOffsets>) {
+    let (o, missing) = (&mut r.offsets, &mut r.missing);
     members!(btf, o, missing;
         task_tgid = "task_struct"."tgid",
         task_real_parent = "task_struct"."real_parent",
@@ -89,13 +106,21 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
         pidns_idr_next = "pid_namespace"."idr.idr_next",
         signal_rlim = "signal_struct"."rlim",
     );
-    // Per-namespace pid_max arrived in 6.14; before, one global value applies to every level.
+}
+
+/// Per-namespace pid_max arrived in 6.14; before, one global value applies to every level.
+fn pid_max(btf: &Btf, r: &mut Resolved<KernelOffsets>) {
     match btf.member_offset("pid_namespace", "pid_max") {
-        Ok(off) => o.pidns_pid_max = off,
-        Err(_) => fallbacks
+        Ok(off) => r.offsets.pidns_pid_max = off,
+        Err(_) => r
+            .fallbacks
             .push("pid_max is global (before 6.14): the kernel's pid_max read at each failure"),
     }
-    // The process count RLIMIT_NPROC limits: in ucounts since 5.14, in user_struct before.
+}
+
+/// The process count RLIMIT_NPROC limits: in ucounts since 5.14, in user_struct before.
+fn nproc_count(btf: &Btf, r: &mut Resolved<KernelOffsets>) {
+    let o = &mut r.offsets;
     let ucounts = (
         btf.member_offset("cred", "ucounts"),
         btf.member_offset("ucounts", "rlimit"),
@@ -106,23 +131,28 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
         btf.member_offset("user_struct", "processes"),
     );
     match (ucounts, user) {
-        ((Ok(c), Ok(r), Ok(i)), _) if u32::try_from(i).is_ok() => {
-            (o.cred_ucounts, o.ucounts_rlimit) = (c, r);
+        ((Ok(c), Ok(l), Ok(i)), _) if u32::try_from(i).is_ok() => {
+            (o.cred_ucounts, o.ucounts_rlimit) = (c, l);
             o.ucount_rlimit_nproc = i as u32;
         }
         (_, (Ok(c), Ok(p))) => {
             (o.cred_user, o.user_processes) = (c, p);
-            fallbacks.push("RLIMIT_NPROC count from cred->user->processes (before 5.14)");
+            r.fallbacks
+                .push("RLIMIT_NPROC count from cred->user->processes (before 5.14)");
         }
-        _ => missing.push("cred.ucounts (RLIMIT_NPROC count)"),
+        _ => r.missing.push("cred.ucounts (RLIMIT_NPROC count)"),
     }
+}
+
+/// Where `pt_regs` keeps the syscall's first argument and its number.
+fn syscall_registers(btf: &Btf, r: &mut Resolved<KernelOffsets>) {
     // arm64 keeps the first argument in orig_x0 (x0 is the return value at exit); x86_64 in di.
     match ["orig_x0", "di"]
         .iter()
         .find_map(|m| btf.member_offset("pt_regs", m).ok())
     {
-        Some(off) => o.pt_regs_arg0 = off,
-        None => missing.push("pt_regs.di"),
+        Some(off) => r.offsets.pt_regs_arg0 = off,
+        None => r.missing.push("pt_regs.di"),
     }
     // The syscall number, for the raw `sys_exit` tracepoint: orig_ax on x86_64, syscallno on
     // arm64.
@@ -130,36 +160,41 @@ pub fn kernel(btf: &Btf) -> Resolved<KernelOffsets> {
         .iter()
         .find_map(|m| btf.member_offset("pt_regs", m).ok())
     {
-        Some(off) => o.pt_regs_syscall_nr = off,
-        None => missing.push("pt_regs.orig_ax"),
+        Some(off) => r.offsets.pt_regs_syscall_nr = off,
+        None => r.missing.push("pt_regs.orig_ax"),
     }
-    (o.nr_clone, o.nr_clone3, o.nr_fork, o.nr_vfork) = syscall_numbers();
-    // Where the saved user registers are: bpf_task_pt_regs (5.15+), else the top of the
-    // task's kernel stack.
+}
+
+/// Where the saved user registers are: bpf_task_pt_regs (5.15+), else the top of the task's
+/// kernel stack.
+fn user_registers(btf: &Btf, r: &mut Resolved<KernelOffsets>) {
     if btf.enum_value("BPF_FUNC_task_pt_regs").is_ok() {
-        o.has_task_pt_regs = 1;
-    } else {
-        match (
-            btf.member_offset("task_struct", "stack"),
-            btf.struct_size("pt_regs"),
-            THREAD_SIZE,
-        ) {
-            (Ok(stack), Ok(size), Some(thread_size)) => {
-                (o.task_stack, o.pt_regs_size, o.thread_size) = (stack, size, thread_size);
-                fallbacks.push("clone flags read from the top of the task's kernel stack (no bpf_task_pt_regs before 5.15)");
-            }
-            _ => missing.push("bpf_task_pt_regs (clone flags: task kind unknown)"),
-        }
+        r.offsets.has_task_pt_regs = 1;
+        return;
     }
+    match (
+        btf.member_offset("task_struct", "stack"),
+        btf.struct_size("pt_regs"),
+        THREAD_SIZE,
+    ) {
+        (Ok(stack), Ok(size), Some(thread_size)) => {
+            let o = &mut r.offsets;
+            (o.task_stack, o.pt_regs_size, o.thread_size) = (stack, size, thread_size);
+            r.fallbacks.push("clone flags read from the top of the task's kernel stack (no bpf_task_pt_regs before 5.15)");
+        }
+        _ => r
+            .missing
+            .push("bpf_task_pt_regs (clone flags: task kind unknown)"),
+    }
+}
+
+/// The cgroup subsystems' ids, to find a task's pids and memory cgroups.
+fn subsys_ids(btf: &Btf, r: &mut Resolved<KernelOffsets>) {
+    let (o, missing) = (&mut r.offsets, &mut r.missing);
     enumerators!(btf, o, missing;
         pids_subsys_id = "pids_cgrp_id",
         memory_subsys_id = "memory_cgrp_id",
     );
-    Resolved {
-        offsets: o,
-        missing,
-        fallbacks,
-    }
 }
 
 /// Offsets for the conntrack-drop program. The tuple's layout is read member by member; the

@@ -1,4 +1,5 @@
-//! Giving up, once the programs are attached, every capability only loading needed: the
+//! The privileges loading needs (checked before it: [`require_privileges`]), and giving up,
+//! once the programs are attached, every capability only loading needed: the
 //! daemon keeps what reading needs for as long as it runs (CAP_BPF: every map read goes
 //! through bpf(2), which kernels before 6.5 refuse without it when unprivileged BPF is off,
 //! Debian's default; CAP_NET_ADMIN: the conntrack counters over ctnetlink) and, where it was
@@ -9,7 +10,7 @@
 //! Capabilities belong to a thread: this runs before the pipeline starts any, and threads made
 //! afterwards inherit the reduced sets.
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use probe_common::caps;
 
 /// A capability kept, and what for.
@@ -147,6 +148,35 @@ pub fn keep_only(keep: &[Kept]) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// Capabilities in effect, from /proc/self/status.
+pub fn effective_capabilities() -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("no CapEff in /proc/self/status")?;
+    u64::from_str_radix(hex.trim(), 16).context("parsing CapEff")
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Loading tracing programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN on older kernels).
+pub fn require_privileges() -> anyhow::Result<()> {
+    let caps = effective_capabilities()?;
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    bail!(
+        "faultline needs root, or CAP_BPF and CAP_PERFMON, to load its eBPF programs (running as uid {euid} with CapEff={caps:#x})"
+    )
 }
 
 #[cfg(test)]

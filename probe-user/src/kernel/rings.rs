@@ -129,13 +129,13 @@ impl Rings {
     /// Counts a batch's records as dropped instead of delivering them (a stop that cannot
     /// wait for a pipeline far behind).
     pub fn discard(&self, batch: Batch) {
-        self.shared.dropped[batch.ring]
-            .fetch_add(batch.ends.len() as u64, Ordering::Relaxed);
+        self.shared.dropped[batch.ring].fetch_add(batch.ends.len() as u64, Ordering::Relaxed);
     }
 
     /// Records of `ring` dropped because the pipeline was behind by `MAX_QUEUED`, or at a stop.
     pub fn dropped(&self, ring: RingIndex) -> u64 {
-        self.shared.dropped
+        self.shared
+            .dropped
             .get(ring)
             .map_or(0, |d| d.load(Ordering::Relaxed))
     }

@@ -3,9 +3,10 @@
 //! tables, each program's counters, the times to exhaustion), so that no sink reads or
 //! recomputes it. A part is absent when its signal is not attached.
 
+use probe_common::{clone::CloneStats, conntrack::ConntrackStats, dns::DnsStats, tasks::TaskStats};
+
 use crate::{
     attribution::pods::PodRef,
-    kernel::loader::{CloneStats, ConntrackStats, DnsStats, TaskStats},
     signals::{
         clone::node::NodeTasks,
         conntrack::{CtTable, ctstats::CtCounters},

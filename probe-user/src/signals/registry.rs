@@ -14,11 +14,13 @@ use super::{
     dns::{self, DnsTracker},
     tasks::{self, HeadroomWatch, TaskModel},
 };
+use probe_common::{clone::CloneStats, conntrack::ConntrackStats, dns::DnsStats, tasks::TaskStats};
+
 use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
     attribution::netns::NetnsDirectory,
     attribution::pods::Attributor,
-    kernel::loader::{ClonePath, EventRing, KernelArgs, Probes, TASK_PROGRAMS},
+    kernel::loader::{EventRing, KernelArgs, Probes},
     kernel::rings::{Batch, Rings},
 };
 
@@ -115,16 +117,10 @@ impl Signals {
         signal: Signal,
     ) -> anyhow::Result<Option<EventRing>> {
         match signal {
-            Signal::Clone => {
-                let path = probes.attach_clone(kernel.clone_hook)?;
-                if path == ClonePath::RawSysExit {
-                    tracing::info!("note: failed task creation is traced {}", path.describe());
-                }
-                probes.clone_events().map(Some)
-            }
-            Signal::Tasks => probes.attach(&TASK_PROGRAMS).map(|()| None),
-            Signal::Dns => probes.dns_events(cgroups).map(Some),
-            Signal::Conntrack => probes.conntrack_events().map(Some),
+            Signal::Clone => clone::open(probes, kernel.clone_hook).map(Some),
+            Signal::Tasks => probes.attach(&tasks::PROGRAMS).map(|()| None),
+            Signal::Dns => dns::open(probes, cgroups).map(Some),
+            Signal::Conntrack => conntrack::open(probes).map(Some),
         }
     }
 
@@ -208,16 +204,29 @@ impl Signals {
             index.map_or(0, |i| rings.dropped(i))
         };
         let clone = match self.clone {
-            Some(_) => Some(probes.clone_stats()?.plus_lost(lost(Signal::Clone))),
+            Some(_) => {
+                let mut stats: CloneStats = probes.stats()?;
+                stats.lost += lost(Signal::Clone);
+                Some(stats)
+            }
             None => None,
         };
         let dns = match self.dns.as_ref() {
-            Some(tracker) => Some(Self::dns_refresh(probes, tracker, lost(Signal::Dns), attributor)?),
+            Some(tracker) => Some(Self::dns_refresh(
+                probes,
+                tracker,
+                lost(Signal::Dns),
+                attributor,
+            )?),
             None => None,
         };
         let conntrack = match self.conntrack.as_mut() {
             Some(classifier) => Some(ConntrackRefresh {
-                stats: probes.conntrack_stats()?.plus_lost(lost(Signal::Conntrack)),
+                stats: {
+                    let mut stats: ConntrackStats = probes.stats()?;
+                    stats.lost += lost(Signal::Conntrack);
+                    stats
+                },
                 node: classifier.node_counters(),
                 tables: classifier.tables.clone(),
             }),
@@ -225,7 +234,7 @@ impl Signals {
         };
         let tasks = match self.tasks.as_mut() {
             Some(model) => {
-                model.update(Instant::now(), probes.task_counts()?);
+                model.update(Instant::now(), tasks::counts(probes)?);
                 if self.idle_cgroups
                     && let Some(root) = attributor.cgroups.mount(Hierarchy::Unified)
                 {
@@ -234,7 +243,7 @@ impl Signals {
                 Some(TaskRefresh {
                     rows: model.rows(attributor),
                     tracked: model.len(),
-                    stats: probes.task_stats()?,
+                    stats: probes.stats::<TaskStats>()?,
                 })
             }
             None => None,
@@ -266,10 +275,10 @@ impl Signals {
         lost: u64,
         attributor: &mut Attributor,
     ) -> anyhow::Result<DnsRefresh> {
-        let mut stats = probes.dns_stats()?.plus_lost(lost);
+        let mut stats: DnsStats = probes.stats()?;
+        stats.lost += lost;
         stats.malformed += tracker.malformed;
-        let tcp = probes
-            .dns_tcp_counts()?
+        let tcp = dns::tcp_counts(probes)?
             .into_iter()
             .map(|(id, c)| {
                 let (cgroup, who) = attributor.attribute(id, None);
@@ -284,5 +293,61 @@ impl Signals {
             })
             .collect();
         Ok(DnsRefresh { stats, tcp })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use probe_common::{Counters, cgroups, clone::CloneStats};
+
+    use super::*;
+    use crate::kernel::inventory::object_programs;
+
+    /// Every map and program a signal names is in the embedded object: the names live once
+    /// in probe-common (maps) and in each signal's folder (programs), and the kernel side's
+    /// statics and functions must carry them.
+    #[test]
+    fn every_name_a_signal_uses_is_in_the_object() {
+        let object = aya_obj::Object::parse(crate::kernel::loader::OBJECT).expect("test");
+        let maps = [
+            probe_common::clone::EVENTS,
+            CloneStats::MAP,
+            probe_common::tasks::COUNTS,
+            TaskStats::MAP,
+            probe_common::dns::EVENTS,
+            probe_common::dns::PENDING,
+            probe_common::dns::PENDING_BY_CGROUP,
+            probe_common::dns::TCP,
+            DnsStats::MAP,
+            probe_common::conntrack::EVENTS,
+            ConntrackStats::MAP,
+            cgroups::EVENTS,
+            cgroups::STATS,
+        ];
+        for name in maps {
+            assert!(
+                object.maps.contains_key(name),
+                "map {name} is not in the object"
+            );
+        }
+        let programs: Vec<String> = object_programs()
+            .expect("test")
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        let attachments = clone::PROGRAMS
+            .iter()
+            .chain(&clone::RAW_PROGRAMS)
+            .chain(&tasks::PROGRAMS)
+            .chain(&dns::PROGRAMS)
+            .chain(&conntrack::PROGRAMS)
+            .chain(&crate::attribution::cgroups::PROGRAMS);
+        for a in attachments {
+            assert!(
+                programs.iter().any(|p| p == a.program),
+                "program {} is not in the object",
+                a.program
+            );
+        }
     }
 }

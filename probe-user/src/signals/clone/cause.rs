@@ -147,7 +147,6 @@ fn threads_at_limit(ev: &CloneFailureEvent, node: &NodeTasks) -> Option<String> 
     )
 }
 
-
 /// One pid namespace level as `alloc_pid()` sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PidSpace {

@@ -5,13 +5,14 @@
 pub mod cause;
 pub mod node;
 
-use probe_common::clone::{CloneFailureEvent, Syscall, valid};
+use probe_common::clone::{self as common, CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
 
 use crate::{
     attribution::cgroups::Hierarchy,
     attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
+    kernel::loader::{Attachment, CloneHook, EventRing, Probes, raw, tracepoint},
     kernel::rings::Batch,
     signals::Event,
 };
@@ -35,6 +36,70 @@ impl TaskKind {
             TaskKind::Unknown => "unknown",
         }
     }
+}
+
+/// Failed task creation: the four syscalls' exit tracepoints (run only on those syscalls).
+pub const PROGRAMS: [Attachment; 4] = [
+    tracepoint("clone_exit", "syscalls", "sys_exit_clone"),
+    tracepoint("clone3_exit", "syscalls", "sys_exit_clone3"),
+    tracepoint("fork_exit", "syscalls", "sys_exit_fork"),
+    tracepoint("vfork_exit", "syscalls", "sys_exit_vfork"),
+];
+
+/// Failed task creation where the perf tracepoints cannot be attached: every syscall's exit,
+/// filtered in the program (syscall tracepoints have no raw form of their own).
+pub const RAW_PROGRAMS: [Attachment; 1] = [raw("clone_sys_exit", "sys_exit")];
+
+/// How the clone programs are attached on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClonePath {
+    /// `syscalls:sys_exit_{clone,clone3,fork,vfork}`.
+    SyscallTracepoints,
+    /// `raw_syscalls:sys_exit` (a raw tracepoint), the perf tracepoints refused.
+    RawSysExit,
+}
+
+impl ClonePath {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ClonePath::SyscallTracepoints => "via syscalls:sys_exit_{clone,clone3,fork,vfork}",
+            ClonePath::RawSysExit => {
+                "via the raw tracepoint sys_exit (where the syscall tracepoints' perf_event_open is refused: Debian's perf_event_paranoid 3 wants CAP_SYS_ADMIN); runs on every syscall's exit, returning at once on success"
+            }
+        }
+    }
+}
+
+/// Attaches the clone programs as `hook` says: with `Auto`, the syscall exit tracepoints
+/// where `perf_event_open` is allowed, else the raw `sys_exit` tracepoint (both refused:
+/// both reasons).
+pub fn attach(probes: &mut Probes, hook: CloneHook) -> anyhow::Result<ClonePath> {
+    if hook == CloneHook::Raw {
+        return probes.attach(&RAW_PROGRAMS).map(|()| ClonePath::RawSysExit);
+    }
+    let tracepoints = match probes.attach(&PROGRAMS) {
+        Ok(()) => return Ok(ClonePath::SyscallTracepoints),
+        Err(e) if hook == CloneHook::Tracepoints => return Err(e),
+        Err(e) => e,
+    };
+    // Detach whichever of the four did attach before one was refused.
+    probes.detach(&PROGRAMS);
+    match probes.attach(&RAW_PROGRAMS) {
+        Ok(()) => Ok(ClonePath::RawSysExit),
+        Err(raw) => Err(raw.context(format!(
+            "the syscall exit tracepoints were refused too ({})",
+            crate::kernel::loader::brief(&tracepoints)
+        ))),
+    }
+}
+
+/// Attaches as `hook` says (a fallback is said) and takes the ring of failures.
+pub fn open(probes: &mut Probes, hook: CloneHook) -> anyhow::Result<EventRing> {
+    let path = attach(probes, hook)?;
+    if path == ClonePath::RawSysExit {
+        tracing::info!("note: failed task creation is traced {}", path.describe());
+    }
+    probes.take_ring(common::EVENTS)
 }
 
 /// One failed clone/clone3/fork/vfork, as reported.

@@ -13,19 +13,36 @@ use std::{
     time::{Duration, Instant},
 };
 
-use probe_common::conntrack::{CT_CONFIRMED, CT_NONE, ConntrackDropEvent, FlowKey};
+use probe_common::conntrack::{self as common, CT_CONFIRMED, CT_NONE, ConntrackDropEvent, FlowKey};
 use serde::Serialize;
 
 use crate::{
     attribution::netns::{Netns, NetnsDirectory},
     attribution::pods::{Attributor, PodRef},
     clock::{self, KernelClock},
-    kernel::loader,
+    kernel::loader::{self, Attachment, EventRing, Probes, raw},
     kernel::rings::Batch,
     signals::Event,
     signals::dns::DnsTracker,
 };
 use ctstats::CtCounters;
+
+/// Packets dropped by netfilter.
+pub const PROGRAMS: [Attachment; 1] = [raw("conntrack_drop", "kfree_skb")];
+
+/// Attaches the conntrack-drop program, where it can tell a netfilter drop on this node.
+pub fn attach(probes: &mut Probes) -> anyhow::Result<()> {
+    if let Some(blind) = probes.conntrack_blind() {
+        anyhow::bail!("{blind}");
+    }
+    probes.attach(&PROGRAMS)
+}
+
+/// Attaches, and takes the ring of `ConntrackDropEvent`s.
+pub fn open(probes: &mut Probes) -> anyhow::Result<EventRing> {
+    attach(probes)?;
+    probes.take_ring(common::EVENTS)
+}
 
 /// Why netfilter dropped a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -13,15 +13,83 @@ use std::{
     time::Duration,
 };
 
-use probe_common::dns::{DnsKey, DnsPending, DnsQueryEvent, DnsSend, OUTCOME_ANSWERED};
+use anyhow::Context as _;
+use probe_common::dns::{
+    self as common, DnsKey, DnsPending, DnsQueryEvent, DnsSend, DnsTcpCounts, OUTCOME_ANSWERED,
+};
 use serde::Serialize;
 
 use crate::{
+    attribution::cgroups::{CgroupFs, Hierarchy},
     attribution::pods::{Attributor, PodRef},
     clock::KernelClock,
+    kernel::loader::{Attachment, Direction, EventRing, Probes, cgroup_skb},
     kernel::rings::Batch,
     signals::Event,
 };
+
+/// Every packet to and from port 53: cgroup_skb egress and ingress on the cgroup v2 root,
+/// where they see every socket on the node.
+pub const PROGRAMS: [Attachment; 2] = [
+    cgroup_skb("dns_egress", Direction::Egress),
+    cgroup_skb("dns_ingress", Direction::Ingress),
+];
+
+/// Attaches the DNS programs to the cgroup v2 root.
+pub fn attach(probes: &mut Probes, cgroups: &CgroupFs) -> anyhow::Result<()> {
+    let root = &cgroups
+        .mount(Hierarchy::Unified)
+        .context("no cgroup v2 mount")?
+        .path;
+    probes.attach_to_cgroup(&PROGRAMS, root)
+}
+
+/// Attaches, and takes the ring of `DnsQueryEvent`s.
+pub fn open(probes: &mut Probes, cgroups: &CgroupFs) -> anyhow::Result<EventRing> {
+    attach(probes, cgroups)?;
+    probes.take_ring(common::EVENTS)
+}
+
+/// DNS-over-TCP segments per cgroup v2 id, summed over CPUs.
+pub fn tcp_counts(probes: &Probes) -> anyhow::Result<Vec<(u64, DnsTcpCounts)>> {
+    probes.per_cpu_hash(common::TCP, |a: DnsTcpCounts, c: &DnsTcpCounts| {
+        DnsTcpCounts {
+            to_server: a.to_server + c.to_server,
+            from_server: a.from_server + c.from_server,
+        }
+    })
+}
+
+/// Removes expired queries from the kernel's map (an answer may have removed one first).
+fn forget(probes: &mut Probes, keys: &[DnsKey]) -> anyhow::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut pending = probes.hash_mut::<DnsKey, DnsPending>(common::PENDING)?;
+    for key in keys {
+        let _ = pending.remove(key);
+    }
+    Ok(())
+}
+
+/// Sets each cgroup's count of waiting queries (the quota's) to the truth, and forgets the
+/// cgroups with none.
+fn set_pending_counts(probes: &mut Probes, counts: &HashMap<u64, u64>) -> anyhow::Result<()> {
+    let mut by_cgroup = probes.hash_mut::<u64, u64>(common::PENDING_BY_CGROUP)?;
+    let gone: Vec<u64> = by_cgroup
+        .keys()
+        .map_while(Result::ok)
+        .filter(|id| !counts.contains_key(id))
+        .collect();
+    for id in gone {
+        let _ = by_cgroup.remove(&id);
+    }
+    for (id, n) in counts {
+        // Full (a cgroup the kernel let through unquota'd): it is counted next time.
+        let _ = by_cgroup.insert(id, n, 0);
+    }
+    Ok(())
+}
 
 /// What is reported for each query.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -450,19 +518,19 @@ pub fn deliver(
 /// The queries the kernel still has waiting past the timeout (after the pipeline delivered
 /// the batches already read), reported as timeouts and removed from the kernel's map.
 pub fn sweep(
-    probes: &mut crate::kernel::loader::Probes,
+    probes: &mut Probes,
     tracker: &mut DnsTracker,
     attributor: &mut Attributor,
     mut emit: impl FnMut(Event) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let now = tracker.now_ktime();
-    let waiting = probes.dns_waiting()?;
+    let waiting = probes.hash_entries::<DnsKey, DnsPending>(common::PENDING)?;
     let cgroup_of: HashMap<DnsKey, u64> = waiting
         .iter()
         .map(|(k, p)| (*k, p.send.cgroup_id))
         .collect();
     let (reports, expired) = tracker.sweep(waiting, now, attributor);
-    probes.forget_dns_queries(&expired)?;
+    forget(probes, &expired)?;
     // What each cgroup still has waiting: the per-cgroup quota's count, made exact again.
     let mut still = cgroup_of;
     for key in &expired {
@@ -472,7 +540,7 @@ pub fn sweep(
     for cgroup in still.into_values() {
         *counts.entry(cgroup).or_default() += 1;
     }
-    probes.set_dns_pending_counts(&counts)?;
+    set_pending_counts(probes, &counts)?;
     for q in reports {
         emit(Event::DnsQuery(q))?;
     }

@@ -1,4 +1,4 @@
-//! Pipeline stage 3 for task creation: the kernel's per-cgroup counters become a model with
+//! Task creation: the kernel's per-cgroup counters become a model with
 //! creation rates, live task counts and the headroom left to the pids limit that applies.
 //!
 //! The model holds exactly the cgroups the kernel map holds (the kernel drops a removed
@@ -10,16 +10,33 @@ use std::{
     time::{Duration, Instant},
 };
 
-use probe_common::tasks::TaskCounts;
+use probe_common::tasks::{self as common, TaskCounts};
 use serde::Serialize;
 
 use crate::{
     attribution::cgroups::{CgroupPath, Hierarchy},
     attribution::pods::{Attributor, PodRef},
     clock::now_rfc3339,
+    kernel::loader::{Attachment, Probes, raw},
     signals::{TaskRefresh, clone::node::NodeTasks},
     trend::{Estimate, Limit},
 };
+
+/// Task creation and exit counters per cgroup.
+pub const PROGRAMS: [Attachment; 3] = [
+    raw("task_newtask", "task_newtask"),
+    raw("task_exit", "sched_process_exit"),
+    raw("task_cgroup_rmdir", "cgroup_rmdir"),
+];
+
+/// Every cgroup's task counters (cgroup v2 id, counts summed over CPUs).
+pub fn counts(probes: &Probes) -> anyhow::Result<Vec<(u64, TaskCounts)>> {
+    probes.per_cpu_hash(common::COUNTS, |a: TaskCounts, c: &TaskCounts| TaskCounts {
+        threads: a.threads + c.threads,
+        processes: a.processes + c.processes,
+        exited: a.exited + c.exited,
+    })
+}
 
 /// Rates are averaged over this window.
 pub const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -525,7 +542,10 @@ mod tests {
         let mut w = HeadroomWatch::new(thresholds(10.0, Duration::ZERO));
         assert!(w.check(&[row("/a", "/a", 100, 50)], &[]).is_empty());
         // Two cgroups under one limit: one warning.
-        let first = w.check(&[row("/p/c1", "/p", 100, 95), row("/p/c2", "/p", 100, 95)], &[]);
+        let first = w.check(
+            &[row("/p/c1", "/p", 100, 95), row("/p/c2", "/p", 100, 95)],
+            &[],
+        );
         assert_eq!(first.len(), 1);
         assert_eq!(
             (first[0].pids_cgroup.as_str(), first[0].headroom),
