@@ -22,7 +22,7 @@ use crate::{
     },
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
-    signals::{DnsOptions, Event, Refresh, Signal, Want},
+    signals::{DnsOptions, Event, Plan, Refresh, Signal},
 };
 
 /// Largest `/explain` answer read (the daemon's history is bounded far below).
@@ -60,8 +60,8 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
         observe(&args, Vec::new()).await?
     } else {
         match ask_daemon(&args.daemon, args.since)? {
-            Asked::Report(r) => r,
-            Asked::Unreachable(why) => {
+            DaemonAnswer::Report(r) => r,
+            DaemonAnswer::Unreachable(why) => {
                 let note = format!(
                     "no daemon answered at {} ({why}): observed this node for {} instead; trends over so short a window are rough",
                     args.daemon,
@@ -86,7 +86,7 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
 
 /// The pod filters (--namespace, --pod, --container) on a finding's names.
 fn matches(pods: &PodArgs, f: &Finding) -> bool {
-    let is = |want: &Option<String>, have: &Option<String>, prefix: bool| match want {
+    let is = |plan: &Option<String>, have: &Option<String>, prefix: bool| match plan {
         None => true,
         Some(w) => have.as_deref().is_some_and(|h| {
             if prefix {
@@ -102,27 +102,35 @@ fn matches(pods: &PodArgs, f: &Finding) -> bool {
 }
 
 /// What asking the daemon gave.
-enum Asked {
+enum DaemonAnswer {
     Report(Report),
     /// Nobody listens there (or the name does not resolve): the command observes for itself.
     Unreachable(String),
 }
 
 /// `GET <daemon>/explain?since=...`. A daemon that answers with an error, or with something
-/// that is not a report, is an error; one that is not there is [`Asked::Unreachable`].
-fn ask_daemon(daemon: &str, since: Duration) -> anyhow::Result<Asked> {
+/// that is not a report, is an error; one that is not there is [`DaemonAnswer::Unreachable`].
+fn ask_daemon(daemon: &str, since: Duration) -> anyhow::Result<DaemonAnswer> {
     let Some(authority) = daemon.strip_prefix("http://") else {
         bail!("--daemon {daemon:?}: not an http:// address");
     };
     let authority = authority.trim_end_matches('/');
     let addr = match authority.to_socket_addrs().map(|mut a| a.next()) {
         Ok(Some(addr)) => addr,
-        Ok(None) => return Ok(Asked::Unreachable(format!("{authority} has no address"))),
-        Err(e) => return Ok(Asked::Unreachable(format!("resolving {authority}: {e}"))),
+        Ok(None) => {
+            return Ok(DaemonAnswer::Unreachable(format!(
+                "{authority} has no address"
+            )));
+        }
+        Err(e) => {
+            return Ok(DaemonAnswer::Unreachable(format!(
+                "resolving {authority}: {e}"
+            )));
+        }
     };
     let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
         Ok(s) => s,
-        Err(e) => return Ok(Asked::Unreachable(e.to_string())),
+        Err(e) => return Ok(DaemonAnswer::Unreachable(e.to_string())),
     };
     let answer = (|| -> anyhow::Result<Vec<u8>> {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -139,7 +147,7 @@ fn ask_daemon(daemon: &str, since: Duration) -> anyhow::Result<Asked> {
     .with_context(|| format!("asking the daemon at {daemon}"))?;
     parse_answer(&answer)
         .with_context(|| format!("the daemon at {daemon}"))
-        .map(Asked::Report)
+        .map(DaemonAnswer::Report)
 }
 
 fn parse_answer(answer: &[u8]) -> anyhow::Result<Report> {
@@ -167,7 +175,7 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
         .node_name
         .clone()
         .unwrap_or_else(crate::attribution::pods::hostname);
-    let want = Want {
+    let plan = Plan {
         signals: Signal::ALL.to_vec(),
         dns: DnsOptions::default(),
         trend: Some(args.observe_for),
@@ -176,7 +184,7 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
         drop_privileges: false,
     };
     let mut skipped = Vec::new();
-    let mut pipeline = Pipeline::open(&args.kernel, KernelLog::Off, &args.pods, &want, |s, r| {
+    let mut pipeline = Pipeline::open(&args.kernel, KernelLog::Off, &args.pods, &plan, |s, r| {
         if let Err(e) = r {
             skipped.push(format!(
                 "{} not observed: {}",

@@ -17,7 +17,7 @@ use crate::{
     kernel::loader::{Degraded, KernelArgs, KernelLog, KernelLogger, Probes},
     kernel::privileges,
     kernel::rings::{Batch, Rings},
-    signals::{Event, Refresh, Signal, Signals, Want, dns},
+    signals::{Event, Plan, Refresh, Signal, Signals, dns},
     trend::LimitWatch,
 };
 
@@ -55,14 +55,14 @@ impl Pipeline {
         kernel: &KernelArgs,
         kernel_log: KernelLog,
         pods: &PodArgs,
-        want: &Want,
+        plan: &Plan,
         mut attached: impl FnMut(Signal, anyhow::Result<()>) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         let mut probes = Probes::open(kernel, kernel_log)?;
         let cgroups = CgroupFs::open(&mut probes)?;
-        let (signals, rings) = Signals::attach(&mut probes, kernel, &cgroups, want, &mut attached)?;
+        let (signals, rings) = Signals::attach(&mut probes, kernel, &cgroups, plan, &mut attached)?;
         let kernel_log = probes.kernel_logger();
-        if want.drop_privileges {
+        if plan.drop_privileges {
             // Before any other thread exists: capabilities are per thread, and threads made
             // later inherit the reduced sets.
             privileges::keep_only(&privileges::after_attach(signals.has(Signal::Conntrack)))?;
@@ -72,12 +72,12 @@ impl Pipeline {
             rings: Rings::start(rings)?,
             probes,
             signals,
-            trend: want.trend.map(LimitWatch::new),
+            trend: plan.trend.map(LimitWatch::new),
             kernel_log,
         })
     }
 
-    /// Evidence the attached probes lack here for want of a privilege.
+    /// Evidence the attached probes lack here for plan of a privilege.
     pub fn degraded(&self) -> &[Degraded] {
         &self.probes.degraded
     }

@@ -34,10 +34,10 @@ use crate::{
     export::lines::EventLines,
     export::metrics::Metrics,
     export::otlp::{OtlpConfig, OtlpExporter},
-    export::serve::{Served, serve},
+    export::serve::{HttpState, serve},
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
-    signals::{DnsOptions, Event, Refresh, Signal, Want, dns::Names},
+    signals::{DnsOptions, Event, Plan, Refresh, Signal, dns::Names},
 };
 
 /// Not a default port of any exporter we know of (node_exporter 9100, kube-state-metrics
@@ -98,7 +98,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(crate::attribution::pods::hostname);
     let metrics = Arc::new(Metrics::new(args.max_series)?);
-    let want = Want {
+    let plan = Plan {
         signals: Signal::ALL.to_vec(),
         dns: DnsOptions {
             timeout: args.dns_timeout,
@@ -114,7 +114,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.kernel,
         KernelLog::Off,
         &args.pods,
-        &want,
+        &plan,
         |signal, result| {
             if let Err(e) = &result {
                 tracing::warn!(
@@ -134,7 +134,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !pipeline.has(Signal::Clone) && !pipeline.has(Signal::Tasks) {
         bail!("no probe could be attached (see the lines above)");
     }
-    let served = Arc::new(Served {
+    let served = Arc::new(HttpState {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
         recorder: Mutex::new(Recorder::new(&node)),
@@ -200,7 +200,7 @@ const HTTP_SHUTDOWN: Duration = Duration::from_secs(1);
 impl HttpThread {
     fn start(
         listener: std::net::TcpListener,
-        served: Arc<Served>,
+        served: Arc<HttpState>,
         counters: crate::export::serve::ServerCounters,
     ) -> anyhow::Result<HttpThread> {
         listener
@@ -248,7 +248,7 @@ impl HttpThread {
 /// counters to metrics (a failed refresh counted, never fatal), and ready once one worked.
 struct Daemon {
     outputs: Outputs,
-    served: Arc<Served>,
+    served: Arc<HttpState>,
     refresh_errors: RefreshErrors,
     /// For the closing line.
     last_clone_stats: CloneStats,
@@ -259,7 +259,7 @@ impl Daemon {
         args: &RunArgs,
         node: &str,
         metrics: Arc<Metrics>,
-        served: Arc<Served>,
+        served: Arc<HttpState>,
     ) -> anyhow::Result<Self> {
         let otlp =
             match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())? {

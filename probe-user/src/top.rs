@@ -19,7 +19,7 @@ use crate::{
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
     signals::{
-        DnsOptions, Event, Refresh, Signal, Want,
+        DnsOptions, Event, Plan, Refresh, Signal,
         tasks::{CgroupRow, Snapshot},
     },
     trend::Limit,
@@ -69,7 +69,7 @@ pub struct TopArgs {
 }
 
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
-    let want = Want {
+    let plan = Plan {
         signals: vec![Signal::Tasks],
         dns: DnsOptions::default(),
         trend: Some(args.trend_window),
@@ -81,7 +81,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         &args.kernel,
         KernelLog::Off,
         &args.pods,
-        &want,
+        &plan,
         |_, attached| attached,
     )
     .await?;

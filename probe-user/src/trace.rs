@@ -27,10 +27,10 @@ use crate::{
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
     signals::{
-        DnsOptions, Event, Refresh, Signal, Want,
+        DnsOptions, Event, Plan, Refresh, Signal,
         clone::CloneFailure,
         conntrack::{ClashesResolved, ConntrackDrop},
-        dns::{DnsQuery, Names, Outcome},
+        dns::{DnsQuery, Names, Outcome, Rcode},
         tasks::{HeadroomThresholds, HeadroomWarning},
     },
 };
@@ -230,7 +230,7 @@ impl DnsSummary {
         self.queries += 1;
         self.timeouts += (q.outcome == Outcome::Timeout) as u64;
         self.retransmits += q.retransmit as u64;
-        self.nxdomain += (q.rcode.as_deref() == Some("NXDOMAIN")) as u64;
+        self.nxdomain += (q.rcode == Some(Rcode::NXDOMAIN)) as u64;
         if let Some(l) = q.latency_ms {
             // A uniform sample of at most MAX_LATENCIES (reservoir sampling), so that a long
             // trace of a busy node keeps bounded memory and fair percentiles.
@@ -341,7 +341,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     if conntrack {
         signals.push(Signal::Conntrack);
     }
-    let want = Want {
+    let plan = Plan {
         signals,
         dns: DnsOptions {
             timeout: args.dns_timeout,
@@ -359,7 +359,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         &args.kernel,
         args.kernel_log,
         &args.pods,
-        &want,
+        &plan,
         |signal, result| match (signal, result) {
             (_, Ok(())) => Ok(()),
             (Signal::Clone | Signal::Tasks, Err(e)) => Err(e),
@@ -509,7 +509,7 @@ fn dns_line(e: &DnsQuery) -> String {
         e.qname,
         e.server,
         e.qtype,
-        e.rcode.as_deref().unwrap_or("TIMEOUT"),
+        e.rcode.map_or("TIMEOUT".into(), |r| r.name()),
         e.latency_ms
             .map_or_else(String::new, |l| format!(" {l:.1}ms")),
         if e.truncated { " truncated" } else { "" },

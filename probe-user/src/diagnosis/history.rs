@@ -379,7 +379,8 @@ impl History {
         if q.conntrack_drop.is_some() {
             t.conntrack_dropped += 1;
         }
-        t.rcodes.add(q.rcode.as_deref().unwrap_or("none"), 1);
+        t.rcodes
+            .add(&q.rcode.map_or("none".into(), |r| r.name()), 1);
         t.servers.add(&q.server, 1);
     }
 

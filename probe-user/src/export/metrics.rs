@@ -31,7 +31,7 @@ use crate::{
     signals::clone::node::NodeTasks,
     signals::conntrack::ctstats::CtCounters,
     signals::conntrack::{ClashesResolved, ConntrackDrop},
-    signals::dns::DnsQuery,
+    signals::dns::{DnsQuery, Rcode},
     signals::tasks::CgroupRow,
 };
 
@@ -39,15 +39,15 @@ pub const OVERFLOW: &str = "_overflow";
 
 /// Whose a series is: `namespace`, `pod`, `container`, `workload`.
 #[derive(Clone, Debug, Eq)]
-pub struct Who([String; 4]);
+pub struct WhoLabels([String; 4]);
 
-impl std::hash::Hash for Who {
+impl std::hash::Hash for WhoLabels {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.0.hash(state);
     }
 }
 
-impl PartialEq for Who {
+impl PartialEq for WhoLabels {
     /// Label by label, lengths first. Most labels are empty off Kubernetes, and glibc's AVX-512
     /// memcmp turns a compare of zero bytes at an empty `String`'s dangling pointer into a
     /// masked load the CPU assists in microcode: a third of the replay's time per event
@@ -60,37 +60,39 @@ impl PartialEq for Who {
     }
 }
 
-impl Who {
+impl WhoLabels {
     fn labels(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(String::as_str)
     }
 }
 
 /// `namespace`, `pod`, `container`, `workload` of a pod or another workload.
-pub fn who(workload: &str, pod: Option<&PodRef>) -> Who {
+pub fn who(workload: &str, pod: Option<&PodRef>) -> WhoLabels {
     // Names come from pods and cgroups: no byte a terminal running `curl /metrics` obeys.
     let label = |s: String| match crate::text::printable(&s) {
         std::borrow::Cow::Borrowed(_) => s,
         std::borrow::Cow::Owned(escaped) => escaped,
     };
-    Who(match pod {
-        Some(p) => [
-            p.namespace.clone().unwrap_or_default(),
-            p.name.clone().unwrap_or_else(|| p.uid.clone()),
-            p.container.clone().unwrap_or_default(),
-            p.owner
-                .as_ref()
-                .map(|o| format!("{}/{}", o.kind, o.name))
-                .unwrap_or_default(),
-        ],
-        None => [
-            String::new(),
-            String::new(),
-            String::new(),
-            workload.to_owned(),
-        ],
-    }
-    .map(label))
+    WhoLabels(
+        match pod {
+            Some(p) => [
+                p.namespace.clone().unwrap_or_default(),
+                p.name.clone().unwrap_or_else(|| p.uid.clone()),
+                p.container.clone().unwrap_or_default(),
+                p.owner
+                    .as_ref()
+                    .map(|o| format!("{}/{}", o.kind, o.name))
+                    .unwrap_or_default(),
+            ],
+            None => [
+                String::new(),
+                String::new(),
+                String::new(),
+                workload.to_owned(),
+            ],
+        }
+        .map(label),
+    )
 }
 
 /// Series per metric, up to a cap, by workload, with when each workload's last changed. The
@@ -114,7 +116,7 @@ struct Workloads {
     series: usize,
     /// Whose (namespace, pod, container, workload) -> (last update, the extra labels in use:
     /// short values from closed sets, so that an event costs no hash of the long ones again).
-    admitted: HashMap<Who, (Instant, Vec<Vec<String>>)>,
+    admitted: HashMap<WhoLabels, (Instant, Vec<Vec<String>>)>,
     /// The overflow series in use (every label `_overflow`), and their last update.
     overflow: HashMap<Vec<String>, Instant>,
 }
@@ -128,7 +130,7 @@ impl SeriesCap {
     fn admit<'a>(
         &self,
         metric: &'static str,
-        who: &'a Who,
+        who: &'a WhoLabels,
         extra: &[&'a str],
     ) -> (Vec<&'a str>, bool) {
         let overflow = || vec![OVERFLOW; WHO.len() + extra.len()];
@@ -193,7 +195,7 @@ impl SeriesCap {
         &self,
         metric: &'static str,
         max_age: Duration,
-        present: &HashSet<Who>,
+        present: &HashSet<WhoLabels>,
     ) -> Vec<Vec<String>> {
         let Ok(mut seen) = self.seen.lock() else {
             return Vec::new();
@@ -227,10 +229,10 @@ impl SeriesCap {
 
 /// The `rcode` label: the six codes a resolver meets, `none` (no answer), and every other
 /// code as `other`.
-fn rcode_label(name: &str) -> &str {
-    match name {
-        "NOERROR" | "FORMERR" | "SERVFAIL" | "NXDOMAIN" | "NOTIMP" | "REFUSED" | "none" => name,
-        _ => OTHER,
+fn rcode_label(rcode: Option<Rcode>) -> &'static str {
+    match rcode {
+        None => "none",
+        Some(r) => r.known().unwrap_or(OTHER),
     }
 }
 
@@ -386,7 +388,12 @@ impl Metrics {
     }
 
     /// `SeriesCap::admit`, counting what went to overflow.
-    fn admit<'a>(&self, metric: &'static str, who: &'a Who, extra: &[&'a str]) -> Vec<&'a str> {
+    fn admit<'a>(
+        &self,
+        metric: &'static str,
+        who: &'a WhoLabels,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
         let (labels, overflowed) = self.cap.admit(metric, who, extra);
         if overflowed {
             self.series_overflow.with_label_values(&[metric]).inc();
@@ -429,13 +436,12 @@ impl Metrics {
 
     fn dns_query(&self, q: &DnsQuery) {
         let who = who(&q.workload, q.pod.as_ref());
-        let rcode = q.rcode.as_deref().unwrap_or("none");
         let labels = self.admit(
             "dns_queries",
             &who,
             &[
                 qtype_label(&q.qtype),
-                rcode_label(rcode),
+                rcode_label(q.rcode),
                 q.outcome.as_str(),
             ],
         );
@@ -457,7 +463,7 @@ impl Metrics {
     }
 
     /// DNS-over-TCP totals per cgroup (id, counts, whose) from the kernel, as increments.
-    pub fn dns_tcp(&self, counts: Vec<(u64, DnsTcpCounts, Who)>) {
+    pub fn dns_tcp(&self, counts: Vec<(u64, DnsTcpCounts, WhoLabels)>) {
         let Ok(mut last) = self.last_tcp.lock() else {
             return;
         };
@@ -492,7 +498,7 @@ impl Metrics {
 
     fn clashes_resolved(&self, c: &ClashesResolved) {
         // One label (the namespace's owner), capped and expired like the others.
-        let who = Who([
+        let who = WhoLabels([
             c.workload.clone(),
             String::new(),
             String::new(),
@@ -516,7 +522,7 @@ impl Metrics {
     /// The time to exhaustion of every growing limit, rebuilt on each refresh: the soonest
     /// per workload and limit.
     pub fn limit_exhaustion(&self, estimates: &[crate::trend::Estimate]) {
-        let mut soonest: HashMap<(Who, &'static str), f64> = HashMap::new();
+        let mut soonest: HashMap<(WhoLabels, &'static str), f64> = HashMap::new();
         for e in estimates {
             let Some(eta) = e.eta_s else { continue };
             let who = who(&e.workload, e.pod.as_ref());
@@ -537,8 +543,8 @@ impl Metrics {
         let Ok(mut last) = self.last_counts.lock() else {
             return;
         };
-        let mut live: HashMap<Who, i64> = HashMap::new();
-        let mut limits: HashMap<Who, (i64, i64)> = HashMap::new();
+        let mut live: HashMap<WhoLabels, i64> = HashMap::new();
+        let mut limits: HashMap<WhoLabels, (i64, i64)> = HashMap::new();
         let mut present = HashMap::with_capacity(rows.len());
         for row in rows {
             let who = who(&row.workload, row.pod.as_ref());
@@ -575,7 +581,7 @@ impl Metrics {
         *last = present;
         drop(last);
 
-        let present: HashSet<Who> = live.keys().cloned().collect();
+        let present: HashSet<WhoLabels> = live.keys().cloned().collect();
         self.tasks_live.reset();
         self.pids_limit.reset();
         self.pids_headroom.reset();
@@ -601,7 +607,7 @@ impl Metrics {
 
     /// Drops the series of workloads gone from the node (not in `present`) and quiet for
     /// STALE_AFTER; network namespaces' series when quiet that long.
-    fn expire_gone(&self, present: &HashSet<Who>) {
+    fn expire_gone(&self, present: &HashSet<WhoLabels>) {
         for (metric, vec) in [
             ("clone_failures", &self.clone_failures),
             ("tasks_created", &self.tasks_created),
@@ -652,7 +658,7 @@ mod tests {
             seen: Mutex::new(HashMap::new()),
         };
         let w = |p: &str| {
-            Who([
+            WhoLabels([
                 String::from("ns"),
                 p.to_owned(),
                 String::new(),
@@ -672,7 +678,7 @@ mod tests {
             )
         };
         // Owned copies of what admit lends, to compare.
-        let admit = |metric: &'static str, who: Who, extra: &[&str]| {
+        let admit = |metric: &'static str, who: WhoLabels, extra: &[&str]| {
             let (labels, over) = cap.admit(metric, &who, extra);
             (
                 labels.into_iter().map(str::to_owned).collect::<Vec<_>>(),
@@ -730,9 +736,9 @@ mod tests {
 
     #[test]
     fn rcodes_outside_the_common_set_are_other() {
-        assert_eq!(rcode_label("NXDOMAIN"), "NXDOMAIN");
-        assert_eq!(rcode_label("none"), "none");
-        assert_eq!(rcode_label(&crate::signals::dns::rcode_name(9)), "other");
+        assert_eq!(rcode_label(Some(Rcode::NXDOMAIN)), "NXDOMAIN");
+        assert_eq!(rcode_label(None), "none");
+        assert_eq!(rcode_label(Some(Rcode(9))), "other");
     }
 
     #[test]
@@ -764,7 +770,7 @@ mod tests {
         };
         assert_eq!(
             who("shop/cart-1/app", Some(&pod)),
-            Who(["shop", "cart-1", "app", "Deployment/cart"].map(String::from))
+            WhoLabels(["shop", "cart-1", "app", "Deployment/cart"].map(String::from))
         );
         let unnamed = PodRef {
             uid: "u-1".into(),
@@ -773,7 +779,7 @@ mod tests {
         assert_eq!(who("pod u-1", Some(&unnamed)).0[1], "u-1");
         assert_eq!(
             who("kubelet.service", None),
-            Who(["", "", "", "kubelet.service"].map(String::from))
+            WhoLabels(["", "", "", "kubelet.service"].map(String::from))
         );
     }
 }

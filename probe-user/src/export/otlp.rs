@@ -32,7 +32,7 @@ use crate::{
     signals::Event,
     signals::clone::CloneFailure,
     signals::conntrack::ConntrackDrop,
-    signals::dns::{DnsQuery, Outcome},
+    signals::dns::{DnsQuery, Outcome, Rcode},
 };
 
 /// What waits in the queue: a log record or a span.
@@ -396,16 +396,14 @@ pub fn dns_span(q: &DnsQuery) -> Span {
         attributes.push(kv_int("server.port", p));
     }
     if let Some(rcode) = &q.rcode {
-        attributes.push(kv("dns.response_code", rcode.clone()));
+        attributes.push(kv("dns.response_code", rcode.name()));
     }
     if let Some(gap) = q.retransmit_gap_ms {
         attributes.push(kv("faultline.dns.retransmit_gap_ms", format!("{gap:.1}")));
     }
     attributes.extend(k8s_attributes(q.pod.as_ref()));
-    let failed = q.outcome == Outcome::Timeout
-        || q.rcode
-            .as_deref()
-            .is_some_and(|r| r == "SERVFAIL" || r == "REFUSED");
+    let failed =
+        q.outcome == Outcome::Timeout || matches!(q.rcode, Some(Rcode::SERVFAIL | Rcode::REFUSED));
     Span {
         trace_id: random_id(16),
         span_id: random_id(8),
@@ -421,7 +419,8 @@ pub fn dns_span(q: &DnsQuery) -> Span {
                 StatusCode::Unset
             } as i32,
             message: if failed {
-                q.rcode.clone().unwrap_or_else(|| "timeout".to_owned())
+                q.rcode
+                    .map_or_else(|| "timeout".to_owned(), |r| r.name().into_owned())
             } else {
                 String::new()
             },

@@ -104,7 +104,7 @@ pub const EXPLAIN_WAIT: Duration = Duration::from_secs(10);
 const LISTEN_BACKLOG: libc::c_int = 1024;
 
 /// What the endpoints read.
-pub struct Served {
+pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     /// The daemon's recent history and trends, for `/explain`.
@@ -127,7 +127,7 @@ pub struct ExplainAnswer {
 /// What every connection shares: the endpoints' state, the connection table, the exposition
 /// of the moment and the turn of `/explain`.
 struct Server {
-    served: Arc<Served>,
+    served: Arc<HttpState>,
     connections: Arc<Connections>,
     exposition: Mutex<Exposition>,
     explain_turn: Arc<Semaphore>,
@@ -273,7 +273,7 @@ impl Server {
 }
 
 /// Accepts and serves connections until the task is aborted.
-pub async fn serve(listener: TcpListener, served: Arc<Served>, counters: ServerCounters) {
+pub async fn serve(listener: TcpListener, served: Arc<HttpState>, counters: ServerCounters) {
     let server = Arc::new(Server {
         served,
         connections: Connections::new(counters.shed.clone()),
@@ -608,7 +608,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new(100).unwrap());
         let counters = metrics.server_counters().unwrap();
         Arc::new(Server {
-            served: Arc::new(Served {
+            served: Arc::new(HttpState {
                 metrics,
                 ready: AtomicBool::new(true),
                 recorder: Mutex::new(Recorder::new("node")),

@@ -427,7 +427,7 @@ mod tests {
     fn an_elf_file_is_read_through_its_btf_section() {
         // faultline's own eBPF object is an ELF with a .BTF section describing its types.
         let path = std::env::temp_dir().join(format!("faultline-btf-test-{}", std::process::id()));
-        std::fs::write(&path, crate::kernel::loader::OBJECT).expect("test");
+        std::fs::write(&path, crate::kernel::inventory::OBJECT).expect("test");
         let btf = Btf::from_file(&path);
         let _ = std::fs::remove_file(&path);
         let btf = btf.expect("test");

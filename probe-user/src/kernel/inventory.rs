@@ -1,10 +1,11 @@
-//! What the embedded eBPF object holds and costs: its programs (read from the ELF with
+//! The embedded eBPF object, and what it holds and costs: its programs (read from the ELF with
 //! `object`), its maps and the kernel memory they take on a node of a given size, and what
 //! RLIMIT_MEMLOCK means for loading them on this kernel. Read by `check` and the load.
 
 use anyhow::Context as _;
 
-use crate::kernel::loader::OBJECT;
+/// The eBPF object, built by build.rs with aya-build.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
 /// A program of the embedded eBPF object, as its ELF file describes it.
 pub struct ObjectProgram {

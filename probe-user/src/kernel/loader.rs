@@ -19,17 +19,13 @@ use probe_common::{
 
 use crate::{
     kernel::btf::Btf,
-    kernel::inventory::{LoadedMap, per_cpu_hash_entries},
+    kernel::inventory::{LoadedMap, OBJECT, per_cpu_hash_entries},
     kernel::offsets,
     kernel::tracefs::Tracefs,
 };
 
 /// A ring buffer of events, read by `kernel::rings`.
 pub type EventRing = RingBuf<MapData>;
-
-/// The eBPF object, built by build.rs with aya-build.
-pub(crate) static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
 
 /// Where a program attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -57,7 +57,7 @@ impl Signal {
 
 /// The signals a command asks for, and how they run.
 #[derive(Clone, Debug)]
-pub struct Want {
+pub struct Plan {
     /// DNS is also needed by conntrack: the DNS programs record who sent each flow, which
     /// drops are attributed by; ask for both.
     pub signals: Vec<Signal>,
@@ -74,7 +74,7 @@ pub struct Want {
     pub drop_privileges: bool,
 }
 
-impl Want {
+impl Plan {
     pub fn has(&self, signal: Signal) -> bool {
         self.signals.contains(&signal)
     }

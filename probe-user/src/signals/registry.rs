@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use super::{
-    ConntrackRefresh, DnsRefresh, DnsTcp, Event, Refresh, Signal, TaskRefresh, Want,
+    ConntrackRefresh, DnsRefresh, DnsTcp, Event, Plan, Refresh, Signal, TaskRefresh,
     clone::{self, Enricher, node::NodeTasks},
     conntrack::{self, Classifier},
     dns::{self, DnsTracker},
@@ -43,7 +43,7 @@ pub struct Signals {
 const CLASH_POLL_MIN: Duration = Duration::from_secs(1);
 
 impl Signals {
-    /// Attaches the signals `want` asks for. Each one's outcome is handed to `attached` (a
+    /// Attaches the signals the plan asks for. Each one's outcome is handed to `attached` (a
     /// refused one with the kernel's reason), which decides whether the command can go on
     /// without it. Returns the rings to read, DNS before conntrack: the reader empties them
     /// in this order, so that a drop finds its query already delivered.
@@ -51,7 +51,7 @@ impl Signals {
         probes: &mut Probes,
         kernel: &KernelArgs,
         cgroups: &CgroupFs,
-        want: &Want,
+        plan: &Plan,
         attached: &mut dyn FnMut(Signal, anyhow::Result<()>) -> anyhow::Result<()>,
     ) -> anyhow::Result<(Signals, Vec<(&'static str, EventRing)>)> {
         let mut signals = Signals {
@@ -60,12 +60,12 @@ impl Signals {
             dns: None,
             conntrack: None,
             headroom: None,
-            idle_cgroups: want.idle_cgroups,
+            idle_cgroups: plan.idle_cgroups,
             rings: Vec::new(),
         };
         let mut rings = Vec::new();
         for signal in [Signal::Clone, Signal::Tasks, Signal::Dns, Signal::Conntrack] {
-            if !want.has(signal) {
+            if !plan.has(signal) {
                 continue;
             }
             let ring = match Self::attach_one(probes, kernel, cgroups, signal) {
@@ -86,10 +86,10 @@ impl Signals {
                 Signal::Clone => signals.clone = Some(Enricher::new()),
                 Signal::Tasks => {
                     signals.tasks = Some(TaskModel::default());
-                    signals.headroom = want.headroom.map(HeadroomWatch::new);
+                    signals.headroom = plan.headroom.map(HeadroomWatch::new);
                 }
                 Signal::Dns => {
-                    signals.dns = Some(DnsTracker::new(want.dns.timeout, want.dns.names));
+                    signals.dns = Some(DnsTracker::new(plan.dns.timeout, plan.dns.names));
                 }
                 Signal::Conntrack => {
                     signals.conntrack = Some(Classifier::new(NetnsDirectory::new("/proc")));
@@ -308,7 +308,7 @@ mod tests {
     /// statics and functions must carry them.
     #[test]
     fn every_name_a_signal_uses_is_in_the_object() {
-        let object = aya_obj::Object::parse(crate::kernel::loader::OBJECT).expect("test");
+        let object = aya_obj::Object::parse(crate::kernel::inventory::OBJECT).expect("test");
         let maps = [
             probe_common::clone::EVENTS,
             CloneStats::MAP,

@@ -103,7 +103,7 @@ pub struct DnsQuery {
     pub qname: String,
     pub qtype: String,
     /// NOERROR, NXDOMAIN, SERVFAIL, REFUSED, ... (none for a timeout).
-    pub rcode: Option<String>,
+    pub rcode: Option<Rcode>,
     pub outcome: Outcome,
     pub latency_ms: Option<f64>,
     pub truncated: bool,
@@ -219,15 +219,41 @@ fn question_end(bytes: &[u8]) -> Option<usize> {
     None
 }
 
-pub fn rcode_name(rcode: u8) -> String {
-    match rcode {
-        0 => "NOERROR".into(),
-        1 => "FORMERR".into(),
-        2 => "SERVFAIL".into(),
-        3 => "NXDOMAIN".into(),
-        4 => "NOTIMP".into(),
-        5 => "REFUSED".into(),
-        n => format!("RCODE{n}"),
+/// A response code (RFC 1035), shown by its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rcode(pub u8);
+
+impl Rcode {
+    pub const NOERROR: Rcode = Rcode(0);
+    pub const SERVFAIL: Rcode = Rcode(2);
+    pub const NXDOMAIN: Rcode = Rcode(3);
+    pub const REFUSED: Rcode = Rcode(5);
+
+    /// The name of one of the six codes a resolver meets; none for the others.
+    pub fn known(self) -> Option<&'static str> {
+        match self.0 {
+            0 => Some("NOERROR"),
+            1 => Some("FORMERR"),
+            2 => Some("SERVFAIL"),
+            3 => Some("NXDOMAIN"),
+            4 => Some("NOTIMP"),
+            5 => Some("REFUSED"),
+            _ => None,
+        }
+    }
+
+    /// `NXDOMAIN`, or `RCODE12` for a code without a common name.
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self.known() {
+            Some(name) => name.into(),
+            None => format!("RCODE{}", self.0).into(),
+        }
+    }
+}
+
+impl Serialize for Rcode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
     }
 }
 
@@ -469,7 +495,7 @@ impl DnsTracker {
             end_unix_nano: self.clock.unix_nano(end),
             qname: self.name(&msg.qname),
             qtype: qtype_name(msg.qtype),
-            rcode: answer.map(|a| rcode_name(a.rcode)),
+            rcode: answer.map(|a| Rcode(a.rcode)),
             outcome: if answer.is_some() {
                 Outcome::Answered
             } else {
@@ -610,7 +636,7 @@ mod tests {
         let m = parse(&r).expect("test");
         assert!(m.response && m.truncated);
         assert_eq!(
-            (rcode_name(m.rcode), qtype_name(m.qtype)),
+            (Rcode(m.rcode).name().into_owned(), qtype_name(m.qtype)),
             ("NXDOMAIN".into(), "AAAA".into())
         );
     }
