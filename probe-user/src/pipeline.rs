@@ -65,7 +65,7 @@ impl Pipeline {
         if plan.drop_privileges {
             // Before any other thread exists: capabilities are per thread, and threads made
             // later inherit the reduced sets.
-            privileges::keep_only(&privileges::after_attach(signals.has(Signal::Conntrack)))?;
+            privileges::keep_only(&signals.privileges_kept())?;
         }
         Ok(Pipeline {
             attributor: Attributor::new(cgroups, pods).await,

@@ -325,24 +325,12 @@ impl Summary {
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let show_dns = args.events.contains(&EventKind::Dns);
-    let conntrack = args.events.contains(&EventKind::Conntrack);
-    let mut signals = Vec::new();
-    if args.events.contains(&EventKind::Clone) {
-        signals.push(Signal::Clone);
-    }
+    let mut shown: Vec<Signal> = args.events.iter().map(|k| Signal::of(*k)).collect();
     if args.headroom_warn.is_some() {
-        signals.push(Signal::Tasks);
-    }
-    // Conntrack drops need the DNS programs too: they record who sent each DNS flow, and
-    // the tracker names the dropped queries.
-    if show_dns || conntrack {
-        signals.push(Signal::Dns);
-    }
-    if conntrack {
-        signals.push(Signal::Conntrack);
+        shown.push(Signal::Tasks);
     }
     let plan = Plan {
-        signals,
+        signals: Signal::with_dependencies(&shown),
         dns: DnsOptions {
             timeout: args.dns_timeout,
             names: args.dns_names,
@@ -360,19 +348,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         args.kernel_log,
         &args.pods,
         &plan,
-        |signal, result| match (signal, result) {
-            (_, Ok(())) => Ok(()),
-            (Signal::Clone | Signal::Tasks, Err(e)) => Err(e),
-            (Signal::Dns, Err(e)) => {
+        |signal, result| match result {
+            Ok(()) => Ok(()),
+            Err(e) if signal.core() => Err(e),
+            Err(e) => {
                 tracing::warn!(
-                    "DNS not traced: {}; failed task creation still is",
-                    loader::brief(&e)
-                );
-                Ok(())
-            }
-            (Signal::Conntrack, Err(e)) => {
-                tracing::warn!(
-                    "conntrack drops not traced: {}; the other events still are",
+                    "{} not traced: {}; the other events still are",
+                    signal.what(),
                     loader::brief(&e)
                 );
                 Ok(())
@@ -401,7 +383,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     };
     tracing::info!(
         "tracing {} {}",
-        what(&pipeline, show_dns),
+        what(&pipeline, &shown),
         match args.duration {
             Some(d) => format!("for {}", humantime::format_duration(d)),
             None => "until Ctrl-C".to_owned(),
@@ -415,10 +397,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 }
 
 /// What the trace follows, for its first line.
-fn what(pipeline: &Pipeline, show_dns: bool) -> String {
+fn what(pipeline: &Pipeline, shown: &[Signal]) -> String {
     Signal::ALL
         .into_iter()
-        .filter(|s| pipeline.has(*s) && (*s != Signal::Dns || show_dns))
+        .filter(|s| shown.contains(s) && pipeline.has(*s))
         .map(Signal::what)
         .collect::<Vec<_>>()
         .join(", ")

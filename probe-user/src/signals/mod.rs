@@ -18,6 +18,8 @@ pub mod tasks;
 
 use std::time::Duration;
 
+use crate::cli::EventKind;
+
 pub use event::Event;
 pub use refresh::{ConntrackRefresh, DnsRefresh, DnsTcp, Refresh, TaskRefresh};
 pub use registry::Signals;
@@ -44,6 +46,32 @@ impl Signal {
         }
     }
 
+    /// The signal whose events are of this kind.
+    pub fn of(kind: EventKind) -> Signal {
+        match kind {
+            EventKind::Clone => Signal::Clone,
+            EventKind::Dns => Signal::Dns,
+            EventKind::Conntrack => Signal::Conntrack,
+        }
+    }
+
+    /// What to attach for these: conntrack drops are attributed through the DNS programs
+    /// (they record who sent each flow, and the tracker names the dropped queries).
+    pub fn with_dependencies(signals: &[Signal]) -> Vec<Signal> {
+        Signal::ALL
+            .into_iter()
+            .filter(|s| {
+                signals.contains(s) || (*s == Signal::Dns && signals.contains(&Signal::Conntrack))
+            })
+            .collect()
+    }
+
+    /// The core: failed task creation and the task counts. A command without any core
+    /// signal has nothing to stand on; the others are worth a warning when refused.
+    pub fn core(self) -> bool {
+        matches!(self, Signal::Clone | Signal::Tasks)
+    }
+
     /// What it follows, for people.
     pub fn what(self) -> &'static str {
         match self {
@@ -58,8 +86,7 @@ impl Signal {
 /// The signals a command asks for, and how they run.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// DNS is also needed by conntrack: the DNS programs record who sent each flow, which
-    /// drops are attributed by; ask for both.
+    /// What to attach ([`Signal::with_dependencies`] adds what a signal needs).
     pub signals: Vec<Signal>,
     pub dns: DnsOptions,
     /// The span each limit's growth is measured over, for the refreshes' times to exhaustion

@@ -133,6 +133,11 @@ impl Signals {
         }
     }
 
+    /// The capabilities reading these signals keeps after attaching.
+    pub fn privileges_kept(&self) -> Vec<crate::kernel::privileges::Kept> {
+        crate::kernel::privileges::after_attach(self.conntrack.is_some())
+    }
+
     /// Whether [`Signals::sweep`] has work: queries to time out.
     pub fn sweeps(&self) -> bool {
         self.dns.is_some()
