@@ -209,9 +209,8 @@ fn release_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
     }
 }
 
-/// The embedded object's maps as it declares them (before any is created), costed like
-/// [`LoadedMap::bytes`].
-pub fn object_maps_memory(cpus: u64) -> u64 {
+/// The embedded object's maps as it declares them (before any is created).
+pub fn object_maps() -> Vec<LoadedMap> {
     const HASH: u32 = 1;
     const PERCPU_HASH: u32 = 5;
     const PERCPU_ARRAY: u32 = 6;
@@ -219,9 +218,9 @@ pub fn object_maps_memory(cpus: u64) -> u64 {
     const LRU_PERCPU_HASH: u32 = 10;
     const RINGBUF: u32 = 27;
     let Ok(object) = aya_obj::Object::parse(OBJECT) else {
-        return 0;
+        return Vec::new();
     };
-    let maps: Vec<LoadedMap> = object
+    object
         .maps
         .iter()
         .map(|(name, m)| {
@@ -237,6 +236,11 @@ pub fn object_maps_memory(cpus: u64) -> u64 {
                 ring: t == RINGBUF,
             }
         })
-        .collect();
-    maps_memory(&maps, cpus)
+        .collect()
+}
+
+/// The declared maps' kernel memory on a node with `cpus` possible CPUs, costed like
+/// [`LoadedMap::bytes`].
+pub fn object_maps_memory(cpus: u64) -> u64 {
+    maps_memory(&object_maps(), cpus)
 }

@@ -10,16 +10,11 @@ use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint},
 };
-use probe_common::{
-    Counters,
-    dns::{self, DnsTcpCounts, MAX_DNS_TCP_CGROUPS},
-    offsets::MISSING,
-    tasks::{self, MAX_TASK_CGROUPS, TaskCounts},
-};
+use probe_common::{Counters, offsets::MISSING};
 
 use crate::{
     kernel::btf::Btf,
-    kernel::inventory::{LoadedMap, OBJECT, per_cpu_hash_entries},
+    kernel::inventory::{LoadedMap, OBJECT, object_maps, per_cpu_hash_entries},
     kernel::offsets,
     kernel::tracefs::Tracefs,
 };
@@ -120,8 +115,17 @@ impl Degraded {
     }
 }
 
-/// What the conntrack-drop program cannot do without kernel addresses (before 5.17).
-const CONNTRACK_BLIND: &str = "kernel addresses hidden (no CAP_SYSLOG): before 5.17 a conntrack drop cannot be told from another freed packet (no drop reasons; the free's location is compared with nf_hook_slow's address): conntrack drops off, the counters still work";
+/// What this kernel and these privileges let the programs tell, found at load; each signal
+/// judges what it means for its own programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelFacts {
+    /// /proc/kallsyms shows no addresses (no CAP_SYSLOG).
+    pub addresses_hidden: bool,
+    /// Freed packets carry a drop reason (5.17+): a netfilter drop says so itself.
+    pub drop_reasons: bool,
+    /// `nf_hook_slow`'s address range is known: a free's location can be compared with it.
+    pub nf_drop_site: bool,
+}
 
 /// Where the kernel's types come from. Every command that loads the programs takes it.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -205,8 +209,8 @@ pub struct Probes {
     pub fallbacks: Vec<&'static str>,
     /// Evidence missing for want of a privilege.
     pub degraded: Vec<Degraded>,
-    /// Why the conntrack-drop program cannot tell a netfilter drop here, if it cannot.
-    conntrack_blind: Option<&'static str>,
+    /// What the programs can tell on this kernel.
+    pub facts: KernelFacts,
 }
 
 impl Probes {
@@ -244,22 +248,18 @@ impl Probes {
         let tracepoints = offsets::tracepoints(tracefs);
         let symbols = offsets::KernelSymbols::read();
         let level = kernel_log.level();
-        // Both per-cgroup hashes are keyed by a cgroup id.
-        const U64: u32 = size_of::<u64>() as u32;
-        let loaded = EbpfLoader::new()
-            .map_max_entries(
-                tasks::COUNTS,
-                per_cpu_hash_entries(MAX_TASK_CGROUPS, U64, size_of::<TaskCounts>() as u32, cpus),
-            )
-            .map_max_entries(
-                dns::TCP,
-                per_cpu_hash_entries(
-                    MAX_DNS_TCP_CGROUPS,
-                    U64,
-                    size_of::<DnsTcpCounts>() as u32,
-                    cpus,
-                ),
-            )
+        let mut loader = EbpfLoader::new();
+        // Every per-CPU hash (an entry per cgroup, a value per possible CPU) is cut to the
+        // budget on a node with many CPUs.
+        let per_cpu_hashes: Vec<LoadedMap> = object_maps()
+            .into_iter()
+            .filter(|m| m.per_cpu && m.hash)
+            .collect();
+        for m in &per_cpu_hashes {
+            let entries = per_cpu_hash_entries(m.max_entries, m.key_size, m.value_size, cpus);
+            loader.map_max_entries(&m.name, entries);
+        }
+        let loaded = loader
             .override_global("AYA_LOG_LEVEL", &level, true)
             .override_global("CLONE_KERNEL_OFFSETS", &kernel.offsets, true)
             .override_global("NET_OFFSETS", &net.offsets, true)
@@ -280,13 +280,11 @@ impl Probes {
         if kernel.offsets.pidns_pid_max == MISSING && symbols.pid_max == 0 && symbols.hidden {
             degraded.push(Degraded::GlobalPidMaxHidden);
         }
-        let conntrack_blind = (net.offsets.reason_netfilter_drop == MISSING
-            && symbols.nf_drop_site[0] == 0)
-            .then_some(if symbols.hidden {
-                CONNTRACK_BLIND
-            } else {
-                "no drop reasons (before 5.17) and nf_hook_slow not in /proc/kallsyms: conntrack drops off, the counters still work"
-            });
+        let facts = KernelFacts {
+            addresses_hidden: symbols.hidden,
+            drop_reasons: net.offsets.reason_netfilter_drop != MISSING,
+            nf_drop_site: symbols.nf_drop_site[0] != 0,
+        };
         let logger = if kernel_log == KernelLog::Off {
             None
         } else {
@@ -300,7 +298,7 @@ impl Probes {
             missing_members,
             fallbacks,
             degraded,
-            conntrack_blind,
+            facts,
         })
     }
 
@@ -431,11 +429,6 @@ impl Probes {
             .map_mut(name)
             .with_context(|| format!("map {name} missing"))?;
         aya::maps::HashMap::try_from(map).with_context(|| format!("{name} is not a hash map"))
-    }
-
-    /// Why the conntrack-drop program cannot tell a netfilter drop here, if it cannot.
-    pub fn conntrack_blind(&self) -> Option<&'static str> {
-        self.conntrack_blind
     }
 
     /// Every entry of a per-CPU hash keyed by cgroup id, its values summed over CPUs.

@@ -20,7 +20,7 @@ use crate::{
     attribution::netns::{Netns, NetnsDirectory},
     attribution::pods::{Attributor, PodRef},
     clock::{self, KernelClock},
-    kernel::loader::{self, Attachment, EventRing, Probes, raw},
+    kernel::loader::{self, Attachment, EventRing, KernelFacts, Probes, raw},
     kernel::rings::Batch,
     signals::Event,
     signals::dns::DnsTracker,
@@ -32,10 +32,24 @@ pub const PROGRAMS: [Attachment; 1] = [raw("conntrack_drop", "kfree_skb")];
 
 /// Attaches the conntrack-drop program, where it can tell a netfilter drop on this node.
 pub fn attach(probes: &mut Probes) -> anyhow::Result<()> {
-    if let Some(blind) = probes.conntrack_blind() {
+    if let Some(blind) = blind(probes.facts) {
         anyhow::bail!("{blind}");
     }
     probes.attach(&PROGRAMS)
+}
+
+/// Why the program cannot tell a netfilter drop from another freed packet here, if it
+/// cannot: without drop reasons (before 5.17) it compares the free's location with
+/// `nf_hook_slow`'s address, which hidden kernel addresses hide.
+fn blind(facts: KernelFacts) -> Option<&'static str> {
+    if facts.drop_reasons || facts.nf_drop_site {
+        return None;
+    }
+    Some(if facts.addresses_hidden {
+        "kernel addresses hidden (no CAP_SYSLOG): before 5.17 a conntrack drop cannot be told from another freed packet (no drop reasons; the free's location is compared with nf_hook_slow's address): conntrack drops off, the counters still work"
+    } else {
+        "no drop reasons (before 5.17) and nf_hook_slow not in /proc/kallsyms: conntrack drops off, the counters still work"
+    })
 }
 
 /// Attaches, and takes the ring of `ConntrackDropEvent`s.
