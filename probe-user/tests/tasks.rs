@@ -338,6 +338,69 @@ fn top_lists_an_idle_cgroup_that_holds_tasks() {
     drop(held);
 }
 
+/// A cgroup that held tasks before `top` started and goes on leaking threads shows its rate in
+/// `--once` (it was first shown idle, then counted: its rate counts from the first sample).
+#[test]
+fn top_once_rates_a_leak_that_began_before_it() {
+    let cg = TestCgroup::new("prior", None);
+    let path = cg.path();
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let interval = (100 * pace()).to_string();
+    let _leak = Lab::spawn(
+        &[
+            &[
+                "threads",
+                "500",
+                "--comm",
+                "fl-prior",
+                "--interval-ms",
+                &interval,
+            ][..],
+            &join,
+        ]
+        .concat(),
+    );
+    // The leak holds threads before top loads.
+    std::thread::sleep(Duration::from_millis(500 * pace()));
+    let window = format!("{}ms", 1000 * pace());
+    let once = |output: &str| {
+        let out = common::faultline()
+            .args([
+                "top",
+                "--once",
+                "-o",
+                output,
+                "--cgroup",
+                &path,
+                "--interval",
+                &window,
+            ])
+            .output()
+            .expect("running top --once");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let json = once("json");
+    let snapshot: Value = serde_json::from_str(json.trim()).expect("one JSON snapshot");
+    let r = row(&snapshot, &path).unwrap_or_else(|| panic!("{path} missing: {snapshot}"));
+    assert!(r["threads_per_s"].as_f64() > Some(0.0), "{r}");
+    // The table: the cgroup's row (its path's end) has a THR/s above 0.
+    let table = once("table");
+    let tail = &cg.name[cg.name.len().saturating_sub(20)..];
+    let line = table
+        .lines()
+        .find(|l| l.contains(tail))
+        .unwrap_or_else(|| panic!("no row for {path}:\n{table}"));
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    let rate: f64 = columns[columns.len() - 6].parse().expect("THR/s");
+    assert!(rate > 0.0, "{line}");
+}
+
 /// A cgroup whose name is not UTF-8 (`caf\xe9`), one made before `top` started (walked) and
 /// one after (named from the kernel's record): each keeps its live count and pids limit (read
 /// through the name's bytes) and is shown escaped.

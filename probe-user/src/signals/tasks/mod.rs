@@ -149,17 +149,19 @@ impl TaskModel {
         for (id, c) in counts {
             let mut entry = self.entries.remove(&id).unwrap_or_else(|| Entry {
                 counts: TaskCounts::default(),
-                // A cgroup first counted now had counted nothing at the previous update.
-                samples: self
-                    .last_update
-                    .map(|at| Sample {
-                        at,
-                        threads: 0,
-                        processes: 0,
-                    })
-                    .into_iter()
-                    .collect(),
+                samples: VecDeque::new(),
             });
+            // A cgroup first counted now (new, or shown idle until now) had counted nothing
+            // at the previous update: its rate starts from there, not from this sample.
+            if entry.samples.is_empty()
+                && let Some(at) = self.last_update
+            {
+                entry.samples.push_back(Sample {
+                    at,
+                    threads: 0,
+                    processes: 0,
+                });
+            }
             entry.counts = c;
             entry.samples.push_back(Sample {
                 at: now,
@@ -507,6 +509,10 @@ mod tests {
         // A cgroup that appears between two updates counts from zero at the previous one.
         m.update(t + Duration::from_secs(21), vec![(1, c(300)), (3, c(50))]);
         assert_eq!(rates(&m.entries[&3].samples), (50.0, 0.0));
+        // So does one shown idle (it held tasks, created none) until it creates some.
+        m.include_idle([4]);
+        m.update(t + Duration::from_secs(22), vec![(1, c(300)), (4, c(2))]);
+        assert_eq!(rates(&m.entries[&4].samples), (2.0, 0.0));
     }
 
     fn row(cgroup: &str, limit_cgroup: &str, max: u64, current: u64) -> CgroupRow {
