@@ -2,7 +2,10 @@
 //! `pid_max` and `threads-max`, each network namespace's conntrack table), the use sampled on
 //! every refresh over a recent window, its growth as a Theil-Sen slope (the median of the
 //! slopes between every two samples: one spike or one dip does not move it), and the seconds
-//! left until the limit at that growth. No estimate while use is flat or shrinking.
+//! left until the limit at that growth. The first estimate comes from the first three
+//! refreshes of a growing use (a fast leak is caught seconds after it starts) and firms up as
+//! the window fills; `samples` says how many it stands on. No estimate while use is flat or
+//! shrinking; a limit already reached is 0 s away.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -13,14 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::attribution::pods::PodRef;
 
-/// The default window the growth is measured over.
-pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
-/// Samples kept per limit: the window is sampled at most this finely (Theil-Sen costs the
-/// square of it, per limit, per refresh).
-const MAX_SAMPLES: usize = 30;
-/// Fewest samples, and shortest span (a share of the window), before a slope is trusted.
-const MIN_SAMPLES: usize = 4;
-const MIN_SPAN_SHARE: f64 = 0.1;
+/// Samples kept per limit (Theil-Sen costs the square of it, per limit, per refresh): every
+/// refresh's while they fit; past it, the older half is thinned evenly, so a new leak is
+/// sampled densely and the window keeps its span.
+const MAX_SAMPLES: usize = 48;
+/// Fewest samples, and shortest span, before a slope is trusted.
+const MIN_SAMPLES: usize = 3;
+const MIN_SPAN: Duration = Duration::from_secs(2);
 /// Estimates further away than this are not estimates (a week).
 const MAX_ETA: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -74,6 +76,9 @@ pub struct Estimate {
     /// Seconds until `current` reaches `max` at that growth: 0 when already there; none when
     /// flat or shrinking, or further than a week.
     pub eta_s: Option<f64>,
+    /// The samples the growth stands on (3 for a first estimate; more as the window fills).
+    #[serde(default)]
+    pub samples: usize,
     #[serde(skip)]
     pub pod: Option<PodRef>,
 }
@@ -102,7 +107,6 @@ impl LimitWatch {
 
     /// Takes one refresh's readings.
     pub fn update(&mut self, now: Instant, readings: impl IntoIterator<Item = Reading>) {
-        let spacing = self.window.div_f64(MAX_SAMPLES as f64);
         let mut next = HashMap::with_capacity(self.series.len());
         for reading in readings {
             let key = (reading.limit, reading.resource.clone());
@@ -111,24 +115,17 @@ impl LimitWatch {
                 .remove(&key)
                 .map(|s| s.samples)
                 .unwrap_or_default();
-            // Finer than the spacing, the newest sample is replaced: the window keeps its
-            // span whatever the refresh interval.
-            let replace = samples.len() >= 2
-                && samples
-                    .get(samples.len() - 2)
-                    .is_some_and(|(at, _)| now.duration_since(*at) < spacing);
-            if replace {
-                samples.pop_back();
-            }
             samples.push_back((now, reading.current as f64));
             while samples
                 .front()
                 .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
-                || samples.len() > MAX_SAMPLES
             {
                 samples.pop_front();
             }
-            let growth = slope(&samples, self.window.as_secs_f64() * MIN_SPAN_SHARE);
+            while samples.len() > MAX_SAMPLES {
+                thin(&mut samples);
+            }
+            let growth = slope(&samples, MIN_SPAN.as_secs_f64());
             next.insert(
                 key,
                 Series {
@@ -168,7 +165,13 @@ impl Series {
             current: r.current,
             max: r.max,
             growth_per_s: growth,
-            eta_s: growth.and_then(|g| eta(r.current, r.max, g)),
+            // At the limit, use stops growing (it is refused): reached, not "no estimate".
+            eta_s: if r.max > 0 && r.current >= r.max {
+                Some(0.0)
+            } else {
+                growth.and_then(|g| eta(r.current, r.max, g))
+            },
+            samples: self.samples.len(),
         }
     }
 }
@@ -181,6 +184,18 @@ pub fn eta(current: u64, max: u64, growth: f64) -> Option<f64> {
     let left = max.saturating_sub(current) as f64;
     let secs = left / growth;
     (secs <= MAX_ETA.as_secs_f64()).then_some(secs)
+}
+
+/// Removes the sample of the older half (never the oldest) whose neighbours are closest
+/// together: the older half ends up evenly spread over the window, the newer half keeps every
+/// refresh.
+fn thin(samples: &mut VecDeque<(Instant, f64)>) {
+    let half = samples.len() / 2;
+    let closest = (1..half.min(samples.len().saturating_sub(1)))
+        .min_by_key(|&i| samples[i + 1].0.duration_since(samples[i - 1].0));
+    if let Some(i) = closest {
+        samples.remove(i);
+    }
 }
 
 /// The Theil-Sen slope (per second) of the samples: the median of the slopes between every
@@ -265,7 +280,24 @@ mod tests {
     #[test]
     fn too_few_samples_have_no_slope() {
         let mut w = LimitWatch::new(Duration::from_secs(30));
-        assert_eq!(feed(&mut w, &[10, 20, 30]).unwrap().growth_per_s, None);
+        assert_eq!(feed(&mut w, &[10, 20]).unwrap().growth_per_s, None);
+    }
+
+    #[test]
+    fn a_fast_leak_has_its_estimate_from_three_refreshes() {
+        let mut w = LimitWatch::new(Duration::from_secs(300));
+        let e = feed(&mut w, &[10, 12, 14]).unwrap();
+        assert_eq!(
+            (e.growth_per_s, e.eta_s, e.samples),
+            (Some(2.0), Some(43.0), 3)
+        );
+    }
+
+    #[test]
+    fn a_reached_limit_is_zero_away_while_flat() {
+        let mut w = LimitWatch::new(Duration::from_secs(30));
+        let e = feed(&mut w, &[100, 100, 100, 100]).unwrap();
+        assert_eq!((e.growth_per_s, e.eta_s), (Some(0.0), Some(0.0)));
     }
 
     #[test]
@@ -283,6 +315,11 @@ mod tests {
         }
         let s = w.series.values().next().unwrap();
         assert!(s.samples.len() <= MAX_SAMPLES, "{}", s.samples.len());
+        // Thinned, not cut: the window's span is kept.
+        let span = s.samples.back().unwrap().0 - s.samples.front().unwrap().0;
+        assert!(span > Duration::from_secs(25), "{span:?}");
+        let growth = w.get(Limit::Pids, "/leak").unwrap().growth_per_s.unwrap();
+        assert!((growth - 10.0).abs() < 1e-6, "{growth}");
         w.update(t0 + Duration::from_secs(200), []);
         assert!(w.series.is_empty());
     }

@@ -239,6 +239,96 @@ fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
     leak.wait();
 }
 
+/// A leak that reaches its pids limit ~20 s after it starts, under the daemon's default
+/// 5-minute trend window: its first time to exhaustion and a `pids_limit_near` finding come at
+/// least 10 s before the first failure, and every ETA read with 3 s or more left is within 25%
+/// of the real time left.
+#[test]
+fn a_20_s_leak_is_forecast_10_s_ahead_under_the_default_window() {
+    let _serial = serial();
+    let uid = format!("{:08x}-0000-4000-8000-0000000020a1", std::process::id());
+    let logs = KubeletLogs::new(&[("shop", "leaky-20", &uid, "app", CID)]);
+    let cg = PodCgroup::systemd(&unique("leak20"), &uid, CID, 40);
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
+    // An agent that has been up a while, as on a node.
+    std::thread::sleep(Duration::from_secs(3 * pace()));
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let interval = (500 * pace()).to_string();
+    let started = Instant::now();
+    let mut leak = Lab::spawn(
+        &[
+            &[
+                "threads",
+                "200",
+                "--comm",
+                "fl-leak20",
+                "--interval-ms",
+                &interval,
+                "--max-failures",
+                "1",
+            ][..],
+            &join,
+        ]
+        .concat(),
+    );
+    let who = [r#"pod="leaky-20""#, r#"limit="pids""#];
+    let failed = [r#"pod="leaky-20""#, r#"cause="pids_limit""#];
+    let mut etas: Vec<(Instant, f64)> = Vec::new();
+    let mut near: Option<Instant> = None;
+    let mut asked = Instant::now();
+    let first_failure = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60 * pace()),
+            "no failure; ETAs seen: {etas:?}"
+        );
+        let m = daemon.metrics();
+        if sample(&m, "faultline_clone_failures_total", &failed).is_some_and(|n| n > 0.0) {
+            break Instant::now();
+        }
+        if let Some(eta) = sample(&m, "faultline_limit_exhaustion_seconds", &who) {
+            etas.push((Instant::now(), eta));
+        }
+        if near.is_none() && asked.elapsed() >= Duration::from_secs(1) {
+            asked = Instant::now();
+            let (status, body) = http_get(daemon.port, "/explain?since=5m").expect("GET /explain");
+            if status == 200
+                && body.contains(r#""kind":"pids_limit_near""#)
+                && body.contains("leaky-20")
+            {
+                near = Some(Instant::now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let report = leak.report();
+    assert_eq!(report.failures, 1, "{report:?}");
+    leak.wait();
+    let before = |at: Instant| first_failure.duration_since(at).as_secs_f64();
+    let ahead = 10.0 * pace() as f64;
+    let first_eta = etas.first().map(|(at, _)| before(*at));
+    eprintln!(
+        "failure {:.1} s after the start; first ETA {first_eta:.1?} s and pids_limit_near {:.1?} s before it",
+        first_failure.duration_since(started).as_secs_f64(),
+        near.map(before)
+    );
+    assert!(first_eta.is_some_and(|b| b >= ahead), "{etas:?}");
+    assert!(
+        near.map(before).is_some_and(|b| b >= ahead),
+        "pids_limit_near {near:?}"
+    );
+    let age = 0.3 * pace() as f64;
+    for (at, eta) in &etas {
+        let left = before(*at);
+        if left >= 3.0 {
+            assert!(
+                (eta - left).abs() <= 0.25 * left + age,
+                "ETA {eta:.1} s with {left:.1} s really left: {etas:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_quiet_node_has_no_finding_and_says_where_it_looked() {
     let _serial = serial();

@@ -332,6 +332,7 @@ fn limit_findings(
 /// How a limit near exhaustion reads: (kind, symptom, cause, advice).
 fn limit_text(e: &Estimate, holders: &Holders) -> (&'static str, String, String, Vec<String>) {
     let when = match e.eta_s {
+        Some(s) if s <= 0.0 => "reached: what it limits is refused now".to_owned(),
         Some(s) => format!(
             "reached in {} at the current growth ({:+.2}/s)",
             duration(s),
@@ -339,10 +340,11 @@ fn limit_text(e: &Estimate, holders: &Holders) -> (&'static str, String, String,
         ),
         None => "not growing now".to_owned(),
     };
-    let soon = e
-        .eta_s
-        .map(|s| format!(" in {}", duration(s)))
-        .unwrap_or_else(|| " (little headroom left)".to_owned());
+    let soon = match e.eta_s {
+        Some(s) if s <= 0.0 => " now: it is reached".to_owned(),
+        Some(s) => format!(" in {}", duration(s)),
+        None => " (little headroom left)".to_owned(),
+    };
     match e.limit {
         Limit::Pids => (
             "pids_limit_near",
@@ -551,6 +553,7 @@ mod tests {
             max,
             growth_per_s: eta.map(|e| (max - current) as f64 / e.max(1.0)),
             eta_s: eta,
+            samples: 10,
             pod: None,
         }
     }
