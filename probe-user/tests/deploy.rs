@@ -100,7 +100,8 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_carries_them() {
     output(
         Command::new("promtool")
             .args(["test", "rules"])
-            .arg(alerts.join("faultline-rules.test.yaml")),
+            .arg(alerts.join("faultline-rules.test.yaml"))
+            .arg(alerts.join("faultline-limits.test.yaml")),
     );
     let plain =
         yaml_docs(&std::fs::read_to_string(alerts.join("faultline-rules.yaml")).expect("rules"));
@@ -662,6 +663,7 @@ fn every_placeholder_has_one_documented_place() {
     let tests = Command::new("promtool")
         .args(["test", "rules"])
         .arg(dir.join("deploy/alerts/faultline-rules.test.yaml"))
+        .arg(dir.join("deploy/alerts/faultline-limits.test.yaml"))
         .output()
         .expect("promtool");
     let _ = std::fs::remove_dir_all(&dir);
