@@ -25,6 +25,17 @@ pub enum EventKind {
     Conntrack,
 }
 
+impl EventKind {
+    /// As `--events` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Clone => "clone",
+            EventKind::Dns => "dns",
+            EventKind::Conntrack => "conntrack",
+        }
+    }
+}
+
 /// `10%` or `10` -> 10.0, within 0..=100.
 pub fn parse_percent(s: &str) -> anyhow::Result<f64> {
     let v: f64 = s

@@ -31,6 +31,7 @@ use crate::{
     attribution::pods::PodArgs,
     cli::EventKind,
     diagnosis::Recorder,
+    export::budget::{Budget, BudgetConfig, BudgetLine, Verdict},
     export::lines::EventLines,
     export::metrics::Metrics,
     export::otlp::{OtlpConfig, OtlpExporter},
@@ -39,6 +40,17 @@ use crate::{
     pipeline::{Pipeline, Sink},
     signals::{DnsOptions, Event, Plan, Refresh, Signal, dns::Names},
 };
+
+/// A rate: a finite number above zero.
+fn parse_rate(s: &str) -> anyhow::Result<f64> {
+    let v: f64 = s
+        .parse()
+        .with_context(|| format!("{s:?} is not a number"))?;
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{s:?}: the rate must be above zero");
+    }
+    Ok(v)
+}
 
 /// Not a default port of any exporter we know of (node_exporter 9100, kube-state-metrics
 /// 8080, Tetragon 2112, Retina 10093, Inspektor Gadget 2223).
@@ -55,11 +67,23 @@ pub struct RunArgs {
     /// Do not write event lines at all (metrics only).
     #[arg(long, env = "FAULTLINE_NO_EVENTS")]
     pub no_events: bool,
-    /// Which events become event lines and OTLP records: clone (failed task creation), dns
-    /// (every query: a line per query on a busy node), conntrack (drops and resolved clashes).
-    /// Metrics count all of them whatever this says.
+    /// Which events become event lines and OTLP records (within the event budget): clone
+    /// (failed task creation), dns (queries), conntrack (drops and resolved clashes). Metrics
+    /// count all of them whatever this says.
     #[arg(long, env = "FAULTLINE_EVENTS", value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns, EventKind::Conntrack])]
     pub events: Vec<EventKind>,
+    /// The event budget: full lines (and OTLP records) per workload, kind and cause in each
+    /// `--events-interval`; the rest of the interval's are summarized in one
+    /// `event_summary` line (metrics and /explain count every event).
+    #[arg(long, env = "FAULTLINE_EVENTS_PER_WORKLOAD", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub events_per_workload: u32,
+    /// The event budget's interval: each ends with the summaries of what it suppressed.
+    #[arg(long, env = "FAULTLINE_EVENTS_INTERVAL", value_parser = crate::cli::parse_interval, default_value = "1m")]
+    pub events_interval: Duration,
+    /// The event budget's node-wide ceiling: full lines per second past each workload's
+    /// first of the interval (bursts of ten seconds' worth).
+    #[arg(long, env = "FAULTLINE_EVENTS_PER_SECOND", default_value_t = 2.0, value_parser = parse_rate)]
+    pub events_per_second: f64,
     /// The span each limit's growth is measured over, for its time to exhaustion
     /// (`faultline_limit_exhaustion_seconds`, `/explain`).
     #[arg(long, env = "FAULTLINE_TREND_WINDOW", value_parser = crate::cli::parse_interval, default_value = "5m")]
@@ -175,7 +199,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Stopped: not ready any more; what the kernel handed over is delivered.
     served.ready.store(false, Ordering::Relaxed);
     server.stop();
-    sink.outputs.lines.finish();
+    sink.outputs.finish();
     let stats = sink.last_clone_stats;
     // Dropping the pipeline detaches every program.
     drop(pipeline);
@@ -266,10 +290,18 @@ impl Daemon {
                 Some(config) => Some(OtlpExporter::start(config, node, metrics.otlp_counters()?)),
                 None => None,
             };
+        let counters = metrics.event_line_counters()?;
+        let budget = BudgetConfig {
+            per_workload: args.events_per_workload,
+            interval: args.events_interval,
+            per_second: args.events_per_second,
+        };
         Ok(Daemon {
             outputs: Outputs {
                 kinds: args.events.clone(),
-                lines: open_lines(args, metrics.event_lines_dropped()?)?,
+                lines: open_lines(args, counters.dropped)?,
+                suppressed: counters.suppressed,
+                budget: Budget::new(budget, Instant::now()),
                 metrics,
                 otlp,
             },
@@ -295,6 +327,7 @@ impl Sink for Daemon {
     }
 
     fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
+        self.outputs.budget_due(refresh);
         let metrics = &self.outputs.metrics;
         if let Some(ct) = &refresh.conntrack {
             if let Some(node) = &ct.node {
@@ -342,23 +375,79 @@ impl Sink for Daemon {
     }
 }
 
-/// Where each event goes: metrics always; the event lines and OTLP for the kinds asked for.
-/// None of them can block.
+/// Where each event goes: metrics always; the event lines and OTLP for the kinds asked for,
+/// within the event budget. None of them can block.
 struct Outputs {
     kinds: Vec<EventKind>,
     metrics: Arc<Metrics>,
     lines: EventLines,
     otlp: Option<OtlpExporter>,
+    budget: Budget,
+    /// `faultline_event_lines_suppressed_total{kind}`.
+    suppressed: prometheus::IntCounterVec,
 }
 
 impl Outputs {
     fn event(&mut self, event: &Event) {
         self.metrics.event(event);
-        if event.kind().is_some_and(|k| self.kinds.contains(&k)) {
-            if let Some(otlp) = &self.otlp {
-                otlp.event(event);
+        let Some(kind) = event.kind().filter(|k| self.kinds.contains(k)) else {
+            return;
+        };
+        if !self.lines.active() && self.otlp.is_none() {
+            return;
+        }
+        match self.budget.admit(event, Instant::now()) {
+            Verdict::Full => {
+                if let Some(otlp) = &self.otlp {
+                    otlp.event(event);
+                }
+                self.lines.send(event);
             }
-            self.lines.send(event);
+            Verdict::Suppressed => self.suppressed.with_label_values(&[kind.as_str()]).inc(),
+        }
+    }
+
+    /// The summaries of an interval that ended, with the events the kernel lost meanwhile.
+    fn budget_due(&mut self, refresh: &Refresh) {
+        let lost = [
+            (
+                EventKind::Clone,
+                "clone_failure",
+                refresh.clone.map(|s| s.lost),
+            ),
+            (
+                EventKind::Dns,
+                "dns",
+                refresh.dns.as_ref().map(|d| d.stats.lost),
+            ),
+            (
+                EventKind::Conntrack,
+                "conntrack_drop",
+                refresh.conntrack.as_ref().map(|c| c.stats.lost),
+            ),
+        ];
+        for (kind, event, total) in lost {
+            if let Some(total) = total.filter(|_| self.kinds.contains(&kind)) {
+                self.budget.lost(event, total);
+            }
+        }
+        let due = self.budget.due(Instant::now());
+        self.write(&due);
+    }
+
+    /// At a stop: what the budget still holds, then the lines' queue.
+    fn finish(mut self) {
+        let rest = self.budget.finish();
+        self.write(&rest);
+        self.lines.finish();
+    }
+
+    fn write(&self, lines: &[BudgetLine]) {
+        for line in lines {
+            if let Some(otlp) = &self.otlp {
+                otlp.budget_line(line);
+            }
+            self.lines.send(line);
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::{
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
     signals::{
-        DnsOptions, Event, Plan, Refresh, Signal,
+        DnsOptions, Event, Line, Plan, Refresh, Signal,
         clone::CloneFailure,
         conntrack::{ClashesResolved, ConntrackDrop},
         dns::{DnsQuery, Names, Outcome, Rcode},
@@ -602,7 +602,8 @@ impl Printer {
     fn event(&mut self, e: &Event) -> anyhow::Result<()> {
         match self.format {
             Output::Json => {
-                let line = crate::text::json_line(e).context("encoding an event as JSON")?;
+                let line =
+                    crate::text::json_line(&Line::of(e)).context("encoding an event as JSON")?;
                 self.out.write_all(&line).context("writing to stdout")
             }
             Output::Table => {
@@ -615,7 +616,8 @@ impl Printer {
     fn summary(&mut self, s: &Summary) -> anyhow::Result<()> {
         match self.format {
             Output::Json => {
-                let line = crate::text::json_line(s).context("encoding the summary as JSON")?;
+                let line =
+                    crate::text::json_line(&Line::of(s)).context("encoding the summary as JSON")?;
                 self.out.write_all(&line).context("writing to stdout")?;
             }
             Output::Table => {

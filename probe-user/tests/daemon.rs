@@ -356,7 +356,9 @@ fn a_dead_otlp_collector_costs_dropped_events_not_a_stuck_daemon() {
         black_hole.local_addr().expect("addr").port()
     );
     let cg = PodCgroup::systemd(&unique("otlp-slow"), &pod_uid(4), CID, 4);
-    let daemon = Daemon::start(&["--otlp-endpoint", &endpoint, "--no-events"]);
+    // The event budget lifted: a record per failure.
+    let daemon =
+        Daemon::start(&[&["--otlp-endpoint", &endpoint, "--no-events"], NO_BUDGET].concat());
     let join = cg.join_args();
     let join: Vec<&str> = join.iter().map(String::as_str).collect();
     let storm = lab(&[
@@ -505,4 +507,129 @@ fn sighup_reopens_the_events_file_and_the_daemon_goes_on() {
         stderr.contains("SIGHUP: reopening the events file"),
         "{stderr}"
     );
+}
+
+/// The event budget under a storm: one cgroup failing for ~25 s costs at most five full
+/// lines per interval and one summary each; full lines, summaries and the counts of lost
+/// events add up exactly to the failures the labs made; another pod's single failure during
+/// the storm has its own line at once.
+#[test]
+fn an_event_storm_costs_the_budget_of_lines_and_every_failure_is_accounted() {
+    let _serial = serial();
+    let storm_cg = PodCgroup::systemd(&unique("budget-storm"), &pod_uid(5), CID, 4);
+    let other_cg = PodCgroup::systemd(&unique("budget-other"), &pod_uid(6), CID, 4);
+    let file = std::env::temp_dir().join(unique("budget-events.jsonl"));
+    let events = TempFile::new(&file, b"");
+    let daemon = Daemon::start(&[
+        "--events-file",
+        &file.display().to_string(),
+        "--events-interval",
+        "10s",
+    ]);
+    let join = storm_cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let n = (25_000 / pace()).max(5_000).to_string();
+    let mut storm = Lab::spawn(
+        &[
+            &[
+                "threads",
+                &n,
+                "--comm",
+                "fl-bstorm",
+                "--max-failures",
+                &n,
+                "--interval-ms",
+                "1",
+            ][..],
+            &join,
+        ]
+        .concat(),
+    );
+    std::thread::sleep(Duration::from_secs(3 * pace()));
+    let join = other_cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let other = lab(&[
+        &[
+            "threads",
+            "10",
+            "--comm",
+            "fl-bother",
+            "--max-failures",
+            "1",
+        ][..],
+        &join,
+    ]
+    .concat());
+    assert_eq!(other.failures, 1, "{other:?}");
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("event line is JSON"))
+            .collect()
+    };
+    let other_line = eventually(
+        Duration::from_secs(5 * pace()),
+        "the other pod's failure in full",
+        || {
+            read()
+                .into_iter()
+                .find(|e| e["kind"] == "clone_failure" && e["comm"] == "fl-bother")
+        },
+    );
+    let report = storm.report();
+    storm.wait();
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    let lines = read();
+    let storm_workload = lines
+        .iter()
+        .find(|e| e["comm"] == "fl-bstorm")
+        .map(|e| e["workload"].clone())
+        .expect("a storm line in full");
+    let full = lines
+        .iter()
+        .filter(|e| e["kind"] == "clone_failure" && e["workload"] == storm_workload)
+        .count() as u64;
+    let summaries: Vec<&Value> = lines
+        .iter()
+        .filter(|e| e["kind"] == "event_summary" && e["workload"] == storm_workload)
+        .collect();
+    let summarized: u64 = summaries.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    let lost: u64 = lines
+        .iter()
+        .filter(|e| e["kind"] == "events_lost" && e["event"] == "clone_failure")
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    eprintln!(
+        "{} failures: {full} lines, {} summaries of {summarized}, {lost} lost; {} lines in all",
+        report.failures,
+        summaries.len(),
+        lines.len()
+    );
+    assert!(
+        lines.iter().all(|e| e["version"] == 1),
+        "a line without its version"
+    );
+    // Five full lines an interval and one summary: the storm's ~30 s are at most 5 intervals.
+    assert!(full <= 25, "{full} full lines");
+    assert!(summaries.len() <= 5, "{summaries:#?}");
+    // Exactly the failures made: the storm's and the other pod's, nothing more or less.
+    let others = lines.iter().filter(|e| e["comm"] == "fl-bother").count() as u64;
+    assert_eq!(others, 1);
+    assert_eq!(
+        full + summarized + lost + others,
+        report.failures + other.failures
+    );
+    // The other pod's line was written while the storm was still summarized after it.
+    let last = summaries
+        .iter()
+        .filter_map(|s| s["last"].as_str())
+        .max()
+        .expect("a summary");
+    assert!(
+        other_line["time"].as_str() < Some(last),
+        "{other_line} after the storm's last failure {last}"
+    );
+    drop(events);
 }

@@ -209,8 +209,9 @@ fn storm(tag: u32, n: &str) -> (PodCgroup, Lab) {
 #[test]
 fn a_stalled_stdout_reader_costs_dropped_lines_not_a_stalled_daemon() {
     let _serial = serial();
-    // stdout is a pipe nobody reads: it fills after ~64 KiB, about a hundred lines.
-    let mut daemon = Daemon::start_with(&[], &[], Stdio::piped());
+    // stdout is a pipe nobody reads: it fills after ~64 KiB, about a hundred lines (the
+    // event budget lifted: a line per failure).
+    let mut daemon = Daemon::start_with(&[], NO_BUDGET, Stdio::piped());
     let (_cg, mut lab) = storm(1, "30000");
     let _ = lab.report();
     lab.wait();
@@ -235,7 +236,7 @@ fn a_stalled_stdout_reader_costs_dropped_lines_not_a_stalled_daemon() {
 #[test]
 fn a_closed_stdout_ends_event_lines_not_the_daemon() {
     let _serial = serial();
-    let mut daemon = Daemon::start_with(&[], &[], Stdio::piped());
+    let mut daemon = Daemon::start_with(&[], NO_BUDGET, Stdio::piped());
     drop(daemon.child.stdout.take());
     let (_cg, mut lab) = storm(2, "200");
     let _ = lab.report();

@@ -280,32 +280,9 @@ fn median(v: &mut [f64]) -> f64 {
 fn start(env: &Env, tool: Tool, port: u16) -> anyhow::Result<Option<Agent>> {
     Ok(match tool {
         Tool::None => None,
-        Tool::Faultline | Tool::FaultlineRawClone => Some(Agent::start(
-            tool.name(),
-            Command::new(env.bin.join("faultline")).args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--no-kube-api",
-                "--events-file",
-                "/dev/null",
-                // As deploy/daemonset.yaml runs it: event lines for the rare events only
-                // (DNS is in the metrics), names redacted.
-                "--events",
-                "clone,conntrack",
-                "--dns-names",
-                "redact",
-                "--refresh",
-                "1s",
-                "--clone-hook",
-                if tool == Tool::FaultlineRawClone {
-                    "raw"
-                } else {
-                    "auto"
-                },
-            ]),
-            Ready::Stderr("faultline: running on node"),
-        )?),
+        Tool::Faultline | Tool::FaultlineRawClone => {
+            Some(faultline_agent(env, tool, port, Path::new("/dev/null"))?)
+        }
         Tool::Bpftrace => Some(Agent::start(
             "bpftrace",
             Command::new("bpftrace").arg(&env.bpftrace_script),
@@ -612,7 +589,12 @@ fn storm(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()
     let per_process: u32 = if env.quick { 2_000 } else { 200_000 };
     let cg = BenchCgroup::pids("faultline-bench-storm", 1)?;
     let port = free_port()?;
-    let agent = start(env, Tool::Faultline, port)?.context("faultline")?;
+    let events = std::env::temp_dir().join(format!(
+        "faultline-bench-storm-{}.jsonl",
+        std::process::id()
+    ));
+    let agent = faultline_agent(env, Tool::Faultline, port, &events)?;
+    let storms = Instant::now();
     writeln!(
         doc,
         "## Failure storm and event pipeline ceiling\n\nProcesses calling pthread_create as fast as they can under a pids limit of 1 (every call fails with EAGAIN), {per_process} failures each, with `faultline run` (events written to /dev/null, metrics served). *Generated* is the kernel's failure rate; *delivered* the events that reached userspace and were classified and counted; *lost* the events the ring buffer had no room for (counted by the kernel, exported as `faultline_events_lost_total`).\n\n| processes | failures | wall | generated/s | delivered/s | lost | faultline CPU/event |\n|---|---|---|---|---|---|---|"
@@ -675,13 +657,63 @@ fn storm(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()
     found.ceiling = ceiling;
     let (rss, hwm) = agent.rss_kib();
     agent.stop()?;
+    let secs = storms.elapsed().as_secs_f64();
+    let written = std::fs::read_to_string(&events).unwrap_or_default();
+    let _ = std::fs::remove_file(&events);
+    let storm_lines = written.lines().count();
+    let summaries = written
+        .lines()
+        .filter(|l| l.contains(r#""kind":"event_summary""#))
+        .count();
+    let full: Vec<&str> = written
+        .lines()
+        .filter(|l| l.contains(r#""kind":"clone_failure""#))
+        .collect();
+    let line_bytes =
+        full.iter().map(|l| l.len() + 1).sum::<usize>() as f64 / full.len().max(1) as f64;
     writeln!(
         doc,
-        "\nHighest sustained rate with zero loss: **{ceiling:.0} events/s**. faultline's RSS after the storms: {:.1} MiB (peak {:.1} MiB).\n",
+        "\nHighest sustained rate with zero loss: **{ceiling:.0} events/s**. faultline's RSS after the storms: {:.1} MiB (peak {:.1} MiB).\n\nThe event lines of these storms, one cgroup's failures under the default event budget (5 full lines per workload, kind and cause a minute, then a summary): **{storm_lines} lines, {:.1} KiB** ({summaries} summaries) in {secs:.0} s, for {:.0} failures; a line per failure ({line_bytes:.0} bytes each) would have been {:.1} MiB.\n",
         rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
+        hwm as f64 / 1024.0,
+        written.len() as f64 / 1024.0,
+        7.0 * f64::from(per_process),
+        7.0 * f64::from(per_process) * line_bytes / f64::from(1u32 << 20)
     )?;
     Ok(())
+}
+
+/// `faultline run` as deploy/daemonset.yaml runs it, its event lines to `events`.
+fn faultline_agent(env: &Env, tool: Tool, port: u16, events: &Path) -> anyhow::Result<Agent> {
+    Agent::start(
+        tool.name(),
+        Command::new(env.bin.join("faultline"))
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--no-kube-api",
+                "--events-file",
+            ])
+            .arg(events)
+            .args([
+                // As deploy/daemonset.yaml runs it: event lines for the rare events only
+                // (DNS is in the metrics), names redacted, the default event budget.
+                "--events",
+                "clone,conntrack",
+                "--dns-names",
+                "redact",
+                "--refresh",
+                "1s",
+                "--clone-hook",
+                if tool == Tool::FaultlineRawClone {
+                    "raw"
+                } else {
+                    "auto"
+                },
+            ]),
+        Ready::Stderr("faultline: running on node"),
+    )
 }
 
 /// The least a tracepoint program costs here: empty bpftrace probes on the tracepoints the

@@ -439,23 +439,9 @@ mod tests {
 
     fn failure(cgroup: &str, comm: &str) -> CloneFailure {
         CloneFailure {
-            time: String::new(),
             time_unix_nano: now_nanos(),
-            pid: 1,
-            tid: 1,
-            ppid: 0,
             comm: comm.into(),
-            uid: 0,
-            syscall: "clone3",
-            errno: "EAGAIN".into(),
-            task: crate::signals::clone::TaskKind::Thread,
-            cause: crate::signals::clone::cause::Cause::PidsLimit,
-            evidence: "pids.current=5 pids.max=5".into(),
-            cgroup: cgroup.into(),
-            workload: cgroup.into(),
-            pod: None,
-            pids_cgroup: Some(cgroup.into()),
-            clone_flags: String::new(),
+            ..CloneFailure::example(cgroup)
         }
     }
 

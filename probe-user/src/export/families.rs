@@ -243,12 +243,20 @@ pub const HTTP_SERVER: &[Family] = &[
 ];
 
 /// The event lines' family, registered when they are written (`Metrics::event_lines_dropped`).
-pub const EVENT_LINES: &[Family] = &[Family {
-    name: "faultline_event_lines_dropped_total",
-    help: "Event lines not written: queue_full (the reader of stdout or the file is slow), closed (stdout was closed), write_error.",
-    labels: Labels::Own(&["reason"]),
-    kind: Kind::IntCounterVec,
-}];
+pub const EVENT_LINES: &[Family] = &[
+    Family {
+        name: "faultline_event_lines_dropped_total",
+        help: "Event lines not written: queue_full (the reader of stdout or the file is slow), closed (stdout was closed), write_error.",
+        labels: Labels::Own(&["reason"]),
+        kind: Kind::IntCounterVec,
+    },
+    Family {
+        name: "faultline_event_lines_suppressed_total",
+        help: "Events of the kinds asked for that the event budget summarized instead of writing as a line and an OTLP record (counted in the metrics and /explain all the same), by kind.",
+        labels: Labels::Own(&["kind"]),
+        kind: Kind::IntCounterVec,
+    },
+];
 
 /// A registered family, as its Prometheus type.
 pub enum Handle {

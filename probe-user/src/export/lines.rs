@@ -19,6 +19,8 @@ use std::{
 use anyhow::Context as _;
 use prometheus::IntCounterVec;
 
+use crate::signals::Line;
+
 /// Lines waiting for the writer; past it, new lines are dropped.
 const QUEUE: usize = 8192;
 /// How often an idle writer looks for a reopen request.
@@ -103,16 +105,22 @@ impl EventLines {
         })
     }
 
+    /// Whether lines are written at all (not `--no-events`, and the writer still runs).
+    pub fn active(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// Asks the writer to reopen the events file before its next line (after a log rotation
     /// moved it away); nothing for stdout.
     pub fn reopen(&self) -> Reopen {
         Reopen(self.reopen.clone())
     }
 
-    /// Queues one event as a JSON line (not even encoded when event lines are off).
+    /// Queues one event (or a budget's summary) as a JSON line of the schema, with its
+    /// version (not even encoded when event lines are off).
     pub fn send(&self, event: &impl serde::Serialize) {
         let Some(tx) = &self.tx else { return };
-        let Ok(line) = crate::text::json_line(event) else {
+        let Ok(line) = crate::text::json_line(&Line::of(event)) else {
             return;
         };
         match tx.try_send(line) {

@@ -37,6 +37,14 @@ use crate::{
 
 pub const OVERFLOW: &str = "_overflow";
 
+/// What became of event lines that were not written.
+pub struct EventLineCounters {
+    /// `reason`: queue_full, closed, write_error.
+    pub dropped: IntCounterVec,
+    /// `kind`: summarized by the event budget.
+    pub suppressed: IntCounterVec,
+}
+
 /// Whose a series is: `namespace`, `pod`, `container`, `workload`.
 #[derive(Clone, Debug, Eq)]
 pub struct WhoLabels([String; 4]);
@@ -79,10 +87,11 @@ pub fn who(workload: &str, pod: Option<&PodRef>) -> WhoLabels {
                 p.namespace.clone().unwrap_or_default(),
                 p.name.clone().unwrap_or_else(|| p.uid.clone()),
                 p.container.clone().unwrap_or_default(),
+                // The owner from the API; without it, the pod's own workload (never empty:
+                // alerts name it).
                 p.owner
                     .as_ref()
-                    .map(|o| format!("{}/{}", o.kind, o.name))
-                    .unwrap_or_default(),
+                    .map_or_else(|| workload.to_owned(), |o| format!("{}/{}", o.kind, o.name)),
             ],
             None => [
                 String::new(),
@@ -363,11 +372,15 @@ impl Metrics {
     }
 
     /// Event lines not written, by reason, registered with the others.
-    pub fn event_lines_dropped(&self) -> anyhow::Result<IntCounterVec> {
+    /// The event lines' counters (registered with the lines, when they are written).
+    pub fn event_line_counters(&self) -> anyhow::Result<EventLineCounters> {
         let mut f = Registered::new(&self.registry, families::EVENT_LINES)?;
-        let dropped = f.take("faultline_event_lines_dropped_total")?;
+        let counters = EventLineCounters {
+            dropped: f.take("faultline_event_lines_dropped_total")?,
+            suppressed: f.take("faultline_event_lines_suppressed_total")?,
+        };
         f.finish()?;
-        Ok(dropped)
+        Ok(counters)
     }
 
     pub fn refresh_failed(&self) {

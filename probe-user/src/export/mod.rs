@@ -3,8 +3,10 @@
 //! cap), `totals` (the kernel's running totals, read at scrape time), `serve` (the hardened
 //! HTTP endpoints, reading `metrics`) with `connections` (its slots, and whom to shed) and
 //! `server_counters` (what it shed and failed to accept), `lines` (JSON event lines through a
-//! bounded queue), `otlp` (OTLP/HTTP logs and spans).
+//! bounded queue) under the event `budget` (full lines, then summaries), `otlp` (OTLP/HTTP
+//! logs and spans).
 
+pub mod budget;
 pub mod connections;
 mod families;
 pub mod lines;

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     attribution::pods::PodRef,
+    export::budget::BudgetLine,
     signals::Event,
     signals::clone::CloneFailure,
     signals::conntrack::ConntrackDrop,
@@ -240,6 +241,11 @@ impl OtlpExporter {
         self.queue(item);
     }
 
+    /// Queues what the event budget says instead of the events it suppressed.
+    pub fn budget_line(&self, line: &BudgetLine) {
+        self.queue(Item::Log(budget_record(line)));
+    }
+
     fn queue(&self, item: Item) {
         if self.tx.try_send(item).is_err() {
             self.counters.dropped.inc();
@@ -350,6 +356,58 @@ pub fn drop_record(d: &ConntrackDrop) -> LogRecord {
                     d.evidence
                 ))
                 .into_owned(),
+            )),
+        }),
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// A budget's summary of suppressed events (or a count of events lost) as a log record.
+pub fn budget_record(line: &BudgetLine) -> LogRecord {
+    let (event_name, body, attributes) = match line {
+        BudgetLine::EventSummary(s) => {
+            let mut attributes = vec![
+                kv("faultline.event", s.event),
+                kv("faultline.workload", s.workload.clone()),
+                kv("faultline.cause", s.cause),
+                kv_int(
+                    "faultline.count",
+                    i64::try_from(s.count).unwrap_or(i64::MAX),
+                ),
+                kv("faultline.evidence", s.evidence.clone()),
+            ];
+            attributes.extend(k8s_attributes(s.pod.as_ref()));
+            let body = format!(
+                "{} more {} {} of {} from {} to {} ({})",
+                s.count, s.event, s.cause, s.workload, s.first, s.last, s.evidence
+            );
+            ("faultline.event_summary", body, attributes)
+        }
+        BudgetLine::EventsLost(l) => (
+            "faultline.events_lost",
+            format!(
+                "{} {} events lost (ring buffer or queue full)",
+                l.count, l.event
+            ),
+            vec![
+                kv("faultline.event", l.event),
+                kv_int(
+                    "faultline.count",
+                    i64::try_from(l.count).unwrap_or(i64::MAX),
+                ),
+            ],
+        ),
+    };
+    LogRecord {
+        time_unix_nano: now_unix_nano(),
+        observed_time_unix_nano: now_unix_nano(),
+        severity_number: SEVERITY_WARN,
+        severity_text: "WARN".to_owned(),
+        event_name: event_name.to_owned(),
+        body: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(
+                crate::text::printable(&body).into_owned(),
             )),
         }),
         attributes,

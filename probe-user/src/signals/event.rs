@@ -12,6 +12,27 @@ use super::{
 };
 use crate::cli::EventKind;
 
+/// The version of the event lines' schema: every line (`trace --output json`, the daemon's
+/// event lines) carries it after its own fields.
+pub const LINES_VERSION: u32 = 1;
+
+/// A line of the event lines' schema: the value's fields, then `version`.
+#[derive(Serialize)]
+pub struct Line<'a, T: Serialize> {
+    #[serde(flatten)]
+    pub value: &'a T,
+    pub version: u32,
+}
+
+impl<'a, T: Serialize> Line<'a, T> {
+    pub fn of(value: &'a T) -> Self {
+        Line {
+            value,
+            version: LINES_VERSION,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
@@ -45,5 +66,9 @@ mod tests {
     fn the_kind_tag_comes_first_as_before() {
         let line = serde_json::to_string(&Event::DnsQuery(DnsQuery::default())).expect("test");
         assert!(line.starts_with(r#"{"kind":"dns","time":"#), "{line}");
+        let event = Event::DnsQuery(DnsQuery::default());
+        let line = serde_json::to_string(&Line::of(&event)).expect("test");
+        assert!(line.starts_with(r#"{"kind":"dns","time":"#), "{line}");
+        assert!(line.ends_with(r#","version":1}"#), "{line}");
     }
 }

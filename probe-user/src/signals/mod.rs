@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use crate::cli::EventKind;
 
-pub use event::Event;
+pub use event::{Event, LINES_VERSION, Line};
 pub use refresh::{ConntrackRefresh, DnsRefresh, DnsTcp, Refresh, TaskRefresh};
 pub use registry::Signals;
 

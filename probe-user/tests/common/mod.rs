@@ -353,6 +353,14 @@ pub fn lab(args: &[&str]) -> LabReport {
     report
 }
 
+/// `faultline run`'s event budget lifted: a line (and an OTLP record) for every event.
+pub const NO_BUDGET: &[&str] = &[
+    "--events-per-workload",
+    "4000000000",
+    "--events-per-second",
+    "1e12",
+];
+
 /// A faultline-lab still running (holding its tasks, or leaking slowly).
 pub struct Lab {
     child: Child,

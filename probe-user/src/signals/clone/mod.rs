@@ -130,6 +130,32 @@ pub struct CloneFailure {
     pub clone_flags: String,
 }
 
+#[cfg(test)]
+impl CloneFailure {
+    /// A thread refused by the pids limit of `cgroup`, for tests.
+    pub fn example(cgroup: &str) -> CloneFailure {
+        CloneFailure {
+            time: String::new(),
+            time_unix_nano: 0,
+            pid: 1,
+            tid: 1,
+            ppid: 0,
+            comm: "leaky".into(),
+            uid: 0,
+            syscall: "clone3",
+            errno: "EAGAIN".into(),
+            task: TaskKind::Thread,
+            cause: cause::Cause::PidsLimit,
+            evidence: "pids.current=5 pids.max=5".into(),
+            cgroup: cgroup.into(),
+            workload: cgroup.into(),
+            pod: None,
+            pids_cgroup: Some(cgroup.into()),
+            clone_flags: String::new(),
+        }
+    }
+}
+
 /// Decodes and enriches every event waiting in the ring buffer, in order.
 pub fn deliver(
     batch: &Batch,
