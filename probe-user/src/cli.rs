@@ -15,7 +15,7 @@ pub enum Output {
 }
 
 /// The kinds of events a command prints or exports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
 pub enum EventKind {
     /// Failed task creation.
     Clone,

@@ -409,26 +409,9 @@ impl Outputs {
 
     /// The summaries of an interval that ended, with the events the kernel lost meanwhile.
     fn budget_due(&mut self, refresh: &Refresh) {
-        let lost = [
-            (
-                EventKind::Clone,
-                "clone_failure",
-                refresh.clone.map(|s| s.lost),
-            ),
-            (
-                EventKind::Dns,
-                "dns",
-                refresh.dns.as_ref().map(|d| d.stats.lost),
-            ),
-            (
-                EventKind::Conntrack,
-                "conntrack_drop",
-                refresh.conntrack.as_ref().map(|c| c.stats.lost),
-            ),
-        ];
-        for (kind, event, total) in lost {
-            if let Some(total) = total.filter(|_| self.kinds.contains(&kind)) {
-                self.budget.lost(event, total);
+        for (kind, total) in refresh.lost() {
+            if self.kinds.contains(&kind) {
+                self.budget.lost(kind, total);
             }
         }
         let due = self.budget.due(Instant::now());

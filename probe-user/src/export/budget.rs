@@ -14,7 +14,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{attribution::pods::PodRef, clock::now_rfc3339, signals::Event};
+use crate::{attribution::pods::PodRef, cli::EventKind, clock::now_rfc3339, signals::Event};
 
 /// Workload, kind and cause sets followed per interval; past it, new ones share one summary
 /// (`workload` `(others)`) and their first events are not let through: a pod making cgroups
@@ -103,8 +103,8 @@ pub struct Budget {
     tokens: f64,
     refilled: Instant,
     /// The kernel's cumulative lost count per event kind, at the last interval's end.
-    lost_seen: HashMap<&'static str, u64>,
-    lost_now: HashMap<&'static str, u64>,
+    lost_seen: HashMap<EventKind, u64>,
+    lost_now: HashMap<EventKind, u64>,
 }
 
 impl Budget {
@@ -164,8 +164,8 @@ impl Budget {
     }
 
     /// The kernel's cumulative count of events of this kind it could not deliver.
-    pub fn lost(&mut self, event: &'static str, total: u64) {
-        self.lost_now.insert(event, total);
+    pub fn lost(&mut self, kind: EventKind, total: u64) {
+        self.lost_now.insert(kind, total);
     }
 
     /// At the end of each interval: its summaries and losses (nothing before the end).
@@ -208,12 +208,12 @@ impl Budget {
             BudgetLine::EventsLost(_) => std::cmp::Reverse(0),
         });
         let mut lost: Vec<_> = self.lost_now.iter().map(|(k, v)| (*k, *v)).collect();
-        lost.sort();
-        for (event, total) in lost {
-            let seen = self.lost_seen.insert(event, total).unwrap_or(0);
+        lost.sort_by_key(|(kind, _)| kind.as_str());
+        for (kind, total) in lost {
+            let seen = self.lost_seen.insert(kind, total).unwrap_or(0);
             if total > seen {
                 lines.push(BudgetLine::EventsLost(EventsLost {
-                    event,
+                    event: lost_event(kind),
                     count: total - seen,
                     time: now_rfc3339(),
                 }));
@@ -226,6 +226,16 @@ impl Budget {
         let secs = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
         self.tokens = (self.tokens + secs * self.config.per_second).min(burst(&self.config));
+    }
+}
+
+/// The event a kind's losses are of, as the lines name it (a lost record is a clone failure,
+/// a DNS query or a conntrack drop; near-misses are polled, never lost).
+fn lost_event(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Clone => "clone_failure",
+        EventKind::Dns => "dns",
+        EventKind::Conntrack => "conntrack_drop",
     }
 }
 
@@ -330,7 +340,7 @@ mod tests {
             b.admit(&failure("shop/web", "w"), t + Duration::from_secs(10)),
             Verdict::Full
         );
-        b.lost("clone_failure", 7);
+        b.lost(EventKind::Clone, 7);
         assert!(b.due(t + Duration::from_secs(30)).is_empty());
         let lines = b.due(t + Duration::from_secs(61));
         let [BudgetLine::EventSummary(s), BudgetLine::EventsLost(l)] = lines.as_slice() else {
@@ -345,7 +355,7 @@ mod tests {
             b.admit(&failure("shop/api", "n"), t + Duration::from_secs(62)),
             Verdict::Full
         );
-        b.lost("clone_failure", 7);
+        b.lost(EventKind::Clone, 7);
         assert!(b.finish().is_empty());
     }
 

@@ -7,6 +7,7 @@ use probe_common::{clone::CloneStats, conntrack::ConntrackStats, dns::DnsStats, 
 
 use crate::{
     attribution::pods::PodRef,
+    cli::EventKind,
     signals::{
         clone::node::NodeTasks,
         conntrack::{CtTable, ctstats::CtCounters},
@@ -71,6 +72,22 @@ pub struct ConntrackRefresh {
 }
 
 impl Refresh {
+    /// Events each signal's programs could not deliver since they were attached (ring or
+    /// queue full), by the kind of event lost.
+    pub fn lost(&self) -> Vec<(EventKind, u64)> {
+        let mut lost = Vec::new();
+        if let Some(clone) = &self.clone {
+            lost.push((EventKind::Clone, clone.lost));
+        }
+        if let Some(dns) = &self.dns {
+            lost.push((EventKind::Dns, dns.stats.lost));
+        }
+        if let Some(conntrack) = &self.conntrack {
+            lost.push((EventKind::Conntrack, conntrack.stats.lost));
+        }
+        lost
+    }
+
     pub fn rows(&self) -> &[CgroupRow] {
         self.tasks.as_ref().map_or(&[], |t| t.rows.as_slice())
     }
