@@ -125,7 +125,7 @@ impl Budget {
         self.refill(now);
         let facts = Facts::of(event);
         let mut key = Key {
-            event: facts.event,
+            event: event.name(),
             workload: facts.workload.to_owned(),
             cause: facts.cause,
         };
@@ -244,9 +244,8 @@ fn burst(config: &BudgetConfig) -> f64 {
     (config.per_second * 10.0).max(1.0)
 }
 
-/// What the budget keys and summarizes an event by.
+/// What the budget keys (with `Event::name`) and summarizes an event by.
 struct Facts<'a> {
-    event: &'static str,
     workload: &'a str,
     cause: &'static str,
     time: &'a str,
@@ -258,7 +257,6 @@ impl<'a> Facts<'a> {
     fn of(event: &'a Event) -> Facts<'a> {
         match event {
             Event::CloneFailure(f) => Facts {
-                event: "clone_failure",
                 workload: &f.workload,
                 cause: f.cause.as_str(),
                 time: &f.time,
@@ -266,7 +264,6 @@ impl<'a> Facts<'a> {
                 pod: f.pod.as_ref(),
             },
             Event::DnsQuery(q) => Facts {
-                event: "dns",
                 workload: &q.workload,
                 cause: q.outcome.as_str(),
                 time: &q.time,
@@ -274,7 +271,6 @@ impl<'a> Facts<'a> {
                 pod: q.pod.as_ref(),
             },
             Event::ConntrackDrop(d) => Facts {
-                event: "conntrack_drop",
                 workload: &d.workload,
                 cause: d.cause.as_str(),
                 time: &d.time,
@@ -282,7 +278,6 @@ impl<'a> Facts<'a> {
                 pod: d.pod.as_ref(),
             },
             Event::ClashesResolved(c) => Facts {
-                event: "conntrack_clash_resolved",
                 workload: &c.workload,
                 cause: "",
                 time: &c.time,
@@ -290,7 +285,6 @@ impl<'a> Facts<'a> {
                 pod: None,
             },
             Event::HeadroomWarning(w) => Facts {
-                event: "headroom_warning",
                 workload: &w.workload,
                 cause: "",
                 time: &w.time,

@@ -46,6 +46,17 @@ pub enum Event {
 }
 
 impl Event {
+    /// Its `kind` tag, as the event lines name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::CloneFailure(_) => "clone_failure",
+            Event::DnsQuery(_) => "dns",
+            Event::ConntrackDrop(_) => "conntrack_drop",
+            Event::ClashesResolved(_) => "conntrack_clash_resolved",
+            Event::HeadroomWarning(_) => "headroom_warning",
+        }
+    }
+
     /// The `--events` choice it belongs to; none for a headroom warning (asked for with
     /// `--headroom-warn`, never exported).
     pub fn kind(&self) -> Option<EventKind> {
@@ -70,5 +81,9 @@ mod tests {
         let line = serde_json::to_string(&Line::of(&event)).expect("test");
         assert!(line.starts_with(r#"{"kind":"dns","time":"#), "{line}");
         assert!(line.ends_with(r#","version":1}"#), "{line}");
+        assert!(
+            line.contains(&format!(r#""kind":"{}""#, event.name())),
+            "{line}"
+        );
     }
 }
