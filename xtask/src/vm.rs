@@ -3,7 +3,7 @@
 //! runs `faultline check` and the real-kernel integration tests inside each, against the same
 //! build as the host suite. The tests run faultline as the DaemonSet does (xtask/src/deployed.rs),
 //! and `check` runs so too, on this machine as well: with two runtime memlock limits and once
-//! without each capability the manifest adds (the README's capability matrix).
+//! without each capability the manifest adds (the capability matrix of docs/kernels.md).
 //!
 //! Kernels come from Debian's own suites through a private apt configuration under
 //! `target/vm/apt` (the host's apt sources are never touched) and are unpacked with `dpkg -x`
@@ -322,11 +322,10 @@ pub struct Outcome {
     pub deployed: deployed::Checks,
 }
 
-/// The README section the matrix writes and checks: one row per kernel, from its `faultline
+/// The docs/kernels.md section the matrix writes and checks: one row per kernel, from its `faultline
 /// check` (which programs the kernel accepted, which older mechanisms stand in for newer ones).
-const README_BEGIN: &str =
-    "<!-- kernel matrix: written by `cargo xtask vm-test --update-readme` -->";
-const README_END: &str = "<!-- end of kernel matrix -->";
+const TABLE_BEGIN: &str = "<!-- kernel matrix: written by `cargo xtask vm-test --update-docs` -->";
+const TABLE_END: &str = "<!-- end of kernel matrix -->";
 
 /// The programs `faultline check` loads, by the words of its lines, and their names here.
 const PROGRAMS: [(&str, &str); 4] = [
@@ -375,27 +374,27 @@ fn table_row(k: &Kernel, o: &Outcome) -> String {
     )
 }
 
-/// Compares the README's kernel table with this run's, and rewrites it with `update`.
+/// Compares docs/kernels.md's kernel table with this run's, and rewrites it with `update`.
 fn check_readme(root: &Path, rows: &str, update: bool) -> anyhow::Result<()> {
-    let path = root.join("README.md");
-    let readme = fs::read_to_string(&path).context("reading README.md")?;
-    let (Some(b), Some(e)) = (readme.find(README_BEGIN), readme.find(README_END)) else {
-        bail!("README.md has no kernel matrix markers ({README_BEGIN} ... {README_END})");
+    let path = root.join("docs/kernels.md");
+    let readme = fs::read_to_string(&path).context("reading docs/kernels.md")?;
+    let (Some(b), Some(e)) = (readme.find(TABLE_BEGIN), readme.find(TABLE_END)) else {
+        bail!("docs/kernels.md has no kernel matrix markers ({TABLE_BEGIN} ... {TABLE_END})");
     };
     let table = format!(
-        "{README_BEGIN}\n| kernel | Debian package | programs attached | older mechanisms in use |\n|---|---|---|---|\n{rows}"
+        "{TABLE_BEGIN}\n| kernel | Debian package | programs attached | older mechanisms in use |\n|---|---|---|---|\n{rows}"
     );
     if readme[b..e] == table {
         return Ok(());
     }
     if !update {
         bail!(
-            "README.md's kernel table differs from what the matrix found:\n{table}\nrun `cargo xtask vm-test --update-readme`"
+            "docs/kernels.md's kernel table differs from what the matrix found:\n{table}\nrun `cargo xtask vm-test --update-docs`"
         );
     }
     let updated = format!("{}{table}{}", &readme[..b], &readme[e..]);
-    fs::write(&path, updated).context("writing README.md")?;
-    eprintln!("xtask: README.md's kernel table updated");
+    fs::write(&path, updated).context("writing docs/kernels.md")?;
+    eprintln!("xtask: docs/kernels.md's kernel table updated");
     Ok(())
 }
 
@@ -403,7 +402,7 @@ pub fn run(
     root: &Path,
     only: &[String],
     filter: &[String],
-    update_readme: bool,
+    update_docs: bool,
 ) -> anyhow::Result<()> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -472,8 +471,8 @@ pub fn run(
             .zip(&outcomes)
             .map(|(k, o)| table_row(k, o))
             .collect();
-        check_readme(root, &rows, update_readme)?;
-        deployed::check_readme(root, &profile.caps, &cap_rows, update_readme)?;
+        check_readme(root, &rows, update_docs)?;
+        deployed::check_readme(root, &profile.caps, &cap_rows, update_docs)?;
     }
     Ok(())
 }
