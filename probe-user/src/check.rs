@@ -64,7 +64,7 @@ pub fn run(args: &CheckArgs) -> bool {
     let tracefs = if privileged.is_ok() {
         Tracefs::find_or_mount()
     } else {
-        Tracefs::find().ok_or_else(|| anyhow::anyhow!("tracefs not mounted"))
+        Tracefs::find().map_err(anyhow::Error::from)
     };
     match &tracefs {
         Ok(t) => {

@@ -1,6 +1,6 @@
 //! What the commands' arguments share: the output formats, the event kinds, and parsers.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::ValueEnum;
@@ -48,13 +48,53 @@ pub fn parse_percent(s: &str) -> anyhow::Result<f64> {
     Ok(v)
 }
 
-/// A period between two samples (`1s`, `250ms`): more than zero.
-pub fn parse_interval(s: &str) -> anyhow::Result<Duration> {
-    let d = humantime::parse_duration(s).with_context(|| format!("{s:?} is not a duration"))?;
+/// A positive duration, or a message naming what it is for (`what`: "window", "period"...).
+fn positive(s: &str, what: &str) -> anyhow::Result<Duration> {
+    let d = humantime::parse_duration(s)
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration (e.g. 30s, 5m, 1h)"))?;
     if d.is_zero() {
-        bail!("{s:?}: the interval must be longer than zero");
+        bail!("the {what} must be longer than zero");
     }
     Ok(d)
+}
+
+/// A period between two samples or refreshes (`1s`, `250ms`): more than zero.
+pub fn parse_period(s: &str) -> anyhow::Result<Duration> {
+    positive(s, "period")
+}
+
+/// A window of the past a measure or report covers (`15m`): more than zero.
+pub fn parse_window(s: &str) -> anyhow::Result<Duration> {
+    positive(s, "window")
+}
+
+/// How long to wait for something before giving up on it (`2s`): more than zero.
+pub fn parse_timeout(s: &str) -> anyhow::Result<Duration> {
+    positive(s, "timeout")
+}
+
+/// How long a command runs (`30s`): more than zero.
+pub fn parse_run_time(s: &str) -> anyhow::Result<Duration> {
+    positive(s, "duration")
+}
+
+/// A time ahead within which something is warned of (`10m`): more than zero.
+pub fn parse_horizon(s: &str) -> anyhow::Result<Duration> {
+    positive(s, "horizon")
+}
+
+/// `--listen`: `:PORT` (every IPv4 address, 0.0.0.0:PORT, as the Prometheus exporters take
+/// it), `HOST:PORT` with an IP address, or `[v6]:PORT`.
+pub fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
+    let full = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_owned(),
+    };
+    full.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "{s:?} is not an address to listen on (e.g. :9847, 127.0.0.1:9847, [::1]:9847)"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -70,13 +110,34 @@ mod tests {
     }
 
     #[test]
-    fn intervals_are_positive() {
+    fn durations_are_positive_and_said_in_words() {
         assert_eq!(
-            parse_interval("250ms").expect("test"),
+            parse_period("250ms").expect("test"),
             Duration::from_millis(250)
         );
-        assert!(parse_interval("0s").is_err());
-        assert!(parse_interval("0").is_err());
-        assert!(parse_interval("soon").is_err());
+        let e = |r: anyhow::Result<Duration>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(e(parse_window("0s")), "the window must be longer than zero");
+        assert_eq!(e(parse_period("0")), "the period must be longer than zero");
+        assert_eq!(
+            e(parse_timeout("0ms")),
+            "the timeout must be longer than zero"
+        );
+        assert_eq!(
+            e(parse_run_time("x")),
+            "\"x\" is not a duration (e.g. 30s, 5m, 1h)"
+        );
+        assert!(parse_horizon("soon").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_as_exporters_take_them() {
+        let ok = |s: &str| parse_listen(s).expect("test").to_string();
+        assert_eq!(ok(":9847"), "0.0.0.0:9847");
+        assert_eq!(ok("127.0.0.1:9847"), "127.0.0.1:9847");
+        assert_eq!(ok("[::1]:9847"), "[::1]:9847");
+        for bad in [":", ":x", "9847", "localhost:9847", "[::1]", ":70000"] {
+            let e = parse_listen(bad).expect_err(bad).to_string();
+            assert!(e.contains("is not an address to listen on"), "{bad}: {e}");
+        }
     }
 }

@@ -1,77 +1,125 @@
 //! `faultline explain`: the findings of the recent past, ranked, each with what, who, why,
 //! trend and what to change. From the node's daemon (`faultline run`'s `/explain`, its last
-//! hour) when one answers, otherwise from a short observation of its own: the live tasks and
-//! limits plus a few seconds of events, said in the output.
+//! hour, asked with hyper's client) when one answers; when the default address does not
+//! answer, from a short observation of its own (the live tasks and limits plus a few seconds
+//! of events, said in the output). A daemon named by `--daemon` that does not answer is an
+//! error.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{TcpStream, ToSocketAddrs as _},
+    fmt,
+    io::Write as _,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper::{Request, StatusCode, Uri, body::Bytes};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attribution::pods::PodArgs,
+    attribution::pods::{PodArgs, PodFilters},
     cli::Output,
     diagnosis::{
         Recorder,
         findings::{Finding, Report, duration},
+        history::MAX_AGE,
     },
+    export::serve::EXPLAIN_DEFAULT_SINCE,
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
     signals::{DnsOptions, Event, Plan, Refresh, Signal},
 };
 
 /// Largest `/explain` answer read (the daemon's history is bounded far below).
-const MAX_ANSWER: u64 = 16 << 20;
+const MAX_ANSWER: usize = 16 << 20;
+/// How long connecting to the daemon may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the whole exchange with the daemon may take.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Asked when neither `--daemon` nor `$FAULTLINE_DAEMON` names one.
+const DEFAULT_DAEMON: &str = "http://127.0.0.1:9847";
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
-    /// The window the findings cover (the daemon keeps one hour).
-    #[arg(long, value_parser = crate::cli::parse_interval, default_value = "15m")]
-    pub since: Duration,
+    /// The window of the daemon's history the findings cover (at most 1h; default 15m). An
+    /// observation covers --observe-for instead, so with --observe, or when no daemon
+    /// answers, --since is an error.
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<Duration>,
     /// `table` for people, `json`: one report object (documented in the README).
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// The node's daemon, asked first.
-    #[arg(
-        long,
-        env = "FAULTLINE_DAEMON",
-        default_value = "http://127.0.0.1:9847"
-    )]
-    pub daemon: String,
+    /// The node's daemon, an http:// URL, with a path prefix when behind a proxy
+    /// (`<URL>/explain` is asked). When given (or $FAULTLINE_DAEMON is), a daemon that does
+    /// not answer is an error; by default http://127.0.0.1:9847 is asked, and when nothing
+    /// answers there this node is observed for --observe-for instead.
+    #[arg(long, env = "FAULTLINE_DAEMON")]
+    pub daemon: Option<String>,
     /// Do not ask a daemon: observe this node for --observe-for.
     #[arg(long)]
     pub observe: bool,
     /// How long the command watches when no daemon answers (or with --observe).
-    #[arg(long, value_parser = crate::cli::parse_interval, default_value = "10s")]
+    #[arg(long, value_parser = crate::cli::parse_run_time, default_value = "10s")]
     pub observe_for: Duration,
+    #[command(flatten)]
+    pub filters: PodFilters,
     #[command(flatten)]
     pub pods: PodArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }
 
+/// `--since`: a window within the daemon's hour of history.
+fn parse_since(s: &str) -> anyhow::Result<Duration> {
+    let d = crate::cli::parse_window(s)?;
+    if d > MAX_AGE {
+        bail!("the daemon keeps one hour of history: the window is at most 1h");
+    }
+    Ok(d)
+}
+
+/// Why an explicit `--since` cannot apply to an observation.
+const SINCE_OBSERVED: &str = "--since selects from the daemon's history; an observation covers --observe-for (drop --since, or set --observe-for)";
+
 pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
+    let explicit = match &args.daemon {
+        Some(s) => Some(DaemonUrl::parse(s).with_context(|| format!("--daemon {s:?}"))?),
+        None => None,
+    };
     let mut report = if args.observe {
+        if args.since.is_some() {
+            bail!("with --observe, {SINCE_OBSERVED}");
+        }
         observe(&args, Vec::new()).await?
     } else {
-        match ask_daemon(&args.daemon, args.since)? {
-            DaemonAnswer::Report(r) => r,
-            DaemonAnswer::Unreachable(why) => {
+        let daemon = match &explicit {
+            Some(d) => d.clone(),
+            None => DaemonUrl::parse(DEFAULT_DAEMON)?,
+        };
+        match ask_daemon(&daemon, args.since.unwrap_or(EXPLAIN_DEFAULT_SINCE)).await {
+            Ok(report) => report,
+            Err(Asked::Failed(e)) => return Err(e),
+            Err(Asked::Unreachable(why)) if explicit.is_some() => {
+                bail!("no daemon answered at {daemon} ({why})");
+            }
+            Err(Asked::Unreachable(why)) if args.since.is_some() => {
+                bail!("no daemon answered at {daemon} ({why}), and {SINCE_OBSERVED}");
+            }
+            Err(Asked::Unreachable(why)) => {
                 let note = format!(
-                    "no daemon answered at {} ({why}): observed this node for {} instead; trends over so short a window are rough",
-                    args.daemon,
+                    "no daemon answered at {daemon} ({why}): observed this node for {} instead; trends over so short a window are rough",
                     humantime::format_duration(args.observe_for)
                 );
                 observe(&args, vec![note]).await?
             }
         }
     };
-    report.findings.retain(|f| matches(&args.pods, f));
+    report.findings.retain(|f| matches(&args.filters, f));
     let mut out = std::io::stdout().lock();
     match args.output {
         Output::Json => out.write_all(&crate::text::json_line(&report)?)?,
@@ -85,86 +133,154 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
 }
 
 /// The pod filters (--namespace, --pod, --container) on a finding's names.
-fn matches(pods: &PodArgs, f: &Finding) -> bool {
-    let is = |plan: &Option<String>, have: &Option<String>, prefix: bool| match plan {
-        None => true,
-        Some(w) => have.as_deref().is_some_and(|h| {
-            if prefix {
-                h.starts_with(w.as_str())
-            } else {
-                h == w
-            }
-        }),
-    };
-    is(&pods.namespace, &f.who.namespace, false)
-        && is(&pods.pod, &f.who.pod, true)
-        && is(&pods.container, &f.who.container, false)
+fn matches(filters: &PodFilters, f: &Finding) -> bool {
+    filters.matches_names(
+        f.who.namespace.as_deref(),
+        f.who.pod.as_deref(),
+        f.who.container.as_deref(),
+    )
 }
 
-/// What asking the daemon gave.
-enum DaemonAnswer {
-    Report(Report),
-    /// Nobody listens there (or the name does not resolve): the command observes for itself.
-    Unreachable(String),
+/// Where the daemon is: an http:// URL, its path (a proxy's prefix) kept.
+#[derive(Clone, Debug)]
+struct DaemonUrl {
+    /// `host:port`, as given.
+    authority: String,
+    /// The path before `/explain`, without a trailing `/` (empty at the root).
+    prefix: String,
 }
 
-/// `GET <daemon>/explain?since=...`. A daemon that answers with an error, or with something
-/// that is not a report, is an error; one that is not there is [`DaemonAnswer::Unreachable`].
-fn ask_daemon(daemon: &str, since: Duration) -> anyhow::Result<DaemonAnswer> {
-    let Some(authority) = daemon.strip_prefix("http://") else {
-        bail!("--daemon {daemon:?}: not an http:// address");
-    };
-    let authority = authority.trim_end_matches('/');
-    let addr = match authority.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(addr)) => addr,
-        Ok(None) => {
-            return Ok(DaemonAnswer::Unreachable(format!(
-                "{authority} has no address"
-            )));
+impl DaemonUrl {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        if s.starts_with("https://") {
+            bail!(
+                "https is not supported: the daemon serves plain http:// (on the node, or through a proxy that speaks http)"
+            );
         }
-        Err(e) => {
-            return Ok(DaemonAnswer::Unreachable(format!(
-                "resolving {authority}: {e}"
-            )));
+        let uri: Uri = s
+            .parse()
+            .map_err(|_| anyhow::anyhow!("not a URL (e.g. http://127.0.0.1:9847)"))?;
+        if uri.scheme_str() != Some("http") {
+            bail!("not an http:// URL (e.g. http://127.0.0.1:9847)");
         }
-    };
-    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-        Ok(s) => s,
-        Err(e) => return Ok(DaemonAnswer::Unreachable(e.to_string())),
-    };
-    let answer = (|| -> anyhow::Result<Vec<u8>> {
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-        let request = format!(
-            "GET /explain?since={}s HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n",
+        let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+            bail!("the URL names no host (e.g. http://127.0.0.1:9847)");
+        };
+        // After an IPv6 literal's `]`, a `:` starts the port.
+        let tail = authority.as_str().rsplit(']').next().unwrap_or("");
+        if tail
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_err())
+        {
+            bail!("the port is not a number from 0 to 65535");
+        }
+        if uri.query().is_some() {
+            bail!("the URL has a query: give the daemon's address (and path prefix) only");
+        }
+        Ok(DaemonUrl {
+            authority: authority.as_str().to_owned(),
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// `<prefix>/explain?since=<seconds>s`.
+    fn explain(&self, since: Duration) -> anyhow::Result<Uri> {
+        let uri = format!(
+            "http://{}{}/explain?since={}s",
+            self.authority,
+            self.prefix,
             since.as_secs().max(1)
         );
-        stream.write_all(request.as_bytes())?;
-        let mut buf = Vec::new();
-        stream.take(MAX_ANSWER).read_to_end(&mut buf)?;
-        Ok(buf)
-    })()
-    .with_context(|| format!("asking the daemon at {daemon}"))?;
-    parse_answer(&answer)
-        .with_context(|| format!("the daemon at {daemon}"))
-        .map(DaemonAnswer::Report)
+        uri.parse().with_context(|| format!("{uri:?} is not a URL"))
+    }
 }
 
-fn parse_answer(answer: &[u8]) -> anyhow::Result<Report> {
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("the daemon's answer has no header end")?;
-    let head = String::from_utf8_lossy(&answer[..split]);
-    let body = &answer[split + 4..];
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
-    if status != "200" {
+impl fmt::Display for DaemonUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.prefix)
+    }
+}
+
+/// What asking the daemon gave, when it gave no report.
+enum Asked {
+    /// Nothing answered there (refused, connecting timed out, the name does not resolve).
+    Unreachable(String),
+    /// Something answered, with an error or with what is not a report.
+    Failed(anyhow::Error),
+}
+
+/// `GET <daemon>/explain?since=...`, bounded in time and size.
+async fn ask_daemon(daemon: &DaemonUrl, since: Duration) -> Result<Report, Asked> {
+    let uri = daemon.explain(since).map_err(Asked::Failed)?;
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let request = Request::get(uri)
+        .body(Empty::new())
+        .map_err(|e| Asked::Failed(anyhow::anyhow!("building the request: {e}")))?;
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                Asked::Unreachable(innermost(&e))
+            } else {
+                Asked::Failed(anyhow::anyhow!(
+                    "asking the daemon at {daemon}: {}",
+                    innermost(&e)
+                ))
+            }
+        })?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| {
+                Asked::Failed(anyhow::anyhow!(
+                    "reading the answer of the daemon at {daemon}: {e} (at most {} MiB)",
+                    MAX_ANSWER >> 20
+                ))
+            })?
+            .to_bytes();
+        read_report(status, &body)
+            .with_context(|| format!("the daemon at {daemon}"))
+            .map_err(Asked::Failed)
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, exchange).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Asked::Failed(anyhow::anyhow!(
+            "the daemon at {daemon} did not answer within {}",
+            humantime::format_duration(ANSWER_TIMEOUT)
+        ))),
+    }
+}
+
+/// The innermost cause of an error, in words: `connection refused`, `timed out`...
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    match cause
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind)
+    {
+        Some(std::io::ErrorKind::ConnectionRefused) => "connection refused".to_owned(),
+        Some(std::io::ErrorKind::TimedOut) => "timed out".to_owned(),
+        _ => cause.to_string(),
+    }
+}
+
+/// A report from a 200 answer; any other status is an error with the body's first line.
+fn read_report(status: StatusCode, body: &[u8]) -> anyhow::Result<Report> {
+    if status != StatusCode::OK {
+        let text = String::from_utf8_lossy(body);
+        let first = text.lines().next().unwrap_or("").trim();
         bail!(
-            "the daemon answered {status}: {}",
-            String::from_utf8_lossy(body).trim()
+            "answered {status}: {}",
+            crate::text::printable(first.get(..200).unwrap_or(first))
         );
     }
-    serde_json::from_slice(body).context("the daemon's /explain answer is not a report")
+    serde_json::from_slice(body)
+        .map_err(|e| anyhow::anyhow!("answered with what is not a report ({e})"))
 }
 
 /// Watches the node for `--observe-for`: the live tasks and limits at each second, and every
@@ -337,9 +453,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_daemon_error_is_said() {
-        let e = parse_answer(b"HTTP/1.1 400 Bad Request\r\n\r\nsince=x: bad\n").unwrap_err();
-        assert!(format!("{e:#}").contains("400"), "{e:#}");
-        assert!(parse_answer(b"garbage").is_err());
+    fn a_daemon_error_is_said_in_one_line() {
+        let e = read_report(StatusCode::BAD_REQUEST, b"since=x: bad\nmore\n").unwrap_err();
+        assert_eq!(format!("{e:#}"), "answered 400 Bad Request: since=x: bad");
+        let e = read_report(StatusCode::OK, b"<html>").unwrap_err();
+        assert!(format!("{e:#}").contains("not a report"), "{e:#}");
+    }
+
+    #[test]
+    fn daemon_urls_keep_their_path_prefix() {
+        let url = |s: &str| DaemonUrl::parse(s).expect(s);
+        let ask = |s: &str| {
+            url(s)
+                .explain(Duration::from_secs(300))
+                .expect(s)
+                .to_string()
+        };
+        assert_eq!(
+            ask("http://127.0.0.1:9847"),
+            "http://127.0.0.1:9847/explain?since=300s"
+        );
+        assert_eq!(
+            ask("http://host:9847/faultline/"),
+            "http://host:9847/faultline/explain?since=300s"
+        );
+        assert_eq!(
+            url("http://[::1]:9847/a/b").to_string(),
+            "http://[::1]:9847/a/b"
+        );
+        for bad in [
+            "127.0.0.1:9847",
+            "ftp://host/",
+            "http://",
+            "http://h:x/",
+            "http://h/?a=b",
+        ] {
+            assert!(DaemonUrl::parse(bad).is_err(), "{bad}");
+        }
+        let https = DaemonUrl::parse("https://host/").unwrap_err().to_string();
+        assert!(https.contains("https is not supported"), "{https}");
+    }
+
+    #[test]
+    fn since_is_within_the_daemons_hour() {
+        assert_eq!(parse_since("1h").expect("test"), MAX_AGE);
+        assert!(parse_since("61m").is_err());
+        assert!(parse_since("0s").is_err());
     }
 }

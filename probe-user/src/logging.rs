@@ -7,8 +7,11 @@ use std::fmt;
 use clap::ValueEnum;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::{
+    filter::{LevelFilter, Targets},
     fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
+    layer::SubscriberExt as _,
     registry::LookupSpan,
+    util::SubscriberInitExt as _,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -38,18 +41,32 @@ impl LogLevel {
     }
 }
 
+/// Targets whose records never reach the output: kube's crates (a prefix: kube_client,
+/// kube_runtime), whose client logs every failed request at ERROR (8 lines in 10 s while the
+/// API is unreachable); `attribution::kubeapi` says the API's state itself, once per change.
+const QUIET_TARGET: &str = "kube";
+
 /// Installs the subscriber for the whole process (once; later calls change nothing).
 pub fn init(format: LogFormat, level: LogLevel) {
+    let targets = Targets::new()
+        .with_default(level.level())
+        .with_target(QUIET_TARGET, LevelFilter::OFF);
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(level.level());
     let _ = match format {
-        LogFormat::Plain => builder.event_format(Plain).try_init(),
+        LogFormat::Plain => builder
+            .event_format(Plain)
+            .finish()
+            .with(targets)
+            .try_init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
+            .finish()
+            .with(targets)
             .try_init(),
     };
 }

@@ -1,7 +1,12 @@
 //! The `faultline` command line: parses arguments, runs a command, turns errors into one
 //! line and an exit code (2 for usage, 1 for everything else).
 
-use std::process::ExitCode;
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::Context as _;
 
 use clap::{Parser, Subcommand};
 use probe_user::{
@@ -43,12 +48,34 @@ enum Command {
     Run(run::RunArgs),
     /// Report what this kernel supports for faultline, and what an older kernel gets instead.
     Check(check::CheckArgs),
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    #[command(hide = true)]
-    Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
-    #[command(hide = true)]
-    Man,
+    /// Print a shell completion script for SHELL (e.g. `faultline completions bash >
+    /// /etc/bash_completion.d/faultline`).
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) of faultline, or with --dir write one per command there
+    /// (faultline.1, faultline-trace.1, faultline-explain.1, ...).
+    Man {
+        /// Write the pages into this directory instead of printing the main one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `faultline man`: the main page on stdout, or every page into `dir`.
+fn man(dir: Option<&Path>) -> anyhow::Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))
+        }
+    }
 }
 
 fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
@@ -86,16 +113,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Command::Man => {
-            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
-            return match page.render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("writing the man page: {e}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Trace(args) => block_on(trace::run(args)),
         Command::Top(args) => block_on(top::run(args)),
         Command::Explain(args) => block_on(explain::run(args)),
@@ -107,5 +125,27 @@ fn main() -> ExitCode {
             tracing::error!("{}", probe_user::kernel::loader::brief(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `run` and the global flags take has an environment variable (the DaemonSet sets
+    /// them there): every argument but help and version.
+    #[test]
+    fn every_run_flag_has_an_environment_variable() {
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        cli.build();
+        let run = cli.find_subcommand("run").expect("a run command").clone();
+        let missing: Vec<String> = run
+            .get_arguments()
+            .chain(cli.get_arguments())
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .filter(|a| a.get_env().is_none())
+            .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
+            .collect();
+        assert!(missing.is_empty(), "no environment variable: {missing:?}");
     }
 }

@@ -58,8 +58,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:9847";
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Address for /metrics, /healthz and /readyz.
-    #[arg(long, env = "FAULTLINE_LISTEN", default_value = DEFAULT_LISTEN)]
+    /// Address for /metrics, /explain, /healthz and /readyz: `:PORT` (every IPv4 address,
+    /// 0.0.0.0:PORT), `IP:PORT` or `[IPv6]:PORT`.
+    #[arg(long, env = "FAULTLINE_LISTEN", value_parser = crate::cli::parse_listen, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// Write event lines (JSON, the `trace --output json` schema) here instead of stdout.
     #[arg(long, env = "FAULTLINE_EVENTS_FILE")]
@@ -78,7 +79,7 @@ pub struct RunArgs {
     #[arg(long, env = "FAULTLINE_EVENTS_PER_WORKLOAD", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub events_per_workload: u32,
     /// The event budget's interval: each ends with the summaries of what it suppressed.
-    #[arg(long, env = "FAULTLINE_EVENTS_INTERVAL", value_parser = crate::cli::parse_interval, default_value = "1m")]
+    #[arg(long, env = "FAULTLINE_EVENTS_INTERVAL", value_parser = crate::cli::parse_period, default_value = "1m")]
     pub events_interval: Duration,
     /// The event budget's node-wide ceiling: full lines per second past each workload's
     /// first of the interval (bursts of ten seconds' worth).
@@ -86,10 +87,10 @@ pub struct RunArgs {
     pub events_per_second: f64,
     /// The span each limit's growth is measured over, for its time to exhaustion
     /// (`faultline_limit_exhaustion_seconds`, `/explain`).
-    #[arg(long, env = "FAULTLINE_TREND_WINDOW", value_parser = crate::cli::parse_interval, default_value = "5m")]
+    #[arg(long, env = "FAULTLINE_TREND_WINDOW", value_parser = crate::cli::parse_window, default_value = "5m")]
     pub trend_window: Duration,
     /// How often the task counters are turned into metrics.
-    #[arg(long, env = "FAULTLINE_REFRESH", value_parser = crate::cli::parse_interval, default_value = "5s")]
+    #[arg(long, env = "FAULTLINE_REFRESH", value_parser = crate::cli::parse_period, default_value = "5s")]
     pub refresh: Duration,
     /// Also export events over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318). The
     /// standard OTEL_EXPORTER_OTLP_* variables (endpoints, headers, compression, timeout) and
@@ -98,7 +99,7 @@ pub struct RunArgs {
     #[arg(long, env = "FAULTLINE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// A DNS query without an answer for this long counts as a timeout.
-    #[arg(long, env = "FAULTLINE_DNS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
+    #[arg(long, env = "FAULTLINE_DNS_TIMEOUT", value_parser = crate::cli::parse_timeout, default_value = "2s")]
     pub dns_timeout: Duration,
     /// Most series per metric (one workload has at most 16 of a metric's: its further label
     /// sets count under `other`); past it new series share one `_overflow` series.
@@ -354,6 +355,9 @@ impl Sink for Daemon {
         }
         if let Some(lost) = refresh.cgroup_events_lost {
             metrics.events_lost("cgroups", lost);
+        }
+        if let Some(errors) = refresh.kube_api_errors {
+            metrics.kube_api_errors(errors);
         }
         let clone = refresh.clone.unwrap_or_default();
         let task_stats = refresh.tasks.as_ref().map(|t| t.stats).unwrap_or_default();

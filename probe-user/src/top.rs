@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attribution::pods::PodArgs,
+    attribution::pods::{PodArgs, PodFilters},
     cli::Output,
     clock::now_rfc3339,
     kernel::loader::{KernelArgs, KernelLog},
@@ -57,11 +57,13 @@ pub struct TopArgs {
     pub rows: usize,
     /// Time between two samples (rates are per second over the last 5 s); with --once, the
     /// time between the two samples it takes.
-    #[arg(long, short = 'n', value_parser = crate::cli::parse_interval, default_value = "1s")]
+    #[arg(long, value_parser = crate::cli::parse_period, default_value = "1s")]
     pub interval: Duration,
     /// The span each limit's growth is measured over, for the ETA column.
-    #[arg(long, value_parser = crate::cli::parse_interval, default_value = "1m")]
+    #[arg(long, value_parser = crate::cli::parse_window, default_value = "1m")]
     pub trend_window: Duration,
+    #[command(flatten)]
+    pub filters: PodFilters,
     #[command(flatten)]
     pub pods: PodArgs,
     #[command(flatten)]
@@ -168,7 +170,7 @@ fn print(args: &TopArgs, mut snapshot: Snapshot, live_screen: bool) -> anyhow::R
     }
     snapshot
         .cgroups
-        .retain(|r| args.pods.matches(r.pod.as_ref()));
+        .retain(|r| args.filters.matches(r.pod.as_ref()));
     sort(&mut snapshot.cgroups, args.sort);
     let mut out = std::io::stdout().lock();
     match args.output {

@@ -21,7 +21,7 @@ use tokio::{
 use probe_common::{clone::CloneStats, conntrack::ConntrackStats};
 
 use crate::{
-    attribution::pods::PodArgs,
+    attribution::pods::{PodArgs, PodFilters},
     cli::{EventKind, Output},
     kernel::loader,
     kernel::loader::{KernelArgs, KernelLog},
@@ -38,7 +38,7 @@ use crate::{
 #[derive(Args, Debug)]
 pub struct TraceArgs {
     /// Stop after this long (e.g. 10s, 2m); default: until Ctrl-C or SIGTERM.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::cli::parse_run_time)]
     pub duration: Option<Duration>,
     /// `table`: one aligned line per event, for people; `json`: one object per line.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
@@ -57,18 +57,20 @@ pub struct TraceArgs {
     pub headroom_warn: Option<f64>,
     /// With --headroom-warn, also warn when a pids limit will be reached within this at the
     /// current growth (measured over the last minute).
-    #[arg(long, value_parser = crate::cli::parse_interval, default_value = "10m")]
+    #[arg(long, value_parser = crate::cli::parse_horizon, default_value = "10m")]
     pub eta_warn: Duration,
     /// What to trace: failed task creation (clone), DNS queries (dns), netfilter drops and
     /// resolved clashes (conntrack). Only the programs of the events asked for are attached.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [EventKind::Clone, EventKind::Dns, EventKind::Conntrack])]
     pub events: Vec<EventKind>,
     /// A DNS query without an answer for this long is reported as a timeout.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    #[arg(long, value_parser = crate::cli::parse_timeout, default_value = "2s")]
     pub dns_timeout: Duration,
     /// Show DNS query names, or a hash of them (for privacy).
     #[arg(long, value_enum, default_value_t = Names::Full)]
     pub dns_names: Names,
+    #[command(flatten)]
+    pub filters: PodFilters,
     #[command(flatten)]
     pub pods: PodArgs,
     #[command(flatten)]
@@ -110,30 +112,30 @@ impl Filter<'_> {
                 (args.pids.is_empty() || args.pids.contains(&f.pid))
                     && args.comm.as_deref().is_none_or(|c| c == f.comm)
                     && self.cgroup_matches(&f.cgroup, f.pids_cgroup.as_deref())
-                    && args.pods.matches(f.pod.as_ref())
+                    && args.filters.matches(f.pod.as_ref())
             }
             // DNS queries belong to sockets: the cgroup and pod filters apply.
             Event::DnsQuery(q) => {
                 self.show_dns
                     && !self.by_process()
                     && self.cgroup_matches(&q.cgroup, None)
-                    && args.pods.matches(q.pod.as_ref())
+                    && args.filters.matches(q.pod.as_ref())
             }
             // Drops belong to flows: the cgroup and pod filters apply to their sender.
             Event::ConntrackDrop(d) => {
                 !self.by_process()
                     && self.cgroup_matches(d.cgroup.as_deref().unwrap_or("?"), None)
-                    && args.pods.matches(d.pod.as_ref())
+                    && args.filters.matches(d.pod.as_ref())
             }
             // Near-misses belong to namespaces: shown unless the trace is narrowed to a
             // process, cgroup or pod.
             Event::ClashesResolved(_) => {
-                !self.by_process() && args.cgroup.is_none() && !args.pods.filters()
+                !self.by_process() && args.cgroup.is_none() && !args.filters.any()
             }
             // Warnings belong to cgroups, not processes: only the cgroup filter applies.
             Event::HeadroomWarning(w) => {
                 self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup))
-                    && args.pods.matches(w.pod.as_ref())
+                    && args.filters.matches(w.pod.as_ref())
             }
         }
     }
@@ -306,7 +308,7 @@ impl Summary {
             self.dns_tcp_uncounted = stats.tcp_uncounted;
             for tcp in &dns.tcp {
                 if filter.cgroup_matches(tcp.cgroup.as_deref().unwrap_or("?"), None)
-                    && filter.args.pods.matches(tcp.pod.as_ref())
+                    && filter.args.filters.matches(tcp.pod.as_ref())
                 {
                     let key = capped(&self.dns, &tcp.workload);
                     let d = self.dns.entry(key).or_default();

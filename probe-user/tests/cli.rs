@@ -79,11 +79,10 @@ fn check_reports_each_item_and_passes_here() {
     );
 }
 
-#[test]
-fn without_privileges_trace_fails_with_one_line() {
+/// faultline as nobody (uid and gid 65534), from a copy nobody can execute, whatever the
+/// permissions of the checkout's directories. Not as deployed (the launcher keeps uid 0).
+fn as_nobody(args: &[&str]) -> std::process::Output {
     common::require_root();
-    // Not as deployed: faultline as an unprivileged uid (the launcher keeps uid 0).
-    // A copy nobody can execute, whatever the permissions of the checkout's directories.
     let dir = std::env::temp_dir().join(common::unique("unprivileged"));
     std::fs::create_dir_all(&dir).expect("creating a temp dir");
     let exe = dir.join("faultline");
@@ -91,13 +90,14 @@ fn without_privileges_trace_fails_with_one_line() {
     for p in [&dir, &exe] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    let out = Command::new(&exe)
-        .args(["trace", "--duration", "1s"])
-        .uid(65534)
-        .gid(65534)
-        .output();
+    let out = Command::new(&exe).args(args).uid(65534).gid(65534).output();
     let _ = std::fs::remove_dir_all(&dir);
-    let out = out.expect("running faultline as nobody");
+    out.expect("running faultline as nobody")
+}
+
+#[test]
+fn without_privileges_trace_fails_with_one_line() {
+    let out = as_nobody(&["trace", "--duration", "1s"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
@@ -108,6 +108,59 @@ fn without_privileges_trace_fails_with_one_line() {
         "{stderr}"
     );
     assert_no_panic(&stderr);
+}
+
+/// `check` as a user who may not read the mounted tracefs says so, not "not mounted".
+#[test]
+fn check_as_nobody_tells_an_unreadable_tracefs_from_a_missing_one() {
+    let out = as_nobody(&["check"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("tracefs"))
+        .unwrap_or_else(|| panic!("no tracefs line:\n{stdout}"));
+    let readable = std::fs::metadata("/sys/kernel/tracing")
+        .is_ok_and(|m| m.permissions().mode() & 0o005 == 0o005);
+    if !readable {
+        assert!(
+            line.contains(
+                "is mounted at /sys/kernel/tracing but not readable by this user (uid 65534)"
+            ) && line.contains("needs root"),
+            "{line}"
+        );
+    }
+    assert!(!line.contains("not mounted"), "{line}");
+}
+
+/// Flags do what they say: the pod filters exist where there is something to filter (`-n`
+/// as kubectl has it), not in `run`; top's interval is `--interval` only.
+#[test]
+fn pod_filters_and_their_short_flags() {
+    for cmd in ["trace", "top", "explain"] {
+        let (code, help, _) = run(&[cmd, "--help"]);
+        assert_eq!(code, 0);
+        assert!(
+            help.contains("-n, --namespace <NAMESPACE>"),
+            "{cmd}: {help}"
+        );
+    }
+    for flag in ["--namespace", "--pod", "--container"] {
+        let (code, _, stderr) = run(&["run", flag, "x"]);
+        assert_eq!(code, 2, "run {flag}: {stderr}");
+        assert!(stderr.contains("unexpected argument"), "{stderr}");
+    }
+    let (code, _, stderr) = run(&["top", "--interval", "soon"]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("\"soon\" is not a duration (e.g. 30s, 5m, 1h)"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&["run", "--listen", "9847"]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("is not an address to listen on"),
+        "{stderr}"
+    );
 }
 
 /// `--events` decides which programs are loaded: a DNS-only trace attaches no clone program
@@ -171,4 +224,50 @@ fn man_page_and_completions() {
         assert_eq!(code, 0, "{shell}: {stderr}");
         assert!(script.contains(marker), "{shell}: {script}");
     }
+    let (_, help, _) = run(&["--help"]);
+    assert!(
+        help.contains("  completions  ") && help.contains("  man  "),
+        "{help}"
+    );
+    // One page per command, as the main page's SEE ALSO names them; each renders.
+    let dir = std::env::temp_dir().join(common::unique("man"));
+    let (code, _, stderr) = run(&["man", "--dir", &dir.display().to_string()]);
+    assert_eq!(code, 0, "{stderr}");
+    let main = std::fs::read_to_string(dir.join("faultline.1")).unwrap();
+    for cmd in [
+        "trace",
+        "explain",
+        "top",
+        "run",
+        "check",
+        "completions",
+        "man",
+    ] {
+        let name = format!("faultline-{cmd}");
+        // In roff, `-` is written `\-`.
+        assert!(main.contains(&format!("faultline\\-{cmd}(1)")), "{main}");
+        let page = dir.join(format!("{name}.1"));
+        let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{name}.1: {e}"));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{name}: {text}"
+        );
+        let rendered = Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww", "-z"])
+            .arg(&page)
+            .output();
+        if let Ok(out) = rendered {
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.stderr.is_empty(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

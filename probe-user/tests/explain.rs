@@ -333,28 +333,63 @@ fn a_20_s_leak_is_forecast_10_s_ahead_under_the_default_window() {
 #[test]
 fn a_quiet_node_has_no_finding_and_says_where_it_looked() {
     let _serial = serial();
-    // No daemon on port 1: explain observes for itself and says so.
-    let (code, out, err) = explain(&[
-        "--daemon",
-        "http://127.0.0.1:1",
-        "--observe-for",
-        "3s",
-        "-o",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(report["source"], "observation", "{report:#}");
-    assert!(
-        report["notes"][0]
-            .as_str()
-            .is_some_and(|n| n.contains("no daemon answered at http://127.0.0.1:1")),
-        "{report:#}"
+    // A daemon asked for by name that does not answer: an error, not an observation.
+    let (code, out, err) = explain(&["--daemon", "http://127.0.0.1:1", "--observe-for", "1s"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(
+        err.trim(),
+        "faultline: error: no daemon answered at http://127.0.0.1:1 (connection refused)"
     );
-    assert_eq!(report["findings"], serde_json::json!([]), "{report:#}");
+    // Nothing at the default address: explain observes for itself and says so (unless this
+    // machine runs a daemon there).
+    if std::net::TcpStream::connect("127.0.0.1:9847").is_err() {
+        let out = common::faultline()
+            .args([
+                "explain",
+                "--no-kube-api",
+                "--observe-for",
+                "3s",
+                "-o",
+                "json",
+            ])
+            .env_remove("FAULTLINE_DAEMON")
+            .output()
+            .expect("running faultline explain");
+        let (code, out, err) = (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert_eq!(code, Some(0), "{err}");
+        let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(report["source"], "observation", "{report:#}");
+        assert!(
+            report["notes"][0]
+                .as_str()
+                .is_some_and(|n| n.contains("no daemon answered at http://127.0.0.1:9847")),
+            "{report:#}"
+        );
+        assert_eq!(report["findings"], serde_json::json!([]), "{report:#}");
+        // --since selects from a daemon's history: an observation cannot honour it.
+        let out = common::faultline()
+            .args(["explain", "--no-kube-api", "--since", "5m"])
+            .env_remove("FAULTLINE_DAEMON")
+            .output()
+            .expect("running faultline explain");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("--since selects from the daemon's history"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
     let (code, table, err) = explain(&["--observe", "--observe-for", "2s"]);
     assert_eq!(code, 0, "{err}");
     assert!(table.contains("No finding"), "{table}");
+    let (code, _, err) = explain(&["--observe", "--since", "5m"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("an observation covers --observe-for"), "{err}");
 }
 
 #[test]
@@ -363,10 +398,26 @@ fn explain_rejects_bad_arguments_in_one_line() {
         &["--since", "soon"][..],
         &["--output", "xml"][..],
         &["--observe-for", "0s"][..],
+        &["--since", "0s"][..],
+        &["--since", "2h"][..],
     ] {
         let (code, _, err) = explain(args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+    }
+    for daemon in [
+        "127.0.0.1:9847",
+        "http://",
+        "https://127.0.0.1:9847",
+        "http://h:x/",
+    ] {
+        let (code, _, err) = explain(&["--daemon", daemon]);
+        assert_eq!(code, 1, "{daemon}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{daemon}: {err}");
+        assert!(
+            err.starts_with("faultline: error: --daemon"),
+            "{daemon}: {err}"
+        );
     }
     // A daemon that is not a faultline: a clear error, not a report.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -383,11 +434,28 @@ fn explain_rejects_bad_arguments_in_one_line() {
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
             }
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n<html>not a report</html>");
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\n<html>not a report</html>",
+            );
+            return String::from_utf8_lossy(&got)
+                .lines()
+                .next()
+                .map(str::to_owned);
         }
+        None
     });
-    let (code, _, err) = explain(&["--daemon", &format!("http://127.0.0.1:{port}")]);
-    let _ = server.join();
+    // Behind a proxy: the daemon's paths are asked under the URL's.
+    let (code, _, err) = explain(&[
+        "--daemon",
+        &format!("http://127.0.0.1:{port}/faultline/"),
+        "--since",
+        "5m",
+    ]);
+    let request = server.join().expect("the stand-in");
+    assert_eq!(
+        request.as_deref(),
+        Some("GET /faultline/explain?since=300s HTTP/1.1")
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not a report"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");

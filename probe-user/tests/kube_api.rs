@@ -345,9 +345,76 @@ fn an_unreachable_api_falls_back_to_the_kubelet_directories_and_says_so_once() {
     );
     let said = stderr
         .lines()
-        .filter(|l| l.contains("Kubernetes API unavailable"))
+        .filter(|l| l.contains("Kubernetes API at") && l.contains("unreachable"))
         .count();
     assert_eq!(said, 1, "said {said} times:\n{stderr}");
+}
+
+/// The daemon with an API that never answers: kube's own records stay out of the log, the
+/// state is said once at WARN (with the endpoint and what it costs), and every failed request
+/// is counted in `faultline_kube_api_errors_total`.
+#[test]
+fn an_unreachable_api_is_said_once_at_warn_and_counted() {
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = kubeconfig(closed);
+    let daemon = common::Daemon::start_with_env(
+        &[("FAULTLINE_LOG_FORMAT", "json")],
+        &[
+            "--kubeconfig",
+            &config.0.display().to_string(),
+            "--no-events",
+        ],
+    );
+    let errors = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("faultline_kube_api_errors_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let started = std::time::Instant::now();
+    let mut counted = None;
+    while started.elapsed() < Duration::from_secs(10) {
+        counted = errors(&daemon.metrics());
+        if counted.is_some_and(|n| n >= 3.0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        counted.is_some_and(|n| n >= 3.0),
+        "counted {counted:?}\n{stderr}"
+    );
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let said: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Kubernetes API at"))
+        })
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    assert_eq!(said[0]["level"], "WARN", "{stderr}");
+    let message = said[0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("127.0.0.1:{closed}"))
+            && message.contains("unreachable")
+            && message.contains("kubelet's log directories"),
+        "{message}"
+    );
+    assert!(
+        lines.iter().all(|l| l["level"] != "ERROR"
+            && !l["target"].as_str().is_some_and(|t| t.starts_with("kube"))),
+        "{stderr}"
+    );
 }
 
 /// A dropped packet whose socket faultline never saw (not DNS, so no flow record) is

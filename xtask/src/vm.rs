@@ -109,6 +109,7 @@ const USERSPACE_ONLY: [(&str, &[&str]); 4] = [
             "unknown_flags_and_bad_values_exit_2",
             "zero_intervals_and_closed_pipes",
             "man_page_and_completions",
+            "pod_filters_and_their_short_flags",
         ],
     ),
 ];

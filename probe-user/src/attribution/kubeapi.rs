@@ -8,7 +8,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use futures_util::StreamExt as _;
@@ -46,9 +49,16 @@ pub struct Owner {
 #[derive(Clone, Default)]
 pub struct ApiPods {
     pods: Arc<RwLock<HashMap<String, ApiPod>>>,
+    /// Failed requests of the watch since the start (`faultline_kube_api_errors_total`).
+    errors: Arc<AtomicU64>,
 }
 
 impl ApiPods {
+    /// The watch's failed requests since the start.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
     pub fn get(&self, uid: &str) -> Option<ApiPod> {
         self.pods.read().ok()?.get(uid).cloned()
     }
@@ -87,14 +97,19 @@ pub async fn start(options: ApiOptions) -> Option<ApiPods> {
             Err(e) => Err(e.to_string()),
         },
         None if !api_configured() => {
-            tracing::warn!(
+            tracing::info!(
                 "no Kubernetes API configured (not in a pod, no kubeconfig): pod names come from the kubelet's log directories"
             );
             return None;
         }
         None => Config::infer().await.map_err(|e| e.to_string()),
     };
-    let client = match config.and_then(|c| Client::try_from(c).map_err(|e| e.to_string())) {
+    let client = match config.and_then(|c| {
+        let endpoint = c.cluster_url.to_string();
+        Client::try_from(c)
+            .map(|client| (client, endpoint))
+            .map_err(|e| e.to_string())
+    }) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(
@@ -103,8 +118,9 @@ pub async fn start(options: ApiOptions) -> Option<ApiPods> {
             return None;
         }
     };
+    let (client, endpoint) = client;
     let pods = ApiPods::default();
-    tokio::spawn(watch(client, options, pods.clone()));
+    tokio::spawn(watch(client, endpoint, options, pods.clone()));
     Some(pods)
 }
 
@@ -117,7 +133,9 @@ fn api_configured() -> bool {
             .is_some_and(|h| std::path::Path::new(&h).join(".kube/config").exists())
 }
 
-async fn watch(client: Client, options: ApiOptions, pods: ApiPods) {
+/// Keeps `pods` current; says once when the API at `endpoint` stops answering and once when
+/// it answers again, and counts every failure.
+async fn watch(client: Client, endpoint: String, options: ApiOptions, pods: ApiPods) {
     let api: Api<Pod> = Api::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", options.node_name));
     let mut stream = watcher(api, config).default_backoff().boxed();
@@ -130,9 +148,10 @@ async fn watch(client: Client, options: ApiOptions, pods: ApiPods) {
             // 410 Gone: the watch fell too far behind; the watcher relists by itself.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => continue,
             Err(e) => {
+                pods.errors.fetch_add(1, Ordering::Relaxed);
                 if healthy != Some(false) {
                     tracing::warn!(
-                        "Kubernetes API unavailable ({e}); pod names come from the kubelet's log directories until it is back"
+                        "Kubernetes API at {endpoint} unreachable ({e}): pods are named from the kubelet's log directories (no owners, IPs or labels) until it answers"
                     );
                     healthy = Some(false);
                 }
@@ -142,7 +161,9 @@ async fn watch(client: Client, options: ApiOptions, pods: ApiPods) {
         // `Init` only means a relist is being tried; data means the API answered.
         if !matches!(event, watcher::Event::Init) && healthy != Some(true) {
             if healthy == Some(false) {
-                tracing::info!("Kubernetes API reachable again");
+                tracing::info!(
+                    "Kubernetes API at {endpoint} answers again: pods are named from it"
+                );
             }
             healthy = Some(true);
         }

@@ -284,11 +284,11 @@ fn attribute(path: &str, name_pod: impl FnOnce(&mut PodRef)) -> Attribution {
     }
 }
 
-/// Attribution options and filters shared by the commands.
-#[derive(Args, Debug, Clone)]
-pub struct PodArgs {
+/// The pod filters of the commands that print (trace, top, explain), as kubectl names them.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PodFilters {
     /// Only this Kubernetes namespace.
-    #[arg(long)]
+    #[arg(long, short = 'n')]
     pub namespace: Option<String>,
     /// Only pods whose name is this or starts with it.
     #[arg(long)]
@@ -296,6 +296,48 @@ pub struct PodArgs {
     /// Only this container name.
     #[arg(long)]
     pub container: Option<String>,
+}
+
+impl PodFilters {
+    pub fn any(&self) -> bool {
+        self.namespace.is_some() || self.pod.is_some() || self.container.is_some()
+    }
+
+    /// Whether names (namespace, pod, container) pass the filters; the pod's is a prefix.
+    pub fn matches_names(
+        &self,
+        namespace: Option<&str>,
+        pod: Option<&str>,
+        container: Option<&str>,
+    ) -> bool {
+        let eq = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| have == Some(w))
+        };
+        eq(&self.namespace, namespace)
+            && eq(&self.container, container)
+            && self
+                .pod
+                .as_deref()
+                .is_none_or(|w| pod.is_some_and(|n| n.starts_with(w)))
+    }
+
+    /// Whether a pod (or a non-pod, `None`) passes the filters.
+    pub fn matches(&self, pod: Option<&PodRef>) -> bool {
+        if !self.any() {
+            return true;
+        }
+        let Some(p) = pod else { return false };
+        self.matches_names(
+            p.namespace.as_deref(),
+            p.name.as_deref(),
+            p.container.as_deref(),
+        )
+    }
+}
+
+/// Where pod names come from, shared by every command that attributes.
+#[derive(Args, Debug, Clone)]
+pub struct PodArgs {
     /// The kubelet's log directory (with pods/ and containers/), for pod and container names.
     #[arg(long, env = "FAULTLINE_KUBELET_LOGS", default_value = "/var/log")]
     pub kubelet_logs: PathBuf,
@@ -304,7 +346,7 @@ pub struct PodArgs {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Do not use the Kubernetes API even when one is configured.
-    #[arg(long)]
+    #[arg(long, env = "FAULTLINE_NO_KUBE_API")]
     pub no_kube_api: bool,
     /// This node's name, for the node-scoped pod watch (downward API: NODE_NAME).
     #[arg(long, env = "NODE_NAME")]
@@ -312,29 +354,6 @@ pub struct PodArgs {
     /// Pod labels to report, comma-separated (e.g. app,team); others are never exported.
     #[arg(long, env = "FAULTLINE_POD_LABELS", value_delimiter = ',')]
     pub pod_labels: Vec<String>,
-}
-
-impl PodArgs {
-    pub fn filters(&self) -> bool {
-        self.namespace.is_some() || self.pod.is_some() || self.container.is_some()
-    }
-
-    /// Whether a pod (or a non-pod, `None`) passes the namespace, pod and container filters.
-    pub fn matches(&self, pod: Option<&PodRef>) -> bool {
-        if !self.filters() {
-            return true;
-        }
-        let Some(p) = pod else { return false };
-        let eq = |want: &Option<String>, have: &Option<String>| {
-            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
-        };
-        eq(&self.namespace, &p.namespace)
-            && eq(&self.container, &p.container)
-            && self
-                .pod
-                .as_ref()
-                .is_none_or(|w| p.name.as_ref().is_some_and(|n| n.starts_with(w.as_str())))
-    }
 }
 
 /// Resolves kernel cgroup ids to paths and workloads.
@@ -438,6 +457,11 @@ impl Attributor {
             }
         }
         (path, attribution)
+    }
+
+    /// The Kubernetes API's failed requests since the start (none: no API in use).
+    pub fn kube_api_errors(&self) -> Option<u64> {
+        self.api.as_ref().map(ApiPods::errors)
     }
 
     /// The pod that has `ip`, from the API (for packets whose socket faultline did not see).

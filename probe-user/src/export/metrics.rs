@@ -503,6 +503,11 @@ impl Metrics {
         self.totals.set(Total::EventsLost, source, total);
     }
 
+    /// The Kubernetes API's failed requests since the start.
+    pub fn kube_api_errors(&self, total: u64) {
+        self.totals.set(Total::KubeApiErrors, "", total);
+    }
+
     fn conntrack_drop(&self, d: &ConntrackDrop) {
         let who = who(&d.workload, d.pod.as_ref());
         let labels = self.admit("conntrack_drops", &who, &[d.cause.as_str(), &d.proto]);

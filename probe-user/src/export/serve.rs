@@ -67,7 +67,7 @@ use tokio::{
 };
 
 use crate::{
-    diagnosis::Recorder,
+    diagnosis::{Recorder, history::MAX_AGE},
     export::{
         connections::{Busy, Connections, Held, Pool},
         metrics::Metrics,
@@ -428,25 +428,37 @@ async fn respond<B>(
 /// The window `/explain` covers when the query names none.
 pub const EXPLAIN_DEFAULT_SINCE: Duration = Duration::from_secs(900);
 
-/// `/explain[?since=15m]`: the findings of the daemon's history, as `faultline explain
-/// --output json` prints them. Computed from bounded state, one report at a time.
-async fn explain(query: Option<&str>, server: &Arc<Server>) -> Reply {
-    let since = match query
+/// The window `/explain?since=` asks for: 0 < since <= the history's hour. Else a one-line
+/// text body saying why (the value escaped, at most 40 characters of it).
+fn explain_since(query: Option<&str>) -> Result<Duration, String> {
+    let Some(v) = query
         .unwrap_or("")
         .split('&')
         .find_map(|kv| kv.strip_prefix("since="))
-    {
-        None => Ok(EXPLAIN_DEFAULT_SINCE),
-        Some(v) => humantime::parse_duration(v).map_err(|e| format!("since={v:.40}: {e}\n")),
+    else {
+        return Ok(EXPLAIN_DEFAULT_SINCE);
     };
-    let since = match since {
+    let shown = crate::text::printable(v.get(..40).unwrap_or(v)).into_owned();
+    match humantime::parse_duration(v) {
+        Err(_) => Err(format!(
+            "since={shown}: not a duration (e.g. 30s, 5m, 1h)\n"
+        )),
+        Ok(d) if d.is_zero() => Err(format!(
+            "since={shown}: the window must be longer than zero\n"
+        )),
+        Ok(d) if d > MAX_AGE => Err(format!(
+            "since={shown}: at most 1h (the daemon keeps one hour of history)\n"
+        )),
+        Ok(d) => Ok(d),
+    }
+}
+
+/// `/explain[?since=15m]`: the findings of the daemon's history, as `faultline explain
+/// --output json` prints them. Computed from bounded state, one report at a time.
+async fn explain(query: Option<&str>, server: &Arc<Server>) -> Reply {
+    let since = match explain_since(query) {
         Ok(d) => d,
-        Err(msg) => {
-            return Reply::text(
-                StatusCode::BAD_REQUEST,
-                crate::text::printable(&msg).into_owned(),
-            );
-        }
+        Err(msg) => return Reply::text(StatusCode::BAD_REQUEST, msg),
     };
     if let Some(body) = server.cached_explain(since) {
         return Reply::new(StatusCode::OK, "application/json", body);
@@ -710,10 +722,37 @@ mod tests {
     #[tokio::test]
     async fn explain_answers_windows_one_at_a_time_and_rejects_bad_ones() {
         let server = server();
+        for bad in [
+            "since=soon",
+            "since=0s",
+            "since=2h",
+            "since=61m",
+            "since=%0a",
+        ] {
+            let reply = explain(Some(bad), &server).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+            let body = String::from_utf8(reply.body.to_vec()).unwrap();
+            assert!(
+                body.ends_with('\n') && body.lines().count() == 1,
+                "{bad}: {body:?}"
+            );
+            assert!(!body.contains("\\x0a"), "{bad}: {body:?}");
+        }
+        let body = |q: &str| explain_since(Some(q)).unwrap_err();
         assert_eq!(
-            explain(Some("since=soon"), &server).await.status,
-            StatusCode::BAD_REQUEST
+            body("since=2h"),
+            "since=2h: at most 1h (the daemon keeps one hour of history)\n"
         );
+        assert_eq!(
+            body("since=0s"),
+            "since=0s: the window must be longer than zero\n"
+        );
+        assert_eq!(
+            body("since=x"),
+            "since=x: not a duration (e.g. 30s, 5m, 1h)\n"
+        );
+        assert_eq!(explain_since(Some("since=1h")), Ok(MAX_AGE));
+        assert_eq!(explain_since(None), Ok(EXPLAIN_DEFAULT_SINCE));
         let asks: Vec<_> = (1..=4)
             .map(|m| {
                 let s = server.clone();

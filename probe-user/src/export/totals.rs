@@ -1,6 +1,6 @@
 //! Counters whose running totals the kernel keeps (ring-buffer losses, task events the full
 //! map could not count, port-53 packets the DNS probe could not follow, the node's conntrack
-//! statistics): a Prometheus collector that reports the last refresh's totals at scrape time,
+//! statistics; and the pod watch's failed requests): a Prometheus collector that reports the last refresh's totals at scrape time,
 //! instead of turning each total into increments of a counter of our own.
 
 use std::{
@@ -23,9 +23,11 @@ pub enum Total {
     DnsUntracked,
     /// `counter`: the kernel's conntrack statistics of the node's namespace.
     ConntrackStat,
+    /// Failed requests of the pod watch (kept by `attribution::kubeapi`, not the kernel).
+    KubeApiErrors,
 }
 
-const FAMILIES: [(Total, &str, &str, Option<&str>); 4] = [
+const FAMILIES: [(Total, &str, &str, Option<&str>); 5] = [
     (
         Total::EventsLost,
         "faultline_events_lost_total",
@@ -49,6 +51,12 @@ const FAMILIES: [(Total, &str, &str, Option<&str>); 4] = [
         "faultline_conntrack_stat_total",
         "The kernel's conntrack statistics of the node's network namespace (insert_failed, drop, early_drop, clash_resolve, search_restart, chaintoolong, invalid).",
         Some("counter"),
+    ),
+    (
+        Total::KubeApiErrors,
+        "faultline_kube_api_errors_total",
+        "Failed requests of the Kubernetes API pod watch (while it fails, pods are named from the kubelet's log directories).",
+        None,
     ),
 ];
 

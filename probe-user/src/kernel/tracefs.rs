@@ -1,7 +1,10 @@
 //! tracefs: where it is mounted (mounting it when nobody has), which tracepoints exist and
 //! where their fields sit.
 
-use std::path::{Path, PathBuf};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -16,7 +19,7 @@ impl Tracefs {
     /// a view of the kernel, not state: mounting it twice is harmless, and aya needs it to
     /// attach tracepoints).
     pub fn find_or_mount() -> anyhow::Result<Self> {
-        if let Some(found) = Self::find() {
+        if let Ok(found) = Self::find() {
             return Ok(found);
         }
         let target = CANDIDATES[0];
@@ -40,13 +43,23 @@ impl Tracefs {
         Self::find().context("tracefs mounted but its events directory is missing")
     }
 
-    /// A mounted tracefs, without mounting one.
-    pub fn find() -> Option<Self> {
-        CANDIDATES
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.join("events").is_dir())
-            .map(|root| Tracefs { root })
+    /// A mounted tracefs, without mounting one; or why there is none to read.
+    pub fn find() -> Result<Self, Unusable> {
+        let mut unreadable = None;
+        for root in CANDIDATES.iter().map(PathBuf::from) {
+            match std::fs::metadata(root.join("events")) {
+                Ok(m) if m.is_dir() => return Ok(Tracefs { root }),
+                // Mounted (sysfs's empty mount point would say NotFound), but closed to us.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    unreadable.get_or_insert(root);
+                }
+                _ => {}
+            }
+        }
+        Err(match unreadable {
+            Some(root) => Unusable::Unreadable(root),
+            None => Unusable::NotMounted,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -77,6 +90,31 @@ impl Tracefs {
             .with_context(|| format!("tracepoint {category}:{name} has no field {field}"))
     }
 }
+
+/// Why no tracefs can be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unusable {
+    NotMounted,
+    /// Mounted here, but this user may not search it (tracefs is root's, mode 0700).
+    Unreadable(PathBuf),
+}
+
+impl fmt::Display for Unusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unusable::NotMounted => write!(f, "tracefs not mounted"),
+            Unusable::Unreadable(root) => write!(
+                f,
+                "tracefs is mounted at {} but not readable by this user (uid {}): it needs root, or CAP_DAC_READ_SEARCH",
+                root.display(),
+                // SAFETY: getuid(2) cannot fail.
+                unsafe { libc::getuid() }
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Unusable {}
 
 /// Parses `field:<decl> <name>;\toffset:<n>;...` lines of a tracepoint format file.
 fn field_offset_in(format: &str, field: &str) -> Option<u32> {

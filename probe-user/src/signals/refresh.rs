@@ -26,6 +26,8 @@ pub struct Refresh {
     pub conntrack: Option<ConntrackRefresh>,
     /// cgroup naming events that did not reach userspace (none: cgroups named by walk).
     pub cgroup_events_lost: Option<u64>,
+    /// Failed requests to the Kubernetes API since the start (none: no API in use).
+    pub kube_api_errors: Option<u64>,
     /// Every watched limit's use, growth and time left (empty unless the command asked for a
     /// trend window).
     pub estimates: Vec<Estimate>,

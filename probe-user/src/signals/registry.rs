@@ -260,6 +260,7 @@ impl Signals {
             dns,
             conntrack,
             cgroup_events_lost: attributor.cgroups.events_lost(),
+            kube_api_errors: attributor.kube_api_errors(),
             estimates: Vec::new(),
         })
     }

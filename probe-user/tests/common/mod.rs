@@ -815,15 +815,12 @@ impl Daemon {
             .chain(faultline_argv(full_root))
             .collect();
         let mut cmd = command(&argv);
+        cmd.args(["run", "--listen", &listen, "--refresh", "300ms"]);
+        // The Kubernetes API only when the test names one.
+        if !extra.contains(&"--kubeconfig") {
+            cmd.arg("--no-kube-api");
+        }
         let child = cmd
-            .args([
-                "run",
-                "--listen",
-                &listen,
-                "--refresh",
-                "300ms",
-                "--no-kube-api",
-            ])
             .args(extra)
             .envs(env.iter().copied())
             .stdout(stdout)
