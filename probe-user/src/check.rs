@@ -224,6 +224,48 @@ fn cgroups(r: &mut Report) {
             None => r.line(Status::Warn, name, format!("not mounted: {lost}")),
         }
     }
+    refusal_counters(r, &fs);
+}
+
+/// The kernel's own refusal counts per cgroup that `explain` reports from before it watched.
+fn refusal_counters(r: &mut Report, fs: &CgroupFs) {
+    use crate::signals::refusals::{Availability, available};
+    let available = available(fs);
+    let names = |want: fn(&Availability) -> bool| {
+        available
+            .iter()
+            .filter(|(_, a)| want(a))
+            .map(|(c, a)| match a {
+                Availability::File(f) => format!("{} ({f})", c.as_str()),
+                _ => c.as_str().to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let read = names(|a| matches!(a, Availability::File(_)));
+    if !read.is_empty() {
+        r.line(
+            Status::Ok,
+            "refusal counters",
+            format!("per cgroup since it was made: {read}; kernel.threads-max and pid_max keep no count of refusals"),
+        );
+    }
+    let missing = names(|a| *a == Availability::Missing);
+    if !missing.is_empty() {
+        r.line(
+            Status::Warn,
+            "refusal counters",
+            format!("not kept by this kernel or controller: {missing}: refusals from before faultline watched are not known for them"),
+        );
+    }
+    let unseen = names(|a| *a == Availability::NoCgroup);
+    if !unseen.is_empty() {
+        r.line(
+            Status::Ok,
+            "refusal counters",
+            format!("no cgroup below the root to look at for {unseen}: read in each cgroup once there is one"),
+        );
+    }
 }
 
 /// Verifying and attaching for real: the only honest test of the program types and of the
@@ -377,8 +419,8 @@ fn conntrack_counters(r: &mut Report) {
             Status::Ok,
             "conntrack counters",
             format!(
-                "node namespace via {source:?}: entries={} max={} insert_failed={} clash_resolve={}",
-                c.entries, c.max, c.insert_failed, c.clash_resolve
+                "node namespace via {source:?}: entries={} max={} insert_failed={} drop={} early_drop={} clash_resolve={} (per namespace, since it was made)",
+                c.entries, c.max, c.insert_failed, c.drop, c.early_drop, c.clash_resolve
             ),
         ),
         Err(e) => r.line(

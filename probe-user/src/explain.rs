@@ -3,7 +3,8 @@
 //! hour, asked with hyper's client) when one answers; when the default address does not
 //! answer, from a short observation of its own (the live tasks and limits plus a few seconds
 //! of events, said in the output). A daemon named by `--daemon` that does not answer is an
-//! error.
+//! error. Either way, the kernel's own counts of refusals before faultline watched come
+//! apart, after what it saw.
 
 use std::{
     fmt,
@@ -120,6 +121,7 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
         }
     };
     report.findings.retain(|f| matches(&args.filters, f));
+    report.past.retain(|f| matches(&args.filters, f));
     let mut out = std::io::stdout().lock();
     match args.output {
         Output::Json => out.write_all(&crate::text::json_line(&report)?)?,
@@ -330,8 +332,10 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
         .run(&mut sink, Duration::from_secs(1), stop)
         .await?;
     let mut report = sink.recorder.report(args.observe_for, "observation");
-    report.notes = notes;
-    report.notes.extend(skipped);
+    let mut all = notes;
+    all.extend(skipped);
+    all.append(&mut report.notes);
+    report.notes = all;
     Ok(report)
 }
 
@@ -369,12 +373,17 @@ pub fn render(r: &Report) -> Vec<String> {
         _ => "its own observation",
     };
     let mut lines = vec![format!(
-        "faultline explain: node {}, {} of the last {} ({} finding{})",
+        "faultline explain: node {}, {} of the last {} ({} finding{}{})",
         r.node,
         source,
         duration(r.window_s),
         r.findings.len(),
-        if r.findings.len() == 1 { "" } else { "s" }
+        if r.findings.len() == 1 { "" } else { "s" },
+        if r.past.is_empty() {
+            String::new()
+        } else {
+            format!(", {} from before it watched", r.past.len())
+        }
     )];
     lines.extend(r.notes.iter().map(|n| format!("note: {n}")));
     if r.not_kept > 0 {
@@ -385,37 +394,54 @@ pub fn render(r: &Report) -> Vec<String> {
     }
     if r.findings.is_empty() {
         lines.push(String::new());
-        lines.push("No finding: no failed task creation, DNS timeout, conntrack drop or near-miss, and no limit near exhaustion.".to_owned());
+        lines.push("No finding while watched: no failed task creation, DNS timeout, conntrack drop or near-miss, and no limit near exhaustion.".to_owned());
     }
     for (i, f) in r.findings.iter().enumerate() {
+        block(&mut lines, i + 1, f);
+    }
+    if !r.past.is_empty() {
         lines.push(String::new());
-        lines.push(format!(
-            "{}. {} {}: {}",
-            i + 1,
-            format!("{:?}", f.severity).to_uppercase(),
-            f.kind,
-            f.what
-        ));
-        let mut who = f.who.workload.clone();
-        if let Some(c) = &f.who.cgroup
-            && c != &who
-        {
-            who.push_str(&format!(" (cgroup {c})"));
-        }
-        if !f.who.processes.is_empty() {
-            who.push_str(&format!(", processes: {}", f.who.processes.join(", ")));
-        }
-        lines.push(format!("   who     {who}"));
-        lines.push(format!("   why     {}", f.why));
-        lines.push(format!("   trend   {}", trend_text(f)));
-        for (j, a) in f.advice.iter().enumerate() {
-            lines.push(format!(
-                "   {}  - {a}",
-                if j == 0 { "change" } else { "      " }
-            ));
-        }
+        lines.push(
+            "Before faultline watched (the kernel's own counts, since each cgroup or network namespace was made):"
+                .to_owned(),
+        );
+    }
+    for (i, f) in r.past.iter().enumerate() {
+        block(&mut lines, r.findings.len() + i + 1, f);
     }
     lines
+}
+
+/// One finding as a block of lines.
+fn block(lines: &mut Vec<String>, n: usize, f: &Finding) {
+    lines.push(String::new());
+    lines.push(format!(
+        "{n}. {} {}: {}",
+        format!("{:?}", f.severity).to_uppercase(),
+        f.kind,
+        f.what
+    ));
+    let mut who = f.who.workload.clone();
+    if let Some(c) = &f.who.cgroup
+        && c != &who
+    {
+        who.push_str(&format!(" (cgroup {c})"));
+    }
+    if !f.who.processes.is_empty() {
+        who.push_str(&format!(", processes: {}", f.who.processes.join(", ")));
+    }
+    lines.push(format!("   who     {who}"));
+    lines.push(format!("   why     {}", f.why));
+    let trend = trend_text(f);
+    if !trend.is_empty() {
+        lines.push(format!("   trend   {trend}"));
+    }
+    for (j, a) in f.advice.iter().enumerate() {
+        lines.push(format!(
+            "   {}  - {a}",
+            if j == 0 { "change" } else { "      " }
+        ));
+    }
 }
 
 fn trend_text(f: &Finding) -> String {

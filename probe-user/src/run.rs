@@ -359,6 +359,7 @@ impl Sink for Daemon {
         if let Some(errors) = refresh.kube_api_errors {
             metrics.kube_api_errors(errors);
         }
+        metrics.refusals_unexplained(&refresh.refusals.unexplained);
         let clone = refresh.clone.unwrap_or_default();
         let task_stats = refresh.tasks.as_ref().map(|t| t.stats).unwrap_or_default();
         metrics.tasks(refresh.rows(), refresh.node, clone, task_stats);

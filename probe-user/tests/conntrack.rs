@@ -350,3 +350,58 @@ fn explain_names_the_insert_failures_sender_and_the_clashing_snat() {
         "{t:#}"
     );
 }
+
+/// Insert failures in the router's namespace before faultline ran: `explain`, observing for
+/// 2 s, reports them from the namespace's own counters (ctnetlink), apart from what it saw.
+#[test]
+fn explain_reports_the_insert_failures_of_before_it_watched() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = CtLab::start(&V4);
+    let server = lab.server(53);
+    lab.client(1, &format!("1 --dns-server {server}"));
+    lab.client(2, &format!("3 --dns-server {server}"));
+    let lost = lab.counters().get("insert_failed").copied().unwrap_or(0);
+    assert_eq!(lost, 3, "the kernel's insert_failed: {:?}", lab.counters());
+    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
+    let out = faultline_full_root()
+        .args(["explain", "--observe", "--observe-for", "2s", "-o", "json"])
+        .args(["--no-kube-api"])
+        .output()
+        .expect("running faultline explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let inode = lab.router_inode();
+    let f = report["past"]
+        .as_array()
+        .and_then(|p| {
+            p.iter().find(|f| {
+                f["kind"] == "conntrack_insert_failed_past"
+                    && f["why"]
+                        .as_str()
+                        .is_some_and(|w| w.contains(&format!("network namespace {inode} ")))
+            })
+        })
+        .unwrap_or_else(|| panic!("no conntrack_insert_failed_past in {inode}: {report:#}"));
+    assert_eq!(f["severity"], "critical", "{f:#}");
+    assert_eq!(f["kernel"]["counts"]["conntrack_insert_failed"], 3, "{f:#}");
+    assert_eq!(f["kernel"]["source"], "ctnetlink", "{f:#}");
+    assert_eq!(f["kernel"]["while_watched"], 0, "{f:#}");
+    assert!(
+        f["what"].as_str().is_some_and(
+            |w| w.contains("since the network namespace was made, conntrack dropped 3 packets")
+        ),
+        "{f:#}"
+    );
+    // Nothing of it was seen happen.
+    assert!(
+        !report["findings"]
+            .to_string()
+            .contains("conntrack_insert_failed\""),
+        "{report:#}"
+    );
+}

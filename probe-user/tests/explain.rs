@@ -460,3 +460,254 @@ fn explain_rejects_bad_arguments_in_one_line() {
     assert!(err.contains("not a report"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `faultline explain --observe -o json` with these arguments, parsed.
+fn observed(args: &[&str]) -> Value {
+    let (code, out, err) = explain(&[&["--observe", "-o", "json"][..], args].concat());
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The finding of the past of this kind whose pod is `pod`.
+fn past<'a>(report: &'a Value, kind: &str, pod: &str) -> Option<&'a Value> {
+    report["past"]
+        .as_array()?
+        .iter()
+        .find(|f| f["kind"] == kind && f["who"]["pod"] == pod)
+}
+
+/// A pod's pids limit refused forks before faultline ran: `explain`, observing for 2 s,
+/// names the pod, `pids_limit` and the kernel's count (`pids.events`), with the cgroup's age,
+/// apart from what it saw (nothing).
+#[test]
+fn explain_reports_the_pids_refusals_of_before_it_watched() {
+    let _serial = serial();
+    let uid = format!("{:08x}-0000-4000-8000-0000000a57a1", std::process::id());
+    let logs = KubeletLogs::new(&[("shop", "forky-1", &uid, "app", CID)]);
+    let cg = PodCgroup::systemd(&unique("past"), &uid, CID, 8);
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let mut lab = Lab::spawn(
+        &[
+            &[
+                "threads",
+                "50",
+                "--comm",
+                "fl-forky",
+                "--interval-ms",
+                "1",
+                "--max-failures",
+                "4",
+            ][..],
+            &join,
+        ]
+        .concat(),
+    );
+    let refused = lab.report();
+    lab.wait();
+    assert!(refused.failures >= 1, "{refused:?}");
+    let report = observed(&["--observe-for", "2s", "--kubelet-logs", &logs.arg()]);
+    let f = past(&report, "pids_limit_past", "forky-1")
+        .unwrap_or_else(|| panic!("no pids_limit_past for forky-1: {report:#}"));
+    assert_eq!(f["severity"], "critical", "{f:#}");
+    assert_eq!(f["who"]["namespace"], "shop", "{f:#}");
+    let k = &f["kernel"];
+    assert_eq!(k["counts"]["pids_max"], refused.failures, "{f:#}");
+    assert_eq!(k["while_watched"], 0, "{f:#}");
+    // pids.events, or pids.events.local on 6.13+ (counted at the limiting cgroup alone).
+    assert!(
+        k["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("pids.events")),
+        "{f:#}"
+    );
+    assert!(
+        k["age_s"]
+            .as_f64()
+            .is_some_and(|a| a < 120.0 * pace() as f64),
+        "{f:#}"
+    );
+    let what = f["what"].as_str().unwrap_or_default();
+    assert!(
+        what.contains(&format!(
+            "its pids limit refused {} task creations; none while watched",
+            refused.failures
+        )),
+        "{f:#}"
+    );
+    // Kept apart: what it saw happen has no failure of this pod.
+    assert!(
+        !report["findings"].to_string().contains("forky-1"),
+        "{report:#}"
+    );
+    let (code, table, err) = explain(&[
+        "--observe",
+        "--observe-for",
+        "2s",
+        "--kubelet-logs",
+        &logs.arg(),
+        "--pod",
+        "forky-1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("Before faultline watched"), "{table}");
+    assert!(table.contains("CRITICAL pids_limit_past"), "{table}");
+    assert!(table.contains("shop/forky-1/"), "{table}");
+}
+
+const CID2: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+
+/// A container OOM-killed at its pod's memory limit before faultline ran: `explain` names
+/// the pod and the kernel's count (`memory.events.local` `oom_kill` on cgroup v2,
+/// `memory.oom_control` `oom_kill` on a v1 memory controller).
+#[test]
+fn explain_reports_the_oom_kills_of_before_it_watched() {
+    use probe_user::attribution::cgroups::Hierarchy;
+    let _serial = serial();
+    let (memory, v2) = mount(Hierarchy::Memory).expect("the memory controller");
+    let uid = format!("{:08x}-0000-4000-8000-00000000f00d", std::process::id());
+    let logs = KubeletLogs::new(&[("shop", "hungry-1", &uid, "app", CID2)]);
+    let rel = format!(
+        "{}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID2}.scope",
+        unique("oom"),
+        uid.replace('-', "_")
+    );
+    let tree = CgroupTree::new(&memory, &rel);
+    let pod = tree.level(3);
+    if v2 {
+        for depth in 0..4 {
+            let _ = std::fs::write(
+                tree.level(depth).dir.join("cgroup.subtree_control"),
+                "+memory",
+            );
+        }
+        pod.write("memory.max", "16M");
+        if pod.dir.join("memory.swap.max").exists() {
+            pod.write("memory.swap.max", "0");
+        }
+    } else {
+        pod.write("memory.limit_in_bytes", "16M");
+    }
+    // `tail` keeps all of a file without a newline: it grows until the OOM killer ends it.
+    let procs = tree.leaf().dir.join("cgroup.procs");
+    let status = std::process::Command::new("timeout")
+        .args(["--signal=KILL", "30", "sh", "-c"])
+        .arg(format!(
+            "echo $$ > '{}' && exec tail /dev/zero",
+            procs.display()
+        ))
+        .status()
+        .expect("running tail");
+    assert!(!status.success(), "tail ended by itself: {status}");
+    let report = observed(&["--observe-for", "2s", "--kubelet-logs", &logs.arg()]);
+    let f = past(&report, "oom_kill_past", "hungry-1")
+        .unwrap_or_else(|| panic!("no oom_kill_past for hungry-1: {report:#}"));
+    assert_eq!(f["severity"], "critical", "{f:#}");
+    let k = &f["kernel"];
+    assert!(
+        k["counts"]["memory_oom_kill"]
+            .as_u64()
+            .is_some_and(|n| n >= 1),
+        "{f:#}"
+    );
+    let source = if v2 {
+        "memory.events"
+    } else {
+        "memory.oom_control"
+    };
+    assert!(
+        k["source"].as_str().is_some_and(|s| s.starts_with(source)),
+        "{f:#}"
+    );
+    assert_eq!(k["while_watched"], 0, "{f:#}");
+    assert!(
+        f["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("the OOM killer killed")),
+        "{f:#}"
+    );
+    // The pod's own level reached its limit: a finding of its own, with the kernel's count.
+    let limit = past(&report, "memory_limit_past", "hungry-1")
+        .unwrap_or_else(|| panic!("no memory_limit_past for hungry-1: {report:#}"));
+    let counts = &limit["kernel"]["counts"];
+    assert!(
+        counts["memory_max"].as_u64().is_some_and(|n| n >= 1)
+            || counts["memory_failcnt"].as_u64().is_some_and(|n| n >= 1),
+        "{limit:#}"
+    );
+}
+
+/// The daemon reports a pod's refusals of before it started as the past, and cross-checks
+/// the counters' later increases with its events: refusals it saw are explained
+/// (`faultline_kernel_refusals_unexplained_total{counter="pids_max"}` stays 0) and are not
+/// the past.
+#[test]
+fn the_daemon_reports_the_past_and_cross_checks_later_refusals() {
+    let _serial = serial();
+    let uid1 = format!("{:08x}-0000-4000-8000-0000000bef01", std::process::id());
+    let uid2 = format!("{:08x}-0000-4000-8000-0000000d0e02", std::process::id());
+    let logs = KubeletLogs::new(&[
+        ("shop", "before-1", &uid1, "app", CID),
+        ("shop", "during-1", &uid2, "app", CID2),
+    ]);
+    let refuse = |cg: &PodCgroup, comm: &str| {
+        let join = cg.join_args();
+        let join: Vec<&str> = join.iter().map(String::as_str).collect();
+        let args = [
+            "threads",
+            "50",
+            "--comm",
+            comm,
+            "--interval-ms",
+            "1",
+            "--max-failures",
+            "3",
+        ];
+        let mut lab = Lab::spawn(&[&args[..], &join].concat());
+        let report = lab.report();
+        lab.wait();
+        assert!(report.failures >= 1, "{report:?}");
+        report.failures
+    };
+    let before = PodCgroup::systemd(&unique("before"), &uid1, CID, 8);
+    let refused_before = refuse(&before, "fl-before");
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
+    let during = PodCgroup::systemd(&unique("during"), &uid2, CID2, 8);
+    eventually(Duration::from_secs(20), "the past at start", || {
+        daemon
+            .explain()
+            .filter(|r| past(r, "pids_limit_past", "before-1").is_some())
+    });
+    let refused_during = refuse(&during, "fl-during");
+    let report = eventually(Duration::from_secs(20), "the refusals seen", || {
+        daemon.explain().filter(|r| {
+            r["findings"].as_array().is_some_and(|f| {
+                f.iter()
+                    .any(|f| f["kind"] == "pids_limit" && f["who"]["pod"] == "during-1")
+            })
+        })
+    });
+    let f = past(&report, "pids_limit_past", "before-1").expect("the past");
+    assert_eq!(f["kernel"]["counts"]["pids_max"], refused_before, "{f:#}");
+    assert!(
+        past(&report, "pids_limit_past", "during-1").is_none(),
+        "{report:#}"
+    );
+    // Two re-reads of the counters (10 s apart at least) after the refusals: each increase
+    // got its read period for its event.
+    std::thread::sleep(Duration::from_secs(22));
+    let m = daemon.metrics();
+    let unexplained = |counter: &str| {
+        sample(
+            &m,
+            "faultline_kernel_refusals_unexplained_total",
+            &[&format!("counter=\"{counter}\"")],
+        )
+    };
+    assert_eq!(
+        unexplained("pids_max"),
+        Some(0.0),
+        "{refused_during} refused while watched"
+    );
+    assert!(unexplained("conntrack_insert_failed").is_some(), "{m}");
+}

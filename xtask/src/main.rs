@@ -99,8 +99,8 @@ enum Task {
     /// do it first), for running test binaries by hand as deployed:
     /// `FAULTLINE_AS_DEPLOYED=$PWD/target/as-deployed/profile.json cargo test ...`.
     AsDeployedProfile,
-    /// Setup, build, then write the man page and shell completions (from the command line's
-    /// own definition) to target/dist.
+    /// Setup, build, then copy the binary and write the man pages (one per command) and shell
+    /// completions (from the command line's own definition) to target/dist.
     Dist,
     /// Setup, build, then `faultline trace` (default: `--duration 5s`).
     Trace {
@@ -438,7 +438,9 @@ fn dist() -> anyhow::Result<()> {
         }
         std::fs::write(&file, out.stdout).with_context(|| format!("writing {}", file.display()))
     };
-    write(&["man"], dist.join("faultline.1"))?;
+    let man = dist.join("man");
+    run(Command::new(&faultline).arg("man").arg("--dir").arg(&man))?;
+    std::fs::copy(&faultline, dist.join("faultline")).context("copying the binary")?;
     for (shell, file) in [
         ("bash", "faultline.bash"),
         ("zsh", "_faultline"),
@@ -446,7 +448,10 @@ fn dist() -> anyhow::Result<()> {
     ] {
         write(&["completions", shell], dist.join("completions").join(file))?;
     }
-    eprintln!("xtask: man page and completions in {}", dist.display());
+    eprintln!(
+        "xtask: the binary, man pages (one per command) and completions in {}",
+        dist.display()
+    );
     Ok(())
 }
 

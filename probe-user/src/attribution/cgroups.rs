@@ -108,7 +108,7 @@ impl CgroupPath {
     }
 
     /// The child directory `name` (one path component, as read from the directory).
-    fn child(&self, name: &OsStr) -> Self {
+    pub fn child(&self, name: &OsStr) -> Self {
         let mut bytes = if self.is_root() {
             Vec::new()
         } else {

@@ -3,13 +3,17 @@
 //! call. The JSON of [`Report`] is a stable interface (`faultline explain --output json`,
 //! the daemon's `/explain`); fields are only ever added.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::rfc3339,
-    diagnosis::history::{Bucket, CloneTally, DnsTally, TopNames, Who},
+    diagnosis::{
+        history::{Bucket, CloneTally, DnsTally, TopNames, Who},
+        past::{Entry, Past, Resource},
+    },
+    signals::refusals::Counter,
     trend::{Estimate, Limit},
 };
 
@@ -69,7 +73,9 @@ pub struct Finding {
     /// `pidns_dead`, `clone_unknown`, `dns_timeouts`, `dns_search_amplification`,
     /// `conntrack_insert_failed`, `conntrack_table_full`, `conntrack_rule_drops`,
     /// `conntrack_drops_unclassified`,
-    /// `conntrack_table_near`, `conntrack_near_misses`.
+    /// `conntrack_table_near`, `conntrack_near_misses`; in [`Report::past`], the
+    /// [`PastKind`]s (`pids_limit_past`, `oom_kill_past`, `memory_limit_past`,
+    /// `conntrack_insert_failed_past`, `conntrack_table_full_past`).
     pub kind: String,
     /// The symptom, one line.
     pub what: String,
@@ -79,6 +85,50 @@ pub struct Finding {
     pub trend: Trend,
     /// What to change, most direct first.
     pub advice: Vec<String>,
+    /// A finding of the past (in [`Report::past`]): the kernel's own counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelCount>,
+}
+
+/// The kernel's own counts behind a finding of the past.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelCount {
+    /// The counts when faultline started watching, by counter (`pids_max`, `memory_oom_kill`,
+    /// `conntrack_insert_failed`, ...): since the cgroup or network namespace was made.
+    pub counts: BTreeMap<Counter, u64>,
+    /// Where the finding's counter was read: a cgroup file (`pids.events`, `memory.events.local`,
+    /// `memory.failcnt`, ...) or `ctnetlink`.
+    pub source: String,
+    /// The cgroup's age when faultline started, from its directory (none: not known, as for
+    /// a network namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_s: Option<f64>,
+    /// How much the finding's counter rose while faultline watched (none: the cgroup or
+    /// namespace is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub while_watched: Option<u64>,
+}
+
+/// The kinds of the findings of the past.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PastKind {
+    PidsLimit,
+    OomKill,
+    MemoryLimit,
+    ConntrackInsertFailed,
+    ConntrackTableFull,
+}
+
+impl PastKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PastKind::PidsLimit => "pids_limit_past",
+            PastKind::OomKill => "oom_kill_past",
+            PastKind::MemoryLimit => "memory_limit_past",
+            PastKind::ConntrackInsertFailed => "conntrack_insert_failed_past",
+            PastKind::ConntrackTableFull => "conntrack_table_full_past",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -97,6 +147,10 @@ pub struct Report {
     pub not_kept: u64,
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Refusals before faultline watched, from the kernel's own counts (the cgroups' and
+    /// network namespaces' counters at the start), apart from what it saw happen.
+    #[serde(default)]
+    pub past: Vec<Finding>,
 }
 
 /// The node's task holders, for node-wide pressure: (workload, live tasks), most first.
@@ -291,6 +345,7 @@ fn clone_findings(
                 estimate,
             ),
             advice,
+            kernel: None,
         });
     }
 }
@@ -325,6 +380,7 @@ fn limit_findings(
             why,
             trend: with_limit(Trend::default(), Some(e)),
             advice,
+            kernel: None,
         });
     }
 }
@@ -409,6 +465,7 @@ fn dns_findings(t: &DnsTally, minutes: f64, out: &mut Vec<Finding>) {
             why,
             trend: events_trend(t.timeouts, t.span.first, t.span.last, minutes),
             advice,
+            kernel: None,
         });
     }
     if t.search_misses >= AMPLIFICATION_MIN
@@ -435,6 +492,7 @@ fn dns_findings(t: &DnsTally, minutes: f64, out: &mut Vec<Finding>) {
                 "Use fully qualified names with a trailing dot for external names (`api.example.com.`).".to_owned(),
                 "Or lower `ndots` in the pod's `dnsConfig` (`options: [{name: ndots, value: \"2\"}]`), or use NodeLocal DNSCache to make the misses cheap.".to_owned(),
             ],
+            kernel: None,
         });
     }
 }
@@ -501,6 +559,7 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
                 table.filter(|_| *cause == "table_full"),
             ),
             advice,
+            kernel: None,
         });
     }
     for t in b.clashes.values() {
@@ -514,8 +573,211 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
             advice: vec![
                 "Remove the race before it becomes drops: `single-request-reopen` in the `dnsConfig` of the pods doing DNS, or NodeLocal DNSCache.".to_owned(),
             ],
+            kernel: None,
         });
     }
+}
+
+/// The findings of the past: one per cgroup or namespace whose counters say the kernel
+/// refused before faultline watched, ranked like the others. `started` (when faultline
+/// started) dates the cgroups' ages.
+pub fn past_findings(past: &Past, started: std::time::SystemTime) -> Vec<Finding> {
+    let mut out: Vec<Finding> = past
+        .entries
+        .iter()
+        .flat_map(|e| past_entry(e, started))
+        .collect();
+    out.sort_by(|a, b| {
+        a.severity
+            .cmp(&b.severity)
+            .then(kernel_total(b).cmp(&kernel_total(a)))
+            .then(a.kind.cmp(&b.kind))
+            .then(a.who.workload.cmp(&b.who.workload))
+    });
+    out
+}
+
+fn kernel_total(f: &Finding) -> u64 {
+    f.kernel.as_ref().map_or(0, |k| k.counts.values().sum())
+}
+
+/// "none while watched", "3 more while watched", or that the cgroup is gone.
+fn watched_text(n: Option<u64>, what: &str) -> String {
+    match n {
+        Some(0) => "none while watched".to_owned(),
+        Some(n) => format!("{n} more while watched"),
+        None => format!("the {what} is gone since"),
+    }
+}
+
+/// The findings of one cgroup or namespace (a namespace can have both conntrack kinds).
+fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
+    let age_s = e
+        .made
+        .and_then(|m| started.duration_since(m).ok())
+        .map(|d| d.as_secs_f64());
+    let since = match (&e.resource, age_s) {
+        (Resource::Netns(_), _) => "since the network namespace was made".to_owned(),
+        (Resource::Cgroup(..), Some(a)) => {
+            format!("since the cgroup was made ({} ago)", duration(a))
+        }
+        (Resource::Cgroup(..), None) => "since the cgroup was made".to_owned(),
+    };
+    let counts_text = e
+        .first
+        .iter()
+        .map(|(c, n)| format!("{}={n}", c.as_str()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // `memory.events.local: max=7 oom=1`, each count with its file.
+    let files_text = {
+        let mut by_file: Vec<(&str, Vec<String>)> = Vec::new();
+        for (c, n) in &e.first {
+            let f = e.file(*c);
+            let item = format!("{}={n}", c.as_str());
+            match by_file.iter_mut().find(|(g, _)| *g == f) {
+                Some((_, items)) => items.push(item),
+                None => by_file.push((f, vec![item])),
+            }
+        }
+        by_file
+            .iter()
+            .map(|(f, items)| format!("{f}: {}", items.join(" ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let kernel = |counter: Counter| KernelCount {
+        counts: e.first.iter().copied().collect(),
+        source: e.file(counter).to_owned(),
+        age_s,
+        while_watched: e.while_watched(counter),
+    };
+    let finding = |kind: PastKind,
+                   severity,
+                   counter: Counter,
+                   what: String,
+                   why: String,
+                   advice: Vec<String>| Finding {
+        severity,
+        kind: kind.as_str().to_owned(),
+        what,
+        who: e.who.clone(),
+        why,
+        trend: Trend::default(),
+        advice,
+        kernel: Some(kernel(counter)),
+    };
+    let what_gone = if matches!(e.resource, Resource::Netns(_)) {
+        "network namespace"
+    } else {
+        "cgroup"
+    };
+    let watched = |c: Counter| watched_text(e.while_watched(c), what_gone);
+    let mut out = Vec::new();
+    match &e.resource {
+        Resource::Cgroup(_, cgroup) => {
+            let pids = e.first(Counter::PidsMax);
+            if pids > 0 {
+                out.push(finding(
+                    PastKind::PidsLimit,
+                    Severity::Critical,
+                    Counter::PidsMax,
+                    format!("{since}, its pids limit refused {pids} task creations; {}", watched(Counter::PidsMax)),
+                    format!("the kernel's count in {cgroup}/{}: max {pids}, counted at each task creation the pids limit refused, before faultline watched", e.file(Counter::PidsMax)),
+                    vec![
+                        format!("Find what creates tasks without ending them in {} (`faultline top`): a leak that hit its limit once will again.", e.who.workload),
+                        "If the workload needs more tasks, raise its pids limit (kubelet `podPidsLimit`, or the container runtime's).".to_owned(),
+                    ],
+                ));
+            }
+            let kills = e.first(Counter::MemoryOomKill);
+            let ooms = e.first(Counter::MemoryOom);
+            let hits = e
+                .first(Counter::MemoryMax)
+                .max(e.first(Counter::MemoryFailcnt));
+            let advice = vec![
+                "Raise the container's memory limit, or find what fills it (its anonymous memory and page cache: `memory.stat`).".to_owned(),
+            ];
+            if kills > 0 {
+                out.push(finding(
+                    PastKind::OomKill,
+                    Severity::Critical,
+                    Counter::MemoryOomKill,
+                    format!("{since}, the OOM killer killed {kills} of its processes at its memory limit; {}", watched(Counter::MemoryOomKill)),
+                    format!("the kernel's counts in {cgroup}: {files_text}"),
+                    advice,
+                ));
+            } else if ooms > 0 || hits > 0 {
+                let (severity, what) = if ooms > 0 {
+                    (
+                        Severity::Warning,
+                        format!(
+                            "{since}, it ran out of memory at its limit {ooms} times (reclaim failed), with no process killed"
+                        ),
+                    )
+                } else {
+                    (
+                        Severity::Info,
+                        format!(
+                            "{since}, it reached its memory limit {hits} times (the kernel reclaimed; an allocation it could not reclaim for, a new task's among them, was refused)"
+                        ),
+                    )
+                };
+                let counter = if ooms > 0 {
+                    Counter::MemoryOom
+                } else if e.first(Counter::MemoryMax) > 0 {
+                    Counter::MemoryMax
+                } else {
+                    Counter::MemoryFailcnt
+                };
+                out.push(finding(
+                    PastKind::MemoryLimit,
+                    severity,
+                    counter,
+                    format!("{what}; {}", watched(counter)),
+                    format!("the kernel's counts in {cgroup}: {files_text}"),
+                    advice,
+                ));
+            }
+        }
+        Resource::Netns(inode) => {
+            let failed = e.first(Counter::ConntrackInsertFailed);
+            if failed > 0 {
+                out.push(finding(
+                    PastKind::ConntrackInsertFailed,
+                    Severity::Critical,
+                    Counter::ConntrackInsertFailed,
+                    format!("{since}, conntrack dropped {failed} packets whose entry lost the race to be confirmed (insert_failed); {}", watched(Counter::ConntrackInsertFailed)),
+                    format!("the kernel's counters of network namespace {inode} (ctnetlink): {counts_text}"),
+                    vec![
+                        "For DNS: `options: [{name: single-request-reopen}]` in the pod's `dnsConfig`, or NodeLocal DNSCache.".to_owned(),
+                        "For SNAT port clashes: `--random-fully` on the masquerade rule (kube-proxy/CNI option), or more source addresses.".to_owned(),
+                    ],
+                ));
+            }
+            // `drop` counts lost clashes too: what is left is the table's.
+            let full = e.first(Counter::ConntrackDrop).saturating_sub(failed);
+            let early = e.first(Counter::ConntrackEarlyDrop);
+            if full > 0 || early > 0 {
+                let counter = if full > 0 {
+                    Counter::ConntrackDrop
+                } else {
+                    Counter::ConntrackEarlyDrop
+                };
+                out.push(finding(
+                    PastKind::ConntrackTableFull,
+                    if full > 0 { Severity::Critical } else { Severity::Warning },
+                    counter,
+                    format!("{since}, its conntrack table was full: {full} packets dropped for want of an entry, {early} entries evicted early; {}", watched(counter)),
+                    format!("the kernel's counters of network namespace {inode} (ctnetlink): {counts_text}; `drop` beyond insert_failed is the table's"),
+                    vec![
+                        "Raise `net.netfilter.nf_conntrack_max` (and `nf_conntrack_buckets`), or shorten idle timeouts (`nf_conntrack_udp_timeout`).".to_owned(),
+                    ],
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// `45 s`, `12 min`, `3.5 h`.
@@ -612,6 +874,89 @@ mod tests {
     }
 
     #[test]
+    fn the_past_reads_as_the_kernel_counted_it() {
+        use crate::{attribution::cgroups::Hierarchy, diagnosis::past::Entry};
+        let started = std::time::SystemTime::now();
+        let pids = Entry {
+            resource: Resource::Cgroup(Hierarchy::Pids, "/kubepods/pod1".into()),
+            who: Who::new("shop/leaky/app", None, Some("/kubepods/pod1")),
+            files: vec![(Counter::PidsMax, "pids.events")],
+            first: vec![(Counter::PidsMax, 412)],
+            latest: Some(vec![(Counter::PidsMax, 412)]),
+            made: started.checked_sub(Duration::from_secs(3 * 3600)),
+        };
+        let netns = Entry {
+            resource: Resource::Netns(4026532000),
+            who: Who::new("netns:4026532000", None, None),
+            files: vec![
+                (Counter::ConntrackInsertFailed, "ctnetlink"),
+                (Counter::ConntrackDrop, "ctnetlink"),
+            ],
+            first: vec![
+                (Counter::ConntrackInsertFailed, 3),
+                (Counter::ConntrackDrop, 5),
+            ],
+            latest: Some(vec![
+                (Counter::ConntrackInsertFailed, 4),
+                (Counter::ConntrackDrop, 6),
+            ]),
+            made: None,
+        };
+        let memory = Entry {
+            resource: Resource::Cgroup(Hierarchy::Memory, "/kubepods/pod2".into()),
+            who: Who::new("shop/cache/app", None, Some("/kubepods/pod2")),
+            files: vec![(Counter::MemoryMax, "memory.events.local")],
+            first: vec![(Counter::MemoryMax, 7)],
+            latest: None,
+            made: None,
+        };
+        let past = Past {
+            entries: vec![memory, pids, netns],
+            ..Past::default()
+        };
+        let f = past_findings(&past, started);
+        let kinds: Vec<&str> = f.iter().map(|f| f.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "pids_limit_past",
+                "conntrack_insert_failed_past",
+                "conntrack_table_full_past",
+                "memory_limit_past"
+            ]
+        );
+        assert_eq!(
+            f[0].what,
+            "since the cgroup was made (3.0 h ago), its pids limit refused 412 task creations; none while watched"
+        );
+        let k = f[0].kernel.as_ref().expect("test");
+        assert_eq!(k.counts[&Counter::PidsMax], 412);
+        assert!(k.age_s.is_some_and(|a| (a - 10800.0).abs() < 1.0), "{k:?}");
+        assert!(
+            f[1].what.ends_with("(insert_failed); 1 more while watched"),
+            "{}",
+            f[1].what
+        );
+        // drop beyond insert_failed is the table's.
+        assert!(
+            f[2].what.contains("2 packets dropped for want of an entry"),
+            "{}",
+            f[2].what
+        );
+        assert_eq!(f[3].severity, Severity::Info);
+        assert!(
+            f[3].what.ends_with("the cgroup is gone since"),
+            "{}",
+            f[3].what
+        );
+        let json = serde_json::to_string(&f[0]).expect("test");
+        assert!(
+            json.contains(r#""kernel":{"counts":{"pids_max":412}"#),
+            "{json}"
+        );
+    }
+
+    #[test]
     fn the_report_round_trips_through_json() {
         let limits = [estimate(Limit::ThreadsMax, "node", 95, 100, Some(10.0))];
         let r = Report {
@@ -624,6 +969,7 @@ mod tests {
             findings: findings(&Bucket::default(), Duration::from_secs(900), &limits, &[]),
             not_kept: 0,
             notes: vec![],
+            past: vec![],
         };
         let text = serde_json::to_string(&r).expect("test");
         assert!(text.contains(r#""limit_kind":"threads_max""#), "{text}");

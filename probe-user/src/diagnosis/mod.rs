@@ -3,12 +3,14 @@
 //! [`findings`] turns them and each limit's time to exhaustion (the refreshes' estimates,
 //! from `trend`) into a ranked [`findings::Report`]. A [`Recorder`] holds them; the daemon keeps one for its
 //! whole life (served on `/explain`), `faultline explain` fills one in a short observation
-//! when no daemon answers.
+//! when no daemon answers. [`past`] keeps the kernel's refusal counts at its start: the
+//! findings of before anyone watched, reported apart.
 
 pub mod findings;
 pub mod history;
+pub mod past;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::{
     clock::now_rfc3339,
@@ -17,6 +19,7 @@ use crate::{
 };
 use findings::Report;
 use history::History;
+use past::Past;
 
 /// Workloads named as the node's top task holders.
 const HOLDERS: usize = 5;
@@ -24,7 +27,11 @@ const HOLDERS: usize = 5;
 pub struct Recorder {
     node: String,
     started: Instant,
+    /// The wall-clock time of the start, for the cgroups' ages.
+    started_at: SystemTime,
     history: History,
+    /// The kernel's refusal counts at the first refresh, and since.
+    past: Option<Past>,
     /// Every limit's estimate at the last refresh.
     limits: Vec<Estimate>,
     /// (workload, live tasks), most first, at the last refresh.
@@ -36,7 +43,9 @@ impl Recorder {
         Recorder {
             node: node.to_owned(),
             started: Instant::now(),
+            started_at: SystemTime::now(),
             history: History::default(),
+            past: None,
             limits: Vec::new(),
             holders: Vec::new(),
         }
@@ -49,6 +58,10 @@ impl Recorder {
     /// One refresh: the limits' estimates, and who holds the node's tasks.
     pub fn refresh(&mut self, refresh: &Refresh) {
         self.limits.clone_from(&refresh.estimates);
+        match self.past.as_mut() {
+            Some(past) => past.update(&refresh.refusals, refresh.conntrack_tables()),
+            None => self.past = Some(Past::new(&refresh.refusals, refresh.conntrack_tables())),
+        }
         let mut by_workload: std::collections::HashMap<&str, u64> = Default::default();
         for r in refresh.rows() {
             *by_workload.entry(r.workload.as_str()).or_default() += r.live.unwrap_or(0);
@@ -77,7 +90,33 @@ impl Recorder {
             window_s: window.as_secs_f64(),
             findings: findings::findings(&bucket, window, &self.limits, &self.holders),
             not_kept: self.history.not_kept,
-            notes: Vec::new(),
+            notes: self.past_notes(),
+            past: self
+                .past
+                .as_ref()
+                .map(|p| findings::past_findings(p, self.started_at))
+                .unwrap_or_default(),
         }
+    }
+
+    /// What the past's findings leave out.
+    fn past_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(p) = &self.past {
+            if p.left_out > 0 {
+                notes.push(format!(
+                    "{} more cgroups and network namespaces had refusals before faultline watched (only the {} with the most are reported)",
+                    p.left_out,
+                    past::MAX_PAST
+                ));
+            }
+            if p.truncated {
+                notes.push(format!(
+                    "the kernel's refusal counts were read in the first {} cgroups only",
+                    crate::signals::refusals::MAX_CGROUPS
+                ));
+            }
+        }
+        notes
     }
 }

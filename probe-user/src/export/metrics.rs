@@ -537,6 +537,14 @@ impl Metrics {
         self.conntrack_max.set(c.max as i64);
     }
 
+    /// Increases of the kernel's refusal counters no event explained (running totals).
+    pub fn refusals_unexplained(&self, totals: &[(crate::signals::refusals::Counter, u64)]) {
+        for (counter, n) in totals {
+            self.totals
+                .set(Total::RefusalsUnexplained, counter.as_str(), *n);
+        }
+    }
+
     /// The time to exhaustion of every growing limit, rebuilt on each refresh: the soonest
     /// per workload and limit.
     pub fn limit_exhaustion(&self, estimates: &[crate::trend::Estimate]) {

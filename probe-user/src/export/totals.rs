@@ -1,7 +1,8 @@
 //! Counters whose running totals the kernel keeps (ring-buffer losses, task events the full
 //! map could not count, port-53 packets the DNS probe could not follow, the node's conntrack
-//! statistics; and the pod watch's failed requests): a Prometheus collector that reports the last refresh's totals at scrape time,
-//! instead of turning each total into increments of a counter of our own.
+//! statistics, the refusal counts no event explained; and the pod watch's failed requests): a
+//! Prometheus collector that reports the last refresh's totals at scrape time, instead of
+//! turning each total into increments of a counter of our own.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -25,9 +26,11 @@ pub enum Total {
     ConntrackStat,
     /// Failed requests of the pod watch (kept by `attribution::kubeapi`, not the kernel).
     KubeApiErrors,
+    /// `counter`: increases of the kernel's refusal counters that no event explained.
+    RefusalsUnexplained,
 }
 
-const FAMILIES: [(Total, &str, &str, Option<&str>); 5] = [
+const FAMILIES: [(Total, &str, &str, Option<&str>); 6] = [
     (
         Total::EventsLost,
         "faultline_events_lost_total",
@@ -57,6 +60,12 @@ const FAMILIES: [(Total, &str, &str, Option<&str>); 5] = [
         "faultline_kube_api_errors_total",
         "Failed requests of the Kubernetes API pod watch (while it fails, pods are named from the kubelet's log directories).",
         None,
+    ),
+    (
+        Total::RefusalsUnexplained,
+        "faultline_kernel_refusals_unexplained_total",
+        "Increases of the kernel's own refusal counters since the daemon started that no event explained (a probe missed them: events lost, a program not attached, a path it does not trace), by counter: pids_max (every cgroup's pids.events max, against clone failures of cause pids_limit), conntrack_insert_failed (every network namespace's, against drops of cause insert_failed). An increase gets one re-read (10 s or more) for its event to arrive.",
+        Some("counter"),
     ),
 ];
 

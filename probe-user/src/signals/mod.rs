@@ -2,7 +2,9 @@
 //! `clone` (failed task creation, its cause decided by `clone::cause` from the kernel state at
 //! the failure and `clone::node`'s counts), `tasks` (task creation and live counts per cgroup,
 //! headroom to the pids limit), `dns` (queries, answers, timeouts, retransmits), `conntrack`
-//! (drops and near-misses, with the kernel's own counters from `conntrack::ctstats`).
+//! (drops and near-misses, with the kernel's own counters from `conntrack::ctstats`);
+//! `refusals` reads the kernel's own counts of refusals (pids, memory, conntrack) that it
+//! keeps whether or not anyone watched.
 //!
 //! What the rest of faultline sees of them is data: an [`Event`] as each happens, a
 //! [`Refresh`] on every tick, and the [`Signals`] registry (`registry`), the one place that
@@ -13,6 +15,7 @@ pub mod conntrack;
 pub mod dns;
 mod event;
 mod refresh;
+pub mod refusals;
 mod registry;
 pub mod tasks;
 

@@ -11,6 +11,7 @@ use crate::{
     signals::{
         clone::node::NodeTasks,
         conntrack::{CtTable, ctstats::CtCounters},
+        refusals::Refusals,
         tasks::CgroupRow,
     },
     trend::{Estimate, Limit, Reading},
@@ -28,6 +29,9 @@ pub struct Refresh {
     pub cgroup_events_lost: Option<u64>,
     /// Failed requests to the Kubernetes API since the start (none: no API in use).
     pub kube_api_errors: Option<u64>,
+    /// The kernel's own refusal counts per cgroup (read every few seconds, not every tick)
+    /// and the increases no event explained.
+    pub refusals: Refusals,
     /// Every watched limit's use, growth and time left (empty unless the command asked for a
     /// trend window).
     pub estimates: Vec<Estimate>,

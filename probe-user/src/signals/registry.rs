@@ -12,6 +12,7 @@ use super::{
     clone::{self, Enricher, node::NodeTasks},
     conntrack::{self, Classifier},
     dns::{self, DnsTracker},
+    refusals::{Counter, RefusalWatch},
     tasks::{self, HeadroomWatch, TaskModel},
 };
 use probe_common::{clone::CloneStats, conntrack::ConntrackStats, dns::DnsStats, tasks::TaskStats};
@@ -34,6 +35,8 @@ pub struct Signals {
     dns: Option<DnsTracker>,
     conntrack: Option<Classifier>,
     headroom: Option<HeadroomWatch>,
+    /// The kernel's refusal counters, cross-checked with the events.
+    refusals: RefusalWatch,
     idle_cgroups: bool,
     /// Which signal each ring (by its index in [`Signals::attach`]'s list) belongs to.
     rings: Vec<Signal>,
@@ -60,6 +63,7 @@ impl Signals {
             dns: None,
             conntrack: None,
             headroom: None,
+            refusals: RefusalWatch::default(),
             idle_cgroups: plan.idle_cgroups,
             rings: Vec::new(),
         };
@@ -151,7 +155,14 @@ impl Signals {
         attributor: &mut Attributor,
         emit: &mut Emit<'_>,
     ) -> anyhow::Result<()> {
-        match self.rings.get(batch.ring) {
+        // Each event that accounts for a refusal counter's increase, for the cross-check.
+        let mut explained: Vec<Counter> = Vec::new();
+        let mut emit = |e: Event| {
+            explained.extend(Counter::explained_by(&e));
+            emit(e)
+        };
+        let emit = &mut emit;
+        let delivered = match self.rings.get(batch.ring) {
             Some(Signal::Clone) => match self.clone.as_mut() {
                 Some(enricher) => clone::deliver(batch, enricher, attributor, emit),
                 None => Ok(()),
@@ -172,7 +183,11 @@ impl Signals {
                 }
             }
             Some(Signal::Tasks) | None => Ok(()),
+        };
+        for counter in explained {
+            self.refusals.event(counter);
         }
+        delivered
     }
 
     /// The queries past their timeout, from the kernel's map (an answered query is no longer
@@ -253,8 +268,28 @@ impl Signals {
             }
             None => None,
         };
+        let ct: Vec<(u64, [(Counter, u64); 3])> = self
+            .conntrack
+            .as_ref()
+            .map(|c| {
+                c.tables
+                    .iter()
+                    .map(|t| {
+                        let c = &t.counters;
+                        let counts = [
+                            (Counter::ConntrackInsertFailed, c.insert_failed),
+                            (Counter::ConntrackDrop, c.drop),
+                            (Counter::ConntrackEarlyDrop, c.early_drop),
+                        ];
+                        (t.netns, counts)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let refusals = self.refusals.refresh(attributor, &ct);
         Ok(Refresh {
             node: NodeTasks::read().context("reading the node's task counts")?,
+            refusals,
             clone,
             tasks,
             dns,

@@ -130,6 +130,8 @@ pub struct CtTable {
     pub entries: u64,
     /// `nf_conntrack_max`: each namespace's own count is held to it.
     pub max: u64,
+    /// The namespace's counters (since it was made) at the poll.
+    pub counters: CtCounters,
 }
 
 /// Decides causes; owns the namespaces and the counters already accounted for.
@@ -272,6 +274,7 @@ impl Classifier {
                 workload,
                 entries: c.entries,
                 max: c.max,
+                counters: c,
             });
         }
         out
