@@ -92,10 +92,14 @@ pub struct RunArgs {
     /// How often the task counters are turned into metrics.
     #[arg(long, env = "FAULTLINE_REFRESH", value_parser = crate::cli::parse_period, default_value = "5s")]
     pub refresh: Duration,
-    /// Also export events over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318). The
-    /// standard OTEL_EXPORTER_OTLP_* variables (endpoints, headers, compression, timeout) and
-    /// OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME apply too; this flag wins over
-    /// OTEL_EXPORTER_OTLP_ENDPOINT.
+    /// Also export events over OTLP/HTTP (http/protobuf) to this collector, e.g.
+    /// http://127.0.0.1:4318 or https://...: log records to <URL>/v1/logs, spans to
+    /// <URL>/v1/traces. Acts as OTEL_EXPORTER_OTLP_ENDPOINT and wins over it; the other
+    /// standard variables apply as the OpenTelemetry specification says, general and per
+    /// signal (OTEL_EXPORTER_OTLP_[LOGS_|TRACES_]ENDPOINT, _HEADERS, _COMPRESSION, _TIMEOUT,
+    /// _PROTOCOL, _CERTIFICATE, _CLIENT_CERTIFICATE, _CLIENT_KEY; OTEL_SDK_DISABLED,
+    /// OTEL_LOGS_EXPORTER, OTEL_TRACES_EXPORTER; OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME).
+    /// A signal without an endpoint is not exported.
     #[arg(long, env = "FAULTLINE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// A DNS query without an answer for this long counts as a timeout.
@@ -200,7 +204,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Stopped: not ready any more; what the kernel handed over is delivered.
     served.ready.store(false, Ordering::Relaxed);
     server.stop();
-    sink.outputs.finish();
+    if let Some(otlp) = sink.outputs.finish() {
+        otlp.shutdown(OTLP_SHUTDOWN).await;
+    }
     let stats = sink.last_clone_stats;
     // Dropping the pipeline detaches every program.
     drop(pipeline);
@@ -218,6 +224,9 @@ struct HttpThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// How long stopping waits for the OTLP collector to take what is queued.
+const OTLP_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// How long stopping waits for responses in flight.
 const HTTP_SHUTDOWN: Duration = Duration::from_secs(1);
@@ -288,7 +297,7 @@ impl Daemon {
     ) -> anyhow::Result<Self> {
         let otlp =
             match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())? {
-                Some(config) => Some(OtlpExporter::start(config, node, metrics.otlp_counters()?)),
+                Some(config) => Some(OtlpExporter::start(config, node, metrics.otlp_counters()?)?),
                 None => None,
             };
         let counters = metrics.event_line_counters()?;
@@ -424,10 +433,12 @@ impl Outputs {
     }
 
     /// At a stop: what the budget still holds, then the lines' queue.
-    fn finish(mut self) {
+    /// Writes the budget's last lines; returns the OTLP exporter to be shut down.
+    fn finish(mut self) -> Option<OtlpExporter> {
         let rest = self.budget.finish();
         self.write(&rest);
         self.lines.finish();
+        self.otlp
     }
 
     fn write(&self, lines: &[BudgetLine]) {

@@ -409,6 +409,191 @@ fn a_dead_otlp_collector_costs_dropped_events_not_a_stuck_daemon() {
     drop(black_hole);
 }
 
+/// Only the logs endpoint set (per signal, used as is), with its own headers and compression:
+/// log records arrive with them, and nothing asks for traces.
+#[test]
+fn otlp_logs_only_with_per_signal_headers_and_compression() {
+    let _serial = serial();
+    let cg = PodCgroup::systemd(&unique("otlp-logs"), &pod_uid(5), CID, 4);
+    let receiver = OtlpReceiver::start();
+    let logs = format!("http://127.0.0.1:{}/v1/logs", receiver.port);
+    let daemon = Daemon::start_with_env(
+        &[
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", &logs),
+            ("OTEL_EXPORTER_OTLP_LOGS_HEADERS", "x-tenant=team%20a"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=general"),
+            ("OTEL_EXPORTER_OTLP_LOGS_COMPRESSION", "gzip"),
+        ],
+        &["--no-events"],
+    );
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let report = lab(&[
+        &[
+            "threads",
+            "20",
+            "--comm",
+            "fl-otlp-logs",
+            "--max-failures",
+            "3",
+        ][..],
+        &join,
+    ]
+    .concat());
+    eventually(Duration::from_secs(20), "the log records", || {
+        let recs = receiver.records.lock().unwrap();
+        let mine = recs
+            .iter()
+            .filter(|(_, r)| {
+                r.attributes
+                    .iter()
+                    .any(|kv| kv.key == "process.executable.name" && attr_str(kv) == "fl-otlp-logs")
+            })
+            .count();
+        (mine as u64 == report.failures).then_some(())
+    });
+    let headers = receiver.headers.lock().unwrap().clone();
+    assert!(!headers.is_empty());
+    for request in &headers {
+        assert_eq!(request[0], "post /v1/logs http/1.1", "{request:?}");
+        assert!(
+            request.contains(&"x-tenant: team a".to_owned()),
+            "{request:?}"
+        );
+        assert!(
+            request.contains(&"content-encoding: gzip".to_owned()),
+            "{request:?}"
+        );
+    }
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("OTLP: logs to http://127.0.0.1:")
+            && stderr.contains("traces not exported"),
+        "{stderr}"
+    );
+}
+
+/// A collector that is down for a while and comes back on the same port: every record
+/// emitted meanwhile (fewer than the exporter's queue) arrives, none is dropped.
+#[test]
+fn an_otlp_collector_down_and_back_loses_nothing_within_the_queue() {
+    let _serial = serial();
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let cg = PodCgroup::systemd(&unique("otlp-back"), &pod_uid(6), CID, 4);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let daemon =
+        Daemon::start(&[&["--otlp-endpoint", &endpoint, "--no-events"], NO_BUDGET].concat());
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let report = lab(&[
+        &[
+            "threads",
+            "1000",
+            "--comm",
+            "fl-otlp-back",
+            "--max-failures",
+            "1000",
+        ][..],
+        &join,
+    ]
+    .concat());
+    assert!(report.failures >= 500, "{report:?}");
+    // Down for 5 s more (refused connections), then back.
+    std::thread::sleep(Duration::from_secs(5));
+    let receiver = OtlpReceiver::start_on(port);
+    let mine = || {
+        receiver
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| {
+                r.attributes
+                    .iter()
+                    .any(|kv| kv.key == "process.executable.name" && attr_str(kv) == "fl-otlp-back")
+            })
+            .count() as u64
+    };
+    eventually(
+        Duration::from_secs(30),
+        "every record after the outage",
+        || (mine() == report.failures).then_some(()),
+    );
+    let metric = |name: &str| -> f64 {
+        daemon
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(metric("faultline_otlp_dropped_events_total"), 0.0);
+    assert!(metric("faultline_otlp_failed_requests_total") >= 1.0);
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("takes records again"), "{stderr}");
+}
+
+/// https to a collector whose certificate a test CA signed, trusted through
+/// OTEL_EXPORTER_OTLP_CERTIFICATE.
+#[test]
+fn otlp_over_https_with_the_certificate_variable() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(unique("otlp-tls"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let [ca, cert, key] = test_ca(&dir);
+    let receiver = OtlpReceiver::start_tls(&cert, &key);
+    let cg = PodCgroup::systemd(&unique("otlp-tls"), &pod_uid(7), CID, 4);
+    let logs = format!("https://127.0.0.1:{}/v1/logs", receiver.port);
+    let daemon = Daemon::start_with_env(
+        &[
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", &logs),
+            (
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                ca.to_str().expect("utf-8"),
+            ),
+        ],
+        &["--no-events"],
+    );
+    let join = cg.join_args();
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+    let report = lab(&[
+        &[
+            "threads",
+            "20",
+            "--comm",
+            "fl-otlp-tls",
+            "--max-failures",
+            "3",
+        ][..],
+        &join,
+    ]
+    .concat());
+    eventually(
+        Duration::from_secs(20),
+        "the log records over https",
+        || {
+            let recs = receiver.records.lock().unwrap();
+            let mine = recs
+                .iter()
+                .filter(|(_, r)| {
+                    r.attributes.iter().any(|kv| {
+                        kv.key == "process.executable.name" && attr_str(kv) == "fl-otlp-tls"
+                    })
+                })
+                .count();
+            (mine as u64 == report.failures).then_some(())
+        },
+    );
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The capabilities in effect of every thread of `pid`.
 fn thread_caps(pid: u32) -> Vec<(String, u64)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads");

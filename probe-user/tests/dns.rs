@@ -714,7 +714,10 @@ fn dns_queries_become_otlp_client_spans_with_real_times() {
             s.start_time_unix_nano,
             s.end_time_unix_nano
         );
-        assert_eq!(attr("dns.response_code").as_deref(), Some("NOERROR"));
+        assert_eq!(
+            attr("faultline.dns.response_code").as_deref(),
+            Some("NOERROR")
+        );
         assert_eq!(s.trace_id.len(), 16);
         assert_eq!(s.span_id.len(), 8);
     }

@@ -26,7 +26,7 @@ const BUILD_PACKAGES: [&str; 4] = [
 /// Debian packages the tests, the benchmark and the kernel matrix run against (docs/testing.md
 /// lists them; a test checks it): a real Prometheus and promtool, bpftool (to check programs
 /// are detached), dnsmasq and iptables (DNS through a service-IP DNAT).
-const TEST_PACKAGES: [&str; 12] = [
+const TEST_PACKAGES: [&str; 13] = [
     "prometheus",
     "bpftool",
     "dnsmasq-base",
@@ -46,6 +46,8 @@ const TEST_PACKAGES: [&str; 12] = [
     // add CAP_BPF or CAP_PERFMON to a container; podman can).
     "mmdebstrap",
     "podman",
+    // A test CA and server certificate for the OTLP-over-TLS test (probe-user/tests/daemon.rs).
+    "openssl",
 ];
 /// Must match EBPF_TOOLCHAIN in probe-user/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";

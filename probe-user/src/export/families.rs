@@ -214,13 +214,13 @@ pub const RUN: &[Family] = &[
 pub const OTLP: &[Family] = &[
     Family {
         name: "faultline_otlp_dropped_events_total",
-        help: "Events not exported over OTLP: queue full (slow collector) or request failed.",
+        help: "Events not exported over OTLP: the queue of their signal full (collector down or slow), or their batch refused by the collector.",
         labels: ONE,
         kind: Kind::IntCounter,
     },
     Family {
         name: "faultline_otlp_failed_requests_total",
-        help: "OTLP export requests that failed.",
+        help: "OTLP export attempts that failed: refused, unanswered or unreachable (each retry counts).",
         labels: ONE,
         kind: Kind::IntCounter,
     },

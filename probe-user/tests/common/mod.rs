@@ -991,6 +991,77 @@ impl KubeletLogs {
     }
 }
 
+/// A connection the receiver reads a request from and answers on (plain or TLS).
+pub trait ReadWrite: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> ReadWrite for T {}
+
+/// A CA and a server certificate for 127.0.0.1 it signed, made by the `openssl` CLI in `dir`:
+/// (ca.pem, server.pem, server.key).
+pub fn test_ca(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl CLI is needed for the TLS tests (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=faultline test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("ext.cnf");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    ["ca.pem", "server.pem", "server.key"].map(|f| dir.join(f))
+}
+
 /// A received log record with its resource's attributes.
 pub type Received = (
     Vec<(String, String)>,
@@ -1022,8 +1093,52 @@ impl OtlpReceiver {
     /// A receiver that answers its first `refuse` requests 503 with `Retry-After: 1` (a
     /// collector restarting), then takes everything.
     pub fn start_refusing(refuse: usize) -> OtlpReceiver {
+        Self::serve(TcpListener::bind("127.0.0.1:0").expect("bind"), refuse)
+    }
+
+    /// A receiver on this loopback port (a collector coming back where it was).
+    pub fn start_on(port: u16) -> OtlpReceiver {
+        Self::serve(TcpListener::bind(("127.0.0.1", port)).expect("bind"), 0)
+    }
+
+    /// A receiver over TLS with this server certificate and key (PEM files).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> OtlpReceiver {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .expect("server certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("server certificate");
+        let key = PrivateKeyDer::from_pem_file(key).expect("server key");
+        let config = std::sync::Arc::new(
+            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server TLS config"),
+        );
+        Self::serve_with(
+            TcpListener::bind("127.0.0.1:0").expect("bind"),
+            0,
+            move |conn| {
+                let tls = rustls::ServerConnection::new(config.clone()).ok()?;
+                Some(Box::new(rustls::StreamOwned::new(tls, conn)))
+            },
+        )
+    }
+
+    fn serve(listener: TcpListener, refuse: usize) -> OtlpReceiver {
+        Self::serve_with(listener, refuse, |conn| Some(Box::new(conn)))
+    }
+
+    fn serve_with(
+        listener: TcpListener,
+        refuse: usize,
+        wrap: impl Fn(TcpStream) -> Option<Box<dyn ReadWrite>> + Send + 'static,
+    ) -> OtlpReceiver {
         use prost::Message as _;
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1031,9 +1146,10 @@ impl OtlpReceiver {
         let (sink, span_sink, header_sink) = (records.clone(), spans.clone(), headers.clone());
         std::thread::spawn(move || {
             for (n, conn) in listener.incoming().take(1000).enumerate() {
-                let Ok(mut conn) = conn else { continue };
+                let Ok(conn) = conn else { continue };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+                let Some(conn) = wrap(conn) else { continue };
+                let mut reader = std::io::BufReader::new(conn);
                 let mut len = 0usize;
                 let mut traces = false;
                 let mut gzip = false;
@@ -1061,7 +1177,7 @@ impl OtlpReceiver {
                     continue;
                 }
                 if n < refuse {
-                    let _ = conn.write_all(
+                    let _ = reader.get_mut().write_all(
                         b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                     );
                     continue;
@@ -1095,7 +1211,7 @@ impl OtlpReceiver {
                         }
                     }
                 }
-                let _ = conn.write_all(
+                let _ = reader.get_mut().write_all(
                     b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 );
             }

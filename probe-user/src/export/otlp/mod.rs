@@ -1,0 +1,204 @@
+//! OTLP/HTTP (http/protobuf) export of events, configured as the OpenTelemetry specification
+//! says (`--otlp-endpoint` as `OTEL_EXPORTER_OTLP_ENDPOINT`, every `OTEL_EXPORTER_OTLP_*`
+//! variable general and per signal; a signal without an endpoint is not exported): clone
+//! failures and conntrack drops as log records (`event_name`) with their real time, DNS
+//! queries as client spans with their real start and end, all with OpenTelemetry's Kubernetes
+//! attributes and a resource naming the node and the agent. http or https (rustls; the
+//! system's roots unless `..._CERTIFICATE` names a CA), gzip when asked.
+//!
+//! The ring-buffer readers only ever `try_send` into a bounded queue per signal ([`QUEUE`]
+//! records, plus the [`BATCH`] in flight). While the collector is unreachable or says 429,
+//! 502, 503 or 504, the oldest batch is retried with capped backoff (Retry-After honoured)
+//! and never given up; records past the queue are dropped and counted. A batch the collector
+//! refuses (400, 401, 413, ...) is dropped and counted, said at WARN at most once a minute.
+
+mod config;
+mod records;
+mod sender;
+
+pub use config::OtlpConfig;
+
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::{
+    collector::{logs::v1::ExportLogsServiceRequest, trace::v1::ExportTraceServiceRequest},
+    common::v1::InstrumentationScope,
+    logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
+    resource::v1::Resource,
+    trace::v1::{ResourceSpans, ScopeSpans, Span},
+};
+use prometheus::IntCounter;
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use crate::{export::budget::BudgetLine, signals::Event};
+
+use records::{budget_record, dns_span, drop_record, kv, log_record};
+use sender::Sender;
+
+/// Records waiting per signal; past this they are dropped and counted. With the batch in
+/// flight, a collector that is down costs nothing until QUEUE + BATCH records are waiting.
+pub const QUEUE: usize = 4096;
+/// Records per request, and the longest a record waits for a batch to fill.
+pub const BATCH: usize = 512;
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Counters the exporter keeps (registered by the caller).
+#[derive(Clone)]
+pub struct OtlpCounters {
+    pub dropped: IntCounter,
+    pub failed_requests: IntCounter,
+}
+
+pub struct OtlpExporter {
+    logs: Option<mpsc::Sender<LogRecord>>,
+    traces: Option<mpsc::Sender<Span>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    counters: OtlpCounters,
+}
+
+/// The resource of every export: the agent (service.*, its own pod when the downward API
+/// says) and the node, then the operator's attributes over them.
+fn resource(node: &str, extra: &[(String, String)]) -> Resource {
+    let mut attrs: Vec<(String, String)> = vec![
+        ("service.name".into(), "faultline".into()),
+        ("service.version".into(), env!("CARGO_PKG_VERSION").into()),
+        ("service.instance.id".into(), node.into()),
+        ("k8s.node.name".into(), node.into()),
+        ("host.name".into(), crate::attribution::pods::hostname()),
+    ];
+    for (key, var) in [
+        ("k8s.pod.name", "POD_NAME"),
+        ("k8s.namespace.name", "POD_NAMESPACE"),
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            attrs.push((key.into(), v));
+        }
+    }
+    for (k, v) in extra {
+        attrs.retain(|(key, _)| key != k);
+        attrs.push((k.clone(), v.clone()));
+    }
+    Resource {
+        attributes: attrs.into_iter().map(|(k, v)| kv(&k, v)).collect(),
+        ..Default::default()
+    }
+}
+
+impl OtlpExporter {
+    /// Starts one background sender per exported signal (errors: unreadable TLS files).
+    pub fn start(config: OtlpConfig, node: &str, counters: OtlpCounters) -> anyhow::Result<Self> {
+        tracing::info!("{}", config.describe());
+        let resource = resource(node, &config.resource);
+        let scope = InstrumentationScope {
+            name: "faultline".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        };
+        let mut tasks = Vec::new();
+        let logs = match config.logs {
+            Some(signal) => {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                let (resource, scope) = (resource.clone(), scope.clone());
+                let encode = move |log_records| {
+                    ExportLogsServiceRequest {
+                        resource_logs: vec![ResourceLogs {
+                            resource: Some(resource.clone()),
+                            scope_logs: vec![ScopeLogs {
+                                scope: Some(scope.clone()),
+                                log_records,
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }],
+                    }
+                    .encode_to_vec()
+                };
+                let sender = Sender::new("logs", signal, counters.clone())?;
+                tasks.push(tokio::spawn(sender.run(rx, encode)));
+                Some(tx)
+            }
+            None => None,
+        };
+        let traces = match config.traces {
+            Some(signal) => {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                let encode = move |spans| {
+                    ExportTraceServiceRequest {
+                        resource_spans: vec![ResourceSpans {
+                            resource: Some(resource.clone()),
+                            scope_spans: vec![ScopeSpans {
+                                scope: Some(scope.clone()),
+                                spans,
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }],
+                    }
+                    .encode_to_vec()
+                };
+                let sender = Sender::new("traces", signal, counters.clone())?;
+                tasks.push(tokio::spawn(sender.run(rx, encode)));
+                Some(tx)
+            }
+            None => None,
+        };
+        Ok(OtlpExporter {
+            logs,
+            traces,
+            tasks,
+            counters,
+        })
+    }
+
+    /// Queues an event: failures and drops as log records, queries as spans (near-misses
+    /// and headroom warnings are metrics and lines only); drops and counts it when the queue
+    /// is full.
+    pub fn event(&self, event: &Event) {
+        match event {
+            Event::CloneFailure(f) => self.log(log_record(f)),
+            Event::ConntrackDrop(d) => self.log(drop_record(d)),
+            Event::DnsQuery(q) => {
+                if let Some(tx) = &self.traces
+                    && tx.try_send(dns_span(q)).is_err()
+                {
+                    self.counters.dropped.inc();
+                }
+            }
+            Event::ClashesResolved(_) | Event::HeadroomWarning(_) => {}
+        }
+    }
+
+    /// Queues what the event budget says instead of the events it suppressed.
+    pub fn budget_line(&self, line: &BudgetLine) {
+        self.log(budget_record(line));
+    }
+
+    fn log(&self, record: LogRecord) {
+        if let Some(tx) = &self.logs
+            && tx.try_send(record).is_err()
+        {
+            self.counters.dropped.inc();
+        }
+    }
+
+    /// Delivers what is queued, for at most `within`; then it gives up (said at WARN).
+    pub async fn shutdown(self, within: Duration) {
+        let OtlpExporter {
+            logs,
+            traces,
+            tasks,
+            ..
+        } = self;
+        drop(logs);
+        drop(traces);
+        let deadline = tokio::time::Instant::now() + within;
+        for task in tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+                tracing::warn!("OTLP: the collector did not take everything within {within:?}");
+            }
+        }
+    }
+}

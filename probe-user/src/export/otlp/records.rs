@@ -1,0 +1,278 @@
+//! Events as OTLP: clone failures, conntrack drops and budget summaries as log records
+//! (`event_name`), DNS queries as client spans, with OpenTelemetry's Kubernetes attributes.
+
+use opentelemetry_proto::tonic::{
+    common::v1::{AnyValue, KeyValue, any_value},
+    logs::v1::LogRecord,
+    trace::v1::{Span, Status, span::SpanKind, status::StatusCode},
+};
+
+use crate::{
+    attribution::pods::PodRef,
+    export::budget::BudgetLine,
+    signals::clone::CloneFailure,
+    signals::conntrack::ConntrackDrop,
+    signals::dns::{DnsQuery, Outcome, Rcode},
+};
+
+/// OTLP severity number for WARN.
+pub(super) const SEVERITY_WARN: i32 = 13;
+
+pub(super) fn kv(key: &str, value: impl Into<String>) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+pub(super) fn kv_int(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A clone failure as an OTLP log record, with OpenTelemetry's k8s and process attributes.
+pub fn log_record(f: &CloneFailure) -> LogRecord {
+    let mut attributes = vec![
+        kv("faultline.cause", f.cause.as_str()),
+        kv("faultline.evidence", f.evidence.clone()),
+        kv("faultline.syscall", f.syscall),
+        kv("faultline.task", f.task.as_str()),
+        kv("faultline.workload", f.workload.clone()),
+        kv("error.type", f.errno.clone()),
+        kv_int("process.pid", f.pid as i64),
+        kv_int("thread.id", f.tid as i64),
+        kv_int("process.parent_pid", f.ppid as i64),
+        kv("process.executable.name", f.comm.clone()),
+        kv("container.runtime.cgroup", f.cgroup.clone()),
+    ];
+    attributes.extend(k8s_attributes(f.pod.as_ref()));
+    LogRecord {
+        time_unix_nano: f.time_unix_nano,
+        observed_time_unix_nano: now_unix_nano(),
+        severity_number: SEVERITY_WARN,
+        severity_text: "WARN".to_owned(),
+        event_name: "faultline.clone_failure".to_owned(),
+        body: Some(AnyValue {
+            // Shown as is by log viewers: escaped like a table line.
+            value: Some(any_value::Value::StringValue(
+                crate::text::printable(&format!(
+                    "{} {} failed with {}: {} ({})",
+                    f.comm,
+                    f.syscall,
+                    f.errno,
+                    f.cause.as_str(),
+                    f.evidence
+                ))
+                .into_owned(),
+            )),
+        }),
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// A conntrack drop as an OTLP log record: the flow, the cause, the sender's pod.
+pub fn drop_record(d: &ConntrackDrop) -> LogRecord {
+    let mut attributes = vec![
+        kv("faultline.cause", d.cause.as_str()),
+        kv("faultline.evidence", d.evidence.clone()),
+        kv("faultline.workload", d.workload.clone()),
+        kv("network.transport", d.proto.clone()),
+        kv("source.address", d.src.clone()),
+        kv_int("source.port", i64::from(d.sport)),
+        kv("destination.address", d.dst.clone()),
+        kv_int("destination.port", i64::from(d.dport)),
+        kv_int("faultline.netns", d.netns as i64),
+    ];
+    if let Some(cgroup) = &d.cgroup {
+        attributes.push(kv("container.runtime.cgroup", cgroup.clone()));
+    }
+    if let Some(dns) = &d.dns {
+        attributes.push(kv_int("faultline.dns.id", i64::from(dns.id)));
+        if let Some(name) = &dns.qname {
+            attributes.push(kv("dns.question.name", name.clone()));
+        }
+    }
+    attributes.extend(k8s_attributes(d.pod.as_ref()));
+    LogRecord {
+        time_unix_nano: d.time_unix_nano,
+        observed_time_unix_nano: now_unix_nano(),
+        severity_number: SEVERITY_WARN,
+        severity_text: "WARN".to_owned(),
+        event_name: "faultline.conntrack_drop".to_owned(),
+        body: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(
+                crate::text::printable(&format!(
+                    "{} packet {}:{} -> {}:{} dropped by conntrack: {} ({})",
+                    d.proto,
+                    d.src,
+                    d.sport,
+                    d.dst,
+                    d.dport,
+                    d.cause.as_str(),
+                    d.evidence
+                ))
+                .into_owned(),
+            )),
+        }),
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// A budget's summary of suppressed events (or a count of events lost) as a log record.
+pub fn budget_record(line: &BudgetLine) -> LogRecord {
+    let (event_name, body, attributes) = match line {
+        BudgetLine::EventSummary(s) => {
+            let mut attributes = vec![
+                kv("faultline.event", s.event),
+                kv("faultline.workload", s.workload.clone()),
+                kv("faultline.cause", s.cause),
+                kv_int(
+                    "faultline.count",
+                    i64::try_from(s.count).unwrap_or(i64::MAX),
+                ),
+                kv("faultline.evidence", s.evidence.clone()),
+            ];
+            attributes.extend(k8s_attributes(s.pod.as_ref()));
+            let body = format!(
+                "{} more {} {} of {} from {} to {} ({})",
+                s.count, s.event, s.cause, s.workload, s.first, s.last, s.evidence
+            );
+            ("faultline.event_summary", body, attributes)
+        }
+        BudgetLine::EventsLost(l) => (
+            "faultline.events_lost",
+            format!(
+                "{} {} events lost (ring buffer or queue full)",
+                l.count, l.event
+            ),
+            vec![
+                kv("faultline.event", l.event),
+                kv_int(
+                    "faultline.count",
+                    i64::try_from(l.count).unwrap_or(i64::MAX),
+                ),
+            ],
+        ),
+    };
+    LogRecord {
+        time_unix_nano: now_unix_nano(),
+        observed_time_unix_nano: now_unix_nano(),
+        severity_number: SEVERITY_WARN,
+        severity_text: "WARN".to_owned(),
+        event_name: event_name.to_owned(),
+        body: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(
+                crate::text::printable(&body).into_owned(),
+            )),
+        }),
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// OpenTelemetry's Kubernetes attributes of a pod.
+pub(super) fn k8s_attributes(pod: Option<&PodRef>) -> Vec<KeyValue> {
+    let Some(p) = pod else { return Vec::new() };
+    let mut attributes = vec![kv("k8s.pod.uid", p.uid.clone())];
+    for (key, value) in [
+        ("k8s.namespace.name", &p.namespace),
+        ("k8s.pod.name", &p.name),
+        ("k8s.container.name", &p.container),
+        ("container.id", &p.container_id),
+    ] {
+        if let Some(v) = value {
+            attributes.push(kv(key, v.clone()));
+        }
+    }
+    if let Some(o) = &p.owner {
+        // k8s.deployment.name, k8s.statefulset.name, k8s.daemonset.name, k8s.job.name, ...
+        attributes.push(kv(
+            &format!("k8s.{}.name", o.kind.to_lowercase()),
+            o.name.clone(),
+        ));
+    }
+    attributes
+}
+
+/// A DNS query as a client span from send to answer (or to the timeout).
+pub fn dns_span(q: &DnsQuery) -> Span {
+    let (server, port) = q.server.rsplit_once(':').unwrap_or((q.server.as_str(), ""));
+    let mut attributes = vec![
+        kv("dns.question.name", q.qname.clone()),
+        kv("faultline.dns.question.type", q.qtype.clone()),
+        kv("faultline.dns.outcome", q.outcome.as_str()),
+        kv("server.address", server.trim_matches(['[', ']'])),
+        kv("faultline.workload", q.workload.clone()),
+        kv("container.runtime.cgroup", q.cgroup.clone()),
+    ];
+    if let Ok(p) = port.parse::<i64>() {
+        attributes.push(kv_int("server.port", p));
+    }
+    if let Some(rcode) = &q.rcode {
+        attributes.push(kv("faultline.dns.response_code", rcode.name()));
+    }
+    if let Some(gap) = q.retransmit_gap_ms {
+        attributes.push(kv("faultline.dns.retransmit_gap_ms", format!("{gap:.1}")));
+    }
+    attributes.extend(k8s_attributes(q.pod.as_ref()));
+    let failed =
+        q.outcome == Outcome::Timeout || matches!(q.rcode, Some(Rcode::SERVFAIL | Rcode::REFUSED));
+    // Semantic conventions: error.type names the failure (the rcode, or "timeout").
+    let error = failed.then(|| {
+        q.rcode
+            .map_or_else(|| "timeout".to_owned(), |r| r.name().into_owned())
+    });
+    if let Some(error) = &error {
+        attributes.push(kv("error.type", error.clone()));
+    }
+    Span {
+        trace_id: random_id(16),
+        span_id: random_id(8),
+        name: format!("DNS {}", q.qtype),
+        kind: SpanKind::Client as i32,
+        start_time_unix_nano: q.start_unix_nano,
+        end_time_unix_nano: q.end_unix_nano,
+        attributes,
+        status: Some(Status {
+            code: if failed {
+                StatusCode::Error
+            } else {
+                StatusCode::Unset
+            } as i32,
+            message: error.unwrap_or_default(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A non-zero id of `len` bytes (xorshift seeded from the clock and a counter; ids need to be
+/// unique, not secret).
+pub(super) fn random_id(len: usize) -> Vec<u8> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let mut x = now_unix_nano()
+        ^ COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as u8) | 1
+        })
+        .collect()
+}
+
+pub(super) fn now_unix_nano() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}

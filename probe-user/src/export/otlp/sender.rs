@@ -1,0 +1,277 @@
+//! One signal's background sender: batches, the HTTP(S) client (rustls), gzip, and the retry
+//! policy (the oldest batch retried until the collector takes it; refusals dropped and
+//! counted).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tokio::sync::mpsc;
+
+use super::{BATCH, FLUSH_EVERY, OtlpCounters, QUEUE, config::SignalConfig};
+
+/// The first pause after a failed attempt, doubled each time up to MAX_BACKOFF.
+pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest pause a Retry-After gets.
+pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// At most one warning per signal this often about batches the collector refused.
+pub(super) const WARN_EVERY: Duration = Duration::from_secs(60);
+
+pub(super) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// One signal's sender: batches from its queue, each delivered before the next is taken.
+pub(super) struct Sender {
+    signal: &'static str,
+    config: SignalConfig,
+    client: HttpClient,
+    counters: OtlpCounters,
+    /// Since when the collector has been unreachable or asking for patience, if it is.
+    outage: Option<Instant>,
+    /// Batches refused since the last warning, and when that was.
+    refused: (u64, Option<Instant>),
+}
+
+impl Sender {
+    pub(super) fn new(
+        signal: &'static str,
+        config: SignalConfig,
+        counters: OtlpCounters,
+    ) -> anyhow::Result<Self> {
+        let client = client(&config).with_context(|| format!("OTLP {signal} to {}", config.uri))?;
+        Ok(Sender {
+            signal,
+            config,
+            client,
+            counters,
+            outage: None,
+            refused: (0, None),
+        })
+    }
+
+    pub(super) async fn run<T>(
+        mut self,
+        mut rx: mpsc::Receiver<T>,
+        encode: impl Fn(Vec<T>) -> Vec<u8>,
+    ) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            let deadline = tokio::time::sleep(FLUSH_EVERY);
+            tokio::pin!(deadline);
+            while batch.len() < BATCH {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Some(item) => batch.push(item),
+                        None => break,
+                    },
+                    () = &mut deadline => break,
+                }
+            }
+            let records = batch.len() as u64;
+            self.deliver(encode(batch), records).await;
+        }
+    }
+
+    /// One batch, retried with backoff for as long as the collector is unreachable or says
+    /// "later" (429, 502, 503, 504, Retry-After honoured): meanwhile new records wait in the
+    /// queue or, past it, are dropped and counted. A refused batch is dropped and counted.
+    async fn deliver(&mut self, body: Vec<u8>, records: u64) {
+        let body = if self.config.gzip {
+            match gzip(&body) {
+                Ok(packed) => packed,
+                Err(e) => return self.refused(records, &format!("compressing: {e}")),
+            }
+        } else {
+            body
+        };
+        let body = Bytes::from(body);
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.attempt(body.clone()).await {
+                Attempt::Done => {
+                    if let Some(since) = self.outage.take() {
+                        tracing::info!(
+                            "OTLP {}: the collector takes records again after {:.1?}",
+                            self.signal,
+                            since.elapsed()
+                        );
+                    }
+                    return;
+                }
+                Attempt::Later(asked, why) => {
+                    self.counters.failed_requests.inc();
+                    if self.outage.is_none() {
+                        self.outage = Some(Instant::now());
+                        tracing::warn!(
+                            "OTLP {} to {}: {why}; retrying, keeping up to {} records meanwhile",
+                            self.signal,
+                            self.config.uri,
+                            QUEUE + BATCH
+                        );
+                    }
+                    let pause = asked.map_or(backoff, |a| a.min(MAX_RETRY_AFTER));
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Attempt::Refused(why) => return self.refused(records, &why),
+            }
+        }
+    }
+
+    fn refused(&mut self, records: u64, why: &str) {
+        self.counters.failed_requests.inc();
+        self.counters.dropped.inc_by(records);
+        self.refused.0 += 1;
+        if self
+            .refused
+            .1
+            .is_none_or(|last| last.elapsed() >= WARN_EVERY)
+        {
+            tracing::warn!(
+                "OTLP {} to {}: {why}; {} batch(es) dropped since the last warning (at most one a minute)",
+                self.signal,
+                self.config.uri,
+                self.refused.0
+            );
+            self.refused = (0, Some(Instant::now()));
+        }
+    }
+
+    async fn attempt(&self, body: Bytes) -> Attempt {
+        let config = &self.config;
+        let mut req = hyper::Request::post(config.uri.clone())
+            .header("content-type", "application/x-protobuf")
+            .header(
+                "user-agent",
+                concat!("faultline/", env!("CARGO_PKG_VERSION")),
+            );
+        if config.gzip {
+            req = req.header("content-encoding", "gzip");
+        }
+        for (k, v) in &config.headers {
+            req = req.header(k, v);
+        }
+        let req = match req.body(Full::new(body)) {
+            Ok(req) => req,
+            Err(e) => return Attempt::Refused(format!("building the request: {e}")),
+        };
+        match tokio::time::timeout(config.timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => Attempt::Done,
+            Ok(Ok(resp)) if matches!(resp.status().as_u16(), 429 | 502 | 503 | 504) => {
+                Attempt::Later(
+                    resp.headers()
+                        .get(hyper::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs),
+                    format!("the collector answers {}", resp.status()),
+                )
+            }
+            Ok(Ok(resp)) => Attempt::Refused(format!("the collector refuses: {}", resp.status())),
+            // Refused, reset, or too slow: the collector may be restarting.
+            Ok(Err(e)) => Attempt::Later(None, format!("unreachable ({e:#})")),
+            Err(_) => Attempt::Later(None, format!("no answer within {:?}", config.timeout)),
+        }
+    }
+}
+
+/// What one attempt of a request came to.
+pub(super) enum Attempt {
+    Done,
+    /// Worth another try, after this long if the collector said (Retry-After).
+    Later(Option<Duration>, String),
+    /// Not worth another try (400, 401, 403, 404, 413, ...).
+    Refused(String),
+}
+
+/// The client of one signal: http, or https with the `..._CERTIFICATE` CA (else the system's
+/// roots, through rustls-native-certs) and the `..._CLIENT_*` certificate if given.
+pub(super) fn client(config: &SignalConfig) -> anyhow::Result<HttpClient> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let tls = &config.tls;
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.certificate {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("reading the CA certificate {}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                bail!("no CA certificate in {}", path.display());
+            }
+        }
+        None if config.uri.scheme_str() == Some("https") => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                bail!(
+                    "no system CA certificates found ({} errors); set OTEL_EXPORTER_OTLP_CERTIFICATE",
+                    found.errors.len()
+                );
+            }
+        }
+        None => {}
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots);
+    let tls_config = match (&tls.client_certificate, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("reading the client certificate {}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("reading the client key {}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("the client certificate and key")?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
+pub(super) fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(body)?;
+    enc.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_round_trips() {
+        use std::io::Read as _;
+        let body = b"faultline ".repeat(100);
+        let packed = gzip(&body).unwrap();
+        assert!(packed.len() < body.len());
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(packed.as_slice())
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, body);
+    }
+}
