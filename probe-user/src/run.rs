@@ -374,6 +374,7 @@ impl Sink for Daemon {
         metrics.tasks(refresh.rows(), refresh.node, clone, task_stats);
         self.record(|r| r.refresh(refresh));
         metrics.limit_exhaustion(&refresh.estimates);
+        metrics.binding_limits(refresh);
         self.last_clone_stats = clone;
         self.served.ready.store(true, Ordering::Relaxed);
         Ok(())

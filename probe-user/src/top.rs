@@ -20,7 +20,7 @@ use crate::{
     pipeline::{Pipeline, Sink},
     signals::{
         DnsOptions, Event, Plan, Refresh, Signal,
-        tasks::{CgroupRow, Snapshot},
+        tasks::{CgroupRow, Snapshot, binding::binding},
     },
     trend::Limit,
 };
@@ -157,6 +157,7 @@ fn with_etas(s: &mut Snapshot, refresh: &Refresh) {
             .pids_limit
             .as_ref()
             .and_then(|l| eta(Limit::Pids, &l.cgroup));
+        r.limits = refresh.limits(r);
     }
     s.node.threads_max_eta_s = eta(Limit::ThreadsMax, "node");
     s.node.pid_max_eta_s = eta(Limit::PidMax, "node");
@@ -218,7 +219,7 @@ fn sort(rows: &mut [CgroupRow], by: Sort) {
 }
 
 /// Width of the cgroup column: the table fits an 80-column terminal.
-const CGROUP_WIDTH: usize = 32;
+const CGROUP_WIDTH: usize = 24;
 
 /// The table, 80 columns wide: a header with node totals, then one row per cgroup.
 pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
@@ -246,8 +247,8 @@ pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
         ),
         String::new(),
         format!(
-            "{:<CGROUP_WIDTH$} {:>6} {:>6} {:>6} {:>7} {:>8} {:>5}",
-            "WORKLOAD", "THR/s", "PROC/s", "LIVE", "LIMIT", "HEADROOM", "ETA"
+            "{:<CGROUP_WIDTH$} {:>6} {:>6} {:>6} {:>7} {:>8} {:>5} {:>9}",
+            "WORKLOAD", "THR/s", "PROC/s", "LIVE", "LIMIT", "HEADROOM", "ETA", "BINDS"
         ),
     ];
     for r in s.cgroups.iter().take(max_rows) {
@@ -256,14 +257,15 @@ pub fn render(s: &Snapshot, max_rows: usize) -> Vec<String> {
             None => ("-".to_owned(), "-".to_owned()),
         };
         lines.push(format!(
-            "{:<CGROUP_WIDTH$} {:>6.1} {:>6.1} {:>6} {:>7} {:>8} {:>5}",
+            "{:<CGROUP_WIDTH$} {:>6.1} {:>6.1} {:>6} {:>7} {:>8} {:>5} {:>9}",
             shorten(&r.workload, CGROUP_WIDTH),
             r.threads_per_s,
             r.processes_per_s,
             r.live.map_or("-".to_owned(), |l| l.to_string()),
             limit,
             headroom,
-            r.pids_eta_s.map_or("-".to_owned(), eta_short)
+            r.pids_eta_s.map_or("-".to_owned(), eta_short),
+            binding(&r.limits).map_or("-".to_owned(), |l| l.limit.short())
         ));
     }
     if s.cgroups.len() > max_rows {
@@ -332,6 +334,9 @@ mod tests {
                 headroom_pct: p,
             }),
             pids_eta_s: (pct == Some(3.0)).then_some(30.0),
+            nproc: None,
+            memory: None,
+            limits: Vec::new(),
         }
     }
 

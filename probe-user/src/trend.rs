@@ -32,6 +32,8 @@ const MAX_ETA: Duration = Duration::from_secs(7 * 24 * 3600);
 pub enum Limit {
     /// A cgroup's `pids.max` (the tightest among the cgroup and its ancestors).
     Pids,
+    /// RLIMIT_NPROC: one uid's tasks node-wide against its processes' soft limit.
+    RlimitNproc,
     /// The node's `kernel.pid_max`.
     PidMax,
     /// The node's `kernel.threads-max`.
@@ -44,6 +46,7 @@ impl Limit {
     pub fn as_str(self) -> &'static str {
         match self {
             Limit::Pids => "pids",
+            Limit::RlimitNproc => "rlimit_nproc",
             Limit::PidMax => "pid_max",
             Limit::ThreadsMax => "threads_max",
             Limit::Conntrack => "conntrack",
@@ -61,6 +64,8 @@ pub struct Reading {
     pub pod: Option<PodRef>,
     pub current: u64,
     pub max: u64,
+    /// The workloads sharing the limit (RLIMIT_NPROC: every pod running as the uid).
+    pub shared_by: Vec<String>,
 }
 
 /// A limit's use, its growth and the time left, for people and for metrics.
@@ -81,6 +86,9 @@ pub struct Estimate {
     pub samples: usize,
     #[serde(skip)]
     pub pod: Option<PodRef>,
+    /// The workloads sharing the limit (RLIMIT_NPROC: every pod running as the uid).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_by: Vec<String>,
 }
 
 struct Series {
@@ -172,6 +180,7 @@ impl Series {
                 growth.and_then(|g| eta(r.current, r.max, g))
             },
             samples: self.samples.len(),
+            shared_by: r.shared_by.clone(),
         }
     }
 }
@@ -242,6 +251,7 @@ mod tests {
             pod: None,
             current,
             max: 100,
+            shared_by: Vec::new(),
         }
     }
 

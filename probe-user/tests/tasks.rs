@@ -397,7 +397,7 @@ fn top_once_rates_a_leak_that_began_before_it() {
         .find(|l| l.contains(tail))
         .unwrap_or_else(|| panic!("no row for {path}:\n{table}"));
     let columns: Vec<&str> = line.split_whitespace().collect();
-    let rate: f64 = columns[columns.len() - 6].parse().expect("THR/s");
+    let rate: f64 = columns[columns.len() - 7].parse().expect("THR/s");
     assert!(rate > 0.0, "{line}");
 }
 

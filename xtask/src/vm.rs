@@ -58,10 +58,11 @@ const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// The integration tests that touch the kernel: every clone cause, task counting, DNS,
 /// conntrack, the daemon, the CLI, the hostile-node attacks and `explain` (a leak's time to
-/// exhaustion against its real failure) (a SIGKILLed daemon must leave
+/// exhaustion against its real failure, the kernel's refusal counts from before it watched),
+/// the binding limit (RLIMIT_NPROC as the kernel counts it) (a SIGKILLed daemon must leave
 /// nothing attached on every kernel). Attribution (pods, kube_api) and deploy/ are pure
 /// userspace and run on the host only.
-const KERNEL_TESTS: [&str; 8] = [
+const KERNEL_TESTS: [&str; 9] = [
     "clone_failures",
     "tasks",
     "dns",
@@ -70,6 +71,7 @@ const KERNEL_TESTS: [&str; 8] = [
     "cli",
     "hostile",
     "explain",
+    "binding",
 ];
 /// Tests of those binaries whose code under test is userspace only (HTTP serving, event-line
 /// backpressure, OTLP encoding, diagnosis, argument parsing): the host runs them; in the
@@ -92,6 +94,9 @@ const USERSPACE_ONLY: [(&str, &[&str]); 4] = [
         &[
             "otlp_log_records_carry_k8s_attributes_and_real_times",
             "a_dead_otlp_collector_costs_dropped_events_not_a_stuck_daemon",
+            "otlp_logs_only_with_per_signal_headers_and_compression",
+            "an_otlp_collector_down_and_back_loses_nothing_within_the_queue",
+            "otlp_over_https_with_the_certificate_variable",
             "sighup_reopens_the_events_file_and_the_daemon_goes_on",
         ],
     ),

@@ -69,7 +69,8 @@ pub struct Trend {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     pub severity: Severity,
-    /// `pids_limit`, `pids_limit_near`, `pid_max`, `threads_max`, `rlimit_nproc`, `memory`,
+    /// `pids_limit`, `pids_limit_near`, `pid_max`, `threads_max`, `rlimit_nproc`,
+    /// `rlimit_nproc_near`, `memory`,
     /// `pidns_dead`, `clone_unknown`, `dns_timeouts`, `dns_search_amplification`,
     /// `conntrack_insert_failed`, `conntrack_table_full`, `conntrack_rule_drops`,
     /// `conntrack_drops_unclassified`,
@@ -367,8 +368,11 @@ fn limit_findings(
         if !(soon || low) || covered {
             continue;
         }
-        let (kind, what, why, advice) = limit_text(e, holders);
+        let (kind, what, why, advice) = limit_text(e, holders, limits);
         let mut who = Who::new(&e.workload, e.pod.as_ref(), None);
+        if e.limit == Limit::RlimitNproc && !e.shared_by.is_empty() {
+            who.workload = e.shared_by.join(", ");
+        }
         if e.limit == Limit::Pids {
             who.cgroup = Some(e.resource.clone());
         }
@@ -386,7 +390,11 @@ fn limit_findings(
 }
 
 /// How a limit near exhaustion reads: (kind, symptom, cause, advice).
-fn limit_text(e: &Estimate, holders: &Holders) -> (&'static str, String, String, Vec<String>) {
+fn limit_text(
+    e: &Estimate,
+    holders: &Holders,
+    limits: &[Estimate],
+) -> (&'static str, String, String, Vec<String>) {
     let when = match e.eta_s {
         Some(s) if s <= 0.0 => "reached: what it limits is refused now".to_owned(),
         Some(s) => format!(
@@ -420,6 +428,37 @@ fn limit_text(e: &Estimate, holders: &Holders) -> (&'static str, String, String,
                 vec![
                     format!("Find the workload whose live count grows (above) and stop the leak; raise `{name}` (sysctl) for room."),
                     "Give every pod a pids limit (kubelet `podPidsLimit`).".to_owned(),
+                ],
+            )
+        }
+        Limit::RlimitNproc => {
+            let uid = e.resource.strip_prefix("uid:").unwrap_or(&e.resource);
+            let others = e.shared_by.len().saturating_sub(1);
+            // The pids limit people watch, when looser: the tightest among the sharers'.
+            let pids = limits
+                .iter()
+                .filter(|p| p.limit == Limit::Pids && e.shared_by.contains(&p.workload))
+                .map(|p| p.max)
+                .min()
+                .filter(|m| *m > e.max)
+                .map(|m| format!("pids.max is {m} but "))
+                .unwrap_or_default();
+            (
+                "rlimit_nproc_near",
+                format!(
+                    "{pids}RLIMIT_NPROC {} for uid {uid}, shared with {others} other pod(s), binds first{}",
+                    e.max,
+                    soon.replace(" in ", ": in ")
+                ),
+                format!(
+                    "{} tasks (threads included) run as uid {uid} on the node against RLIMIT_NPROC={}: {when}; RLIMIT_NPROC counts every task of the uid, in every pod running as it: {}",
+                    e.current,
+                    e.max,
+                    e.shared_by.join(", ")
+                ),
+                vec![
+                    format!("Find the leak in the pods running as uid {uid} (`faultline top --sort eta`)."),
+                    "Run those pods as distinct uids (`securityContext.runAsUser`), or raise the nproc ulimit where it is set (the container runtime's default ulimits, `ulimit -u` in the entrypoint).".to_owned(),
                 ],
             )
         }
@@ -817,6 +856,7 @@ mod tests {
             eta_s: eta,
             samples: 10,
             pod: None,
+            shared_by: Vec::new(),
         }
     }
 

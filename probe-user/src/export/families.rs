@@ -101,6 +101,12 @@ pub const RUN: &[Family] = &[
         kind: Kind::IntGaugeVec,
     },
     Family {
+        name: "faultline_binding_limit",
+        help: "The limit that refuses the workload's next task first, of those copy_process() checks (memory: rough, in 16 KiB kernel stacks; rlimit_nproc: the uid's tasks node-wide; threads_max; pid_max; pids), and the tasks it still allows. One series per workload.",
+        labels: Labels::Whose(&["limit"]),
+        kind: Kind::IntGaugeVec,
+    },
+    Family {
         name: "faultline_node_threads",
         help: "Threads alive on the node.",
         labels: ONE,
@@ -186,7 +192,7 @@ pub const RUN: &[Family] = &[
     },
     Family {
         name: "faultline_limit_exhaustion_seconds",
-        help: "Seconds until a limit is reached at its current growth (Theil-Sen slope over --trend-window): limit=pids (the workload's pids limit), pid_max and threads_max (workload=node), conntrack (the workload's network namespace's table against nf_conntrack_max). Only while growing, and within a week; 0 when reached while growing.",
+        help: "Seconds until a limit is reached at its current growth (Theil-Sen slope over --trend-window): limit=pids (the workload's pids limit), rlimit_nproc (workload=uid:<n>, one uid's tasks node-wide against its RLIMIT_NPROC; at most 64 uids), pid_max and threads_max (workload=node), conntrack (the workload's network namespace's table against nf_conntrack_max). Only while growing, and within a week; 0 when reached while growing.",
         labels: Labels::Whose(&["limit"]),
         kind: Kind::GaugeVec,
     },

@@ -271,6 +271,7 @@ pub struct Metrics {
     tasks_live: IntGaugeVec,
     pids_limit: IntGaugeVec,
     pids_headroom: IntGaugeVec,
+    binding_limit: IntGaugeVec,
     node_threads: IntGauge,
     node_threads_max: IntGauge,
     node_pid_max: IntGauge,
@@ -323,6 +324,7 @@ impl Metrics {
             tasks_live: f.take("faultline_tasks_live")?,
             pids_limit: f.take("faultline_pids_limit")?,
             pids_headroom: f.take("faultline_pids_headroom")?,
+            binding_limit: f.take("faultline_binding_limit")?,
             node_threads: f.take("faultline_node_threads")?,
             node_threads_max: f.take("faultline_node_threads_max")?,
             node_pid_max: f.take("faultline_node_pid_max")?,
@@ -560,6 +562,30 @@ impl Metrics {
         for ((who, limit), eta) in soonest {
             let labels = self.admit("limit_exhaustion", &who, &[limit]);
             self.limit_exhaustion.with_label_values(&labels).set(eta);
+        }
+    }
+
+    /// The limit binding first per workload (over its cgroups), rebuilt on each refresh.
+    pub fn binding_limits(&self, refresh: &crate::signals::Refresh) {
+        use crate::signals::tasks::binding::{LimitUse, binding};
+        let mut first: HashMap<WhoLabels, LimitUse> = HashMap::new();
+        for row in refresh.rows() {
+            let limits = refresh.limits(row);
+            let Some(b) = binding(&limits) else { continue };
+            let who = who(&row.workload, row.pod.as_ref());
+            let next = match first.remove(&who) {
+                Some(seen) => binding(&[seen.clone(), b.clone()]).cloned().unwrap_or(seen),
+                None => b.clone(),
+            };
+            first.insert(who, next);
+        }
+        self.binding_limit.reset();
+        self.cap.clear("binding_limit");
+        for (who, l) in first {
+            let labels = self.admit("binding_limit", &who, &[l.limit.as_str()]);
+            self.binding_limit
+                .with_label_values(&labels)
+                .set(l.headroom);
         }
     }
 

@@ -12,7 +12,11 @@ use crate::{
         clone::node::NodeTasks,
         conntrack::{CtTable, ctstats::CtCounters},
         refusals::Refusals,
-        tasks::CgroupRow,
+        tasks::{
+            CgroupRow,
+            binding::{self, LimitUse},
+            users::UidTasks,
+        },
     },
     trend::{Estimate, Limit, Reading},
 };
@@ -45,6 +49,10 @@ pub struct TaskRefresh {
     /// cgroups with counters (kernel map entries).
     pub tracked: usize,
     pub stats: TaskStats,
+    /// Each non-root uid's tasks and tightest RLIMIT_NPROC (bounded: `users::MAX_UIDS`).
+    pub users: Vec<UidTasks>,
+    /// Processes the /proc walk did not read (`users::MAX_PROCESSES`).
+    pub processes_skipped: u64,
 }
 
 /// The DNS programs' counters.
@@ -102,6 +110,11 @@ impl Refresh {
         self.conntrack.as_ref().map_or(&[], |c| c.tables.as_slice())
     }
 
+    /// Every limit that can refuse `row`'s next task, in the kernel's order, with its ETA.
+    pub fn limits(&self, row: &CgroupRow) -> Vec<LimitUse> {
+        binding::limits(row, self.node, &self.estimates)
+    }
+
     /// A limit's estimate, by limit and resource (a pids cgroup's path, `node`).
     pub fn estimate(&self, limit: Limit, resource: &str) -> Option<&Estimate> {
         self.estimates
@@ -124,8 +137,28 @@ impl Refresh {
                     pod: row.pod.clone(),
                     current: l.current,
                     max: l.max,
+                    shared_by: Vec::new(),
                 });
             }
+        }
+        for u in self.tasks.iter().flat_map(|t| &t.users) {
+            let shared_by: Vec<String> = self
+                .rows()
+                .iter()
+                .filter(|r| u.cgroups.contains(&r.cgroup))
+                .map(|r| r.workload.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            out.push(Reading {
+                limit: Limit::RlimitNproc,
+                resource: binding::uid_resource(u.uid),
+                workload: binding::uid_resource(u.uid),
+                pod: None,
+                current: u.tasks,
+                max: u.max,
+                shared_by,
+            });
         }
         let n = self.node;
         for (limit, max) in [
@@ -139,6 +172,7 @@ impl Refresh {
                 pod: None,
                 current: n.threads,
                 max,
+                shared_by: Vec::new(),
             });
         }
         for t in self.conntrack_tables().iter().filter(|t| t.max > 0) {
@@ -149,6 +183,7 @@ impl Refresh {
                 pod: None,
                 current: t.entries,
                 max: t.max,
+                shared_by: Vec::new(),
             });
         }
         out

@@ -260,10 +260,18 @@ impl Signals {
                 {
                     model.include_idle(tasks::occupied_cgroups(&root.path));
                 }
+                let mut rows = model.rows(attributor);
+                let census = tasks::users::UserCensus::read()
+                    .context("reading the processes' uids and RLIMIT_NPROC")?;
+                for row in &mut rows {
+                    row.nproc = census.limit(&row.cgroup);
+                }
                 Some(TaskRefresh {
-                    rows: model.rows(attributor),
+                    rows,
                     tracked: model.len(),
                     stats: probes.stats::<TaskStats>()?,
+                    users: census.uids.into_values().collect(),
+                    processes_skipped: census.skipped,
                 })
             }
             None => None,

@@ -4,6 +4,9 @@
 //! The model holds exactly the cgroups the kernel map holds (the kernel drops a removed
 //! cgroup's counters), so it cannot grow under cgroup churn.
 
+pub mod binding;
+pub mod users;
+
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::Path,
@@ -92,6 +95,14 @@ pub struct CgroupRow {
     /// Tasks in this cgroup itself now (`cgroup.threads`).
     pub live: Option<u64>,
     pub pids_limit: Option<PidsLimit>,
+    /// The RLIMIT_NPROC of this cgroup's processes, when not root and finite.
+    pub nproc: Option<users::NprocLimit>,
+    /// The tightest memory limit over the cgroup and its ancestors.
+    pub memory: Option<binding::MemoryLimit>,
+    /// Every limit that can refuse this cgroup's next task, in the kernel's order (`top`
+    /// fills it in from the refresh).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<binding::LimitUse>,
     /// Seconds until the pids limit is reached at the current growth (`top` fills it in from
     /// its trend; none while flat or shrinking).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -207,6 +218,7 @@ impl TaskModel {
     pub fn rows(&self, attributor: &mut Attributor) -> Vec<CgroupRow> {
         let mut rows = Vec::with_capacity(self.entries.len());
         let mut levels = PidsLevels::new();
+        let mut memory_levels = binding::MemoryLevels::new();
         for (&id, entry) in &self.entries {
             let Some(path) = attributor.cgroups.path(Hierarchy::Unified, id) else {
                 continue;
@@ -222,6 +234,11 @@ impl TaskModel {
                 pids_limit: cgroups
                     .mount(Hierarchy::Pids)
                     .and_then(|m| tightest_pids_limit_in(&m.path, &path, &mut levels)),
+                memory: cgroups.mount(Hierarchy::Memory).and_then(|m| {
+                    binding::tightest_memory_limit(&m.path, m.v2, &path, &mut memory_levels)
+                }),
+                nproc: None,
+                limits: Vec::new(),
                 cgroup: path.text(),
                 workload: attribution.workload,
                 pod: attribution.pod,
@@ -536,6 +553,9 @@ mod tests {
                 headroom_pct: pct,
             }),
             pids_eta_s: None,
+            nproc: None,
+            memory: None,
+            limits: Vec::new(),
         }
     }
 
