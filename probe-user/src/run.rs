@@ -32,6 +32,7 @@ use crate::{
     cli::EventKind,
     diagnosis::Recorder,
     export::budget::{Budget, BudgetConfig, BudgetLine, Verdict},
+    export::kube_events::KubeEvents,
     export::lines::EventLines,
     export::metrics::Metrics,
     export::otlp::{OtlpConfig, OtlpExporter},
@@ -113,6 +114,11 @@ pub struct RunArgs {
     /// per start). Metrics never carry names. The DaemonSet sets `redact`.
     #[arg(long, env = "FAULTLINE_DNS_NAMES", value_enum, default_value_t = Names::Full)]
     pub dns_names: Names,
+    /// Record Kubernetes Events on the affected pods (refused task creation, a pids limit
+    /// about to bind, DNS timeouts, conntrack drops), aggregated and rate-limited. Needs the
+    /// API and RBAC `create`/`patch` on `events.k8s.io` events; the DaemonSet sets it.
+    #[arg(long, env = "FAULTLINE_KUBE_EVENTS")]
+    pub kube_events: bool,
     #[command(flatten)]
     pub kernel: KernelArgs,
     #[command(flatten)]
@@ -170,6 +176,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         explain_cache: Mutex::new(None),
     });
     let mut sink = Daemon::new(&args, &node, metrics.clone(), served.clone())?;
+    sink.outputs.kube_events = kube_events(&args, &node, &metrics).await?;
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("listening on {}", args.listen))?;
     let server = HttpThread::start(listener, served.clone(), metrics.server_counters()?)?;
@@ -314,6 +321,7 @@ impl Daemon {
                 budget: Budget::new(budget, Instant::now()),
                 metrics,
                 otlp,
+                kube_events: None,
             },
             served,
             refresh_errors: RefreshErrors::default(),
@@ -375,6 +383,9 @@ impl Sink for Daemon {
         self.record(|r| r.refresh(refresh));
         metrics.limit_exhaustion(&refresh.estimates);
         metrics.binding_limits(refresh);
+        if let Some(k) = &self.outputs.kube_events {
+            k.estimates(&refresh.estimates);
+        }
         self.last_clone_stats = clone;
         self.served.ready.store(true, Ordering::Relaxed);
         Ok(())
@@ -397,6 +408,8 @@ struct Outputs {
     metrics: Arc<Metrics>,
     lines: EventLines,
     otlp: Option<OtlpExporter>,
+    /// Kubernetes Events (`--kube-events`): of every event, whatever `--events` says.
+    kube_events: Option<KubeEvents>,
     budget: Budget,
     /// `faultline_event_lines_suppressed_total{kind}`.
     suppressed: prometheus::IntCounterVec,
@@ -405,6 +418,9 @@ struct Outputs {
 impl Outputs {
     fn event(&mut self, event: &Event) {
         self.metrics.event(event);
+        if let Some(k) = &self.kube_events {
+            k.event(event);
+        }
         let Some(kind) = event.kind().filter(|k| self.kinds.contains(k)) else {
             return;
         };
@@ -450,6 +466,23 @@ impl Outputs {
             self.lines.send(line);
         }
     }
+}
+
+/// The Events' recorder when asked for and the API is there; said once when it is not.
+async fn kube_events(
+    args: &RunArgs,
+    node: &str,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<KubeEvents>> {
+    if !args.kube_events {
+        return Ok(None);
+    }
+    if args.pods.no_kube_api {
+        tracing::warn!("Kubernetes Events are off: --no-kube-api");
+        return Ok(None);
+    }
+    let counter = metrics.kube_events_counter()?;
+    Ok(KubeEvents::start(args.pods.kubeconfig.as_ref(), node, counter).await)
 }
 
 fn open_lines(args: &RunArgs, dropped: prometheus::IntCounterVec) -> anyhow::Result<EventLines> {

@@ -51,11 +51,14 @@ fn the_kustomize_base_renders_and_validates() {
             "{excluded} is sent to docker"
         );
     }
-    // Least privilege: pods get/list/watch, nothing more.
+    // Least privilege: pods get/list/watch, events create/patch, nothing more.
     let role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
     assert_eq!(
         role["rules"],
-        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
+        ])
     );
     // Every core object against the Kubernetes OpenAPI schema (the Prometheus Operator's CRDs
     // are not in it: their rules are checked by promtool below).

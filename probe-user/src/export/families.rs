@@ -264,6 +264,14 @@ pub const EVENT_LINES: &[Family] = &[
     },
 ];
 
+/// The Kubernetes Events' family, registered when they are recorded (`--kube-events`).
+pub const KUBE_EVENTS: &[Family] = &[Family {
+    name: "faultline_kube_events_total",
+    help: "Kubernetes Events on affected pods, by result: created, updated (a series patched with a new count), dropped (queue full, or forgotten past the cap of followed Events, counted per occurrence), failed (an API call failed; retried within the rates).",
+    labels: Labels::Own(&["result"]),
+    kind: Kind::IntCounterVec,
+}];
+
 /// A registered family, as its Prometheus type.
 pub enum Handle {
     IntCounter(IntCounter),
@@ -447,7 +455,7 @@ mod tests {
     #[test]
     fn names_are_unique_and_single_series_have_no_labels() {
         let registry = Registry::new();
-        for table in [RUN, OTLP, HTTP_SERVER, EVENT_LINES] {
+        for table in [RUN, OTLP, HTTP_SERVER, EVENT_LINES, KUBE_EVENTS] {
             Registered::new(&registry, table).expect("one registry takes every table");
         }
         let bad = Family {

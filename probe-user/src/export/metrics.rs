@@ -385,6 +385,14 @@ impl Metrics {
         Ok(counters)
     }
 
+    /// `faultline_kube_events_total{result}`, registered with the others.
+    pub fn kube_events_counter(&self) -> anyhow::Result<IntCounterVec> {
+        let mut f = Registered::new(&self.registry, families::KUBE_EVENTS)?;
+        let counter = f.take("faultline_kube_events_total")?;
+        f.finish()?;
+        Ok(counter)
+    }
+
     pub fn refresh_failed(&self) {
         self.refresh_errors.inc();
     }

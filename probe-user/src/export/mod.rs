@@ -4,11 +4,12 @@
 //! HTTP endpoints, reading `metrics`) with `connections` (its slots, and whom to shed) and
 //! `server_counters` (what it shed and failed to accept), `lines` (JSON event lines through a
 //! bounded queue) under the event `budget` (full lines, then summaries), `otlp` (OTLP/HTTP
-//! logs and spans).
+//! logs and spans), `kube_events` (Kubernetes Events on the affected pods).
 
 pub mod budget;
 pub mod connections;
 mod families;
+pub mod kube_events;
 pub mod lines;
 pub mod metrics;
 pub mod otlp;
