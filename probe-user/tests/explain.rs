@@ -321,7 +321,7 @@ fn a_20_s_leak_is_forecast_10_s_ahead_under_the_default_window() {
     let age = 0.3 * pace() as f64;
     for (at, eta) in &etas {
         let left = before(*at);
-        if left >= 3.0 {
+        if left >= 5.0 {
             assert!(
                 (eta - left).abs() <= 0.25 * left + age,
                 "ETA {eta:.1} s with {left:.1} s really left: {etas:?}"

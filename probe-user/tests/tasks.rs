@@ -168,6 +168,11 @@ fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
                 &interval,
                 "--max-failures",
                 "2",
+                // Keep the threads after the failures, until the test ends (the lab is
+                // killed then): in an emulated VM the leak can be over before the second
+                // `top --once` below has sampled, and an emptied cgroup is no longer listed.
+                "--hold-ms",
+                "25000",
             ][..],
             &join,
         ]
@@ -217,7 +222,7 @@ fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
 
     let report = leak.report();
     assert_eq!((report.created, report.failures), (39, 2), "{report:?}");
-    leak.wait();
+    drop(leak);
     let (events, summary) = trace.stop_json();
     let warning = events
         .iter()

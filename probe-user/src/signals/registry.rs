@@ -261,7 +261,14 @@ impl Signals {
                     model.include_idle(tasks::occupied_cgroups(&root.path));
                 }
                 let mut rows = model.rows(attributor);
-                let census = tasks::users::UserCensus::read()
+                let members = attributor
+                    .cgroups
+                    .mount(Hierarchy::Unified)
+                    .map(|root| {
+                        tasks::users::members(&root.path, rows.iter().map(|r| r.cgroup.as_str()))
+                    })
+                    .unwrap_or_default();
+                let census = tasks::users::UserCensus::read(&members)
                     .context("reading the processes' uids and RLIMIT_NPROC")?;
                 for row in &mut rows {
                     row.nproc = census.limit(&row.cgroup);

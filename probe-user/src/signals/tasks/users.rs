@@ -5,8 +5,15 @@
 //! The count is per uid as the initial user namespace sees it (the kernel counts per user
 //! namespace and charges parents too, so pods in their own user namespaces are approximated).
 //! Root and holders of CAP_SYS_RESOURCE or CAP_SYS_ADMIN are exempt and not reported.
+//!
+//! Which cgroup a process is in comes from the listed cgroups' `cgroup.procs` under the
+//! cgroup v2 mount, not from `/proc/<pid>/cgroup`: in a private cgroup namespace (the
+//! DaemonSet's) the latter reads `/../..`-relative for every pod.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+};
 
 use serde::Serialize;
 
@@ -63,10 +70,32 @@ struct Status {
     exempt: bool,
 }
 
+/// Which of `cgroups` (cgroup v2 paths) each process is in, from their `cgroup.procs` under
+/// `root` (the cgroup v2 mount); at most [`MAX_PROCESSES`] processes. A cgroup gone
+/// meanwhile is skipped.
+pub fn members<'a>(root: &Path, cgroups: impl Iterator<Item = &'a str>) -> HashMap<u32, String> {
+    let mut members = HashMap::new();
+    for cgroup in cgroups {
+        if members.len() >= MAX_PROCESSES {
+            break;
+        }
+        let Ok(procs) = std::fs::read_to_string(
+            root.join(cgroup.trim_start_matches('/'))
+                .join("cgroup.procs"),
+        ) else {
+            continue;
+        };
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            members.insert(pid, cgroup.to_owned());
+        }
+    }
+    members
+}
+
 impl UserCensus {
     /// Walks /proc: each process's real uid, thread count and capabilities from `status`,
-    /// its cgroup v2 path from `cgroup`, and `limits` once per (cgroup, uid).
-    pub fn read() -> anyhow::Result<UserCensus> {
+    /// its cgroup v2 path from `members`, and `limits` once per (cgroup, uid).
+    pub fn read(members: &HashMap<u32, String>) -> anyhow::Result<UserCensus> {
         use anyhow::Context as _;
         let mut census = UserCensus::default();
         let mut tasks: HashMap<u32, u64> = HashMap::new();
@@ -98,9 +127,11 @@ impl UserCensus {
             if status.uid == 0 || status.exempt {
                 continue;
             }
-            let Some(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            let Some(cgroup) = pid
+                .parse::<u32>()
                 .ok()
-                .and_then(|s| unified_path(&s))
+                .and_then(|pid| members.get(&pid))
+                .cloned()
             else {
                 continue;
             };
@@ -178,13 +209,6 @@ fn parse_status(s: &str) -> Option<Status> {
     })
 }
 
-/// The `0::/path` line of /proc/<pid>/cgroup.
-fn unified_path(s: &str) -> Option<String> {
-    s.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim_end().to_owned())
-}
-
 /// The soft limit of `Max processes`; none when unlimited.
 fn parse_nproc_soft(s: &str) -> Option<u64> {
     s.lines()
@@ -200,7 +224,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_status_cgroup_and_limits() {
+    fn parses_status_and_limits() {
         let status =
             "Name:\tsleep\nUid:\t1000\t1000\t1000\t1000\nThreads:\t3\nCapEff:\t0000000000000000\n";
         assert_eq!(
@@ -213,10 +237,6 @@ mod tests {
         );
         let admin = status.replace("0000000000000000", "0000000000200000");
         assert!(parse_status(&admin).is_some_and(|s| s.exempt));
-        assert_eq!(
-            unified_path("12:pids:/x\n0::/kubepods/pod1/c1\n").as_deref(),
-            Some("/kubepods/pod1/c1")
-        );
         let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
                       Max processes             40                   62000                processes\n";
         assert_eq!(parse_nproc_soft(limits), Some(40));
