@@ -552,7 +552,8 @@ fn explain_reports_the_pids_refusals_of_before_it_watched() {
     assert_eq!(code, 0, "{err}");
     assert!(table.contains("Before faultline watched"), "{table}");
     assert!(table.contains("CRITICAL pids_limit_past"), "{table}");
-    assert!(table.contains("shop/forky-1/"), "{table}");
+    // The pod (pids.events.local counts at the limiting cgroup, 6.12 here) or its container.
+    assert!(table.contains("shop/forky-1"), "{table}");
 }
 
 const CID2: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
