@@ -85,6 +85,18 @@ fn resource(node: &str, extra: &[(String, String)]) -> Resource {
     }
 }
 
+/// One signal's background sender, encoding its batches with `encode`.
+fn spawn<T: Send + 'static>(
+    name: &'static str,
+    signal: config::SignalConfig,
+    counters: &OtlpCounters,
+    rx: mpsc::Receiver<T>,
+    encode: impl Fn(Vec<T>) -> Vec<u8> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let sender = Sender::new(name, signal, counters.clone())?;
+    Ok(tokio::spawn(sender.run(rx, encode)))
+}
+
 impl OtlpExporter {
     /// Starts one background sender per exported signal (errors: unreadable TLS files).
     pub fn start(config: OtlpConfig, node: &str, counters: OtlpCounters) -> anyhow::Result<Self> {
@@ -114,8 +126,7 @@ impl OtlpExporter {
                     }
                     .encode_to_vec()
                 };
-                let sender = Sender::new("logs", signal, counters.clone())?;
-                tasks.push(tokio::spawn(sender.run(rx, encode)));
+                tasks.push(spawn("logs", signal, &counters, rx, encode)?);
                 Some(tx)
             }
             None => None,
@@ -137,8 +148,7 @@ impl OtlpExporter {
                     }
                     .encode_to_vec()
                 };
-                let sender = Sender::new("traces", signal, counters.clone())?;
-                tasks.push(tokio::spawn(sender.run(rx, encode)));
+                tasks.push(spawn("traces", signal, &counters, rx, encode)?);
                 Some(tx)
             }
             None => None,
