@@ -113,16 +113,24 @@ fn rust_const(source: &str, name: &str) -> String {
         .to_owned()
 }
 
-/// xtask's Debian packages (`APT_PACKAGES` in xtask/src/main.rs).
+/// xtask's Debian packages: `BUILD_PACKAGES` (what `setup` installs) and `TEST_PACKAGES`
+/// (what `setup --tests` adds), in xtask/src/main.rs.
 fn xtask_packages() -> Vec<String> {
     let source = read("xtask/src/main.rs");
-    let start = source.find("const APT_PACKAGES").expect("APT_PACKAGES");
-    let body = &source[start..];
-    let body = &body[..body.find("];").expect("end of APT_PACKAGES")];
-    body.lines()
-        .skip(1)
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .filter_map(|l| Some(l.split('"').nth(1)?.to_owned()))
+    ["BUILD_PACKAGES", "TEST_PACKAGES"]
+        .iter()
+        .flat_map(|name| {
+            let start = source
+                .find(&format!("const {name}"))
+                .unwrap_or_else(|| panic!("no {name} in xtask"));
+            let body = &source[start..];
+            let body = &body[..body.find("];").unwrap_or_else(|| panic!("end of {name}"))];
+            body.lines()
+                .skip(1)
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .filter_map(|l| Some(l.split('"').nth(1)?.to_owned()))
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -554,6 +562,77 @@ impl Drop for Created {
     }
 }
 
+/// crun refuses a hybrid cgroup layout whose v2 hierarchy holds any controller ("cgroups in
+/// hybrid mode not supported, drop all controllers from cgroupv2"); this machine boots with
+/// hugetlb there, unlike a systemd hybrid host, which mounts every controller as v1. For the
+/// run, each such controller is mounted as a v1 hierarchy at /sys/fs/cgroup/<name> (as systemd
+/// would); on drop it is unmounted until the kernel hands the controller back to v2.
+struct HybridForCrun {
+    /// Controller and mount point.
+    mounted: Vec<(String, PathBuf)>,
+}
+
+const UNIFIED_CONTROLLERS: &str = "/sys/fs/cgroup/unified/cgroup.controllers";
+
+fn in_unified(controller: &str) -> bool {
+    std::fs::read_to_string(UNIFIED_CONTROLLERS)
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|c| c == controller)
+}
+
+fn mount_v1(controller: &str, dir: &Path) -> bool {
+    Command::new("mount")
+        .args(["-t", "cgroup", "-o", controller, "cgroup"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl HybridForCrun {
+    fn new() -> HybridForCrun {
+        let mut mounted = Vec::new();
+        let listed = std::fs::read_to_string(UNIFIED_CONTROLLERS).unwrap_or_default();
+        for name in listed.split_whitespace() {
+            let dir = Path::new("/sys/fs/cgroup").join(name);
+            assert!(
+                !dir.exists(),
+                "{name} is in cgroup v2 and {} exists: crun refuses this layout",
+                dir.display()
+            );
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+            if !mount_v1(name, &dir) {
+                let _ = std::fs::remove_dir(&dir);
+                panic!("mounting the {name} controller as cgroup v1 for crun failed");
+            }
+            mounted.push((name.to_owned(), dir));
+        }
+        HybridForCrun { mounted }
+    }
+}
+
+impl Drop for HybridForCrun {
+    fn drop(&mut self) {
+        for (name, dir) in &self.mounted {
+            // A v1 hierarchy unmounted while a removed cgroup is still dying stays bound
+            // (unmounted) for good; mounting it again and unmounting later releases it.
+            let mut back = false;
+            for _ in 0..30 {
+                let _ = Command::new("umount").arg(dir).status();
+                std::thread::sleep(Duration::from_millis(200));
+                back = in_unified(name);
+                if back || !mount_v1(name, dir) {
+                    break;
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+            if !back {
+                eprintln!("warning: the {name} controller did not return to cgroup v2");
+            }
+        }
+    }
+}
+
 /// podman with this run's own storage, run state, network configuration directory and cgroup
 /// parent; on drop every container is removed, what podman left mounted unmounted, its
 /// directories and cgroups removed.
@@ -566,6 +645,8 @@ struct Podman {
     ulimits: Vec<String>,
     /// Host files podman creates outside its directories whatever it is told.
     _created: Created,
+    /// Dropped after the containers' cgroups are removed (fields drop after `drop`).
+    _hybrid: HybridForCrun,
 }
 
 impl Podman {
@@ -619,6 +700,7 @@ impl Podman {
                 format!("nproc={nproc}:{nproc}"),
             ],
             _created: created,
+            _hybrid: HybridForCrun::new(),
         }
     }
 
