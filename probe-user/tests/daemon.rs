@@ -539,14 +539,15 @@ fn an_otlp_collector_down_and_back_loses_nothing_within_the_queue() {
 }
 
 /// https to a collector whose certificate a test CA signed, trusted through
-/// OTEL_EXPORTER_OTLP_CERTIFICATE.
+/// OTEL_EXPORTER_OTLP_CERTIFICATE, and which takes only clients with a certificate of that CA:
+/// the daemon's, from OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and _CLIENT_KEY.
 #[test]
-fn otlp_over_https_with_the_certificate_variable() {
+fn otlp_over_mutual_tls_with_the_certificate_variables() {
     let _serial = serial();
     let dir = std::env::temp_dir().join(unique("otlp-tls"));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let [ca, cert, key] = test_ca(&dir);
-    let receiver = OtlpReceiver::start_tls(&cert, &key);
+    let ca = test_ca(&dir);
+    let receiver = OtlpReceiver::start_mutual_tls(&ca);
     let cg = PodCgroup::systemd(&unique("otlp-tls"), &pod_uid(7), CID, 4);
     let logs = format!("https://127.0.0.1:{}/v1/logs", receiver.port);
     let daemon = Daemon::start_with_env(
@@ -554,7 +555,15 @@ fn otlp_over_https_with_the_certificate_variable() {
             ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", &logs),
             (
                 "OTEL_EXPORTER_OTLP_CERTIFICATE",
-                ca.to_str().expect("utf-8"),
+                ca.ca.to_str().expect("utf-8"),
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_LOGS_CLIENT_CERTIFICATE",
+                ca.client_cert.to_str().expect("utf-8"),
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_LOGS_CLIENT_KEY",
+                ca.client_key.to_str().expect("utf-8"),
             ),
         ],
         &["--no-events"],

@@ -97,7 +97,7 @@ const USERSPACE_ONLY: [(&str, &[&str]); 4] = [
             "a_dead_otlp_collector_costs_dropped_events_not_a_stuck_daemon",
             "otlp_logs_only_with_per_signal_headers_and_compression",
             "an_otlp_collector_down_and_back_loses_nothing_within_the_queue",
-            "otlp_over_https_with_the_certificate_variable",
+            "otlp_over_mutual_tls_with_the_certificate_variables",
             "sighup_reopens_the_events_file_and_the_daemon_goes_on",
         ],
     ),

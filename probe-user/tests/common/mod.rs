@@ -995,9 +995,17 @@ impl KubeletLogs {
 pub trait ReadWrite: std::io::Read + std::io::Write + Send {}
 impl<T: std::io::Read + std::io::Write + Send> ReadWrite for T {}
 
-/// A CA and a server certificate for 127.0.0.1 it signed, made by the `openssl` CLI in `dir`:
-/// (ca.pem, server.pem, server.key).
-pub fn test_ca(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+/// A CA, and a server certificate for 127.0.0.1 and a client certificate it signed, made by the
+/// `openssl` CLI in `dir`.
+pub struct TestCa {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+}
+
+pub fn test_ca(dir: &std::path::Path) -> TestCa {
     let openssl = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -1025,41 +1033,46 @@ pub fn test_ca(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
         "-subj",
         "/CN=faultline test CA",
     ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("ext.cnf");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    ["ca.pem", "server.pem", "server.key"].map(|f| dir.join(f))
+    for (name, subject, ext) in [
+        ("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\n"),
+        ("client", "/CN=faultline", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (key, csr, pem, cnf) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.cnf"),
+        );
+        openssl(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject,
+        ]);
+        std::fs::write(dir.join(&cnf), format!("{ext}basicConstraints=CA:FALSE\n"))
+            .expect("extensions file");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "1",
+            "-extfile",
+            &cnf,
+        ]);
+    }
+    TestCa {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    }
 }
 
 /// A received log record with its resource's attributes.
@@ -1101,23 +1114,34 @@ impl OtlpReceiver {
         Self::serve(TcpListener::bind(("127.0.0.1", port)).expect("bind"), 0)
     }
 
-    /// A receiver over TLS with this server certificate and key (PEM files).
-    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> OtlpReceiver {
+    /// A receiver over TLS with the CA's server certificate that accepts only clients with a
+    /// certificate the CA signed (mutual TLS).
+    pub fn start_mutual_tls(ca: &TestCa) -> OtlpReceiver {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-        let chain = CertificateDer::pem_file_iter(cert)
-            .expect("server certificate")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("server certificate");
-        let key = PrivateKeyDer::from_pem_file(key).expect("server key");
+        let pems = |path: &std::path::Path| {
+            CertificateDer::pem_file_iter(path)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        };
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in pems(&ca.ca) {
+            roots.add(c).expect("the test CA");
+        }
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .expect("client verifier");
+        let key = PrivateKeyDer::from_pem_file(&ca.server_key).expect("server key");
         let config = std::sync::Arc::new(
-            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server TLS config"),
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_client_cert_verifier(clients)
+                .with_single_cert(pems(&ca.server_cert), key)
+                .expect("server TLS config"),
         );
         Self::serve_with(
             TcpListener::bind("127.0.0.1:0").expect("bind"),
