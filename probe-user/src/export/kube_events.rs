@@ -640,6 +640,114 @@ mod tests {
         calls
     }
 
+    fn named() -> Option<PodRef> {
+        Some(PodRef {
+            namespace: Some("shop".into()),
+            name: Some("cart-1".into()),
+            uid: "u1".into(),
+            ..PodRef::default()
+        })
+    }
+
+    /// Each of the four reasons from the signal it stands for, and nothing from what is
+    /// not worth an Event (an answered query, a far or non-pids estimate, a pod without a name).
+    #[test]
+    fn each_signal_makes_its_reason_and_only_that() {
+        use crate::signals::{
+            clone::CloneFailure,
+            conntrack::{Cause as CtCause, ConntrackDrop},
+            dns::DnsQuery,
+        };
+        let reason = |o: Option<Occurrence>| o.map(|o| (o.reason, o.key, o.pod.name));
+        let refused = CloneFailure {
+            pod: named(),
+            ..CloneFailure::example("/kubepods/pod-u1")
+        };
+        assert_eq!(
+            reason(Occurrence::of_event(&Event::CloneFailure(refused.clone()))),
+            Some((
+                Reason::TaskCreationRefused,
+                "pids_limit".into(),
+                "cart-1".into()
+            ))
+        );
+        let timeout = DnsQuery {
+            outcome: Outcome::Timeout,
+            server: "10.96.0.10:53".into(),
+            pod: named(),
+            ..DnsQuery::default()
+        };
+        assert_eq!(
+            reason(Occurrence::of_event(&Event::DnsQuery(timeout.clone()))),
+            Some((Reason::DnsTimeouts, "10.96.0.10:53".into(), "cart-1".into()))
+        );
+        let answered = DnsQuery {
+            outcome: Outcome::Answered,
+            ..timeout
+        };
+        assert!(Occurrence::of_event(&Event::DnsQuery(answered)).is_none());
+        let drop = ConntrackDrop {
+            time: String::new(),
+            time_unix_nano: 0,
+            cause: CtCause::InsertFailed,
+            proto: "udp".into(),
+            src: "10.0.0.5".into(),
+            sport: 40000,
+            dst: "10.96.0.10".into(),
+            dport: 53,
+            netns: 1,
+            cgroup: None,
+            workload: "shop/cart-1".into(),
+            pod: named(),
+            evidence: "insert_failed rose by 1".into(),
+            dns: None,
+        };
+        assert_eq!(
+            reason(Occurrence::of_event(&Event::ConntrackDrop(drop))),
+            Some((
+                Reason::ConntrackDrops,
+                "insert_failed".into(),
+                "cart-1".into()
+            ))
+        );
+        let soon = Estimate {
+            limit: Limit::Pids,
+            resource: "/kubepods/pod-u1".into(),
+            workload: "shop/cart-1".into(),
+            current: 90,
+            max: 100,
+            growth_per_s: Some(1.0),
+            eta_s: Some(10.0),
+            samples: 3,
+            pod: named(),
+            shared_by: Vec::new(),
+        };
+        assert_eq!(
+            reason(Occurrence::of_estimate(&soon)),
+            Some((Reason::LimitNearlyReached, "pids".into(), "cart-1".into()))
+        );
+        let far = Estimate {
+            eta_s: Some(ETA_WARN.as_secs_f64() + 1.0),
+            ..soon.clone()
+        };
+        let other_limit = Estimate {
+            limit: Limit::PidMax,
+            ..soon.clone()
+        };
+        let unnamed = Estimate {
+            pod: Some(PodRef::default()),
+            ..soon
+        };
+        for e in [far, other_limit, unnamed] {
+            assert!(Occurrence::of_estimate(&e).is_none(), "{e:?}");
+        }
+        let unnamed = CloneFailure {
+            pod: None,
+            ..refused
+        };
+        assert!(Occurrence::of_event(&Event::CloneFailure(unnamed)).is_none());
+    }
+
     #[test]
     fn repeats_create_one_event_then_patch_its_series() {
         let t0 = Instant::now();
