@@ -1291,13 +1291,6 @@ fn wait_metrics(
     );
 }
 
-/// What each workload does first. faultline names a cgroup id by walking cgroupfs on a miss,
-/// at most every 250 ms, and a miss in between is `?` for good: a container whose first event
-/// comes within 250 ms of a walk that predates its cgroup loses its name (seen here in about
-/// one run in five, on a node where other workloads trigger walks). Reported, not worked
-/// around in faultline; the workloads here wait that out instead of failing at random.
-const SETTLE: &str = "sleep 1;";
-
 const DNS_IP: &str = "10.78.0.53";
 const ANSWER_IP: &str = "10.78.0.99";
 
@@ -1460,11 +1453,7 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
             format!("--name={}", unique("forker")),
         ],
         base,
-        &[
-            "sh",
-            "-c",
-            &format!("{SETTLE} for i in $(seq 100); do sleep 30 & done; wait"),
-        ],
+        &["sh", "-c", "for i in $(seq 100); do sleep 30 & done; wait"],
     );
     let forker_cg = podman.cgroup(&forker);
     let m = wait_metrics(
@@ -1541,10 +1530,8 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
         &[
             "sh",
             "-c",
-            &format!(
-                "{SETTLE} for i in 1 2 3 4 5; do getent ahostsv4 q$i.image.test >/dev/null || exit 1; done; \
-                 echo done; exec sleep 120"
-            ),
+            "for i in 1 2 3 4 5; do getent ahostsv4 q$i.image.test >/dev/null || exit 1; done; \
+             echo done; exec sleep 120",
         ],
     );
     assert_eq!(
@@ -1590,10 +1577,8 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
         &[
             "sh",
             "-c",
-            &format!(
-                "{SETTLE} for i in 1 2 3; do getent ahostsv4 c$i.image.test >/dev/null && echo -n 'ok ' || echo -n 'lost '; done; \
-                 echo done; exec sleep 120"
-            ),
+            "for i in 1 2 3; do getent ahostsv4 c$i.image.test >/dev/null && echo -n 'ok ' || echo -n 'lost '; done; \
+             echo done; exec sleep 120",
         ],
     );
     assert_eq!(
