@@ -14,14 +14,6 @@ use serde_json::Value;
 /// A uid nothing else on the machine runs as (RLIMIT_NPROC counts every task of the uid).
 const UID: &str = "64999";
 
-/// The value of the first series of `family` whose labels contain every one of `labels`.
-fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[test]
 fn two_pods_sharing_a_uid_are_bound_by_its_rlimit_nproc_before_their_pids_limits() {
     let pods = ["nproc-a", "nproc-b"];

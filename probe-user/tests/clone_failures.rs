@@ -510,15 +510,7 @@ fn attribution_by_id_names_a_burst_of_new_pods() {
             &cids[i as usize],
             1,
         );
-        let join = cg.join_args();
-        let join: Vec<&str> = join.iter().map(String::as_str).collect();
-        labs.push(Lab::spawn(
-            &[
-                &["forks", "1", "--comm", "fl-burst", "--max-failures", "1"][..],
-                &join,
-            ]
-            .concat(),
-        ));
+        labs.push(cg.spawn(&["forks", "1", "--comm", "fl-burst", "--max-failures", "1"]));
         pods.push(cg);
     }
     let reports: Vec<LabReport> = labs.iter_mut().map(Lab::report).collect();

@@ -58,20 +58,14 @@ fn prometheus_scrapes_exact_counts_per_pod_and_promtool_accepts_them() {
         assert!(own.contains(family), "{family} missing:\n{own}");
     }
 
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let report = lab(&[
-        &[
-            "threads",
-            "20",
-            "--comm",
-            "fl-daemon",
-            "--max-failures",
-            "3",
-        ][..],
-        &join,
-    ]
-    .concat());
+    let report = cg.lab(&[
+        "threads",
+        "20",
+        "--comm",
+        "fl-daemon",
+        "--max-failures",
+        "3",
+    ]);
     assert_eq!((report.created, report.failures), (7, 3), "{report:?}");
 
     let sel = r#"namespace="shop",pod="cart-9",container="app""#;
@@ -173,23 +167,15 @@ fn sigterm_during_an_event_storm_exits_cleanly_and_detaches_everything() {
         ids.len() >= 9,
         "expected the clone and task programs, found {ids:?}"
     );
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     // Fails clone as fast as it can, for up to 50,000 attempts.
-    let mut storm = Lab::spawn(
-        &[
-            &[
-                "threads",
-                "50000",
-                "--comm",
-                "fl-storm",
-                "--max-failures",
-                "50000",
-            ][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let mut storm = cg.spawn(&[
+        "threads",
+        "50000",
+        "--comm",
+        "fl-storm",
+        "--max-failures",
+        "50000",
+    ]);
     std::thread::sleep(Duration::from_millis(700));
     let (status, stderr, secs) = daemon.terminate();
     assert!(status.success(), "exit {status}: {stderr}");
@@ -240,13 +226,10 @@ fn five_hundred_pods_stay_within_the_series_cap() {
     assert_eq!(report.created, 500);
     // The overflow series has every label `_overflow`, its kind too.
     let forks = |text: &str| -> f64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with("faultline_tasks_created_total{")
-                    && (l.contains(r#"kind="process""#) || l.contains(r#"pod="_overflow""#))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        sum_of(text, |l| {
+            l.starts_with("faultline_tasks_created_total{")
+                && (l.contains(r#"kind="process""#) || l.contains(r#"pod="_overflow""#))
+        })
     };
     // Every fork is counted, in a pod's series or in the overflow one.
     let text = eventually(Duration::from_secs(30), "all 500 forks counted", || {
@@ -301,27 +284,13 @@ fn otlp_log_records_carry_k8s_attributes_and_real_times() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let report = lab(&[
-        &["threads", "20", "--comm", "fl-otlp", "--max-failures", "3"][..],
-        &join,
-    ]
-    .concat());
+    let report = cg.lab(&["threads", "20", "--comm", "fl-otlp", "--max-failures", "3"]);
     let after = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     let mine = eventually(Duration::from_secs(20), "3 log records", || {
-        let recs = receiver.records.lock().unwrap().clone();
-        let mine: Vec<_> = recs
-            .into_iter()
-            .filter(|(_, r)| {
-                r.attributes
-                    .iter()
-                    .any(|kv| kv.key == "process.executable.name" && attr_str(kv) == "fl-otlp")
-            })
-            .collect();
+        let mine = receiver.records_of("fl-otlp");
         (mine.len() as u64 == report.failures).then_some(mine)
     });
     for (resource, rec) in &mine {
@@ -359,27 +328,16 @@ fn a_dead_otlp_collector_costs_dropped_events_not_a_stuck_daemon() {
     // The event budget lifted: a record per failure.
     let daemon =
         Daemon::start(&[&["--otlp-endpoint", &endpoint, "--no-events"], NO_BUDGET].concat());
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let storm = lab(&[
-        &[
-            "threads",
-            "20000",
-            "--comm",
-            "fl-otlp-slow",
-            "--max-failures",
-            "20000",
-        ][..],
-        &join,
-    ]
-    .concat());
+    let storm = cg.lab(&[
+        "threads",
+        "20000",
+        "--comm",
+        "fl-otlp-slow",
+        "--max-failures",
+        "20000",
+    ]);
     assert!(storm.failures > 10_000, "{storm:?}");
-    let value = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let value = |text: &str, name: &str| sum_of(text, |l| l.starts_with(name));
     // The daemon keeps answering and counting while the exporter drops.
     let started = Instant::now();
     eventually(
@@ -426,31 +384,16 @@ fn otlp_logs_only_with_per_signal_headers_and_compression() {
         ],
         &["--no-events"],
     );
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let report = lab(&[
-        &[
-            "threads",
-            "20",
-            "--comm",
-            "fl-otlp-logs",
-            "--max-failures",
-            "3",
-        ][..],
-        &join,
-    ]
-    .concat());
+    let report = cg.lab(&[
+        "threads",
+        "20",
+        "--comm",
+        "fl-otlp-logs",
+        "--max-failures",
+        "3",
+    ]);
     eventually(Duration::from_secs(20), "the log records", || {
-        let recs = receiver.records.lock().unwrap();
-        let mine = recs
-            .iter()
-            .filter(|(_, r)| {
-                r.attributes
-                    .iter()
-                    .any(|kv| kv.key == "process.executable.name" && attr_str(kv) == "fl-otlp-logs")
-            })
-            .count();
-        (mine as u64 == report.failures).then_some(())
+        (receiver.records_of("fl-otlp-logs").len() as u64 == report.failures).then_some(())
     });
     let headers = receiver.headers.lock().unwrap().clone();
     assert!(!headers.is_empty());
@@ -487,50 +430,25 @@ fn an_otlp_collector_down_and_back_loses_nothing_within_the_queue() {
     let endpoint = format!("http://127.0.0.1:{port}");
     let daemon =
         Daemon::start(&[&["--otlp-endpoint", &endpoint, "--no-events"], NO_BUDGET].concat());
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let report = lab(&[
-        &[
-            "threads",
-            "1000",
-            "--comm",
-            "fl-otlp-back",
-            "--max-failures",
-            "1000",
-        ][..],
-        &join,
-    ]
-    .concat());
+    let report = cg.lab(&[
+        "threads",
+        "1000",
+        "--comm",
+        "fl-otlp-back",
+        "--max-failures",
+        "1000",
+    ]);
     assert!(report.failures >= 500, "{report:?}");
     // Down for 5 s more (refused connections), then back.
     std::thread::sleep(Duration::from_secs(5));
     let receiver = OtlpReceiver::start_on(port);
-    let mine = || {
-        receiver
-            .records
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, r)| {
-                r.attributes
-                    .iter()
-                    .any(|kv| kv.key == "process.executable.name" && attr_str(kv) == "fl-otlp-back")
-            })
-            .count() as u64
-    };
+    let mine = || receiver.records_of("fl-otlp-back").len() as u64;
     eventually(
         Duration::from_secs(30),
         "every record after the outage",
         || (mine() == report.failures).then_some(()),
     );
-    let metric = |name: &str| -> f64 {
-        daemon
-            .metrics()
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let metric = |name: &str| sum_of(&daemon.metrics(), |l| l.starts_with(name));
     assert_eq!(metric("faultline_otlp_dropped_events_total"), 0.0);
     assert!(metric("faultline_otlp_failed_requests_total") >= 1.0);
     let (status, stderr, _) = daemon.terminate();
@@ -568,35 +486,18 @@ fn otlp_over_mutual_tls_with_the_certificate_variables() {
         ],
         &["--no-events"],
     );
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let report = lab(&[
-        &[
-            "threads",
-            "20",
-            "--comm",
-            "fl-otlp-tls",
-            "--max-failures",
-            "3",
-        ][..],
-        &join,
-    ]
-    .concat());
+    let report = cg.lab(&[
+        "threads",
+        "20",
+        "--comm",
+        "fl-otlp-tls",
+        "--max-failures",
+        "3",
+    ]);
     eventually(
         Duration::from_secs(20),
         "the log records over https",
-        || {
-            let recs = receiver.records.lock().unwrap();
-            let mine = recs
-                .iter()
-                .filter(|(_, r)| {
-                    r.attributes.iter().any(|kv| {
-                        kv.key == "process.executable.name" && attr_str(kv) == "fl-otlp-tls"
-                    })
-                })
-                .count();
-            (mine as u64 == report.failures).then_some(())
-        },
+        || (receiver.records_of("fl-otlp-tls").len() as u64 == report.failures).then_some(()),
     );
     let (status, stderr, _) = daemon.terminate();
     assert!(status.success(), "{stderr}");
@@ -678,13 +579,7 @@ fn sighup_reopens_the_events_file_and_the_daemon_goes_on() {
     );
     healthz_answers(&daemon);
     let cg = PodCgroup::systemd(&unique("rotate"), &pod_uid(9), CID, 4);
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let report = lab(&[
-        &["threads", "8", "--comm", "fl-rotate", "--max-failures", "1"][..],
-        &join,
-    ]
-    .concat());
+    let report = cg.lab(&["threads", "8", "--comm", "fl-rotate", "--max-failures", "1"]);
     assert_eq!(report.failures, 1, "{report:?}");
     eventually(
         Duration::from_secs(20 * pace()),
@@ -721,41 +616,27 @@ fn an_event_storm_costs_the_budget_of_lines_and_every_failure_is_accounted() {
         "10s",
     ]);
     let started = Instant::now();
-    let join = storm_cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     // A millisecond apart at least: 20 s or more, also in emulation (within the lab's 60 s).
     let n = "20000";
-    let mut storm = Lab::spawn(
-        &[
-            &[
-                "threads",
-                n,
-                "--comm",
-                "fl-bstorm",
-                "--max-failures",
-                n,
-                "--interval-ms",
-                "1",
-            ][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let mut storm = storm_cg.spawn(&[
+        "threads",
+        n,
+        "--comm",
+        "fl-bstorm",
+        "--max-failures",
+        n,
+        "--interval-ms",
+        "1",
+    ]);
     std::thread::sleep(Duration::from_secs(2));
-    let join = other_cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let other = lab(&[
-        &[
-            "threads",
-            "10",
-            "--comm",
-            "fl-bother",
-            "--max-failures",
-            "1",
-        ][..],
-        &join,
-    ]
-    .concat());
+    let other = other_cg.lab(&[
+        "threads",
+        "10",
+        "--comm",
+        "fl-bother",
+        "--max-failures",
+        "1",
+    ]);
     assert_eq!(other.failures, 1, "{other:?}");
     let read = || -> Vec<Value> {
         std::fs::read_to_string(&file)

@@ -418,14 +418,8 @@ fn every_dashboard_query_parses_and_returns_data() {
         ],
     );
     let prom = Prometheus::start(daemon.port);
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     for _ in 0..3 {
-        lab(&[
-            &["threads", "20", "--comm", "fl-dash", "--max-failures", "2"][..],
-            &join,
-        ]
-        .concat());
+        cg.lab(&["threads", "20", "--comm", "fl-dash", "--max-failures", "2"]);
         std::thread::sleep(Duration::from_secs(2));
     }
     // DNS and conntrack from the same pod: a DNS server behind a router that SNATs to one
@@ -530,20 +524,14 @@ fn the_operator_scrape_keeps_the_failing_pods_labels() {
         port = daemon.port,
     );
     let prom = Prometheus::start_with_job(&job);
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    lab(&[
-        &[
-            "threads",
-            "20",
-            "--comm",
-            "fl-operator",
-            "--max-failures",
-            "2",
-        ][..],
-        &join,
-    ]
-    .concat());
+    cg.lab(&[
+        "threads",
+        "20",
+        "--comm",
+        "fl-operator",
+        "--max-failures",
+        "2",
+    ]);
 
     let failing = r#"faultline_clone_failures_total{namespace="shop",pod="op-1",container="app",node="node-1",job="faultline"}"#;
     eventually(Duration::from_secs(30), "the failing pod's series", || {

@@ -497,13 +497,10 @@ fn the_daemon_exports_dns_metrics_per_workload() {
             ))
         .then_some(m)
     });
-    let value = |prefix: &str, must: &[&str]| -> f64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with(prefix) && l.contains(&sel) && must.iter().all(|m| l.contains(m))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let value = |prefix: &str, must: &[&str]| {
+        sum_of(&text, |l| {
+            l.starts_with(prefix) && l.contains(&sel) && must.iter().all(|m| l.contains(m))
+        })
     };
     assert_eq!(
         value(
@@ -825,11 +822,10 @@ fn a_full_ring_loses_answers_but_invents_no_timeouts() {
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGCONT) };
     assert!(sent.contains(r#""created":3000"#), "{sent}");
     let sel = format!(r#"workload="{path}""#);
-    let sum = |m: &str, prefix: &str, must: &str| -> f64 {
-        m.lines()
-            .filter(|l| l.starts_with(prefix) && l.contains(&sel) && l.contains(must))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let sum = |m: &str, prefix: &str, must: &str| {
+        sum_of(m, |l| {
+            l.starts_with(prefix) && l.contains(&sel) && l.contains(must)
+        })
     };
     let lost = |m: &str| {
         m.lines()

@@ -36,14 +36,6 @@ fn explain(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// The value of the first series of `family` whose labels contain every one of `labels`.
-fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[test]
 fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
     let _serial = serial();
@@ -86,28 +78,20 @@ fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
         "--eta-warn",
         "1m",
     ]);
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     let started = Instant::now();
     // One thread every 300 ms: ~15 s to the limit.
-    let mut leak = Lab::spawn(
-        &[
-            &[
-                "threads",
-                "200",
-                "--comm",
-                "fl-leaky",
-                "--interval-ms",
-                "300",
-                "--max-failures",
-                "2",
-                "--hold-ms",
-                "4000",
-            ][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let mut leak = cg.spawn(&[
+        "threads",
+        "200",
+        "--comm",
+        "fl-leaky",
+        "--interval-ms",
+        "300",
+        "--max-failures",
+        "2",
+        "--hold-ms",
+        "4000",
+    ]);
     let who = [r#"namespace="shop""#, r#"pod="leaky-7""#, r#"limit="pids""#];
     let failed = [r#"pod="leaky-7""#, r#"cause="pids_limit""#];
     // (when read, the ETA read), until the first failure is counted.
@@ -252,27 +236,19 @@ fn a_20_s_leak_is_forecast_10_s_ahead_under_the_default_window() {
     let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
     // An agent that has been up a while, as on a node.
     std::thread::sleep(Duration::from_secs(3 * pace()));
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     let started = Instant::now();
     // One thread every 500 ms, also in emulation (a thread takes far less): ~20 s to the limit,
     // well within the lab's 60 s.
-    let mut leak = Lab::spawn(
-        &[
-            &[
-                "threads",
-                "200",
-                "--comm",
-                "fl-leak20",
-                "--interval-ms",
-                "500",
-                "--max-failures",
-                "1",
-            ][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let mut leak = cg.spawn(&[
+        "threads",
+        "200",
+        "--comm",
+        "fl-leak20",
+        "--interval-ms",
+        "500",
+        "--max-failures",
+        "1",
+    ]);
     let who = [r#"pod="leaky-20""#, r#"limit="pids""#];
     let failed = [r#"pod="leaky-20""#, r#"cause="pids_limit""#];
     let mut etas: Vec<(Instant, f64)> = Vec::new();
@@ -485,24 +461,16 @@ fn explain_reports_the_pids_refusals_of_before_it_watched() {
     let uid = format!("{:08x}-0000-4000-8000-0000000a57a1", std::process::id());
     let logs = KubeletLogs::new(&[("shop", "forky-1", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("past"), &uid, CID, 8);
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let mut lab = Lab::spawn(
-        &[
-            &[
-                "threads",
-                "50",
-                "--comm",
-                "fl-forky",
-                "--interval-ms",
-                "1",
-                "--max-failures",
-                "4",
-            ][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let mut lab = cg.spawn(&[
+        "threads",
+        "50",
+        "--comm",
+        "fl-forky",
+        "--interval-ms",
+        "1",
+        "--max-failures",
+        "4",
+    ]);
     let refused = lab.report();
     lab.wait();
     assert!(refused.failures >= 1, "{refused:?}");
@@ -652,9 +620,7 @@ fn the_daemon_reports_the_past_and_cross_checks_later_refusals() {
         ("shop", "during-1", &uid2, "app", CID2),
     ]);
     let refuse = |cg: &PodCgroup, comm: &str| {
-        let join = cg.join_args();
-        let join: Vec<&str> = join.iter().map(String::as_str).collect();
-        let args = [
+        let report = cg.lab(&[
             "threads",
             "50",
             "--comm",
@@ -663,10 +629,7 @@ fn the_daemon_reports_the_past_and_cross_checks_later_refusals() {
             "1",
             "--max-failures",
             "3",
-        ];
-        let mut lab = Lab::spawn(&[&args[..], &join].concat());
-        let report = lab.report();
-        lab.wait();
+        ]);
         assert!(report.failures >= 1, "{report:?}");
         report.failures
     };

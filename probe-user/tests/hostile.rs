@@ -194,15 +194,7 @@ fn only_get_and_head_are_served() {
 /// Clone failures as fast as a pids limit of 4 refuses them, for up to `n` attempts.
 fn storm(tag: u32, n: &str) -> (PodCgroup, Lab) {
     let cg = PodCgroup::systemd(&unique("hostile"), &pod_uid(tag), CID, 4);
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let lab = Lab::spawn(
-        &[
-            &["threads", n, "--comm", "fl-storm", "--max-failures", n][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let lab = cg.spawn(&["threads", n, "--comm", "fl-storm", "--max-failures", n]);
     (cg, lab)
 }
 

@@ -1211,17 +1211,13 @@ fn runtime_stage(base: &str) -> String {
 // What the agent says
 
 /// The sum of the samples of `family` whose labels include every `labels` pair.
-fn sample(metrics: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(family).is_some_and(|r| r.starts_with('{'))
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+fn family_sum(metrics: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
+    sum_of(metrics, |l| {
+        l.strip_prefix(family).is_some_and(|r| r.starts_with('{'))
+            && labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+    })
 }
 
 /// The series (histogram buckets aside) that mention `about`, for messages.
@@ -1464,14 +1460,14 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
         "pids_limit failure of the forker",
         &forker,
         |m| {
-            sample(
+            family_sum(
                 m,
                 "faultline_clone_failures_total",
                 &[("workload", &forker_cg), ("cause", "pids_limit")],
             ) >= 1.0
         },
     );
-    let failures = sample(
+    let failures = family_sum(
         &m,
         "faultline_clone_failures_total",
         &[("workload", &forker_cg), ("cause", "pids_limit")],
@@ -1548,7 +1544,7 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
         "5 answered queries of the client",
         "faultline_dns_queries_total",
         |m| {
-            sample(
+            family_sum(
                 m,
                 "faultline_dns_queries_total",
                 &[
@@ -1607,7 +1603,7 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
         "conntrack drops of the SNAT client",
         "faultline_conntrack_drops_total",
         |m| {
-            sample(
+            family_sum(
                 m,
                 "faultline_conntrack_drops_total",
                 &[("workload", &snat_cg)],
@@ -1615,7 +1611,7 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
         },
     );
     assert_eq!(
-        sample(
+        family_sum(
             &drops,
             "faultline_conntrack_drops_total",
             &[("workload", &snat_cg), ("cause", cause)]

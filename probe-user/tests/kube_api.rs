@@ -218,13 +218,7 @@ impl Drop for TempFile {
 
 /// Runs a lab that hits the pod's pids limit, returning its report.
 fn fail_in(cg: &PodCgroup, comm: &str) -> LabReport {
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    lab(&[
-        &["threads", "20", "--comm", comm, "--max-failures", "1"][..],
-        &join,
-    ]
-    .concat())
+    cg.lab(&["threads", "20", "--comm", comm, "--max-failures", "1"])
 }
 
 #[test]

@@ -221,10 +221,7 @@ impl Run {
         let text = http_get(self.port, "/metrics")
             .map(|r| r.1)
             .unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        sum_of(&text, |l| l.starts_with(prefix))
     }
 }
 
@@ -237,14 +234,8 @@ impl Drop for Run {
 
 /// `lab threads` in the pod's cgroup until its pids limit refuses `failures` threads.
 fn fail_in(cg: &PodCgroup, comm: &str, failures: u32) -> LabReport {
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     let n = failures.to_string();
-    lab(&[
-        &["threads", "40", "--comm", comm, "--max-failures", &n][..],
-        &join,
-    ]
-    .concat())
+    cg.lab(&["threads", "40", "--comm", comm, "--max-failures", &n])
 }
 
 #[test]

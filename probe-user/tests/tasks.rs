@@ -45,8 +45,9 @@ impl TestCgroup {
     fn path(&self) -> String {
         format!("/{}", self.name)
     }
+}
 
-    /// `--cgroup DIR` arguments for the lab.
+impl InCgroups for TestCgroup {
     fn join_args(&self) -> Vec<String> {
         let mut args = vec![
             "--cgroup".to_owned(),
@@ -71,22 +72,8 @@ fn exact_created_counts_and_live_tasks() {
     let cg = TestCgroup::new("counts", Some(100));
     let path = cg.path();
     let top = Trace::start_top(&["--cgroup", &path, "--interval", "200ms"]);
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
-    let mut threads = Lab::spawn(
-        &[
-            &["threads", "7", "--comm", "fl-cnt-thr", "--hold-ms", "3000"][..],
-            &join,
-        ]
-        .concat(),
-    );
-    let mut forks = Lab::spawn(
-        &[
-            &["forks", "4", "--comm", "fl-cnt-fork", "--hold-ms", "3000"][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let mut threads = cg.spawn(&["threads", "7", "--comm", "fl-cnt-thr", "--hold-ms", "3000"]);
+    let mut forks = cg.spawn(&["forks", "4", "--comm", "fl-cnt-fork", "--hold-ms", "3000"]);
     assert_eq!(threads.report().created, 7);
     assert_eq!(forks.report().created, 4);
 
@@ -152,32 +139,24 @@ fn a_leak_shrinks_headroom_and_warns_before_the_first_failure() {
         "--eta-warn",
         "1ms",
     ]);
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     // One thread every 150 ms until the limit refuses: about 6 s (slower in an emulated VM,
     // where each `top --once` below takes seconds too).
     let interval = (150 * pace()).to_string();
-    let mut leak = Lab::spawn(
-        &[
-            &[
-                "threads",
-                "100",
-                "--comm",
-                "fl-leak",
-                "--interval-ms",
-                &interval,
-                "--max-failures",
-                "2",
-                // Keep the threads after the failures, until the test ends (the lab is
-                // killed then): in an emulated VM the leak can be over before the second
-                // `top --once` below has sampled, and an emptied cgroup is no longer listed.
-                "--hold-ms",
-                "25000",
-            ][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let mut leak = cg.spawn(&[
+        "threads",
+        "100",
+        "--comm",
+        "fl-leak",
+        "--interval-ms",
+        &interval,
+        "--max-failures",
+        "2",
+        // Keep the threads after the failures, until the test ends (the lab is
+        // killed then): in an emulated VM the leak can be over before the second
+        // `top --once` below has sampled, and an emptied cgroup is no longer listed.
+        "--hold-ms",
+        "25000",
+    ]);
 
     // Two samples this far apart: the leak creates a thread or two in between.
     let window = format!("{}ms", 300 * pace());
@@ -310,17 +289,9 @@ fn count_dirs(dir: &std::path::Path) -> u64 {
 fn top_lists_an_idle_cgroup_that_holds_tasks() {
     let cg = TestCgroup::new("idle", None);
     let path = cg.path();
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     // Held until `top` has answered (then ended), within the lab's 60 s: under emulation `top
     // --once` takes 15-30 s to load and attach, more than any fixed hold that fits the pace.
-    let mut held = Lab::spawn(
-        &[
-            &["threads", "42", "--comm", "fl-idle", "--hold-ms", "50000"][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let mut held = cg.spawn(&["threads", "42", "--comm", "fl-idle", "--hold-ms", "50000"]);
     let report = held.report();
     assert_eq!((report.created, report.failures), (42, 0), "{report:?}");
     let out = common::faultline()
@@ -349,23 +320,15 @@ fn top_lists_an_idle_cgroup_that_holds_tasks() {
 fn top_once_rates_a_leak_that_began_before_it() {
     let cg = TestCgroup::new("prior", None);
     let path = cg.path();
-    let join = cg.join_args();
-    let join: Vec<&str> = join.iter().map(String::as_str).collect();
     let interval = (100 * pace()).to_string();
-    let _leak = Lab::spawn(
-        &[
-            &[
-                "threads",
-                "500",
-                "--comm",
-                "fl-prior",
-                "--interval-ms",
-                &interval,
-            ][..],
-            &join,
-        ]
-        .concat(),
-    );
+    let _leak = cg.spawn(&[
+        "threads",
+        "500",
+        "--comm",
+        "fl-prior",
+        "--interval-ms",
+        &interval,
+    ]);
     // The leak holds threads before top loads.
     std::thread::sleep(Duration::from_millis(500 * pace()));
     let window = format!("{}ms", 1000 * pace());

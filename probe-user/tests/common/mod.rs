@@ -696,18 +696,52 @@ impl PodCgroup {
         }
         dirs
     }
+}
 
-    /// `--cgroup DIR` arguments that put a lab into the container's cgroups.
-    pub fn join_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--cgroup".to_owned(),
-            self.v2.leaf().dir.display().to_string(),
-        ];
-        if let Some(p) = &self.pids {
-            args.extend(["--cgroup".to_owned(), p.leaf().dir.display().to_string()]);
-        }
-        args
+impl InCgroups for PodCgroup {
+    fn join_args(&self) -> Vec<String> {
+        self.dirs()
+            .iter()
+            .flat_map(|d| ["--cgroup".to_owned(), d.display().to_string()])
+            .collect()
     }
+}
+
+/// Cgroups a lab can run in (each hierarchy's directory: v2, and v1 pids on hybrid hosts).
+pub trait InCgroups {
+    /// `--cgroup DIR` arguments that put a lab into them.
+    fn join_args(&self) -> Vec<String>;
+
+    /// `faultline-lab args...` in them, to its end: its report.
+    fn lab(&self, args: &[&str]) -> LabReport {
+        let mut lab = self.spawn(args);
+        let report = lab.report();
+        lab.wait();
+        report
+    }
+
+    /// `faultline-lab args...` started in them.
+    fn spawn(&self, args: &[&str]) -> Lab {
+        let join = self.join_args();
+        Lab::spawn(&[args, &join.iter().map(String::as_str).collect::<Vec<_>>()].concat())
+    }
+}
+
+/// The sum of the values of the exposition's series lines that `keep` takes.
+pub fn sum_of(metrics: &str, keep: impl Fn(&str) -> bool) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && keep(l))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The value of the first series of `family` whose labels contain every one of `labels`.
+pub fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 pub fn free_port() -> u16 {
@@ -1099,6 +1133,21 @@ pub fn attr_str(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> String
 }
 
 impl OtlpReceiver {
+    /// The log records received so far about the process named `comm`.
+    pub fn records_of(&self, comm: &str) -> Vec<Received> {
+        self.records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| {
+                r.attributes
+                    .iter()
+                    .any(|kv| kv.key == "process.executable.name" && attr_str(kv) == comm)
+            })
+            .cloned()
+            .collect()
+    }
+
     pub fn start() -> OtlpReceiver {
         Self::start_refusing(0)
     }
