@@ -658,12 +658,17 @@ fn a_port_53_flood_from_one_cgroup_leaves_the_others_tracked() {
     );
 }
 
+/// Only the traces endpoint set (per signal, used as is): DNS queries arrive as client spans
+/// with real times, and nothing is sent for logs.
 #[test]
 fn dns_queries_become_otlp_client_spans_with_real_times() {
     let lab = DnsLab::start();
     let receiver = OtlpReceiver::start();
-    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
-    let daemon = Daemon::start(&["--no-events", "--otlp-endpoint", &endpoint]);
+    let traces = format!("http://127.0.0.1:{}/v1/traces", receiver.port);
+    let daemon = Daemon::start_with_env(
+        &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &traces)],
+        &["--no-events"],
+    );
     let path = lab.path();
     lab.resolv_conf("");
     let before = std::time::SystemTime::now()
@@ -718,7 +723,15 @@ fn dns_queries_become_otlp_client_spans_with_real_times() {
         assert_eq!(s.trace_id.len(), 16);
         assert_eq!(s.span_id.len(), 8);
     }
-    drop(daemon);
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("OTLP: logs not exported; traces to http://127.0.0.1:"),
+        "{stderr}"
+    );
+    for request in receiver.headers.lock().unwrap().iter() {
+        assert_eq!(request[0], "post /v1/traces http/1.1", "{request:?}");
+    }
 }
 
 #[test]
