@@ -618,7 +618,7 @@ fn an_event_storm_costs_the_budget_of_lines_and_every_failure_is_accounted() {
     let started = Instant::now();
     // A millisecond apart at least: 20 s or more, also in emulation (within the lab's 60 s).
     let n = "20000";
-    let mut storm = storm_cg.spawn(&[
+    let storm = storm_cg.spawn(&[
         "threads",
         n,
         "--comm",
@@ -654,8 +654,7 @@ fn an_event_storm_costs_the_budget_of_lines_and_every_failure_is_accounted() {
                 .find(|e| e["kind"] == "clone_failure" && e["comm"] == "fl-bother")
         },
     );
-    let report = storm.report();
-    storm.wait();
+    let report = storm.finish();
     let (status, stderr, _) = daemon.terminate();
     assert!(status.success(), "{stderr}");
     let intervals = (started.elapsed().as_secs_f64() / 10.0).ceil() as u64;

@@ -461,7 +461,7 @@ fn explain_reports_the_pids_refusals_of_before_it_watched() {
     let uid = format!("{:08x}-0000-4000-8000-0000000a57a1", std::process::id());
     let logs = KubeletLogs::new(&[("shop", "forky-1", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("past"), &uid, CID, 8);
-    let mut lab = cg.spawn(&[
+    let lab = cg.spawn(&[
         "threads",
         "50",
         "--comm",
@@ -471,8 +471,7 @@ fn explain_reports_the_pids_refusals_of_before_it_watched() {
         "--max-failures",
         "4",
     ]);
-    let refused = lab.report();
-    lab.wait();
+    let refused = lab.finish();
     assert!(refused.failures >= 1, "{refused:?}");
     let report = observed(&["--observe-for", "2s", "--kubelet-logs", &logs.arg()]);
     let f = past(&report, "pids_limit_past", "forky-1")

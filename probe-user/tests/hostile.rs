@@ -204,9 +204,8 @@ fn a_stalled_stdout_reader_costs_dropped_lines_not_a_stalled_daemon() {
     // stdout is a pipe nobody reads: it fills after ~64 KiB, about a hundred lines (the
     // event budget lifted: a line per failure).
     let mut daemon = Daemon::start_with(&[], NO_BUDGET, Stdio::piped());
-    let (_cg, mut lab) = storm(1, "30000");
-    let _ = lab.report();
-    lab.wait();
+    let (_cg, lab) = storm(1, "30000");
+    lab.finish();
     healthz_answers(&daemon);
     let dropped = eventually(Duration::from_secs(10), "dropped event lines", || {
         sample(
@@ -230,9 +229,8 @@ fn a_closed_stdout_ends_event_lines_not_the_daemon() {
     let _serial = serial();
     let mut daemon = Daemon::start_with(&[], NO_BUDGET, Stdio::piped());
     drop(daemon.child.stdout.take());
-    let (_cg, mut lab) = storm(2, "200");
-    let _ = lab.report();
-    lab.wait();
+    let (_cg, lab) = storm(2, "200");
+    lab.finish();
     eventually(
         Duration::from_secs(10),
         "lines dropped on the closed pipe",

@@ -574,11 +574,13 @@ struct HybridForCrun {
 
 const UNIFIED_CONTROLLERS: &str = "/sys/fs/cgroup/unified/cgroup.controllers";
 
-fn in_unified(controller: &str) -> bool {
+/// The controllers of a hybrid host's cgroup v2 hierarchy (none on a pure v1 or v2 host).
+fn unified_controllers() -> Vec<String> {
     std::fs::read_to_string(UNIFIED_CONTROLLERS)
         .unwrap_or_default()
         .split_whitespace()
-        .any(|c| c == controller)
+        .map(str::to_owned)
+        .collect()
 }
 
 fn mount_v1(controller: &str, dir: &Path) -> bool {
@@ -592,20 +594,19 @@ fn mount_v1(controller: &str, dir: &Path) -> bool {
 impl HybridForCrun {
     fn new() -> HybridForCrun {
         let mut mounted = Vec::new();
-        let listed = std::fs::read_to_string(UNIFIED_CONTROLLERS).unwrap_or_default();
-        for name in listed.split_whitespace() {
-            let dir = Path::new("/sys/fs/cgroup").join(name);
+        for name in unified_controllers() {
+            let dir = Path::new("/sys/fs/cgroup").join(&name);
             assert!(
                 !dir.exists(),
                 "{name} is in cgroup v2 and {} exists: crun refuses this layout",
                 dir.display()
             );
             std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-            if !mount_v1(name, &dir) {
+            if !mount_v1(&name, &dir) {
                 let _ = std::fs::remove_dir(&dir);
                 panic!("mounting the {name} controller as cgroup v1 for crun failed");
             }
-            mounted.push((name.to_owned(), dir));
+            mounted.push((name, dir));
         }
         HybridForCrun { mounted }
     }
@@ -620,7 +621,7 @@ impl Drop for HybridForCrun {
             for _ in 0..30 {
                 let _ = Command::new("umount").arg(dir).status();
                 std::thread::sleep(Duration::from_millis(200));
-                back = in_unified(name);
+                back = unified_controllers().contains(name);
                 if back || !mount_v1(name, dir) {
                     break;
                 }

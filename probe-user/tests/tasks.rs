@@ -48,15 +48,10 @@ impl TestCgroup {
 }
 
 impl InCgroups for TestCgroup {
-    fn join_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--cgroup".to_owned(),
-            self.unified.dir.display().to_string(),
-        ];
-        if let Some(p) = &self.pids {
-            args.extend(["--cgroup".to_owned(), p.dir.display().to_string()]);
-        }
-        args
+    fn dirs(&self) -> Vec<&std::path::Path> {
+        let mut dirs = vec![self.unified.dir.as_path()];
+        dirs.extend(self.pids.iter().map(|p| p.dir.as_path()));
+        dirs
     }
 }
 

@@ -347,10 +347,7 @@ pub struct LabReport {
 
 /// Runs faultline-lab to completion (killed after 60 s at most) and parses its report.
 pub fn lab(args: &[&str]) -> LabReport {
-    let mut lab = Lab::spawn(args);
-    let report = lab.report();
-    lab.wait();
-    report
+    Lab::spawn(args).finish()
 }
 
 /// `faultline run`'s event budget lifted: a line (and an OTLP record) for every event.
@@ -430,6 +427,13 @@ impl Lab {
                 .filter_map(Value::as_i64)
                 .collect(),
         }
+    }
+
+    /// The report, then the lab's end.
+    pub fn finish(mut self) -> LabReport {
+        let report = self.report();
+        self.wait();
+        report
     }
 
     pub fn wait(mut self) {
@@ -687,9 +691,10 @@ impl PodCgroup {
             .write("pids.max", &pids_max.to_string());
         PodCgroup { v2, pids }
     }
+}
 
-    /// The container's cgroup directories (v2, and v1 pids where pids is v1).
-    pub fn dirs(&self) -> Vec<&Path> {
+impl InCgroups for PodCgroup {
+    fn dirs(&self) -> Vec<&Path> {
         let mut dirs = vec![self.v2.leaf().dir.as_path()];
         if let Some(p) = &self.pids {
             dirs.push(p.leaf().dir.as_path());
@@ -698,26 +703,22 @@ impl PodCgroup {
     }
 }
 
-impl InCgroups for PodCgroup {
+/// Cgroups a lab can run in (each hierarchy's directory: v2, and v1 pids on hybrid hosts).
+pub trait InCgroups {
+    /// The directories (v2, and v1 pids where pids is v1).
+    fn dirs(&self) -> Vec<&Path>;
+
+    /// `--cgroup DIR` arguments that put a lab into them.
     fn join_args(&self) -> Vec<String> {
         self.dirs()
             .iter()
             .flat_map(|d| ["--cgroup".to_owned(), d.display().to_string()])
             .collect()
     }
-}
-
-/// Cgroups a lab can run in (each hierarchy's directory: v2, and v1 pids on hybrid hosts).
-pub trait InCgroups {
-    /// `--cgroup DIR` arguments that put a lab into them.
-    fn join_args(&self) -> Vec<String>;
 
     /// `faultline-lab args...` in them, to its end: its report.
     fn lab(&self, args: &[&str]) -> LabReport {
-        let mut lab = self.spawn(args);
-        let report = lab.report();
-        lab.wait();
-        report
+        self.spawn(args).finish()
     }
 
     /// `faultline-lab args...` started in them.
