@@ -331,6 +331,8 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
     pipeline
         .run(&mut sink, Duration::from_secs(1), stop)
         .await?;
+    // The counters as the observation ends: what the kernel counted while watched.
+    pipeline.refresh_once(&mut sink)?;
     let mut report = sink.recorder.report(args.observe_for, "observation");
     let mut all = notes;
     all.extend(skipped);
@@ -352,6 +354,11 @@ impl Sink for Observer {
 
     fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
         self.recorder.refresh(refresh);
+        Ok(())
+    }
+
+    fn limits(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
+        self.recorder.limits(&refresh.estimates);
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use crate::{
     kernel::privileges,
     kernel::rings::{Batch, Rings},
     signals::{Event, Plan, Refresh, Signal, Signals, dns},
-    trend::LimitWatch,
+    trend::{self, LimitWatch},
 };
 
 /// What a sink receives: each event as it is enriched, and a refresh on every tick.
@@ -26,6 +26,11 @@ pub trait Sink {
     fn event(&mut self, event: &Event) -> anyhow::Result<()>;
     /// Every tick, after the events of the tick.
     fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()>;
+    /// Between two refreshes: the last refresh again with its hot limits sampled anew (their
+    /// use and every limit's estimate; the counters as they were), when any was sampled.
+    fn limits(&mut self, _refresh: &Refresh) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// A refresh that failed (a counter or /proc read): fatal unless the sink says otherwise.
     fn refresh_failed(&mut self, e: anyhow::Error) -> anyhow::Result<()> {
         Err(e)
@@ -41,6 +46,8 @@ pub struct Pipeline {
     signals: Signals,
     /// The limits' use over the trend window (none: no estimates asked for).
     trend: Option<LimitWatch>,
+    /// The last refresh, for the samples between refreshes to update.
+    last: Option<Refresh>,
     kernel_log: Option<KernelLogger>,
 }
 
@@ -73,6 +80,7 @@ impl Pipeline {
             probes,
             signals,
             trend: plan.trend.map(LimitWatch::new),
+            last: None,
             kernel_log,
         })
     }
@@ -97,9 +105,13 @@ impl Pipeline {
         tokio::pin!(stop);
         let mut refresh = tokio::time::interval(every);
         let mut sweep = tokio::time::interval(dns::SWEEP_INTERVAL);
+        let mut sample = tokio::time::interval(trend::SAMPLE_INTERVAL);
         // Behind (a long batch), a tick comes once, not once for every one missed.
-        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for tick in [&mut refresh, &mut sweep, &mut sample] {
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        // Refreshing at least as often as sampling: every limit is read at each refresh.
+        let samples = self.trend.is_some() && every > trend::SAMPLE_INTERVAL;
         loop {
             tokio::select! {
                 // In this order: a stop and the ticks are never starved by a backlog.
@@ -107,6 +119,7 @@ impl Pipeline {
                 () = &mut stop => break,
                 _ = refresh.tick() => self.refresh(sink, every)?,
                 _ = sweep.tick(), if self.signals.sweeps() => self.sweep(sink)?,
+                _ = sample.tick(), if samples => self.sample(sink)?,
                 guard = async { self.kernel_log.as_mut().expect("polled with --kernel-log").readable_mut().await }, if self.kernel_log.is_some() => {
                     let mut guard = guard.context("waiting on the programs' log ring")?;
                     guard.get_inner_mut().flush();
@@ -166,6 +179,28 @@ impl Pipeline {
         sink.flush()
     }
 
+    /// The hot limits sampled between refreshes: their use into the trend and the last
+    /// refresh, then the warnings they call for and the sink's `limits`.
+    fn sample(&mut self, sink: &mut impl Sink) -> anyhow::Result<()> {
+        let (Some(trend), Some(last)) = (self.trend.as_mut(), self.last.as_mut()) else {
+            return Ok(());
+        };
+        let hot = trend.hot(trend::MAX_HOT);
+        if hot.is_empty() {
+            return Ok(());
+        }
+        let samples = self.signals.sample(&self.attributor, &hot);
+        if samples.is_empty() {
+            return Ok(());
+        }
+        trend.sample(std::time::Instant::now(), samples.iter().cloned());
+        last.sample(&samples);
+        last.estimates = trend.estimates();
+        self.signals.warn(last, &mut |e| sink.event(&e))?;
+        sink.limits(last)?;
+        sink.flush()
+    }
+
     /// The tick's events, one refresh with its estimates, the warnings it calls for, then
     /// the sink's refresh.
     fn refresh(&mut self, sink: &mut impl Sink, every: Duration) -> anyhow::Result<()> {
@@ -184,7 +219,9 @@ impl Pipeline {
                 refresh.estimates = trend.estimates();
             }
             self.signals.warn(&refresh, &mut |e| sink.event(&e))?;
-            sink.refresh(&refresh)
+            sink.refresh(&refresh)?;
+            self.last = Some(refresh);
+            Ok(())
         });
         // A failed read is the sink's to judge (the daemon counts it and goes on).
         if let Err(e) = result {

@@ -112,7 +112,7 @@ pub struct RunArgs {
     pub max_series: usize,
     /// Query names in event lines and OTLP spans: `full`, or `redact` (a hash keyed at random
     /// per start). Metrics never carry names. The DaemonSet sets `redact`.
-    #[arg(long, env = "FAULTLINE_DNS_NAMES", value_enum, default_value_t = Names::Full)]
+    #[arg(long, env = "FAULTLINE_DNS_NAMES", value_enum, default_value_t = Names::Redact)]
     pub dns_names: Names,
     /// Record Kubernetes Events on the affected pods (refused task creation, a pids limit
     /// about to bind, DNS timeouts, conntrack drops), aggregated and rate-limited. Needs the
@@ -381,13 +381,21 @@ impl Sink for Daemon {
         let task_stats = refresh.tasks.as_ref().map(|t| t.stats).unwrap_or_default();
         metrics.tasks(refresh.rows(), refresh.node, clone, task_stats);
         self.record(|r| r.refresh(refresh));
+        self.limits(refresh)?;
+        self.last_clone_stats = clone;
+        self.served.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The limits' estimates, at each refresh and as their hot limits are sampled between.
+    fn limits(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
+        let metrics = &self.outputs.metrics;
         metrics.limit_exhaustion(&refresh.estimates);
         metrics.binding_limits(refresh);
         if let Some(k) = &self.outputs.kube_events {
             k.estimates(&refresh.estimates);
         }
-        self.last_clone_stats = clone;
-        self.served.ready.store(true, Ordering::Relaxed);
+        self.record(|r| r.limits(&refresh.estimates));
         Ok(())
     }
 

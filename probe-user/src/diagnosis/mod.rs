@@ -57,7 +57,7 @@ impl Recorder {
 
     /// One refresh: the limits' estimates, and who holds the node's tasks.
     pub fn refresh(&mut self, refresh: &Refresh) {
-        self.limits.clone_from(&refresh.estimates);
+        self.limits(&refresh.estimates);
         match self.past.as_mut() {
             Some(past) => past.update(&refresh.refusals, refresh.conntrack_tables()),
             None => self.past = Some(Past::new(&refresh.refusals, refresh.conntrack_tables())),
@@ -74,6 +74,11 @@ impl Recorder {
         holders.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         holders.truncate(HOLDERS);
         self.holders = holders;
+    }
+
+    /// The limits' estimates (at each refresh, and as hot limits are sampled between).
+    pub fn limits(&mut self, estimates: &[Estimate]) {
+        self.limits = estimates.to_vec();
     }
 
     /// The findings of the last `since` (at most the history's hour, and the time since the

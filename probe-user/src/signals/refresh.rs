@@ -122,6 +122,27 @@ impl Refresh {
             .find(|e| e.limit == limit && e.resource == resource)
     }
 
+    /// Takes limits' use sampled since the refresh: each pids limit's in the rows under it,
+    /// the node's task count.
+    pub fn sample(&mut self, samples: &[crate::trend::Sample]) {
+        for s in samples {
+            match s.limit {
+                Limit::Pids => {
+                    let rows = self.tasks.iter_mut().flat_map(|t| t.rows.iter_mut());
+                    for l in rows.filter_map(|r| r.pids_limit.as_mut()) {
+                        if l.cgroup == s.resource {
+                            let (left, pct) = crate::signals::tasks::headroom(s.max, s.current);
+                            (l.current, l.max, l.headroom, l.headroom_pct) =
+                                (s.current, s.max, left, pct);
+                        }
+                    }
+                }
+                Limit::PidMax | Limit::ThreadsMax => self.node.threads = s.current,
+                Limit::RlimitNproc | Limit::Conntrack => {}
+            }
+        }
+    }
+
     /// The readings a trend takes: each pids limit once (the cgroups under one limit share
     /// it), the node's two task limits, each namespace's conntrack table.
     pub fn readings(&self) -> Vec<Reading> {

@@ -159,16 +159,25 @@ impl RefusalWatch {
         self.ledger.entry(counter).or_default().event();
     }
 
-    /// The counters, read again when due; `conntrack` is every namespace's (inode, counts)
-    /// from the conntrack signal, for the cross-check.
+    /// The counters: every cgroup's when due (or `now`: a last refresh), else again those of
+    /// the cgroups that had any at the last walk (a few files: what rose meanwhile is current
+    /// at every refresh); `conntrack` is every namespace's (inode, counts) from the conntrack
+    /// signal, for the cross-check.
     pub fn refresh(
         &mut self,
         attributor: &mut Attributor,
         conntrack: &[(u64, [(Counter, u64); 3])],
+        now: bool,
     ) -> Refusals {
-        let due = self
-            .last_read
-            .is_none_or(|t| t.elapsed() >= REREAD_MIN.max(self.took * REREAD_COST));
+        let due = now
+            || self
+                .last_read
+                .is_none_or(|t| t.elapsed() >= REREAD_MIN.max(self.took * REREAD_COST));
+        if !due && let Some(last) = self.last.as_mut() {
+            for c in &mut last.cgroups {
+                reread(&attributor.cgroups, c);
+            }
+        }
         if due {
             let started = Instant::now();
             let (cgroups, truncated) = read_cgroups(&attributor.cgroups, MAX_CGROUPS);
@@ -271,6 +280,25 @@ pub fn read_cgroups(fs: &CgroupFs, budget: usize) -> (Vec<CgroupRefusals>, bool)
         });
     }
     (out, truncated)
+}
+
+/// One cgroup's counters read again from the files they came from (a counter whose file is
+/// gone keeps its last value: the cgroup went, and its count with it at the next walk).
+fn reread(fs: &CgroupFs, c: &mut CgroupRefusals) {
+    let Some(mount) = fs.mount(c.hierarchy) else {
+        return;
+    };
+    let dir = c.cgroup.under(&mount.path);
+    let fresh = match c.hierarchy {
+        Hierarchy::Memory if mount.v2 => memory_v2(&dir),
+        Hierarchy::Memory => memory_v1(&dir),
+        _ => pids_counts(&dir),
+    };
+    for (counter, n, _) in &mut c.counts {
+        if let Some((_, m, _)) = fresh.iter().find(|(k, _, _)| k == counter) {
+            *n = *m;
+        }
+    }
 }
 
 /// Whether this node keeps a counter, for `faultline check`.

@@ -205,7 +205,8 @@ impl Signals {
     }
 
     /// Events of the tick (near-misses), then every signal's counters as one refresh, with
-    /// its estimates; then the headroom warnings they call for.
+    /// its estimates; then the headroom warnings they call for. `every` is zero for a last
+    /// refresh: every counter is read then, whenever it was last.
     pub fn refresh(
         &mut self,
         every: Duration,
@@ -215,7 +216,13 @@ impl Signals {
         emit: &mut Emit<'_>,
     ) -> anyhow::Result<Refresh> {
         if let Some(classifier) = self.conntrack.as_mut() {
-            for clashes in classifier.poll_clashes(every.max(CLASH_POLL_MIN), attributor) {
+            // A last refresh polls whenever the last poll was.
+            let min = if every.is_zero() {
+                Duration::ZERO
+            } else {
+                every.max(CLASH_POLL_MIN)
+            };
+            for clashes in classifier.poll_clashes(min, attributor) {
                 emit(Event::ClashesResolved(clashes))?;
             }
         }
@@ -301,7 +308,7 @@ impl Signals {
                     .collect()
             })
             .unwrap_or_default();
-        let refusals = self.refusals.refresh(attributor, &ct);
+        let refusals = self.refusals.refresh(attributor, &ct, every.is_zero());
         Ok(Refresh {
             node: NodeTasks::read().context("reading the node's task counts")?,
             refusals,
@@ -313,6 +320,23 @@ impl Signals {
             kube_api_errors: attributor.kube_api_errors(),
             estimates: Vec::new(),
         })
+    }
+
+    /// The use of the hot limits (`trend::LimitWatch::hot`) this signal set can read between
+    /// refreshes: the tasks signal's pids limits and the node's task limits.
+    pub fn sample(
+        &self,
+        attributor: &Attributor,
+        hot: &[(crate::trend::Limit, String)],
+    ) -> Vec<crate::trend::Sample> {
+        if self.tasks.is_none() {
+            return Vec::new();
+        }
+        let pids = attributor
+            .cgroups
+            .mount(Hierarchy::Pids)
+            .map(|m| m.path.as_path());
+        tasks::sample(pids, hot)
     }
 
     /// Warnings for the pids limits about to refuse tasks (with `--headroom-warn`).

@@ -426,6 +426,40 @@ pub fn tightest_pids_limit(mount: &Path, path: &CgroupPath) -> Option<PidsLimit>
     tightest_pids_limit_in(mount, path, &mut HashMap::new())
 }
 
+/// The use of the pids limits `hot` names (their pids cgroups' paths) and of the node's task
+/// limits, read between refreshes: two small files per cgroup, `/proc/loadavg` and two sysctls
+/// for the node. A limit that cannot be read now (its cgroup gone) is left out.
+pub fn sample(pids_mount: Option<&Path>, hot: &[(Limit, String)]) -> Vec<crate::trend::Sample> {
+    let node = hot
+        .iter()
+        .any(|(l, _)| matches!(l, Limit::PidMax | Limit::ThreadsMax))
+        .then(|| NodeTasks::read().ok())
+        .flatten();
+    hot.iter()
+        .filter_map(|(limit, resource)| {
+            let (current, max) = match limit {
+                Limit::Pids => {
+                    // A path that is not UTF-8 reads as text that names no directory: not
+                    // sampled, read at the next refresh.
+                    let dir = CgroupPath::parse(resource.as_bytes())?.under(pids_mount?);
+                    let max = read_value(&dir.join("pids.max"))?.parse().ok()?;
+                    let current = read_value(&dir.join("pids.current"))?.parse().ok()?;
+                    (current, max)
+                }
+                Limit::PidMax => (node?.threads, node?.pid_max),
+                Limit::ThreadsMax => (node?.threads, node?.threads_max),
+                Limit::RlimitNproc | Limit::Conntrack => return None,
+            };
+            Some(crate::trend::Sample {
+                limit: *limit,
+                resource: resource.clone(),
+                current,
+                max,
+            })
+        })
+        .collect()
+}
+
 /// `pids.max` and `pids.current` of each level read so far (none: no limit there), so that
 /// the shared ancestors of many cgroups are read once per refresh.
 type PidsLevels = HashMap<CgroupPath, Option<(u64, u64)>>;
