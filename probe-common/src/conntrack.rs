@@ -62,8 +62,14 @@ pub struct ConntrackDropEvent {
     pub local: u8,
     /// The DNS transaction id, from the dropped packet itself (UDP; meaningful to port 53).
     pub dns_id: u16,
-    pub _pad: [u8; 4],
+    /// The inode of the namespace's `/proc/<pid>/net/stat` directory (0: unknown): its
+    /// counters are read through any process whose directory has it.
+    pub proc_ino: u32,
     pub ifname: [u8; 16],
+    /// The process that was dropping the packet when it lives in the dropping namespace (a
+    /// locally sent packet: its sender), else 0.
+    pub witness_tgid: u32,
+    pub _pad: u32,
 }
 
 crate::counters! {

@@ -169,6 +169,14 @@ pub struct NetOffsets {
     pub tuple_protonum: u32,
     /// `SKB_DROP_REASON_NETFILTER_DROP` on this kernel.
     pub reason_netfilter_drop: u32,
+    /// `net.proc_net_stat`, then `proc_dir_entry.low_ino`: the inode of the namespace's
+    /// `/proc/<pid>/net/stat`, by which a process in it is found without CAP_SYS_PTRACE.
+    pub net_proc_net_stat: u32,
+    pub pde_low_ino: u32,
+    /// `task_struct.nsproxy`, then `nsproxy.net_ns`: whether the task that drops a packet
+    /// lives in the namespace that drops it.
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
 }
 
 impl NetOffsets {
@@ -199,6 +207,10 @@ impl NetOffsets {
         tuple_l3num: MISSING,
         tuple_protonum: MISSING,
         reason_netfilter_drop: MISSING,
+        net_proc_net_stat: MISSING,
+        pde_low_ino: MISSING,
+        task_nsproxy: MISSING,
+        nsproxy_net_ns: MISSING,
     };
 }
 

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     Global,
-    helpers::generated::bpf_ktime_get_ns,
+    helpers::generated::{bpf_get_current_task, bpf_ktime_get_ns},
     macros::{map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
@@ -124,8 +124,8 @@ fn on_drop(skb: *const u8) {
     }
     ev.ct_status = 0;
     ev.ct_state = CT_NONE;
-    ev._pad = [0; 4];
     ev.ifname = [0; 16];
+    ev._pad = 0;
 
     let nfct = read::<usize>(skb, net_off!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
     let ct = nfct as *const u8;
@@ -164,6 +164,10 @@ fn on_drop(skb: *const u8) {
             .unwrap_or(core::ptr::null());
     }
     ev.netns = read::<u32>(net, net_off!(net_inum)).unwrap_or(0);
+    ev.proc_ino = deref(net, net_off!(net_proc_net_stat))
+        .and_then(|pde| read::<u32>(pde, net_off!(pde_low_ino)))
+        .unwrap_or(0);
+    ev.witness_tgid = witness(net);
 
     // The original tuple is what the sender sent (before any NAT); without an entry, the
     // packet's own headers.
@@ -189,6 +193,24 @@ fn on_drop(skb: *const u8) {
         ev.owner.cgroup_id = id;
     }
     entry.submit(0);
+}
+
+/// The current task's tgid when it lives in `net` (a packet sent from a local socket is
+/// dropped in its sender's context), else 0: a process through which userspace reads that
+/// namespace's counters in procfs, which needs no privilege a pod's namespace would refuse.
+#[inline(always)]
+fn witness(net: *const u8) -> u32 {
+    if net.is_null() {
+        return 0;
+    }
+    // SAFETY: no arguments; the current task, read only through probe reads.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let current_net = deref(task, net_off!(task_nsproxy))
+        .and_then(|nsproxy| deref(nsproxy, net_off!(nsproxy_net_ns)));
+    if current_net != Some(net) {
+        return 0;
+    }
+    (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32
 }
 
 /// The cgroup v2 `struct cgroup` of a socket: `sk_cgrp_data.cgroup` (5.15+), or before, the

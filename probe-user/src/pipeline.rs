@@ -189,7 +189,7 @@ impl Pipeline {
         if hot.is_empty() {
             return Ok(());
         }
-        let samples = self.signals.sample(&self.attributor, &hot);
+        let samples = self.signals.sample(&self.attributor, last, &hot);
         if samples.is_empty() {
             return Ok(());
         }

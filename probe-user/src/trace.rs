@@ -480,7 +480,7 @@ fn clashes_line(e: &ClashesResolved) -> String {
         "{:<12} conntrack_clash_resolved {} netns={} count={}",
         time_of_day(&e.time),
         e.workload,
-        e.netns,
+        crate::signals::conntrack::netns_text(e.netns),
         e.count
     )
 }

@@ -355,13 +355,10 @@ fn an_unreachable_api_is_said_once_at_warn_and_counted() {
         .expect("addr")
         .port();
     let config = kubeconfig(closed);
+    // Departures: kubeconfig: the stand-in API.
     let daemon = common::Daemon::start_with_env(
         &[("FAULTLINE_LOG_FORMAT", "json")],
-        &[
-            "--kubeconfig",
-            &config.0.display().to_string(),
-            "--no-events",
-        ],
+        &["--kubeconfig", &config.0.display().to_string()],
     );
     let errors = |m: &str| {
         m.lines()
@@ -422,8 +419,7 @@ fn a_conntrack_drop_is_attributed_by_pod_ip() {
     );
     let config = kubeconfig(api.port);
     let lab = CtLab::start(&V4);
-    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
-    let trace = Trace::start_full_root(&[
+    let trace = Trace::start(&[
         "--events",
         "conntrack",
         "--kubeconfig",

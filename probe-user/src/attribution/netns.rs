@@ -1,6 +1,12 @@
-//! Network namespaces by inode: where to find each one (a `/run/netns` name or a process in it)
-//! and how to run code inside it (a scoped thread that `setns`es, so the caller's namespace
-//! never changes).
+//! Network namespaces: which exist, a process in each, and how to run code inside one (a
+//! scoped thread that `setns`es, so the caller's namespace never changes).
+//!
+//! A namespace is keyed by the inode of its `/proc/<pid>/net/stat` directory ([`NetnsKey`]):
+//! procfs makes that directory once per namespace, anyone can `stat` it for any process, and
+//! the conntrack-drop program reports it with each drop. The namespace's own inode (what
+//! `lsns` and `ip netns identify` show) needs `/proc/<pid>/ns/net`, which the kernel shows
+//! only to a reader that may ptrace the process: as deployed (no CAP_SYS_PTRACE), faultline's
+//! own, and those the kernel names in a drop ([`NetnsDirectory::learn`]).
 
 use std::{
     collections::HashMap,
@@ -10,26 +16,61 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use serde::Serialize;
 
-/// Where a network namespace can be entered from.
+/// A network namespace: the inode of its `/proc/<pid>/net/stat` directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct NetnsKey(pub u64);
+
+/// A network namespace and where it can be read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Netns {
-    pub inode: u64,
-    /// A bind mount (`/run/netns/<name>`) or `/proc/<pid>/ns/net`.
-    pub path: PathBuf,
-    /// A process in the namespace, when one was seen (for procfs reads and attribution).
+    pub key: NetnsKey,
+    /// The namespace's own inode, where known.
+    pub inode: Option<u64>,
+    /// Where it can be entered: a bind mount (`/run/netns/<name>`) or `/proc/<pid>/ns/net`,
+    /// where readable.
+    pub path: Option<PathBuf>,
+    /// A process in it, for procfs reads and attribution.
     pub pid: Option<u32>,
 }
 
-/// Every network namespace the node shows, rescanned at most every `RESCAN`.
+impl Netns {
+    /// `netns:<inode>`, or where the inode is unknown `netns:pid:<pid>` (one of its
+    /// processes): what names a namespace that is neither the node's nor a pod's.
+    pub fn label(&self) -> String {
+        match (self.inode, self.pid) {
+            (Some(inode), _) => format!("netns:{inode}"),
+            (None, Some(pid)) => format!("netns:pid:{pid}"),
+            (None, None) => format!("netns:procfs:{}", self.key.0),
+        }
+    }
+}
+
+/// Every network namespace with a process (and the named ones where they can be entered),
+/// rescanned at most every `RESCAN`.
 pub struct NetnsDirectory {
     proc_root: PathBuf,
-    by_inode: HashMap<u64, Netns>,
+    by_key: HashMap<NetnsKey, Netns>,
+    /// Each process's namespace at the last rescan (a process seldom changes it: only new
+    /// processes are looked at).
+    pids: HashMap<u32, PidNetns>,
+    /// Inodes the kernel's records named, of namespaces that still exist.
+    learnt: HashMap<NetnsKey, u64>,
     last_scan: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PidNetns {
+    key: NetnsKey,
+    /// The namespace's inode, when `/proc/<pid>/ns/net` is readable.
+    inode: Option<u64>,
 }
 
 const RESCAN: Duration = Duration::from_secs(5);
 const NAMED_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
+/// Inodes learnt from the kernel's records at most (a node has hundreds of namespaces).
+const MAX_LEARNT: usize = 16_384;
 
 impl NetnsDirectory {
     /// Namespaces under `proc_root` (the host's `/proc`: faultline runs with hostPID) and the
@@ -37,7 +78,9 @@ impl NetnsDirectory {
     pub fn new(proc_root: impl Into<PathBuf>) -> Self {
         NetnsDirectory {
             proc_root: proc_root.into(),
-            by_inode: HashMap::new(),
+            by_key: HashMap::new(),
+            pids: HashMap::new(),
+            learnt: HashMap::new(),
             last_scan: None,
         }
     }
@@ -52,77 +95,171 @@ impl NetnsDirectory {
     /// The node's namespace: pid 1's, as seen in `proc_root`; where that is not readable
     /// (no CAP_SYS_PTRACE), our own, which is the node's under `hostNetwork`.
     pub fn node(&self) -> anyhow::Result<Netns> {
-        let init = self.proc_root.join("1/ns/net");
-        let (path, pid) = match std::fs::metadata(&init) {
+        let init = self.proc_root.join("1");
+        let (dir, pid) = match std::fs::metadata(init.join("ns/net")) {
             Ok(_) => (init, 1),
-            Err(_) => (PathBuf::from("/proc/self/ns/net"), std::process::id()),
+            Err(_) => (PathBuf::from("/proc/self"), std::process::id()),
         };
+        let path = dir.join("ns/net");
         let inode = std::fs::metadata(&path)
             .with_context(|| format!("reading {}", path.display()))?
             .ino();
+        let key =
+            procfs_key(&dir).with_context(|| format!("reading {}/net/stat", dir.display()))?;
         Ok(Netns {
-            inode,
-            path,
+            key,
+            inode: Some(inode),
+            path: Some(path),
             pid: Some(pid),
         })
     }
 
-    /// A namespace by inode, rescanning (rate-limited) when unknown.
-    pub fn get(&mut self, inode: u64) -> Option<Netns> {
-        if !self.by_inode.contains_key(&inode) {
+    /// A namespace by key, rescanning (rate-limited) when unknown.
+    pub fn get(&mut self, key: NetnsKey) -> Option<Netns> {
+        if !self.by_key.contains_key(&key) {
             self.rescan();
         }
-        self.by_inode.get(&inode).cloned()
+        self.by_key.get(&key).cloned()
+    }
+
+    /// A namespace by its own inode, among those whose inode is known.
+    pub fn by_inode(&mut self, inode: u64) -> Option<Netns> {
+        let find = |d: &Self| d.by_key.values().find(|n| n.inode == Some(inode)).cloned();
+        find(self).or_else(|| {
+            self.rescan();
+            find(self)
+        })
+    }
+
+    /// What the kernel said of a namespace at a drop: its inode, and a process in it (the
+    /// packet's sender) when one was dropping it.
+    pub fn learn(&mut self, key: NetnsKey, inode: u64, witness: Option<u32>) {
+        if self.learnt.len() < MAX_LEARNT || self.learnt.contains_key(&key) {
+            self.learnt.insert(key, inode);
+        }
+        let ns = self.by_key.entry(key).or_insert(Netns {
+            key,
+            inode: None,
+            path: None,
+            pid: None,
+        });
+        ns.inode.get_or_insert(inode);
+        if ns.pid.is_none() {
+            ns.pid = witness;
+        }
     }
 
     /// Every namespace known after a (rate-limited) rescan.
     pub fn all(&mut self) -> Vec<Netns> {
         self.rescan();
-        let mut all: Vec<Netns> = self.by_inode.values().cloned().collect();
-        all.sort_by_key(|n| n.inode);
+        let mut all: Vec<Netns> = self.by_key.values().cloned().collect();
+        all.sort_by_key(|n| n.key);
         all
     }
 
-    /// Re-reads the named namespaces and every process's, at most every `RESCAN`.
+    /// Re-reads every process's namespace (new processes only: two `stat`s each) and the
+    /// named ones, at most every `RESCAN`.
     fn rescan(&mut self) {
         if self.last_scan.is_some_and(|t| t.elapsed() < RESCAN) {
             return;
         }
         self.last_scan = Some(Instant::now());
-        let mut found: HashMap<u64, Netns> = HashMap::new();
-        for dir in NAMED_DIRS {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                if let Ok(m) = std::fs::metadata(e.path()) {
-                    found.entry(m.ino()).or_insert(Netns {
-                        inode: m.ino(),
-                        path: e.path(),
-                        pid: None,
-                    });
-                }
-            }
-        }
+        let mut found: HashMap<NetnsKey, Netns> = HashMap::new();
+        let mut pids = HashMap::with_capacity(self.pids.len());
         if let Ok(entries) = std::fs::read_dir(&self.proc_root) {
             for e in entries.flatten() {
                 let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
-                let path = e.path().join("ns/net");
+                let dir = e.path();
+                let seen = match self.pids.get(&pid) {
+                    Some(seen) => *seen,
+                    None => {
+                        let Some(key) = procfs_key(&dir) else {
+                            continue;
+                        };
+                        let inode = std::fs::metadata(dir.join("ns/net")).ok().map(|m| m.ino());
+                        PidNetns { key, inode }
+                    }
+                };
+                pids.insert(pid, seen);
+                let ns = found.entry(seen.key).or_insert(Netns {
+                    key: seen.key,
+                    inode: None,
+                    path: None,
+                    pid: Some(pid),
+                });
+                if ns.path.is_none()
+                    && let Some(inode) = seen.inode
+                {
+                    ns.inode = Some(inode);
+                    ns.path = Some(dir.join("ns/net"));
+                    ns.pid = Some(pid);
+                }
+            }
+        }
+        for dir in NAMED_DIRS {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
                 let Ok(m) = std::fs::metadata(&path) else {
                     continue;
                 };
-                let entry = found.entry(m.ino()).or_insert(Netns {
-                    inode: m.ino(),
-                    path,
+                if found.values().any(|n| n.inode == Some(m.ino())) {
+                    continue;
+                }
+                // No process in it: its key from inside (needs CAP_SYS_ADMIN).
+                let Ok(key) = run_in(&path, || {
+                    procfs_key(Path::new("/proc/thread-self")).context("no /proc/thread-self/net")
+                }) else {
+                    continue;
+                };
+                found.entry(key).or_insert(Netns {
+                    key,
+                    inode: Some(m.ino()),
+                    path: Some(path),
                     pid: None,
                 });
-                entry.pid.get_or_insert(pid);
             }
         }
-        self.by_inode = found;
+        self.learnt.retain(|key, _| found.contains_key(key));
+        for ns in found.values_mut() {
+            if ns.inode.is_none() {
+                ns.inode = self.learnt.get(&ns.key).copied();
+            }
+        }
+        self.pids = pids;
+        self.by_key = found;
     }
+}
+
+/// The key of the namespace of the process at `dir` (`/proc/<pid>`): the inode of its
+/// `net/stat` directory.
+pub fn procfs_key(dir: &Path) -> Option<NetnsKey> {
+    std::fs::metadata(dir.join("net/stat"))
+        .ok()
+        .map(|m| NetnsKey(m.ino()))
+}
+
+/// Reads `file` under `/proc/<pid>/net/` of a process in the namespace `key`, checking before
+/// and after that the process is still in it (it may have exited, and its pid been reused).
+pub fn read_proc_net(pid: u32, key: NetnsKey, file: &str) -> anyhow::Result<String> {
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    let check = || -> anyhow::Result<()> {
+        match procfs_key(&dir) {
+            Some(k) if k == key => Ok(()),
+            Some(_) => bail!("process {pid} is no longer in the namespace"),
+            None => bail!("process {pid} is gone"),
+        }
+    };
+    check()?;
+    let path = dir.join("net").join(file);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    check()?;
+    Ok(text)
 }
 
 /// Runs `f` inside the network namespace at `path`, on a short-lived thread (sockets it opens
@@ -151,4 +288,31 @@ pub fn run_in<T: Send>(
         .join()
         .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_namespace_is_found_by_its_procfs_key() {
+        let own = procfs_key(Path::new("/proc/self")).expect("/proc/self/net/stat");
+        let mut d = NetnsDirectory::new("/proc");
+        let ns = d.get(own).expect("our namespace");
+        assert!(ns.pid.is_some(), "{ns:?}");
+        let text = read_proc_net(std::process::id(), own, "dev").expect("reading our net/dev");
+        assert!(text.contains("lo:"), "{text}");
+        assert!(read_proc_net(std::process::id(), NetnsKey(1), "dev").is_err());
+    }
+
+    #[test]
+    fn a_learnt_inode_names_a_namespace() {
+        let mut d = NetnsDirectory::new("/nonexistent");
+        d.learn(NetnsKey(7), 4026532000, Some(42));
+        let ns = d.by_key[&NetnsKey(7)].clone();
+        assert_eq!((ns.inode, ns.pid), (Some(4026532000), Some(42)));
+        assert_eq!(ns.label(), "netns:4026532000");
+        let unnamed = Netns { inode: None, ..ns };
+        assert_eq!(unnamed.label(), "netns:pid:42");
+    }
 }

@@ -13,6 +13,7 @@ use crate::{
         history::{Bucket, CloneTally, DnsTally, TopNames, Who},
         past::{Entry, Past, Resource},
     },
+    signals::conntrack::netns_phrase,
     signals::refusals::Counter,
     trend::{Estimate, Limit},
 };
@@ -607,7 +608,7 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
             kind: "conntrack_near_misses".to_owned(),
             what: format!("{} conntrack clashes resolved in time (near-misses)", t.span.count),
             who: t.who.clone(),
-            why: format!("in network namespace {}, packets raced to confirm one conntrack entry and the kernel merged them; when it cannot, the packet is dropped (insert_failed): near-misses come before the drops", t.netns),
+            why: format!("in {}, packets raced to confirm one conntrack entry and the kernel merged them; when it cannot, the packet is dropped (insert_failed): near-misses come before the drops", netns_phrase(t.netns)),
             trend: events_trend(t.span.count, t.span.first, t.span.last, minutes),
             advice: vec![
                 "Remove the race before it becomes drops: `single-request-reopen` in the `dnsConfig` of the pods doing DNS, or NodeLocal DNSCache.".to_owned(),
@@ -656,7 +657,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
         .and_then(|m| started.duration_since(m).ok())
         .map(|d| d.as_secs_f64());
     let since = match (&e.resource, age_s) {
-        (Resource::Netns(_), _) => "since the network namespace was made".to_owned(),
+        (Resource::Netns(..), _) => "since the network namespace was made".to_owned(),
         (Resource::Cgroup(..), Some(a)) => {
             format!("since the cgroup was made ({} ago)", duration(a))
         }
@@ -706,7 +707,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
         advice,
         kernel: Some(kernel(counter)),
     };
-    let what_gone = if matches!(e.resource, Resource::Netns(_)) {
+    let what_gone = if matches!(e.resource, Resource::Netns(..)) {
         "network namespace"
     } else {
         "cgroup"
@@ -779,7 +780,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
                 ));
             }
         }
-        Resource::Netns(inode) => {
+        Resource::Netns(_, inode) => {
             let failed = e.first(Counter::ConntrackInsertFailed);
             if failed > 0 {
                 out.push(finding(
@@ -787,7 +788,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
                     Severity::Critical,
                     Counter::ConntrackInsertFailed,
                     format!("{since}, conntrack dropped {failed} packets whose entry lost the race to be confirmed (insert_failed); {}", watched(Counter::ConntrackInsertFailed)),
-                    format!("the kernel's counters of network namespace {inode} (ctnetlink): {counts_text}"),
+                    format!("the kernel's counters of {}: {counts_text}", netns_phrase(*inode)),
                     vec![
                         "For DNS: `options: [{name: single-request-reopen}]` in the pod's `dnsConfig`, or NodeLocal DNSCache.".to_owned(),
                         "For SNAT port clashes: `--random-fully` on the masquerade rule (kube-proxy/CNI option), or more source addresses.".to_owned(),
@@ -808,7 +809,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
                     if full > 0 { Severity::Critical } else { Severity::Warning },
                     counter,
                     format!("{since}, its conntrack table was full: {full} packets dropped for want of an entry, {early} entries evicted early; {}", watched(counter)),
-                    format!("the kernel's counters of network namespace {inode} (ctnetlink): {counts_text}; `drop` beyond insert_failed is the table's"),
+                    format!("the kernel's counters of {}: {counts_text}; `drop` beyond insert_failed is the table's", netns_phrase(*inode)),
                     vec![
                         "Raise `net.netfilter.nf_conntrack_max` (and `nf_conntrack_buckets`), or shorten idle timeouts (`nf_conntrack_udp_timeout`).".to_owned(),
                     ],
@@ -873,10 +874,10 @@ mod tests {
     fn limits_near_exhaustion_and_near_misses_rank_below_failures() {
         let mut b = Bucket::default();
         b.clashes.insert(
-            7,
+            crate::attribution::netns::NetnsKey(7),
             ClashTally {
                 who: Who::new("shop/dns-client/app", None, None),
-                netns: 7,
+                netns: Some(7),
                 span: Span {
                     count: 4,
                     first: 1,
@@ -926,7 +927,10 @@ mod tests {
             made: started.checked_sub(Duration::from_secs(3 * 3600)),
         };
         let netns = Entry {
-            resource: Resource::Netns(4026532000),
+            resource: Resource::Netns(
+                crate::attribution::netns::NetnsKey(4026532100),
+                Some(4026532000),
+            ),
             who: Who::new("netns:4026532000", None, None),
             files: vec![
                 (Counter::ConntrackInsertFailed, "ctnetlink"),

@@ -174,7 +174,8 @@ pub struct DropTally {
 #[derive(Clone, Debug)]
 pub struct ClashTally {
     pub who: Who,
-    pub netns: u64,
+    /// The namespace's inode, where known.
+    pub netns: Option<u64>,
     pub span: Span,
 }
 
@@ -185,7 +186,7 @@ pub struct Bucket {
     pub clone: HashMap<(&'static str, String), CloneTally>,
     pub dns: HashMap<String, DnsTally>,
     pub drops: HashMap<(&'static str, String), DropTally>,
-    pub clashes: HashMap<u64, ClashTally>,
+    pub clashes: HashMap<crate::attribution::netns::NetnsKey, ClashTally>,
 }
 
 impl Bucket {
@@ -406,10 +407,10 @@ impl History {
 
     fn clashes_resolved(&mut self, c: &ClashesResolved) {
         let at = now_nanos();
-        let Some(b) = self.bucket(at, |b| !b.clashes.contains_key(&c.netns)) else {
+        let Some(b) = self.bucket(at, |b| !b.clashes.contains_key(&c.key)) else {
             return;
         };
-        let t = b.clashes.entry(c.netns).or_insert_with(|| ClashTally {
+        let t = b.clashes.entry(c.key).or_insert_with(|| ClashTally {
             who: Who::new(&c.workload, None, None),
             netns: c.netns,
             span: Span::default(),

@@ -7,6 +7,7 @@ use std::{collections::HashMap, time::SystemTime};
 
 use crate::{
     attribution::cgroups::Hierarchy,
+    attribution::netns::NetnsKey,
     diagnosis::history::Who,
     signals::{
         conntrack::CtTable,
@@ -22,8 +23,8 @@ pub const MAX_PAST: usize = 50;
 pub enum Resource {
     /// A cgroup (its path) in the pids or memory hierarchy.
     Cgroup(Hierarchy, String),
-    /// A network namespace, by inode.
-    Netns(u64),
+    /// A network namespace, and its inode where known (matched by the key alone).
+    Netns(NetnsKey, Option<u64>),
 }
 
 /// One cgroup's or namespace's counts at the start, and now.
@@ -107,9 +108,9 @@ impl Past {
         entries.extend(tables.iter().filter_map(|t| {
             let first = netns_counts(t);
             (!first.is_empty()).then(|| Entry {
-                resource: Resource::Netns(t.netns),
+                resource: Resource::Netns(t.key, t.netns),
                 who: Who::new(&t.workload, None, None),
-                files: first.iter().map(|(k, _)| (*k, "ctnetlink")).collect(),
+                files: first.iter().map(|(k, _)| (*k, t.source.file())).collect(),
                 first,
                 latest: None,
                 made: None,
@@ -138,14 +139,14 @@ impl Past {
             );
         }
         for t in tables {
-            now.insert(Resource::Netns(t.netns), netns_counts(t));
+            now.insert(Resource::Netns(t.key, t.netns), netns_counts(t));
         }
         let conntrack_read = !tables.is_empty();
         for e in &mut self.entries {
             match now.remove(&e.resource) {
                 Some(latest) => e.latest = Some(latest),
                 // A namespace's tables are absent when the conntrack signal was not polled.
-                None if matches!(e.resource, Resource::Netns(_)) && !conntrack_read => {}
+                None if matches!(e.resource, Resource::Netns(..)) && !conntrack_read => {}
                 None => e.latest = None,
             }
         }

@@ -281,7 +281,11 @@ impl<'a> Facts<'a> {
                 workload: &c.workload,
                 cause: "",
                 time: &c.time,
-                evidence: format!("netns={} count={}", c.netns, c.count),
+                evidence: format!(
+                    "netns={} count={}",
+                    crate::signals::conntrack::netns_text(c.netns),
+                    c.count
+                ),
                 pod: None,
             },
             Event::HeadroomWarning(w) => Facts {

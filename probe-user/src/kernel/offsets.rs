@@ -242,6 +242,10 @@ pub fn net(vmlinux: &Btf) -> Resolved<NetOffsets> {
         tuple_dst_port = "nf_conntrack_tuple"."dst.u",
         tuple_l3num = "nf_conntrack_tuple"."src.l3num",
         tuple_protonum = "nf_conntrack_tuple"."dst.protonum",
+        net_proc_net_stat = "net"."proc_net_stat",
+        pde_low_ino = "proc_dir_entry"."low_ino",
+        task_nsproxy = "task_struct"."nsproxy",
+        nsproxy_net_ns = "nsproxy"."net_ns",
     );
     match (
         btf.member_offset("nf_conn", "tuplehash"),

@@ -138,7 +138,22 @@ impl Refresh {
                     }
                 }
                 Limit::PidMax | Limit::ThreadsMax => self.node.threads = s.current,
-                Limit::RlimitNproc | Limit::Conntrack => {}
+                Limit::RlimitNproc => {
+                    for t in self.tasks.iter_mut() {
+                        for u in &mut t.users {
+                            if binding::uid_resource(u.uid) == s.resource {
+                                u.tasks = s.current;
+                            }
+                        }
+                        for n in t.rows.iter_mut().filter_map(|r| r.nproc.as_mut()) {
+                            if binding::uid_resource(n.uid) == s.resource {
+                                n.current = s.current;
+                                n.headroom = n.max as i64 - s.current as i64;
+                            }
+                        }
+                    }
+                }
+                Limit::Conntrack => {}
             }
         }
     }
@@ -199,7 +214,7 @@ impl Refresh {
         for t in self.conntrack_tables().iter().filter(|t| t.max > 0) {
             out.push(Reading {
                 limit: Limit::Conntrack,
-                resource: format!("netns:{}", t.netns),
+                resource: t.resource(),
                 workload: t.workload.clone(),
                 pod: None,
                 current: t.entries,

@@ -303,7 +303,7 @@ impl Signals {
                             (Counter::ConntrackDrop, c.drop),
                             (Counter::ConntrackEarlyDrop, c.early_drop),
                         ];
-                        (t.netns, counts)
+                        (t.key.0, counts)
                     })
                     .collect()
             })
@@ -323,20 +323,24 @@ impl Signals {
     }
 
     /// The use of the hot limits (`trend::LimitWatch::hot`) this signal set can read between
-    /// refreshes: the tasks signal's pids limits and the node's task limits.
+    /// refreshes (the tasks signal's: pids limits, uids' RLIMIT_NPROC, the node's task
+    /// limits), `last` the last refresh.
     pub fn sample(
         &self,
         attributor: &Attributor,
+        last: &Refresh,
         hot: &[(crate::trend::Limit, String)],
     ) -> Vec<crate::trend::Sample> {
-        if self.tasks.is_none() {
+        let Some(t) = &last.tasks else {
             return Vec::new();
-        }
-        let pids = attributor
-            .cgroups
-            .mount(Hierarchy::Pids)
-            .map(|m| m.path.as_path());
-        tasks::sample(pids, hot)
+        };
+        let mount = |h| attributor.cgroups.mount(h).map(|m| m.path.as_path());
+        tasks::sample(
+            mount(Hierarchy::Pids),
+            mount(Hierarchy::Unified),
+            &t.users,
+            hot,
+        )
     }
 
     /// Warnings for the pids limits about to refuse tasks (with `--headroom-warn`).

@@ -43,9 +43,14 @@ pub struct CtLab {
     plan: &'static Plan,
     ns: [String; 4],
     cgroups: [TempCgroup; 2],
-    /// One sleeping process in each namespace, as a pod's has its pause container: how
-    /// faultline finds a pod's namespace as deployed (`/proc/<pid>/ns/net`; `/run/netns` is not
-    /// one of the DaemonSet's mounts). Killed on drop.
+    /// Each namespace's pause process's cgroup (a pod's, to faultline): what names the
+    /// namespace where its inode is not readable.
+    pause_cgroups: Vec<TempCgroup>,
+    /// One sleeping process in each namespace, as a pod's has its pause container: uid 65535
+    /// (the pause image's) with no capabilities, so that as deployed (no CAP_SYS_PTRACE)
+    /// faultline cannot read its `/proc/<pid>/ns/net`, nor enter the namespace (no
+    /// CAP_SYS_ADMIN), nor see `/run/netns` (not one of the DaemonSet's mounts): it finds the
+    /// namespace through the process's `/proc/<pid>/net`, as a pod's. Killed on drop.
     pause: Vec<std::process::Child>,
 }
 
@@ -62,6 +67,7 @@ impl CtLab {
             cgroups: [1, 2]
                 .map(|n| TempCgroup::new(&unified, &format!("{}-c{n}-{id}", unique("ct")))),
             ns: ns.clone(),
+            pause_cgroups: Vec::new(),
             pause: Vec::new(),
         };
         let [c1, c2, r, s] = &ns;
@@ -75,8 +81,16 @@ impl CtLab {
         for n in &ns {
             sh(&format!("ip netns add {n}"));
             sh(&format!("ip -n {n} link set lo up"));
-            let pause = std::process::Command::new("ip")
-                .args(["netns", "exec", n, "sleep", "900"])
+            let cgroup = TempCgroup::new(&unified, &format!("{}-{n}", unique("ctpause")));
+            let procs = cgroup.dir.join("cgroup.procs");
+            lab.pause_cgroups.push(cgroup);
+            let pause = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "echo $$ > '{}' && exec ip netns exec {n} setpriv --reuid=65535 \
+                     --regid=65535 --clear-groups --inh-caps=-all --bounding-set=-all sleep 900",
+                    procs.display()
+                ))
                 .stdin(std::process::Stdio::null())
                 .spawn()
                 .expect("a process in the lab's namespace");
@@ -128,6 +142,18 @@ impl CtLab {
 
     pub fn router(&self) -> &str {
         &self.ns[2]
+    }
+
+    /// The router namespace's workload as faultline names it: its pause process's cgroup.
+    pub fn router_workload(&self) -> String {
+        format!(
+            "/{}",
+            self.pause_cgroups[2]
+                .dir
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+        )
     }
 
     pub fn router_inode(&self) -> u64 {
@@ -193,14 +219,45 @@ impl CtLab {
 
     /// The router namespace's conntrack counters, summed over CPUs, from procfs.
     pub fn counters(&self) -> std::collections::HashMap<String, u64> {
+        self.counters_in(self.router())
+    }
+
+    /// Client `n`'s namespace (a pod's own).
+    pub fn client_ns(&self, n: usize) -> &str {
+        &self.ns[n - 1]
+    }
+
+    pub fn client_inode(&self, n: usize) -> u64 {
+        std::fs::metadata(format!("/run/netns/{}", self.client_ns(n)))
+            .expect("client netns")
+            .ino()
+    }
+
+    /// NAT in client `n`'s own namespace, as a sidecar's: its DNS SNATed to ONE source port
+    /// of its own address, so that a second flow loses the clash there, in its sender's
+    /// context.
+    pub fn snat_in_client(&self, n: usize, port: u16) {
+        let addr = if n == 1 {
+            self.plan.client1
+        } else {
+            self.plan.client2
+        };
+        let to = if self.plan.v6 {
+            format!("[{addr}]:{port}")
+        } else {
+            format!("{addr}:{port}")
+        };
+        super::sh(&format!(
+            "ip netns exec {} {} -t nat -A POSTROUTING -p udp --dport 53 -j SNAT --to-source {to}",
+            self.client_ns(n),
+            self.tables()
+        ));
+    }
+
+    /// A namespace's conntrack counters, summed over CPUs, from procfs.
+    pub fn counters_in(&self, ns: &str) -> std::collections::HashMap<String, u64> {
         let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                self.router(),
-                "cat",
-                "/proc/net/stat/nf_conntrack",
-            ])
+            .args(["netns", "exec", ns, "cat", "/proc/net/stat/nf_conntrack"])
             .output()
             .expect("reading conntrack counters");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

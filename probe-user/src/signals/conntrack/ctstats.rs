@@ -54,6 +54,16 @@ pub enum Source {
     Procfs,
 }
 
+impl Source {
+    /// As a finding names the file it read.
+    pub fn file(self) -> &'static str {
+        match self {
+            Source::Netlink => "ctnetlink",
+            Source::Procfs => "net/stat/nf_conntrack",
+        }
+    }
+}
+
 const IPCTNL_MSG_CT_GET_STATS_CPU: u8 = 4;
 const IPCTNL_MSG_CT_GET_STATS: u8 = 5;
 const CTA_STATS_INVALID: u16 = 4;
@@ -66,22 +76,34 @@ const CTA_STATS_CHAIN_TOOLONG: u16 = 15;
 const CTA_STATS_GLOBAL_ENTRIES: u16 = 1;
 const CTA_STATS_GLOBAL_MAX_ENTRIES: u16 = 2;
 
-/// The counters of `ns`: ctnetlink from inside it, else its procfs file through a process in
-/// it.
+/// The counters of `ns`: ctnetlink from inside it where it can be entered (our own; others
+/// with CAP_SYS_ADMIN), else its procfs file through a process in it (`/proc/<pid>/net` needs
+/// no privilege; the kernel must have CONFIG_NF_CONNTRACK_PROCFS).
 pub fn read(ns: &Netns) -> anyhow::Result<(CtCounters, Source)> {
-    match netns::run_in(&ns.path, read_netlink) {
-        Ok(c) => Ok((c, Source::Netlink)),
-        Err(netlink) => {
-            let Some(pid) = ns.pid else {
-                return Err(netlink.context("no process in the namespace for a procfs read"));
-            };
-            let path = format!("/proc/{pid}/net/stat/nf_conntrack");
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("{netlink:#}; reading {path}"))?;
-            let mut c = parse_procfs(&text).with_context(|| format!("parsing {path}"))?;
-            c.max = sysctl_max().unwrap_or(0);
-            Ok((c, Source::Procfs))
-        }
+    let netlink = match &ns.path {
+        Some(path) => match netns::run_in(path, read_netlink) {
+            Ok(c) => return Ok((c, Source::Netlink)),
+            Err(e) => Some(e),
+        },
+        None => None,
+    };
+    let procfs = |pid: u32| -> anyhow::Result<CtCounters> {
+        let text = netns::read_proc_net(pid, ns.key, "stat/nf_conntrack")?;
+        let mut c = parse_procfs(&text)
+            .with_context(|| format!("parsing /proc/{pid}/net/stat/nf_conntrack"))?;
+        c.max = sysctl_max().unwrap_or(0);
+        Ok(c)
+    };
+    let result = match ns.pid {
+        Some(pid) => procfs(pid),
+        None => Err(anyhow::anyhow!(
+            "no process in the namespace for a procfs read"
+        )),
+    };
+    match (result, netlink) {
+        (Ok(c), _) => Ok((c, Source::Procfs)),
+        (Err(e), Some(netlink)) => Err(e.context(format!("{netlink:#}"))),
+        (Err(e), None) => Err(e),
     }
 }
 

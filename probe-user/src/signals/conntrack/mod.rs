@@ -17,7 +17,7 @@ use probe_common::conntrack::{self as common, CT_CONFIRMED, CT_NONE, ConntrackDr
 use serde::Serialize;
 
 use crate::{
-    attribution::netns::{Netns, NetnsDirectory},
+    attribution::netns::{Netns, NetnsDirectory, NetnsKey},
     attribution::pods::{Attributor, PodRef},
     clock::{self, KernelClock},
     kernel::loader::{self, Attachment, EventRing, KernelFacts, Probes, raw},
@@ -117,7 +117,11 @@ pub struct ConntrackDrop {
 #[derive(Clone, Debug, Serialize)]
 pub struct ClashesResolved {
     pub time: String,
-    pub netns: u64,
+    #[serde(skip)]
+    pub key: NetnsKey,
+    /// The namespace's inode; null where faultline cannot learn it (another user's namespace
+    /// without CAP_SYS_PTRACE, before the kernel named it in a drop).
+    pub netns: Option<u64>,
     pub count: u64,
     pub workload: String,
 }
@@ -125,13 +129,41 @@ pub struct ClashesResolved {
 /// A namespace's conntrack table at the last poll.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CtTable {
-    pub netns: u64,
+    pub key: NetnsKey,
+    /// The namespace's inode, where known.
+    pub netns: Option<u64>,
     pub workload: String,
     pub entries: u64,
     /// `nf_conntrack_max`: each namespace's own count is held to it.
     pub max: u64,
     /// The namespace's counters (since it was made) at the poll.
     pub counters: CtCounters,
+    /// Where they were read.
+    pub source: ctstats::Source,
+}
+
+/// A namespace's inode for a line of text: `?` where not known.
+pub fn netns_text(inode: Option<u64>) -> String {
+    inode.map_or_else(|| "?".to_owned(), |i| i.to_string())
+}
+
+/// "network namespace <inode>", or where the inode is not known here, "its network namespace".
+pub fn netns_phrase(inode: Option<u64>) -> String {
+    match inode {
+        Some(i) => format!("network namespace {i}"),
+        None => "its network namespace (inode not readable without CAP_SYS_PTRACE)".to_owned(),
+    }
+}
+
+impl CtTable {
+    /// The table as a limit's resource: `netns:<inode>`, or where the inode is not known
+    /// here `netns:procfs:<key>`.
+    pub fn resource(&self) -> String {
+        match self.netns {
+            Some(inode) => format!("netns:{inode}"),
+            None => format!("netns:procfs:{}", self.key.0),
+        }
+    }
 }
 
 /// Decides causes; owns the namespaces and the counters already accounted for.
@@ -139,9 +171,9 @@ pub struct Classifier {
     pub netns: NetnsDirectory,
     clock: KernelClock,
     /// Per namespace: the counters up to which drops have been explained.
-    accounted: HashMap<u64, CtCounters>,
+    accounted: HashMap<NetnsKey, CtCounters>,
     /// Per namespace: `clash_resolve` at the last near-miss report.
-    clashes: HashMap<u64, u64>,
+    clashes: HashMap<NetnsKey, u64>,
     last_clash_poll: Option<Instant>,
     /// Every namespace's table at the last poll.
     pub tables: Vec<CtTable>,
@@ -153,7 +185,7 @@ impl Classifier {
         let mut accounted = HashMap::new();
         for ns in netns.all() {
             if let Ok((c, _)) = ctstats::read(&ns) {
-                accounted.insert(ns.inode, c);
+                accounted.insert(ns.key, c);
             }
         }
         let clashes = accounted
@@ -180,10 +212,20 @@ impl Classifier {
     ///   (or raw-table) drop before conntrack;
     /// - a confirmed entry is a rule drop of an established flow.
     fn classify(&mut self, batch: &[ConntrackDropEvent]) -> Vec<(Cause, String)> {
-        let mut now: HashMap<u64, anyhow::Result<CtCounters>> = HashMap::new();
+        let mut now: HashMap<NetnsKey, anyhow::Result<CtCounters>> = HashMap::new();
         let mut out = Vec::with_capacity(batch.len());
         for ev in batch {
-            let inode = ev.netns as u64;
+            let inode = u64::from(ev.netns);
+            // The key the kernel gave, with what it says of the namespace; without one (no
+            // procfs details on this kernel), the namespace of that inode.
+            let key = if ev.proc_ino != 0 {
+                let key = NetnsKey(u64::from(ev.proc_ino));
+                let witness = (ev.witness_tgid != 0).then_some(ev.witness_tgid);
+                self.netns.learn(key, inode, witness);
+                Some(key)
+            } else {
+                self.netns.by_inode(inode).map(|n| n.key)
+            };
             let nat = nat_note(ev);
             if ev.ct_state == CT_CONFIRMED {
                 out.push((
@@ -192,8 +234,15 @@ impl Classifier {
                 ));
                 continue;
             }
-            let counters = now.entry(inode).or_insert_with(|| {
-                let ns = self.netns.get(inode);
+            let Some(key) = key else {
+                out.push((
+                    Cause::Other,
+                    format!("dropped{nat}; network namespace {inode} not found"),
+                ));
+                continue;
+            };
+            let counters = now.entry(key).or_insert_with(|| {
+                let ns = self.netns.get(key);
                 ns.ok_or_else(|| anyhow::anyhow!("network namespace {inode} not found"))
                     .and_then(|ns| Ok(ctstats::read(&ns)?.0))
             });
@@ -210,13 +259,13 @@ impl Classifier {
                     continue;
                 }
             };
-            let seen = self.accounted.entry(inode).or_default();
+            let seen = self.accounted.entry(key).or_default();
             out.push(verdict(ev.ct_state, &c, seen, &nat));
         }
         // Everything up to now is explained: a lost event cannot be explained later.
-        for (inode, c) in now {
+        for (key, c) in now {
             if let Ok(c) = c {
-                self.accounted.insert(inode, c);
+                self.accounted.insert(key, c);
             }
         }
         out
@@ -242,39 +291,39 @@ impl Classifier {
         let mut out = Vec::new();
         // A namespace's owner does not change: the last poll's names are reused, so each
         // namespace's processes are read once in its life, not once per poll.
-        let mut known: HashMap<u64, String> = self
-            .tables
-            .drain(..)
-            .map(|t| (t.netns, t.workload))
-            .collect();
+        let mut known: HashMap<NetnsKey, String> =
+            self.tables.drain(..).map(|t| (t.key, t.workload)).collect();
         let all = self.netns.all();
-        // Namespaces gone since are forgotten (their inode may be reused by a new one).
-        let live: std::collections::HashSet<u64> = all.iter().map(|n| n.inode).collect();
-        self.clashes.retain(|inode, _| live.contains(inode));
-        self.accounted.retain(|inode, _| live.contains(inode));
+        // Namespaces gone since are forgotten (their key may be reused by a new one).
+        let live: std::collections::HashSet<NetnsKey> = all.iter().map(|n| n.key).collect();
+        self.clashes.retain(|key, _| live.contains(key));
+        self.accounted.retain(|key, _| live.contains(key));
         for ns in all {
-            let Ok((c, _)) = ctstats::read(&ns) else {
+            let Ok((c, source)) = ctstats::read(&ns) else {
                 continue;
             };
             // A namespace first seen now starts from zero: it was created while we watched.
-            let last = self.clashes.insert(ns.inode, c.clash_resolve).unwrap_or(0);
+            let last = self.clashes.insert(ns.key, c.clash_resolve).unwrap_or(0);
             let workload = known
-                .remove(&ns.inode)
+                .remove(&ns.key)
                 .unwrap_or_else(|| netns_workload(&ns, attributor));
             if c.clash_resolve > last {
                 out.push(ClashesResolved {
                     time: clock::now_rfc3339(),
+                    key: ns.key,
                     netns: ns.inode,
                     count: c.clash_resolve - last,
                     workload: workload.clone(),
                 });
             }
             self.tables.push(CtTable {
+                key: ns.key,
                 netns: ns.inode,
                 workload,
                 entries: c.entries,
                 max: c.max,
                 counters: c,
+                source,
             });
         }
         out
@@ -330,29 +379,63 @@ fn verdict(ct_state: u8, c: &CtCounters, seen: &mut CtCounters, nat: &str) -> (C
     )
 }
 
-/// The workload of a namespace: the pod of a process in it, else `netns:<inode>` (or its
+/// The workload of a namespace: the pod of a process in it, else [`Netns::label`] (or its
 /// `/run/netns` name).
 fn netns_workload(ns: &Netns, attributor: &mut Attributor) -> String {
     if let Some(pid) = ns.pid
-        && let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        && let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::"))
-        // In a private cgroup namespace (a container's default) a cgroup outside it reads
-        // as `/../..`-relative: no path to attribute, rather than a wrong one.
-        && !path.starts_with("/..")
+        && let Some(path) = process_cgroup(pid, attributor)
     {
-        let a = attributor.attribute_path(path);
+        let a = attributor.attribute_path(&path);
         if a.pod.is_some() || pid != 1 {
             return a.workload;
         }
         return "node".to_owned();
     }
-    match ns.path.parent().and_then(|p| p.to_str()) {
+    match ns
+        .path
+        .as_ref()
+        .and_then(|p| p.parent())
+        .and_then(|p| p.to_str())
+    {
         Some("/run/netns" | "/var/run/netns") => format!(
             "netns:{}",
-            ns.path.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+            ns.path
+                .as_ref()
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str())
+                .unwrap_or("?")
         ),
-        _ => format!("netns:{}", ns.inode),
+        _ => ns.label(),
     }
+}
+
+/// The cgroup v2 path of a process. In a private cgroup namespace (the DaemonSet's) a cgroup
+/// outside it reads `/../..`-relative in `/proc/<pid>/cgroup`: below a common ancestor that is
+/// the root (a node's pods and ours are under it), the rest is the path, which the process's
+/// presence in that cgroup's `cgroup.procs` confirms; otherwise none, rather than a wrong one.
+fn process_cgroup(pid: u32, attributor: &Attributor) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mut rest = path;
+    while let Some(r) = rest.strip_prefix("/..") {
+        rest = r;
+    }
+    if rest.len() == path.len() {
+        return Some(path.to_owned());
+    }
+    let root = attributor
+        .cgroups
+        .mount(crate::attribution::cgroups::Hierarchy::Unified)?;
+    let procs = std::fs::read_to_string(
+        root.path
+            .join(rest.trim_start_matches('/'))
+            .join("cgroup.procs"),
+    )
+    .ok()?;
+    procs
+        .lines()
+        .any(|l| l.trim() == pid.to_string())
+        .then(|| rest.to_owned())
 }
 
 /// `, SNAT a:p -> b:q` when the entry's reply tuple shows an address translation.

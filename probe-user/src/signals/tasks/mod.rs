@@ -426,10 +426,16 @@ pub fn tightest_pids_limit(mount: &Path, path: &CgroupPath) -> Option<PidsLimit>
     tightest_pids_limit_in(mount, path, &mut HashMap::new())
 }
 
-/// The use of the pids limits `hot` names (their pids cgroups' paths) and of the node's task
-/// limits, read between refreshes: two small files per cgroup, `/proc/loadavg` and two sysctls
-/// for the node. A limit that cannot be read now (its cgroup gone) is left out.
-pub fn sample(pids_mount: Option<&Path>, hot: &[(Limit, String)]) -> Vec<crate::trend::Sample> {
+/// The use of the limits `hot` names, read between refreshes: a pids limit's two small files,
+/// the node's `/proc/loadavg` and two sysctls, a uid's tasks from its cgroups' processes
+/// ([`users::UidTasks::sample`], `users` the last refresh's). A limit that cannot be read now
+/// (its cgroup gone) is left out.
+pub fn sample(
+    pids_mount: Option<&Path>,
+    unified_mount: Option<&Path>,
+    users: &[users::UidTasks],
+    hot: &[(Limit, String)],
+) -> Vec<crate::trend::Sample> {
     let node = hot
         .iter()
         .any(|(l, _)| matches!(l, Limit::PidMax | Limit::ThreadsMax))
@@ -448,7 +454,13 @@ pub fn sample(pids_mount: Option<&Path>, hot: &[(Limit, String)]) -> Vec<crate::
                 }
                 Limit::PidMax => (node?.threads, node?.pid_max),
                 Limit::ThreadsMax => (node?.threads, node?.threads_max),
-                Limit::RlimitNproc | Limit::Conntrack => return None,
+                Limit::RlimitNproc => {
+                    let u = users
+                        .iter()
+                        .find(|u| binding::uid_resource(u.uid) == *resource)?;
+                    (u.sample(unified_mount?)?, u.max)
+                }
+                Limit::Conntrack => return None,
             };
             Some(crate::trend::Sample {
                 limit: *limit,

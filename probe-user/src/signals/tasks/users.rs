@@ -37,6 +37,31 @@ pub struct UidTasks {
     pub max: u64,
     /// cgroup v2 paths holding non-exempt processes of this uid with a finite limit.
     pub cgroups: BTreeSet<String>,
+    /// Of `tasks`, those in `cgroups` at the walk: between walks the uid's count is sampled
+    /// as the rest plus what those cgroups hold then ([`UidTasks::sample`]).
+    #[serde(skip)]
+    pub in_cgroups: u64,
+}
+
+impl UidTasks {
+    /// The uid's tasks now, reading only its cgroups' processes (under `root`, the cgroup v2
+    /// mount): its tasks elsewhere as the last walk counted them, plus those of its cgroups
+    /// now. What a leak in one of its pods adds shows at once; none when no cgroup is left.
+    pub fn sample(&self, root: &Path) -> Option<u64> {
+        let members = members(root, self.cgroups.iter().map(String::as_str));
+        if members.is_empty() {
+            return None;
+        }
+        let now: u64 = members
+            .keys()
+            .filter_map(|pid| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                parse_status(&status).filter(|s| s.uid == self.uid)
+            })
+            .map(|s| s.threads)
+            .sum();
+        Some(self.tasks.saturating_sub(self.in_cgroups) + now)
+    }
 }
 
 /// The RLIMIT_NPROC that applies to one cgroup's processes.
@@ -99,6 +124,8 @@ impl UserCensus {
         use anyhow::Context as _;
         let mut census = UserCensus::default();
         let mut tasks: HashMap<u32, u64> = HashMap::new();
+        // Per (uid, cgroup): the threads of the uid's processes there.
+        let mut in_cgroup: HashMap<(u32, String), u64> = HashMap::new();
         let mut read = 0;
         for entry in std::fs::read_dir("/proc")
             .context("listing /proc")?
@@ -135,6 +162,7 @@ impl UserCensus {
             else {
                 continue;
             };
+            *in_cgroup.entry((status.uid, cgroup.clone())).or_default() += status.threads;
             let seen = census.limits.get(&cgroup);
             if seen.is_some_and(|v| v.iter().any(|(u, _)| *u == status.uid)) {
                 continue;
@@ -164,10 +192,11 @@ impl UserCensus {
                 tasks: tasks.get(uid).copied().unwrap_or(0),
                 max,
                 cgroups: BTreeSet::new(),
+                in_cgroups: 0,
             });
             entry.max = entry.max.min(max);
-            if entry.cgroups.len() < MAX_CGROUPS_PER_UID {
-                entry.cgroups.insert(cgroup.clone());
+            if entry.cgroups.len() < MAX_CGROUPS_PER_UID && entry.cgroups.insert(cgroup.clone()) {
+                entry.in_cgroups += in_cgroup.get(&(*uid, cgroup.clone())).copied().unwrap_or(0);
             }
         }
         Ok(census)
@@ -255,6 +284,7 @@ mod tests {
                 tasks: 30,
                 max: 40,
                 cgroups: ["/a".to_owned(), "/b".to_owned()].into(),
+                in_cgroups: 30,
             },
         );
         let l = census.limit("/b").expect("a limit");
