@@ -30,13 +30,8 @@ fn two_pods_sharing_a_uid_are_bound_by_its_rlimit_nproc_before_their_pids_limits
     let cgroups: Vec<PodCgroup> = (0..2)
         .map(|i| PodCgroup::systemd(&unique(&format!("nproc{i}")), &uids[i], &cids[i], 1000))
         .collect();
-    let daemon = Daemon::start(&[
-        "--kubelet-logs",
-        &logs.arg(),
-        "--no-events",
-        "--trend-window",
-        "20s",
-    ]);
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own; trend-window: a trend window of seconds, for a test of seconds.
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--trend-window", "20s"]);
     // Together: 40 tasks of the uid (the two labs included) in ~12 s, each pod far from its
     // pids limit of 1000.
     let started = Instant::now();

@@ -40,6 +40,7 @@ fn prometheus_scrapes_exact_counts_per_pod_and_promtool_accepts_them() {
     let logs = KubeletLogs::new(&[("shop", "cart-9", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("daemon"), &uid, CID, 8);
     let events = std::env::temp_dir().join(unique("daemon-events.jsonl"));
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own; events-file: the event lines under test, in a file.
     let daemon = Daemon::start(&[
         "--kubelet-logs",
         &logs.arg(),
@@ -161,7 +162,7 @@ fn prog_ids(pid: u32) -> Vec<u32> {
 fn sigterm_during_an_event_storm_exits_cleanly_and_detaches_everything() {
     let _serial = serial();
     let cg = PodCgroup::systemd(&unique("storm"), &pod_uid(2), CID, 4);
-    let daemon = Daemon::start(&["--no-events"]);
+    let daemon = Daemon::start(&[]);
     let ids = prog_ids(daemon.child.id());
     assert!(
         ids.len() >= 9,
@@ -212,7 +213,8 @@ fn five_hundred_pods_stay_within_the_series_cap() {
     let trees: Vec<CgroupTree> = (0..500u32)
         .map(|i| CgroupTree::new(&base.leaf().dir, &format!("pod{}/{CID}", pod_uid(1000 + i))))
         .collect();
-    let daemon = Daemon::start(&["--max-series", "50", "--no-events"]);
+    // Departures: max-series: the series cap under test.
+    let daemon = Daemon::start(&["--max-series", "50"]);
     let mut args = vec![
         "hop".to_owned(),
         "1".to_owned(),
@@ -271,12 +273,12 @@ fn otlp_log_records_carry_k8s_attributes_and_real_times() {
     let cg = PodCgroup::systemd(&unique("otlp"), &uid, CID, 6);
     let receiver = OtlpReceiver::start();
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own; otlp-endpoint: the OTLP collector under test (the manifest leaves it to the user); node-name: a node name the test asserts.
     let daemon = Daemon::start(&[
         "--otlp-endpoint",
         &endpoint,
         "--kubelet-logs",
         &logs.arg(),
-        "--no-events",
         "--node-name",
         "node-otlp",
     ]);
@@ -326,8 +328,8 @@ fn a_dead_otlp_collector_costs_dropped_events_not_a_stuck_daemon() {
     );
     let cg = PodCgroup::systemd(&unique("otlp-slow"), &pod_uid(4), CID, 4);
     // The event budget lifted: a record per failure.
-    let daemon =
-        Daemon::start(&[&["--otlp-endpoint", &endpoint, "--no-events"], NO_BUDGET].concat());
+    // Departures: otlp-endpoint: the OTLP collector under test (the manifest leaves it to the user); a line for every event (the budget is tested apart).
+    let daemon = Daemon::start(&[&["--otlp-endpoint", &endpoint], NO_BUDGET].concat());
     let storm = cg.lab(&[
         "threads",
         "20000",
@@ -382,7 +384,7 @@ fn otlp_logs_only_with_per_signal_headers_and_compression() {
             ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=general"),
             ("OTEL_EXPORTER_OTLP_LOGS_COMPRESSION", "gzip"),
         ],
-        &["--no-events"],
+        &[],
     );
     let report = cg.lab(&[
         "threads",
@@ -428,8 +430,8 @@ fn an_otlp_collector_down_and_back_loses_nothing_within_the_queue() {
     };
     let cg = PodCgroup::systemd(&unique("otlp-back"), &pod_uid(6), CID, 4);
     let endpoint = format!("http://127.0.0.1:{port}");
-    let daemon =
-        Daemon::start(&[&["--otlp-endpoint", &endpoint, "--no-events"], NO_BUDGET].concat());
+    // Departures: otlp-endpoint: the OTLP collector under test (the manifest leaves it to the user); a line for every event (the budget is tested apart).
+    let daemon = Daemon::start(&[&["--otlp-endpoint", &endpoint], NO_BUDGET].concat());
     let report = cg.lab(&[
         "threads",
         "1000",
@@ -484,7 +486,7 @@ fn otlp_over_mutual_tls_with_the_certificate_variables() {
                 ca.client_key.to_str().expect("utf-8"),
             ),
         ],
-        &["--no-events"],
+        &[],
     );
     let report = cg.lab(&[
         "threads",
@@ -538,9 +540,9 @@ fn after_attaching_every_thread_keeps_only_what_reading_needs() {
     };
     for (full_root, allowed) in [(false, deployed), (true, as_full_root)] {
         let daemon = if full_root {
-            Daemon::start_full_root(&[], &["--no-events"])
+            Daemon::start_full_root(&[], &[])
         } else {
-            Daemon::start(&["--no-events"])
+            Daemon::start(&[])
         };
         // The HTTP workers exist once it answers; the others before it is ready.
         healthz_answers(&daemon);
@@ -567,6 +569,7 @@ fn sighup_reopens_the_events_file_and_the_daemon_goes_on() {
     let dir = std::env::temp_dir();
     let events = dir.join(unique("rotated-events.jsonl"));
     let rotated = events.with_extension("jsonl.1");
+    // Departures: events-file: the event lines under test, in a file.
     let daemon = Daemon::start(&["--events-file", &events.display().to_string()]);
     let _cleanup = (TempFile::adopt(&events), TempFile::adopt(&rotated));
     std::fs::rename(&events, &rotated).expect("rotating the events file");
@@ -609,6 +612,7 @@ fn an_event_storm_costs_the_budget_of_lines_and_every_failure_is_accounted() {
     let other_cg = PodCgroup::systemd(&unique("budget-other"), &pod_uid(6), CID, 4);
     let file = std::env::temp_dir().join(unique("budget-events.jsonl"));
     let events = TempFile::new(&file, b"");
+    // Departures: events-file: the event lines under test, in a file; events-interval: the budget's interval shortened, to see it end.
     let daemon = Daemon::start(&[
         "--events-file",
         &file.display().to_string(),

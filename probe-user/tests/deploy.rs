@@ -183,7 +183,7 @@ fn the_memory_limit_holds_a_192_cpu_node() {
     );
     drop(probes);
     // The agent's peak RSS (at start: the kernel's BTF is parsed once) stays inside its budget.
-    let daemon = Daemon::start(&["--no-events"]);
+    let daemon = Daemon::start(&[]);
     let report = lab(&["threads", "500", "--comm", "fl-rss"]);
     assert_eq!(report.created, 500);
     for _ in 0..5 {
@@ -226,18 +226,13 @@ fn the_daemonset_capabilities_are_exactly_enough() {
     // The daemon with only those capabilities in its bounding set (so in its effective set).
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new("setpriv")
+    let mut setpriv = Command::new("setpriv");
+    setpriv
         .arg(format!("--bounding-set=-all,{}", caps.join(",")))
-        .args([
-            &FAULTLINE,
-            "run",
-            "--listen",
-            &listen,
-            "--no-kube-api",
-            "--no-events",
-            "--refresh",
-            "300ms",
-        ])
+        .arg(&*FAULTLINE);
+    let mut child = as_shipped(&mut setpriv)
+        // Departure: a port of its own; no API.
+        .args(["--listen", &listen, "--no-kube-api"])
         .stderr(Stdio::piped())
         .spawn()
         .expect("setpriv");
@@ -406,17 +401,8 @@ fn every_dashboard_query_parses_and_returns_data() {
     let cg = PodCgroup::systemd(&unique("dash"), &uid, CID, 8);
     let leak_cg = PodCgroup::systemd(&unique("dash-leak"), &leak_uid, LEAK_CID, 1000);
     // A short trend window: a leak's time to exhaustion is known within seconds.
-    // Full root: finding (CAP_SYS_PTRACE) and entering (CAP_SYS_ADMIN) the router's namespace.
-    let daemon = Daemon::start_full_root(
-        &[],
-        &[
-            "--kubelet-logs",
-            &logs.arg(),
-            "--no-events",
-            "--trend-window",
-            "10s",
-        ],
-    );
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own; trend-window: a trend window of seconds, for a test of seconds.
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--trend-window", "10s"]);
     let prom = Prometheus::start(daemon.port);
     for _ in 0..3 {
         cg.lab(&["threads", "20", "--comm", "fl-dash", "--max-failures", "2"]);
@@ -518,7 +504,8 @@ fn the_operator_scrape_keeps_the_failing_pods_labels() {
     const CID: &str = "0a0b0c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
     let logs = KubeletLogs::new(&[("shop", "op-1", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("operator"), &uid, CID, 8);
-    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own.
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg()]);
     let job = format!(
         "- job_name: serviceMonitor/faultline/faultline/0\n  honor_labels: {honor}\n  static_configs:\n  - targets: ['127.0.0.1:{port}']\n    labels:\n      __meta_kubernetes_namespace: faultline\n      __meta_kubernetes_service_name: faultline\n      __meta_kubernetes_pod_name: faultline-x7k2p\n      __meta_kubernetes_pod_container_name: faultline\n      __meta_kubernetes_pod_node_name: node-1\n  relabel_configs:\n  - source_labels: [__meta_kubernetes_namespace]\n    target_label: namespace\n  - source_labels: [__meta_kubernetes_service_name]\n    target_label: service\n  - source_labels: [__meta_kubernetes_pod_name]\n    target_label: pod\n  - source_labels: [__meta_kubernetes_pod_container_name]\n    target_label: container\n  - source_labels: [__meta_kubernetes_service_name]\n    target_label: job\n  - target_label: endpoint\n    replacement: metrics\n{relabel}",
         port = daemon.port,

@@ -477,7 +477,8 @@ fn servfail_slow_answers_tcp_and_redacted_names() {
 fn the_daemon_exports_dns_metrics_per_workload() {
     let lab = DnsLab::start();
     let path = lab.path();
-    let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
+    // Departures: dns-timeout: queries time out sooner than the 2 s default, to keep the test short.
+    let daemon = Daemon::start(&["--dns-timeout", "1s"]);
     lab.resolv_conf("");
     lab.client("getent ahosts web.test");
     lab.client("getent ahosts nope.test");
@@ -541,7 +542,8 @@ fn many_query_types_from_one_workload_leave_room_for_the_others() {
     let noisy_path = lab.path();
     // 60 series: room for the other tests' clients running in parallel, and fewer than the
     // noisy workload's 27 query types times their rcodes would take without its own cap.
-    let daemon = Daemon::start(&["--no-events", "--max-series", "60"]);
+    // Departures: max-series: the series cap under test.
+    let daemon = Daemon::start(&["--max-series", "60"]);
     // Five common types, then 22 that the parser knows but the allow-list does not.
     let types: Vec<String> = [
         1u16, 28, 15, 16, 33, 10, 11, 13, 14, 17, 18, 20, 21, 22, 29, 35, 36, 37, 43, 45, 46, 47,
@@ -592,6 +594,7 @@ fn run_events_selects_the_lines_and_the_metrics_count_everything() {
     let path = lab.path();
     let file = std::env::temp_dir().join(unique("events.jsonl"));
     let events = TempFile::new(&file, b"");
+    // Departures: events-file: the event lines under test, in a file; events: the event kinds the test reads.
     let daemon = Daemon::start(&[
         "--events",
         "clone,conntrack",
@@ -667,7 +670,14 @@ fn dns_queries_become_otlp_client_spans_with_real_times() {
     let traces = format!("http://127.0.0.1:{}/v1/traces", receiver.port);
     let daemon = Daemon::start_with_env(
         &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &traces)],
-        &["--no-events"],
+        &[
+            // Departure: the DaemonSet's events leave DNS out (a record per query); this
+            // test is about DNS spans, with their names.
+            "--events",
+            "clone,dns,conntrack",
+            "--dns-names",
+            "full",
+        ],
     );
     let path = lab.path();
     lab.resolv_conf("");
@@ -761,7 +771,8 @@ fn dns_over_ipv6() {
 fn explain_finds_search_path_amplification_and_timeouts_per_workload() {
     let lab = DnsLab::start();
     let path = lab.path();
-    let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
+    // Departures: dns-timeout: queries time out sooner than the 2 s default, to keep the test short.
+    let daemon = Daemon::start(&["--dns-timeout", "1s"]);
     lab.search_chain("web.test");
     lab.unanswered("slow.test");
     let mine = |report: &Value, kind: &str| finding(report, kind, &path);
@@ -776,7 +787,8 @@ fn explain_finds_search_path_amplification_and_timeouts_per_workload() {
     assert!(
         amp["why"]
             .as_str()
-            .is_some_and(|w| w.contains("`web.test`") && w.contains("3 search-path NXDOMAINs")),
+            // Redacted, as the DaemonSet shows names.
+            .is_some_and(|w| w.contains("`redacted-") && w.contains("3 search-path NXDOMAINs")),
         "{amp:#}"
     );
     assert_eq!(
@@ -823,7 +835,8 @@ fn a_full_ring_loses_answers_but_invents_no_timeouts() {
     // Alone: the lost-event and quota counters are the node's, not this lab's.
     let lab = DnsLab::start_alone();
     let path = lab.path();
-    let daemon = Daemon::start(&["--no-events", "--dns-timeout", "1s"]);
+    // Departures: dns-timeout: queries time out sooner than the 2 s default, to keep the test short.
+    let daemon = Daemon::start(&["--dns-timeout", "1s"]);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGSTOP) };
     // 3,000 answered queries: more than the 1 MiB ring holds (~1,700).

@@ -43,13 +43,8 @@ fn a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after() {
     let logs = KubeletLogs::new(&[("shop", "leaky-7", &uid, "app", CID)]);
     // The lab itself is one of the 50 tasks: it fails at its 50th thread.
     let cg = PodCgroup::systemd(&unique("leak"), &uid, CID, 50);
-    let daemon = Daemon::start(&[
-        "--kubelet-logs",
-        &logs.arg(),
-        "--no-events",
-        "--trend-window",
-        "20s",
-    ]);
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own; trend-window: a trend window of seconds, for a test of seconds.
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--trend-window", "20s"]);
     let container = cg.dirs()[0]
         .strip_prefix(
             mount(probe_user::attribution::cgroups::Hierarchy::Unified)
@@ -234,7 +229,8 @@ fn a_20_s_leak_is_forecast_10_s_ahead_under_the_default_window() {
     let uid = format!("{:08x}-0000-4000-8000-0000000020a1", std::process::id());
     let logs = KubeletLogs::new(&[("shop", "leaky-20", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("leak20"), &uid, CID, 40);
-    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own.
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg()]);
     // An agent that has been up a while, as on a node.
     std::thread::sleep(Duration::from_secs(3 * pace()));
     let started = Instant::now();
@@ -317,7 +313,8 @@ fn a_recovered_leak_leaves_no_exhaustion_series() {
     let uid = format!("{:08x}-0000-4000-8000-00000000a1e7", std::process::id());
     let logs = KubeletLogs::new(&[("shop", "healed-1", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("healed"), &uid, CID, 40);
-    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own.
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg()]);
     let who = [r#"pod="healed-1""#, r#"limit="pids""#];
     let eta = || {
         sample(
@@ -728,7 +725,8 @@ fn the_daemon_reports_the_past_and_cross_checks_later_refusals() {
     };
     let before = PodCgroup::systemd(&unique("before"), &uid1, CID, 8);
     let refused_before = refuse(&before, "fl-before");
-    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--no-events"]);
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own.
+    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg()]);
     let during = PodCgroup::systemd(&unique("during"), &uid2, CID2, 8);
     eventually(Duration::from_secs(20), "the past at start", || {
         daemon

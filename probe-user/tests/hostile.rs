@@ -57,11 +57,8 @@ fn eleven_hundred_idle_connections_under_a_1024_fd_limit() {
     let _serial = serial();
     // This process holds its side of the attack: the daemon's own helper raises its limit.
     probe_user::export::serve::raise_fd_limit();
-    let mut daemon = Daemon::start_with(
-        &["prlimit", "--nofile=1024:1024", "--"],
-        &["--no-events"],
-        Stdio::null(),
-    );
+    let mut daemon =
+        Daemon::start_with(&["prlimit", "--nofile=1024:1024", "--"], &[], Stdio::null());
     // A pod's worth of idle connections, held open, from a peer of its own.
     let mut held = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -118,7 +115,7 @@ fn eleven_hundred_idle_connections_under_a_1024_fd_limit() {
 #[test]
 fn silent_and_half_requests_are_cut_off() {
     let _serial = serial();
-    let daemon = Daemon::start(&["--no-events"]);
+    let daemon = Daemon::start(&[]);
     let mut silent = connect_from(
         Ipv4Addr::new(127, 0, 0, 3),
         Ipv4Addr::LOCALHOST,
@@ -162,7 +159,7 @@ fn silent_and_half_requests_are_cut_off() {
 #[test]
 fn only_get_and_head_are_served() {
     let _serial = serial();
-    let daemon = Daemon::start(&["--no-events"]);
+    let daemon = Daemon::start(&[]);
     for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
         let mut conn = TcpStream::connect(("127.0.0.1", daemon.port)).expect("connect");
         conn.set_read_timeout(Some(Duration::from_secs(10)))
@@ -203,6 +200,7 @@ fn a_stalled_stdout_reader_costs_dropped_lines_not_a_stalled_daemon() {
     let _serial = serial();
     // stdout is a pipe nobody reads: it fills after ~64 KiB, about a hundred lines (the
     // event budget lifted: a line per failure).
+    // Departures: a line for every event (the budget is tested apart).
     let mut daemon = Daemon::start_with(&[], NO_BUDGET, Stdio::piped());
     let (_cg, lab) = storm(1, "30000");
     lab.finish();
@@ -227,6 +225,7 @@ fn a_stalled_stdout_reader_costs_dropped_lines_not_a_stalled_daemon() {
 #[test]
 fn a_closed_stdout_ends_event_lines_not_the_daemon() {
     let _serial = serial();
+    // Departures: a line for every event (the budget is tested apart).
     let mut daemon = Daemon::start_with(&[], NO_BUDGET, Stdio::piped());
     drop(daemon.child.stdout.take());
     let (_cg, lab) = storm(2, "200");
@@ -282,7 +281,7 @@ fn a_hostile_process_name_prints_escaped_on_one_line() {
 #[test]
 fn sigkill_leaves_no_program_attached() {
     let _serial = serial();
-    let mut daemon = Daemon::start(&["--no-events"]);
+    let mut daemon = Daemon::start(&[]);
     let pid = daemon.child.id();
     let ids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .expect("fdinfo")
@@ -318,7 +317,7 @@ fn sigkill_leaves_no_program_attached() {
 #[test]
 fn explain_in_a_loop_or_with_garbage_stays_cheap_and_safe() {
     let _serial = serial();
-    let daemon = Daemon::start(&["--no-events"]);
+    let daemon = Daemon::start(&[]);
     for bad in [
         "since=soon",
         "since=%1b%5b2J",

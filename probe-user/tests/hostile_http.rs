@@ -166,15 +166,11 @@ fn start_daemon(prefix: &[String], extra: &[&str]) -> (Daemon, Arc<Mutex<Vec<Str
         .cloned()
         .chain(faultline_argv(false))
         .collect();
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .args([
-            "run",
-            "--listen",
-            &format!("0.0.0.0:{port}"),
-            "--no-kube-api",
-            "--no-events",
-        ])
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    let mut child = as_shipped(&mut cmd)
+        // Departure: a port of its own, on every address as with hostNetwork; no API.
+        .args(["--listen", &format!("0.0.0.0:{port}"), "--no-kube-api"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -309,7 +305,7 @@ fn silent_connections_from_every_peer_cannot_keep_out_the_kubelet_or_prometheus(
     let _serial = serial();
     probe_user::export::serve::raise_fd_limit();
     let pods = PodAddresses::add(16);
-    let (mut daemon, log) = start_daemon(&[], &["--refresh", "300ms"]);
+    let (mut daemon, log) = start_daemon(&[], &[]);
     let port = daemon.port;
     let peers = attackers(&pods);
     let at = probe_addresses(port);
@@ -526,7 +522,7 @@ fn slow_readers_of_a_large_exposition_stay_within_the_daemonsets_memory() {
     let limit = MemoryLimit::new(DAEMONSET_MEMORY);
     let kills_before = limit.as_ref().map_or(0, MemoryLimit::oom_kills);
     let prefix = limit.as_ref().map(|l| l.prefix.clone()).unwrap_or_default();
-    let (mut daemon, log) = start_daemon(&prefix, &["--refresh", "1s"]);
+    let (mut daemon, log) = start_daemon(&prefix, &[]);
     let (port, pid) = (daemon.port, daemon.child.id());
     activity_in(trees);
     // The pods' uids (`workloads`) begin with this.
@@ -667,7 +663,7 @@ fn slow_readers_of_a_large_exposition_stay_within_the_daemonsets_memory() {
 #[test]
 fn explain_with_a_new_window_each_time_cannot_delay_healthz() {
     let _serial = serial();
-    let (mut daemon, log) = start_daemon(&[], &["--refresh", "300ms"]);
+    let (mut daemon, log) = start_daemon(&[], &[]);
     let port = daemon.port;
     let at = probe_addresses(port);
     let answered = Arc::new(Mutex::new((0usize, 0usize)));

@@ -188,18 +188,11 @@ impl Run {
     fn start(config: &TempPath, logs: &KubeletLogs) -> Run {
         require_root();
         let port = free_port();
-        let child = faultline()
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--refresh",
-                "300ms",
-                "--no-events",
-                "--node-name",
-                "node-1",
-                "--kube-events",
-            ])
+        let child = as_shipped(&mut faultline())
+            // Departure: a port of its own; the stand-in API's node and pods, named also by
+            // the test's kubelet log directories.
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--node-name", "node-1"])
             .args([
                 "--kubeconfig",
                 &config.0.display().to_string(),

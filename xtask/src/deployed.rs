@@ -154,6 +154,9 @@ fn profile_of(docs: &[Value]) -> anyhow::Result<Value> {
         "hostPID": true,
         "hostNetwork": true,
         "mounts": mounts,
+        // What the container runs with, as the manifest writes them: the tests start the
+        // daemon with them (the shipped defaults).
+        "container": { "args": c["args"], "env": c["env"] },
     }))
 }
 

@@ -60,6 +60,10 @@ struct Profile {
     host_pid: bool,
     host_network: bool,
     mounts: Vec<Volume>,
+    /// The container's args and env: the tests' daemon harness starts `faultline run` with
+    /// them; the launcher runs the command line it is given.
+    #[serde(rename = "container")]
+    _container: serde::de::IgnoredAny,
 }
 
 /// A volumeMount joined with its hostPath volume.

@@ -71,6 +71,69 @@ pub struct AsDeployed {
     pub memlock: String,
 }
 
+/// What the DaemonSet's container runs: its args and the environment the manifest writes
+/// (literal values; `NODE_NAME` and the pod's own name come from the API, and faultline's
+/// fallbacks stand in for them here). [`Daemon`] starts `faultline run` with exactly these:
+/// the shipped defaults. From the as-deployed profile, else from `kubectl kustomize deploy/`.
+pub static CONTAINER: LazyLock<Container> = LazyLock::new(|| {
+    let container = match &*AS_DEPLOYED {
+        Some(d) => {
+            let text = std::fs::read_to_string(&d.profile).expect("reading the profile");
+            let profile: Value = serde_json::from_str(&text).expect("the profile is JSON");
+            profile["container"].clone()
+        }
+        None => {
+            let docs = manifest::rendered();
+            let ds = docs
+                .iter()
+                .find(|d| d["kind"] == "DaemonSet")
+                .expect("deploy/ has a DaemonSet");
+            let containers = ds["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .expect("containers");
+            containers
+                .iter()
+                .find(|c| c["name"] == "faultline")
+                .expect("the faultline container")
+                .clone()
+        }
+    };
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect()
+    };
+    let env = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    Container {
+        args: strings(&container["args"]),
+        env,
+    }
+});
+
+pub struct Container {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// `cmd` (faultline, or a launcher of it) made the DaemonSet's container: its args (`run`) and
+/// environment. What a test adds after it departs from what ships, and says why.
+pub fn as_shipped(cmd: &mut Command) -> &mut Command {
+    cmd.args(&CONTAINER.args)
+        .envs(CONTAINER.env.iter().map(|(k, v)| (k, v)))
+}
+
 /// The command line that starts faultline: the launcher and its arguments first when running
 /// as deployed; with `full_root` the launcher keeps every capability (all else as deployed).
 pub fn faultline_argv(full_root: bool) -> Vec<String> {
@@ -850,8 +913,11 @@ impl Daemon {
             .chain(faultline_argv(full_root))
             .collect();
         let mut cmd = command(&argv);
-        cmd.args(["run", "--listen", &listen, "--refresh", "300ms"]);
-        // The Kubernetes API only when the test names one.
+        as_shipped(&mut cmd);
+        // Departure: a port of its own on loopback (tests run side by side on one node).
+        cmd.args(["--listen", &listen]);
+        // Departure: no Kubernetes API unless the test starts a stand-in, never a cluster the
+        // machine's kubeconfig may name (without one faultline says so and goes on the same).
         if !extra.contains(&"--kubeconfig") {
             cmd.arg("--no-kube-api");
         }
