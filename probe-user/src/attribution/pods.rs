@@ -4,9 +4,14 @@
 //! Paths are parsed for both kubelet cgroup drivers (systemd: `kubepods-burstable-pod<uid>.slice`
 //! / `cri-containerd-<id>.scope`; cgroupfs: `/kubepods/burstable/pod<uid>/<id>`). Names come
 //! from the kubelet's log directories, which need no API access: `pods/<ns>_<name>_<uid>/` and
-//! `containers/<pod>_<ns>_<container>-<id>.log`.
+//! `containers/<pod>_<ns>_<container>-<id>.log`. A pod nothing named is shown as namespace
+//! `unknown` and pod `pod-<first 8 of its uid>` ([`PodRef::shown_namespace`],
+//! [`PodRef::shown_name`]), never by its bare uid. The container runtime's state is not read:
+//! its directories also hold the containers' root filesystems and the runtime's sockets and
+//! FIFOs, which a read-only hostPath does not protect.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -176,6 +181,29 @@ pub struct PodRef {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The namespace shown for a pod that nothing (the API, the kubelet's directories) named.
+const UNKNOWN_NAMESPACE: &str = "unknown";
+
+impl PodRef {
+    /// The namespace as labels, tables and filters show it: `unknown` for a pod nothing named.
+    pub fn shown_namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(UNKNOWN_NAMESPACE)
+    }
+
+    /// The name as labels, tables and filters show it. A pod nothing named is `pod-` and the
+    /// first 8 characters of its uid: enough to find it among the node's pods, and not a bare
+    /// uid, which reads as a name (the whole uid stays in `uid`).
+    pub fn shown_name(&self) -> Cow<'_, str> {
+        match &self.name {
+            Some(name) => Cow::Borrowed(name),
+            None => Cow::Owned(format!(
+                "pod-{}",
+                self.uid.chars().take(8).collect::<String>()
+            )),
+        }
+    }
+}
+
 /// Who a cgroup belongs to: a pod, or a readable name for anything else.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Attribution {
@@ -321,15 +349,16 @@ impl PodFilters {
                 .is_none_or(|w| pod.is_some_and(|n| n.starts_with(w)))
     }
 
-    /// Whether a pod (or a non-pod, `None`) passes the filters.
+    /// Whether a pod (or a non-pod, `None`) passes the filters, by the names its labels show
+    /// (`-n unknown --pod pod-0d3e2f1a` selects a pod nothing named, as its alert says).
     pub fn matches(&self, pod: Option<&PodRef>) -> bool {
         if !self.any() {
             return true;
         }
         let Some(p) = pod else { return false };
         self.matches_names(
-            p.namespace.as_deref(),
-            p.name.as_deref(),
+            Some(p.shown_namespace()),
+            Some(&p.shown_name()),
             p.container.as_deref(),
         )
     }
@@ -511,6 +540,8 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// `namespace/name/container`; a pod nothing named is `pod <uid>/...`: its uid is all that
+/// tells it from others, and stays its own for its life.
 fn pod_workload(p: &PodRef) -> String {
     let pod = match (&p.namespace, &p.name) {
         (Some(ns), Some(name)) => format!("{ns}/{name}"),
@@ -724,5 +755,42 @@ mod tests {
             "session-1.scope (uid 0)"
         );
         std::fs::remove_dir_all(&root).expect("test");
+    }
+
+    #[test]
+    fn a_pod_nothing_named_is_unknown_and_pod_uid_prefix_never_its_bare_uid() {
+        let unnamed = PodRef {
+            uid: UID.into(),
+            container_id: Some(CID.into()),
+            ..Default::default()
+        };
+        assert_eq!(unnamed.shown_namespace(), "unknown");
+        assert_eq!(unnamed.shown_name(), "pod-0d3e2f1a");
+        // The filters take what the labels show: the alert's `--pod pod-0d3e2f1a` finds it.
+        let filter = |namespace: Option<&str>, pod: Option<&str>| PodFilters {
+            namespace: namespace.map(str::to_owned),
+            pod: pod.map(str::to_owned),
+            container: None,
+        };
+        assert!(filter(Some("unknown"), Some("pod-0d3e2f1a")).matches(Some(&unnamed)));
+        assert!(filter(None, Some("pod-0d3e")).matches(Some(&unnamed)));
+        assert!(!filter(Some("shop"), None).matches(Some(&unnamed)));
+        assert!(!filter(None, Some(UID)).matches(Some(&unnamed)));
+        let named = PodRef {
+            namespace: Some("shop".into()),
+            name: Some("cart-1".into()),
+            ..unnamed.clone()
+        };
+        assert_eq!(
+            (named.shown_namespace(), &*named.shown_name()),
+            ("shop", "cart-1")
+        );
+        assert!(!filter(Some("unknown"), None).matches(Some(&named)));
+        // A uid from the API need not be a UUID: no panic on a short or multibyte one.
+        let odd = PodRef {
+            uid: "ü".into(),
+            ..Default::default()
+        };
+        assert_eq!(odd.shown_name(), "pod-ü");
     }
 }
