@@ -4,11 +4,12 @@
 //! Paths are parsed for both kubelet cgroup drivers (systemd: `kubepods-burstable-pod<uid>.slice`
 //! / `cri-containerd-<id>.scope`; cgroupfs: `/kubepods/burstable/pod<uid>/<id>`). Names come
 //! from the kubelet's log directories, which need no API access: `pods/<ns>_<name>_<uid>/` and
-//! `containers/<pod>_<ns>_<container>-<id>.log`. A pod nothing named is shown as namespace
-//! `unknown` and pod `pod-<first 8 of its uid>` ([`PodRef::shown_namespace`],
-//! [`PodRef::shown_name`]), never by its bare uid. The container runtime's state is not read:
-//! its directories also hold the containers' root filesystems and the runtime's sockets and
-//! FIFOs, which a read-only hostPath does not protect.
+//! `containers/<pod>_<ns>_<container>-<id>.log`. What a source said of a pod is kept for the
+//! pod's life (`known`). A pod nothing named is shown as namespace `unknown` and pod
+//! `pod-<first 8 of its uid>` ([`PodRef::shown_namespace`], [`PodRef::shown_name`]), never by
+//! its bare uid. The container runtime's state is not read: its directories also hold the
+//! containers' root filesystems and the runtime's sockets and FIFOs, which a read-only hostPath
+//! does not protect.
 
 use std::{
     borrow::Cow,
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
+    attribution::known::KnownPods,
     attribution::kubeapi::{ApiOptions, ApiPods, Owner},
 };
 
@@ -181,7 +183,8 @@ pub struct PodRef {
     pub labels: BTreeMap<String, String>,
 }
 
-/// The namespace shown for a pod that nothing (the API, the kubelet's directories) named.
+/// The namespace shown for a pod that nothing (the API, the kubelet's directories, what was
+/// learned before) named.
 const UNKNOWN_NAMESPACE: &str = "unknown";
 
 impl PodRef {
@@ -390,6 +393,8 @@ pub struct Attributor {
     pub cgroups: CgroupFs,
     pods: PodDirectory,
     api: Option<ApiPods>,
+    /// What the sources said of each pod, for the pod's life.
+    known: KnownPods,
     /// Recent answers by (cgroup id, pids cgroup inode): an event storm from one cgroup
     /// resolves it once per `REUSE`, not once per event.
     recent: HashMap<(u64, Option<u64>), Recent>,
@@ -419,6 +424,7 @@ impl Attributor {
             cgroups,
             pods: PodDirectory::new(&args.kubelet_logs),
             api,
+            known: KnownPods::new(Instant::now()),
             recent: HashMap::new(),
         }
     }
@@ -430,6 +436,7 @@ impl Attributor {
             cgroups: CgroupFs::none(),
             pods: PodDirectory::new("/nonexistent"),
             api: None,
+            known: KnownPods::new(Instant::now()),
             recent: HashMap::new(),
         }
     }
@@ -494,9 +501,9 @@ impl Attributor {
     }
 
     /// The pod that has `ip`, from the API (for packets whose socket faultline did not see).
-    pub fn attribute_ip(&self, ip: &str) -> Option<Attribution> {
+    pub fn attribute_ip(&mut self, ip: &str) -> Option<Attribution> {
         let (uid, p) = self.api.as_ref()?.by_ip(ip)?;
-        let pod = PodRef {
+        let mut pod = PodRef {
             namespace: Some(p.namespace),
             name: Some(p.name),
             uid,
@@ -505,6 +512,7 @@ impl Attributor {
             labels: p.labels,
             ..Default::default()
         };
+        self.known.complete(&mut pod, Instant::now());
         Some(Attribution {
             workload: pod_workload(&pod),
             pod: Some(pod),
@@ -512,9 +520,9 @@ impl Attributor {
     }
 
     /// Attribution of a cgroup path: names from the API when it knows the pod, else from the
-    /// kubelet's directories.
+    /// kubelet's directories; then completed with what was learned of the pod before.
     pub fn attribute_path(&mut self, path: &str) -> Attribution {
-        let (api, dir) = (&self.api, &mut self.pods);
+        let (api, dir, known) = (&self.api, &mut self.pods, &mut self.known);
         attribute(path, |pod| {
             match api.as_ref().and_then(|a| a.get(&pod.uid)) {
                 Some(p) => {
@@ -530,6 +538,7 @@ impl Attributor {
                 }
                 None => dir.name(pod),
             }
+            known.complete(pod, Instant::now());
         })
     }
 }
@@ -792,5 +801,65 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(odd.shown_name(), "pod-ü");
+    }
+
+    /// An attributor whose API knows what the test says, over a kubelet log root.
+    fn attributor(logs: &Path, api: &ApiPods) -> Attributor {
+        Attributor {
+            cgroups: CgroupFs::none(),
+            pods: PodDirectory::new(logs),
+            api: Some(api.clone()),
+            known: KnownPods::new(Instant::now()),
+            recent: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn workload_labels_stay_when_the_api_and_the_log_directories_go() {
+        let root =
+            std::env::temp_dir().join(format!("faultline-unit-known-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let pod_dir = root.join(format!("pods/shop_cart-7d9f-b_{UID}"));
+        std::fs::create_dir_all(&pod_dir).expect("test");
+        std::fs::create_dir_all(root.join("containers")).expect("test");
+        std::fs::write(
+            root.join(format!("containers/cart-7d9f-b_shop_app-{CID}.log")),
+            "",
+        )
+        .expect("test");
+        let api = ApiPods::default();
+        let mut a = attributor(&root, &api);
+        let path = format!("/kubepods/burstable/pod{UID}/{CID}");
+        let labels = |a: &mut Attributor| {
+            // A directory removed is seen at the next scan, however recent the last.
+            a.pods.last_scan = None;
+            let who = a.attribute_path(&path);
+            crate::export::metrics::who(&who.workload, who.pod.as_ref())
+        };
+        let expect = |workload: &str| {
+            crate::export::metrics::WhoLabels::from(["shop", "cart-7d9f-b", "app", workload])
+        };
+        // The API has not told of the pod yet: the kubelet's directories name it.
+        assert_eq!(labels(&mut a), expect("shop/cart-7d9f-b/app"));
+        // The API names it, with its owner: the owner is its workload from now on...
+        let from_api = crate::attribution::kubeapi::ApiPod {
+            namespace: "shop".into(),
+            name: "cart-7d9f-b".into(),
+            containers: [(CID.to_owned(), "app".to_owned())].into(),
+            owner: Some(Owner {
+                kind: "Deployment".into(),
+                name: "cart".into(),
+            }),
+            ..Default::default()
+        };
+        api.set(UID, Some(from_api));
+        assert_eq!(labels(&mut a), expect("Deployment/cart"));
+        // ...when the API forgets the pod (deleted, a relist without it, a restart)...
+        api.set(UID, None);
+        assert_eq!(labels(&mut a), expect("Deployment/cart"));
+        // ...and when its log directory is removed before its cgroup: nothing flaps back.
+        std::fs::remove_dir_all(&pod_dir).expect("test");
+        assert_eq!(labels(&mut a), expect("Deployment/cart"));
+        std::fs::remove_dir_all(&root).expect("test");
     }
 }

@@ -74,6 +74,13 @@ impl WhoLabels {
     }
 }
 
+#[cfg(test)]
+impl From<[&str; 4]> for WhoLabels {
+    fn from(labels: [&str; 4]) -> Self {
+        WhoLabels(labels.map(String::from))
+    }
+}
+
 /// `namespace`, `pod`, `container`, `workload` of a pod or another workload. A pod nothing
 /// named is in namespace `unknown` as `pod-<first 8 of its uid>` (`PodRef::shown_name`).
 pub fn who(workload: &str, pod: Option<&PodRef>) -> WhoLabels {
@@ -88,8 +95,8 @@ pub fn who(workload: &str, pod: Option<&PodRef>) -> WhoLabels {
                 p.shown_namespace().to_owned(),
                 p.shown_name().into_owned(),
                 p.container.clone().unwrap_or_default(),
-                // The owner from the API; without it, the pod's own workload (never empty:
-                // alerts name it).
+                // The owner the API gave first (kept for the pod's life by the attributor);
+                // without one, the pod's own workload (never empty: alerts name it).
                 p.owner
                     .as_ref()
                     .map_or_else(|| workload.to_owned(), |o| format!("{}/{}", o.kind, o.name)),
