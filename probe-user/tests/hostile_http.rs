@@ -525,8 +525,9 @@ fn slow_readers_of_a_large_exposition_stay_within_the_daemonsets_memory() {
     let (mut daemon, log) = start_daemon(&prefix, &[]);
     let (port, pid) = (daemon.port, daemon.child.id());
     activity_in(trees);
-    // The pods' uids (`workloads`) begin with this.
-    let ours = format!("pod=\"{:08x}-0000-4000-8000-", std::process::id());
+    // The pods' uids (`workloads`) begin with this, and nothing names them: each is
+    // `pod-<first 8 of its uid>` (told apart by its workload, `pod <uid>/...`).
+    let ours = format!("pod=\"pod-{:08x}\"", std::process::id());
     let exposition = eventually(
         Duration::from_secs(60 * pace()),
         "1,800 workloads in /metrics",

@@ -1,8 +1,9 @@
 //! The Kubernetes API path, against a local HTTP server that serves the pods list and watch
 //! endpoints the way the API server does: a watch that ends (restart), a 410 Gone (relist),
 //! a ReplicaSet owned by a Deployment. faultline must name pods from the API (the kubelet log
-//! directory is empty here), report owner, IPs and only allow-listed labels; and with the API
-//! unreachable it must keep naming pods from the kubelet directories and say so once. Root only.
+//! directory is empty here), report owner, IPs and only allow-listed labels; with the API
+//! unreachable it must keep naming pods from the kubelet directories and say so once; and a
+//! pod's labels must not change when the API goes down and comes back without it. Root only.
 #![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
@@ -110,7 +111,7 @@ impl FakeApi {
                     };
                     let hold = watches > 2;
                     let stop = stop2.clone();
-                    std::thread::spawn(move || stream_watch(conn, events, hold, stop));
+                    std::thread::spawn(move || stream_watch(conn, events, move || hold, stop));
                 } else {
                     let _ = conn.write_all(
                         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -182,9 +183,14 @@ fn respond(conn: &mut TcpStream, body: &Value) {
     );
 }
 
-/// A chunked watch response: the events, then either the end (the server closing the watch)
-/// or a hold until the test ends (at most 60 s).
-fn stream_watch(mut conn: TcpStream, events: Vec<Value>, hold: bool, stop: Arc<AtomicBool>) {
+/// A chunked watch response: the events, then a hold while `hold` holds (until the test
+/// ends, at most 60 s), then the end (the server closing the watch).
+fn stream_watch(
+    mut conn: TcpStream,
+    events: Vec<Value>,
+    hold: impl Fn() -> bool,
+    stop: Arc<AtomicBool>,
+) {
     let _ = conn.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
     );
@@ -193,8 +199,8 @@ fn stream_watch(mut conn: TcpStream, events: Vec<Value>, hold: bool, stop: Arc<A
         let _ = write!(conn, "{:x}\r\n{line}\r\n", line.len());
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while hold && !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
+    while hold() && !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
     }
     let _ = conn.write_all(b"0\r\n\r\n");
 }
@@ -447,4 +453,228 @@ fn a_conntrack_drop_is_attributed_by_pod_ip() {
             .is_some_and(|e| e.contains("sender by pod IP")),
         "{d}"
     );
+}
+
+/// A stand-in API that can go down and come back with other pods: while up, it lists `pods`
+/// at resourceVersion `rv` and holds watches from that version (one from another version is
+/// told 410 Gone, so the client relists); while down, it closes every connection unanswered
+/// and ends the watches.
+struct OnOffApi {
+    port: u16,
+    state: Arc<Mutex<Served>>,
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+struct Served {
+    /// None: down.
+    pods: Option<Vec<Value>>,
+    rv: u64,
+}
+
+impl OnOffApi {
+    fn start(pods: Vec<Value>) -> OnOffApi {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the stand-in API");
+        let port = listener.local_addr().expect("addr").port();
+        let api = OnOffApi {
+            port,
+            state: Arc::new(Mutex::new(Served {
+                pods: Some(pods),
+                rv: 100,
+            })),
+            requests: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (state, requests, stop) = (api.state.clone(), api.requests.clone(), api.stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let Some(path) = read_request(&conn) else {
+                    continue;
+                };
+                requests.lock().unwrap().push(path.clone());
+                let (pods, rv) = {
+                    let s = state.lock().unwrap();
+                    (s.pods.clone(), s.rv)
+                };
+                // Down: the connection closes unanswered, as a crashed API server's does.
+                let Some(pods) = pods else { continue };
+                if !path.starts_with("/api/v1/pods") {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                } else if !path.contains("watch=") {
+                    respond(
+                        &mut conn,
+                        &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": rv.to_string()}, "items": pods}),
+                    );
+                } else if path.contains(&format!("resourceVersion={rv}&"))
+                    || path.ends_with(&format!("resourceVersion={rv}"))
+                {
+                    // Held while this state lasts.
+                    let (state, stop) = (state.clone(), stop.clone());
+                    let same = move || {
+                        let s = state.lock().unwrap();
+                        s.pods.is_some() && s.rv == rv
+                    };
+                    std::thread::spawn(move || stream_watch(conn, Vec::new(), same, stop));
+                } else {
+                    let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Expired", "message": "too old resource version", "code": 410}});
+                    let stop = stop.clone();
+                    std::thread::spawn(move || stream_watch(conn, vec![gone], || false, stop));
+                }
+            }
+        });
+        api
+    }
+
+    fn down(&self) {
+        self.state.lock().unwrap().pods = None;
+    }
+
+    /// Up again, listing `pods` at a newer version than any before.
+    fn up(&self, pods: Vec<Value>) {
+        let mut s = self.state.lock().unwrap();
+        s.pods = Some(pods);
+        s.rv += 100;
+    }
+
+    /// Requests so far that are lists (not watches) of pods.
+    fn lists(&self) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.starts_with("/api/v1/pods") && !p.contains("watch="))
+            .count()
+    }
+
+    /// Whether a watch from the current version was asked for after `lists` lists: the
+    /// client has what was listed.
+    fn watching_after(&self, lists: usize) -> bool {
+        let rv = self.state.lock().unwrap().rv;
+        let requests = self.requests.lock().unwrap();
+        let mut seen = 0;
+        requests.iter().any(|p| {
+            if p.starts_with("/api/v1/pods") && !p.contains("watch=") {
+                seen += 1;
+            }
+            seen >= lists && p.contains("watch=") && p.contains(&format!("resourceVersion={rv}"))
+        })
+    }
+}
+
+impl Drop for OnOffApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// The `workload` label of every series of `family` whose labels contain `pod`.
+fn workloads(metrics: &str, family: &str, pod: &str) -> Vec<String> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && l.contains(pod))
+        .filter_map(|l| {
+            let rest = &l[l.find("workload=\"")? + "workload=\"".len()..];
+            Some(rest[..rest.find('"')?].to_owned())
+        })
+        .collect()
+}
+
+/// Issue #34: a pod's `workload` does not change when the API goes down and comes back
+/// without it (deleted from the API while its cgroup is still there, named by its log
+/// directory meanwhile), and a pod nothing names is in namespace `unknown` as
+/// `pod-<first 8 of its uid>`, never its bare uid.
+#[test]
+fn workload_labels_stay_across_the_api_going_and_coming_back() {
+    let (uid_p, uid_u) = (uid(20), uid(21));
+    const CID_P: &str = "e0e00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+    const CID_U: &str = "f0f00c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+    let api = OnOffApi::start(vec![pod(
+        "cart-7d9f-p",
+        &uid_p,
+        CID_P,
+        "90",
+        "10.1.0.20",
+        true,
+    )]);
+    let config = kubeconfig(api.port);
+    // The kubelet's directories name P (as they would without the API); U has none.
+    let logs = KubeletLogs::new(&[("shop", "cart-7d9f-p", &uid_p, "app", CID_P)]);
+    let top = unique("onoff");
+    let (p, u) = (
+        PodCgroup::systemd(&top, &uid_p, CID_P, 20),
+        PodCgroup::systemd(&format!("{top}-u"), &uid_u, CID_U, 20),
+    );
+    let daemon = common::Daemon::start(&[
+        "--kubeconfig",
+        &config.0.display().to_string(),
+        "--node-name",
+        "node-1",
+        "--kubelet-logs",
+        &logs.arg(),
+        "--no-events",
+    ]);
+    eventually(Duration::from_secs(10), "the daemon's first list", || {
+        api.watching_after(1).then_some(())
+    });
+    p.lab(&["threads", "2", "--comm", "fl-onoff-p"]);
+    u.lab(&["threads", "2", "--comm", "fl-onoff-u"]);
+
+    let live = "faultline_tasks_live{";
+    let named = r#"pod="cart-7d9f-p""#;
+    let unnamed = format!(
+        r#"namespace="unknown",pod="pod-{:08x}""#,
+        std::process::id()
+    );
+    let m = eventually(Duration::from_secs(10), "both pods' series", || {
+        let m = daemon.metrics();
+        (!workloads(&m, live, named).is_empty() && !workloads(&m, live, &unnamed).is_empty())
+            .then_some(m)
+    });
+    assert_eq!(workloads(&m, live, named), ["Deployment/cart"], "{m}");
+    assert_eq!(
+        workloads(&m, live, &unnamed),
+        [format!("pod {uid_u}/{}", &CID_U[..12])],
+        "{m}"
+    );
+    assert!(!m.contains(&format!("pod=\"{uid_u}\"")), "{m}");
+
+    // Down: the daemon notices, and nothing changes.
+    api.down();
+    let m = eventually(Duration::from_secs(10), "the API's failure counted", || {
+        let m = daemon.metrics();
+        sample(&m, "faultline_kube_api_errors_total", &[])
+            .is_some_and(|n| n >= 1.0)
+            .then_some(m)
+    });
+    assert_eq!(workloads(&m, live, named), ["Deployment/cart"], "{m}");
+
+    // Back, without P (deleted from the API before its cgroup goes): the relist drops it,
+    // and its log directory would name it `shop/cart-7d9f-p/app`.
+    let lists = api.lists();
+    api.up(Vec::new());
+    eventually(Duration::from_secs(15), "the daemon's relist", || {
+        api.watching_after(lists + 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1000)); // a few refreshes
+    let m = daemon.metrics();
+    assert_eq!(workloads(&m, live, named), ["Deployment/cart"], "{m}");
+    // No counter series of P was ever under another workload.
+    assert_eq!(
+        workloads(&m, "faultline_tasks_created_total{", named),
+        ["Deployment/cart", "Deployment/cart"],
+        "threads and processes, one workload: {m}"
+    );
+    assert_eq!(
+        workloads(&m, live, &unnamed),
+        [format!("pod {uid_u}/{}", &CID_U[..12])],
+        "{m}"
+    );
+    drop(daemon);
 }

@@ -63,6 +63,17 @@ impl ApiPods {
         self.pods.read().ok()?.get(uid).cloned()
     }
 
+    /// What a watch event does to the store: a pod added or changed (`Some`), or deleted.
+    #[cfg(test)]
+    pub(crate) fn set(&self, uid: &str, pod: Option<ApiPod>) {
+        if let Ok(mut store) = self.pods.write() {
+            match pod {
+                Some(p) => store.insert(uid.to_owned(), p),
+                None => store.remove(uid),
+            };
+        }
+    }
+
     /// The one pod with this IP (uid, pod); none when no pod or several have it (pods on the
     /// host network share the node's IP).
     pub fn by_ip(&self, ip: &str) -> Option<(String, ApiPod)> {

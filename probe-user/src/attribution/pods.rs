@@ -4,9 +4,15 @@
 //! Paths are parsed for both kubelet cgroup drivers (systemd: `kubepods-burstable-pod<uid>.slice`
 //! / `cri-containerd-<id>.scope`; cgroupfs: `/kubepods/burstable/pod<uid>/<id>`). Names come
 //! from the kubelet's log directories, which need no API access: `pods/<ns>_<name>_<uid>/` and
-//! `containers/<pod>_<ns>_<container>-<id>.log`.
+//! `containers/<pod>_<ns>_<container>-<id>.log`. What a source said of a pod is kept for the
+//! pod's life (`known`). A pod nothing named is shown as namespace `unknown` and pod
+//! `pod-<first 8 of its uid>` ([`PodRef::shown_namespace`], [`PodRef::shown_name`]), never by
+//! its bare uid. The container runtime's state is not read: its directories also hold the
+//! containers' root filesystems and the runtime's sockets and FIFOs, which a read-only hostPath
+//! does not protect.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -17,6 +23,7 @@ use serde::Serialize;
 
 use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
+    attribution::known::KnownPods,
     attribution::kubeapi::{ApiOptions, ApiPods, Owner},
 };
 
@@ -176,6 +183,30 @@ pub struct PodRef {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The namespace shown for a pod that nothing (the API, the kubelet's directories, what was
+/// learned before) named.
+const UNKNOWN_NAMESPACE: &str = "unknown";
+
+impl PodRef {
+    /// The namespace as labels, tables and filters show it: `unknown` for a pod nothing named.
+    pub fn shown_namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(UNKNOWN_NAMESPACE)
+    }
+
+    /// The name as labels, tables and filters show it. A pod nothing named is `pod-` and the
+    /// first 8 characters of its uid: enough to find it among the node's pods, and not a bare
+    /// uid, which reads as a name (the whole uid stays in `uid`).
+    pub fn shown_name(&self) -> Cow<'_, str> {
+        match &self.name {
+            Some(name) => Cow::Borrowed(name),
+            None => Cow::Owned(format!(
+                "pod-{}",
+                self.uid.chars().take(8).collect::<String>()
+            )),
+        }
+    }
+}
+
 /// Who a cgroup belongs to: a pod, or a readable name for anything else.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Attribution {
@@ -321,15 +352,16 @@ impl PodFilters {
                 .is_none_or(|w| pod.is_some_and(|n| n.starts_with(w)))
     }
 
-    /// Whether a pod (or a non-pod, `None`) passes the filters.
+    /// Whether a pod (or a non-pod, `None`) passes the filters, by the names its labels show
+    /// (`-n unknown --pod pod-0d3e2f1a` selects a pod nothing named, as its alert says).
     pub fn matches(&self, pod: Option<&PodRef>) -> bool {
         if !self.any() {
             return true;
         }
         let Some(p) = pod else { return false };
         self.matches_names(
-            p.namespace.as_deref(),
-            p.name.as_deref(),
+            Some(p.shown_namespace()),
+            Some(&p.shown_name()),
             p.container.as_deref(),
         )
     }
@@ -361,6 +393,8 @@ pub struct Attributor {
     pub cgroups: CgroupFs,
     pods: PodDirectory,
     api: Option<ApiPods>,
+    /// What the sources said of each pod, for the pod's life.
+    known: KnownPods,
     /// Recent answers by (cgroup id, pids cgroup inode): an event storm from one cgroup
     /// resolves it once per `REUSE`, not once per event.
     recent: HashMap<(u64, Option<u64>), Recent>,
@@ -390,6 +424,7 @@ impl Attributor {
             cgroups,
             pods: PodDirectory::new(&args.kubelet_logs),
             api,
+            known: KnownPods::new(Instant::now()),
             recent: HashMap::new(),
         }
     }
@@ -401,6 +436,7 @@ impl Attributor {
             cgroups: CgroupFs::none(),
             pods: PodDirectory::new("/nonexistent"),
             api: None,
+            known: KnownPods::new(Instant::now()),
             recent: HashMap::new(),
         }
     }
@@ -465,9 +501,9 @@ impl Attributor {
     }
 
     /// The pod that has `ip`, from the API (for packets whose socket faultline did not see).
-    pub fn attribute_ip(&self, ip: &str) -> Option<Attribution> {
+    pub fn attribute_ip(&mut self, ip: &str) -> Option<Attribution> {
         let (uid, p) = self.api.as_ref()?.by_ip(ip)?;
-        let pod = PodRef {
+        let mut pod = PodRef {
             namespace: Some(p.namespace),
             name: Some(p.name),
             uid,
@@ -476,6 +512,7 @@ impl Attributor {
             labels: p.labels,
             ..Default::default()
         };
+        self.known.complete(&mut pod, Instant::now());
         Some(Attribution {
             workload: pod_workload(&pod),
             pod: Some(pod),
@@ -483,9 +520,9 @@ impl Attributor {
     }
 
     /// Attribution of a cgroup path: names from the API when it knows the pod, else from the
-    /// kubelet's directories.
+    /// kubelet's directories; then completed with what was learned of the pod before.
     pub fn attribute_path(&mut self, path: &str) -> Attribution {
-        let (api, dir) = (&self.api, &mut self.pods);
+        let (api, dir, known) = (&self.api, &mut self.pods, &mut self.known);
         attribute(path, |pod| {
             match api.as_ref().and_then(|a| a.get(&pod.uid)) {
                 Some(p) => {
@@ -501,6 +538,7 @@ impl Attributor {
                 }
                 None => dir.name(pod),
             }
+            known.complete(pod, Instant::now());
         })
     }
 }
@@ -511,6 +549,8 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// `namespace/name/container`; a pod nothing named is `pod <uid>/...`: its uid is all that
+/// tells it from others, and stays its own for its life.
 fn pod_workload(p: &PodRef) -> String {
     let pod = match (&p.namespace, &p.name) {
         (Some(ns), Some(name)) => format!("{ns}/{name}"),
@@ -723,6 +763,103 @@ mod tests {
             named("/user.slice/user-0.slice/session-1.scope").workload,
             "session-1.scope (uid 0)"
         );
+        std::fs::remove_dir_all(&root).expect("test");
+    }
+
+    #[test]
+    fn a_pod_nothing_named_is_unknown_and_pod_uid_prefix_never_its_bare_uid() {
+        let unnamed = PodRef {
+            uid: UID.into(),
+            container_id: Some(CID.into()),
+            ..Default::default()
+        };
+        assert_eq!(unnamed.shown_namespace(), "unknown");
+        assert_eq!(unnamed.shown_name(), "pod-0d3e2f1a");
+        // The filters take what the labels show: the alert's `--pod pod-0d3e2f1a` finds it.
+        let filter = |namespace: Option<&str>, pod: Option<&str>| PodFilters {
+            namespace: namespace.map(str::to_owned),
+            pod: pod.map(str::to_owned),
+            container: None,
+        };
+        assert!(filter(Some("unknown"), Some("pod-0d3e2f1a")).matches(Some(&unnamed)));
+        assert!(filter(None, Some("pod-0d3e")).matches(Some(&unnamed)));
+        assert!(!filter(Some("shop"), None).matches(Some(&unnamed)));
+        assert!(!filter(None, Some(UID)).matches(Some(&unnamed)));
+        let named = PodRef {
+            namespace: Some("shop".into()),
+            name: Some("cart-1".into()),
+            ..unnamed.clone()
+        };
+        assert_eq!(
+            (named.shown_namespace(), &*named.shown_name()),
+            ("shop", "cart-1")
+        );
+        assert!(!filter(Some("unknown"), None).matches(Some(&named)));
+        // A uid from the API need not be a UUID: no panic on a short or multibyte one.
+        let odd = PodRef {
+            uid: "ü".into(),
+            ..Default::default()
+        };
+        assert_eq!(odd.shown_name(), "pod-ü");
+    }
+
+    /// An attributor whose API knows what the test says, over a kubelet log root.
+    fn attributor(logs: &Path, api: &ApiPods) -> Attributor {
+        Attributor {
+            cgroups: CgroupFs::none(),
+            pods: PodDirectory::new(logs),
+            api: Some(api.clone()),
+            known: KnownPods::new(Instant::now()),
+            recent: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn workload_labels_stay_when_the_api_and_the_log_directories_go() {
+        let root =
+            std::env::temp_dir().join(format!("faultline-unit-known-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let pod_dir = root.join(format!("pods/shop_cart-7d9f-b_{UID}"));
+        std::fs::create_dir_all(&pod_dir).expect("test");
+        std::fs::create_dir_all(root.join("containers")).expect("test");
+        std::fs::write(
+            root.join(format!("containers/cart-7d9f-b_shop_app-{CID}.log")),
+            "",
+        )
+        .expect("test");
+        let api = ApiPods::default();
+        let mut a = attributor(&root, &api);
+        let path = format!("/kubepods/burstable/pod{UID}/{CID}");
+        let labels = |a: &mut Attributor| {
+            // A directory removed is seen at the next scan, however recent the last.
+            a.pods.last_scan = None;
+            let who = a.attribute_path(&path);
+            crate::export::metrics::who(&who.workload, who.pod.as_ref())
+        };
+        let expect = |workload: &str| {
+            crate::export::metrics::WhoLabels::from(["shop", "cart-7d9f-b", "app", workload])
+        };
+        // The API has not told of the pod yet: the kubelet's directories name it.
+        assert_eq!(labels(&mut a), expect("shop/cart-7d9f-b/app"));
+        // The API names it, with its owner: the owner is its workload from now on...
+        let from_api = crate::attribution::kubeapi::ApiPod {
+            namespace: "shop".into(),
+            name: "cart-7d9f-b".into(),
+            containers: [(CID.to_owned(), "app".to_owned())].into(),
+            owner: Some(Owner {
+                kind: "Deployment".into(),
+                name: "cart".into(),
+            }),
+            ..Default::default()
+        };
+        api.set(UID, Some(from_api));
+        assert_eq!(labels(&mut a), expect("Deployment/cart"));
+        // ...when the API forgets the pod (deleted, a relist without it, a restart)...
+        api.set(UID, None);
+        assert_eq!(labels(&mut a), expect("Deployment/cart"));
+        // ...and when its log directory is removed before its cgroup: nothing flaps back.
+        std::fs::remove_dir_all(&pod_dir).expect("test");
+        assert_eq!(labels(&mut a), expect("Deployment/cart"));
         std::fs::remove_dir_all(&root).expect("test");
     }
 }

@@ -50,8 +50,8 @@ pub struct Who {
 impl Who {
     pub fn new(workload: &str, pod: Option<&PodRef>, cgroup: Option<&str>) -> Self {
         Who {
-            namespace: pod.and_then(|p| p.namespace.clone()),
-            pod: pod.map(|p| p.name.clone().unwrap_or_else(|| p.uid.clone())),
+            namespace: pod.map(|p| p.shown_namespace().to_owned()),
+            pod: pod.map(|p| p.shown_name().into_owned()),
             container: pod.and_then(|p| p.container.clone()),
             workload: workload.to_owned(),
             cgroup: cgroup.map(str::to_owned),

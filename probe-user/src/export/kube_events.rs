@@ -741,11 +741,22 @@ mod tests {
         for e in [far, other_limit, unnamed] {
             assert!(Occurrence::of_estimate(&e).is_none(), "{e:?}");
         }
-        let unnamed = CloneFailure {
+        // Not a pod, and a pod nothing named (its labels say `unknown`): no Event, rather
+        // than one on a made-up object.
+        let not_a_pod = CloneFailure {
             pod: None,
+            ..refused.clone()
+        };
+        let unnamed = CloneFailure {
+            pod: Some(PodRef {
+                uid: "0d3e2f1a-8b7c-4d6e-9f00-112233445566".into(),
+                ..PodRef::default()
+            }),
             ..refused
         };
-        assert!(Occurrence::of_event(&Event::CloneFailure(unnamed)).is_none());
+        for f in [not_a_pod, unnamed] {
+            assert!(Occurrence::of_event(&Event::CloneFailure(f)).is_none());
+        }
     }
 
     #[test]

@@ -74,7 +74,15 @@ impl WhoLabels {
     }
 }
 
-/// `namespace`, `pod`, `container`, `workload` of a pod or another workload.
+#[cfg(test)]
+impl From<[&str; 4]> for WhoLabels {
+    fn from(labels: [&str; 4]) -> Self {
+        WhoLabels(labels.map(String::from))
+    }
+}
+
+/// `namespace`, `pod`, `container`, `workload` of a pod or another workload. A pod nothing
+/// named is in namespace `unknown` as `pod-<first 8 of its uid>` (`PodRef::shown_name`).
 pub fn who(workload: &str, pod: Option<&PodRef>) -> WhoLabels {
     // Names come from pods and cgroups: no byte a terminal running `curl /metrics` obeys.
     let label = |s: String| match crate::text::printable(&s) {
@@ -84,11 +92,11 @@ pub fn who(workload: &str, pod: Option<&PodRef>) -> WhoLabels {
     WhoLabels(
         match pod {
             Some(p) => [
-                p.namespace.clone().unwrap_or_default(),
-                p.name.clone().unwrap_or_else(|| p.uid.clone()),
+                p.shown_namespace().to_owned(),
+                p.shown_name().into_owned(),
                 p.container.clone().unwrap_or_default(),
-                // The owner from the API; without it, the pod's own workload (never empty:
-                // alerts name it).
+                // The owner the API gave first (kept for the pod's life by the attributor);
+                // without one, the pod's own workload (never empty: alerts name it).
                 p.owner
                     .as_ref()
                     .map_or_else(|| workload.to_owned(), |o| format!("{}/{}", o.kind, o.name)),
@@ -832,11 +840,17 @@ mod tests {
             who("shop/cart-1/app", Some(&pod)),
             WhoLabels(["shop", "cart-1", "app", "Deployment/cart"].map(String::from))
         );
+        // A pod nothing named: never its bare uid, and never an empty namespace.
+        let uid = "0d3e2f1a-8b7c-4d6e-9f00-112233445566";
         let unnamed = PodRef {
-            uid: "u-1".into(),
+            uid: uid.into(),
             ..Default::default()
         };
-        assert_eq!(who("pod u-1", Some(&unnamed)).0[1], "u-1");
+        let workload = format!("pod {uid}/4f8e0c6b1a2d");
+        assert_eq!(
+            who(&workload, Some(&unnamed)),
+            WhoLabels(["unknown", "pod-0d3e2f1a", "", &workload].map(String::from))
+        );
         assert_eq!(
             who("kubelet.service", None),
             WhoLabels(["", "", "", "kubelet.service"].map(String::from))

@@ -180,7 +180,8 @@ pub fn budget_record(line: &BudgetLine) -> LogRecord {
     }
 }
 
-/// OpenTelemetry's Kubernetes attributes of a pod.
+/// OpenTelemetry's Kubernetes attributes of a pod. A pod nothing named has `k8s.pod.uid`
+/// alone: the conventions' names are the pod's real ones, never the labels' `unknown`.
 pub(super) fn k8s_attributes(pod: Option<&PodRef>) -> Vec<KeyValue> {
     let Some(p) = pod else { return Vec::new() };
     let mut attributes = vec![kv("k8s.pod.uid", p.uid.clone())];
@@ -275,4 +276,55 @@ pub(super) fn now_unix_nano() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(pod: &PodRef) -> Vec<(String, String)> {
+        k8s_attributes(Some(pod))
+            .into_iter()
+            .map(|kv| {
+                let value = match kv.value.and_then(|v| v.value) {
+                    Some(any_value::Value::StringValue(s)) => s,
+                    other => format!("{other:?}"),
+                };
+                (kv.key, value)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_nothing_named_has_its_uid_and_no_made_up_names() {
+        let uid = "0d3e2f1a-8b7c-4d6e-9f00-112233445566";
+        let unnamed = PodRef {
+            uid: uid.into(),
+            ..Default::default()
+        };
+        assert_eq!(keys(&unnamed), [("k8s.pod.uid".into(), uid.into())]);
+        let named = PodRef {
+            namespace: Some("shop".into()),
+            name: Some("cart-1".into()),
+            owner: Some(crate::attribution::kubeapi::Owner {
+                kind: "Deployment".into(),
+                name: "cart".into(),
+            }),
+            ..unnamed
+        };
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            keys(&named),
+            pairs(&[
+                ("k8s.pod.uid", uid),
+                ("k8s.namespace.name", "shop"),
+                ("k8s.pod.name", "cart-1"),
+                ("k8s.deployment.name", "cart"),
+            ])
+        );
+    }
 }
