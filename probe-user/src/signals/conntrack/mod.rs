@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use probe_common::conntrack::{self as common, CT_CONFIRMED, CT_NONE, ConntrackDropEvent, FlowKey};
+use probe_common::conntrack::{
+    self as common, CT_CONFIRMED, CT_NONE, CT_UNCONFIRMED, ConntrackDropEvent, FlowKey,
+};
 use serde::Serialize;
 
 use crate::{
@@ -166,12 +168,44 @@ impl CtTable {
     }
 }
 
+/// One namespace's counters as far as drops explained them, and its last two reads.
+#[derive(Clone, Copy, Debug, Default)]
+struct Accounted {
+    seen: CtCounters,
+    /// The counters at the last read, and at the one before.
+    reads: [Option<CtCounters>; 2],
+}
+
+impl From<CtCounters> for Accounted {
+    fn from(c: CtCounters) -> Self {
+        Accounted {
+            seen: c,
+            reads: [None; 2],
+        }
+    }
+}
+
+impl Accounted {
+    /// A read after a batch: what the read before the last one counted and no event has
+    /// explained since is written off (its events were lost). An increase read now may have
+    /// its events in the next batches: the ring reader wakes between them.
+    fn read(&mut self, c: CtCounters) {
+        if let Some(old) = self.reads[1] {
+            let s = &mut self.seen;
+            s.insert_failed = s.insert_failed.max(old.insert_failed);
+            s.drop = s.drop.max(old.drop);
+            s.chaintoolong = s.chaintoolong.max(old.chaintoolong);
+        }
+        self.reads = [Some(c), self.reads[0]];
+    }
+}
+
 /// Decides causes; owns the namespaces and the counters already accounted for.
 pub struct Classifier {
     pub netns: NetnsDirectory,
     clock: KernelClock,
     /// Per namespace: the counters up to which drops have been explained.
-    accounted: HashMap<NetnsKey, CtCounters>,
+    accounted: HashMap<NetnsKey, Accounted>,
     /// Per namespace: `clash_resolve` at the last near-miss report.
     clashes: HashMap<NetnsKey, u64>,
     last_clash_poll: Option<Instant>,
@@ -185,12 +219,12 @@ impl Classifier {
         let mut accounted = HashMap::new();
         for ns in netns.all() {
             if let Ok((c, _)) = ctstats::read(&ns) {
-                accounted.insert(ns.key, c);
+                accounted.insert(ns.key, Accounted::from(c));
             }
         }
         let clashes = accounted
             .iter()
-            .map(|(k, c)| (*k, c.clash_resolve))
+            .map(|(k, a)| (*k, a.seen.clash_resolve))
             .collect();
         Classifier {
             netns,
@@ -259,13 +293,12 @@ impl Classifier {
                     continue;
                 }
             };
-            let seen = self.accounted.entry(key).or_default();
+            let seen = &mut self.accounted.entry(key).or_default().seen;
             out.push(verdict(ev.ct_state, &c, seen, &nat));
         }
-        // Everything up to now is explained: a lost event cannot be explained later.
         for (key, c) in now {
             if let Ok(c) = c {
-                self.accounted.insert(key, c);
+                self.accounted.entry(key).or_default().read(c);
             }
         }
         out
@@ -594,4 +627,39 @@ pub fn deliver(
         )))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(n: u64) -> CtCounters {
+        CtCounters {
+            insert_failed: n,
+            drop: n,
+            ..CtCounters::default()
+        }
+    }
+
+    /// Three drops read at once, their events in two batches: each is an insert failure.
+    /// An increase no event explains within two reads is written off (its event was lost),
+    /// and a later rule drop is not taken for it.
+    #[test]
+    fn increases_wait_two_reads_for_their_events() {
+        let mut a = Accounted::from(failed(0));
+        let c = failed(3);
+        assert_eq!(verdict(CT_UNCONFIRMED, &c, &mut a.seen, "").0, Cause::InsertFailed);
+        a.read(c);
+        for _ in 0..2 {
+            assert_eq!(verdict(CT_UNCONFIRMED, &c, &mut a.seen, "").0, Cause::InsertFailed);
+        }
+        a.read(c);
+        // One more increase whose event is lost: read at three batches (each of rule drops),
+        // it is written off at the third, and a rule drop then is not taken for it.
+        let c = failed(4);
+        for _ in 0..3 {
+            a.read(c);
+        }
+        assert_eq!(verdict(CT_UNCONFIRMED, &c, &mut a.seen, "").0, Cause::Rule);
+    }
 }
