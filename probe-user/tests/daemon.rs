@@ -552,10 +552,13 @@ fn after_attaching_every_thread_keeps_only_what_reading_needs() {
         }
         let (status, stderr, _) = daemon.terminate();
         assert!(status.success(), "{stderr}");
-        assert!(
-            stderr.contains("capabilities after attaching: kept BPF (reading the programs' maps)"),
-            "{stderr}"
-        );
+        // One short line; what each kept one is for, and every dropped one, at debug level.
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("capabilities after attaching: kept "))
+            .unwrap_or_else(|| panic!("no capabilities line: {stderr}"));
+        // It was ~600 characters: every dropped capability by name.
+        assert!(line.contains("BPF") && line.len() < 160, "{line}");
     }
 }
 
