@@ -716,3 +716,41 @@ fn an_event_storm_costs_the_budget_of_lines_and_every_failure_is_accounted() {
     );
     drop(events);
 }
+
+/// A port below 1024: faultline binds it before loading, while it still holds every capability
+/// it was given (here all of root's: the manifest grants no CAP_NET_BIND_SERVICE), then drops
+/// them; as deployed it is refused at once, naming the capability, before anything loads.
+#[test]
+fn a_port_below_1024_is_bound_before_the_capabilities_drop() {
+    let _serial = serial();
+    let port = (900..1000u16)
+        .rev()
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1024");
+    let listen = format!("127.0.0.1:{port}");
+    // Root's capabilities for CAP_NET_BIND_SERVICE, all else as deployed.
+    let daemon = Daemon::start_listening(&listen, port, true, &["--no-events"]);
+    healthz_answers(&daemon);
+    let bind = 1u64 << probe_common::caps::number("NET_BIND_SERVICE").expect("a capability");
+    let threads = thread_caps(daemon.child.id());
+    assert!(
+        threads.iter().all(|(_, caps)| caps & bind == 0),
+        "kept CAP_NET_BIND_SERVICE: {threads:?}"
+    );
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    if AS_DEPLOYED.is_some() {
+        let out = faultline()
+            .args(["run", "--listen", &listen, "--no-kube-api", "--no-events"])
+            .output()
+            .expect("faultline run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("--listen {listen}: Permission denied"))
+                && stderr.contains("needs CAP_NET_BIND_SERVICE"),
+            "{stderr}"
+        );
+    }
+}

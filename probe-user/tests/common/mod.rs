@@ -1354,3 +1354,31 @@ pub fn healthz_answers(daemon: &Daemon) {
         || http_get(daemon.port, "/healthz").filter(|(s, _)| *s == 200),
     );
 }
+
+impl Daemon {
+    /// `faultline run` listening on `listen` (whose port is `port`), with every capability
+    /// when `full_root`; ready. For a test of the listening socket itself: the others take a
+    /// free loopback port from [`Daemon::start`].
+    pub fn start_listening(listen: &str, port: u16, full_root: bool, extra: &[&str]) -> Daemon {
+        require_root();
+        let child = command(&faultline_argv(full_root))
+            .args([
+                "run",
+                "--listen",
+                listen,
+                "--refresh",
+                "300ms",
+                "--no-kube-api",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting faultline run");
+        let d = Daemon { child, port };
+        eventually(Duration::from_secs(60), "/readyz", || {
+            http_get(port, "/readyz").filter(|(s, _)| *s == 200)
+        });
+        d
+    }
+}

@@ -11,12 +11,12 @@
 //! 502, 503 or 504, the oldest batch is retried with capped backoff (Retry-After honoured)
 //! and never given up; records past the queue are dropped and counted. A batch the collector
 //! refuses (400, 401, 413, ...) is dropped and counted, said at WARN at most once a minute.
+//! The configuration is checked and the TLS files read before the programs load
+//! ([`OtlpSetup`]: a mistake is a usage error); the senders start after.
 
 mod config;
 mod records;
 mod sender;
-
-pub use config::OtlpConfig;
 
 use std::time::Duration;
 
@@ -33,8 +33,9 @@ use tokio::sync::mpsc;
 
 use crate::{export::budget::BudgetLine, signals::Event};
 
+use config::{OtlpConfig, SignalConfig};
 use records::{budget_record, dns_span, drop_record, kv, log_record};
-use sender::Sender;
+use sender::{Collector, Sender};
 
 /// Records waiting per signal; past this they are dropped and counted. With the batch in
 /// flight, a collector that is down costs nothing until QUEUE + BATCH records are waiting.
@@ -48,6 +49,40 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub struct OtlpCounters {
     pub dropped: IntCounter,
     pub failed_requests: IntCounter,
+}
+
+/// The export as configured (`--otlp-endpoint`, the `OTEL_*` variables), checked, with each
+/// signal's client made (its TLS files read): made before anything loads, started after.
+pub struct OtlpSetup {
+    logs: Option<Collector>,
+    traces: Option<Collector>,
+    /// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`.
+    resource: Vec<(String, String)>,
+    /// Which signals go where, said at the start.
+    described: String,
+}
+
+impl OtlpSetup {
+    /// `None` when nothing is to be exported. Errors: a value that cannot be used, a TLS file
+    /// that cannot be read (see [`OtlpConfig::from_env`]).
+    pub fn from_env(
+        endpoint: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(config) = OtlpConfig::from_env(endpoint, env)? else {
+            return Ok(None);
+        };
+        let described = config.describe();
+        let collector = |name: &str, signal: Option<SignalConfig>| {
+            signal.map(|s| Collector::new(name, s)).transpose()
+        };
+        Ok(Some(OtlpSetup {
+            logs: collector("logs", config.logs)?,
+            traces: collector("traces", config.traces)?,
+            resource: config.resource,
+            described,
+        }))
+    }
 }
 
 pub struct OtlpExporter {
@@ -88,28 +123,28 @@ fn resource(node: &str, extra: &[(String, String)]) -> Resource {
 /// One signal's background sender, encoding its batches with `encode`.
 fn spawn<T: Send + 'static>(
     name: &'static str,
-    signal: config::SignalConfig,
+    collector: Collector,
     counters: &OtlpCounters,
     rx: mpsc::Receiver<T>,
     encode: impl Fn(Vec<T>) -> Vec<u8> + Send + 'static,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let sender = Sender::new(name, signal, counters.clone())?;
-    Ok(tokio::spawn(sender.run(rx, encode)))
+) -> tokio::task::JoinHandle<()> {
+    let sender = Sender::new(name, collector, counters.clone());
+    tokio::spawn(sender.run(rx, encode))
 }
 
 impl OtlpExporter {
-    /// Starts one background sender per exported signal (errors: unreadable TLS files).
-    pub fn start(config: OtlpConfig, node: &str, counters: OtlpCounters) -> anyhow::Result<Self> {
-        tracing::info!("{}", config.describe());
-        let resource = resource(node, &config.resource);
+    /// Starts one background sender per exported signal.
+    pub fn start(setup: OtlpSetup, node: &str, counters: OtlpCounters) -> Self {
+        tracing::info!("{}", setup.described);
+        let resource = resource(node, &setup.resource);
         let scope = InstrumentationScope {
             name: "faultline".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             ..Default::default()
         };
         let mut tasks = Vec::new();
-        let logs = match config.logs {
-            Some(signal) => {
+        let logs = match setup.logs {
+            Some(collector) => {
                 let (tx, rx) = mpsc::channel(QUEUE);
                 let (resource, scope) = (resource.clone(), scope.clone());
                 let encode = move |log_records| {
@@ -126,13 +161,13 @@ impl OtlpExporter {
                     }
                     .encode_to_vec()
                 };
-                tasks.push(spawn("logs", signal, &counters, rx, encode)?);
+                tasks.push(spawn("logs", collector, &counters, rx, encode));
                 Some(tx)
             }
             None => None,
         };
-        let traces = match config.traces {
-            Some(signal) => {
+        let traces = match setup.traces {
+            Some(collector) => {
                 let (tx, rx) = mpsc::channel(QUEUE);
                 let encode = move |spans| {
                     ExportTraceServiceRequest {
@@ -148,17 +183,17 @@ impl OtlpExporter {
                     }
                     .encode_to_vec()
                 };
-                tasks.push(spawn("traces", signal, &counters, rx, encode)?);
+                tasks.push(spawn("traces", collector, &counters, rx, encode));
                 Some(tx)
             }
             None => None,
         };
-        Ok(OtlpExporter {
+        OtlpExporter {
             logs,
             traces,
             tasks,
             counters,
-        })
+        }
     }
 
     /// Queues an event: failures and drops as log records, queries as spans (near-misses

@@ -29,11 +29,25 @@ pub(super) const WARN_EVERY: Duration = Duration::from_secs(60);
 
 pub(super) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// One signal's collector: where and how to send, and the client that reaches it (its TLS
+/// files read).
+pub(super) struct Collector {
+    config: SignalConfig,
+    client: HttpClient,
+}
+
+impl Collector {
+    /// Errors: a TLS file that cannot be read or used.
+    pub(super) fn new(signal: &str, config: SignalConfig) -> anyhow::Result<Self> {
+        let client = client(&config).with_context(|| format!("OTLP {signal} to {}", config.uri))?;
+        Ok(Collector { config, client })
+    }
+}
+
 /// One signal's sender: batches from its queue, each delivered before the next is taken.
 pub(super) struct Sender {
     signal: &'static str,
-    config: SignalConfig,
-    client: HttpClient,
+    collector: Collector,
     counters: OtlpCounters,
     /// Since when the collector has been unreachable or asking for patience, if it is.
     outage: Option<Instant>,
@@ -42,20 +56,14 @@ pub(super) struct Sender {
 }
 
 impl Sender {
-    pub(super) fn new(
-        signal: &'static str,
-        config: SignalConfig,
-        counters: OtlpCounters,
-    ) -> anyhow::Result<Self> {
-        let client = client(&config).with_context(|| format!("OTLP {signal} to {}", config.uri))?;
-        Ok(Sender {
+    pub(super) fn new(signal: &'static str, collector: Collector, counters: OtlpCounters) -> Self {
+        Sender {
             signal,
-            config,
-            client,
+            collector,
             counters,
             outage: None,
             refused: (0, None),
-        })
+        }
     }
 
     pub(super) async fn run<T>(
@@ -85,7 +93,7 @@ impl Sender {
     /// "later" (429, 502, 503, 504, Retry-After honoured): meanwhile new records wait in the
     /// queue or, past it, are dropped and counted. A refused batch is dropped and counted.
     async fn deliver(&mut self, body: Vec<u8>, records: u64) {
-        let body = if self.config.gzip {
+        let body = if self.collector.config.gzip {
             match gzip(&body) {
                 Ok(packed) => packed,
                 Err(e) => return self.refused(records, &format!("compressing: {e}")),
@@ -114,7 +122,7 @@ impl Sender {
                         tracing::warn!(
                             "OTLP {} to {}: {why}; retrying, keeping up to {} records meanwhile",
                             self.signal,
-                            self.config.uri,
+                            self.collector.config.uri,
                             QUEUE + BATCH
                         );
                     }
@@ -139,7 +147,7 @@ impl Sender {
             tracing::warn!(
                 "OTLP {} to {}: {why}; {} batch(es) dropped since the last warning (at most one a minute)",
                 self.signal,
-                self.config.uri,
+                self.collector.config.uri,
                 self.refused.0
             );
             self.refused = (0, Some(Instant::now()));
@@ -147,7 +155,7 @@ impl Sender {
     }
 
     async fn attempt(&self, body: Bytes) -> Attempt {
-        let config = &self.config;
+        let config = &self.collector.config;
         let mut req = hyper::Request::post(config.uri.clone())
             .header("content-type", "application/x-protobuf")
             .header(
@@ -164,7 +172,7 @@ impl Sender {
             Ok(req) => req,
             Err(e) => return Attempt::Refused(format!("building the request: {e}")),
         };
-        match tokio::time::timeout(config.timeout, self.client.request(req)).await {
+        match tokio::time::timeout(config.timeout, self.collector.client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => Attempt::Done,
             Ok(Ok(resp)) if matches!(resp.status().as_u16(), 429 | 502 | 503 | 504) => {
                 Attempt::Later(
@@ -195,7 +203,7 @@ pub(super) enum Attempt {
 
 /// The client of one signal: http, or https with the `..._CERTIFICATE` CA (else the system's
 /// roots, through rustls-native-certs) and the `..._CLIENT_*` certificate if given.
-pub(super) fn client(config: &SignalConfig) -> anyhow::Result<HttpClient> {
+fn client(config: &SignalConfig) -> anyhow::Result<HttpClient> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
     let tls = &config.tls;
     let mut roots = rustls::RootCertStore::empty();
