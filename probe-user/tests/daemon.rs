@@ -8,7 +8,9 @@ mod common;
 use std::{
     io::Write as _,
     net::TcpListener,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -753,4 +755,204 @@ fn a_port_below_1024_is_bound_before_the_capabilities_drop() {
             "{stderr}"
         );
     }
+}
+
+/// A daemon exporting over OTLP as `env` says, and one clone failure in a pod for it to
+/// export: the daemon, its stderr as it comes, the pod's cgroup, and when the failure was.
+fn exporting_one_failure(
+    env: &[(&str, &str)],
+    tag: u32,
+    comm: &str,
+) -> (Daemon, mpsc::Receiver<String>, PodCgroup, Instant) {
+    let cg = PodCgroup::systemd(&unique(comm), &pod_uid(tag), CID, 4);
+    let mut daemon = Daemon::start_with_env(env, &["--no-events"]);
+    let lines = daemon.stderr_lines();
+    let report = cg.lab(&["threads", "8", "--comm", comm, "--max-failures", "1"]);
+    assert_eq!(report.failures, 1, "{report:?}");
+    (daemon, lines, cg, Instant::now())
+}
+
+/// A scratch directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(unique(name));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    fn sub(&self, name: &str) -> PathBuf {
+        let dir = self.0.join(name);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8")
+}
+
+/// The TLS warning of a daemon whose collector's TLS fails, within a few seconds of the
+/// record; the failed attempts go on (retried), the warning is not repeated meanwhile.
+fn tls_warning(daemon: &Daemon, lines: &mpsc::Receiver<String>, since: Instant) -> String {
+    let line = line_within(lines, Duration::from_secs(10), "a TLS warning", |l| {
+        l.contains("TLS: ")
+    });
+    let took = since.elapsed();
+    assert!(took < Duration::from_secs(5), "said after {took:?}: {line}");
+    let failed = |m: &str| sum_of(m, |l| l.starts_with("faultline_otlp_failed_requests_total"));
+    eventually(Duration::from_secs(10), "the attempt retried", || {
+        (failed(&daemon.metrics()) >= 3.0).then_some(())
+    });
+    let again: Vec<String> = lines.try_iter().filter(|l| l.contains("TLS: ")).collect();
+    assert!(again.is_empty(), "warned again at once: {again:?}");
+    line
+}
+
+/// The certificate the `openssl req -x509` one-liner makes, given to the collector as its own
+/// and to faultline as the CA: rustls refuses a CA certificate as a server's, and the daemon
+/// says so in rustls' words, what they mean and what to do, within seconds; it keeps retrying.
+#[test]
+fn a_collector_with_a_self_signed_ca_certificate_is_said_in_rustls_words() {
+    let _serial = serial();
+    let dir = TempDir::new("otlp-self-signed");
+    let (cert, key) = self_signed(&dir.0);
+    let receiver = OtlpReceiver::start_tls(&cert, &key, None);
+    let logs = format!("https://127.0.0.1:{}/v1/logs", receiver.port);
+    let (daemon, lines, _cg, at) = exporting_one_failure(
+        &[
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", &logs),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", path(&cert)),
+        ],
+        20,
+        "fl-tls-self",
+    );
+    let line = tls_warning(&daemon, &lines, at);
+    eprintln!("{line}");
+    for says in [
+        "the collector's certificate is refused here",
+        &format!("trusting the CA certificate in {}", cert.display()),
+        "CaUsedAsEndEntity",
+        "it is a CA certificate",
+        "give the collector a server certificate signed by a CA",
+        "retrying",
+    ] {
+        assert!(line.contains(says), "should say {says:?}: {line}");
+    }
+    assert!(receiver.records_of("fl-tls-self").is_empty());
+    let (status, _, _) = daemon.terminate();
+    assert!(status.success());
+}
+
+/// A collector whose certificate a CA signed that faultline was not given (it trusts another,
+/// of another name): UnknownIssuer, with the CA file it trusts and what to set.
+#[test]
+fn a_collector_certificate_of_an_unknown_ca_is_said_as_such() {
+    let _serial = serial();
+    let dir = TempDir::new("otlp-unknown-ca");
+    let theirs = test_ca(&dir.sub("theirs"));
+    let (ours, _) = self_signed(&dir.sub("ours"));
+    let receiver = OtlpReceiver::start_tls(&theirs.server_cert, &theirs.server_key, None);
+    let logs = format!("https://127.0.0.1:{}/v1/logs", receiver.port);
+    let (daemon, lines, _cg, at) = exporting_one_failure(
+        &[
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", &logs),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", path(&ours)),
+        ],
+        21,
+        "fl-tls-unknown",
+    );
+    let line = tls_warning(&daemon, &lines, at);
+    eprintln!("{line}");
+    for says in [
+        &format!("trusting the CA certificate in {}", ours.display()),
+        "invalid peer certificate: UnknownIssuer",
+        "no CA trusted here signed it",
+        "set OTEL_EXPORTER_OTLP_CERTIFICATE",
+    ] {
+        assert!(line.contains(says), "should say {says:?}: {line}");
+    }
+    let (status, _, _) = daemon.terminate();
+    assert!(status.success());
+}
+
+/// Mutual TLS where the collector takes only clients of its own CA and faultline presents a
+/// certificate of another: said as the collector refusing faultline's client certificate.
+#[test]
+fn a_client_certificate_the_collector_refuses_is_said_as_refused() {
+    let _serial = serial();
+    let dir = TempDir::new("otlp-client-refused");
+    let theirs = test_ca(&dir.sub("theirs"));
+    let ours = dir.sub("ours");
+    let (other_ca, other_key) = self_signed(&ours);
+    let (client_cert, client_key) = client_certificate(&ours, &other_ca, &other_key);
+    let receiver = OtlpReceiver::start_mutual_tls(&theirs);
+    let logs = format!("https://127.0.0.1:{}/v1/logs", receiver.port);
+    let (daemon, lines, _cg, at) = exporting_one_failure(
+        &[
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", &logs),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", path(&theirs.ca)),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", path(&client_cert)),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", path(&client_key)),
+        ],
+        22,
+        "fl-tls-client",
+    );
+    let line = tls_warning(&daemon, &lines, at);
+    eprintln!("{line}");
+    for says in [
+        &format!(
+            "the collector refused faultline's client certificate {}",
+            client_cert.display()
+        ),
+        "received fatal alert: UnknownCA",
+        "it does not trust the CA that signed it",
+    ] {
+        assert!(line.contains(says), "should say {says:?}: {line}");
+    }
+    assert!(receiver.records_of("fl-tls-client").is_empty());
+    let (status, _, _) = daemon.terminate();
+    assert!(status.success());
+}
+
+/// A collector that refuses the batch with 400 and says why in its body: the warning quotes
+/// the status and the body, escaped (a collector is not trusted to send printable text), and
+/// the batch is dropped and counted.
+#[test]
+fn a_collector_answering_400_is_quoted_with_its_body() {
+    let _serial = serial();
+    let body = "log record 1: bad\x1b[2Jtime\n";
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let port = collector_answering(Box::leak(response.into_bytes().into_boxed_slice()));
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let (daemon, lines, _cg, _) = exporting_one_failure(
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+        23,
+        "fl-otlp-400",
+    );
+    let line = line_within(&lines, Duration::from_secs(10), "the refusal", |l| {
+        l.contains("the collector answers 400")
+    });
+    eprintln!("{line}");
+    assert!(
+        line.contains(r#"the collector answers 400 Bad Request: "log record 1: bad\x1b[2Jtime""#),
+        "{line}"
+    );
+    assert!(line.contains("batch(es) dropped"), "{line}");
+    eventually(Duration::from_secs(5), "the dropped record counted", || {
+        let m = daemon.metrics();
+        (sum_of(&m, |l| l.starts_with("faultline_otlp_dropped_events_total")) >= 1.0).then_some(())
+    });
+    let (status, _, _) = daemon.terminate();
+    assert!(status.success());
 }

@@ -6,15 +6,19 @@
 //! attributes and a resource naming the node and the agent. http or https (rustls; the
 //! system's roots unless `..._CERTIFICATE` names a CA), gzip when asked.
 //!
-//! The ring-buffer readers only ever `try_send` into a bounded queue per signal ([`QUEUE`]
-//! records, plus the [`BATCH`] in flight). While the collector is unreachable or says 429,
-//! 502, 503 or 504, the oldest batch is retried with capped backoff (Retry-After honoured)
-//! and never given up; records past the queue are dropped and counted. A batch the collector
-//! refuses (400, 401, 413, ...) is dropped and counted, said at WARN at most once a minute.
 //! The configuration is checked and the TLS files read before the programs load
 //! ([`OtlpSetup`]: a mistake is a usage error); the senders start after.
+//!
+//! The ring-buffer readers only ever `try_send` into a bounded queue per signal ([`QUEUE`]
+//! records, plus the [`BATCH`] in flight). While the collector is unreachable, refuses this
+//! side's TLS, or says 429, 502, 503 or 504, the oldest batch is retried with capped backoff
+//! (Retry-After honoured) and never given up, the failure said with its cause (`failure`);
+//! records past the queue are dropped and counted. A batch the collector refuses (400, 401,
+//! 413, ...) is dropped and counted, said at WARN with the collector's answer at most once a
+//! minute.
 
 mod config;
+mod failure;
 mod records;
 mod sender;
 
