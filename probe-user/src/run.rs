@@ -8,7 +8,8 @@
 //! ([`Setup`]: one line and exit 2 for a mistake), and the listening socket bound then, while
 //! the capabilities a low port needs are still held; after attaching it keeps only the
 //! capabilities reading needs (`kernel::privileges`). SIGTERM or SIGINT: deliver what is in
-//! flight, stop serving, detach, exit 0. SIGHUP: reopen the events file (log rotation), go on.
+//! flight, stop serving, detach, exit 0 (saying what OTLP could not deliver). SIGHUP: reopen
+//! the events file (log rotation), go on.
 
 use std::{
     io::ErrorKind,
@@ -271,16 +272,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Stopped: not ready any more; what the kernel handed over is delivered.
     served.ready.store(false, Ordering::Relaxed);
     server.stop();
-    if let Some(otlp) = sink.outputs.finish() {
-        otlp.shutdown(OTLP_SHUTDOWN).await;
-    }
+    let otlp_dropped = match sink.outputs.finish() {
+        Some(otlp) => Some(otlp.shutdown(OTLP_SHUTDOWN).await),
+        None => None,
+    };
     let stats = sink.last_clone_stats;
     // Dropping the pipeline detaches every program.
     drop(pipeline);
     tracing::info!(
-        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer or queue full, or still queued at the stop)",
+        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer or queue full, or still queued at the stop){}",
         stats.failures,
-        stats.lost
+        stats.lost,
+        otlp_dropped
+            .map(|n| format!("; {n} OTLP records still queued at the stop, dropped"))
+            .unwrap_or_default()
     );
     Ok(())
 }

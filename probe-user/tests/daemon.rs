@@ -956,3 +956,57 @@ fn a_collector_answering_400_is_quoted_with_its_body() {
     let (status, _, _) = daemon.terminate();
     assert!(status.success());
 }
+
+/// Records queued for a collector that takes the connection and never answers, at SIGTERM:
+/// the stop waits its few seconds, then counts them in the exit line (and the dropped counter:
+/// `export::otlp`'s unit test reads it; the endpoint is gone by then).
+#[test]
+fn otlp_records_still_queued_at_sigterm_are_counted_in_the_exit_line() {
+    let _serial = serial();
+    let black_hole = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!(
+        "http://127.0.0.1:{}",
+        black_hole.local_addr().expect("addr").port()
+    );
+    let cg = PodCgroup::systemd(&unique("otlp-queued"), &pod_uid(24), CID, 4);
+    let daemon =
+        Daemon::start(&[&["--otlp-endpoint", &endpoint, "--no-events"], NO_BUDGET].concat());
+    let report = cg.lab(&[
+        "threads",
+        "20",
+        "--comm",
+        "fl-otlp-queued",
+        "--max-failures",
+        "5",
+    ]);
+    assert_eq!(report.failures, 5, "{report:?}");
+    let sel = r#"cause="pids_limit""#;
+    eventually(Duration::from_secs(10), "the failures counted", || {
+        let m = daemon.metrics();
+        (sum_of(&m, |l| {
+            l.starts_with("faultline_clone_failures_total{") && l.contains(sel)
+        }) >= 5.0)
+            .then_some(())
+    });
+    let dropped = |m: &str| sum_of(m, |l| l.starts_with("faultline_otlp_dropped_events_total"));
+    assert_eq!(dropped(&daemon.metrics()), 0.0);
+    let (status, stderr, secs) = daemon.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(secs < 10.0, "took {secs:.1} s to stop");
+    let exit = stderr
+        .lines()
+        .find(|l| l.contains("stopped; "))
+        .unwrap_or_else(|| panic!("no exit line: {stderr}"));
+    eprintln!("{exit}");
+    let queued: u64 = exit
+        .split("; ")
+        .find_map(|part| part.strip_suffix(" OTLP records still queued at the stop, dropped"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no OTLP count in the exit line: {exit}"));
+    assert!(queued >= report.failures, "{exit}");
+    assert!(
+        stderr.contains(&format!("{queued} records still queued were dropped")),
+        "{stderr}"
+    );
+    drop(black_hole);
+}

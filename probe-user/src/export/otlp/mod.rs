@@ -15,14 +15,20 @@
 //! (Retry-After honoured) and never given up, the failure said with its cause (`failure`);
 //! records past the queue are dropped and counted. A batch the collector refuses (400, 401,
 //! 413, ...) is dropped and counted, said at WARN with the collector's answer at most once a
-//! minute.
+//! minute. What is still queued when a stop cannot wait any longer is dropped and counted.
 
 mod config;
 mod failure;
 mod records;
 mod sender;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use opentelemetry_proto::tonic::{
     collector::{logs::v1::ExportLogsServiceRequest, trace::v1::ExportTraceServiceRequest},
@@ -94,6 +100,8 @@ pub struct OtlpExporter {
     traces: Option<mpsc::Sender<Span>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     counters: OtlpCounters,
+    /// Records queued and not yet delivered or dropped, every signal's.
+    queued: Arc<AtomicU64>,
 }
 
 /// The resource of every export: the agent (service.*, its own pod when the downward API
@@ -129,10 +137,11 @@ fn spawn<T: Send + 'static>(
     name: &'static str,
     collector: Collector,
     counters: &OtlpCounters,
+    queued: &Arc<AtomicU64>,
     rx: mpsc::Receiver<T>,
     encode: impl Fn(Vec<T>) -> Vec<u8> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
-    let sender = Sender::new(name, collector, counters.clone());
+    let sender = Sender::new(name, collector, counters.clone(), queued.clone());
     tokio::spawn(sender.run(rx, encode))
 }
 
@@ -140,6 +149,7 @@ impl OtlpExporter {
     /// Starts one background sender per exported signal.
     pub fn start(setup: OtlpSetup, node: &str, counters: OtlpCounters) -> Self {
         tracing::info!("{}", setup.described);
+        let queued = Arc::new(AtomicU64::new(0));
         let resource = resource(node, &setup.resource);
         let scope = InstrumentationScope {
             name: "faultline".to_owned(),
@@ -165,7 +175,7 @@ impl OtlpExporter {
                     }
                     .encode_to_vec()
                 };
-                tasks.push(spawn("logs", collector, &counters, rx, encode));
+                tasks.push(spawn("logs", collector, &counters, &queued, rx, encode));
                 Some(tx)
             }
             None => None,
@@ -187,7 +197,7 @@ impl OtlpExporter {
                     }
                     .encode_to_vec()
                 };
-                tasks.push(spawn("traces", collector, &counters, rx, encode));
+                tasks.push(spawn("traces", collector, &counters, &queued, rx, encode));
                 Some(tx)
             }
             None => None,
@@ -197,6 +207,7 @@ impl OtlpExporter {
             traces,
             tasks,
             counters,
+            queued,
         }
     }
 
@@ -208,10 +219,8 @@ impl OtlpExporter {
             Event::CloneFailure(f) => self.log(log_record(f)),
             Event::ConntrackDrop(d) => self.log(drop_record(d)),
             Event::DnsQuery(q) => {
-                if let Some(tx) = &self.traces
-                    && tx.try_send(dns_span(q)).is_err()
-                {
-                    self.counters.dropped.inc();
+                if let Some(tx) = &self.traces {
+                    self.queue(tx, dns_span(q));
                 }
             }
             Event::ClashesResolved(_) | Event::HeadroomWarning(_) => {}
@@ -224,30 +233,83 @@ impl OtlpExporter {
     }
 
     fn log(&self, record: LogRecord) {
-        if let Some(tx) = &self.logs
-            && tx.try_send(record).is_err()
-        {
+        if let Some(tx) = &self.logs {
+            self.queue(tx, record);
+        }
+    }
+
+    /// One record into its signal's queue, counted as queued until its sender is done with
+    /// it; dropped and counted when the queue is full.
+    fn queue<T>(&self, tx: &mpsc::Sender<T>, record: T) {
+        // Counted first: the sender may be done with it before try_send returns.
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if tx.try_send(record).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.counters.dropped.inc();
         }
     }
 
-    /// Delivers what is queued, for at most `within`; then it gives up (said at WARN).
-    pub async fn shutdown(self, within: Duration) {
+    /// Delivers what is queued, for at most `within`; then gives up, and drops and counts
+    /// what is still queued (said at WARN). Returns how many records that was.
+    pub async fn shutdown(self, within: Duration) -> u64 {
         let OtlpExporter {
             logs,
             traces,
             tasks,
-            ..
+            counters,
+            queued,
         } = self;
         drop(logs);
         drop(traces);
         let deadline = tokio::time::Instant::now() + within;
-        for task in tasks {
-            let abort = task.abort_handle();
-            if tokio::time::timeout_at(deadline, task).await.is_err() {
-                abort.abort();
-                tracing::warn!("OTLP: the collector did not take everything within {within:?}");
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                // Gone once this returns: it counts nothing more.
+                let _ = task.await;
             }
         }
+        let left = queued.load(Ordering::Relaxed);
+        if left > 0 {
+            counters.dropped.inc_by(left);
+            tracing::warn!(
+                "OTLP: the collector did not take everything within {within:?}: {left} records still queued were dropped"
+            );
+        }
+        left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::budget::EventsLost;
+
+    /// A collector that takes the connection and never answers: what is queued at the stop
+    /// is dropped, counted, and said.
+    #[tokio::test]
+    async fn what_a_stop_cannot_deliver_is_dropped_and_counted() {
+        let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", black_hole.local_addr().unwrap());
+        let setup = OtlpSetup::from_env(Some(&endpoint), |_| None)
+            .unwrap()
+            .unwrap();
+        let counters = OtlpCounters {
+            dropped: IntCounter::new("dropped", "dropped").unwrap(),
+            failed_requests: IntCounter::new("failed", "failed").unwrap(),
+        };
+        let exporter = OtlpExporter::start(setup, "node-1", counters.clone());
+        let line = BudgetLine::EventsLost(EventsLost {
+            event: "clone_failure",
+            count: 1,
+            time: "2026-01-01T00:00:00Z".to_owned(),
+        });
+        for _ in 0..3 {
+            exporter.budget_line(&line);
+        }
+        let dropped = exporter.shutdown(Duration::from_millis(300)).await;
+        assert_eq!(dropped, 3);
+        assert_eq!(counters.dropped.get(), 3);
+        drop(black_hole);
     }
 }

@@ -3,7 +3,10 @@
 //! cause; refusals dropped and counted).
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -54,6 +57,9 @@ pub(super) struct Sender {
     signal: &'static str,
     collector: Collector,
     counters: OtlpCounters,
+    /// Records queued and not yet delivered or dropped (every signal's): what a stop that
+    /// cannot wait for them drops.
+    queued: Arc<AtomicU64>,
     /// The collector unreachable, refusing this side's TLS, or asking for patience.
     outage: Option<Outage>,
     /// Batches refused since the last warning, and when that was.
@@ -68,11 +74,17 @@ struct Outage {
 }
 
 impl Sender {
-    pub(super) fn new(signal: &'static str, collector: Collector, counters: OtlpCounters) -> Self {
+    pub(super) fn new(
+        signal: &'static str,
+        collector: Collector,
+        counters: OtlpCounters,
+        queued: Arc<AtomicU64>,
+    ) -> Self {
         Sender {
             signal,
             collector,
             counters,
+            queued,
             outage: None,
             refused: (0, None),
         }
@@ -98,6 +110,7 @@ impl Sender {
             }
             let records = batch.len() as u64;
             self.deliver(encode(batch), records).await;
+            self.queued.fetch_sub(records, Ordering::Relaxed);
         }
     }
 
@@ -353,7 +366,7 @@ mod tests {
             failed_requests: prometheus::IntCounter::new("failed", "failed").unwrap(),
         };
         let collector = Collector::new("logs", config.logs.unwrap()).unwrap();
-        let sender = Sender::new("logs", collector, counters);
+        let sender = Sender::new("logs", collector, counters, Arc::default());
         match sender.attempt(Bytes::new()).await {
             Attempt::Later(None, failure) => assert_eq!(
                 failure.to_string(),
