@@ -1,9 +1,36 @@
-//! What the commands' arguments share: the output formats, the event kinds, and parsers.
+//! What the commands' arguments share: the output formats, the event kinds, parsers, and the
+//! error that says the user typed something wrong ([`UsageError`], exit status 2).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{fmt, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::ValueEnum;
+
+/// Something the user typed (a flag, an environment variable, a path it names) cannot be used:
+/// `main` exits 2 for it, as for the usage errors clap finds.
+#[derive(Debug)]
+pub struct UsageError(anyhow::Error);
+
+impl UsageError {
+    /// `e` as a usage error, for `?`.
+    pub fn wrap(e: anyhow::Error) -> anyhow::Error {
+        anyhow::Error::new(UsageError(e))
+    }
+
+    /// Whether `e` is, or was caused by, a usage error.
+    pub fn is_cause_of(e: &anyhow::Error) -> bool {
+        e.chain().any(|cause| cause.is::<UsageError>())
+    }
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The whole chain: its text is the one line the user gets.
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// How a command prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -100,6 +127,14 @@ pub fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_errors_are_found_under_context() {
+        let e = UsageError::wrap(anyhow::anyhow!("inner").context("outer"));
+        assert_eq!(format!("{e:#}"), "outer: inner");
+        assert!(UsageError::is_cause_of(&e.context("more")));
+        assert!(!UsageError::is_cause_of(&anyhow::anyhow!("runtime")));
+    }
 
     #[test]
     fn percentages() {

@@ -1,5 +1,6 @@
 //! The `faultline` command line: parses arguments, runs a command, turns errors into one
-//! line and an exit code (2 for usage, 1 for everything else).
+//! line and an exit code (2 for usage: clap's, and a command's [`UsageError`]; 1 for
+//! everything else).
 
 use std::{
     path::{Path, PathBuf},
@@ -10,7 +11,9 @@ use anyhow::Context as _;
 
 use clap::{Parser, Subcommand};
 use probe_user::{
-    check, explain,
+    check,
+    cli::UsageError,
+    explain,
     logging::{self, LogFormat, LogLevel},
     run, top, trace,
 };
@@ -123,7 +126,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", probe_user::kernel::loader::brief(&e));
-            ExitCode::FAILURE
+            if UsageError::is_cause_of(&e) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -71,7 +71,8 @@ impl Pipeline {
         let kernel_log = probes.kernel_logger();
         if plan.drop_privileges {
             // Before any other thread exists: capabilities are per thread, and threads made
-            // later inherit the reduced sets.
+            // later inherit the reduced sets. What needs one of those dropped (`run` binding
+            // a port below 1024) is done before `open`.
             privileges::keep_only(&signals.privileges_kept())?;
         }
         Ok(Pipeline {

@@ -4,11 +4,15 @@
 //! counters become per-pod metrics. Serves `/metrics`, `/explain`, `/healthz` and `/readyz`
 //! on threads of their own (a runtime apart from the pipeline's, so no response delays the
 //! events, and no event storm delays `/healthz`); the rings are read on a thread of their own
-//! too (`kernel::rings`). After attaching it keeps only the capabilities reading needs
-//! (`kernel::privileges`). SIGTERM or SIGINT: deliver what is in flight, stop serving,
-//! detach, exit 0. SIGHUP: reopen the events file (log rotation), go on.
+//! too (`kernel::rings`). Everything the user typed is checked before anything loads
+//! ([`Setup`]: one line and exit 2 for a mistake), and the listening socket bound then, while
+//! the capabilities a low port needs are still held; after attaching it keeps only the
+//! capabilities reading needs (`kernel::privileges`). SIGTERM or SIGINT: deliver what is in
+//! flight, stop serving, detach, exit 0 (saying what OTLP could not deliver). SIGHUP: reopen
+//! the events file (log rotation), go on.
 
 use std::{
+    io::ErrorKind,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -18,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
 use tokio::{
     net::TcpListener,
@@ -29,13 +33,13 @@ use probe_common::clone::CloneStats;
 
 use crate::{
     attribution::pods::PodArgs,
-    cli::EventKind,
+    cli::{EventKind, UsageError},
     diagnosis::Recorder,
     export::budget::{Budget, BudgetConfig, BudgetLine, Verdict},
     export::kube_events::KubeEvents,
-    export::lines::EventLines,
+    export::lines::{Destination, EventLines},
     export::metrics::Metrics,
-    export::otlp::{OtlpConfig, OtlpExporter},
+    export::otlp::{OtlpExporter, OtlpSetup},
     export::serve::{HttpState, serve},
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
@@ -125,8 +129,60 @@ pub struct RunArgs {
     pub pods: PodArgs,
 }
 
+/// What the user typed, checked and made ready before anything loads: the listening socket
+/// bound (while the capabilities a port below 1024 needs are still held), the events file
+/// opened for appending, the OTLP settings checked and their TLS files read, the kubeconfig
+/// read. A mistake is one line and exit 2 at once, not an error after the programs loaded.
+struct Setup {
+    listener: std::net::TcpListener,
+    lines: Destination,
+    otlp: Option<OtlpSetup>,
+}
+
+impl Setup {
+    fn check(args: &RunArgs) -> anyhow::Result<Setup> {
+        let listener = listen(args.listen)?;
+        let lines = match (&args.events_file, args.no_events) {
+            (_, true) => Destination::none(),
+            (Some(path), false) => Destination::file(path)?,
+            (None, false) => Destination::stdout()?,
+        };
+        let otlp = OtlpSetup::from_env(args.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())?;
+        if let Some(path) = &args.pods.kubeconfig
+            && !args.pods.no_kube_api
+        {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            // Its own text only: it repeats its cause's.
+            kube::config::Kubeconfig::from_yaml(&text)
+                .map_err(|e| anyhow!("the kubeconfig {}: {e}", path.display()))?;
+        }
+        Ok(Setup {
+            listener,
+            lines,
+            otlp,
+        })
+    }
+}
+
+/// The socket `--listen` names, bound; a refusal said with what it means.
+fn listen(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr).map_err(|e| {
+        let meaning = match e.kind() {
+            ErrorKind::AddrInUse => "; another process listens there",
+            ErrorKind::AddrNotAvailable => "; not an address of this host",
+            ErrorKind::PermissionDenied if addr.port() < 1024 => {
+                "; a port below 1024 needs CAP_NET_BIND_SERVICE"
+            }
+            _ => "",
+        };
+        anyhow!("--listen {addr}: {e}{meaning}")
+    })
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::export::serve::raise_fd_limit();
+    let setup = Setup::check(&args).map_err(UsageError::wrap)?;
     let node = args
         .pods
         .node_name
@@ -175,11 +231,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         recorder: Mutex::new(Recorder::new(&node)),
         explain_cache: Mutex::new(None),
     });
-    let mut sink = Daemon::new(&args, &node, metrics.clone(), served.clone())?;
+    let mut sink = Daemon::new(
+        &args,
+        setup.lines,
+        setup.otlp,
+        &node,
+        metrics.clone(),
+        served.clone(),
+    )?;
     sink.outputs.kube_events = kube_events(&args, &node, &metrics).await?;
-    let listener = std::net::TcpListener::bind(args.listen)
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let server = HttpThread::start(listener, served.clone(), metrics.server_counters()?)?;
+    let server = HttpThread::start(setup.listener, served.clone(), metrics.server_counters()?)?;
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -211,16 +272,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Stopped: not ready any more; what the kernel handed over is delivered.
     served.ready.store(false, Ordering::Relaxed);
     server.stop();
-    if let Some(otlp) = sink.outputs.finish() {
-        otlp.shutdown(OTLP_SHUTDOWN).await;
-    }
+    let otlp_dropped = match sink.outputs.finish() {
+        Some(otlp) => Some(otlp.shutdown(OTLP_SHUTDOWN).await),
+        None => None,
+    };
     let stats = sink.last_clone_stats;
     // Dropping the pipeline detaches every program.
     drop(pipeline);
     tracing::info!(
-        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer or queue full, or still queued at the stop)",
+        "stopped; {} clone failures seen in the kernel, {} lost (ring buffer or queue full, or still queued at the stop){}",
         stats.failures,
-        stats.lost
+        stats.lost,
+        otlp_dropped
+            .map(|n| format!("; {n} OTLP records still queued at the stop, dropped"))
+            .unwrap_or_default()
     );
     Ok(())
 }
@@ -296,17 +361,19 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Starts the outputs made ready by [`Setup`].
     fn new(
         args: &RunArgs,
+        lines: Destination,
+        otlp: Option<OtlpSetup>,
         node: &str,
         metrics: Arc<Metrics>,
         served: Arc<HttpState>,
     ) -> anyhow::Result<Self> {
-        let otlp =
-            match OtlpConfig::from_env(args.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())? {
-                Some(config) => Some(OtlpExporter::start(config, node, metrics.otlp_counters()?)?),
-                None => None,
-            };
+        let otlp = match otlp {
+            Some(setup) => Some(OtlpExporter::start(setup, node, metrics.otlp_counters()?)),
+            None => None,
+        };
         let counters = metrics.event_line_counters()?;
         let budget = BudgetConfig {
             per_workload: args.events_per_workload,
@@ -316,7 +383,7 @@ impl Daemon {
         Ok(Daemon {
             outputs: Outputs {
                 kinds: args.events.clone(),
-                lines: open_lines(args, counters.dropped)?,
+                lines: EventLines::start(lines, counters.dropped)?,
                 suppressed: counters.suppressed,
                 budget: Budget::new(budget, Instant::now()),
                 metrics,
@@ -491,14 +558,6 @@ async fn kube_events(
     }
     let counter = metrics.kube_events_counter()?;
     Ok(KubeEvents::start(args.pods.kubeconfig.as_ref(), node, counter).await)
-}
-
-fn open_lines(args: &RunArgs, dropped: prometheus::IntCounterVec) -> anyhow::Result<EventLines> {
-    match (&args.events_file, args.no_events) {
-        (_, true) => Ok(EventLines::none(dropped)),
-        (Some(path), false) => EventLines::file(path, dropped),
-        (None, false) => EventLines::stdout(dropped),
-    }
 }
 
 /// A failed refresh is counted and said on stderr (once per distinct error, or once a

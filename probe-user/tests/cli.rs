@@ -82,6 +82,11 @@ fn check_reports_each_item_and_passes_here() {
 /// faultline as nobody (uid and gid 65534), from a copy nobody can execute, whatever the
 /// permissions of the checkout's directories. Not as deployed (the launcher keeps uid 0).
 fn as_nobody(args: &[&str]) -> std::process::Output {
+    as_nobody_with(&[], args)
+}
+
+/// [`as_nobody`] with these environment variables set.
+fn as_nobody_with(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
     common::require_root();
     let dir = std::env::temp_dir().join(common::unique("unprivileged"));
     std::fs::create_dir_all(&dir).expect("creating a temp dir");
@@ -90,7 +95,12 @@ fn as_nobody(args: &[&str]) -> std::process::Output {
     for p in [&dir, &exe] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    let out = Command::new(&exe).args(args).uid(65534).gid(65534).output();
+    let out = Command::new(&exe)
+        .args(args)
+        .envs(env.iter().copied())
+        .uid(65534)
+        .gid(65534)
+        .output();
     let _ = std::fs::remove_dir_all(&dir);
     out.expect("running faultline as nobody")
 }
@@ -270,4 +280,93 @@ fn man_page_and_completions() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `faultline run` that must be refused: its environment, its arguments, what it says.
+type Refused<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+
+/// `faultline run` checks everything the user typed before anything loads: a listen address
+/// that is not this host's or is taken, an events file in a missing directory, a bad OTLP
+/// endpoint or OTEL_* value, a missing kubeconfig are each one line and exit 2, as deployed.
+/// That it comes before loading: as nobody, who may load nothing, the same line comes, not
+/// the missing privileges' (checked first thing when loading).
+#[test]
+fn run_refuses_what_the_user_typed_before_anything_loads() {
+    common::require_root();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = format!("127.0.0.1:{}", busy.local_addr().unwrap().port());
+    let free = format!("127.0.0.1:{}", common::free_port());
+    let missing = std::env::temp_dir().join(common::unique("no-such-dir"));
+    let events = missing.join("events.jsonl").display().to_string();
+    let kubeconfig = missing.join("kubeconfig").display().to_string();
+    let otlp = "http://127.0.0.1:4318";
+    let cases: &[Refused<'_>] = &[
+        (
+            &[],
+            &["--listen", "192.0.2.1:9847"],
+            "--listen 192.0.2.1:9847: Cannot assign requested address (os error 99); not an address of this host",
+        ),
+        (
+            &[],
+            &["--listen", &busy],
+            "Address already in use (os error 98); another process listens there",
+        ),
+        (
+            &[],
+            &["--listen", &free, "--events-file", &events],
+            &format!("opening the events file {events}: No such file or directory"),
+        ),
+        (
+            &[],
+            &["--listen", &free, "--otlp-endpoint", "localhost:4318"],
+            "--otlp-endpoint \"localhost:4318\": http:// or https:// expected",
+        ),
+        (
+            &[("OTEL_EXPORTER_OTLP_TIMEOUT", "5s")],
+            &["--listen", &free, "--otlp-endpoint", otlp],
+            "OTEL_EXPORTER_OTLP_TIMEOUT=5s: milliseconds expected",
+        ),
+        (
+            &[("OTEL_EXPORTER_OTLP_CERTIFICATE", &kubeconfig)],
+            &[
+                "--listen",
+                &free,
+                "--otlp-endpoint",
+                "https://127.0.0.1:4318",
+            ],
+            "reading the CA certificate",
+        ),
+        (
+            &[],
+            &["--listen", &free, "--kubeconfig", &kubeconfig],
+            &format!("reading the kubeconfig {kubeconfig}"),
+        ),
+    ];
+    for (env, args, says) in cases {
+        let args = [&["--log-level", "debug", "run"][..], args].concat();
+        let out = common::faultline()
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(
+            lines[0].starts_with("faultline: error: ") && lines[0].contains(says),
+            "{args:?} should say {says:?}: {stderr}"
+        );
+        let nobody = as_nobody_with(env, &args);
+        let said = String::from_utf8_lossy(&nobody.stderr);
+        assert_eq!(nobody.status.code(), Some(2), "as nobody, {args:?}: {said}");
+        assert!(said.contains(says), "as nobody, {args:?}: {said}");
+    }
+    // A bad address is clap's usage error.
+    let (code, _, stderr) = run(&["run", "--listen", "localhost:9847"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("is not an address to listen on"),
+        "{stderr}"
+    );
 }

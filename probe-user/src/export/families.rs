@@ -220,7 +220,7 @@ pub const RUN: &[Family] = &[
 pub const OTLP: &[Family] = &[
     Family {
         name: "faultline_otlp_dropped_events_total",
-        help: "Events not exported over OTLP: the queue of their signal full (collector down or slow), or their batch refused by the collector.",
+        help: "Events not exported over OTLP: the queue of their signal full (collector down or slow), their batch refused by the collector, or still queued when the daemon stopped.",
         labels: ONE,
         kind: Kind::IntCounter,
     },

@@ -1,8 +1,10 @@
 //! The daemon's event lines (JSON, the `trace --output json` schema) to stdout or a file,
 //! written by a thread of their own through a bounded queue: a slow or stalled reader (a log
 //! agent behind, a full pipe) costs dropped lines, counted, never a stalled daemon; a closed
-//! stdout ends the event lines, not the daemon. SIGHUP (`reopen`) makes the writer reopen
-//! the events file before its next line, as log rotation expects.
+//! stdout ends the event lines, not the daemon. The file is opened before the programs load
+//! ([`Destination`]: a path that cannot be appended to is the user's mistake, said at once),
+//! the writer started after. SIGHUP (`reopen`) makes the writer reopen the events file before
+//! its next line, as log rotation expects.
 
 use std::{
     fs::File,
@@ -61,30 +63,45 @@ impl Target {
     }
 }
 
-impl EventLines {
-    /// No event lines at all.
-    pub fn none(dropped: IntCounterVec) -> Self {
-        EventLines {
-            tx: None,
-            dropped,
-            done: None,
-            reopen: Arc::default(),
-        }
+/// Where event lines will go, opened: before the programs load, so that an events file that
+/// cannot be opened for appending is said at once; written to once the daemon runs.
+pub struct Destination(Option<(Target, Box<dyn Write + Send>)>);
+
+impl Destination {
+    /// No event lines at all (`--no-events`).
+    pub fn none() -> Self {
+        Destination(None)
     }
 
-    pub fn stdout(dropped: IntCounterVec) -> anyhow::Result<Self> {
-        Self::spawn(Target::Stdout, dropped)
+    pub fn stdout() -> anyhow::Result<Self> {
+        Self::open(Target::Stdout)
     }
 
-    pub fn file(path: &Path, dropped: IntCounterVec) -> anyhow::Result<Self> {
-        Self::spawn(Target::File(path.to_owned()), dropped)
+    /// The events file, created if missing, appended to.
+    pub fn file(path: &Path) -> anyhow::Result<Self> {
+        Self::open(Target::File(path.to_owned()))
     }
 
-    fn spawn(target: Target, dropped: IntCounterVec) -> anyhow::Result<Self> {
+    fn open(target: Target) -> anyhow::Result<Self> {
         let out = target.open().with_context(|| match &target {
-            Target::File(path) => format!("opening {}", path.display()),
+            Target::File(path) => format!("opening the events file {}", path.display()),
             Target::Stdout => "opening stdout".to_owned(),
         })?;
+        Ok(Destination(Some((target, out))))
+    }
+}
+
+impl EventLines {
+    /// Starts the writer of `destination` (none for no event lines).
+    pub fn start(destination: Destination, dropped: IntCounterVec) -> anyhow::Result<Self> {
+        let Some((target, out)) = destination.0 else {
+            return Ok(EventLines {
+                tx: None,
+                dropped,
+                done: None,
+                reopen: Arc::default(),
+            });
+        };
         let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
         let (done_tx, done) = sync_channel(1);
         let counter = dropped.clone();

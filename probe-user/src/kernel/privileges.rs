@@ -6,7 +6,8 @@
 //! granted one, what reaching pods' own network namespaces needs (CAP_SYS_ADMIN for setns,
 //! CAP_SYS_PTRACE for their /proc entries; the DaemonSet grants neither). CAP_PERFMON,
 //! CAP_SYSLOG and CAP_SYS_RESOURCE (attaching, kernel addresses, RLIMIT_MEMLOCK) and anything
-//! else go, from the effective, permitted and inheritable sets and the ambient set.
+//! else go, from the effective, permitted and inheritable sets and the ambient set; said in one
+//! short line (what each kept one is for, and every dropped one, at debug level).
 //! Capabilities belong to a thread: this runs before the pipeline starts any, and threads made
 //! afterwards inherit the reduced sets.
 
@@ -121,33 +122,41 @@ pub fn keep_only(keep: &[Kept]) -> anyhow::Result<()> {
             0 as libc::c_ulong,
         )
     };
-    let names = |set: u64| {
-        (0..64u32)
-            .filter(|n| set & (1 << n) != 0)
-            .map(caps::name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let kept: Vec<String> = keep
+    tracing::info!(
+        "capabilities after attaching: kept {}; dropped {}",
+        names(after),
+        counted(had & !after)
+    );
+    let why: Vec<String> = keep
         .iter()
         .filter(|k| after & (1 << k.number) != 0)
         .map(|k| format!("{} ({})", caps::name(k.number), k.why))
         .collect();
-    let dropped = had & !after;
-    tracing::info!(
-        "capabilities after attaching: kept {}; dropped {}",
-        if kept.is_empty() {
-            "none".to_owned()
-        } else {
-            kept.join(", ")
-        },
-        if dropped == 0 {
-            "none".to_owned()
-        } else {
-            names(dropped)
-        }
-    );
+    tracing::debug!("capabilities kept: {}", why.join(", "));
+    tracing::debug!("capabilities dropped: {}", names(had & !after));
     Ok(())
+}
+
+/// The capabilities in `set` by name, `none` for none.
+fn names(set: u64) -> String {
+    let names: Vec<&str> = (0..64u32)
+        .filter(|n| set & (1 << n) != 0)
+        .map(caps::name)
+        .collect();
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The dropped capabilities for the short line: one by name, more by number (their names are
+/// at debug level).
+fn counted(dropped: u64) -> String {
+    match dropped.count_ones() {
+        0 | 1 => names(dropped),
+        n => format!("{n} others (--log-level debug lists them)"),
+    }
 }
 
 /// Capabilities in effect, from /proc/self/status.
@@ -194,5 +203,18 @@ mod tests {
             assert_eq!(caps::number(name), Some(kept.number));
         }
         assert_eq!(after_attach(false), vec![BPF]);
+    }
+
+    #[test]
+    fn the_line_names_what_is_kept_and_counts_the_rest() {
+        let bit = |k: Kept| 1u64 << k.number;
+        assert_eq!(names(bit(BPF) | bit(NET_ADMIN)), "NET_ADMIN, BPF");
+        assert_eq!(names(0), "none");
+        assert_eq!(counted(0), "none");
+        assert_eq!(counted(bit(SYS_ADMIN)), "SYS_ADMIN");
+        assert_eq!(
+            counted((1u64 << 41) - 1 - bit(BPF)),
+            "40 others (--log-level debug lists them)"
+        );
     }
 }

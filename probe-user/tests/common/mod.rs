@@ -1420,3 +1420,220 @@ pub fn healthz_answers(daemon: &Daemon) {
         || http_get(daemon.port, "/healthz").filter(|(s, _)| *s == 200),
     );
 }
+
+impl Daemon {
+    /// `faultline run` listening on `listen` (whose port is `port`), with every capability
+    /// when `full_root`; ready. For a test of the listening socket itself: the others take a
+    /// free loopback port from [`Daemon::start`].
+    pub fn start_listening(listen: &str, port: u16, full_root: bool, extra: &[&str]) -> Daemon {
+        require_root();
+        let child = command(&faultline_argv(full_root))
+            .args([
+                "run",
+                "--listen",
+                listen,
+                "--refresh",
+                "300ms",
+                "--no-kube-api",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting faultline run");
+        let d = Daemon { child, port };
+        eventually(Duration::from_secs(60), "/readyz", || {
+            http_get(port, "/readyz").filter(|(s, _)| *s == 200)
+        });
+        d
+    }
+
+    /// The daemon's stderr line by line as it comes ([`Daemon::terminate`] then returns none
+    /// of it).
+    pub fn stderr_lines(&mut self) -> mpsc::Receiver<String> {
+        lines_of(self.child.stderr.take().expect("stderr not taken yet"))
+    }
+}
+
+/// The first line of `lines` that `pred` accepts, within `timeout`; fails with every line seen.
+pub fn line_within(
+    lines: &mpsc::Receiver<String>,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if pred(&line) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "no line with {what} within {timeout:?}; saw:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+/// A certificate as the `openssl req -x509` one-liner most people try first makes it
+/// (self-signed, and so a CA: basicConstraints CA:TRUE), for 127.0.0.1, with its key:
+/// (certificate, key) in `dir`.
+pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "self.key",
+            "-out",
+            "self.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("the openssl CLI is needed for the TLS tests (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir.join("self.pem"), dir.join("self.key"))
+}
+
+impl OtlpReceiver {
+    /// A receiver over TLS with this certificate and key; with `clients`, it accepts only
+    /// clients with a certificate that CA signed (mutual TLS).
+    pub fn start_tls(cert: &Path, key: &Path, clients: Option<&Path>) -> OtlpReceiver {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let pems = |path: &Path| {
+            CertificateDer::pem_file_iter(path)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        };
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions");
+        let builder = match clients {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in pems(ca) {
+                    roots.add(c).expect("the clients' CA");
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    std::sync::Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let key = PrivateKeyDer::from_pem_file(key).expect("server key");
+        let config = std::sync::Arc::new(
+            builder
+                .with_single_cert(pems(cert), key)
+                .expect("server TLS config"),
+        );
+        Self::serve_with(
+            TcpListener::bind("127.0.0.1:0").expect("bind"),
+            0,
+            move |conn| {
+                let tls = rustls::ServerConnection::new(config.clone()).ok()?;
+                Some(Box::new(rustls::StreamOwned::new(tls, conn)))
+            },
+        )
+    }
+}
+
+/// A collector on a loopback port that answers every request with `response` (a whole
+/// HTTP/1.1 response) after reading it; its port.
+pub fn collector_answering(response: &'static [u8]) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(1000) {
+            let Ok(conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reader = BufReader::new(conn);
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_ok() {
+                let _ = reader.get_mut().write_all(response);
+            }
+        }
+    });
+    port
+}
+
+/// A client certificate (extendedKeyUsage clientAuth, CN=faultline) signed by the CA `ca`
+/// whose key is `ca_key` (e.g. [`self_signed`]'s, a CA named other than [`test_ca`]'s):
+/// (certificate, key) in `dir`.
+pub fn client_certificate(dir: &Path, ca: &Path, ca_key: &Path) -> (PathBuf, PathBuf) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl CLI is needed for the TLS tests (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (ca, ca_key) = (ca.to_str().expect("utf-8"), ca_key.to_str().expect("utf-8"));
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other-client.key",
+        "-out",
+        "other-client.csr",
+        "-subj",
+        "/CN=faultline",
+    ]);
+    std::fs::write(
+        dir.join("other-client.cnf"),
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("extensions file");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "other-client.csr",
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-out",
+        "other-client.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "other-client.cnf",
+    ]);
+    (dir.join("other-client.pem"), dir.join("other-client.key"))
+}

@@ -52,9 +52,13 @@ impl OtlpConfig {
         if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
             return Ok(None);
         }
+        // With where it came from, for errors.
         let base = endpoint
-            .map(str::to_owned)
-            .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
+            .map(|e| ("--otlp-endpoint".to_owned(), e.trim().to_owned()))
+            .or_else(|| {
+                let name = "OTEL_EXPORTER_OTLP_ENDPOINT";
+                var(name).map(|v| (name.to_owned(), v))
+            });
         let signal = |signal: &str, path: &str| -> anyhow::Result<Option<SignalConfig>> {
             let exporter = format!("OTEL_{signal}_EXPORTER");
             match var(&exporter).as_deref() {
@@ -71,9 +75,13 @@ impl OtlpConfig {
                     .or_else(|| var(&general).map(|v| (general, v)))
             };
             let own_endpoint = format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT");
-            let url = match (var(&own_endpoint), &base) {
-                (Some(url), _) => url,
-                (None, Some(base)) => format!("{}/{path}", base.trim_end_matches('/')),
+            let (source, given, url) = match (var(&own_endpoint), &base) {
+                (Some(url), _) => (own_endpoint, url.clone(), url),
+                (None, Some((source, base))) => (
+                    source.clone(),
+                    base.clone(),
+                    format!("{}/{path}", base.trim_end_matches('/')),
+                ),
                 (None, None) => return Ok(None),
             };
             if let Some((name, p)) = get("PROTOCOL")
@@ -82,11 +90,14 @@ impl OtlpConfig {
                 bail!("{name}={p}: only http/protobuf is supported");
             }
             if !url.starts_with("http://") && !url.starts_with("https://") {
-                bail!("OTLP endpoint {url:?}: http:// or https:// expected");
+                bail!("{source} {given:?}: http:// or https:// expected");
             }
-            let uri = url
+            let uri: hyper::Uri = url
                 .parse()
-                .with_context(|| format!("OTLP endpoint {url:?} is not a URL"))?;
+                .with_context(|| format!("{source} {given:?} is not a URL"))?;
+            if uri.host().is_none_or(str::is_empty) {
+                bail!("{source} {given:?}: no host");
+            }
             let gzip = match get("COMPRESSION") {
                 None => false,
                 Some((_, c)) if c == "none" => false,
@@ -95,10 +106,11 @@ impl OtlpConfig {
             };
             let timeout = match get("TIMEOUT") {
                 None => Duration::from_secs(10),
-                Some((name, ms)) => Duration::from_millis(
-                    ms.parse()
-                        .with_context(|| format!("{name}={ms}: milliseconds expected"))?,
-                ),
+                Some((name, ms)) => match ms.parse::<u64>() {
+                    Ok(0) => bail!("{name}={ms}: more than 0 milliseconds expected"),
+                    Ok(ms) => Duration::from_millis(ms),
+                    Err(_) => bail!("{name}={ms}: milliseconds expected"),
+                },
             };
             let headers = match get("HEADERS") {
                 None => Vec::new(),
@@ -377,12 +389,31 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_flag_is_named_as_the_flag() {
+        let e = |endpoint| {
+            OtlpConfig::from_env(Some(endpoint), env(&[]))
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            e("localhost:4318"),
+            "--otlp-endpoint \"localhost:4318\": http:// or https:// expected"
+        );
+        assert!(e("http://").starts_with("--otlp-endpoint \"http://\""));
+    }
+
+    #[test]
     fn unsupported_settings_are_one_line_errors() {
         let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
         for (vars, says) in [
             (
                 vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://c:4318")],
-                "http:// or https://",
+                "OTEL_EXPORTER_OTLP_ENDPOINT \"ftp://c:4318\": http:// or https:// expected",
+            ),
+            (
+                vec![("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://a b/v1/logs")],
+                "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT \"http://a b/v1/logs\" is not a URL",
             ),
             (
                 vec![endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
@@ -394,7 +425,11 @@ mod tests {
             ),
             (
                 vec![endpoint, ("OTEL_EXPORTER_OTLP_TIMEOUT", "5s")],
-                "OTEL_EXPORTER_OTLP_TIMEOUT=5s",
+                "OTEL_EXPORTER_OTLP_TIMEOUT=5s: milliseconds expected",
+            ),
+            (
+                vec![endpoint, ("OTEL_EXPORTER_OTLP_LOGS_TIMEOUT", "0")],
+                "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT=0: more than 0 milliseconds expected",
             ),
             (
                 vec![endpoint, ("OTEL_EXPORTER_OTLP_HEADERS", "a=1,bad")],

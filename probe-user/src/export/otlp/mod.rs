@@ -6,19 +6,29 @@
 //! attributes and a resource naming the node and the agent. http or https (rustls; the
 //! system's roots unless `..._CERTIFICATE` names a CA), gzip when asked.
 //!
+//! The configuration is checked and the TLS files read before the programs load
+//! ([`OtlpSetup`]: a mistake is a usage error); the senders start after.
+//!
 //! The ring-buffer readers only ever `try_send` into a bounded queue per signal ([`QUEUE`]
-//! records, plus the [`BATCH`] in flight). While the collector is unreachable or says 429,
-//! 502, 503 or 504, the oldest batch is retried with capped backoff (Retry-After honoured)
-//! and never given up; records past the queue are dropped and counted. A batch the collector
-//! refuses (400, 401, 413, ...) is dropped and counted, said at WARN at most once a minute.
+//! records, plus the [`BATCH`] in flight). While the collector is unreachable, refuses this
+//! side's TLS, or says 429, 502, 503 or 504, the oldest batch is retried with capped backoff
+//! (Retry-After honoured) and never given up, the failure said with its cause (`failure`);
+//! records past the queue are dropped and counted. A batch the collector refuses (400, 401,
+//! 413, ...) is dropped and counted, said at WARN with the collector's answer at most once a
+//! minute. What is still queued when a stop cannot wait any longer is dropped and counted.
 
 mod config;
+mod failure;
 mod records;
 mod sender;
 
-pub use config::OtlpConfig;
-
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use opentelemetry_proto::tonic::{
     collector::{logs::v1::ExportLogsServiceRequest, trace::v1::ExportTraceServiceRequest},
@@ -33,8 +43,9 @@ use tokio::sync::mpsc;
 
 use crate::{export::budget::BudgetLine, signals::Event};
 
+use config::{OtlpConfig, SignalConfig};
 use records::{budget_record, dns_span, drop_record, kv, log_record};
-use sender::Sender;
+use sender::{Collector, Sender};
 
 /// Records waiting per signal; past this they are dropped and counted. With the batch in
 /// flight, a collector that is down costs nothing until QUEUE + BATCH records are waiting.
@@ -50,11 +61,47 @@ pub struct OtlpCounters {
     pub failed_requests: IntCounter,
 }
 
+/// The export as configured (`--otlp-endpoint`, the `OTEL_*` variables), checked, with each
+/// signal's client made (its TLS files read): made before anything loads, started after.
+pub struct OtlpSetup {
+    logs: Option<Collector>,
+    traces: Option<Collector>,
+    /// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`.
+    resource: Vec<(String, String)>,
+    /// Which signals go where, said at the start.
+    described: String,
+}
+
+impl OtlpSetup {
+    /// `None` when nothing is to be exported. Errors: a value that cannot be used, a TLS file
+    /// that cannot be read (see [`OtlpConfig::from_env`]).
+    pub fn from_env(
+        endpoint: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(config) = OtlpConfig::from_env(endpoint, env)? else {
+            return Ok(None);
+        };
+        let described = config.describe();
+        let collector = |name: &str, signal: Option<SignalConfig>| {
+            signal.map(|s| Collector::new(name, s)).transpose()
+        };
+        Ok(Some(OtlpSetup {
+            logs: collector("logs", config.logs)?,
+            traces: collector("traces", config.traces)?,
+            resource: config.resource,
+            described,
+        }))
+    }
+}
+
 pub struct OtlpExporter {
     logs: Option<mpsc::Sender<LogRecord>>,
     traces: Option<mpsc::Sender<Span>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     counters: OtlpCounters,
+    /// Records queued and not yet delivered or dropped, every signal's.
+    queued: Arc<AtomicU64>,
 }
 
 /// The resource of every export: the agent (service.*, its own pod when the downward API
@@ -88,28 +135,30 @@ fn resource(node: &str, extra: &[(String, String)]) -> Resource {
 /// One signal's background sender, encoding its batches with `encode`.
 fn spawn<T: Send + 'static>(
     name: &'static str,
-    signal: config::SignalConfig,
+    collector: Collector,
     counters: &OtlpCounters,
+    queued: &Arc<AtomicU64>,
     rx: mpsc::Receiver<T>,
     encode: impl Fn(Vec<T>) -> Vec<u8> + Send + 'static,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let sender = Sender::new(name, signal, counters.clone())?;
-    Ok(tokio::spawn(sender.run(rx, encode)))
+) -> tokio::task::JoinHandle<()> {
+    let sender = Sender::new(name, collector, counters.clone(), queued.clone());
+    tokio::spawn(sender.run(rx, encode))
 }
 
 impl OtlpExporter {
-    /// Starts one background sender per exported signal (errors: unreadable TLS files).
-    pub fn start(config: OtlpConfig, node: &str, counters: OtlpCounters) -> anyhow::Result<Self> {
-        tracing::info!("{}", config.describe());
-        let resource = resource(node, &config.resource);
+    /// Starts one background sender per exported signal.
+    pub fn start(setup: OtlpSetup, node: &str, counters: OtlpCounters) -> Self {
+        tracing::info!("{}", setup.described);
+        let queued = Arc::new(AtomicU64::new(0));
+        let resource = resource(node, &setup.resource);
         let scope = InstrumentationScope {
             name: "faultline".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             ..Default::default()
         };
         let mut tasks = Vec::new();
-        let logs = match config.logs {
-            Some(signal) => {
+        let logs = match setup.logs {
+            Some(collector) => {
                 let (tx, rx) = mpsc::channel(QUEUE);
                 let (resource, scope) = (resource.clone(), scope.clone());
                 let encode = move |log_records| {
@@ -126,13 +175,13 @@ impl OtlpExporter {
                     }
                     .encode_to_vec()
                 };
-                tasks.push(spawn("logs", signal, &counters, rx, encode)?);
+                tasks.push(spawn("logs", collector, &counters, &queued, rx, encode));
                 Some(tx)
             }
             None => None,
         };
-        let traces = match config.traces {
-            Some(signal) => {
+        let traces = match setup.traces {
+            Some(collector) => {
                 let (tx, rx) = mpsc::channel(QUEUE);
                 let encode = move |spans| {
                     ExportTraceServiceRequest {
@@ -148,17 +197,18 @@ impl OtlpExporter {
                     }
                     .encode_to_vec()
                 };
-                tasks.push(spawn("traces", signal, &counters, rx, encode)?);
+                tasks.push(spawn("traces", collector, &counters, &queued, rx, encode));
                 Some(tx)
             }
             None => None,
         };
-        Ok(OtlpExporter {
+        OtlpExporter {
             logs,
             traces,
             tasks,
             counters,
-        })
+            queued,
+        }
     }
 
     /// Queues an event: failures and drops as log records, queries as spans (near-misses
@@ -169,10 +219,8 @@ impl OtlpExporter {
             Event::CloneFailure(f) => self.log(log_record(f)),
             Event::ConntrackDrop(d) => self.log(drop_record(d)),
             Event::DnsQuery(q) => {
-                if let Some(tx) = &self.traces
-                    && tx.try_send(dns_span(q)).is_err()
-                {
-                    self.counters.dropped.inc();
+                if let Some(tx) = &self.traces {
+                    self.queue(tx, dns_span(q));
                 }
             }
             Event::ClashesResolved(_) | Event::HeadroomWarning(_) => {}
@@ -185,30 +233,83 @@ impl OtlpExporter {
     }
 
     fn log(&self, record: LogRecord) {
-        if let Some(tx) = &self.logs
-            && tx.try_send(record).is_err()
-        {
+        if let Some(tx) = &self.logs {
+            self.queue(tx, record);
+        }
+    }
+
+    /// One record into its signal's queue, counted as queued until its sender is done with
+    /// it; dropped and counted when the queue is full.
+    fn queue<T>(&self, tx: &mpsc::Sender<T>, record: T) {
+        // Counted first: the sender may be done with it before try_send returns.
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if tx.try_send(record).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.counters.dropped.inc();
         }
     }
 
-    /// Delivers what is queued, for at most `within`; then it gives up (said at WARN).
-    pub async fn shutdown(self, within: Duration) {
+    /// Delivers what is queued, for at most `within`; then gives up, and drops and counts
+    /// what is still queued (said at WARN). Returns how many records that was.
+    pub async fn shutdown(self, within: Duration) -> u64 {
         let OtlpExporter {
             logs,
             traces,
             tasks,
-            ..
+            counters,
+            queued,
         } = self;
         drop(logs);
         drop(traces);
         let deadline = tokio::time::Instant::now() + within;
-        for task in tasks {
-            let abort = task.abort_handle();
-            if tokio::time::timeout_at(deadline, task).await.is_err() {
-                abort.abort();
-                tracing::warn!("OTLP: the collector did not take everything within {within:?}");
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                // Gone once this returns: it counts nothing more.
+                let _ = task.await;
             }
         }
+        let left = queued.load(Ordering::Relaxed);
+        if left > 0 {
+            counters.dropped.inc_by(left);
+            tracing::warn!(
+                "OTLP: the collector did not take everything within {within:?}: {left} records still queued were dropped"
+            );
+        }
+        left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::budget::EventsLost;
+
+    /// A collector that takes the connection and never answers: what is queued at the stop
+    /// is dropped, counted, and said.
+    #[tokio::test]
+    async fn what_a_stop_cannot_deliver_is_dropped_and_counted() {
+        let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", black_hole.local_addr().unwrap());
+        let setup = OtlpSetup::from_env(Some(&endpoint), |_| None)
+            .unwrap()
+            .unwrap();
+        let counters = OtlpCounters {
+            dropped: IntCounter::new("dropped", "dropped").unwrap(),
+            failed_requests: IntCounter::new("failed", "failed").unwrap(),
+        };
+        let exporter = OtlpExporter::start(setup, "node-1", counters.clone());
+        let line = BudgetLine::EventsLost(EventsLost {
+            event: "clone_failure",
+            count: 1,
+            time: "2026-01-01T00:00:00Z".to_owned(),
+        });
+        for _ in 0..3 {
+            exporter.budget_line(&line);
+        }
+        let dropped = exporter.shutdown(Duration::from_millis(300)).await;
+        assert_eq!(dropped, 3);
+        assert_eq!(counters.dropped.get(), 3);
+        drop(black_hole);
     }
 }
