@@ -88,7 +88,10 @@ fn as_nobody(args: &[&str]) -> std::process::Output {
 /// [`as_nobody`] with these environment variables set.
 fn as_nobody_with(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
     common::require_root();
-    let dir = std::env::temp_dir().join(common::unique("unprivileged"));
+    // One copy per call: the tests of this binary run side by side.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(common::unique(&format!("unprivileged-{n}")));
     std::fs::create_dir_all(&dir).expect("creating a temp dir");
     let exe = dir.join("faultline");
     std::fs::copy(&*FAULTLINE, &exe).expect("copying faultline");

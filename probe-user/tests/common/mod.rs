@@ -957,7 +957,7 @@ impl Daemon {
             .1
     }
 
-    /// SIGTERM; returns (exit status, stderr, seconds it took).
+    /// SIGTERM; returns (exit status, stderr as [`log_text`], seconds it took).
     pub fn terminate(mut self) -> (std::process::ExitStatus, String, f64) {
         let start = Instant::now();
         // SAFETY: signalling our own child.
@@ -969,7 +969,21 @@ impl Daemon {
         if let Some(mut e) = self.child.stderr.take() {
             let _ = e.read_to_string(&mut stderr);
         }
-        (status, stderr, start.elapsed().as_secs_f64())
+        let text: Vec<String> = stderr.lines().map(log_text).collect();
+        (status, text.join("\n"), start.elapsed().as_secs_f64())
+    }
+}
+
+/// One line of faultline's own log as text: the DaemonSet's JSON lines
+/// (`FAULTLINE_LOG_FORMAT=json`) as `LEVEL message`, any other line as it is.
+pub fn log_text(line: &str) -> String {
+    match serde_json::from_str::<Value>(line) {
+        Ok(v) if v["message"].is_string() => format!(
+            "{} {}",
+            v["level"].as_str().unwrap_or("?"),
+            v["message"].as_str().unwrap_or_default()
+        ),
+        _ => line.to_owned(),
     }
 }
 
@@ -1450,8 +1464,18 @@ impl Daemon {
 
     /// The daemon's stderr line by line as it comes ([`Daemon::terminate`] then returns none
     /// of it).
+    /// The daemon's log lines as they come, as [`log_text`].
     pub fn stderr_lines(&mut self) -> mpsc::Receiver<String> {
-        lines_of(self.child.stderr.take().expect("stderr not taken yet"))
+        let raw = lines_of(self.child.stderr.take().expect("stderr not taken yet"));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in raw {
+                if tx.send(log_text(&line)).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
     }
 }
 

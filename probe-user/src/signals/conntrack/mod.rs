@@ -13,9 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use probe_common::conntrack::{
-    self as common, CT_CONFIRMED, CT_NONE, CT_UNCONFIRMED, ConntrackDropEvent, FlowKey,
-};
+use probe_common::conntrack::{self as common, CT_CONFIRMED, CT_NONE, ConntrackDropEvent, FlowKey};
 use serde::Serialize;
 
 use crate::{
@@ -631,6 +629,8 @@ pub fn deliver(
 
 #[cfg(test)]
 mod tests {
+    use probe_common::conntrack::CT_UNCONFIRMED;
+
     use super::*;
 
     fn failed(n: u64) -> CtCounters {
@@ -648,10 +648,16 @@ mod tests {
     fn increases_wait_two_reads_for_their_events() {
         let mut a = Accounted::from(failed(0));
         let c = failed(3);
-        assert_eq!(verdict(CT_UNCONFIRMED, &c, &mut a.seen, "").0, Cause::InsertFailed);
+        assert_eq!(
+            verdict(CT_UNCONFIRMED, &c, &mut a.seen, "").0,
+            Cause::InsertFailed
+        );
         a.read(c);
         for _ in 0..2 {
-            assert_eq!(verdict(CT_UNCONFIRMED, &c, &mut a.seen, "").0, Cause::InsertFailed);
+            assert_eq!(
+                verdict(CT_UNCONFIRMED, &c, &mut a.seen, "").0,
+                Cause::InsertFailed
+            );
         }
         a.read(c);
         // One more increase whose event is lost: read at three batches (each of rule drops),
