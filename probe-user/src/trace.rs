@@ -169,6 +169,7 @@ pub struct Summary {
     /// spoofed), counted in the kernel.
     dns_truncated: u64,
     dns_unmatched: u64,
+    dns_mismatched: u64,
     /// DNS query events that did not reach userspace (ring buffer full).
     dns_lost_events: u64,
     /// DNS over TCP port 53 segments in cgroups the kernel map could not count.
@@ -304,6 +305,7 @@ impl Summary {
             self.dns_over_quota = stats.over_quota;
             self.dns_truncated = stats.truncated;
             self.dns_unmatched = stats.unmatched;
+            self.dns_mismatched = stats.mismatched;
             self.dns_lost_events = stats.lost;
             self.dns_tcp_uncounted = stats.tcp_uncounted;
             for tcp in &dns.tcp {
@@ -648,18 +650,20 @@ impl Printer {
                     + s.dns_over_quota
                     + s.dns_malformed
                     + s.dns_unmatched
+                    + s.dns_mismatched
                     + s.dns_lost_events
                     + s.dns_tcp_uncounted
                     > 0
                 {
                     writeln!(
                         self.out,
-                        "dns not followed: {} queries untracked (pending-query map full), {} over their cgroup's quota, {} lost (ring buffer full), {} malformed packets, {} unmatched answers, {} TCP segments uncounted",
+                        "dns not followed: {} queries untracked (pending-query map full), {} over their cgroup's quota, {} lost (ring buffer full), {} malformed packets, {} unmatched answers, {} answers from elsewhere or to another question (spoofed), {} TCP segments uncounted",
                         s.dns_untracked,
                         s.dns_over_quota,
                         s.dns_lost_events,
                         s.dns_malformed,
                         s.dns_unmatched,
+                        s.dns_mismatched,
                         s.dns_tcp_uncounted
                     )?;
                 }

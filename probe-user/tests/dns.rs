@@ -10,7 +10,7 @@ mod common;
 use std::{
     process::{Child, Command, Stdio},
     sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::*;
@@ -762,6 +762,83 @@ fn dns_over_ipv6() {
         );
         assert_eq!(q["server"], format!("[{SERVER_IP6}]:53"), "{q}");
     }
+}
+
+/// Another pod sprays forged answers at a pod's socket, every transaction id, from the
+/// address its query went to: with another question, and with none at all (FORMERR); and
+/// from another address with the query's own question. None of them ends the query: it times
+/// out under its own name, the attacker's name never appears, and each forged answer that
+/// reached the query's socket with its id is counted as mismatched.
+#[test]
+fn forged_answers_never_end_a_query_or_rename_it() {
+    let lab = DnsLab::start();
+    let path = lab.path();
+    let trace = Trace::start(&["--events", "dns", "--cgroup", &path, "--dns-timeout", "3s"]);
+    lab.server_drops(true);
+    let procs = lab.cgroup.dir.join("cgroup.procs");
+    // One query for bench.test (A, id 0) from port 45353, then a socket that keeps its place
+    // without reading, as a resolver waiting for its answer: nothing forged ends it here.
+    let query = "0000010000010000000000000562656e636804746573740000010001";
+    let victim = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec timeout 20 ip netns exec {} python3 -c \"import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', 45353)); s.connect(('{SERVER_IP}', 53)); s.send(bytes.fromhex('{query}')); time.sleep(14)\"",
+            procs.display(),
+            lab.client_ns,
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the victim");
+    let _victim = KillOnDrop(victim);
+    let sent = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let to = format!("{CLIENT_IP}:45353");
+    let ids = if vm_kernel().is_some() {
+        "8192"
+    } else {
+        "65536"
+    };
+    for (from, name, rcode) in [
+        (SERVER_IP, "evil.test", "0"),
+        (SERVER_IP, "", "1"),
+        (RESPONDER_IP, "bench.test", "2"),
+    ] {
+        // The query's id (0) alone first, so that a backlog full of the spray before cannot
+        // drop it; then every id on a node (in emulation, ten times slower, the first 8,192).
+        for count in ["1", ids] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &lab.server_ns, &LAB, "dns-spray", count])
+                .args(["--dns-server", &to, "--spoof-from", &format!("{from}:53")])
+                .args(["--spoof-name", name, "--spoof-rcode", rcode])
+                .output()
+                .expect("spraying");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lab.server_drops(false);
+    assert!(
+        sent.elapsed() < Duration::from_secs(9),
+        "the sprays outlasted the query"
+    );
+    // The query's timeout falls due.
+    std::thread::sleep(Duration::from_secs(11).saturating_sub(sent.elapsed()));
+    let (events, summary) = trace.stop_json();
+    let mine: Vec<&Value> = events.iter().filter(|e| e["kind"] == "dns").collect();
+    assert_eq!(mine.len(), 1, "{mine:#?}");
+    assert_eq!(mine[0]["qname"], "bench.test", "{:#}", mine[0]);
+    assert_eq!(mine[0]["outcome"], "timeout", "{:#}", mine[0]);
+    // The two from the query's own server address reached its socket with its id (a
+    // connected socket never sees the third).
+    assert!(
+        summary["dns_mismatched"].as_u64().is_some_and(|n| n >= 2),
+        "{summary:#}"
+    );
 }
 
 /// `faultline explain` on the DNS lab: the ndots:5 chain is a search-path amplification

@@ -414,10 +414,14 @@ fn an_unreachable_api_is_said_once_at_warn_and_counted() {
     );
 }
 
+/// The conntrack labs use the same addresses (and every trace sees every drop): one at a time.
+static CT_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A dropped packet whose socket faultline never saw (not DNS, so no flow record) is
 /// attributed by its source IP to the pod the API says has it.
 #[test]
 fn a_conntrack_drop_is_attributed_by_pod_ip() {
+    let _lab = CT_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let (uid_b, uid_c) = (uid(12), uid(13));
     let api = FakeApi::start(
         pod("cart-7d9f-b", &uid_b, CID_B, "150", V4.client2, true),
@@ -453,6 +457,67 @@ fn a_conntrack_drop_is_attributed_by_pod_ip() {
             .is_some_and(|e| e.contains("sender by pod IP")),
         "{d}"
     );
+}
+
+/// Another pod forges the first pod's source address (a raw socket): 60 packets from client
+/// 1's namespace claiming client 2's address, dropped at the router's SNAT. They came in on
+/// client 1's interface, not where client 2's address is routed: unattributed, never the
+/// victim's. Client 2's own dropped packet stays its own.
+#[test]
+fn forged_sources_are_unattributed_not_pinned_on_the_pod_they_name() {
+    let _lab = CT_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let (uid_b, uid_c) = (uid(14), uid(15));
+    let api = FakeApi::start(
+        pod("cart-7d9f-b", &uid_b, CID_B, "150", V4.client2, true),
+        pod("cart-7d9f-c", &uid_c, CID_C, "199", "10.1.0.3", false),
+    );
+    let config = kubeconfig(api.port);
+    let lab = CtLab::start(&V4);
+    // Loose reverse-path filtering at the router (the address is reachable, on another
+    // interface), as on nodes whose CNI routes pods so: the forged packets reach conntrack.
+    sh(&format!(
+        "ip netns exec {} sysctl -qw net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.default.rp_filter=2",
+        lab.router()
+    ));
+    let trace = Trace::start(&[
+        "--events",
+        "conntrack",
+        "--kubeconfig",
+        &config.0.display().to_string(),
+        "--node-name",
+        "node-1",
+    ]);
+    api.wait_for_relist();
+    // Client 1's flow takes the router's only SNAT port; then the forgeries, then client 2.
+    lab.client(1, &format!("1 --dns-server {}", lab.server(5300)));
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.client_ns(1), &LAB, "dns-spray", "60"])
+        .args(["--dns-server", &lab.server(5300)])
+        .args(["--spoof-from", &format!("{}:33000", V4.client2)])
+        .output()
+        .expect("forging");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.client(2, &format!("1 --dns-server {}", lab.server(5300)));
+    let (events, _) = trace.stop_json();
+    let drops: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "conntrack_drop" && e["src"] == V4.client2)
+        .collect();
+    let (forged, own): (Vec<&Value>, Vec<&Value>) = drops.iter().partition(|d| d["sport"] == 33000);
+    // One flow (one source port): its first packet lost the clash; the others matched it.
+    assert!(!forged.is_empty(), "{events:#?}");
+    for d in &forged {
+        assert_eq!(d["workload"], "unattributed", "{d}");
+        assert_eq!(d["pod"], Value::Null, "{d}");
+        assert_eq!(d["sender"], "source_not_routed", "{d}");
+    }
+    assert_eq!(own.len(), 1, "{events:#?}");
+    assert_eq!(own[0]["pod"]["name"], "cart-7d9f-b", "{}", own[0]);
+    assert_eq!(own[0]["sender"], "routed_address", "{}", own[0]);
 }
 
 /// A stand-in API that can go down and come back with other pods: while up, it lists `pods`

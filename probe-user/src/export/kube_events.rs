@@ -699,6 +699,7 @@ mod tests {
             cgroup: None,
             workload: "shop/cart-1".into(),
             pod: named(),
+            sender: crate::signals::conntrack::origin::Sender::Socket,
             evidence: "insert_failed rose by 1".into(),
             dns: None,
         };

@@ -412,6 +412,7 @@ impl Metrics {
             ("cgroup_quota", stats.over_quota),
             ("malformed", stats.malformed),
             ("unmatched", stats.unmatched),
+            ("mismatched", stats.mismatched),
             ("tcp_map_full", stats.tcp_uncounted),
         ] {
             self.totals.set(Total::DnsUntracked, reason, total);

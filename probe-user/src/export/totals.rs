@@ -20,7 +20,7 @@ pub enum Total {
     /// `source`: clone, dns, conntrack, cgroups (new cgroup v2 directories).
     EventsLost,
     UncountedTaskEvents,
-    /// `reason`: pending_full, cgroup_quota, malformed, unmatched, tcp_map_full.
+    /// `reason`: pending_full, cgroup_quota, malformed, unmatched, mismatched, tcp_map_full.
     DnsUntracked,
     /// `counter`: the kernel's conntrack statistics of the node's namespace.
     ConntrackStat,
@@ -46,7 +46,7 @@ const FAMILIES: [(Total, &str, &str, Option<&str>); 6] = [
     (
         Total::DnsUntracked,
         "faultline_dns_untracked_total",
-        "Port 53 packets the DNS probe could not follow, by reason: pending_full (a query not tracked: the kernel's map of waiting queries was full), cgroup_quota (not tracked: its cgroup had 1,024 queries waiting), malformed (not a DNS query or answer), unmatched (an answer to no tracked query), tcp_map_full (a TCP segment in a cgroup the full map could not count).",
+        "Port 53 packets the DNS probe could not follow, by reason: pending_full (a query not tracked: the kernel's map of waiting queries was full), cgroup_quota (not tracked: its cgroup had 1,024 queries waiting), malformed (not a DNS query or answer), unmatched (an answer to no tracked query), mismatched (an answer to a waiting query's socket and id from another address than the query went to, or with another question: spoofed or confused; the query keeps waiting), tcp_map_full (a TCP segment in a cgroup the full map could not count).",
         Some("reason"),
     ),
     (

@@ -6,6 +6,7 @@
 //! kernel's own counters per namespace.
 
 pub mod ctstats;
+pub mod origin;
 
 use std::{
     collections::HashMap,
@@ -26,6 +27,7 @@ use crate::{
     signals::dns::DnsTracker,
 };
 use ctstats::CtCounters;
+use origin::Sender;
 
 /// Packets dropped by netfilter.
 pub const PROGRAMS: [Attachment; 1] = [raw("conntrack_drop", "kfree_skb")];
@@ -109,6 +111,9 @@ pub struct ConntrackDrop {
     pub cgroup: Option<String>,
     pub workload: String,
     pub pod: Option<PodRef>,
+    /// How the sender was found (`unattributed`: not, and why: then `workload` is
+    /// `unattributed` and no pod is named).
+    pub sender: Sender,
     pub evidence: String,
     pub dns: Option<DnsLink>,
 }
@@ -300,6 +305,20 @@ impl Classifier {
             }
         }
         out
+    }
+
+    /// Whether a drop's packet came in where its namespace routes its source address (none:
+    /// a locally sent packet without a socket, or the routes unreadable).
+    fn arrived_where_routed(&mut self, ev: &ConntrackDropEvent) -> Option<bool> {
+        if ev.local != 0 || ev.iif == 0 {
+            return None;
+        }
+        let ns = if ev.proc_ino != 0 {
+            self.netns.get(NetnsKey(u64::from(ev.proc_ino)))
+        } else {
+            self.netns.by_inode(u64::from(ev.netns))
+        }?;
+        origin::arrived_where_routed(&ns, ip(flow_of(ev), true), ev.iif)
     }
 
     /// The node's namespace's counters (pid 1's), when readable.
@@ -526,36 +545,48 @@ fn proto_name(p: u8) -> String {
     }
 }
 
-/// Enriches one drop with its verdict.
+/// The flow a drop belongs to: its entry's original tuple (what the sender sent), else the
+/// packet's own headers.
+fn flow_of(ev: &ConntrackDropEvent) -> &FlowKey {
+    if ev.ct_state == CT_NONE {
+        &ev.packet
+    } else {
+        &ev.orig
+    }
+}
+
+/// Enriches one drop with its verdict. The sender ([`origin`]): the socket the kernel ties to
+/// the flow, else the pod that has its source address if the packet arrived where that
+/// address is routed (`routed`, checked by the caller), else none.
 fn report(
     ev: &ConntrackDropEvent,
     (cause, evidence): (Cause, String),
+    routed: Option<bool>,
     clock: &KernelClock,
     attributor: &mut Attributor,
     dns: Option<&mut DnsTracker>,
 ) -> ConntrackDrop {
-    let flow = if ev.ct_state == CT_NONE {
-        &ev.packet
-    } else {
-        &ev.orig
-    };
-    // The sender: the socket seen leaving this node (DNS flows, local sockets), else the pod
-    // that has the flow's source IP.
+    let flow = flow_of(ev);
     let src = ip(flow, true).to_string();
-    let (cgroup, who, by_ip) = if ev.owner.cgroup_id != 0 {
+    let unattributed = |why| {
+        (
+            None,
+            crate::attribution::pods::Attribution {
+                workload: "unattributed".to_owned(),
+                pod: None,
+            },
+            why,
+        )
+    };
+    let (cgroup, who, sender) = if ev.owner.cgroup_id != 0 {
         let (path, a) = attributor.attribute(ev.owner.cgroup_id, None);
-        (path, a, false)
+        (path, a, Sender::Socket)
     } else {
-        match attributor.attribute_ip(&src) {
-            Some(a) => (None, a, true),
-            None => (
-                None,
-                crate::attribution::pods::Attribution {
-                    workload: "?".to_owned(),
-                    pod: None,
-                },
-                false,
-            ),
+        match (attributor.attribute_ip(&src), routed) {
+            (Some(a), Some(true)) => (None, a, Sender::RoutedAddress),
+            (Some(_), Some(false)) => unattributed(Sender::SourceNotRouted),
+            (Some(_), None) => unattributed(Sender::RoutesUnreadable),
+            (None, _) => unattributed(Sender::UnknownSource),
         }
     };
     let is_dns = flow.proto == 17 && u16::from_be(flow.dport) == 53 && ev.owner.socket_cookie != 0;
@@ -585,10 +616,14 @@ fn report(
         cgroup,
         workload: who.workload,
         pod: who.pod,
-        evidence: format!(
-            "{evidence}; {path}{}",
-            if by_ip { "; sender by pod IP" } else { "" }
-        ),
+        evidence: match (sender, sender.unattributed()) {
+            (_, Some(why)) => format!("{evidence}; {path}; unattributed: {why}"),
+            (Sender::RoutedAddress, None) => format!(
+                "{evidence}; {path}; sender by pod IP (it came in where that address is routed)"
+            ),
+            (_, None) => format!("{evidence}; {path}"),
+        },
+        sender,
         dns,
     }
 }
@@ -615,10 +650,14 @@ pub fn deliver(
     }
     let verdicts = classifier.classify(&drops);
     for (ev, verdict) in drops.iter().zip(verdicts) {
+        let routed = (ev.owner.cgroup_id == 0)
+            .then(|| classifier.arrived_where_routed(ev))
+            .flatten();
         let clock = &classifier.clock;
         emit(Event::ConntrackDrop(report(
             ev,
             verdict,
+            routed,
             clock,
             attributor,
             dns.as_deref_mut(),

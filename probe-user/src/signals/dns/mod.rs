@@ -146,7 +146,7 @@ impl Outcome {
 struct Answer {
     /// When it came (kernel clock).
     at_ns: u64,
-    rcode: u8,
+    rcode: u16,
     truncated: bool,
 }
 
@@ -165,7 +165,9 @@ pub struct Message {
     pub id: u16,
     pub response: bool,
     pub truncated: bool,
-    pub rcode: u8,
+    /// The header's four bits, extended by an EDNS OPT record's eight (RFC 6891) when the
+    /// captured bytes hold it.
+    pub rcode: u16,
     pub qname: String,
     pub qtype: u16,
 }
@@ -193,7 +195,8 @@ pub fn parse(bytes: &[u8]) -> Option<Message> {
         id,
         response: flags & 0x8000 != 0,
         truncated: flags & 0x0200 != 0,
-        rcode: (flags & 0x000f) as u8,
+        rcode: (flags & 0x000f)
+            | extended_rcode(bytes, question_end).map_or(0, |x| u16::from(x) << 4),
         qname: q
             .qname
             .to_string()
@@ -201,6 +204,36 @@ pub fn parse(bytes: &[u8]) -> Option<Message> {
             .to_ascii_lowercase(),
         qtype: u16::from(q.qtype),
     })
+}
+
+/// The upper eight bits of the response code an OPT record carries (the high byte of its TTL
+/// field), when one is within `bytes`: the records after the question walked, names skipped
+/// whether compressed or not. None without one, or where the records run past the capture.
+fn extended_rcode(bytes: &[u8], question_end: usize) -> Option<u8> {
+    let count = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]) as usize;
+    let records = count(6) + count(8) + count(10);
+    let mut at = question_end;
+    for _ in 0..records.min(256) {
+        // The owner name: labels up to a zero, or a compression pointer (two bytes).
+        for _ in 0..128 {
+            let len = *bytes.get(at)? as usize;
+            if len & 0xc0 == 0xc0 {
+                at += 2;
+                break;
+            }
+            at += 1 + len;
+            if len == 0 {
+                break;
+            }
+        }
+        let fixed = bytes.get(at..at + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        if rtype == 41 {
+            return Some(fixed[4]);
+        }
+        at += 10 + u16::from_be_bytes([fixed[8], fixed[9]]) as usize;
+    }
+    None
 }
 
 /// End of the first question (uncompressed name, as every resolver sends it, + type + class).
@@ -221,7 +254,7 @@ fn question_end(bytes: &[u8]) -> Option<usize> {
 
 /// A response code (RFC 1035), shown by its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rcode(pub u8);
+pub struct Rcode(pub u16);
 
 impl Rcode {
     pub const NOERROR: Rcode = Rcode(0);
@@ -229,7 +262,7 @@ impl Rcode {
     pub const NXDOMAIN: Rcode = Rcode(3);
     pub const REFUSED: Rcode = Rcode(5);
 
-    /// The name of one of the six codes a resolver meets; none for the others.
+    /// The name of one of the codes a resolver meets; none for the others.
     pub fn known(self) -> Option<&'static str> {
         match self.0 {
             0 => Some("NOERROR"),
@@ -238,6 +271,9 @@ impl Rcode {
             3 => Some("NXDOMAIN"),
             4 => Some("NOTIMP"),
             5 => Some("REFUSED"),
+            // EDNS's (RFC 6891, 7873): a server that refuses the query's EDNS version or cookie.
+            16 => Some("BADVERS"),
+            23 => Some("BADCOOKIE"),
             _ => None,
         }
     }
@@ -614,6 +650,28 @@ mod tests {
         }
         b.extend_from_slice(&[0, (qtype >> 8) as u8, qtype as u8, 0, 1]);
         b
+    }
+
+    /// An answer whose OPT record carries the upper bits of its code: BADVERS (16) is 0 in
+    /// the header and 1 in the OPT record's TTL; one without OPT keeps the header's code.
+    #[test]
+    fn extended_rcodes_are_decoded_from_the_opt_record() {
+        let mut answer = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 1];
+        answer.extend_from_slice(&[
+            3, b'w', b'e', b'b', 4, b't', b'e', b's', b't', 0, 0, 1, 0, 1,
+        ]);
+        // An A record under a compressed name, then the OPT record (root name, type 41).
+        answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 1]);
+        answer.extend_from_slice(&[0, 0, 41, 0x10, 0, 1, 0, 0, 0, 0, 0]);
+        let m = parse(&answer).expect("parses");
+        assert_eq!((m.rcode, Rcode(m.rcode).name().as_ref()), (16, "BADVERS"));
+        // No OPT record: the header's code.
+        let mut plain = answer[..answer.len() - 11].to_vec();
+        plain[11] = 0;
+        plain[3] = 0x83;
+        assert_eq!(parse(&plain).expect("parses").rcode, 3);
+        // An OPT record past the capture: the header's code, no guess.
+        assert_eq!(parse(&answer[..answer.len() - 4]).expect("parses").rcode, 0);
     }
 
     #[test]
