@@ -593,15 +593,31 @@ fn explain_counts_what_the_kernel_refused_while_it_watched() {
         report.failures
     };
     let before = refuse("4");
-    let logs_arg = logs.arg();
-    let report = std::thread::scope(|s| {
-        let observer = s.spawn(|| observed(&["--observe-for", "6s", "--kubelet-logs", &logs_arg]));
-        // Refused again once the observation has started (loading takes a moment).
-        std::thread::sleep(Duration::from_secs(3));
-        let during = refuse("6");
-        (observer.join().expect("explain"), during)
-    });
-    let (report, during) = report;
+    let mut observer = common::faultline()
+        .args(["explain", "--observe", "-o", "json", "--no-kube-api"])
+        .args(["--observe-for", &format!("{}s", 6 * pace())])
+        .args(["--kubelet-logs", &logs.arg()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running faultline explain");
+    // Refused again once the observation has taken its first counts (it says it observes
+    // just before; loading takes seconds in emulation).
+    let stderr = observer.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("observing this node")),
+        "explain did not start observing"
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    std::thread::sleep(Duration::from_secs(pace()));
+    let during = refuse("6");
+    let out = observer.wait_with_output().expect("explain's report");
+    assert!(out.status.success(), "{:?}", out.status);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
     let f = past(&report, "pids_limit_past", "again-1")
         .unwrap_or_else(|| panic!("no pids_limit_past for again-1: {report:#}"));
     let k = &f["kernel"];
