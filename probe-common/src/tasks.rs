@@ -13,6 +13,19 @@ pub struct TaskCounts {
     pub exited: u64,
 }
 
+/// One non-root uid's tasks as the kernel counts them against RLIMIT_NPROC (node-wide, threads
+/// included), and the soft limit of the task that last created or ended one: written at each
+/// of them, so a uid's count is the kernel's own however many processes the node runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UidTasks {
+    pub tasks: i64,
+    pub limit: u64,
+}
+
+/// Most uids kept; past this, a new uid's tasks are counted in [`TaskStat::UidMapFull`].
+pub const MAX_UIDS: u32 = 4096;
+
 /// Most cgroups counted at once; a node has a few thousand. Past this, creations in new
 /// cgroups are counted in [`TaskStat::MapFull`] instead.
 pub const MAX_TASK_CGROUPS: u32 = 16384;
@@ -24,6 +37,9 @@ crate::counters! {
         MapFull = 0 => map_full,
         /// cgroup v2 directories removed (their counters are dropped with them).
         CgroupsRemoved = 1 => cgroups_removed,
+        /// A non-root uid created or ended a task while the full `TASK_UIDS` map had no room
+        /// for it: its count comes from its pods' processes instead.
+        UidMapFull = 2 => uid_map_full,
     }
 }
 
@@ -32,9 +48,13 @@ pub const CGROUP_V2_ROOT: i32 = 0;
 
 /// The per-CPU hash of `TaskCounts` by cgroup v2 id.
 pub const COUNTS: &str = "TASK_COUNTS";
+/// The hash of `UidTasks` by uid.
+pub const UIDS: &str = "TASK_UIDS";
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)] struct of u64s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::TaskCounts {}
+    // SAFETY: #[repr(C)] struct of an i64 and a u64: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::UidTasks {}
 }

@@ -483,7 +483,7 @@ fn walk_pidns(mut ns: *const u8, out: &mut PidNsCounter) -> u32 {
 /// (`signal->rlim[RLIMIT_NPROC].rlim_cur`). The count is `cred->ucounts->rlimit[NPROC]` on
 /// Linux >= 5.14 and `cred->user->processes` before.
 #[inline(always)]
-fn read_nproc(task: *const u8, out: &mut NprocCounter) -> bool {
+pub(crate) fn read_nproc(task: *const u8, out: &mut NprocCounter) -> bool {
     let rlim_off = koff!(signal_rlim);
     if rlim_off == MISSING {
         return false;

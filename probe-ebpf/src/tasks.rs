@@ -6,15 +6,20 @@
 //! cgroups only; when it is full, the miss is counted, never silent.
 
 use aya_ebpf::{
-    helpers::generated::bpf_get_current_cgroup_id,
+    helpers::{
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
+    },
     macros::{map, raw_tracepoint},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::RawTracePointContext,
 };
 use probe_common::{
-    clone::CLONE_THREAD,
+    clone::{CLONE_THREAD, NprocCounter},
     offsets::KernelOffsets,
-    tasks::{CGROUP_V2_ROOT, MAX_TASK_CGROUPS, TASK_STAT_COUNT, TaskCounts, TaskStat},
+    tasks::{
+        CGROUP_V2_ROOT, MAX_TASK_CGROUPS, MAX_UIDS, TASK_STAT_COUNT, TaskCounts, TaskStat, UidTasks,
+    },
 };
 
 use crate::kernel::{deref, get_or_insert, global_field, read};
@@ -31,6 +36,11 @@ macro_rules! koff {
 static TASK_COUNTS: PerCpuHashMap<u64, TaskCounts> =
     PerCpuHashMap::with_max_entries(MAX_TASK_CGROUPS, 0);
 
+/// Each non-root uid's task count as the kernel keeps it for RLIMIT_NPROC, written when one of
+/// its tasks is created or ends: userspace reads a uid's count here instead of walking /proc.
+#[map]
+static TASK_UIDS: HashMap<u32, UidTasks> = HashMap::with_max_entries(MAX_UIDS, 0);
+
 /// Counters indexed by [`TaskStat`].
 #[map]
 static TASK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TASK_STAT_COUNT, 0);
@@ -39,7 +49,8 @@ static TASK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TASK_STAT_CO
 #[raw_tracepoint(tracepoint = "task_newtask")]
 pub fn task_newtask(ctx: RawTracePointContext) -> u32 {
     let flags: u64 = ctx.arg(1);
-    // Runs in the parent: the child starts in the parent's cgroup.
+    // Runs in the parent: the child starts in the parent's cgroup, and is already counted
+    // under its uid.
     update(|c| {
         if flags & CLONE_THREAD != 0 {
             c.threads += 1;
@@ -47,15 +58,47 @@ pub fn task_newtask(ctx: RawTracePointContext) -> u32 {
             c.processes += 1;
         }
     });
+    note_uid();
     0
 }
 
 /// `sched_process_exit(struct task_struct *p)`.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn task_exit(_ctx: RawTracePointContext) -> u32 {
-    // Runs in the exiting task, still in its cgroup.
+    // Runs in the exiting task, still in its cgroup (and still counted under its uid: the
+    // count drops when it is reaped, so this one lags by the tasks ending now).
     update(|c| c.exited += 1);
+    note_uid();
     0
+}
+
+/// The current task's uid's count and limit into `TASK_UIDS`, for a non-root uid (root is
+/// exempt from RLIMIT_NPROC, and creates most tasks on a node: it costs nothing here).
+#[inline(always)]
+fn note_uid() {
+    let uid = bpf_get_current_uid_gid() as u32;
+    if uid == 0 {
+        return;
+    }
+    // SAFETY: no arguments; the task is read through probe reads only.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mut nproc = NprocCounter::default();
+    if !crate::clone::read_nproc(task, &mut nproc) {
+        return;
+    }
+    let now = UidTasks {
+        tasks: nproc.count,
+        limit: nproc.limit,
+    };
+    match TASK_UIDS.get_ptr_mut(&uid) {
+        // SAFETY: a live entry of this map; a racing writer at worst writes its own reading.
+        Some(entry) => unsafe { *entry = now },
+        None => {
+            if TASK_UIDS.insert(&uid, &now, 0).is_err() {
+                bump(TaskStat::UidMapFull);
+            }
+        }
+    }
 }
 
 /// `cgroup_rmdir(struct cgroup *cgrp, const char *path)`: the hierarchy is

@@ -190,7 +190,9 @@ impl Pipeline {
         if hot.is_empty() {
             return Ok(());
         }
-        let samples = self.signals.sample(&self.attributor, last, &hot);
+        let samples = self
+            .signals
+            .sample(&self.probes, &self.attributor, last, &hot);
         if samples.is_empty() {
             return Ok(());
         }

@@ -446,6 +446,9 @@ impl Sink for Daemon {
         metrics.refusals_unexplained(&refresh.refusals.unexplained);
         let clone = refresh.clone.unwrap_or_default();
         let task_stats = refresh.tasks.as_ref().map(|t| t.stats).unwrap_or_default();
+        if let Some(t) = &refresh.tasks {
+            metrics.nproc_unread(t.processes_unread);
+        }
         metrics.tasks(refresh.rows(), refresh.node, clone, task_stats);
         self.record(|r| r.refresh(refresh));
         self.limits(refresh)?;

@@ -32,6 +32,23 @@ fn two_pods_sharing_a_uid_are_bound_by_its_rlimit_nproc_before_their_pids_limits
         .collect();
     // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own; trend-window: a trend window of seconds, for a test of seconds.
     let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--trend-window", "20s"]);
+    // A pod holding 400 processes of another uid: the census reads 16 of a cgroup's, and each
+    // uid's count is the kernel's, so it cannot crowd the others out (as a /proc walk bounded
+    // per node could).
+    let hog_uid = format!("{:08x}-0000-4000-8000-00000000b1d9", std::process::id());
+    let hog = PodCgroup::systemd(&unique("nproc-hog"), &hog_uid, &cids[0], 1000);
+    let hog_lab = hog.spawn(&[
+        "forks",
+        "400",
+        "--comm",
+        "fl-hog",
+        "--uid",
+        "65534",
+        "--interval-ms",
+        "0",
+        "--hold-ms",
+        "60000",
+    ]);
     // Together: 40 tasks of the uid (the two labs included) in ~12 s, each pod far from its
     // pids limit of 1000.
     let started = Instant::now();
@@ -106,6 +123,8 @@ fn two_pods_sharing_a_uid_are_bound_by_its_rlimit_nproc_before_their_pids_limits
     );
     bound.sort_unstable();
     assert_eq!(bound, pods, "RLIMIT_NPROC not shown binding for both pods");
+    let unread = sample(&daemon.metrics(), "faultline_nproc_processes_unread", &[]);
+    assert!(unread.is_some_and(|n| n >= 300.0), "{unread:?}");
 
     // While the labs hold their tasks: the finding names the uid and both pods.
     let report: Value = daemon.explain().expect("an explain report");
@@ -138,4 +157,5 @@ fn two_pods_sharing_a_uid_are_bound_by_its_rlimit_nproc_before_their_pids_limits
         "{f:#}"
     );
     drop(labs);
+    drop(hog_lab);
 }

@@ -36,6 +36,8 @@ pub struct Recorder {
     limits: Vec<Estimate>,
     /// (workload, live tasks), most first, at the last refresh.
     holders: Vec<(String, u64)>,
+    /// Processes of counted cgroups the RLIMIT_NPROC census did not read, at the last refresh.
+    nproc_unread: u64,
 }
 
 impl Recorder {
@@ -48,6 +50,7 @@ impl Recorder {
             past: None,
             limits: Vec::new(),
             holders: Vec::new(),
+            nproc_unread: 0,
         }
     }
 
@@ -58,6 +61,7 @@ impl Recorder {
     /// One refresh: the limits' estimates, and who holds the node's tasks.
     pub fn refresh(&mut self, refresh: &Refresh) {
         self.limits(&refresh.estimates);
+        self.nproc_unread = refresh.tasks.as_ref().map_or(0, |t| t.processes_unread);
         match self.past.as_mut() {
             Some(past) => past.update(&refresh.refusals, refresh.conntrack_tables()),
             None => self.past = Some(Past::new(&refresh.refusals, refresh.conntrack_tables())),
@@ -121,6 +125,13 @@ impl Recorder {
                     crate::signals::refusals::MAX_CGROUPS
                 ));
             }
+        }
+        if self.nproc_unread > 0 {
+            notes.push(format!(
+                "{} processes of busy cgroups were not read for their uid and RLIMIT_NPROC (the first {} of each are): a uid running only there has no RLIMIT_NPROC finding",
+                self.nproc_unread,
+                crate::signals::tasks::users::PROCS_PER_CGROUP
+            ));
         }
         notes
     }

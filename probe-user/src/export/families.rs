@@ -113,6 +113,12 @@ pub const RUN: &[Family] = &[
         kind: Kind::IntGauge,
     },
     Family {
+        name: "faultline_nproc_processes_unread",
+        help: "Processes of counted cgroups not read for their uid and RLIMIT_NPROC (past the first 16 of each cgroup): a uid running only there has no RLIMIT_NPROC forecast. Each uid's count is the kernel's, whatever this says.",
+        labels: ONE,
+        kind: Kind::IntGauge,
+    },
+    Family {
         name: "faultline_node_threads_max",
         help: "The node's kernel.threads-max.",
         labels: ONE,

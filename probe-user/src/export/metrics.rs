@@ -282,6 +282,7 @@ pub struct Metrics {
     binding_limit: IntGaugeVec,
     node_threads: IntGauge,
     node_threads_max: IntGauge,
+    nproc_unread: IntGauge,
     node_pid_max: IntGauge,
     totals: KernelTotals,
     probe_attached: IntGaugeVec,
@@ -335,6 +336,7 @@ impl Metrics {
             binding_limit: f.take("faultline_binding_limit")?,
             node_threads: f.take("faultline_node_threads")?,
             node_threads_max: f.take("faultline_node_threads_max")?,
+            nproc_unread: f.take("faultline_nproc_processes_unread")?,
             node_pid_max: f.take("faultline_node_pid_max")?,
             totals,
             probe_attached: f.take("faultline_probe_attached")?,
@@ -604,6 +606,11 @@ impl Metrics {
                 .with_label_values(&labels)
                 .set(l.headroom);
         }
+    }
+
+    /// Processes of counted cgroups the RLIMIT_NPROC census did not read.
+    pub fn nproc_unread(&self, n: u64) {
+        self.nproc_unread.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Exports a refresh of the task model: counter increments since the last refresh, and

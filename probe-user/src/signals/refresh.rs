@@ -51,8 +51,8 @@ pub struct TaskRefresh {
     pub stats: TaskStats,
     /// Each non-root uid's tasks and tightest RLIMIT_NPROC (bounded: `users::MAX_UIDS`).
     pub users: Vec<UidTasks>,
-    /// Processes the /proc walk did not read (`users::MAX_PROCESSES`).
-    pub processes_skipped: u64,
+    /// Processes of counted cgroups not read for their uids (`users::PROCS_PER_CGROUP`).
+    pub processes_unread: u64,
 }
 
 /// The DNS programs' counters.

@@ -268,15 +268,15 @@ impl Signals {
                     model.include_idle(tasks::occupied_cgroups(&root.path));
                 }
                 let mut rows = model.rows(attributor);
-                let members = attributor
+                let kernel = tasks::uid_counts(probes)?;
+                let census = attributor
                     .cgroups
                     .mount(Hierarchy::Unified)
                     .map(|root| {
-                        tasks::users::members(&root.path, rows.iter().map(|r| r.cgroup.as_str()))
+                        let cgroups = rows.iter().map(|r| r.cgroup.as_str());
+                        tasks::users::UserCensus::read(&root.path, cgroups, &kernel)
                     })
                     .unwrap_or_default();
-                let census = tasks::users::UserCensus::read(&members)
-                    .context("reading the processes' uids and RLIMIT_NPROC")?;
                 for row in &mut rows {
                     row.nproc = census.limit(&row.cgroup);
                 }
@@ -285,7 +285,7 @@ impl Signals {
                     tracked: model.len(),
                     stats: probes.stats::<TaskStats>()?,
                     users: census.uids.into_values().collect(),
-                    processes_skipped: census.skipped,
+                    processes_unread: census.unread,
                 })
             }
             None => None,
@@ -327,6 +327,7 @@ impl Signals {
     /// limits), `last` the last refresh.
     pub fn sample(
         &self,
+        probes: &Probes,
         attributor: &Attributor,
         last: &Refresh,
         hot: &[(crate::trend::Limit, String)],
@@ -334,13 +335,11 @@ impl Signals {
         let Some(t) = &last.tasks else {
             return Vec::new();
         };
-        let mount = |h| attributor.cgroups.mount(h).map(|m| m.path.as_path());
-        tasks::sample(
-            mount(Hierarchy::Pids),
-            mount(Hierarchy::Unified),
-            &t.users,
-            hot,
-        )
+        let pids = attributor
+            .cgroups
+            .mount(Hierarchy::Pids)
+            .map(|m| m.path.as_path());
+        tasks::sample(pids, probes, &t.users, hot)
     }
 
     /// Warnings for the pids limits about to refuse tasks (with `--headroom-warn`).
@@ -397,6 +396,7 @@ mod tests {
             probe_common::clone::EVENTS,
             CloneStats::MAP,
             probe_common::tasks::COUNTS,
+            probe_common::tasks::UIDS,
             TaskStats::MAP,
             probe_common::dns::EVENTS,
             probe_common::dns::PENDING,

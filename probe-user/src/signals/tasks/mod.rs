@@ -32,6 +32,15 @@ pub const PROGRAMS: [Attachment; 3] = [
     raw("task_cgroup_rmdir", "cgroup_rmdir"),
 ];
 
+/// Each non-root uid's task count as the kernel keeps it (`TASK_UIDS`).
+pub fn uid_counts(probes: &Probes) -> anyhow::Result<HashMap<u32, i64>> {
+    Ok(probes
+        .hash_entries::<u32, common::UidTasks>(common::UIDS)?
+        .into_iter()
+        .map(|(uid, u)| (uid, u.tasks))
+        .collect())
+}
+
 /// Every cgroup's task counters (cgroup v2 id, counts summed over CPUs).
 pub fn counts(probes: &Probes) -> anyhow::Result<Vec<(u64, TaskCounts)>> {
     probes.per_cpu_hash(common::COUNTS, |a: TaskCounts, c: &TaskCounts| TaskCounts {
@@ -427,15 +436,21 @@ pub fn tightest_pids_limit(mount: &Path, path: &CgroupPath) -> Option<PidsLimit>
 }
 
 /// The use of the limits `hot` names, read between refreshes: a pids limit's two small files,
-/// the node's `/proc/loadavg` and two sysctls, a uid's tasks from its cgroups' processes
-/// ([`users::UidTasks::sample`], `users` the last refresh's). A limit that cannot be read now
-/// (its cgroup gone) is left out.
+/// the node's `/proc/loadavg` and two sysctls, a uid's count from the kernel's map (its limit
+/// from `users`, the last refresh's). A limit that cannot be read now (its cgroup gone, a uid
+/// the map does not hold) is left out.
 pub fn sample(
     pids_mount: Option<&Path>,
-    unified_mount: Option<&Path>,
+    probes: &Probes,
     users: &[users::UidTasks],
     hot: &[(Limit, String)],
 ) -> Vec<crate::trend::Sample> {
+    let uid_counts = hot
+        .iter()
+        .any(|(l, _)| *l == Limit::RlimitNproc)
+        .then(|| uid_counts(probes).ok())
+        .flatten()
+        .unwrap_or_default();
     let node = hot
         .iter()
         .any(|(l, _)| matches!(l, Limit::PidMax | Limit::ThreadsMax))
@@ -458,7 +473,8 @@ pub fn sample(
                     let u = users
                         .iter()
                         .find(|u| binding::uid_resource(u.uid) == *resource)?;
-                    (u.sample(unified_mount?)?, u.max)
+                    let tasks = u64::try_from(*uid_counts.get(&u.uid)?).ok()?;
+                    (tasks, u.max)
                 }
                 Limit::Conntrack => return None,
             };

@@ -1,14 +1,18 @@
 //! RLIMIT_NPROC as the kernel applies it: tasks (threads included) counted per real uid
 //! across the whole node, against the soft `Max processes` limit of the task that forks.
-//! Read from /proc once per refresh, for a bounded number of processes.
+//!
+//! The count is the kernel's own (`cred->ucounts`, or `cred->user` before 5.14), which the
+//! tasks program writes into `TASK_UIDS` whenever a non-root uid's task is created or ends:
+//! exact, and the same work whatever another pod runs. Which uids run in which cgroup under
+//! which limit comes from the cgroups' own processes: at most [`PROCS_PER_CGROUP`] of each
+//! counted cgroup (`cgroup.procs` under the cgroup v2 mount, which holds in the DaemonSet's
+//! private cgroup namespace; then their `status` and `limits`), so a pod of 20,000 processes
+//! costs its own share, not every other pod's. A uid that has created or ended no task since
+//! faultline started is counted from the processes read (a lower bound until it does).
 //!
 //! The count is per uid as the initial user namespace sees it (the kernel counts per user
 //! namespace and charges parents too, so pods in their own user namespaces are approximated).
 //! Root and holders of CAP_SYS_RESOURCE or CAP_SYS_ADMIN are exempt and not reported.
-//!
-//! Which cgroup a process is in comes from the listed cgroups' `cgroup.procs` under the
-//! cgroup v2 mount, not from `/proc/<pid>/cgroup`: in a private cgroup namespace (the
-//! DaemonSet's) the latter reads `/../..`-relative for every pod.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -17,8 +21,9 @@ use std::{
 
 use serde::Serialize;
 
-/// Most processes read per refresh; the rest are counted as skipped.
-pub const MAX_PROCESSES: usize = 20_000;
+/// Most processes of one cgroup read for their uids and limits; a cgroup's further ones are
+/// counted as not read (`UserCensus::unread`).
+pub const PROCS_PER_CGROUP: usize = 16;
 /// Most uids reported (those with a finite limit): bounds the `uid:<n>` label values.
 pub const MAX_UIDS: usize = 64;
 /// Most cgroups named per uid.
@@ -37,31 +42,9 @@ pub struct UidTasks {
     pub max: u64,
     /// cgroup v2 paths holding non-exempt processes of this uid with a finite limit.
     pub cgroups: BTreeSet<String>,
-    /// Of `tasks`, those in `cgroups` at the walk: between walks the uid's count is sampled
-    /// as the rest plus what those cgroups hold then ([`UidTasks::sample`]).
+    /// Whether `tasks` is the kernel's count (else a lower bound from the processes read).
     #[serde(skip)]
-    pub in_cgroups: u64,
-}
-
-impl UidTasks {
-    /// The uid's tasks now, reading only its cgroups' processes (under `root`, the cgroup v2
-    /// mount): its tasks elsewhere as the last walk counted them, plus those of its cgroups
-    /// now. What a leak in one of its pods adds shows at once; none when no cgroup is left.
-    pub fn sample(&self, root: &Path) -> Option<u64> {
-        let members = members(root, self.cgroups.iter().map(String::as_str));
-        if members.is_empty() {
-            return None;
-        }
-        let now: u64 = members
-            .keys()
-            .filter_map(|pid| {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-                parse_status(&status).filter(|s| s.uid == self.uid)
-            })
-            .map(|s| s.threads)
-            .sum();
-        Some(self.tasks.saturating_sub(self.in_cgroups) + now)
-    }
+    pub from_kernel: bool,
 }
 
 /// The RLIMIT_NPROC that applies to one cgroup's processes.
@@ -77,14 +60,14 @@ pub struct NprocLimit {
     pub shared_with: usize,
 }
 
-/// What one /proc walk found.
+/// What one census found.
 #[derive(Clone, Debug, Default)]
 pub struct UserCensus {
     pub uids: HashMap<u32, UidTasks>,
     /// cgroup v2 path -> (uid, the soft limit read for it there).
     limits: HashMap<String, Vec<(u32, u64)>>,
-    /// Processes not read because of [`MAX_PROCESSES`].
-    pub skipped: u64,
+    /// Processes of counted cgroups beyond [`PROCS_PER_CGROUP`], not read for their uids.
+    pub unread: u64,
 }
 
 /// One process's /proc/<pid>/status fields that matter here.
@@ -95,89 +78,62 @@ struct Status {
     exempt: bool,
 }
 
-/// Which of `cgroups` (cgroup v2 paths) each process is in, from their `cgroup.procs` under
-/// `root` (the cgroup v2 mount); at most [`MAX_PROCESSES`] processes. A cgroup gone
-/// meanwhile is skipped.
-pub fn members<'a>(root: &Path, cgroups: impl Iterator<Item = &'a str>) -> HashMap<u32, String> {
-    let mut members = HashMap::new();
-    for cgroup in cgroups {
-        if members.len() >= MAX_PROCESSES {
-            break;
-        }
-        let Ok(procs) = std::fs::read_to_string(
-            root.join(cgroup.trim_start_matches('/'))
-                .join("cgroup.procs"),
-        ) else {
-            continue;
-        };
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-            members.insert(pid, cgroup.to_owned());
-        }
-    }
-    members
+/// Up to `most` pids of a cgroup (a v2 path under `root`, the cgroup v2 mount), and how many
+/// more it has. A cgroup gone meanwhile has none.
+fn procs(root: &Path, cgroup: &str, most: usize) -> (Vec<u32>, u64) {
+    let Ok(text) = std::fs::read_to_string(
+        root.join(cgroup.trim_start_matches('/'))
+            .join("cgroup.procs"),
+    ) else {
+        return (Vec::new(), 0);
+    };
+    let mut pids = text.lines().filter_map(|l| l.trim().parse::<u32>().ok());
+    let first: Vec<u32> = pids.by_ref().take(most).collect();
+    (first, pids.count() as u64)
 }
 
 impl UserCensus {
-    /// Walks /proc: each process's real uid, thread count and capabilities from `status`,
-    /// its cgroup v2 path from `members`, and `limits` once per (cgroup, uid).
-    pub fn read(members: &HashMap<u32, String>) -> anyhow::Result<UserCensus> {
-        use anyhow::Context as _;
+    /// The uids running in `cgroups` (v2 paths under `root`) with a finite limit, each with
+    /// the kernel's count from `kernel` (uid -> its `TASK_UIDS` entry's tasks).
+    pub fn read<'a>(
+        root: &Path,
+        cgroups: impl Iterator<Item = &'a str>,
+        kernel: &HashMap<u32, i64>,
+    ) -> UserCensus {
         let mut census = UserCensus::default();
-        let mut tasks: HashMap<u32, u64> = HashMap::new();
-        // Per (uid, cgroup): the threads of the uid's processes there.
-        let mut in_cgroup: HashMap<(u32, String), u64> = HashMap::new();
-        let mut read = 0;
-        for entry in std::fs::read_dir("/proc")
-            .context("listing /proc")?
-            .filter_map(Result::ok)
-        {
-            let name = entry.file_name();
-            let Some(pid) = name
-                .to_str()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            else {
-                continue;
-            };
-            if read >= MAX_PROCESSES {
-                census.skipped += 1;
-                continue;
+        // Threads of the processes read, per uid: the count of a uid the kernel map lacks.
+        let mut seen: HashMap<u32, u64> = HashMap::new();
+        for cgroup in cgroups {
+            let (pids, more) = procs(root, cgroup, PROCS_PER_CGROUP);
+            census.unread += more;
+            for pid in pids {
+                // A process gone meanwhile is simply not read.
+                let Some(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| parse_status(&s))
+                else {
+                    continue;
+                };
+                *seen.entry(status.uid).or_default() += status.threads;
+                if status.uid == 0 || status.exempt {
+                    continue;
+                }
+                let known = census.limits.get(cgroup);
+                if known.is_some_and(|v| v.iter().any(|(u, _)| *u == status.uid)) {
+                    continue;
+                }
+                let Some(max) = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+                    .ok()
+                    .and_then(|s| parse_nproc_soft(&s))
+                else {
+                    continue;
+                };
+                census
+                    .limits
+                    .entry(cgroup.to_owned())
+                    .or_default()
+                    .push((status.uid, max));
             }
-            read += 1;
-            // A process gone meanwhile is simply not counted.
-            let Some(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| parse_status(&s))
-            else {
-                continue;
-            };
-            *tasks.entry(status.uid).or_default() += status.threads;
-            if status.uid == 0 || status.exempt {
-                continue;
-            }
-            let Some(cgroup) = pid
-                .parse::<u32>()
-                .ok()
-                .and_then(|pid| members.get(&pid))
-                .cloned()
-            else {
-                continue;
-            };
-            *in_cgroup.entry((status.uid, cgroup.clone())).or_default() += status.threads;
-            let seen = census.limits.get(&cgroup);
-            if seen.is_some_and(|v| v.iter().any(|(u, _)| *u == status.uid)) {
-                continue;
-            }
-            let Some(max) = std::fs::read_to_string(format!("/proc/{pid}/limits"))
-                .ok()
-                .and_then(|s| parse_nproc_soft(&s))
-            else {
-                continue;
-            };
-            census
-                .limits
-                .entry(cgroup)
-                .or_default()
-                .push((status.uid, max));
         }
         let pairs = census
             .limits
@@ -187,19 +143,23 @@ impl UserCensus {
             if census.uids.len() >= MAX_UIDS && !census.uids.contains_key(uid) {
                 continue;
             }
+            let from_kernel = kernel.get(uid).copied();
             let entry = census.uids.entry(*uid).or_insert_with(|| UidTasks {
                 uid: *uid,
-                tasks: tasks.get(uid).copied().unwrap_or(0),
+                tasks: from_kernel.map_or_else(
+                    || seen.get(uid).copied().unwrap_or(0),
+                    |n| u64::try_from(n).unwrap_or(0),
+                ),
                 max,
                 cgroups: BTreeSet::new(),
-                in_cgroups: 0,
+                from_kernel: from_kernel.is_some(),
             });
             entry.max = entry.max.min(max);
-            if entry.cgroups.len() < MAX_CGROUPS_PER_UID && entry.cgroups.insert(cgroup.clone()) {
-                entry.in_cgroups += in_cgroup.get(&(*uid, cgroup.clone())).copied().unwrap_or(0);
+            if entry.cgroups.len() < MAX_CGROUPS_PER_UID {
+                entry.cgroups.insert(cgroup.clone());
             }
         }
-        Ok(census)
+        census
     }
 
     /// The tightest RLIMIT_NPROC over the uids running in `cgroup` (a v2 path).
@@ -284,7 +244,7 @@ mod tests {
                 tasks: 30,
                 max: 40,
                 cgroups: ["/a".to_owned(), "/b".to_owned()].into(),
-                in_cgroups: 30,
+                from_kernel: true,
             },
         );
         let l = census.limit("/b").expect("a limit");
