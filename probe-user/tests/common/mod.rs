@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod ctlab;
+pub mod events_api;
 pub mod manifest;
 
 use std::{
@@ -607,6 +608,10 @@ impl TempFile {
     /// A file something else creates, removed on drop like the others.
     pub fn adopt(path: &Path) -> TempFile {
         TempFile(path.to_path_buf())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 }
 
