@@ -1,7 +1,7 @@
 //! The daemon and the CLI against a hostile node: every pod can reach the metrics port, name
-//! its processes as it likes and stall whatever reads faultline's output. Each test is an
-//! attack (bounded in count and time, on loopback only) and asserts that faultline stays up,
-//! keeps answering and says what it shed or refused. Root only.
+//! its processes and cgroups as it likes and stall whatever reads faultline's output.
+//! Each test is an attack (bounded in count and time, on loopback only) and asserts that
+//! faultline stays up, keeps answering and says what it shed or refused. Root only.
 #![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
@@ -13,7 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{events_api::*, *};
+use serde_json::json;
 
 /// Storms fill every faultline's ring buffers on the node: one test at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -371,4 +372,59 @@ fn explain_in_a_loop_or_with_garbage_stays_cheap_and_safe() {
                 .then_some(())
         },
     );
+}
+
+/// The container of the Event test's pod.
+const CID_EVENT: &str = "a1a10c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+
+/// A pod's process name (a colour escape, a BEL, the line and paragraph separators) and the
+/// name of a cgroup above it (a terminal link, OSC 8, and the separators) reach the note of a
+/// Kubernetes Event, which `kubectl describe` and `kubectl get events` print: escaped there as
+/// everywhere else.
+#[test]
+fn a_kubernetes_event_note_carries_what_a_pod_names_escaped() {
+    let _serial = serial();
+    let uid = pod_uid(70);
+    let api = StandIn::start(pod("cart-h", &uid, CID_EVENT));
+    let config = kubeconfig(api.port);
+    let logs = KubeletLogs::new(&[("shop", "cart-h", &uid, "app", CID_EVENT)]);
+    // Departures: kubeconfig: the stand-in API that records the Events; kubelet-logs: the
+    // test's pods named by kubelet log directories of its own; node-name: the stand-in's node.
+    let daemon = Daemon::start(&[
+        "--kubeconfig",
+        &config.path().display().to_string(),
+        "--kubelet-logs",
+        &logs.arg(),
+        "--node-name",
+        "node-1",
+    ]);
+    let link = "\x1b]8;;mailto:ops@evil.example\x07click\x1b]8;;\x07\u{2028}FAKE\u{2029}";
+    let cg = PodCgroup::systemd(
+        &format!("{}{link}", unique("hostile-link")),
+        &uid,
+        CID_EVENT,
+        4,
+    );
+    let comm = "k\x1b[31m\x07\u{2028}\u{2029}";
+    let report = cg.lab(&["threads", "8", "--comm", comm, "--max-failures", "1"]);
+    assert_eq!(report.failures, 1, "{report:?}");
+    let (_, _, event) = eventually(Duration::from_secs(20 * pace()), "the Event", || {
+        api.events()
+            .into_iter()
+            .find(|(m, _, b)| m == "POST" && b["regarding"]["uid"] == json!(uid))
+    });
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        !note
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')),
+        "{note:?}"
+    );
+    for escaped in [
+        "to k\\x1b[31m\\x07\\u{2028}\\u{2029} (pid ",
+        "\\x1b]8;;mailto:ops@evil.example\\x07click\\x1b]8;;\\x07\\u{2028}FAKE\\u{2029}/kubepods.slice/",
+    ] {
+        assert!(note.contains(escaped), "{escaped} in {note:?}");
+    }
+    healthz_answers(&daemon);
 }
