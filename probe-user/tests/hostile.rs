@@ -1,6 +1,6 @@
 //! The daemon and the CLI against a hostile node: every pod can reach the metrics port, name
 //! its processes and cgroups as it likes and stall whatever reads faultline's output, and
-//! every user of the node can plant links and FIFOs in a shared directory.
+//! every user of the node can plant links and FIFOs in a shared directory and send signals.
 //! Each test is an attack (bounded in count and time, on loopback only) and asserts that
 //! faultline stays up, keeps answering and says what it shed or refused. Root only.
 #![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
@@ -537,6 +537,35 @@ fn a_fifo_in_place_of_the_events_file_after_sighup_is_said_once_and_counted() {
     assert!(std::fs::metadata(&events).unwrap().is_file());
     let (status, _, _) = daemon.terminate();
     assert!(status.success(), "exit {status}");
+}
+
+/// Signals faultline has no use for, whose default action would end it: the daemon ignores
+/// them and keeps serving, each sent a few times; SIGTERM still stops it as before.
+#[test]
+fn signals_it_does_not_use_leave_the_daemon_serving() {
+    let _serial = serial();
+    let mut daemon = Daemon::start(&[]);
+    for (signal, name) in [
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGVTALRM, "SIGVTALRM"),
+        (libc::SIGPROF, "SIGPROF"),
+        (libc::SIGIO, "SIGIO"),
+    ] {
+        for _ in 0..3 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(daemon.child.id() as i32, signal) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            daemon.child.try_wait().unwrap().is_none(),
+            "{name} ended faultline run"
+        );
+        healthz_answers(&daemon);
+    }
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "exit {status}: {stderr}");
 }
 
 /// The container of the Event test's pod.
