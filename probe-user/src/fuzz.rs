@@ -91,8 +91,9 @@ fn mutated(seeds: Vec<Vec<u8>>, max_len: usize) -> impl Strategy<Value = Vec<u8>
     ]
 }
 
+/// Nothing a terminal would obey: no control, separator or bidirectional character.
 fn no_control(s: &str) -> bool {
-    !s.chars().any(char::is_control)
+    !s.chars().any(crate::text::needs_escape)
 }
 
 /// A kernel event around `payload`, with the other fields as given.

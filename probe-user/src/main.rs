@@ -93,7 +93,13 @@ fn main() -> ExitCode {
     // clap exits 2 on usage errors and 0 for --help/--version.
     let cli = Cli::parse();
     logging::init(cli.log_format, cli.log_level);
-    if !matches!(cli.command, Command::Run(_)) {
+    if matches!(cli.command, Command::Run(_)) {
+        // The daemon: no stray signal ends it, from before its first thread.
+        if let Err(e) = run::ignore_unused_signals() {
+            tracing::error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    } else {
         // A reader that goes away (`faultline check | head -3`) ends the one-shot commands
         // quietly, as it ends grep; the daemon handles a closed stdout itself.
         // SAFETY: restoring a signal's default disposition.

@@ -9,7 +9,8 @@
 //! the capabilities a low port needs are still held; after attaching it keeps only the
 //! capabilities reading needs (`kernel::privileges`). SIGTERM or SIGINT: deliver what is in
 //! flight, stop serving, detach, exit 0 (saying what OTLP could not deliver). SIGHUP: reopen
-//! the events file (log rotation), go on.
+//! the events file (log rotation), go on. The signals it has no use for, whose default would
+//! end it, are ignored from its first instruction ([`ignore_unused_signals`]).
 
 use std::{
     io::ErrorKind,
@@ -45,6 +46,36 @@ use crate::{
     pipeline::{Pipeline, Sink},
     signals::{DnsOptions, Event, Plan, Refresh, Signal, dns::Names},
 };
+
+/// Signals whose default action ends a process and that neither a container runtime nor an
+/// operator uses to stop one: nothing in faultline uses them, and sent by mistake (a log
+/// tool's SIGUSR1, a stray profiler's SIGPROF) they must not take the node's probe down.
+/// SIGQUIT keeps its meaning (quit now, with a core), and so do SIGPWR and the real-time
+/// signals, with which init systems stop a container's first process (faultline may be it).
+/// SIGPIPE is ignored already: Rust's runtime ignores it before `main`.
+const UNUSED_SIGNALS: [(libc::c_int, &str); 6] = [
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGVTALRM, "SIGVTALRM"),
+    (libc::SIGPROF, "SIGPROF"),
+    (libc::SIGIO, "SIGIO"),
+];
+
+/// Ignores [`UNUSED_SIGNALS`]: called by `main` before any thread exists, so that no thread
+/// starts with them fatal and no signal sent during the load (seconds on a busy node) ends
+/// the daemon. Ignored rather than handled: a handler could only say it was ignored, a line
+/// per signal for whoever sends them in a loop; faultline starts no other program, which
+/// would inherit the ignoring.
+pub fn ignore_unused_signals() -> anyhow::Result<()> {
+    for (signal, name) in UNUSED_SIGNALS {
+        // SAFETY: SIG_IGN for a signal no code of the process handles.
+        if unsafe { libc::signal(signal, libc::SIG_IGN) } == libc::SIG_ERR {
+            bail!("ignoring {name}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
 
 /// A rate: a finite number above zero.
 fn parse_rate(s: &str) -> anyhow::Result<f64> {

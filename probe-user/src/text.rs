@@ -1,8 +1,9 @@
 //! Text that comes from pods (process names, cgroup names, query names) made safe to show:
-//! bytes decoded without losing what is not UTF-8, and lines escaped before a terminal sees
-//! them, so that no pod can forge a line, clear the screen or reorder text. JSON output keeps
-//! every string exact but escapes the same characters as `\u` sequences (`json`), where the
-//! plain encoder escapes only C0.
+//! bytes decoded without losing what is not UTF-8, and lines escaped before a terminal or a
+//! reader sees them (tables, labels, Kubernetes Event notes), so that no pod can forge a line,
+//! clear the screen, plant a link or reorder text. JSON output keeps every string exact but
+//! escapes the same characters as `\u` sequences (`json_line`), where the plain encoder escapes
+//! only C0.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -25,9 +26,9 @@ pub fn c_string(bytes: &[u8]) -> String {
     from_bytes(&bytes[..len])
 }
 
-/// A line safe for a terminal: control characters (C0, DEL, C1) and the bidirectional
-/// formatting characters escaped as `\xNN` or `\u{NNNN}`. Borrowed when there is nothing to
-/// escape.
+/// A line safe for a terminal: control characters (C0, DEL, C1), the line and paragraph
+/// separators and the bidirectional formatting characters escaped as `\xNN` or `\u{NNNN}`.
+/// Borrowed when there is nothing to escape.
 pub fn printable(s: &str) -> Cow<'_, str> {
     if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
@@ -46,7 +47,8 @@ pub fn printable(s: &str) -> Cow<'_, str> {
 }
 
 /// One value as a JSON line (with its newline): exact, and with no character a terminal would
-/// obey (DEL, C1 and the bidirectional controls escaped as `\uNNNN`, besides JSON's own C0).
+/// obey (DEL, C1, the line and paragraph separators and the bidirectional controls escaped as
+/// `\uNNNN`, besides JSON's own C0).
 pub fn json_line(value: &impl serde::Serialize) -> serde_json::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(256);
     let mut ser = serde_json::Serializer::with_formatter(&mut out, TerminalSafe);
@@ -76,11 +78,15 @@ impl serde_json::ser::Formatter for TerminalSafe {
     }
 }
 
-fn needs_escape(c: char) -> bool {
-    // is_control: exactly C0, DEL and C1. The others reorder what a terminal shows
-    // (U+202A..U+202E embeddings and overrides, U+2066..U+2069 isolates, LRM/RLM/ALM).
+/// Whether `printable` escapes `c`: what a terminal or a reader would obey rather than show.
+pub(crate) fn needs_escape(c: char) -> bool {
+    // is_control: exactly C0, DEL and C1 (NEL, U+0085, among them). U+2028 and U+2029 end a
+    // line or a paragraph for Unicode-aware readers (and JavaScript strings) as \n does for a
+    // terminal: with C0's CR, LF, VT, FF and C1's NEL they are every mandatory line break. The
+    // others reorder what a terminal shows (U+202A..U+202E embeddings and overrides,
+    // U+2066..U+2069 isolates, LRM/RLM/ALM).
     c.is_control()
-        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
 }
 
 #[cfg(test)]
@@ -97,6 +103,20 @@ mod tests {
         assert_eq!(printable("del\x7f c1\u{85}"), "del\\x7f c1\\x85");
         assert_eq!(printable("evil\u{202e}txt"), "evil\\u{202e}txt");
         assert_eq!(printable("ünïcode ok"), "ünïcode ok");
+    }
+
+    #[test]
+    fn line_and_paragraph_separators_are_escaped() {
+        assert_eq!(
+            printable("one\u{2028}FAKE two\u{2029}FAKE nel\u{85} vt\x0b ff\x0c cr\r"),
+            "one\\u{2028}FAKE two\\u{2029}FAKE nel\\x85 vt\\x0b ff\\x0c cr\\x0d"
+        );
+        let name = "ls\u{2028}ps\u{2029}";
+        let line = json_line(&serde_json::json!({ "comm": name })).unwrap();
+        let text = std::str::from_utf8(&line).unwrap();
+        assert_eq!(text, "{\"comm\":\"ls\\u2028ps\\u2029\"}\n");
+        let back: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(back["comm"], name, "the string survives exactly");
     }
 
     #[test]

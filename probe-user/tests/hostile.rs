@@ -1,19 +1,24 @@
 //! The daemon and the CLI against a hostile node: every pod can reach the metrics port, name
-//! its processes as it likes and stall whatever reads faultline's output. Each test is an
-//! attack (bounded in count and time, on loopback only) and asserts that faultline stays up,
-//! keeps answering and says what it shed or refused. Root only.
+//! its processes and cgroups as it likes and stall whatever reads faultline's output, and
+//! every user of the node can plant links and FIFOs in a shared directory and send signals.
+//! Each test is an attack (bounded in count and time, on loopback only) and asserts that
+//! faultline stays up, keeps answering and says what it shed or refused. Root only.
 #![allow(clippy::unwrap_used)] // a test fails by panicking: helpers outside #[test] fns unwrap too
 
 mod common;
 
 use std::{
+    fs::File,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpStream},
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{events_api::*, *};
+use serde_json::json;
 
 /// Storms fill every faultline's ring buffers on the node: one test at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -371,4 +376,249 @@ fn explain_in_a_loop_or_with_garbage_stays_cheap_and_safe() {
                 .then_some(())
         },
     );
+}
+
+/// A sticky, world-writable directory of the test's, as /tmp is; removed on drop.
+struct SharedDir(PathBuf);
+
+impl SharedDir {
+    fn new(name: &str) -> SharedDir {
+        let dir = std::env::temp_dir().join(unique(name));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        SharedDir(dir)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkfifo(path: &Path) {
+    sh(&format!("mkfifo -m 600 '{}'", path.display()));
+}
+
+/// `faultline run --events-file <path>`, which must refuse to start: exit 2 and one line that
+/// says `says`, within seconds (a FIFO would hang an open that waits for a reader).
+fn refused_events_file(path: &Path, says: &str) {
+    let path = path.display().to_string();
+    // Departures: events-file: the path under test.
+    let (code, lines) = Daemon::refused(&["--events-file", &path], Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{path}: {lines:#?}");
+    assert_eq!(lines.len(), 1, "{path}: {lines:#?}");
+    assert!(
+        lines[0].contains(&format!("opening the events file {path}: {says}")),
+        "{path} should say {says:?}: {lines:#?}"
+    );
+}
+
+/// Another user's symbolic link at the events file's path, in a sticky world-writable
+/// directory, naming a file only root may write: refused, whether the kernel protects such
+/// links (`fs.protected_symlinks=1`, the default) or not (0), and the file is untouched. A
+/// root's own link is refused too (faultline follows none), and so is a FIFO, without a
+/// reader (which would hang the start) or with one (which would read every line).
+#[test]
+fn an_events_file_that_is_a_link_or_a_fifo_is_refused_at_start() {
+    let _serial = serial();
+    let dir = SharedDir::new("events-refused");
+    let secret = dir.join("root-only");
+    std::fs::write(&secret, "root's own\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let planted = dir.join("events.jsonl");
+    std::os::unix::fs::symlink(&secret, &planted).unwrap();
+    std::os::unix::fs::lchown(&planted, Some(65534), Some(65534)).unwrap();
+    for protected in ["0", "1"] {
+        let _sysctl = SysctlGuard::set("/proc/sys/fs/protected_symlinks", protected);
+        refused_events_file(
+            &planted,
+            "a symbolic link (owned by uid 65534), which faultline does not follow: name the file itself",
+        );
+        assert_eq!(
+            std::fs::read_to_string(&secret).unwrap(),
+            "root's own\n",
+            "protected_symlinks={protected}"
+        );
+    }
+    let mode = std::fs::metadata(&secret).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o600);
+
+    let own = dir.join("root-link.jsonl");
+    std::os::unix::fs::symlink(&secret, &own).unwrap();
+    refused_events_file(&own, "a symbolic link (owned by uid 0)");
+
+    let fifo = dir.join("fifo.jsonl");
+    mkfifo(&fifo);
+    refused_events_file(&fifo, "a FIFO, not a regular file");
+    let _reader = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    refused_events_file(&fifo, "a FIFO, not a regular file");
+}
+
+/// The events file faultline creates is its own (0600). After SIGHUP a FIFO in its place is
+/// refused, said once however often SIGHUP comes, and the lines meanwhile are counted as
+/// dropped while the daemon goes on; once a file can be made there again, lines go to it.
+#[test]
+fn a_fifo_in_place_of_the_events_file_after_sighup_is_said_once_and_counted() {
+    let _serial = serial();
+    let dir = SharedDir::new("events-reopen");
+    let events = dir.join("events.jsonl");
+    // Departures: events-file: the event lines under test, in a file.
+    let mut daemon = Daemon::start(&["--events-file", &events.display().to_string()]);
+    let log = daemon.stderr_lines();
+    let mode = std::fs::metadata(&events).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o600, "created {mode:o}");
+
+    std::fs::rename(&events, dir.join("events.jsonl.1")).unwrap();
+    mkfifo(&events);
+    for _ in 0..2 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let refusal = |l: &str| l.contains("a FIFO, not a regular file");
+    let said = line_within(
+        &log,
+        Duration::from_secs(10 * pace()),
+        "the refusal",
+        refusal,
+    );
+    assert!(
+        said.starts_with("WARN ") && said.contains("reason=\"reopen_failed\""),
+        "{said}"
+    );
+    {
+        let (_cg, lab) = storm(60, "20");
+        lab.finish();
+    }
+    eventually(
+        Duration::from_secs(10 * pace()),
+        "lines counted as dropped",
+        || {
+            sample(
+                &daemon.metrics(),
+                "faultline_event_lines_dropped_total{reason=\"reopen_failed\"}",
+            )
+            .filter(|v| *v > 0.0)
+        },
+    );
+    healthz_answers(&daemon);
+    alive(&mut daemon);
+    let again: Vec<String> = log.try_iter().filter(|l| refusal(l)).collect();
+    assert!(again.is_empty(), "said more than once: {again:#?}");
+
+    std::fs::remove_file(&events).unwrap();
+    line_within(
+        &log,
+        Duration::from_secs(10 * pace()),
+        "the file back",
+        |l| l.contains("writing event lines to the events file again"),
+    );
+    let (_cg, lab) = storm(61, "20");
+    lab.finish();
+    eventually(
+        Duration::from_secs(20 * pace()),
+        "lines in the new file",
+        || {
+            std::fs::read_to_string(&events)
+                .ok()
+                .filter(|t| t.contains("fl-storm"))
+        },
+    );
+    assert!(std::fs::metadata(&events).unwrap().is_file());
+    let (status, _, _) = daemon.terminate();
+    assert!(status.success(), "exit {status}");
+}
+
+/// Signals faultline has no use for, whose default action would end it: the daemon ignores
+/// them and keeps serving, each sent a few times; SIGTERM still stops it as before.
+#[test]
+fn signals_it_does_not_use_leave_the_daemon_serving() {
+    let _serial = serial();
+    let mut daemon = Daemon::start(&[]);
+    for (signal, name) in [
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGVTALRM, "SIGVTALRM"),
+        (libc::SIGPROF, "SIGPROF"),
+        (libc::SIGIO, "SIGIO"),
+    ] {
+        for _ in 0..3 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(daemon.child.id() as i32, signal) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            daemon.child.try_wait().unwrap().is_none(),
+            "{name} ended faultline run"
+        );
+        healthz_answers(&daemon);
+    }
+    let (status, stderr, _) = daemon.terminate();
+    assert!(status.success(), "exit {status}: {stderr}");
+}
+
+/// The container of the Event test's pod.
+const CID_EVENT: &str = "a1a10c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+
+/// A pod's process name (a colour escape, a BEL, the line and paragraph separators) and the
+/// name of a cgroup above it (a terminal link, OSC 8, and the separators) reach the note of a
+/// Kubernetes Event, which `kubectl describe` and `kubectl get events` print: escaped there as
+/// everywhere else.
+#[test]
+fn a_kubernetes_event_note_carries_what_a_pod_names_escaped() {
+    let _serial = serial();
+    let uid = pod_uid(70);
+    let api = StandIn::start(pod("cart-h", &uid, CID_EVENT));
+    let config = kubeconfig(api.port);
+    let logs = KubeletLogs::new(&[("shop", "cart-h", &uid, "app", CID_EVENT)]);
+    // Departures: kubeconfig: the stand-in API that records the Events; kubelet-logs: the
+    // test's pods named by kubelet log directories of its own; node-name: the stand-in's node.
+    let daemon = Daemon::start(&[
+        "--kubeconfig",
+        &config.path().display().to_string(),
+        "--kubelet-logs",
+        &logs.arg(),
+        "--node-name",
+        "node-1",
+    ]);
+    let link = "\x1b]8;;mailto:ops@evil.example\x07click\x1b]8;;\x07\u{2028}FAKE\u{2029}";
+    let cg = PodCgroup::systemd(
+        &format!("{}{link}", unique("hostile-link")),
+        &uid,
+        CID_EVENT,
+        4,
+    );
+    let comm = "k\x1b[31m\x07\u{2028}\u{2029}";
+    let report = cg.lab(&["threads", "8", "--comm", comm, "--max-failures", "1"]);
+    assert_eq!(report.failures, 1, "{report:?}");
+    let (_, _, event) = eventually(Duration::from_secs(20 * pace()), "the Event", || {
+        api.events()
+            .into_iter()
+            .find(|(m, _, b)| m == "POST" && b["regarding"]["uid"] == json!(uid))
+    });
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        !note
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')),
+        "{note:?}"
+    );
+    for escaped in [
+        "to k\\x1b[31m\\x07\\u{2028}\\u{2029} (pid ",
+        "\\x1b]8;;mailto:ops@evil.example\\x07click\\x1b]8;;\\x07\\u{2028}FAKE\\u{2029}/kubepods.slice/",
+    ] {
+        assert!(note.contains(escaped), "{escaped} in {note:?}");
+    }
+    healthz_answers(&daemon);
 }

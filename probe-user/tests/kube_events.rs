@@ -8,17 +8,12 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     process::{Child, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{events_api::*, *};
 use serde_json::{Value, json};
 
 /// The container of each test's pod (distinct: both tests' daemons see every cgroup).
@@ -33,148 +28,13 @@ fn uid(tag: u32) -> String {
     )
 }
 
-/// One request the stand-in was sent: method, path, body.
-type Request = (String, String, Value);
+/// A directory of the test's, removed on drop.
+struct TempDir(std::path::PathBuf);
 
-/// Answers the pods list (this pod), holds pod watches, takes Events (201 to a POST, 200 to
-/// a PATCH) and records them.
-struct StandIn {
-    port: u16,
-    log: Arc<Mutex<Vec<Request>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl StandIn {
-    fn start(pod: Value) -> StandIn {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (log2, stop2) = (log.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming().take(500) {
-                if stop2.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let (log, stop, pod) = (log2.clone(), stop2.clone(), pod.clone());
-                std::thread::spawn(move || serve(conn, log, stop, pod));
-            }
-        });
-        StandIn { port, log, stop }
-    }
-
-    fn events(&self) -> Vec<Request> {
-        let log = self.log.lock().unwrap();
-        log.iter()
-            .filter(|(_, p, _)| p.starts_with("/apis/events.k8s.io/"))
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for StandIn {
+impl Drop for TempDir {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-    }
-}
-
-/// Serves the requests of one connection (kept alive) until it closes.
-fn serve(conn: TcpStream, log: Arc<Mutex<Vec<Request>>>, stop: Arc<AtomicBool>, pod: Value) {
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut conn = conn;
-    for _ in 0..100 {
-        let mut first = String::new();
-        if reader.read_line(&mut first).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                length = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let mut words = first.split_whitespace();
-        let method = words.next().unwrap_or("").to_owned();
-        let path = words.next().unwrap_or("").to_owned();
-        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        log.lock()
-            .unwrap()
-            .push((method.clone(), path.clone(), body.clone()));
-        let (status, answer) = if path.starts_with("/api/v1/pods") && path.contains("watch=") {
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            return;
-        } else if path.starts_with("/api/v1/pods") {
-            (
-                "200 OK",
-                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": [pod]}),
-            )
-        } else if path.starts_with("/apis/events.k8s.io/v1/namespaces/") && method == "POST" {
-            let mut created = body.clone();
-            created["metadata"]["uid"] = json!("event-uid");
-            ("201 Created", created)
-        } else if path.starts_with("/apis/events.k8s.io/v1/namespaces/") && method == "PATCH" {
-            (
-                "200 OK",
-                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "x"}, "eventTime": "2026-01-01T00:00:00.000000Z"}),
-            )
-        } else {
-            (
-                "404 Not Found",
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
-            )
-        };
-        let answer = answer.to_string();
-        let _ = write!(
-            conn,
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
-            answer.len()
-        );
-    }
-}
-
-fn pod(name: &str, uid: &str, cid: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "shop", "uid": uid, "resourceVersion": "1"},
-        "spec": {"nodeName": "node-1", "containers": [{"name": "app"}]},
-        "status": {"containerStatuses": [{"name": "app", "containerID": format!("containerd://{cid}"), "ready": true, "restartCount": 0, "image": "cart:1", "imageID": "sha256:1"}]}
-    })
-}
-
-struct TempPath(std::path::PathBuf);
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn kubeconfig(port: u16) -> TempPath {
-    let path = std::env::temp_dir().join(unique(&format!("kubeconfig-{port}")));
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: u\n  user:\n    token: test\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n"
-    );
-    std::fs::write(&path, text).unwrap();
-    TempPath(path)
 }
 
 /// `faultline run --kube-events` with the API at this kubeconfig, pods also named from the
@@ -185,7 +45,7 @@ struct Run {
 }
 
 impl Run {
-    fn start(config: &TempPath, logs: &KubeletLogs) -> Run {
+    fn start(config: &TempFile, logs: &KubeletLogs) -> Run {
         require_root();
         let port = free_port();
         let child = as_shipped(&mut faultline())
@@ -195,7 +55,7 @@ impl Run {
             .args(["--node-name", "node-1"])
             .args([
                 "--kubeconfig",
-                &config.0.display().to_string(),
+                &config.path().display().to_string(),
                 "--kubelet-logs",
                 &logs.root.display().to_string(),
             ])
@@ -314,7 +174,7 @@ fn repeated_refusals_make_one_valid_event_whose_series_count_rises_within_the_ra
     assert_eq!(run.metric("faultline_clone_failures_total{cause=\"pids_limit\",container=\"app\",errno=\"EAGAIN\",namespace=\"shop\",pod=\"cart-1\"") as u64, total);
 
     // The created Event (and the patched one) against the Kubernetes OpenAPI schema.
-    let dir = TempPath(std::env::temp_dir().join(unique("kube-events")));
+    let dir = TempDir(std::env::temp_dir().join(unique("kube-events")));
     std::fs::create_dir_all(&dir.0).unwrap();
     let mut patched = event.clone();
     patched["series"] = patch.2["series"].clone();

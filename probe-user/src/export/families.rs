@@ -258,7 +258,7 @@ pub const HTTP_SERVER: &[Family] = &[
 pub const EVENT_LINES: &[Family] = &[
     Family {
         name: "faultline_event_lines_dropped_total",
-        help: "Event lines not written: queue_full (the reader of stdout or the file is slow), closed (stdout was closed), write_error.",
+        help: "Event lines not written: queue_full (the reader of stdout or the file is slow), closed (stdout was closed), write_error, reopen_failed (after SIGHUP the events file could not be opened again: not a regular file, a symbolic link, ...; tried every second).",
         labels: Labels::Own(&["reason"]),
         kind: Kind::IntCounterVec,
     },

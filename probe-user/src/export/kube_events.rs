@@ -5,7 +5,9 @@
 //! a token of its pod and reason's bucket ([`POD_BURST`], one more per [`POD_REFILL`]) and of
 //! the node's ([`NODE_BURST`], [`NODE_PER_SECOND`] a second): what waits is aggregated, not
 //! lost. The sink hands occurrences over with `try_send` into a bounded queue and never waits
-//! for the API; a task posts them. Failures are counted and said once at WARN.
+//! for the API; a task posts them. Failures are counted and said once at WARN. A note is
+//! escaped as every line faultline shows ([`crate::text::printable`]): what pods name in it
+//! reaches terminals through `kubectl`.
 
 use std::{
     collections::HashMap,
@@ -428,7 +430,10 @@ fn event_name(pod: &str, first: SystemTime, serial: u64) -> String {
 }
 
 fn new_event(node: &str, e: &Entry, name: &str) -> KubeEvent {
-    let mut note = format!("{} (seen by faultline on {node})", e.note);
+    // The note carries what pods name (process, cgroup and interface names) to `kubectl
+    // describe` and `get events`: escaped as every line faultline shows, before it is cut.
+    let note = format!("{} (seen by faultline on {node})", e.note);
+    let mut note = crate::text::printable(&note).into_owned();
     if note.len() > MAX_NOTE {
         let mut end = MAX_NOTE;
         while !note.is_char_boundary(end) {
@@ -640,6 +645,27 @@ mod tests {
         calls
     }
 
+    /// A conntrack drop of cart-1 with this evidence.
+    fn insert_failed(evidence: &str) -> crate::signals::conntrack::ConntrackDrop {
+        crate::signals::conntrack::ConntrackDrop {
+            time: String::new(),
+            time_unix_nano: 0,
+            cause: crate::signals::conntrack::Cause::InsertFailed,
+            proto: "udp".into(),
+            src: "10.0.0.5".into(),
+            sport: 40000,
+            dst: "10.96.0.10".into(),
+            dport: 53,
+            netns: 1,
+            cgroup: None,
+            workload: "shop/cart-1".into(),
+            pod: named(),
+            sender: crate::signals::conntrack::origin::Sender::Socket,
+            evidence: evidence.into(),
+            dns: None,
+        }
+    }
+
     fn named() -> Option<PodRef> {
         Some(PodRef {
             namespace: Some("shop".into()),
@@ -653,11 +679,7 @@ mod tests {
     /// not worth an Event (an answered query, a far or non-pids estimate, a pod without a name).
     #[test]
     fn each_signal_makes_its_reason_and_only_that() {
-        use crate::signals::{
-            clone::CloneFailure,
-            conntrack::{Cause as CtCause, ConntrackDrop},
-            dns::DnsQuery,
-        };
+        use crate::signals::{clone::CloneFailure, dns::DnsQuery};
         let reason = |o: Option<Occurrence>| o.map(|o| (o.reason, o.key, o.pod.name));
         let refused = CloneFailure {
             pod: named(),
@@ -686,23 +708,7 @@ mod tests {
             ..timeout
         };
         assert!(Occurrence::of_event(&Event::DnsQuery(answered)).is_none());
-        let drop = ConntrackDrop {
-            time: String::new(),
-            time_unix_nano: 0,
-            cause: CtCause::InsertFailed,
-            proto: "udp".into(),
-            src: "10.0.0.5".into(),
-            sport: 40000,
-            dst: "10.96.0.10".into(),
-            dport: 53,
-            netns: 1,
-            cgroup: None,
-            workload: "shop/cart-1".into(),
-            pod: named(),
-            sender: crate::signals::conntrack::origin::Sender::Socket,
-            evidence: "insert_failed rose by 1".into(),
-            dns: None,
-        };
+        let drop = insert_failed("insert_failed rose by 1");
         assert_eq!(
             reason(Occurrence::of_event(&Event::ConntrackDrop(drop))),
             Some((
@@ -757,6 +763,47 @@ mod tests {
         };
         for f in [not_a_pod, unnamed] {
             assert!(Occurrence::of_event(&Event::CloneFailure(f)).is_none());
+        }
+    }
+
+    /// What pods name reaches the note escaped: a process name with a colour escape and a
+    /// BEL, a nested cgroup name that is a terminal link (OSC 8) with the line and paragraph
+    /// separators, an interface name with an escape.
+    #[test]
+    fn notes_escape_what_pods_name() {
+        use crate::signals::clone::CloneFailure;
+        let link = "/kubepods/pod-u1/\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07\u{2028}FAKE\u{2029}";
+        let refused = CloneFailure {
+            pod: named(),
+            comm: "k\x1b[31m\x07\u{2028}".into(),
+            pids_cgroup: Some(link.into()),
+            ..CloneFailure::example(link)
+        };
+        let drop = insert_failed("insert_failed rose by 1; received on e\x1b[2Jth0\u{2029}");
+        let t0 = Instant::now();
+        let mut r = Recorder::new("node-a", t0);
+        for event in [Event::CloneFailure(refused), Event::ConntrackDrop(drop)] {
+            r.record(Occurrence::of_event(&event).expect("an occurrence"), t0);
+        }
+        let notes: Vec<String> = r
+            .due(t0)
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Create { event, .. } => event.note,
+                Call::Patch { .. } => None,
+            })
+            .collect();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        for note in &notes {
+            assert!(!note.chars().any(crate::text::needs_escape), "{note:?}");
+        }
+        let all = notes.concat();
+        for escaped in [
+            "to k\\x1b[31m\\x07\\u{2028} (pid 1)",
+            "\\x1b]8;;https://evil.example/\\x07click\\x1b]8;;\\x07\\u{2028}FAKE\\u{2029}",
+            "received on e\\x1b[2Jth0\\u{2029}",
+        ] {
+            assert!(all.contains(escaped), "{escaped} in {notes:#?}");
         }
     }
 

@@ -39,7 +39,7 @@ pub const OVERFLOW: &str = "_overflow";
 
 /// What became of event lines that were not written.
 pub struct EventLineCounters {
-    /// `reason`: queue_full, closed, write_error.
+    /// `reason`: queue_full, closed, write_error, reopen_failed (`export::lines`).
     pub dropped: IntCounterVec,
     /// `kind`: summarized by the event budget.
     pub suppressed: IntCounterVec,

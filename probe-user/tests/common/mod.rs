@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod ctlab;
+pub mod events_api;
 pub mod manifest;
 
 use std::{
@@ -608,6 +609,10 @@ impl TempFile {
     pub fn adopt(path: &Path) -> TempFile {
         TempFile(path.to_path_buf())
     }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
 }
 
 impl Drop for TempFile {
@@ -904,6 +909,23 @@ impl Daemon {
         stdout: Stdio,
         full_root: bool,
     ) -> Daemon {
+        let (mut cmd, port) = Self::command(prefix, extra, full_root);
+        let child = cmd
+            .envs(env.iter().copied())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting faultline run");
+        let d = Daemon { child, port };
+        eventually(Duration::from_secs(60), "/readyz", || {
+            http_get(port, "/readyz").filter(|(s, _)| *s == 200)
+        });
+        d
+    }
+
+    /// `faultline run` as shipped, with the harness's departures and `extra`, on a free
+    /// loopback port (returned).
+    fn command(prefix: &[&str], extra: &[&str], full_root: bool) -> (Command, u16) {
         require_root();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -921,18 +943,36 @@ impl Daemon {
         if !extra.contains(&"--kubeconfig") {
             cmd.arg("--no-kube-api");
         }
-        let child = cmd
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdout(stdout)
+        cmd.args(extra);
+        (cmd, port)
+    }
+
+    /// `faultline run` started as [`Daemon::start`] starts it, when it must refuse to: its
+    /// exit code and log lines (as [`log_text`]). Fails if it still runs after `within`.
+    pub fn refused(extra: &[&str], within: Duration) -> (Option<i32>, Vec<String>) {
+        let (mut cmd, _) = Self::command(&[], extra, false);
+        let mut child = cmd
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting faultline run");
-        let d = Daemon { child, port };
-        eventually(Duration::from_secs(60), "/readyz", || {
-            http_get(port, "/readyz").filter(|(s, _)| *s == 200)
-        });
-        d
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting on faultline run") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("faultline run {extra:?} still runs after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        (status.code(), stderr.lines().map(log_text).collect())
     }
 
     /// `faultline explain -o json` asked of this daemon, parsed (none if it did not answer
