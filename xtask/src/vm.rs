@@ -78,7 +78,7 @@ const KERNEL_TESTS: [&str; 9] = [
 /// backpressure, OTLP encoding, diagnosis, argument parsing): the host runs them; in the
 /// emulated VMs, where every test costs four times as long, they are skipped. Each binary
 /// keeps its kernel-facing tests (the probes' events and counts on that kernel).
-const USERSPACE_ONLY: [(&str, &[&str]); 4] = [
+const USERSPACE_ONLY: [(&str, &[&str]); 5] = [
     (
         "hostile",
         &[
@@ -88,11 +88,25 @@ const USERSPACE_ONLY: [(&str, &[&str]); 4] = [
             "a_stalled_stdout_reader_costs_dropped_lines_not_a_stalled_daemon",
             "a_closed_stdout_ends_event_lines_not_the_daemon",
             "explain_in_a_loop_or_with_garbage_stays_cheap_and_safe",
+            "an_events_file_that_is_a_link_or_a_fifo_is_refused_at_start",
+            "a_fifo_in_place_of_the_events_file_after_sighup_is_said_once_and_counted",
+            "signals_it_does_not_use_leave_the_daemon_serving",
+            "a_kubernetes_event_note_carries_what_a_pod_names_escaped",
         ],
+    ),
+    (
+        "explain",
+        &["a_recovered_leak_leaves_no_exhaustion_series"],
     ),
     (
         "daemon",
         &[
+            "a_port_below_1024_is_bound_before_the_capabilities_drop",
+            "a_collector_with_a_self_signed_ca_certificate_is_said_in_rustls_words",
+            "a_collector_certificate_of_an_unknown_ca_is_said_as_such",
+            "a_client_certificate_the_collector_refuses_is_said_as_refused",
+            "a_collector_answering_400_is_quoted_with_its_body",
+            "otlp_records_still_queued_at_sigterm_are_counted_in_the_exit_line",
             "otlp_log_records_carry_k8s_attributes_and_real_times",
             "a_dead_otlp_collector_costs_dropped_events_not_a_stuck_daemon",
             "otlp_logs_only_with_per_signal_headers_and_compression",
@@ -116,6 +130,7 @@ const USERSPACE_ONLY: [(&str, &[&str]); 4] = [
             "zero_intervals_and_closed_pipes",
             "man_page_and_completions",
             "pod_filters_and_their_short_flags",
+            "run_refuses_what_the_user_typed_before_anything_loads",
         ],
     ),
 ];
