@@ -118,6 +118,10 @@ struct Args {
     /// dns-client: a new socket for each query (a resolver that retries from a new port).
     #[arg(long)]
     dns_new_socket: bool,
+    /// dns-client: every query with the first's transaction id (a resolver re-sending one
+    /// query, as glibc's does from a new socket with `single-request-reopen`).
+    #[arg(long)]
+    dns_keep_id: bool,
     /// dns-client: the question types, cycled through query by query (1 = A).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     dns_qtypes: Vec<u16>,
@@ -375,7 +379,8 @@ fn dns_client(args: &Args) -> anyhow::Result<()> {
         if args.dns_new_socket && i > 0 {
             socket = open()?;
         }
-        query[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        let id = if args.dns_keep_id { 0 } else { i as u16 };
+        query[..2].copy_from_slice(&id.to_be_bytes());
         let qtype = args.dns_qtypes[i as usize % args.dns_qtypes.len().max(1)];
         query[24..26].copy_from_slice(&qtype.to_be_bytes());
         let answered = socket.send(&query).is_ok()

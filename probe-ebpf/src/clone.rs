@@ -225,7 +225,8 @@ fn on_exit<C: EbpfContext>(ctx: &C, ret: i64, syscall: Syscall, regs: Option<usi
     }
     // SAFETY: as above, the slot is still ours until submit.
     log_missing(ctx, unsafe { (*ev).valid });
-    entry.submit(0);
+    // A storm of refusals wakes the reader once per 64 KiB, not once each.
+    entry.submit(crate::kernel::wakeup(&CLONE_EVENTS));
 }
 
 /// Says which evidence a failure lacks (a member offset this kernel does not have, or a read

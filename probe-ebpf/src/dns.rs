@@ -20,9 +20,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use probe_common::conntrack::{FlowKey, FlowOwner};
 
-use crate::kernel::{
-    BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, get_or_insert,
-};
+use crate::kernel::{BPF_NOEXIST, get_or_insert, wakeup};
 use probe_common::dns::{
     DNS_CAPTURE, DNS_QUERY_CAPTURE, DNS_STAT_COUNT, DnsKey, DnsPending, DnsQueryEvent, DnsStat,
     DnsTcpCounts, MAX_DNS_PENDING, MAX_DNS_PENDING_PER_CGROUP, MAX_DNS_QUOTA_CGROUPS,
@@ -434,7 +432,7 @@ fn on_query(
             ev.captured = prev.send.captured as u32;
             ev._pad2 = 0;
             ev.payload[..DNS_QUERY_CAPTURE].copy_from_slice(&prev.query);
-            entry.submit(wakeup());
+            entry.submit(wakeup(&DNS_EVENTS));
         }
         None => bump(DnsStat::RingbufFull),
     }
@@ -552,20 +550,7 @@ fn on_response(
     if DNS_PENDING.remove(key).is_ok() {
         answered_one(ev.send.cgroup_id);
     }
-    entry.submit(wakeup());
-}
-
-/// Wake userspace only once this much waits in the ring: a query per event would otherwise
-/// cost a wakeup and a context switch each. Userspace also drains the ring every 250 ms.
-const WAKEUP_BYTES: u64 = 64 * 1024;
-
-#[inline(always)]
-fn wakeup() -> u64 {
-    if DNS_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
-        u64::from(BPF_RB_FORCE_WAKEUP)
-    } else {
-        u64::from(BPF_RB_NO_WAKEUP)
-    }
+    entry.submit(wakeup(&DNS_EVENTS));
 }
 
 /// Copies 1..=N bytes of the DNS message into `dst`, with bounds the verifier can follow

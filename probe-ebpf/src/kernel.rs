@@ -2,13 +2,12 @@
 //! running kernel's BTF (and tracepoint fields at offsets it took from tracefs), per-CPU
 //! counters, and per-cgroup entries of per-CPU hashes.
 
-pub use aya_ebpf::bindings::{
-    BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-};
+pub use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::{
     Global,
     helpers::bpf_probe_read_kernel,
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use probe_common::offsets::{MISSING, TracepointOffsets};
 
@@ -92,6 +91,21 @@ pub fn tp_u64(ctx: &aya_ebpf::programs::TracePointContext, off: u32) -> Option<u
             MISSING => None,
             _ => ctx.read_at::<u64>(off as usize).ok(),
         }
+    }
+}
+
+/// Wake userspace only once this much waits in a ring: a wakeup per event would cost a
+/// context switch each (of the task whose event it is, too). Userspace drains every ring every
+/// 250 ms as well, so an event waits that long at most.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
+/// The submit flags for a record of `ring`: no wakeup until [`WAKEUP_BYTES`] wait.
+#[inline(always)]
+pub fn wakeup(ring: &RingBuf) -> u64 {
+    if ring.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
     }
 }
 

@@ -380,7 +380,7 @@ fn an_unreachable_api_is_said_once_at_warn_and_counted() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let (status, stderr, _) = daemon.terminate();
+    let (status, stderr, _) = daemon.terminate_raw();
     assert!(status.success(), "{stderr}");
     assert!(
         counted.is_some_and(|n| n >= 3.0),
@@ -724,10 +724,12 @@ fn workload_labels_stay_across_the_api_going_and_coming_back() {
     // and its log directory would name it `shop/cart-7d9f-p/app`.
     let lists = api.lists();
     api.up(Vec::new());
-    eventually(Duration::from_secs(15), "the daemon's relist", || {
+    // The watch's backoff grew while the API was down: up to half a minute.
+    eventually(Duration::from_secs(45), "the daemon's relist", || {
         api.watching_after(lists + 1).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(1000)); // a few refreshes
+    // Two refreshes at the shipped 5 s.
+    std::thread::sleep(Duration::from_secs(11));
     let m = daemon.metrics();
     assert_eq!(workloads(&m, live, named), ["Deployment/cart"], "{m}");
     // No counter series of P was ever under another workload.

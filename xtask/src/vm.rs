@@ -94,10 +94,7 @@ const USERSPACE_ONLY: [(&str, &[&str]); 5] = [
             "a_kubernetes_event_note_carries_what_a_pod_names_escaped",
         ],
     ),
-    (
-        "explain",
-        &["a_recovered_leak_leaves_no_exhaustion_series"],
-    ),
+    ("explain", &["a_recovered_leak_leaves_no_exhaustion_series"]),
     (
         "daemon",
         &[

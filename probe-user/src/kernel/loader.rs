@@ -404,9 +404,11 @@ impl Probes {
             .with_context(|| format!("map {name} missing or already taken"))
     }
 
-    /// A hash map's entries. One removed during the walk can end it early; the next read
-    /// sees the rest.
-    pub fn hash_entries<K: aya::Pod, V: aya::Pod>(
+    /// A hash map's entries, each once. An entry the kernel removes while the walk stands on
+    /// it sends the walk back to the first key (what `BPF_MAP_GET_NEXT_KEY` does with a key
+    /// gone): the entries seen again are skipped; one removed elsewhere can end the walk
+    /// early, and the next read sees the rest.
+    pub fn hash_entries<K: aya::Pod + std::hash::Hash + Eq, V: aya::Pod>(
         &self,
         name: &str,
     ) -> anyhow::Result<Vec<(K, V)>> {
@@ -416,7 +418,12 @@ impl Probes {
             .with_context(|| format!("map {name} missing"))?;
         let hash = aya::maps::HashMap::<_, K, V>::try_from(map)
             .with_context(|| format!("{name} is not a hash map"))?;
-        Ok(hash.iter().map_while(Result::ok).collect())
+        let mut seen = std::collections::HashSet::new();
+        Ok(hash
+            .iter()
+            .map_while(Result::ok)
+            .filter(|(k, _)| seen.insert(*k))
+            .collect())
     }
 
     /// A hash map, to change.
@@ -444,10 +451,14 @@ impl Probes {
         let hash = PerCpuHashMap::<_, u64, V>::try_from(map)
             .with_context(|| format!("{name} is not a per-CPU hash"))?;
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for entry in hash.iter() {
-            // A cgroup removed during the walk can end it early; the next read sees the rest.
+            // A cgroup removed during the walk can end it early (the next read sees the rest),
+            // or send it back to the first key: each cgroup is summed once.
             let Ok((id, per_cpu)) = entry else { break };
-            out.push((id, per_cpu.iter().fold(V::default(), &add)));
+            if seen.insert(id) {
+                out.push((id, per_cpu.iter().fold(V::default(), &add)));
+            }
         }
         Ok(out)
     }

@@ -31,9 +31,9 @@ const MAX_RINGS: usize = 8;
 const MAX_QUEUED: usize = 8 << 20;
 /// A batch is handed over once it holds this much, so a long drain is delivered as it goes.
 const BATCH_BYTES: usize = 64 << 10;
-/// Every ring is also read this often: the DNS program submits without a wakeup until 64 KiB
-/// wait (a wakeup per query would cost a context switch each), so a quiet node's last queries
-/// are read within this.
+/// Every ring is also read this often: the DNS and clone programs submit without a wakeup
+/// until 64 KiB wait (a wakeup per query or refusal would cost a context switch each, charged
+/// to the pod whose event it is), so a quiet node's last events are read within this.
 const POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Records of one ring, copied out in the order the kernel wrote them.

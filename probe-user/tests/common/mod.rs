@@ -998,7 +998,14 @@ impl Daemon {
     }
 
     /// SIGTERM; returns (exit status, stderr as [`log_text`], seconds it took).
-    pub fn terminate(mut self) -> (std::process::ExitStatus, String, f64) {
+    pub fn terminate(self) -> (std::process::ExitStatus, String, f64) {
+        let (status, stderr, took) = self.terminate_raw();
+        let text: Vec<String> = stderr.lines().map(log_text).collect();
+        (status, text.join("\n"), took)
+    }
+
+    /// [`Daemon::terminate`] with stderr as faultline wrote it (the DaemonSet's JSON lines).
+    pub fn terminate_raw(mut self) -> (std::process::ExitStatus, String, f64) {
         let start = Instant::now();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -1009,8 +1016,7 @@ impl Daemon {
         if let Some(mut e) = self.child.stderr.take() {
             let _ = e.read_to_string(&mut stderr);
         }
-        let text: Vec<String> = stderr.lines().map(log_text).collect();
-        (status, text.join("\n"), start.elapsed().as_secs_f64())
+        (status, stderr, start.elapsed().as_secs_f64())
     }
 }
 

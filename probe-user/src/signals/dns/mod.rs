@@ -3,7 +3,9 @@
 //! `DnsQuery` (names parsed with the `simple-dns` wire parser), queries still unanswered after
 //! the timeout are taken out of the kernel's map and reported as timeouts, and retransmits are
 //! marked with their gap (5 s is the classic resolver timeout): a re-send on the same socket
-//! (seen by the kernel), or the same question from the same cgroup while an earlier one waits.
+//! (seen by the kernel), or the same query (name, type and transaction id: a resolver retrying
+//! from another socket keeps its id) from the same cgroup while an earlier send of it went
+//! unanswered. Another lookup of the same name, with its own id, is never a retransmit.
 //! An answer preceded by NXDOMAINs for `name.<search suffix>` counts them (the `ndots:5`
 //! search-path effect).
 
@@ -322,8 +324,28 @@ const MAX_UNANSWERED: usize = 65_536;
 const SEARCH_WINDOW_NS: u64 = 10_000_000_000;
 const RETRANSMIT_WINDOW_NS: u64 = 30_000_000_000;
 
-/// A question from one cgroup: what a retransmit repeats.
+/// A question from one cgroup: what a search-path chain repeats with other suffixes.
 type Question = (u64, String, u16);
+
+/// One query of one cgroup, as a resolver re-sends it: its question and transaction id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Retry {
+    cgroup: u64,
+    qname: String,
+    qtype: u16,
+    id: u16,
+}
+
+impl Retry {
+    fn of(send: &DnsSend, msg: &Message, id: u16) -> Retry {
+        Retry {
+            cgroup: send.cgroup_id,
+            qname: msg.qname.clone(),
+            qtype: msg.qtype,
+            id,
+        }
+    }
+}
 
 /// Turns kernel query events and the kernel's waiting queries into reports.
 pub struct DnsTracker {
@@ -332,11 +354,12 @@ pub struct DnsTracker {
     /// The key of the redacting hash (SipHash with random keys per process).
     redact_key: std::hash::RandomState,
     clock: KernelClock,
-    /// Questions sent and not (yet) answered, with when: from re-sends, timeouts and the
+    /// Queries sent and not (yet) answered, with when: from re-sends, timeouts and the
     /// waiting queries seen in the kernel's map.
-    unanswered: HashMap<Question, u64>,
-    /// Waiting queries already parsed: (key, sent) -> their question (None: unparseable).
-    waiting: HashMap<(DnsKey, u64), Option<Question>>,
+    unanswered: HashMap<Retry, u64>,
+    /// Waiting queries already parsed: (key, sent) -> what a retry of them repeats (None:
+    /// unparseable).
+    waiting: HashMap<(DnsKey, u64), Option<Retry>>,
     /// Queries whose packet conntrack dropped, with the cause.
     conntrack_drops: HashMap<(u64, u16), &'static str>,
     /// Recent NXDOMAIN answers: (ktime, cgroup, qname, qtype).
@@ -374,12 +397,13 @@ impl DnsTracker {
             return None;
         };
         let question = (ev.send.cgroup_id, msg.qname.clone(), msg.qtype);
-        let gap = self.retransmit_gap(&ev.send, &question);
+        let retry = Retry::of(&ev.send, &msg, ev.key.id);
+        let gap = self.retransmit_gap(&ev.send, &retry);
         if !answered {
-            self.note_unanswered(question, ev.send.sent_ns);
+            self.note_unanswered(retry, ev.send.sent_ns);
             return Some(self.report(&ev.key, &ev.send, &msg, None, gap, 0, attributor));
         }
-        self.unanswered.remove(&question);
+        self.unanswered.remove(&retry);
         let search_nxdomain = if msg.rcode == 3 {
             if self.nxdomains.len() >= MAX_RECENT_NXDOMAIN {
                 self.nxdomains.pop_front();
@@ -406,20 +430,21 @@ impl DnsTracker {
     }
 
     /// The gap to the earlier send this one repeats: the same socket's (the kernel saw the
-    /// re-send), or the same question from the same cgroup still unanswered when this left.
-    fn retransmit_gap(&self, send: &DnsSend, question: &Question) -> Option<u64> {
+    /// re-send), or the same query (question and id) from the same cgroup still unanswered
+    /// when this left.
+    fn retransmit_gap(&self, send: &DnsSend, retry: &Retry) -> Option<u64> {
         if send.prev_sent_ns != 0 {
             return Some(send.sent_ns.saturating_sub(send.prev_sent_ns));
         }
         self.unanswered
-            .get(question)
+            .get(retry)
             .filter(|t| **t < send.sent_ns && send.sent_ns - **t < RETRANSMIT_WINDOW_NS)
             .map(|t| send.sent_ns - t)
     }
 
-    fn note_unanswered(&mut self, question: Question, sent: u64) {
-        if self.unanswered.len() < MAX_UNANSWERED || self.unanswered.contains_key(&question) {
-            let t = self.unanswered.entry(question).or_insert(sent);
+    fn note_unanswered(&mut self, retry: Retry, sent: u64) {
+        if self.unanswered.len() < MAX_UNANSWERED || self.unanswered.contains_key(&retry) {
+            let t = self.unanswered.entry(retry).or_insert(sent);
             *t = (*t).max(sent);
         }
     }
@@ -436,7 +461,13 @@ impl DnsTracker {
         let mut reports = Vec::new();
         let mut expired = Vec::new();
         let mut present = HashSet::with_capacity(waiting.len());
+        // A walk of the map that restarted (an answer deleted the key it stood on) lists
+        // entries twice: each is one query, reported once.
+        let mut listed = HashSet::with_capacity(waiting.len());
         for (key, p) in waiting {
+            if !listed.insert(key) {
+                continue;
+            }
             let sent = p.send.sent_ns;
             let captured = (p.send.captured as usize).min(p.query.len());
             if now.saturating_sub(sent) >= self.timeout_ns {
@@ -444,9 +475,9 @@ impl DnsTracker {
                 self.waiting.remove(&(key, sent));
                 match parse(&p.query[..captured]).filter(|m| !m.response) {
                     Some(msg) => {
-                        let question = (p.send.cgroup_id, msg.qname.clone(), msg.qtype);
-                        let gap = self.retransmit_gap(&p.send, &question);
-                        self.note_unanswered(question, sent);
+                        let retry = Retry::of(&p.send, &msg, key.id);
+                        let gap = self.retransmit_gap(&p.send, &retry);
+                        self.note_unanswered(retry, sent);
                         reports.push(self.report(&key, &p.send, &msg, None, gap, 0, attributor));
                     }
                     None => self.malformed += 1,
@@ -457,10 +488,10 @@ impl DnsTracker {
             let entry = self.waiting.entry((key, sent)).or_insert_with(|| {
                 parse(&p.query[..captured])
                     .filter(|m| !m.response)
-                    .map(|m| (p.send.cgroup_id, m.qname, m.qtype))
+                    .map(|m| Retry::of(&p.send, &m, key.id))
             });
-            if let Some(question) = entry.clone() {
-                let t = self.unanswered.entry(question).or_insert(sent);
+            if let Some(retry) = entry.clone() {
+                let t = self.unanswered.entry(retry).or_insert(sent);
                 *t = (*t).min(sent);
             }
         }
@@ -488,7 +519,7 @@ impl DnsTracker {
             .waiting
             .iter()
             .find(|((k, _), _)| k.socket_cookie == socket_cookie && k.id == id)
-            .and_then(|(_, q)| q.as_ref().map(|q| q.1.clone()))?;
+            .and_then(|(_, q)| q.as_ref().map(|q| q.qname.clone()))?;
         Some(self.name(&qname))
     }
 
@@ -725,5 +756,57 @@ mod tests {
                 .collect();
             let _ = parse(&bytes);
         }
+    }
+
+    /// A waiting query in the kernel's map: `id` from socket `cookie`, sent at `sent`.
+    fn pending(cookie: u64, id: u16, name: &str, sent: u64) -> (DnsKey, DnsPending) {
+        let q = query(id, name, 1);
+        let mut p = DnsPending {
+            send: DnsSend {
+                sent_ns: sent,
+                cgroup_id: 7,
+                family: 4,
+                server_port: 53,
+                dns_len: q.len() as u16,
+                captured: q.len() as u16,
+                ..DnsSend::default()
+            },
+            query: [0; probe_common::dns::DNS_QUERY_CAPTURE],
+        };
+        p.query[..q.len()].copy_from_slice(&q);
+        let key = DnsKey {
+            socket_cookie: cookie,
+            id,
+            _pad: [0; 6],
+        };
+        (key, p)
+    }
+
+    /// A pod asking the same name every 40 ms from new sockets, each with its own id, while
+    /// earlier ones still wait: none is a retransmit. The same query (same id) from another
+    /// socket, its first send unanswered, is. A waiting query seen twice by one sweep (the
+    /// map walk restarted) is one timeout.
+    #[test]
+    fn retransmits_are_the_same_query_and_timeouts_count_once() {
+        let mut t = DnsTracker::new(Duration::from_secs(2), Names::Full);
+        let mut a = Attributor::offline();
+        const MS: u64 = 1_000_000;
+        let waiting: Vec<_> = (0..5)
+            .map(|i| pending(100 + i, 1000 + i as u16, "web.test", i * 40 * MS))
+            .collect();
+        let (reports, _) = t.sweep(waiting, 200 * MS, &mut a);
+        assert!(reports.is_empty());
+        let (key, p) = pending(200, 2000, "web.test", 240 * MS);
+        let (reports, _) = t.sweep(vec![(key, p), (key, p)], 3000 * MS, &mut a);
+        assert_eq!(reports.len(), 1, "one timeout, seen twice by the walk");
+        assert_eq!(
+            reports[0].retransmit_gap_ms, None,
+            "another lookup, not a retry"
+        );
+        // The first query's id again, from a new socket: a retry of the unanswered send.
+        let (key, p) = pending(300, 1000, "web.test", 3100 * MS);
+        let (reports, _) = t.sweep(vec![(key, p)], 6000 * MS, &mut a);
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].retransmit, "{:?}", reports[0]);
     }
 }
