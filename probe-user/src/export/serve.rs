@@ -45,7 +45,8 @@
 //! connections that never read, renewed so that new expositions are encoded meanwhile, take
 //! the release build from 53 to 79 MiB RSS, and the kernel's send queues to 10.5 MiB: ~90 MiB
 //! of the DaemonSet's 128 MiB, ~38 MiB of headroom (before this, 16 such connections got the
-//! daemon OOM-killed within 2 s). What was shed is counted in /metrics
+//! daemon OOM-killed within 2 s). With TLS each connection also holds rustls' state and
+//! buffers (a send limit of 64 KiB each). What was shed is counted in /metrics
 //! (`faultline_http_shed_connections_total{reason}`).
 
 use std::{
