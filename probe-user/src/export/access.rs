@@ -163,17 +163,14 @@ impl Access {
         self.basic.is_some() || self.kube.is_some()
     }
 
-    /// What a reader needs, for the start's log line.
+    /// What a reader needs, for the start's log line and a 401's.
     pub fn describe(&self) -> String {
         let mut kinds = Vec::new();
         if let Some(b) = &self.basic {
-            kinds.push(format!("basic auth ({} users)", b.users.len()));
+            kinds.push(format!("basic auth (one of {} users)", b.users.len()));
         }
         if self.kube.is_some() {
-            kinds.push(
-                "Kubernetes bearer tokens (TokenReview, then SubjectAccessReview of get on the path)"
-                    .to_owned(),
-            );
+            kinds.push("a Kubernetes bearer token whose user may get the path".to_owned());
         }
         kinds.join(" or ")
     }

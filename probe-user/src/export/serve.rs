@@ -527,10 +527,7 @@ fn refusal(verdict: Verdict, what: Guarded, access: &Access) -> Reply {
         Verdict::Allowed | Verdict::Unauthenticated => {
             let mut reply = Reply::text(
                 StatusCode::UNAUTHORIZED,
-                format!(
-                    "unauthorized: {path} needs credentials ({})\n",
-                    access.describe()
-                ),
+                format!("unauthorized: {path} needs {}\n", access.describe()),
             );
             reply.challenges = access.challenges();
             reply
