@@ -3,12 +3,12 @@
 //! become counters, event lines and OTLP records as they happen; every refresh, the kernel's
 //! counters become per-pod metrics. Serves `/metrics`, `/explain`, `/healthz` and `/readyz`
 //! (over TLS, and `/metrics` and `/explain` only to the credentials configured, when asked;
-//! `/healthz` and `/readyz` also on a plain health port of their own) on threads of their own (a runtime apart from the pipeline's, so no response delays the
-//! events, and no event storm delays `/healthz`); the rings are read on a thread of their own
-//! too (`kernel::rings`). Everything the user typed is checked before anything loads
-//! ([`Setup`]: one line and exit 2 for a mistake: the web config file and its TLS files too),
-//! and the listening sockets bound then, while
-//! the capabilities a low port needs are still held; after attaching it keeps only the
+//! `/healthz` and `/readyz` also on a plain health port of their own) on threads of their own
+//! (a runtime apart from the pipeline's, so no response delays the events, and no event storm
+//! delays `/healthz`); the rings are read on a thread of their own too (`kernel::rings`).
+//! Everything the user typed is checked before anything loads ([`Setup`]: one line and exit 2
+//! for a mistake, the web config file and its TLS files too), and the listening sockets bound
+//! then, while the capabilities a low port needs are still held; after attaching it keeps only the
 //! capabilities reading needs (`kernel::privileges`). SIGTERM or SIGINT: deliver what is in
 //! flight, stop serving, detach, exit 0 (saying what OTLP could not deliver). SIGHUP: reopen
 //! the events file (log rotation), go on.
@@ -177,10 +177,7 @@ impl Setup {
         }
         let web = match &args.web_config_file {
             Some(path) => WebConfig::read(path)?,
-            None => WebConfig {
-                tls: None,
-                users: Default::default(),
-            },
+            None => WebConfig::default(),
         };
         let listener = listen(args.listen, "--listen")?;
         let health = match args.health_listen {
@@ -202,13 +199,13 @@ impl Setup {
             kube::config::Kubeconfig::from_yaml(&text)
                 .map_err(|e| anyhow!("the kubeconfig {}: {e}", path.display()))?;
         }
-        let kube = match args.kube_rbac {
-            true => Some(
-                crate::attribution::kubeapi::client(args.pods.kubeconfig.as_ref())
-                    .await
-                    .map_err(|e| anyhow!("--kube-rbac: {e}"))?,
-            ),
-            false => None,
+        let kube = if args.kube_rbac {
+            let client = crate::attribution::kubeapi::client(args.pods.kubeconfig.as_ref())
+                .await
+                .map_err(|e| anyhow!("--kube-rbac: {e}"))?;
+            Some(client)
+        } else {
+            None
         };
         let port = Port::Main {
             tls: web.tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config)),

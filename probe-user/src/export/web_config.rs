@@ -70,7 +70,8 @@ enum TlsVersion {
     Tls13,
 }
 
-/// What the file configures, checked and ready.
+/// What the file configures, checked and ready (nothing, without a file).
+#[derive(Default)]
 pub struct WebConfig {
     /// TLS on the port, when `tls_server_config` is there.
     pub tls: Option<Tls>,
