@@ -3,12 +3,15 @@
 //! hour, asked with hyper's client) when one answers; when the default address does not
 //! answer, from a short observation of its own (the live tasks and limits plus a few seconds
 //! of events, said in the output). A daemon named by `--daemon` that does not answer is an
-//! error. Either way, the kernel's own counts of refusals before faultline watched come
+//! error. A port that asks for a Kubernetes bearer token (`run --kube-rbac`) is sent the one
+//! `--token-file` names, or, asking the default daemon from a pod (`kubectl exec`), the pod's
+//! own service account token. Either way, the kernel's own counts of refusals before faultline watched come
 //! apart, after what it saw.
 
 use std::{
     fmt,
     io::Write as _,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -44,6 +47,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Asked when neither `--daemon` nor `$FAULTLINE_DAEMON` names one.
 const DEFAULT_DAEMON: &str = "http://127.0.0.1:9847";
+/// A pod's service account token: sent to the default daemon (on this node's loopback) when
+/// there, never to a daemon named elsewhere.
+const POD_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
@@ -61,6 +67,12 @@ pub struct ExplainArgs {
     /// answers there this node is observed for --observe-for instead.
     #[arg(long, env = "FAULTLINE_DAEMON")]
     pub daemon: Option<String>,
+    /// A file holding a bearer token to send to the daemon, for a port that asks for one
+    /// (`run --kube-rbac`): a token whose user may `get` /explain. Without it the default
+    /// daemon is sent this pod's service account token when there is one (the DaemonSet's
+    /// may get /explain), a daemon named by --daemon none.
+    #[arg(long, env = "FAULTLINE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Do not ask a daemon: observe this node for --observe-for.
     #[arg(long)]
     pub observe: bool,
@@ -102,7 +114,20 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
             Some(d) => d.clone(),
             None => DaemonUrl::parse(DEFAULT_DAEMON)?,
         };
-        match ask_daemon(&daemon, args.since.unwrap_or(EXPLAIN_DEFAULT_SINCE)).await {
+        let token = match (&args.token_file, &explicit) {
+            (Some(path), _) => Some(read_token(path)?),
+            (None, None) if Path::new(POD_TOKEN).exists() => {
+                Some(read_token(Path::new(POD_TOKEN))?)
+            }
+            (None, _) => None,
+        };
+        match ask_daemon(
+            &daemon,
+            args.since.unwrap_or(EXPLAIN_DEFAULT_SINCE),
+            token.as_deref(),
+        )
+        .await
+        {
             Ok(report) => report,
             Err(Asked::Failed(e)) => return Err(e),
             Err(Asked::Unreachable(why)) if explicit.is_some() => {
@@ -141,6 +166,20 @@ fn matches(filters: &PodFilters, f: &Finding) -> bool {
         f.who.pod.as_deref(),
         f.who.container.as_deref(),
     )
+}
+
+/// The bearer token in `path` (surrounding whitespace dropped).
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        bail!(
+            "the token file {} holds no token (one word)",
+            path.display()
+        );
+    }
+    Ok(token.to_owned())
 }
 
 /// Where the daemon is: an http:// URL, its path (a proxy's prefix) kept.
@@ -212,12 +251,20 @@ enum Asked {
 }
 
 /// `GET <daemon>/explain?since=...`, bounded in time and size.
-async fn ask_daemon(daemon: &DaemonUrl, since: Duration) -> Result<Report, Asked> {
+async fn ask_daemon(
+    daemon: &DaemonUrl,
+    since: Duration,
+    token: Option<&str>,
+) -> Result<Report, Asked> {
     let uri = daemon.explain(since).map_err(Asked::Failed)?;
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let request = Request::get(uri)
+    let mut request = Request::get(uri);
+    if let Some(token) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
         .body(Empty::new())
         .map_err(|e| Asked::Failed(anyhow::anyhow!("building the request: {e}")))?;
     let exchange = async {
@@ -276,8 +323,12 @@ fn read_report(status: StatusCode, body: &[u8]) -> anyhow::Result<Report> {
     if status != StatusCode::OK {
         let text = String::from_utf8_lossy(body);
         let first = text.lines().next().unwrap_or("").trim();
+        let hint = match status {
+            StatusCode::UNAUTHORIZED => " (--token-file names a bearer token to send)",
+            _ => "",
+        };
         bail!(
-            "answered {status}: {}",
+            "answered {status}: {}{hint}",
             crate::text::printable(first.get(..200).unwrap_or(first))
         );
     }

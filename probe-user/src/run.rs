@@ -2,11 +2,13 @@
 //! kernel supports (saying which it skipped and why), for as long as the node lives: events
 //! become counters, event lines and OTLP records as they happen; every refresh, the kernel's
 //! counters become per-pod metrics. Serves `/metrics`, `/explain`, `/healthz` and `/readyz`
-//! on threads of their own (a runtime apart from the pipeline's, so no response delays the
-//! events, and no event storm delays `/healthz`); the rings are read on a thread of their own
-//! too (`kernel::rings`). Everything the user typed is checked before anything loads
-//! ([`Setup`]: one line and exit 2 for a mistake), and the listening socket bound then, while
-//! the capabilities a low port needs are still held; after attaching it keeps only the
+//! (over TLS, and `/metrics` and `/explain` only to the credentials configured, when asked;
+//! `/healthz` and `/readyz` also on a plain health port of their own) on threads of their own
+//! (a runtime apart from the pipeline's, so no response delays the events, and no event storm
+//! delays `/healthz`); the rings are read on a thread of their own too (`kernel::rings`).
+//! Everything the user typed is checked before anything loads ([`Setup`]: one line and exit 2
+//! for a mistake, the web config file and its TLS files too), and the listening sockets bound
+//! then, while the capabilities a low port needs are still held; after attaching it keeps only the
 //! capabilities reading needs (`kernel::privileges`). SIGTERM or SIGINT: deliver what is in
 //! flight, stop serving, detach, exit 0 (saying what OTLP could not deliver). SIGHUP: reopen
 //! the events file (log rotation), go on. The signals it has no use for, whose default would
@@ -36,12 +38,14 @@ use crate::{
     attribution::pods::PodArgs,
     cli::{EventKind, UsageError},
     diagnosis::Recorder,
+    export::access::Access,
     export::budget::{Budget, BudgetConfig, BudgetLine, Verdict},
     export::kube_events::KubeEvents,
     export::lines::{Destination, EventLines},
     export::metrics::Metrics,
     export::otlp::{OtlpExporter, OtlpSetup},
-    export::serve::{HttpState, serve},
+    export::serve::{HttpState, Port, serve},
+    export::web_config::WebConfig,
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
     signals::{DnsOptions, Event, Plan, Refresh, Signal, dns::Names},
@@ -98,6 +102,23 @@ pub struct RunArgs {
     /// 0.0.0.0:PORT), `IP:PORT` or `[IPv6]:PORT`.
     #[arg(long, env = "FAULTLINE_LISTEN", value_parser = crate::cli::parse_listen, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Also serve /healthz and /readyz, and nothing else, on this address (same forms as
+    /// --listen): plain HTTP without credentials, for the kubelet's probes when --listen asks
+    /// for TLS client certificates or credentials. The DaemonSet sets 0.0.0.0:9848.
+    #[arg(long, env = "FAULTLINE_HEALTH_LISTEN", value_parser = crate::cli::parse_listen)]
+    pub health_listen: Option<SocketAddr>,
+    /// TLS and basic auth on --listen, in the format of Prometheus' exporter-toolkit:
+    /// `tls_server_config` (cert_file, key_file, client_auth_type, client_ca_file,
+    /// min_version, max_version) and `basic_auth_users` (user: bcrypt hash). With users,
+    /// /metrics and /explain need their credentials (or, with --kube-rbac, a token).
+    #[arg(long, env = "FAULTLINE_WEB_CONFIG_FILE")]
+    pub web_config_file: Option<PathBuf>,
+    /// /metrics and /explain need a Kubernetes bearer token whose user may `get` the path
+    /// (RBAC nonResourceURLs), checked as kube-rbac-proxy does: TokenReview, then
+    /// SubjectAccessReview; verdicts kept 2 min (refusals 30 s). Needs the API and RBAC
+    /// `create` on tokenreviews and subjectaccessreviews; the DaemonSet sets it.
+    #[arg(long, env = "FAULTLINE_KUBE_RBAC")]
+    pub kube_rbac: bool,
     /// Write event lines (JSON, the `trace --output json` schema) here instead of stdout.
     #[arg(long, env = "FAULTLINE_EVENTS_FILE")]
     pub events_file: Option<PathBuf>,
@@ -163,16 +184,37 @@ pub struct RunArgs {
 /// What the user typed, checked and made ready before anything loads: the listening socket
 /// bound (while the capabilities a port below 1024 needs are still held), the events file
 /// opened for appending, the OTLP settings checked and their TLS files read, the kubeconfig
-/// read. A mistake is one line and exit 2 at once, not an error after the programs loaded.
+/// read, the web config file read with its certificates and keys, the API's client made for
+/// --kube-rbac. A mistake is one line and exit 2 at once, not an error after the programs
+/// loaded.
 struct Setup {
     listener: std::net::TcpListener,
+    health: Option<std::net::TcpListener>,
+    /// What the main port asks of its readers.
+    port: Port,
     lines: Destination,
     otlp: Option<OtlpSetup>,
 }
 
 impl Setup {
-    fn check(args: &RunArgs) -> anyhow::Result<Setup> {
-        let listener = listen(args.listen)?;
+    async fn check(args: &RunArgs) -> anyhow::Result<Setup> {
+        if args.kube_rbac && args.pods.no_kube_api {
+            bail!(
+                "--kube-rbac checks bearer tokens with the Kubernetes API: it cannot go with --no-kube-api"
+            );
+        }
+        if args.health_listen == Some(args.listen) {
+            bail!("--health-listen {}: the address of --listen", args.listen);
+        }
+        let web = match &args.web_config_file {
+            Some(path) => WebConfig::read(path)?,
+            None => WebConfig::default(),
+        };
+        let listener = listen(args.listen, "--listen")?;
+        let health = match args.health_listen {
+            Some(addr) => Some(listen(addr, "--health-listen")?),
+            None => None,
+        };
         let lines = match (&args.events_file, args.no_events) {
             (_, true) => Destination::none(),
             (Some(path), false) => Destination::file(path)?,
@@ -188,16 +230,30 @@ impl Setup {
             kube::config::Kubeconfig::from_yaml(&text)
                 .map_err(|e| anyhow!("the kubeconfig {}: {e}", path.display()))?;
         }
+        let kube = if args.kube_rbac {
+            let client = crate::attribution::kubeapi::client(args.pods.kubeconfig.as_ref())
+                .await
+                .map_err(|e| anyhow!("--kube-rbac: {e}"))?;
+            Some(client)
+        } else {
+            None
+        };
+        let port = Port::Main {
+            tls: web.tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config)),
+            access: Arc::new(Access::new(web.users, kube)?),
+        };
         Ok(Setup {
             listener,
+            health,
+            port,
             lines,
             otlp,
         })
     }
 }
 
-/// The socket `--listen` names, bound; a refusal said with what it means.
-fn listen(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+/// The socket `flag` names, bound; a refusal said with what it means.
+fn listen(addr: SocketAddr, flag: &str) -> anyhow::Result<std::net::TcpListener> {
     std::net::TcpListener::bind(addr).map_err(|e| {
         let meaning = match e.kind() {
             ErrorKind::AddrInUse => "; another process listens there",
@@ -207,13 +263,13 @@ fn listen(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
             }
             _ => "",
         };
-        anyhow!("--listen {addr}: {e}{meaning}")
+        anyhow!("{flag} {addr}: {e}{meaning}")
     })
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::export::serve::raise_fd_limit();
-    let setup = Setup::check(&args).map_err(UsageError::wrap)?;
+    let setup = Setup::check(&args).await.map_err(UsageError::wrap)?;
     let node = args
         .pods
         .node_name
@@ -271,7 +327,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         served.clone(),
     )?;
     sink.outputs.kube_events = kube_events(&args, &node, &metrics).await?;
-    let server = HttpThread::start(setup.listener, served.clone(), metrics.server_counters()?)?;
+    let scheme = match &setup.port {
+        Port::Main { tls: Some(_), .. } => "https",
+        _ => "http",
+    };
+    match &setup.port {
+        Port::Main { access, .. } if access.required() => tracing::info!(
+            "/metrics and /explain need credentials: {}",
+            access.describe()
+        ),
+        _ => tracing::warn!(
+            "/metrics and /explain are open to whoever reaches {}: pod names, cgroup paths and process names (see --kube-rbac, --web-config-file)",
+            args.listen
+        ),
+    }
+    let mut listeners = vec![(setup.listener, setup.port)];
+    if let Some(health) = setup.health {
+        listeners.push((health, Port::Health));
+    }
+    let server = HttpThread::start(listeners, served.clone(), metrics.server_counters()?)?;
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -295,8 +369,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     tracing::info!(
-        "running on node {node}, serving http://{}/metrics",
-        args.listen
+        "running on node {node}, serving {scheme}://{}/metrics{}",
+        args.listen,
+        args.health_listen
+            .map(|h| format!(", /healthz and /readyz also on http://{h}"))
+            .unwrap_or_default()
     );
     pipeline.run(&mut sink, args.refresh, stop).await?;
     pipeline.refresh_once(&mut sink)?;
@@ -321,8 +398,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The HTTP endpoints on a runtime of their own: two worker threads, so that neither an event
-/// storm nor one slow response holds up `/healthz`.
+/// The HTTP endpoints (the main port, and the health port if any) on a runtime of their own:
+/// two worker threads, so that neither an event storm nor one slow response holds up
+/// `/healthz`.
 struct HttpThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -336,13 +414,15 @@ const HTTP_SHUTDOWN: Duration = Duration::from_secs(1);
 
 impl HttpThread {
     fn start(
-        listener: std::net::TcpListener,
+        listeners: Vec<(std::net::TcpListener, Port)>,
         served: Arc<HttpState>,
         counters: crate::export::serve::ServerCounters,
     ) -> anyhow::Result<HttpThread> {
-        listener
-            .set_nonblocking(true)
-            .context("making the listening socket non-blocking")?;
+        for (listener, _) in &listeners {
+            listener
+                .set_nonblocking(true)
+                .context("making the listening socket non-blocking")?;
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("http")
@@ -354,13 +434,23 @@ impl HttpThread {
             .name("http-accept".to_owned())
             .spawn(move || {
                 runtime.block_on(async move {
-                    match TcpListener::from_std(listener) {
-                        Ok(listener) => tokio::select! {
-                            () = serve(listener, served, counters) => {}
-                            _ = stopped => {}
-                        },
-                        Err(e) => tracing::error!("serving HTTP: {e}"),
+                    let mut servers = tokio::task::JoinSet::new();
+                    for (listener, port) in listeners {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                servers.spawn(serve(
+                                    listener,
+                                    port,
+                                    served.clone(),
+                                    counters.clone(),
+                                ));
+                            }
+                            Err(e) => tracing::error!("serving HTTP: {e}"),
+                        }
                     }
+                    // The servers run until stopped (dropping the set aborts them).
+                    let _ = stopped.await;
+                    drop(servers);
                 });
                 runtime.shutdown_timeout(HTTP_SHUTDOWN);
             })

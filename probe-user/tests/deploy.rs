@@ -51,14 +51,68 @@ fn the_kustomize_base_renders_and_validates() {
             "{excluded} is sent to docker"
         );
     }
-    // Least privilege: pods get/list/watch, events create/patch, nothing more.
-    let role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+    // Least privilege: pods get/list/watch, events create/patch, token and access reviews
+    // (which read nothing), its own /explain; nothing more.
+    let role = |name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no ClusterRole {name}"))
+    };
     assert_eq!(
-        role["rules"],
+        role("faultline")["rules"],
         serde_json::json!([
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+            {"nonResourceURLs": ["/explain"], "verbs": ["get"]}
         ])
+    );
+    // What a scraper is granted: get on /metrics, nothing else.
+    assert_eq!(
+        role("faultline-metrics-reader")["rules"],
+        serde_json::json!([{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}])
+    );
+    // The port asks for a token; the kubelet's probes go to the plain health port, the one
+    // FAULTLINE_HEALTH_LISTEN names; the ServiceMonitor sends Prometheus' token.
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    let env = |name: &str| {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("no {name}"))
+            .to_owned()
+    };
+    assert_eq!(env("FAULTLINE_KUBE_RBAC"), "true");
+    let health_port: u64 = env("FAULTLINE_HEALTH_LISTEN")
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    let port_named = |name: &str| {
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no port {name}"))
+    };
+    assert_eq!(port_named("health"), health_port);
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(container[probe]["httpGet"]["port"], "health", "{probe}");
+    }
+    let sm = objects
+        .iter()
+        .find(|o| o["kind"] == "ServiceMonitor")
+        .unwrap();
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["bearerTokenFile"],
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
     );
     // Every core object against the Kubernetes OpenAPI schema (the Prometheus Operator's CRDs
     // are not in it: their rules are checked by promtool below).
@@ -230,7 +284,9 @@ fn the_daemonset_capabilities_are_exactly_enough() {
     setpriv
         .arg(format!("--bounding-set=-all,{}", caps.join(",")))
         .arg(&*FAULTLINE);
-    let mut child = as_shipped(&mut setpriv)
+    as_shipped(&mut setpriv);
+    run_departures(&mut setpriv);
+    let mut child = setpriv
         // Departure: a port of its own; no API.
         .args(["--listen", &listen, "--no-kube-api"])
         .stderr(Stdio::piped())
@@ -465,8 +521,10 @@ fn every_dashboard_query_parses_and_returns_data() {
 /// reproduced as a static job (no Kubernetes service discovery here): the discovery labels of
 /// the agent's pod, the Operator's own target relabelings (namespace, service, pod, container,
 /// job, endpoint: the *agent's*), then the ServiceMonitor's relabelings, with honor_labels from
-/// its honorLabels. The failing pod's labels must survive on its series, and node totals must
-/// not be attributed to the agent's pod.
+/// its honorLabels, and its bearerTokenFile as the job's credentials file (Prometheus' service
+/// account token, here one a stand-in API knows). The daemon asks for tokens as deployed. The
+/// failing pod's labels must survive on its series, and node totals must not be attributed to
+/// the agent's pod.
 #[test]
 fn the_operator_scrape_keeps_the_failing_pods_labels() {
     let sm = yaml_docs(
@@ -480,6 +538,17 @@ fn the_operator_scrape_keeps_the_failing_pods_labels() {
     );
     let endpoint = &sm["spec"]["endpoints"][0];
     let honor = endpoint["honorLabels"].as_bool().unwrap_or(false);
+    assert_eq!(
+        endpoint["bearerTokenFile"], "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        "Prometheus sends its service account's token"
+    );
+    let api = review_api::ReviewApi::start(vec![review_api::Grant {
+        token: "prometheus-sa-token",
+        user: "system:serviceaccount:monitoring:prometheus",
+        paths: &["/metrics"],
+    }]);
+    let token = std::env::temp_dir().join(unique("prometheus-sa-token"));
+    let _token = TempFile::new(&token, b"prometheus-sa-token\n");
     let mut relabel = String::new();
     for r in endpoint["relabelings"].as_array().expect("relabelings") {
         relabel += "  - action: ";
@@ -504,11 +573,26 @@ fn the_operator_scrape_keeps_the_failing_pods_labels() {
     const CID: &str = "0a0b0c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
     let logs = KubeletLogs::new(&[("shop", "op-1", &uid, "app", CID)]);
     let cg = PodCgroup::systemd(&unique("operator"), &uid, CID, 8);
-    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own.
-    let daemon = Daemon::start(&["--kubelet-logs", &logs.arg()]);
+    // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its
+    // own; the stand-in API (reviewing the tokens as the DaemonSet asks: FAULTLINE_KUBE_RBAC).
+    let daemon = Daemon::start_with_env(
+        &[("FAULTLINE_KUBE_RBAC", "true")],
+        &[
+            "--kubelet-logs",
+            &logs.arg(),
+            "--kubeconfig",
+            &api.kubeconfig(),
+        ],
+    );
+    assert_eq!(
+        http_get(daemon.port, "/metrics").map(|(s, _)| s),
+        Some(401),
+        "the port asks for a token"
+    );
     let job = format!(
-        "- job_name: serviceMonitor/faultline/faultline/0\n  honor_labels: {honor}\n  static_configs:\n  - targets: ['127.0.0.1:{port}']\n    labels:\n      __meta_kubernetes_namespace: faultline\n      __meta_kubernetes_service_name: faultline\n      __meta_kubernetes_pod_name: faultline-x7k2p\n      __meta_kubernetes_pod_container_name: faultline\n      __meta_kubernetes_pod_node_name: node-1\n  relabel_configs:\n  - source_labels: [__meta_kubernetes_namespace]\n    target_label: namespace\n  - source_labels: [__meta_kubernetes_service_name]\n    target_label: service\n  - source_labels: [__meta_kubernetes_pod_name]\n    target_label: pod\n  - source_labels: [__meta_kubernetes_pod_container_name]\n    target_label: container\n  - source_labels: [__meta_kubernetes_service_name]\n    target_label: job\n  - target_label: endpoint\n    replacement: metrics\n{relabel}",
+        "- job_name: serviceMonitor/faultline/faultline/0\n  honor_labels: {honor}\n  authorization:\n    credentials_file: {token}\n  static_configs:\n  - targets: ['127.0.0.1:{port}']\n    labels:\n      __meta_kubernetes_namespace: faultline\n      __meta_kubernetes_service_name: faultline\n      __meta_kubernetes_pod_name: faultline-x7k2p\n      __meta_kubernetes_pod_container_name: faultline\n      __meta_kubernetes_pod_node_name: node-1\n  relabel_configs:\n  - source_labels: [__meta_kubernetes_namespace]\n    target_label: namespace\n  - source_labels: [__meta_kubernetes_service_name]\n    target_label: service\n  - source_labels: [__meta_kubernetes_pod_name]\n    target_label: pod\n  - source_labels: [__meta_kubernetes_pod_container_name]\n    target_label: container\n  - source_labels: [__meta_kubernetes_service_name]\n    target_label: job\n  - target_label: endpoint\n    replacement: metrics\n{relabel}",
         port = daemon.port,
+        token = token.display(),
     );
     let prom = Prometheus::start_with_job(&job);
     cg.lab(&[

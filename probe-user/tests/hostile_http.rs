@@ -168,7 +168,9 @@ fn start_daemon(prefix: &[String], extra: &[&str]) -> (Daemon, Arc<Mutex<Vec<Str
         .collect();
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    let mut child = as_shipped(&mut cmd)
+    as_shipped(&mut cmd);
+    let health = run_departures(&mut cmd);
+    let mut child = cmd
         // Departure: a port of its own, on every address as with hostNetwork; no API.
         .args(["--listen", &format!("0.0.0.0:{port}"), "--no-kube-api"])
         .args(extra)
@@ -193,7 +195,11 @@ fn start_daemon(prefix: &[String], extra: &[&str]) -> (Daemon, Arc<Mutex<Vec<Str
             }
         });
     }
-    let daemon = Daemon { child, port };
+    let daemon = Daemon {
+        child,
+        port,
+        health: Some(health),
+    };
     eventually(Duration::from_secs(60), "/readyz", || {
         http_get(port, "/readyz").filter(|(s, _)| *s == 200)
     });

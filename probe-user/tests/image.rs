@@ -1008,8 +1008,9 @@ const NODE: &str = "image-test-node";
 
 /// The DaemonSet's pod template as podman options, by Kubernetes' semantics: every field is
 /// translated or said not to apply, and an unknown one fails the test (so the translation
-/// cannot silently fall behind the manifest). `FAULTLINE_LISTEN` moves to a free loopback
-/// port (parallel tests, and nothing listens on the machine's own interfaces).
+/// cannot silently fall behind the manifest). `FAULTLINE_LISTEN` and `FAULTLINE_HEALTH_LISTEN`
+/// move to free loopback ports (parallel tests, and nothing listens on the machine's own
+/// interfaces).
 fn translate(ds: &Value, host: &mut Created) -> Agent {
     let spec = &ds["spec"]["template"]["spec"];
     let containers = spec["containers"].as_array().expect("containers");
@@ -1114,6 +1115,10 @@ fn translate(ds: &Value, host: &mut Created) -> Agent {
             e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
         ) {
             _ if name == "FAULTLINE_LISTEN" => format!("127.0.0.1:{port}"),
+            _ if name == "FAULTLINE_HEALTH_LISTEN" => format!("127.0.0.1:{}", free_port()),
+            // No API server here reviews bearer tokens (the agent finds no service account
+            // token): the port asks for none. tests/auth.rs runs the shipped setting.
+            _ if name == "FAULTLINE_KUBE_RBAC" => "false".to_owned(),
             (Some(v), _) => v.to_owned(),
             (None, Some("spec.nodeName")) => NODE.to_owned(),
             (None, Some("metadata.name")) => "faultline-image-test".to_owned(),

@@ -48,7 +48,10 @@ impl Run {
     fn start(config: &TempFile, logs: &KubeletLogs) -> Run {
         require_root();
         let port = free_port();
-        let child = as_shipped(&mut faultline())
+        let mut cmd = faultline();
+        as_shipped(&mut cmd);
+        run_departures(&mut cmd);
+        let child = cmd
             // Departure: a port of its own; the stand-in API's node and pods, named also by
             // the test's kubelet log directories.
             .args(["--listen", &format!("127.0.0.1:{port}")])

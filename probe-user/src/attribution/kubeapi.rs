@@ -135,6 +135,27 @@ pub async fn start(options: ApiOptions) -> Option<ApiPods> {
     Some(pods)
 }
 
+/// A client of the API at `kubeconfig`, else in the pod's (or `$KUBECONFIG`'s); why not, in
+/// words, when neither is there.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none()
+            && std::env::var_os("KUBECONFIG").is_none() =>
+        {
+            return Err("no Kubernetes API configured (not in a pod, no --kubeconfig)".to_owned());
+        }
+        None => Config::infer().await.map_err(|e| e.to_string())?,
+    };
+    Client::try_from(config).map_err(|e| e.to_string())
+}
+
 /// Whether any way to the API is set up: in a pod (the service's environment), `$KUBECONFIG`
 /// or `~/.kube/config`. Without one, trying is pointless and its error chain is noise.
 fn api_configured() -> bool {

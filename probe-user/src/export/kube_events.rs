@@ -24,15 +24,15 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
 };
 use prometheus::IntCounterVec;
 use tokio::sync::mpsc;
 
 use crate::{
-    attribution::pods::PodRef,
+    attribution::{kubeapi::client, pods::PodRef},
+    export::bucket::Bucket,
     signals::{Event, clone::cause::Cause as CloneCause, dns::Outcome},
     trend::{Estimate, Limit},
 };
@@ -200,28 +200,6 @@ impl Occurrence {
             ),
             time: SystemTime::now(),
         })
-    }
-}
-
-/// A token bucket.
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: burst,
-            at: now,
-        }
-    }
-
-    fn refill(&mut self, burst: f64, per_second: f64, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * per_second).min(burst);
-        self.at = now;
     }
 }
 
@@ -518,25 +496,6 @@ impl KubeEvents {
             self.counters.with_label_values(&["dropped"]).inc();
         }
     }
-}
-
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, String> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| e.to_string())?
-        }
-        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none()
-            && std::env::var_os("KUBECONFIG").is_none() =>
-        {
-            return Err("no Kubernetes API configured (not in a pod, no --kubeconfig)".to_owned());
-        }
-        None => Config::infer().await.map_err(|e| e.to_string())?,
-    };
-    Client::try_from(config).map_err(|e| e.to_string())
 }
 
 /// The task: aggregates what the sink sends, posts what is due each [`TICK`].

@@ -1,8 +1,14 @@
 //! The daemon's HTTP endpoints (`/metrics`, `/explain`, `/healthz`, `/readyz`) on a port
-//! every pod on the node can reach. Read-only (GET and HEAD), and bounded so that no client can
+//! every pod on the node can reach, and the health port (`/healthz` and `/readyz` only, plain
+//! HTTP, for the kubelet's probes). Read-only (GET and HEAD), and bounded so that no client can
 //! take the daemon down, crowd out the kubelet's probes or Prometheus, or make it run out of
 //! memory:
 //!
+//! - **Who may read** (`access`, `web_config`): TLS when the web config file says so (the
+//!   handshake within the header deadline), then `/metrics` and `/explain` only with the
+//!   credentials configured (basic auth, Kubernetes bearer tokens); a refusal carries no data.
+//!   Everything below is in front of that check: a connection takes its slot before the
+//!   handshake, and the check runs within its deadlines.
 //! - **Slots, shed not refused** (`connections`): 256 connections at most, 32 of them only for
 //!   the node itself (loopback, or a peer at the address it connected to: the kubelet), 16 per
 //!   peer address. A new connection always gets a slot; the oldest idle (else the oldest
@@ -39,11 +45,13 @@
 //! connections that never read, renewed so that new expositions are encoded meanwhile, take
 //! the release build from 53 to 79 MiB RSS, and the kernel's send queues to 10.5 MiB: ~90 MiB
 //! of the DaemonSet's 128 MiB, ~38 MiB of headroom (before this, 16 such connections got the
-//! daemon OOM-killed within 2 s). What was shed is counted in /metrics
+//! daemon OOM-killed within 2 s). With TLS each connection also holds rustls' state and
+//! buffers (a send limit of 64 KiB each). What was shed is counted in /metrics
 //! (`faultline_http_shed_connections_total{reason}`).
 
 use std::{
     convert::Infallible,
+    net::IpAddr,
     os::fd::{AsRawFd as _, RawFd},
     pin::Pin,
     sync::{
@@ -62,14 +70,17 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::{Semaphore, oneshot, watch},
 };
+use tokio_rustls::TlsAcceptor;
 
 use crate::{
     diagnosis::{Recorder, history::MAX_AGE},
     export::{
-        connections::{Busy, Connections, Held, Pool},
+        access::{Access, Guarded, PEER_REFILL, Verdict},
+        connections::{Admitted, Busy, Connections, Held, Pool},
         metrics::Metrics,
     },
 };
@@ -124,9 +135,23 @@ pub struct ExplainAnswer {
     body: Bytes,
 }
 
-/// What every connection shares: the endpoints' state, the connection table, the exposition
-/// of the moment and the turn of `/explain`.
+/// What one listening socket serves.
+pub enum Port {
+    /// `--listen`: every endpoint, over TLS if configured; `/metrics` and `/explain` to those
+    /// `access` lets through.
+    Main {
+        tls: Option<TlsAcceptor>,
+        access: Arc<Access>,
+    },
+    /// `--health-listen`: `/healthz` and `/readyz` only, plain HTTP, no credentials: the
+    /// kubelet's probes, whatever the main port asks of its readers.
+    Health,
+}
+
+/// What every connection shares: what its port serves, the endpoints' state, the connection
+/// table, the exposition of the moment and the turn of `/explain`.
 struct Server {
+    port: Port,
     served: Arc<HttpState>,
     connections: Arc<Connections>,
     exposition: Mutex<Exposition>,
@@ -273,8 +298,14 @@ impl Server {
 }
 
 /// Accepts and serves connections until the task is aborted.
-pub async fn serve(listener: TcpListener, served: Arc<HttpState>, counters: ServerCounters) {
+pub async fn serve(
+    listener: TcpListener,
+    port: Port,
+    served: Arc<HttpState>,
+    counters: ServerCounters,
+) {
     let server = Arc::new(Server {
+        port,
         served,
         connections: Connections::new(counters.shed.clone()),
         exposition: Mutex::new(Exposition::default()),
@@ -317,31 +348,36 @@ pub async fn serve(listener: TcpListener, served: Arc<HttpState>, counters: Serv
             Pool::of(peer, local.ip().to_canonical())
         });
         let admitted = server.connections.admit(peer, pool);
-        tokio::spawn(connection(stream, admitted, server.clone()));
+        tokio::spawn(connection(stream, admitted, peer, server.clone()));
     }
 }
 
-/// Serves one connection until it ends, is shed, or reaches CONNECTION_LIFETIME.
-async fn connection(
-    stream: TcpStream,
-    admitted: crate::export::connections::Admitted,
-    server: Arc<Server>,
-) {
+/// Serves one connection until it ends, is shed, or reaches CONNECTION_LIFETIME: its TLS
+/// handshake first when the port has TLS (within HEADER_TIMEOUT), then HTTP.
+async fn connection(stream: TcpStream, admitted: Admitted, peer: IpAddr, server: Arc<Server>) {
     let fd = stream.as_raw_fd();
     let id = admitted.id;
-    let connections = server.connections.clone();
-    let service = service_fn(move |req| {
-        let busy = connections.busy(id);
-        respond(req, server.clone(), busy)
-    });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_BUF)
-        .serve_connection(TokioIo::new(stream), service);
-    let connection = std::pin::pin!(connection);
+    let tls = match &server.port {
+        Port::Main { tls: Some(tls), .. } => Some(tls.clone()),
+        _ => None,
+    };
+    let served = async move {
+        match tls {
+            Some(acceptor) => {
+                // A failed or unfinished handshake ends the connection: there is nobody to
+                // answer in HTTP.
+                if let Ok(Ok(stream)) =
+                    tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await
+                {
+                    http(stream, id, peer, server).await;
+                }
+            }
+            None => http(stream, id, peer, server).await,
+        }
+    };
+    let served = std::pin::pin!(served);
     let cut = tokio::select! {
-        _ = connection => false,
+        () = served => false,
         () = admitted.shed.notified() => true,
         () = tokio::time::sleep(CONNECTION_LIFETIME) => true,
     };
@@ -352,13 +388,34 @@ async fn connection(
     }
 }
 
+/// HTTP/1.1 on one connection (plain or TLS) until it ends.
+async fn http<I>(io: I, id: u64, peer: IpAddr, server: Arc<Server>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connections = server.connections.clone();
+    let service = service_fn(move |req| {
+        let busy = connections.busy(id);
+        respond(req, server.clone(), peer, busy)
+    });
+    // Its end (done, or a client error) is the connection's end either way.
+    let _ = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BUF)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
 /// What an endpoint answers, before it becomes a response.
 struct Reply {
     status: StatusCode,
     content_type: &'static str,
     body: Bytes,
-    /// Seconds to wait before asking again (503 when busy).
-    retry_after: Option<u32>,
+    /// Seconds to wait before asking again (503 when busy, 429).
+    retry_after: Option<u64>,
+    /// `WWW-Authenticate` challenges (401).
+    challenges: Vec<&'static str>,
 }
 
 impl Reply {
@@ -368,6 +425,7 @@ impl Reply {
             content_type,
             body,
             retry_after: None,
+            challenges: Vec::new(),
         }
     }
 
@@ -379,6 +437,7 @@ impl Reply {
 async fn respond<B>(
     req: Request<B>,
     server: Arc<Server>,
+    peer: IpAddr,
     busy: Busy,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -393,7 +452,36 @@ async fn respond<B>(
         );
         return Ok(response);
     }
-    let reply = match req.uri().path() {
+    let path = req.uri().path();
+    let access = match &server.port {
+        Port::Main { access, .. } => access,
+        Port::Health => {
+            let reply = match path {
+                "/healthz" | "/readyz" => health(path, &server),
+                _ => Reply::text(
+                    StatusCode::NOT_FOUND,
+                    "not found: this port serves /healthz and /readyz only\n",
+                ),
+            };
+            return Ok(reply.into_response(busy));
+        }
+    };
+    let guarded = match path {
+        "/metrics" => Some(Guarded::Metrics),
+        "/explain" => Some(Guarded::Explain),
+        _ => None,
+    };
+    if let Some(what) = guarded {
+        let authorization = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(hyper::header::HeaderValue::as_bytes);
+        let verdict = access.check(peer, what, authorization).await;
+        if verdict != Verdict::Allowed {
+            return Ok(refusal(verdict, what, access).into_response(busy));
+        }
+    }
+    let reply = match path {
         "/metrics" => match server.scrape().await {
             Ok(exposition) => {
                 busy.hold(Held::Exposition(exposition.generation));
@@ -412,17 +500,59 @@ async fn respond<B>(
             }
             reply
         }
-        "/healthz" => Reply::text(StatusCode::OK, "ok\n"),
-        "/readyz" if server.served.ready.load(Ordering::Relaxed) => {
-            Reply::text(StatusCode::OK, "ready\n")
-        }
-        "/readyz" => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/healthz" | "/readyz" => health(path, &server),
         _ => Reply::text(
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /explain, /healthz, /readyz\n",
         ),
     };
     Ok(reply.into_response(busy))
+}
+
+/// `/healthz` (the server answers) and `/readyz` (a refresh has worked).
+fn health(path: &str, server: &Server) -> Reply {
+    match path {
+        "/readyz" if !server.served.ready.load(Ordering::Relaxed) => {
+            Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }
+        "/readyz" => Reply::text(StatusCode::OK, "ready\n"),
+        _ => Reply::text(StatusCode::OK, "ok\n"),
+    }
+}
+
+/// What a request the access check refused gets: its status and one line, no data.
+fn refusal(verdict: Verdict, what: Guarded, access: &Access) -> Reply {
+    let path = what.path();
+    match verdict {
+        Verdict::Allowed | Verdict::Unauthenticated => {
+            let mut reply = Reply::text(
+                StatusCode::UNAUTHORIZED,
+                format!("unauthorized: {path} needs {}\n", access.describe()),
+            );
+            reply.challenges = access.challenges();
+            reply
+        }
+        Verdict::Forbidden => Reply::text(
+            StatusCode::FORBIDDEN,
+            format!("forbidden: these credentials may not get {path}\n"),
+        ),
+        Verdict::Throttled => {
+            let mut reply = Reply::text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many new credentials from this address; retry later\n",
+            );
+            reply.retry_after = Some(PEER_REFILL.as_secs());
+            reply
+        }
+        Verdict::Unavailable => {
+            let mut reply = Reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the credentials cannot be checked now; retry\n",
+            );
+            reply.retry_after = Some(1);
+            reply
+        }
+    }
 }
 
 /// The window `/explain` covers when the query names none.
@@ -510,6 +640,12 @@ impl Reply {
         );
         if let Some(secs) = self.retry_after {
             headers.insert(hyper::header::RETRY_AFTER, secs.into());
+        }
+        for challenge in self.challenges {
+            headers.append(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static(challenge),
+            );
         }
         response
     }
@@ -620,6 +756,10 @@ mod tests {
         let metrics = Arc::new(Metrics::new(100).unwrap());
         let counters = metrics.server_counters().unwrap();
         Arc::new(Server {
+            port: Port::Main {
+                tls: None,
+                access: Arc::new(Access::open().unwrap()),
+            },
             served: Arc::new(HttpState {
                 metrics,
                 ready: AtomicBool::new(true),

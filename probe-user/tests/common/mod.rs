@@ -8,6 +8,7 @@
 pub mod ctlab;
 pub mod events_api;
 pub mod manifest;
+pub mod review_api;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -133,6 +134,18 @@ pub struct Container {
 pub fn as_shipped(cmd: &mut Command) -> &mut Command {
     cmd.args(&CONTAINER.args)
         .envs(CONTAINER.env.iter().map(|(k, v)| (k, v)))
+}
+
+/// The departures from the DaemonSet's settings of every `faultline run` a test starts, said
+/// once here: a health port of its own on loopback (the DaemonSet's 9848 is one per node, and
+/// tests run side by side), and no bearer token asked for on /metrics and /explain (no API
+/// here reviews tokens; tests/auth.rs restores the shipped setting against a stand-in API that
+/// does). Set before a test's own environment, which may undo them. Returns the health port.
+pub fn run_departures(cmd: &mut Command) -> u16 {
+    let health = free_port();
+    cmd.args(["--health-listen", &format!("127.0.0.1:{health}")])
+        .env("FAULTLINE_KUBE_RBAC", "false");
+    health
 }
 
 /// The command line that starts faultline: the launcher and its arguments first when running
@@ -821,6 +834,42 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A plain HTTP/1.0 GET on loopback with these header lines (`Name: value`): (status, the
+/// response's head, body).
+pub fn http_request(port: u16, path: &str, headers: &[&str]) -> Option<(u16, String, String)> {
+    http_exchange(TcpStream::connect(("127.0.0.1", port)).ok()?, path, headers)
+}
+
+/// [`http_request`] from the loopback address `from` (e.g. 127.0.0.2: another peer).
+pub fn http_request_from(
+    from: Ipv4Addr,
+    port: u16,
+    path: &str,
+    headers: &[&str],
+) -> Option<(u16, String, String)> {
+    let conn = connect_from(from, Ipv4Addr::LOCALHOST, port, None)?;
+    http_exchange(conn, path, headers)
+}
+
+fn http_exchange(
+    mut conn: TcpStream,
+    path: &str,
+    headers: &[&str],
+) -> Option<(u16, String, String)> {
+    conn.set_read_timeout(Some(Duration::from_secs(10 * pace())))
+        .ok()?;
+    let mut request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n");
+    for h in headers {
+        request += &format!("{h}\r\n");
+    }
+    write!(conn, "{request}\r\n").ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Some((status, head.to_owned(), body.to_owned()))
+}
+
 /// A plain HTTP/1.0 GET on loopback: (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -877,6 +926,8 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 pub struct Daemon {
     pub child: Child,
     pub port: u16,
+    /// Its health port (`--health-listen`), when it has one.
+    pub health: Option<u16>,
 }
 
 impl Daemon {
@@ -909,23 +960,28 @@ impl Daemon {
         stdout: Stdio,
         full_root: bool,
     ) -> Daemon {
-        let (mut cmd, port) = Self::command(prefix, extra, full_root);
+        let (mut cmd, port, health) = Self::command(prefix, extra, full_root);
         let child = cmd
             .envs(env.iter().copied())
             .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting faultline run");
-        let d = Daemon { child, port };
+        let d = Daemon {
+            child,
+            port,
+            health: Some(health),
+        };
+        // On the health port: the main one may speak TLS (a web config file).
         eventually(Duration::from_secs(60), "/readyz", || {
-            http_get(port, "/readyz").filter(|(s, _)| *s == 200)
+            http_get(health, "/readyz").filter(|(s, _)| *s == 200)
         });
         d
     }
 
     /// `faultline run` as shipped, with the harness's departures and `extra`, on a free
-    /// loopback port (returned).
-    fn command(prefix: &[&str], extra: &[&str], full_root: bool) -> (Command, u16) {
+    /// loopback port and a health port of its own (both returned).
+    fn command(prefix: &[&str], extra: &[&str], full_root: bool) -> (Command, u16, u16) {
         require_root();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -938,19 +994,20 @@ impl Daemon {
         as_shipped(&mut cmd);
         // Departure: a port of its own on loopback (tests run side by side on one node).
         cmd.args(["--listen", &listen]);
+        let health = run_departures(&mut cmd);
         // Departure: no Kubernetes API unless the test starts a stand-in, never a cluster the
         // machine's kubeconfig may name (without one faultline says so and goes on the same).
         if !extra.contains(&"--kubeconfig") {
             cmd.arg("--no-kube-api");
         }
         cmd.args(extra);
-        (cmd, port)
+        (cmd, port, health)
     }
 
     /// `faultline run` started as [`Daemon::start`] starts it, when it must refuse to: its
     /// exit code and log lines (as [`log_text`]). Fails if it still runs after `within`.
     pub fn refused(extra: &[&str], within: Duration) -> (Option<i32>, Vec<String>) {
-        let (mut cmd, _) = Self::command(&[], extra, false);
+        let (mut cmd, _, _) = Self::command(&[], extra, false);
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1501,7 +1558,11 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting faultline run");
-        let d = Daemon { child, port };
+        let d = Daemon {
+            child,
+            port,
+            health: None,
+        };
         eventually(Duration::from_secs(60), "/readyz", || {
             http_get(port, "/readyz").filter(|(s, _)| *s == 200)
         });
