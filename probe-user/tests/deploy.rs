@@ -480,7 +480,8 @@ fn every_dashboard_query_parses_and_returns_data() {
     ct.client_in(
         2,
         &pod_dirs,
-        &format!("2 --dns-new-socket --dns-server {server}"),
+        // A resolver retrying from a new socket keeps its query's id: a retransmit.
+        &format!("2 --dns-new-socket --dns-keep-id --dns-server {server}"),
     );
     sh(&format!(
         "ip netns exec {} iptables -I FORWARD -p udp --dport 5355 -j NFQUEUE --queue-num 7",
