@@ -3,7 +3,7 @@
 //! request, so that a test reads the Events faultline made.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufReader, Write as _},
     net::{TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
@@ -76,29 +76,10 @@ fn serve(conn: TcpStream, log: Arc<Mutex<Vec<Request>>>, stop: Arc<AtomicBool>, 
     let mut reader = BufReader::new(clone);
     let mut conn = conn;
     for _ in 0..100 {
-        let mut first = String::new();
-        if reader.read_line(&mut first).unwrap_or(0) == 0 {
+        let Some(super::HttpRequest { method, path, body }) = super::read_request(&mut reader)
+        else {
             return;
-        }
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                length = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let mut words = first.split_whitespace();
-        let method = words.next().unwrap_or("").to_owned();
-        let path = words.next().unwrap_or("").to_owned();
+        };
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         log.lock()
             .expect("the log")

@@ -11,7 +11,7 @@ pub mod manifest;
 pub mod review_api;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
     os::fd::FromRawFd as _,
     path::{Path, PathBuf},
@@ -905,6 +905,42 @@ pub fn url_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// One HTTP/1.1 request a stand-in server read: its method, path and body.
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+/// The next request on a kept-alive connection (its body by `Content-Length`); none once the
+/// peer closes or stops mid-request.
+pub fn read_request(reader: &mut impl BufRead) -> Option<HttpRequest> {
+    let mut first = String::new();
+    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    let mut words = first.split_whitespace();
+    Some(HttpRequest {
+        method: words.next().unwrap_or("").to_owned(),
+        path: words.next().unwrap_or("").to_owned(),
+        body,
+    })
 }
 
 /// Polls until `f` returns Some, for at most `timeout`.

@@ -4,7 +4,7 @@
 //! daemon's pod list (empty) and watch (held open). Plain HTTP, JSON.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufReader, Write as _},
     net::{TcpListener, TcpStream},
     path::PathBuf,
     sync::{
@@ -101,27 +101,9 @@ fn serve(
     let mut reader = BufReader::new(clone);
     let mut conn = conn;
     for _ in 0..1000 {
-        let mut first = String::new();
-        if reader.read_line(&mut first).unwrap_or(0) == 0 {
+        let Some(super::HttpRequest { path, body, .. }) = super::read_request(&mut reader) else {
             return;
-        }
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                length = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let path = first.split_whitespace().nth(1).unwrap_or("").to_owned();
+        };
         let mut body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let review = path.contains("/tokenreviews") || path.contains("/subjectaccessreviews");
         let (status, answer) = if review && failing.load(Ordering::Relaxed) {
