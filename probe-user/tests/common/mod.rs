@@ -1259,19 +1259,22 @@ pub struct TestCa {
     pub client_key: std::path::PathBuf,
 }
 
+/// `openssl args...` in `dir`; it must succeed.
+fn openssl_in(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl CLI is needed for the TLS tests (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn test_ca(dir: &std::path::Path) -> TestCa {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the openssl CLI is needed for the TLS tests (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let openssl = |args: &[&str]| openssl_in(dir, args);
     openssl(&[
         "req",
         "-x509",
@@ -1755,18 +1758,7 @@ pub fn collector_answering(response: &'static [u8]) -> u16 {
 /// whose key is `ca_key` (e.g. [`self_signed`]'s, a CA named other than [`test_ca`]'s):
 /// (certificate, key) in `dir`.
 pub fn client_certificate(dir: &Path, ca: &Path, ca_key: &Path) -> (PathBuf, PathBuf) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the openssl CLI is needed for the TLS tests (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let openssl = |args: &[&str]| openssl_in(dir, args);
     let (ca, ca_key) = (ca.to_str().expect("utf-8"), ca_key.to_str().expect("utf-8"));
     openssl(&[
         "req",
