@@ -75,9 +75,10 @@ const KERNEL_TESTS: [&str; 9] = [
     "binding",
 ];
 /// Tests of those binaries whose code under test is userspace only (HTTP serving, event-line
-/// backpressure, OTLP encoding, diagnosis, argument parsing): the host runs them; in the
-/// emulated VMs, where every test costs four times as long, they are skipped. Each binary
-/// keeps its kernel-facing tests (the probes' events and counts on that kernel).
+/// backpressure, OTLP encoding, diagnosis, metrics, argument parsing): the host runs them; in
+/// the emulated VMs, where every test costs four times as long, they are skipped. Each binary
+/// keeps its kernel-facing tests (the probes' events and counts on that kernel; a leak's ETA
+/// at the shipped refresh; the kernel's refusal counts).
 const USERSPACE_ONLY: [(&str, &[&str]); 5] = [
     (
         "hostile",
@@ -94,7 +95,15 @@ const USERSPACE_ONLY: [(&str, &[&str]); 5] = [
             "a_kubernetes_event_note_carries_what_a_pod_names_escaped",
         ],
     ),
-    ("explain", &["a_recovered_leak_leaves_no_exhaustion_series"]),
+    (
+        "explain",
+        &[
+            "a_recovered_leak_leaves_no_exhaustion_series",
+            "a_leak_gets_an_eta_before_its_first_failure_and_explain_names_it_after",
+            "a_quiet_node_has_no_finding_and_says_where_it_looked",
+            "explain_rejects_bad_arguments_in_one_line",
+        ],
+    ),
     (
         "daemon",
         &[
@@ -118,6 +127,8 @@ const USERSPACE_ONLY: [(&str, &[&str]); 5] = [
             "dns_queries_become_otlp_client_spans_with_real_times",
             "explain_finds_search_path_amplification_and_timeouts_per_workload",
             "run_events_selects_the_lines_and_the_metrics_count_everything",
+            "the_daemon_exports_dns_metrics_per_workload",
+            "many_query_types_from_one_workload_leave_room_for_the_others",
         ],
     ),
     (
