@@ -285,9 +285,7 @@ fn median(v: &mut [f64]) -> f64 {
 fn start(env: &Env, tool: Tool, port: u16) -> anyhow::Result<Option<Agent>> {
     Ok(match tool {
         Tool::None => None,
-        Tool::Faultline | Tool::FaultlineRawClone => {
-            Some(faultline_agent(env, tool, port, Path::new("/dev/null"))?)
-        }
+        Tool::Faultline | Tool::FaultlineRawClone => Some(faultline_agent(env, tool, port, None)?),
         Tool::Bpftrace => Some(Agent::start(
             "bpftrace",
             Command::new("bpftrace").arg(&env.bpftrace_script),
@@ -606,11 +604,11 @@ fn storm(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()
         "faultline-bench-storm-{}.jsonl",
         std::process::id()
     ));
-    let agent = faultline_agent(env, Tool::Faultline, port, &events)?;
+    let agent = faultline_agent(env, Tool::Faultline, port, Some(&events))?;
     let storms = Instant::now();
     writeln!(
         doc,
-        "## Failure storm and event pipeline ceiling\n\nProcesses calling pthread_create as fast as they can under a pids limit of 1 (every call fails with EAGAIN), {per_process} failures each, with `faultline run` (events written to /dev/null, metrics served). *Generated* is the kernel's failure rate; *delivered* the events that reached userspace and were classified and counted; *lost* the events the ring buffer had no room for (counted by the kernel, exported as `faultline_events_lost_total`).\n\n| processes | failures | wall | generated/s | delivered/s | lost | faultline CPU/event |\n|---|---|---|---|---|---|---|"
+        "## Failure storm and event pipeline ceiling\n\nProcesses calling pthread_create as fast as they can under a pids limit of 1 (every call fails with EAGAIN), {per_process} failures each, with `faultline run` (events written to a file, metrics served). *Generated* is the kernel's failure rate; *delivered* the events that reached userspace and were classified and counted; *lost* the events the ring buffer had no room for (counted by the kernel, exported as `faultline_events_lost_total`).\n\n| processes | failures | wall | generated/s | delivered/s | lost | faultline CPU/event |\n|---|---|---|---|---|---|---|"
     )?;
     let mut ceiling: f64 = 0.0;
     for procs in [1usize, 2, 4] {
@@ -696,35 +694,43 @@ fn storm(env: &Env, doc: &mut String, found: &mut Findings) -> anyhow::Result<()
     Ok(())
 }
 
-/// `faultline run` as deploy/daemonset.yaml runs it, its event lines to `events`.
-fn faultline_agent(env: &Env, tool: Tool, port: u16, events: &Path) -> anyhow::Result<Agent> {
+/// `faultline run` as deploy/daemonset.yaml runs it, its event lines to `events`, or to its
+/// stdout (which the DaemonSet's runtime, here [`Agent`], reads); faultline refuses a
+/// character device such as /dev/null as its events file.
+fn faultline_agent(
+    env: &Env,
+    tool: Tool,
+    port: u16,
+    events: Option<&Path>,
+) -> anyhow::Result<Agent> {
+    let mut cmd = Command::new(env.bin.join("faultline"));
+    cmd.args([
+        "run",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--no-kube-api",
+    ]);
+    if let Some(events) = events {
+        cmd.arg("--events-file").arg(events);
+    }
     Agent::start(
         tool.name(),
-        Command::new(env.bin.join("faultline"))
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--no-kube-api",
-                "--events-file",
-            ])
-            .arg(events)
-            .args([
-                // As deploy/daemonset.yaml runs it: event lines for the rare events only
-                // (DNS is in the metrics), names redacted, the default event budget.
-                "--events",
-                "clone,conntrack",
-                "--dns-names",
-                "redact",
-                "--refresh",
-                "1s",
-                "--clone-hook",
-                if tool == Tool::FaultlineRawClone {
-                    "raw"
-                } else {
-                    "auto"
-                },
-            ]),
+        cmd.args([
+            // As deploy/daemonset.yaml runs it: event lines for the rare events only
+            // (DNS is in the metrics), names redacted, the default event budget.
+            "--events",
+            "clone,conntrack",
+            "--dns-names",
+            "redact",
+            "--refresh",
+            "1s",
+            "--clone-hook",
+            if tool == Tool::FaultlineRawClone {
+                "raw"
+            } else {
+                "auto"
+            },
+        ]),
         Ready::Stderr("faultline: running on node"),
     )
 }
