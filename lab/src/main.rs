@@ -32,8 +32,8 @@ enum Mode {
     /// Benchmark: fork and reap `count` short-lived processes one after another, timed.
     SpinForks,
     /// A DNS responder on --dns-listen for `count` seconds: SERVFAIL for names starting with
-    /// "fail.", answers after --dns-delay for names starting with "slow.", truncated (TC) for
-    /// "big.", NOERROR otherwise.
+    /// "fail.", NXDOMAIN for "nx.", no answer at all for "lost.", answers after --dns-delay for
+    /// names starting with "slow.", truncated (TC) for "big.", NOERROR otherwise.
     DnsServer,
     /// Benchmark: `count` DNS queries, one after another, to --dns-server, timed. With
     /// --dns-burst, all sent at once from the one socket, then the answers awaited.
@@ -97,6 +97,11 @@ struct Args {
     /// Pause between two creations (a slow leak rather than a storm).
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
+    /// Operations a second, each at its time from the start (a steady load rather than as
+    /// fast as they go): task creations of threads, forks, spin-threads and spin-forks, and
+    /// dns-client's queries.
+    #[arg(long, conflicts_with = "interval_ms")]
+    rate: Option<f64>,
     /// Keep the created tasks alive this long after printing the report.
     #[arg(long, default_value_t = 0)]
     hold_ms: u64,
@@ -122,6 +127,14 @@ struct Args {
     /// query, as glibc's does from a new socket with `single-request-reopen`).
     #[arg(long)]
     dns_keep_id: bool,
+    /// dns-client: a busy node's mix of names: every 4th query asks nx.bench.test (NXDOMAIN
+    /// from dns-server), every 100th lost.bench.test (dns-server never answers it: sent, not
+    /// waited for), the others bench.test. The report counts the NXDOMAIN answers.
+    #[arg(long)]
+    dns_busy_mix: bool,
+    /// dns-client: the first query's transaction id; the next ones count up from it.
+    #[arg(long, default_value_t = 0)]
+    dns_first_id: u16,
     /// dns-client: the question types, cycled through query by query (1 = A).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     dns_qtypes: Vec<u16>,
@@ -154,6 +167,39 @@ struct Report {
     /// Wall time of the creation loop (spin modes).
     #[serde(skip_serializing_if = "Option::is_none")]
     elapsed_ns: Option<u64>,
+    /// dns-client --dns-busy-mix: the answers (of `created`) that were NXDOMAIN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nxdomain: Option<u32>,
+}
+
+/// `--rate`: when each operation is due, counted from the start of the loop.
+struct Pace {
+    start: std::time::Instant,
+    period: Option<std::time::Duration>,
+}
+
+impl Pace {
+    fn new(rate: Option<f64>) -> anyhow::Result<Pace> {
+        let period = match rate {
+            Some(r) if r.is_finite() && r > 0.0 => {
+                Some(std::time::Duration::from_secs_f64(1.0 / r))
+            }
+            Some(r) => bail!("--rate {r}: operations a second, more than 0"),
+            None => None,
+        };
+        Ok(Pace {
+            start: std::time::Instant::now(),
+            period,
+        })
+    }
+
+    /// Sleeps until operation `i` (from 0) is due; at once when late or unpaced.
+    fn wait(&self, i: u32) {
+        if let Some(period) = self.period {
+            let due = self.start + period * i;
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -232,7 +278,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     if matches!(args.mode, Mode::SpinThreads | Mode::SpinForks) {
-        return spin(args.mode, args.count);
+        return spin(args.mode, args.count, args.rate);
     }
     if args.mode == Mode::Churn {
         let root = args
@@ -267,8 +313,9 @@ fn hop(cgroups: &[std::path::PathBuf], count: u32) -> anyhow::Result<()> {
     print_report(&report)
 }
 
-/// Answers DNS queries by echoing them as responses: SERVFAIL for `fail.*`, NOERROR (no
-/// records) otherwise, after `delay` for `slow.*`. Stops after `lifetime`.
+/// Answers DNS queries by echoing them as responses: SERVFAIL for `fail.*`, NXDOMAIN for
+/// `nx.*`, nothing for `lost.*`, NOERROR (no records) otherwise, after `delay` for `slow.*`.
+/// Stops after `lifetime`.
 fn dns_server(
     listen: std::net::SocketAddr,
     delay: std::time::Duration,
@@ -292,7 +339,13 @@ fn dns_server(
         if name == "big" {
             reply[2] |= 0x02; // TC: too big for UDP, ask again over TCP
         }
-        reply[3] = 0x80 | if name == "fail" { 2 } else { 0 }; // RA, rcode
+        let rcode = match name.as_str() {
+            "fail" => 2,
+            "nx" => 3,
+            "lost" => continue,
+            _ => 0,
+        };
+        reply[3] = 0x80 | rcode; // RA, rcode
         if name == "slow" {
             std::thread::sleep(delay);
         }
@@ -336,8 +389,8 @@ fn nfqueue_hold(queue_num: u16, count: u32) -> anyhow::Result<()> {
     print_report(&report)
 }
 
-/// Sends `count` A queries for bench.test: one at a time, each waiting for its answer, or
-/// (--dns-burst) all at once, then waits for the answers.
+/// Sends `count` A queries for bench.test (or --dns-busy-mix's names): one at a time, each
+/// waiting for its answer (at --rate), or (--dns-burst) all at once, then waits for the answers.
 fn dns_client(args: &Args) -> anyhow::Result<()> {
     let (server, count) = (args.dns_server, args.count);
     let any: std::net::IpAddr = if server.is_ipv6() {
@@ -357,39 +410,75 @@ fn dns_client(args: &Args) -> anyhow::Result<()> {
     let mut socket = open()?;
     let mut report = Report {
         pid: node_pid(),
+        nxdomain: args.dns_busy_mix.then_some(0),
         ..Default::default()
     };
-    let mut query = vec![
-        0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, b'b', b'e', b'n', b'c', b'h', 4, b't', b'e', b's',
-        b't', 0, 0, 1, 0, 1,
-    ];
+    // bench.test, nx.bench.test, lost.bench.test.
+    let mut queries = [question(""), question("nx."), question("lost.")];
     let mut buf = [0u8; 512];
     let start = std::time::Instant::now();
     if args.dns_burst {
+        let query = &mut queries[0];
         for i in 0..count {
             query[..2].copy_from_slice(&(i as u16).to_be_bytes());
-            socket.send(&query).context("sending a query")?;
+            socket.send(query).context("sending a query")?;
         }
         for _ in 0..count {
             report.tally(socket.recv(&mut buf).is_ok());
         }
         return report.timed(start);
     }
+    let pace = Pace::new(args.rate)?;
     for i in 0..count {
+        pace.wait(i);
         if args.dns_new_socket && i > 0 {
             socket = open()?;
         }
-        let id = if args.dns_keep_id { 0 } else { i as u16 };
+        let which = match (args.dns_busy_mix, i % 100, i % 4) {
+            (true, 1, _) => 2,
+            (true, _, 3) => 1,
+            _ => 0,
+        };
+        let query = &mut queries[which];
+        let id = if args.dns_keep_id {
+            args.dns_first_id
+        } else {
+            args.dns_first_id.wrapping_add(i as u16)
+        };
         query[..2].copy_from_slice(&id.to_be_bytes());
         let qtype = args.dns_qtypes[i as usize % args.dns_qtypes.len().max(1)];
-        query[24..26].copy_from_slice(&qtype.to_be_bytes());
-        let answered = socket.send(&query).is_ok()
+        let at = query.len() - 4;
+        query[at..at + 2].copy_from_slice(&qtype.to_be_bytes());
+        if which == 2 {
+            // Never answered: sent, and not waited for.
+            let _ = socket.send(query);
+            report.tally(false);
+            continue;
+        }
+        let answered = socket.send(query).is_ok()
             && socket
                 .recv(&mut buf)
-                .is_ok_and(|n| n >= 2 && buf[..2] == query[..2]);
+                .is_ok_and(|n| n >= 4 && buf[..2] == query[..2]);
+        if let Some(nx) = report.nxdomain.as_mut()
+            && answered
+            && buf[3] & 0x0f == 3
+        {
+            *nx += 1;
+        }
         report.tally(answered);
     }
     report.timed(start)
+}
+
+/// A query (id 0, recursion desired, type A, class IN) for `prefix` + "bench.test".
+fn question(prefix: &str) -> Vec<u8> {
+    let mut q = vec![0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in format!("{prefix}bench.test").split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
 }
 
 fn dns_flood(server: std::net::SocketAddr, count: u32) -> anyhow::Result<()> {
@@ -510,14 +599,17 @@ fn first_label(msg: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(label).to_ascii_lowercase())
 }
 
-/// Creates and ends `count` tasks one at a time and reports how long that took.
-fn spin(mode: Mode, count: u32) -> anyhow::Result<()> {
+/// Creates and ends `count` tasks one at a time (at `rate` a second, if given) and reports how
+/// long that took.
+fn spin(mode: Mode, count: u32, rate: Option<f64>) -> anyhow::Result<()> {
     let mut report = Report {
         pid: node_pid(),
         ..Default::default()
     };
     let start = std::time::Instant::now();
-    for _ in 0..count {
+    let pace = Pace::new(rate)?;
+    for i in 0..count {
+        pace.wait(i);
         let ok = if mode == Mode::SpinThreads {
             std::thread::Builder::new()
                 .stack_size(64 * 1024)
@@ -781,10 +873,12 @@ fn create(
     };
 
     let interval = std::time::Duration::from_millis(args.interval_ms);
+    let pace = Pace::new(args.rate)?;
     while report.created < args.count && report.failures < args.max_failures {
         if !interval.is_zero() && report.created + report.failures > 0 {
             std::thread::sleep(interval);
         }
+        pace.wait(report.created + report.failures);
         let result = match fill_mode {
             Mode::Threads => match stacks.and_then(|s| s.get(threads.len())) {
                 Some(stack) => spawn_parked(stack, pipe[0]).map(|t| threads.push(t)),

@@ -72,6 +72,40 @@ pub fn write_profile(root: &Path) -> anyhow::Result<Profile> {
     Ok(Profile { path, caps })
 }
 
+/// The DaemonSet's faultline container as a profile carries it: its args, and the environment
+/// variables the manifest gives a literal value (those from the API, the node's name and the
+/// pod's own, are left to faultline's fallbacks, as in the tests).
+pub struct Container {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// Reads the container of a profile [`write_profile`] wrote.
+pub fn container(profile: &Path) -> anyhow::Result<Container> {
+    let text =
+        fs::read_to_string(profile).with_context(|| format!("reading {}", profile.display()))?;
+    let profile: Value = serde_json::from_str(&text).context("the profile is not JSON")?;
+    let c = &profile["container"];
+    let args = c["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let env = c["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    Ok(Container { args, env })
+}
+
 /// What the launcher needs of the DaemonSet's faultline container and its pod, or why the
 /// launcher cannot reproduce it.
 fn profile_of(docs: &[Value]) -> anyhow::Result<Value> {

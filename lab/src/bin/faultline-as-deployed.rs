@@ -23,8 +23,10 @@
 //! and xtask refuses a profile that does not. `--without CAP` removes one capability of the
 //! profile (what the manifest's comment says it is for is then shown by `faultline check`);
 //! `--full-root` keeps every capability (the few tests that need more than the manifest).
-//! `--remove-cgroup` ends what is left in the shared cgroup and removes it (xtask and the VM
-//! script call it before and after a run).
+//! `--cgroup DIR` joins that cgroup v2 directory (the caller's, made beforehand) instead of the
+//! shared one: the benchmark's, under a memory limit of its own and out of reach of another
+//! run's `--remove-cgroup`. `--remove-cgroup` ends what is left in the shared cgroup and
+//! removes it (xtask and the VM script call it before and after a run).
 //!
 //! Success prints nothing; every failure is one line on stderr and exit status 125.
 
@@ -46,7 +48,7 @@ const DEFAULT_MEMLOCK: u64 = 64 << 10;
 
 /// One line, like every failure.
 const USAGE: &str = "usage: --profile PROFILE.json [--memlock BYTES] [--without CAP]... \
-[--full-root] -- PROGRAM ARGS..., or --remove-cgroup";
+[--full-root] [--cgroup DIR] -- PROGRAM ARGS..., or --remove-cgroup";
 
 /// What the launcher needs of the DaemonSet (written by `cargo xtask`, xtask/src/deployed.rs).
 #[derive(Deserialize)]
@@ -84,6 +86,8 @@ struct Args {
     memlock: u64,
     without: Vec<String>,
     full_root: bool,
+    /// The cgroup v2 directory to join instead of the shared one.
+    cgroup: Option<PathBuf>,
     program: Vec<OsString>,
 }
 
@@ -130,6 +134,7 @@ fn parse(args: Vec<OsString>) -> Result<Args> {
     let mut memlock = DEFAULT_MEMLOCK;
     let mut without = Vec::new();
     let mut full_root = false;
+    let mut cgroup = None;
     let mut it = args.into_iter();
     let value = |it: &mut std::vec::IntoIter<OsString>, flag: &str| {
         it.next()
@@ -153,6 +158,7 @@ fn parse(args: Vec<OsString>) -> Result<Args> {
                 without.push(cap_name(&v.to_string_lossy()));
             }
             Some("--full-root") => full_root = true,
+            Some("--cgroup") => cgroup = Some(PathBuf::from(value(&mut it, "--cgroup")?)),
             Some("--") => break it.collect::<Vec<_>>(),
             _ => return Err(fail("usage", format!("unexpected {arg:?} ({USAGE})"))),
         }
@@ -166,6 +172,7 @@ fn parse(args: Vec<OsString>) -> Result<Args> {
         memlock,
         without,
         full_root,
+        cgroup,
         program,
     })
 }
@@ -205,7 +212,7 @@ fn launch(args: Args) -> Result<()> {
     }
     let program = resolve_program(&args.program[0])?;
 
-    join_cgroup()?;
+    join_cgroup(args.cgroup.as_deref())?;
     check(
         // SAFETY: unshare(2) with flags only.
         unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP) },
@@ -290,15 +297,21 @@ fn cgroup2_root() -> Result<PathBuf> {
     ))
 }
 
-/// Moves this process into the shared cgroup, as a runtime puts a container into its own
-/// (the cgroup namespace made next has it as its root).
-fn join_cgroup() -> Result<()> {
-    let dir = cgroup2_root()?.join(CGROUP_NAME);
-    match std::fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_fail(format!("creating {}", dir.display()), e)),
-    }
+/// Moves this process into the shared cgroup (created if need be), or `own`, as a runtime
+/// puts a container into its own (the cgroup namespace made next has it as its root).
+fn join_cgroup(own: Option<&Path>) -> Result<()> {
+    let dir = match own {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            let dir = cgroup2_root()?.join(CGROUP_NAME);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_fail(format!("creating {}", dir.display()), e)),
+            }
+            dir
+        }
+    };
     std::fs::write(dir.join("cgroup.procs"), "0")
         .map_err(|e| io_fail(format!("joining {}", dir.display()), e))
 }

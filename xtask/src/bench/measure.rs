@@ -1,7 +1,7 @@
 //! What the benchmark measures with: agents running beside a workload (faultline, bpftrace,
-//! tcpdump) and their CPU time and memory from /proc, per-program eBPF run time from the
-//! kernel's own statistics (`kernel.bpf_stats_enabled`), and workloads run with their CPU
-//! time taken from wait4(2).
+//! tcpdump) and their CPU time, context switches and memory from /proc, per-program eBPF run
+//! time from the kernel's own statistics (`kernel.bpf_stats_enabled`), and workloads run with
+//! their CPU time taken from wait4(2) or their cgroup's `cpu.stat`.
 
 use std::{
     collections::HashMap,
@@ -89,6 +89,33 @@ impl Agent {
         cpu_seconds_of(self.pid())
     }
 
+    /// (user, system) CPU seconds so far, of all its threads.
+    pub fn cpu_split(&self) -> (f64, f64) {
+        cpu_split_of(self.pid())
+    }
+
+    /// (voluntary, involuntary) context switches of its threads alive now (the kernel counts
+    /// them per thread; those of threads that ended are not in /proc).
+    pub fn context_switches(&self) -> (u64, u64) {
+        let mut total = (0, 0);
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return total;
+        };
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let field = |name: &str| -> u64 {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            total.0 += field("voluntary_ctxt_switches:");
+            total.1 += field("nonvoluntary_ctxt_switches:");
+        }
+        total
+    }
+
     /// (VmRSS, VmHWM) in KiB.
     pub fn rss_kib(&self) -> (u64, u64) {
         let status =
@@ -140,6 +167,12 @@ impl Drop for Agent {
 
 /// utime + stime of a process from /proc/<pid>/stat.
 pub fn cpu_seconds_of(pid: u32) -> f64 {
+    let (user, system) = cpu_split_of(pid);
+    user + system
+}
+
+/// (utime, stime) of a process (all its threads) from /proc/<pid>/stat, in seconds.
+pub fn cpu_split_of(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces): state is field 3.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -153,7 +186,38 @@ pub fn cpu_seconds_of(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state.
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
+    (ticks(11) / hz, ticks(12) / hz)
+}
+
+/// (user, system) CPU microseconds of every task that ran in a cgroup v2 directory and its
+/// descendants (`cpu.stat`, kept by cgroup v2 with or without the cpu controller).
+pub fn cgroup_cpu_usec(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    let path = dir.join("cpu.stat");
+    let stat =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        stat.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {name} in {}", path.display()))
+    };
+    Ok((field("user_usec")?, field("system_usec")?))
+}
+
+/// The ids of the eBPF programs a process holds (its program and link descriptors'
+/// `prog_id`): its own, whatever else is loaded on the machine.
+pub fn prog_ids_of(pid: u32) -> std::collections::HashSet<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Default::default();
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
 }
 
 /// A finished workload run: its stdout and CPU time.
@@ -261,10 +325,35 @@ impl ProgStats {
     /// Per program loaded since `existing` was read (the agent's): (name, runs, ns) between
     /// `before` and `self`.
     pub fn since(&self, before: &ProgStats, existing: &ProgStats) -> Vec<(String, u64, u64)> {
+        self.between(before, |id| !existing.0.contains_key(id))
+    }
+
+    /// Per program of `ids` (a process's, [`prog_ids_of`]): (name, runs, ns) between `before`
+    /// and `self`.
+    pub fn held(
+        &self,
+        before: &ProgStats,
+        ids: &std::collections::HashSet<u64>,
+    ) -> Vec<(String, u64, u64)> {
+        self.between(before, |id| ids.contains(id))
+    }
+
+    /// [`ProgStats::held`] of every program but `ids`: other tools' on the machine.
+    pub fn not_held(
+        &self,
+        before: &ProgStats,
+        ids: &std::collections::HashSet<u64>,
+    ) -> Vec<(String, u64, u64)> {
+        self.between(before, |id| !ids.contains(id))
+    }
+
+    /// Per program `keep` takes, (name, runs, ns) between `before` and `self`; those that did
+    /// not run are left out.
+    fn between(&self, before: &ProgStats, keep: impl Fn(&u64) -> bool) -> Vec<(String, u64, u64)> {
         let mut out: Vec<(String, u64, u64)> = self
             .0
             .iter()
-            .filter(|(id, _)| !existing.0.contains_key(id))
+            .filter(|(id, _)| keep(id))
             .map(|(id, (name, ns, runs))| {
                 let (b_ns, b_runs) = before.0.get(id).map_or((0, 0), |b| (b.1, b.2));
                 (name.clone(), runs - b_runs.min(*runs), ns - b_ns.min(*ns))
@@ -313,6 +402,11 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 /// The sum of every sample of a metric family in a text exposition, filtered by a label
 /// substring.
 pub fn metric_sum(exposition: &str, family: &str, label_filter: &str) -> f64 {
+    metric_sum_all(exposition, family, &[label_filter])
+}
+
+/// [`metric_sum`] of the samples whose labels hold every one of `label_filters`.
+pub fn metric_sum_all(exposition: &str, family: &str, label_filters: &[&str]) -> f64 {
     exposition
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -320,7 +414,7 @@ pub fn metric_sum(exposition: &str, family: &str, label_filter: &str) -> f64 {
             l.strip_prefix(family)
                 .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
         })
-        .filter(|l| l.contains(label_filter))
+        .filter(|l| label_filters.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -356,13 +450,18 @@ impl BenchCgroup {
 
 impl Drop for BenchCgroup {
     fn drop(&mut self) {
-        // Tasks left in it (none, normally) would keep it: bounded retries.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        remove_cgroup(&self.dir);
+    }
+}
+
+/// Removes a cgroup directory; tasks still exiting in it (none, normally) would keep it a
+/// moment: bounded retries, 1 s at most.
+pub fn remove_cgroup(dir: &Path) {
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
