@@ -10,7 +10,7 @@
 //! search-path effect).
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     hash::BuildHasher as _,
     time::Duration,
 };
@@ -20,6 +20,10 @@ use probe_common::dns::{
     self as common, DnsKey, DnsPending, DnsQueryEvent, DnsSend, DnsTcpCounts, OUTCOME_ANSWERED,
 };
 use serde::Serialize;
+
+mod search;
+
+use search::{Asker, RecentMisses};
 
 use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
@@ -319,13 +323,8 @@ pub fn qtype_name(qtype: u16) -> String {
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Bounds on what the tracker remembers.
-const MAX_RECENT_NXDOMAIN: usize = 4096;
 const MAX_UNANSWERED: usize = 65_536;
-const SEARCH_WINDOW_NS: u64 = 10_000_000_000;
 const RETRANSMIT_WINDOW_NS: u64 = 30_000_000_000;
-
-/// A question from one cgroup: what a search-path chain repeats with other suffixes.
-type Question = (u64, String, u16);
 
 /// One query of one cgroup, as a resolver re-sends it: its question and transaction id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -362,8 +361,8 @@ pub struct DnsTracker {
     waiting: HashMap<(DnsKey, u64), Option<Retry>>,
     /// Queries whose packet conntrack dropped, with the cause.
     conntrack_drops: HashMap<(u64, u16), &'static str>,
-    /// Recent NXDOMAIN answers: (ktime, cgroup, qname, qtype).
-    nxdomains: VecDeque<(u64, u64, String, u16)>,
+    /// Recent NXDOMAIN answers, per cgroup and type: the search-path chains.
+    nxdomains: RecentMisses,
     pub malformed: u64,
 }
 
@@ -377,7 +376,7 @@ impl DnsTracker {
             unanswered: HashMap::new(),
             waiting: HashMap::new(),
             conntrack_drops: HashMap::new(),
-            nxdomains: VecDeque::new(),
+            nxdomains: RecentMisses::default(),
             malformed: 0,
         }
     }
@@ -396,7 +395,6 @@ impl DnsTracker {
             self.malformed += 1;
             return None;
         };
-        let question = (ev.send.cgroup_id, msg.qname.clone(), msg.qtype);
         let retry = Retry::of(&ev.send, &msg, ev.key.id);
         let gap = self.retransmit_gap(&ev.send, &retry);
         if !answered {
@@ -404,15 +402,15 @@ impl DnsTracker {
             return Some(self.report(&ev.key, &ev.send, &msg, None, gap, 0, attributor));
         }
         self.unanswered.remove(&retry);
+        let asker = Asker {
+            cgroup: ev.send.cgroup_id,
+            qtype: msg.qtype,
+        };
         let search_nxdomain = if msg.rcode == 3 {
-            if self.nxdomains.len() >= MAX_RECENT_NXDOMAIN {
-                self.nxdomains.pop_front();
-            }
-            self.nxdomains
-                .push_back((ev.done_ns, question.0, question.1, question.2));
+            self.nxdomains.note(asker, &msg.qname, ev.done_ns);
             0
         } else {
-            self.search_expansions(ev.done_ns, &question)
+            self.nxdomains.chain_before(asker, &msg.qname, ev.done_ns)
         };
         Some(self.report(
             &ev.key,
@@ -521,21 +519,6 @@ impl DnsTracker {
             .find(|((k, _), _)| k.socket_cookie == socket_cookie && k.id == id)
             .and_then(|(_, q)| q.as_ref().map(|q| q.qname.clone()))?;
         Some(self.name(&qname))
-    }
-
-    /// NXDOMAINs for `qname.<suffix>` of the same type from the same cgroup in the last
-    /// seconds, consumed.
-    fn search_expansions(&mut self, now: u64, question: &Question) -> u32 {
-        let (cgroup, qname, qtype) = question;
-        let prefix = format!("{qname}.");
-        let before = self.nxdomains.len();
-        self.nxdomains.retain(|(t, c, n, q)| {
-            !(now.saturating_sub(*t) < SEARCH_WINDOW_NS
-                && c == cgroup
-                && q == qtype
-                && n.starts_with(&prefix))
-        });
-        (before - self.nxdomains.len()) as u32
     }
 
     pub fn now_ktime(&self) -> u64 {
