@@ -8,7 +8,8 @@
 //! (lines and a summary), [`run`] (the daemon: [`export`]s metrics, event lines, OTLP, and
 //! keeps a [`diagnosis`] recorder for `/explain`), [`explain`] (findings from the daemon or
 //! its own short observation), [`top`] (task counts per cgroup, with their trends) and
-//! [`check`] (what works on this node). [`logging`] carries faultline's own messages.
+//! [`check`] (what works on this node). [`logging`] carries faultline's own messages;
+//! [`memory`] sizes pruned tables for what is left.
 
 pub mod attribution;
 pub mod check;
@@ -21,6 +22,7 @@ pub mod export;
 mod fuzz;
 pub mod kernel;
 pub mod logging;
+pub mod memory;
 pub mod pipeline;
 pub mod run;
 pub mod signals;

@@ -209,6 +209,8 @@ impl Pipeline {
     fn refresh(&mut self, sink: &mut impl Sink, every: Duration) -> anyhow::Result<()> {
         // Also when no other event comes: the cgroup ring must not fill up meanwhile.
         self.attributor.cgroups.catch_up();
+        // The attribution cache keeps the last second's cgroups, not every one seen.
+        self.attributor.expire();
         let refreshed = self.signals.refresh(
             every,
             &self.probes,

@@ -116,10 +116,13 @@ pub struct Sample {
 }
 
 /// The samples of every limit seen at the last refresh; a limit not seen (its cgroup or
-/// namespace gone) is forgotten, so the watch is as large as the node's limits.
+/// namespace gone) is forgotten, so the watch is as large as the node's limits. A node may
+/// have tens of thousands (a conntrack table per network namespace): each series is boxed, so
+/// that the table's spare slots cost a pointer each, not a reading, and its samples' room is
+/// allocated once, at their most.
 pub struct LimitWatch {
     window: Duration,
-    series: HashMap<(Limit, String), Series>,
+    series: HashMap<(Limit, String), Box<Series>>,
 }
 
 /// How often the hot limits are sampled between refreshes (the pipeline's tick).
@@ -142,11 +145,14 @@ impl LimitWatch {
         let mut next = HashMap::with_capacity(self.series.len());
         for reading in readings {
             let key = (reading.limit, reading.resource.clone());
-            let mut series = self.series.remove(&key).unwrap_or(Series {
-                reading: reading.clone(),
-                samples: VecDeque::new(),
-                growth: None,
-                last_rise: None,
+            let mut series = self.series.remove(&key).unwrap_or_else(|| {
+                Box::new(Series {
+                    reading: reading.clone(),
+                    // Room for the most it keeps, and the one pushed before thinning.
+                    samples: VecDeque::with_capacity(MAX_SAMPLES + 1),
+                    growth: None,
+                    last_rise: None,
+                })
             });
             series.push(now, reading.current, self.window);
             series.reading = reading;
@@ -188,7 +194,7 @@ impl LimitWatch {
 
     /// Every limit's estimate, by limit and resource.
     pub fn estimates(&self) -> Vec<Estimate> {
-        let mut out: Vec<Estimate> = self.series.values().map(Series::estimate).collect();
+        let mut out: Vec<Estimate> = self.series.values().map(|s| s.estimate()).collect();
         out.sort_by(|a, b| (a.limit, &a.resource).cmp(&(b.limit, &b.resource)));
         out
     }
@@ -197,7 +203,7 @@ impl LimitWatch {
     pub fn get(&self, limit: Limit, resource: &str) -> Option<Estimate> {
         self.series
             .get(&(limit, resource.to_owned()))
-            .map(Series::estimate)
+            .map(|s| s.estimate())
     }
 }
 
@@ -458,6 +464,9 @@ mod tests {
         }
         let s = w.series.values().next().unwrap();
         assert!(s.samples.len() <= MAX_SAMPLES, "{}", s.samples.len());
+        // In the room allocated for them at first: a limit costs the same from its first
+        // refresh to its last.
+        assert_eq!(s.samples.capacity(), MAX_SAMPLES + 1);
         // Thinned, not cut: the window's span is kept.
         let span = s.samples.back().unwrap().0 - s.samples.front().unwrap().0;
         assert!(span > Duration::from_secs(25), "{span:?}");

@@ -184,7 +184,6 @@ struct Followed {
     lost_read: Option<(Instant, u64)>,
     /// A record's path was cut short since the last walk: only a walk can name that cgroup.
     incomplete: bool,
-    last_prune: Instant,
 }
 
 pub struct CgroupFs {
@@ -196,6 +195,8 @@ pub struct CgroupFs {
     walked: HashMap<Hierarchy, Walked>,
     /// The cgroup v2 hierarchy's records, where the naming programs are attached.
     followed: Option<Followed>,
+    /// When removed cgroups past their grace were last forgotten.
+    last_prune: Instant,
 }
 
 impl CgroupFs {
@@ -241,6 +242,7 @@ impl CgroupFs {
             unknown: HashMap::new(),
             walked: HashMap::new(),
             followed: None,
+            last_prune: Instant::now(),
         }
     }
 
@@ -278,7 +280,6 @@ impl CgroupFs {
             lost_at_walk: 0,
             lost_read: None,
             incomplete: false,
-            last_prune: now,
         });
         // After attaching: a cgroup made meanwhile is walked, recorded, or both.
         self.rescan(Hierarchy::Unified, now);
@@ -350,10 +351,7 @@ impl CgroupFs {
     pub fn catch_up(&mut self) {
         let now = Instant::now();
         let mut record = Vec::new();
-        loop {
-            let Some(f) = self.followed.as_mut() else {
-                return;
-            };
+        while let Some(f) = self.followed.as_mut() {
             let Some(item) = f.events.ring.next() else {
                 break;
             };
@@ -362,15 +360,21 @@ impl CgroupFs {
             drop(item);
             self.take(&record, now);
         }
-        if let Some(f) = self.followed.as_mut()
-            && now.duration_since(f.last_prune) >= PRUNE_EVERY
-        {
-            f.last_prune = now;
-            self.known.retain(|(h, _), k| {
-                *h != Hierarchy::Unified
-                    || k.gone.is_none_or(|t| now.duration_since(t) < REMOVED_GRACE)
-            });
+        if now.duration_since(self.last_prune) >= PRUNE_EVERY {
+            self.forget_removed(now);
         }
+    }
+
+    /// Forgets the cgroups removed more than REMOVED_GRACE ago in every hierarchy (followed
+    /// or walked) and the ids no longer answered "unknown", and the room they took: what is
+    /// kept is what exists, and the last minute's removals.
+    fn forget_removed(&mut self, now: Instant) {
+        self.last_prune = now;
+        self.known
+            .retain(|_, k| k.gone.is_none_or(|t| now.duration_since(t) < REMOVED_GRACE));
+        crate::memory::shrink(&mut self.known);
+        self.unknown.retain(|_, at| now < *at);
+        crate::memory::shrink(&mut self.unknown);
     }
 
     /// One record: a made directory is named once its path is verified, a removed one
@@ -470,9 +474,7 @@ impl CgroupFs {
                         k.gone = Some(now);
                     }
                 }
-                self.known.retain(|(hh, _), k| {
-                    *hh != h || k.gone.is_none_or(|t| now.duration_since(t) < REMOVED_GRACE)
-                });
+                self.forget_removed(now);
             }
         }
         let start = Instant::now();
@@ -775,6 +777,54 @@ mod tests {
         fs.take(&record(CGROUP_REMOVED, 0, ctr, b""), now);
         assert_eq!(named(&fs, ctr).as_deref(), Some("/pod/ctr"));
         assert!(fs.known[&(Hierarchy::Unified, ctr)].gone.is_some());
+    }
+
+    #[test]
+    fn cgroups_made_and_removed_are_forgotten_after_their_grace_with_their_room() {
+        const PODS: usize = 2_000;
+        let names: Vec<String> = (0..PODS).map(|i| format!("pod{i}")).collect();
+        let dirs: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+        let m = FakeMount::new("forget", &dirs);
+        let mut fs = m.fs();
+        // The same tree is a walked v1 hierarchy too (pids, on a hybrid host).
+        fs.mounts.insert(
+            Hierarchy::Pids,
+            Mount {
+                path: m.0.clone(),
+                v2: false,
+            },
+        );
+        let t0 = Instant::now();
+        fs.rescan(Hierarchy::Pids, t0);
+        for name in &names {
+            let id = m.ino(name.as_bytes());
+            fs.take(
+                &record(CGROUP_MADE, 0, id, format!("/{name}").as_bytes()),
+                t0,
+            );
+        }
+        // The walk named the v1 root too.
+        assert_eq!(fs.known.len(), 2 * PODS + 1);
+        let room = fs.known.capacity();
+        // Every pod goes: the records say so, and the next walk of the v1 tree.
+        for name in &names {
+            let id = m.ino(name.as_bytes());
+            fs.take(&record(CGROUP_REMOVED, 0, id, b""), t0);
+            std::fs::remove_dir(m.0.join(name)).expect("test");
+        }
+        fs.rescan(Hierarchy::Pids, t0);
+        // Still named for their grace (late events)...
+        fs.forget_removed(t0 + REMOVED_GRACE / 2);
+        assert_eq!(fs.known.len(), 2 * PODS + 1);
+        // ...then forgotten in both hierarchies, and the table's room returned: what is left
+        // is what exists (the v1 root).
+        fs.forget_removed(t0 + REMOVED_GRACE);
+        assert_eq!(fs.known.len(), 1);
+        assert!(
+            fs.known.capacity() < room / 8,
+            "{} of {room}",
+            fs.known.capacity()
+        );
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl KnownPods {
         self.last_sweep = now;
         self.pods
             .retain(|_, k| now.saturating_duration_since(k.seen) <= FORGET_AFTER);
+        crate::memory::shrink(&mut self.pods);
     }
 
     /// Makes room: the least recently attributed quarter goes (one sort per quarter of the
@@ -184,5 +185,10 @@ mod tests {
         let mut last = unnamed(&(MAX_PODS * 3 - 1).to_string());
         known.complete(&mut last, t0);
         assert!(last.name.is_some());
+        // Every one of them gone for long: forgotten, and the room they took returned.
+        let later = t0 + FORGET_AFTER + 2 * SWEEP_EVERY + Duration::from_secs(10);
+        known.complete(&mut unnamed("x"), later);
+        assert_eq!(known.len(), 0);
+        assert!(known.pods.capacity() <= 64, "{}", known.pods.capacity());
     }
 }

@@ -225,6 +225,7 @@ impl NetnsDirectory {
             }
         }
         self.learnt.retain(|key, _| found.contains_key(key));
+        crate::memory::shrink(&mut self.learnt);
         for ns in found.values_mut() {
             if ns.inode.is_none() {
                 ns.inode = self.learnt.get(&ns.key).copied();

@@ -459,12 +459,23 @@ impl Attributor {
         // An unknown cgroup is not remembered: it may appear at the next rescan.
         if path.is_some() {
             if self.recent.len() >= MAX_RECENT {
-                self.recent.clear();
+                self.expire();
+                if self.recent.len() >= MAX_RECENT {
+                    self.recent.clear();
+                }
             }
             self.recent
                 .insert(key, (Instant::now(), path.clone(), who.clone()));
         }
         (path, who)
+    }
+
+    /// Forgets the answers too old to be reused, and the room they took: the pipeline calls it
+    /// on every refresh, so what is kept is the last second's cgroups, not every cgroup that
+    /// had an event since the cache last filled up.
+    pub fn expire(&mut self) {
+        self.recent.retain(|_, (at, _, _)| at.elapsed() < REUSE);
+        crate::memory::shrink(&mut self.recent);
     }
 
     fn resolve(
@@ -812,6 +823,26 @@ mod tests {
             known: KnownPods::new(Instant::now()),
             recent: HashMap::new(),
         }
+    }
+
+    #[test]
+    fn recent_answers_of_cgroups_gone_are_forgotten_with_their_room() {
+        let mut a = Attributor::offline();
+        let who = Attribution {
+            workload: "w".into(),
+            pod: None,
+        };
+        let old = Instant::now() - REUSE;
+        for id in 0..MAX_RECENT as u64 {
+            a.recent
+                .insert((id, None), (old, Some("/x".into()), who.clone()));
+        }
+        let room = a.recent.capacity();
+        a.recent
+            .insert((u64::MAX, None), (Instant::now(), Some("/y".into()), who));
+        a.expire();
+        assert_eq!(a.recent.len(), 1, "only the last second's answer");
+        assert!(a.recent.capacity() < room / 8, "{}", a.recent.capacity());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! MAX_TALLIES tallies in all; past that, events are counted as not kept, never stored.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{HashMap, VecDeque},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -60,21 +60,27 @@ impl Who {
     }
 }
 
-/// TopNames with counts, at most MAX_NAMES of them; the rest counted under "(others)".
+/// Names with counts, at most MAX_NAMES of them; the rest counted under "(others)". A short
+/// list, not a map: a tally names one or two most often, and a map's first node alone takes
+/// ~400 bytes (two per tally, thousands of tallies).
 #[derive(Clone, Debug, Default)]
-pub struct TopNames(pub BTreeMap<String, u64>);
+pub struct TopNames(Vec<(String, u64)>);
 
 impl TopNames {
     fn add(&mut self, name: &str, n: u64) {
-        if let Some(c) = self.0.get_mut(name) {
+        if let Some(c) = self.count(name) {
             *c += n;
         } else if self.0.len() < MAX_NAMES {
-            self.0.insert(name.to_owned(), n);
-        } else if let Some(c) = self.0.get_mut(OTHERS) {
+            self.0.push((name.to_owned(), n));
+        } else if let Some(c) = self.count(OTHERS) {
             *c += n;
         } else {
-            self.0.insert(OTHERS.to_owned(), n);
+            self.0.push((OTHERS.to_owned(), n));
         }
+    }
+
+    fn count(&mut self, name: &str) -> Option<&mut u64> {
+        self.0.iter_mut().find(|(k, _)| k == name).map(|(_, c)| c)
     }
 
     fn merge(&mut self, other: &TopNames) {
@@ -85,7 +91,7 @@ impl TopNames {
 
     /// Most frequent first.
     pub fn ranked(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self.0.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let mut v = self.0.clone();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v
     }
@@ -485,7 +491,8 @@ mod tests {
         for i in 0..100 {
             n.add(&format!("p{i}"), 1);
         }
-        assert_eq!(n.0.len(), MAX_NAMES + 1);
-        assert_eq!(n.0["(others)"], 95);
+        let ranked = n.ranked();
+        assert_eq!(ranked.len(), MAX_NAMES + 1);
+        assert_eq!(ranked[0], ("(others)".to_owned(), 95));
     }
 }

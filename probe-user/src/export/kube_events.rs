@@ -300,6 +300,8 @@ impl Recorder {
             .map(|e| (e.pod.uid.clone(), e.reason))
             .collect();
         self.pod_buckets.retain(|k, _| buckets.contains(k));
+        crate::memory::shrink(&mut self.entries);
+        crate::memory::shrink(&mut self.pod_buckets);
         self.node_bucket.refill(NODE_BURST, NODE_PER_SECOND, now);
         let mut keys: Vec<_> = self
             .entries

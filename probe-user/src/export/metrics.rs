@@ -240,6 +240,8 @@ impl SeriesCap {
             }
             keep
         });
+        crate::memory::shrink(&mut workloads.admitted);
+        crate::memory::shrink(&mut workloads.overflow);
         old
     }
 }
@@ -808,6 +810,27 @@ mod tests {
         assert_eq!(admit("m", w("e"), &["A"]), full("e", "A"));
         cap.clear("m");
         assert_eq!(admit("m", w("d"), &["A"]), full("d", "A"));
+    }
+
+    #[test]
+    fn series_of_pods_gone_are_forgotten_with_their_room() {
+        let cap = SeriesCap {
+            cap: 2_000,
+            seen: Mutex::new(HashMap::new()),
+        };
+        for i in 0..3_000 {
+            let who = WhoLabels::from(["churn", &format!("job-{i}"), "app", "Job/x"]);
+            cap.admit("m", &who, &["thread"]);
+        }
+        let room = |cap: &SeriesCap| {
+            let seen = cap.seen.lock().expect("test");
+            (seen["m"].admitted.capacity(), seen["m"].overflow.len())
+        };
+        let (full, overflow) = room(&cap);
+        assert!(full >= 2_000 && overflow == 1, "{full} {overflow}");
+        let gone = cap.expire("m", Duration::ZERO, &HashSet::new());
+        assert_eq!(gone.len(), 2_000 + 1);
+        assert!(room(&cap).0 <= 64, "{}", room(&cap).0);
     }
 
     #[test]

@@ -348,6 +348,8 @@ impl Classifier {
         let live: std::collections::HashSet<NetnsKey> = all.iter().map(|n| n.key).collect();
         self.clashes.retain(|key, _| live.contains(key));
         self.accounted.retain(|key, _| live.contains(key));
+        crate::memory::shrink(&mut self.clashes);
+        crate::memory::shrink(&mut self.accounted);
         for ns in all {
             let Ok((c, source)) = ctstats::read(&ns) else {
                 continue;
