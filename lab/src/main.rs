@@ -6,6 +6,8 @@
 //! the kernel refuses. It prints one JSON line: its pid (as the node sees it), how many tasks
 //! it created and the errno of each failure. Every task it made is ended before it exits.
 
+mod pods;
+
 use std::{io::Write as _, process::ExitCode};
 
 use anyhow::{Context as _, bail};
@@ -24,6 +26,10 @@ enum Mode {
     /// Create `count` cgroups under --churn-root one after another; in each, fork one
     /// short-lived child, then remove the cgroup.
     Churn,
+    /// Make `count` pods as the kubelet lays them out (cgroups under each --pods-root, log
+    /// directories under --kubelet-logs, a process that creates a thread and has a fork
+    /// refused), at most --live at once, then remove them all (`pods.rs`).
+    PodChurn,
     /// Join each --cgroup in turn and fork `count` short-lived children in each (many
     /// workloads' worth of task creation from one process).
     Hop,
@@ -108,6 +114,26 @@ struct Args {
     /// cgroup v2 directory under which `churn` creates and removes its cgroups.
     #[arg(long)]
     churn_root: Option<std::path::PathBuf>,
+    /// pod-churn: a cgroup directory to lay the pods out under (v2 first, then the v1 pids
+    /// hierarchy's where pids is v1).
+    #[arg(long = "pods-root")]
+    pods_roots: Vec<std::path::PathBuf>,
+    /// pod-churn: the kubelet's log root (faultline's --kubelet-logs).
+    #[arg(long, default_value = "/var/log")]
+    kubelet_logs: std::path::PathBuf,
+    /// pod-churn: the most pods alive at once.
+    #[arg(long, default_value_t = 1)]
+    live: u32,
+    /// pod-churn: each pod asks one DNS question of --dns-server.
+    #[arg(long)]
+    pod_dns: bool,
+    /// pod-churn: each pod's process moves into a network namespace of its own.
+    #[arg(long)]
+    pod_netns: bool,
+    /// pod-churn: once the last pod is made, print {"live":n} and keep the pods until a line
+    /// or the end of stdin.
+    #[arg(long)]
+    hold: bool,
     /// Address the dns-server mode listens on.
     #[arg(long, default_value = "127.0.0.1:5353")]
     dns_listen: std::net::SocketAddr,
@@ -286,6 +312,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
             .as_deref()
             .context("churn needs --churn-root")?;
         return churn(root, args.count);
+    }
+    if args.mode == Mode::PodChurn {
+        return pods::churn(&pods::Churn {
+            count: args.count,
+            live: args.live,
+            roots: &args.pods_roots,
+            kubelet_logs: &args.kubelet_logs,
+            dns_server: args.pod_dns.then_some(args.dns_server),
+            netns: args.pod_netns,
+            hold: args.hold,
+        });
     }
     create(args, stacks.as_ref(), || {
         memory_limit.map_or(Ok(()), MemoryLimit::lift)
@@ -833,8 +870,13 @@ fn first_errnos<S: serde::Serializer>(errnos: &[i32], s: S) -> Result<S::Ok, S::
 }
 
 fn print_report(report: &Report) -> anyhow::Result<()> {
+    print_json(report)
+}
+
+/// One JSON line on stdout, flushed.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", serde_json::to_string(report)?)?;
+    writeln!(out, "{}", serde_json::to_string(value)?)?;
     out.flush()?;
     Ok(())
 }
@@ -894,6 +936,7 @@ fn create(
                     .map(|pid| children.push(pid))
             }
             Mode::Churn
+            | Mode::PodChurn
             | Mode::Hop
             | Mode::SpinThreads
             | Mode::SpinForks
