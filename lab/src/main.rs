@@ -104,8 +104,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
     /// Operations a second, each at its time from the start (a steady load rather than as
-    /// fast as they go): task creations of threads, forks, spin-threads and spin-forks, and
-    /// dns-client's queries.
+    /// fast as they go): task creations of threads, forks, spin-threads and spin-forks,
+    /// dns-client's queries, and pod-churn's pods.
     #[arg(long, conflicts_with = "interval_ms")]
     rate: Option<f64>,
     /// Keep the created tasks alive this long after printing the report.
@@ -317,6 +317,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         return pods::churn(&pods::Churn {
             count: args.count,
             live: args.live,
+            rate: args.rate,
             roots: &args.pods_roots,
             kubelet_logs: &args.kubelet_logs,
             dns_server: args.pod_dns.then_some(args.dns_server),

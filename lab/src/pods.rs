@@ -9,9 +9,11 @@
 //! and one process in the scope, which creates a thread, has a fork refused by the pids limit
 //! while the thread lives, optionally asks one DNS question and moves into a network namespace
 //! of its own as uid 65535 (a pause container's), then sleeps until the pod is removed. At
-//! most `live` pods exist at once: each new pod past them replaces the oldest. Everything a pod
+//! most `live` pods exist at once: each new pod past them replaces the oldest; at most `rate`
+//! are made per second, when given. Everything a pod
 //! made is removed when it goes, on success and on failure alike; its process also dies with
-//! this one (PR_SET_DEATHSIG).
+//! this one (PR_SET_DEATHSIG). As it goes it prints `{"made":n}` twenty times, so that a
+//! measurement can tell how far the churn is.
 
 use std::{
     collections::VecDeque,
@@ -39,6 +41,8 @@ const DNS_WAIT: Duration = Duration::from_secs(1);
 const REFUSED_FORK: u8 = 1;
 const ANSWERED: u8 = 2;
 const FAILED: u8 = 0xff;
+/// Progress lines per churn.
+const PROGRESS_LINES: u32 = 20;
 
 /// What pod-churn is asked to do.
 pub struct Churn<'a> {
@@ -46,6 +50,8 @@ pub struct Churn<'a> {
     pub count: u32,
     /// Most pods alive at once.
     pub live: u32,
+    /// Pods made per second at most (None: as fast as it can).
+    pub rate: Option<f64>,
     /// The cgroup directories the pods are laid out under: v2, then v1 pids where pids is v1.
     pub roots: &'a [PathBuf],
     /// The kubelet's log root (`pods/`, `containers/` are made in it).
@@ -86,8 +92,11 @@ pub fn churn(c: &Churn<'_>) -> anyhow::Result<()> {
         ..Default::default()
     };
     let start = Instant::now();
+    let pace = super::Pace::new(c.rate)?;
     let mut pods = VecDeque::new();
+    let every = (c.count / PROGRESS_LINES).max(1);
     for i in 0..c.count {
+        pace.wait(i);
         if pods.len() >= c.live.max(1) as usize {
             drop(pods.pop_front());
         }
@@ -96,6 +105,9 @@ pub fn churn(c: &Churn<'_>) -> anyhow::Result<()> {
         report.refused_forks += u32::from(outcome & REFUSED_FORK != 0);
         report.dns_answered += u32::from(outcome & ANSWERED != 0);
         pods.push_back(pod);
+        if report.pods.is_multiple_of(every) {
+            super::print_json(&serde_json::json!({ "made": report.pods }))?;
+        }
     }
     if c.hold {
         super::print_json(&serde_json::json!({ "live": pods.len() }))?;

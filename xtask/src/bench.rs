@@ -21,15 +21,19 @@
 //! 5. Footprint: exec to ready, RSS idle, after the storm, after 10,000 cgroups.
 //! 6. Serving under attack: `/healthz` latency and RSS while 256 connections from 16 pods read
 //!    nothing of a 2,000-workload exposition (`bench/serving.rs`).
+//! 7. Memory as pods come and go: as deployed in 128 MiB, bytes per live pod, and RSS through
+//!    20,000 pods and their network namespaces made and removed (`bench/soak.rs`).
 //!
 //! `--profile` instead runs each workload once beside faultline under `perf record` and the
 //! replay too, and writes where the time goes (`bench/profile.rs`).
 
+mod as_deployed;
 mod busy;
 mod measure;
 mod netlab;
 mod profile;
 mod serving;
+mod soak;
 
 use std::{
     fmt::Write as _,
@@ -232,6 +236,7 @@ pub fn run(root: &Path, mode: Mode) -> anyhow::Result<()> {
     busy::run(root, &env, &mut body, &mut found)?;
     footprint(&env, &mut body, &mut found)?;
     serving::run(&env, &mut body, &mut found)?;
+    soak::run(root, &env, &mut body, &mut found)?;
     let doc = found.targets() + &body;
     println!("{doc}");
     eprintln!(
@@ -324,6 +329,10 @@ struct Findings {
     healthz_under_attack: Option<(f64, usize)>,
     /// The daemon's high-water RSS by the end of the attack.
     rss_under_attack_mib: f64,
+    /// The daemon's RSS per pod alive, as deployed.
+    bytes_per_live_pod: Option<f64>,
+    /// The RSS through the pod churn, as deployed.
+    soak: Option<soak::SoakFindings>,
 }
 
 impl Findings {
@@ -410,6 +419,33 @@ impl Findings {
                 "RSS within the DaemonSet's 128 MiB under that attack",
                 format!("{:.1} MiB (high-water mark)", self.rss_under_attack_mib),
                 self.rss_under_attack_mib < 128.0,
+            );
+        }
+        if let Some(s) = &self.soak {
+            row(
+                &format!(
+                    "RSS flat while {} pods and their network namespaces come and go: the end within {} MiB of the level (a quarter through, a minute in)",
+                    s.pods,
+                    soak::FLAT_WITHIN_MIB
+                ),
+                format!(
+                    "{:.1} MiB at the level, {:.1} MiB at the end{}",
+                    s.level_mib,
+                    s.end_mib,
+                    self.bytes_per_live_pod.map_or(String::new(), |b| format!(
+                        "; {:.1} KiB per live pod",
+                        b / 1024.0
+                    ))
+                ),
+                s.end_mib - s.level_mib <= soak::FLAT_WITHIN_MIB,
+            );
+            row(
+                "no OOM kill in the DaemonSet's 128 MiB through that churn",
+                format!(
+                    "{} OOM kills; high-water mark {:.1} MiB",
+                    s.oom_kills, s.hwm_mib
+                ),
+                s.oom_kills == 0 && s.hwm_mib < 128.0,
             );
         }
         t.push('\n');

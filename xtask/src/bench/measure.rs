@@ -455,13 +455,29 @@ impl Drop for BenchCgroup {
 }
 
 /// Removes a cgroup directory; tasks still exiting in it (none, normally) would keep it a
-/// moment: bounded retries, 1 s at most.
+/// moment: bounded retries, 1 s at most. Cgroups a failed workload left below it go first,
+/// deepest first.
 pub fn remove_cgroup(dir: &Path) {
     for _ in 0..50 {
+        remove_below(dir);
         if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes the cgroup directories below `dir`, deepest first (what can be: one with tasks
+/// stays).
+fn remove_below(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_below(&entry.path());
+            let _ = std::fs::remove_dir(entry.path());
+        }
     }
 }
 
