@@ -17,6 +17,7 @@ use crate::{
     kernel::loader::{Degraded, KernelArgs, KernelLog, KernelLogger, Probes},
     kernel::privileges,
     kernel::rings::{Batch, Rings},
+    memory,
     signals::{Event, Plan, Refresh, Signal, Signals, dns},
     trend::{self, LimitWatch},
 };
@@ -49,6 +50,8 @@ pub struct Pipeline {
     /// The last refresh, for the samples between refreshes to update.
     last: Option<Refresh>,
     kernel_log: Option<KernelLogger>,
+    /// The heap's freed pages, handed back after the refreshes that free much.
+    release: memory::Release,
 }
 
 /// How long a stop spends delivering the events already read.
@@ -65,6 +68,7 @@ impl Pipeline {
         plan: &Plan,
         mut attached: impl FnMut(Signal, anyhow::Result<()>) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
+        memory::tune();
         let mut probes = Probes::open(kernel, kernel_log)?;
         let cgroups = CgroupFs::open(&mut probes)?;
         let (signals, rings) = Signals::attach(&mut probes, kernel, &cgroups, plan, &mut attached)?;
@@ -83,6 +87,7 @@ impl Pipeline {
             trend: plan.trend.map(LimitWatch::new),
             last: None,
             kernel_log,
+            release: memory::Release::default(),
         })
     }
 
@@ -232,6 +237,9 @@ impl Pipeline {
         if let Err(e) = result {
             sink.refresh_failed(e)?;
         }
-        sink.flush()
+        sink.flush()?;
+        // What the refresh let go of (series of pods gone, expired state) is returned.
+        self.release.tick();
+        Ok(())
     }
 }
