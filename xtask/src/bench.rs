@@ -424,20 +424,22 @@ impl Findings {
         if let Some(s) = &self.soak {
             row(
                 &format!(
-                    "RSS flat while {} pods and their network namespaces come and go: the end within {} MiB of the level (a quarter through, a minute in)",
+                    "RSS flat while {} pods and their network namespaces come and go: between scrapes, the end within {} MiB of the level (a quarter through, a minute in)",
                     s.pods,
                     soak::FLAT_WITHIN_MIB
                 ),
                 format!(
-                    "{:.1} MiB at the level, {:.1} MiB at the end{}",
-                    s.level_mib,
-                    s.end_mib,
+                    "{:.1} MiB at the level, {:.1} MiB at the end (with an exposition being sent: {:.1} and {:.1} MiB){}",
+                    s.level.floor_mib,
+                    s.end.floor_mib,
+                    s.level.peak_mib,
+                    s.end.peak_mib,
                     self.bytes_per_live_pod.map_or(String::new(), |b| format!(
                         "; {:.1} KiB per live pod",
                         b / 1024.0
                     ))
                 ),
-                s.end_mib - s.level_mib <= soak::FLAT_WITHIN_MIB,
+                s.end.floor_mib - s.level.floor_mib <= soak::FLAT_WITHIN_MIB,
             );
             row(
                 "no OOM kill in the DaemonSet's 128 MiB through that churn",

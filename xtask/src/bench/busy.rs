@@ -36,7 +36,7 @@ use super::{
     as_deployed::{DAEMONSET_MEMORY, Deployed},
     measure::{
         Agent, ProgStats, Ready, cgroup_cpu_usec, cgroup2_root, http_get, metric_sum,
-        metric_sum_all, prog_ids_of, remove_cgroup, report_field,
+        metric_sum_all, mib, prog_ids_of, remove_cgroup, report_field,
     },
     pinned,
 };
@@ -915,10 +915,6 @@ fn settled(port: u16, before: &Counted, expected: &Tally) -> anyhow::Result<Coun
     }
 }
 
-fn mib_of_kib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
 /// Everything one busy-node measurement found.
 struct Measured {
     without: Run,
@@ -1059,7 +1055,7 @@ impl Found {
             user_pct: b.pct(b.user),
             system_pct: b.pct(b.system),
             bpf_pct: b.pct(b.bpf_ns() as f64 / 1e9),
-            hwm_mib: mib_of_kib(m.rss.3),
+            hwm_mib: mib(m.rss.3),
             lost: m.counted.lost,
             exact: m.counted.exact(&m.expected),
             mismatches,
@@ -1148,7 +1144,7 @@ fn write(
         )
     };
     let memory = match m.memory {
-        Some((kills, peak)) => format!("{:.1} MiB, {kills} OOM kills", mib_of_kib(peak >> 10)),
+        Some((kills, peak)) => format!("{:.1} MiB, {kills} OOM kills", mib(peak >> 10)),
         None => "no memory controller here: no limit".to_owned(),
     };
     let (rss_ready, most_rss, rss_end, hwm) = m.rss;
@@ -1165,10 +1161,10 @@ fn write(
         busy.pct(busy.bpf_ns() as f64 / 1e9),
         switches(idle),
         switches(busy),
-        mib_of_kib(rss_ready),
-        mib_of_kib(most_rss),
-        mib_of_kib(rss_end),
-        mib_of_kib(hwm),
+        mib(rss_ready),
+        mib(most_rss),
+        mib(rss_end),
+        mib(hwm),
     )?;
     let events = t.dns_sent() + t.refused + t.created;
     let beyond_idle = agent_cpu - (idle.user + idle.system) / idle.wall * busy.wall;

@@ -118,17 +118,7 @@ impl Agent {
 
     /// (VmRSS, VmHWM) in KiB.
     pub fn rss_kib(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        rss_kib_of(self.pid())
     }
 
     /// SIGINT (repeated every second: bpftrace can miss one that arrives outside its poll),
@@ -479,6 +469,25 @@ fn remove_below(dir: &Path) {
             let _ = std::fs::remove_dir(entry.path());
         }
     }
+}
+
+/// A process's (VmRSS, VmHWM) in KiB; zeros once it is gone.
+pub fn rss_kib_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// KiB as MiB.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 /// Where cgroup v2 is mounted (hybrid hosts: /sys/fs/cgroup/unified).

@@ -14,8 +14,11 @@
 //!    which a quarter of the pods had been made, a minute or more in (every bound full by
 //!    then: 2,000 series per metric, the explain history's 4,096 tallies, the 4,096 pods whose
 //!    names are kept, the names of cgroups removed within the last minute), the end the
-//!    churn's last interval; flat when the end's most is within FLAT_WITHIN_MIB of the
-//!    level's. And the OOM kills the memory cgroup saw (none allowed).
+//!    churn's last interval; flat when the end's least (the state between scrapes) is within
+//!    FLAT_WITHIN_MIB of the level's. The most adds an exposition being encoded and sent (its
+//!    blocks mapped apart and unmapped after, memory.rs): whether a 100 ms sample catches one
+//!    is chance, so the most is reported, and bounded by the OOM kills the memory cgroup saw
+//!    (none allowed) and the high-water mark.
 //!
 //! Departures from the DaemonSet, as in the busy node's: ports of its own on loopback, no
 //! bearer token asked on `/metrics`, no Kubernetes API (pods named from the churn's own kubelet
@@ -40,7 +43,7 @@ use serde_json::Value;
 use super::{
     Env, Findings,
     as_deployed::Deployed,
-    measure::{Agent, BenchCgroup, Ready, cgroup2_root, http_get},
+    measure::{Agent, BenchCgroup, Ready, cgroup2_root, http_get, mib, rss_kib_of},
 };
 
 /// How often the daemon is scraped: deploy/servicemonitor.yaml's 30 s from each of a highly
@@ -63,14 +66,16 @@ const SOAK_RATE: u32 = 100;
 /// How long the names of removed cgroups are kept (attribution/cgroups.rs): the level is
 /// taken no sooner.
 const NAMES_KEPT: Duration = Duration::from_secs(60);
-/// What may be left above the level by the end of the soak.
+/// What the state (the least RSS of a scrape interval) may have grown above the level by the
+/// end of the soak.
 pub const FLAT_WITHIN_MIB: f64 = 4.0;
 
 /// What the soak found, for the targets.
 pub struct SoakFindings {
     pub pods: u32,
-    pub level_mib: f64,
-    pub end_mib: f64,
+    /// The level's interval and the last one.
+    pub level: Window,
+    pub end: Window,
     pub hwm_mib: f64,
     pub oom_kills: u64,
 }
@@ -138,8 +143,8 @@ pub fn run(root: &Path, env: &Env, doc: &mut String, found: &mut Findings) -> an
     )?;
     found.soak = Some(SoakFindings {
         pods: soak,
-        level_mib: soaked.level.peak_mib,
-        end_mib: soaked.end.peak_mib,
+        level: soaked.level,
+        end: soaked.end,
         hwm_mib: soaked.hwm_mib,
         oom_kills: soaked.oom_kills,
     });
@@ -173,10 +178,10 @@ fn live_pods(root: &Path, env: &Env, n: u32) -> anyhow::Result<PerPod> {
     let gone = agent.rss_kib().0;
     running.agent.stop()?;
     Ok(PerPod {
-        idle_mib: kib_to_mib(idle),
-        live_mib: kib_to_mib(live),
-        scraped_mib: kib_to_mib(scraped),
-        gone_mib: kib_to_mib(gone),
+        idle_mib: mib(idle),
+        live_mib: mib(live),
+        scraped_mib: mib(scraped),
+        gone_mib: mib(gone),
         bytes_per_pod: (live as f64 - idle as f64) * 1024.0 / f64::from(n),
     })
 }
@@ -201,12 +206,12 @@ struct Soaked {
 /// end, and the least and the most RSS within it (the state, and the state with an
 /// exposition encoded and sent).
 #[derive(Clone, Copy)]
-struct Window {
+pub struct Window {
     /// Seconds from the churn's start to the interval's.
     from_s: f64,
     made: u32,
-    floor_mib: f64,
-    peak_mib: f64,
+    pub floor_mib: f64,
+    pub peak_mib: f64,
 }
 
 impl Window {
@@ -230,8 +235,8 @@ impl Window {
                 .map(|(made, _)| *made)
                 .max()
                 .unwrap_or(0),
-            floor_mib: kib_to_mib(within.clone().min().unwrap_or(0)),
-            peak_mib: kib_to_mib(within.max().unwrap_or(0)),
+            floor_mib: mib(within.clone().min().unwrap_or(0)),
+            peak_mib: mib(within.max().unwrap_or(0)),
         }
     }
 }
@@ -247,7 +252,10 @@ fn churn(root: &Path, env: &Env, count: u32) -> anyhow::Result<Soaked> {
         let (stop, rss, pid) = (stop.clone(), rss.clone(), agent.pid());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                if let (Some(kib), Ok(mut v)) = (rss_of(pid), rss.lock()) {
+                let (kib, _) = rss_kib_of(pid);
+                if kib > 0
+                    && let Ok(mut v) = rss.lock()
+                {
                     v.push((Instant::now(), kib));
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -311,28 +319,13 @@ fn churn(root: &Path, env: &Env, count: u32) -> anyhow::Result<Soaked> {
         level,
         end: windows.last().copied().unwrap_or(whole),
         windows,
-        settled_mib: kib_to_mib(samples.last().map_or(0, |(_, kib)| *kib)),
-        hwm_mib: kib_to_mib(hwm),
+        settled_mib: mib(samples.last().map_or(0, |(_, kib)| *kib)),
+        hwm_mib: mib(hwm),
         cgroup_peak_mib: memory.map(|(_, peak)| peak as f64 / 1048576.0),
         oom_kills: memory.map_or(0, |(kills, _)| kills),
     };
     running.agent.stop()?;
     Ok(soaked)
-}
-
-fn kib_to_mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-fn rss_of(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Where a churn's pods go: a cgroup v2 directory, the v1 pids hierarchy's where pids is v1,
