@@ -186,6 +186,11 @@ struct Followed {
     incomplete: bool,
 }
 
+/// How long a record that did not verify is kept to be verified again.
+const UNVERIFIED_KEPT: Duration = Duration::from_secs(10);
+/// Most records kept unverified at once.
+const MAX_UNVERIFIED: usize = 1024;
+
 pub struct CgroupFs {
     mounts: HashMap<Hierarchy, Mount>,
     /// Known cgroups by (hierarchy, id).
@@ -195,6 +200,10 @@ pub struct CgroupFs {
     walked: HashMap<Hierarchy, Walked>,
     /// The cgroup v2 hierarchy's records, where the naming programs are attached.
     followed: Option<Followed>,
+    /// Made v2 directories whose recorded path did not verify when read, by id, with the path
+    /// and when: the kernel records a mkdir before it makes the directory visible, so a record
+    /// read at once may find nothing there yet. Verified again when the id is looked up.
+    unverified: HashMap<u64, (Vec<u8>, Instant)>,
     /// When removed cgroups past their grace were last forgotten.
     last_prune: Instant,
 }
@@ -242,6 +251,7 @@ impl CgroupFs {
             unknown: HashMap::new(),
             walked: HashMap::new(),
             followed: None,
+            unverified: HashMap::new(),
             last_prune: Instant::now(),
         }
     }
@@ -320,6 +330,7 @@ impl CgroupFs {
         if key.0 == Hierarchy::Unified && !self.known.contains_key(&key) {
             // A cgroup made since the last catch-up has its record in the ring by now.
             self.catch_up();
+            self.verify_again(id);
         }
         if let Some(k) = self.known.get(&key) {
             return Some(k.path.clone());
@@ -343,6 +354,19 @@ impl CgroupFs {
         }
         self.unknown.insert(key, now + UNKNOWN_RETRY);
         None
+    }
+
+    /// A made directory whose record did not verify when read: named if it verifies now.
+    fn verify_again(&mut self, id: u64) {
+        let Some(mount) = self.mounts.get(&Hierarchy::Unified) else {
+            return;
+        };
+        if let Some((raw, _)) = self.unverified.remove(&id)
+            && let Some(path) = verify(&mount.path, id, &raw)
+        {
+            self.known
+                .insert((Hierarchy::Unified, id), Known { path, gone: None });
+        }
     }
 
     /// Takes every record the kernel has sent, verifying each made directory before naming
@@ -370,6 +394,9 @@ impl CgroupFs {
     /// kept is what exists, and the last minute's removals.
     fn forget_removed(&mut self, now: Instant) {
         self.last_prune = now;
+        self.unverified
+            .retain(|_, (_, at)| now.duration_since(*at) < UNVERIFIED_KEPT);
+        crate::memory::shrink(&mut self.unverified);
         self.known
             .retain(|_, k| k.gone.is_none_or(|t| now.duration_since(t) < REMOVED_GRACE));
         crate::memory::shrink(&mut self.known);
@@ -414,11 +441,20 @@ impl CgroupFs {
                         self.known.insert(key, Known { path, gone: None });
                         self.unknown.remove(&key);
                     }
-                    // Removed already (or removed and made again: its own record follows).
-                    None => tracing::debug!(
-                        "cgroup {} not named: its recorded path is not that cgroup now",
-                        header.id
-                    ),
+                    // Not visible yet, removed already, or removed and made again (its own
+                    // record follows): verified again when looked up, for a while.
+                    None => {
+                        if let Some(raw) = path {
+                            if self.unverified.len() >= MAX_UNVERIFIED {
+                                self.unverified
+                                    .retain(|_, (_, at)| now.duration_since(*at) < UNVERIFIED_KEPT);
+                                if self.unverified.len() >= MAX_UNVERIFIED {
+                                    self.unverified.clear();
+                                }
+                            }
+                            self.unverified.insert(header.id, (raw.to_vec(), now));
+                        }
+                    }
                 }
             }
             _ => {}
@@ -825,6 +861,31 @@ mod tests {
             "{} of {room}",
             fs.known.capacity()
         );
+    }
+
+    #[test]
+    fn a_record_read_before_its_directory_shows_is_named_when_looked_up() {
+        let m = FakeMount::new("early", &[b"pod"]);
+        let mut fs = m.fs();
+        // The kernel records a mkdir before the directory is visible: the record, read at that
+        // moment, names a path where nothing is yet (here: the directory, outside the mount).
+        let hidden = m.0.with_extension("hidden");
+        std::fs::create_dir(&hidden).expect("test");
+        let id = std::fs::metadata(&hidden).expect("test").ino();
+        let t0 = Instant::now();
+        fs.take(&record(CGROUP_MADE, 0, id, b"/pod/ctr"), t0);
+        assert!(!fs.known.contains_key(&(Hierarchy::Unified, id)));
+        // Walked a moment ago: no walk is due, only the record can name it.
+        fs.rescan(Hierarchy::Unified, Instant::now());
+        std::fs::rename(&hidden, m.0.join("pod/ctr")).expect("test");
+        assert_eq!(
+            fs.path(Hierarchy::Unified, id).map(|p| p.text()),
+            Some("/pod/ctr".into())
+        );
+        // One that never shows is forgotten after a while.
+        fs.take(&record(CGROUP_MADE, 0, u64::MAX, b"/pod/never"), t0);
+        fs.forget_removed(t0 + UNVERIFIED_KEPT);
+        assert!(fs.unverified.is_empty());
     }
 
     #[test]
