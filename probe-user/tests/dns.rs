@@ -803,6 +803,30 @@ fn forged_answers_never_end_a_query_or_rename_it() {
         .spawn()
         .expect("the victim");
     let _victim = KillOnDrop(victim);
+    // Its query is out once its socket is listed: python starts in seconds in emulation, and
+    // the sprays must come while the query waits, and the trace stop after its timeout.
+    let listed = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ss = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.client_ns,
+                "ss",
+                "-Huan",
+                "sport = :45353",
+            ])
+            .output()
+            .expect("ss");
+        if !ss.stdout.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < listed,
+            "the victim's socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let sent = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     let to = format!("{CLIENT_IP}:45353");
