@@ -3,8 +3,8 @@
 //!
 //! Attribution by id, not by walk: the cgroups that exist at start are walked once; from
 //! then on the kernel reports each cgroup v2 directory it makes, with its id and path
-//! (`probe-ebpf/src/cgroups.rs`), and each path is verified (its inode must be the id) before
-//! it names anything. An id no one can name is remembered as unknown for a short while, so a
+//! (`probe-ebpf/src/cgroups.rs`), and a path names it unless another cgroup is at that path
+//! now (its inode is not the id). An id no one can name is remembered as unknown for a short while, so a
 //! storm of events from it costs one lookup per while; a walk happens only where the records
 //! missed something (or where they are not followed: v1 hierarchies, a refused program), and
 //! rarely. Paths are kept as bytes (a cgroup's name need not be UTF-8) and escaped for display.
@@ -186,11 +186,6 @@ struct Followed {
     incomplete: bool,
 }
 
-/// How long a record that did not verify is kept to be verified again.
-const UNVERIFIED_KEPT: Duration = Duration::from_secs(10);
-/// Most records kept unverified at once.
-const MAX_UNVERIFIED: usize = 1024;
-
 pub struct CgroupFs {
     mounts: HashMap<Hierarchy, Mount>,
     /// Known cgroups by (hierarchy, id).
@@ -200,10 +195,6 @@ pub struct CgroupFs {
     walked: HashMap<Hierarchy, Walked>,
     /// The cgroup v2 hierarchy's records, where the naming programs are attached.
     followed: Option<Followed>,
-    /// Made v2 directories whose recorded path did not verify when read, by id, with the path
-    /// and when: the kernel records a mkdir before it makes the directory visible, so a record
-    /// read at once may find nothing there yet. Verified again when the id is looked up.
-    unverified: HashMap<u64, (Vec<u8>, Instant)>,
     /// When removed cgroups past their grace were last forgotten.
     last_prune: Instant,
 }
@@ -251,7 +242,6 @@ impl CgroupFs {
             unknown: HashMap::new(),
             walked: HashMap::new(),
             followed: None,
-            unverified: HashMap::new(),
             last_prune: Instant::now(),
         }
     }
@@ -330,7 +320,6 @@ impl CgroupFs {
         if key.0 == Hierarchy::Unified && !self.known.contains_key(&key) {
             // A cgroup made since the last catch-up has its record in the ring by now.
             self.catch_up();
-            self.verify_again(id);
         }
         if let Some(k) = self.known.get(&key) {
             return Some(k.path.clone());
@@ -354,19 +343,6 @@ impl CgroupFs {
         }
         self.unknown.insert(key, now + UNKNOWN_RETRY);
         None
-    }
-
-    /// A made directory whose record did not verify when read: named if it verifies now.
-    fn verify_again(&mut self, id: u64) {
-        let Some(mount) = self.mounts.get(&Hierarchy::Unified) else {
-            return;
-        };
-        if let Some((raw, _)) = self.unverified.remove(&id)
-            && let Some(path) = verify(&mount.path, id, &raw)
-        {
-            self.known
-                .insert((Hierarchy::Unified, id), Known { path, gone: None });
-        }
     }
 
     /// Takes every record the kernel has sent, verifying each made directory before naming
@@ -394,9 +370,6 @@ impl CgroupFs {
     /// kept is what exists, and the last minute's removals.
     fn forget_removed(&mut self, now: Instant) {
         self.last_prune = now;
-        self.unverified
-            .retain(|_, (_, at)| now.duration_since(*at) < UNVERIFIED_KEPT);
-        crate::memory::shrink(&mut self.unverified);
         self.known
             .retain(|_, k| k.gone.is_none_or(|t| now.duration_since(t) < REMOVED_GRACE));
         crate::memory::shrink(&mut self.known);
@@ -441,20 +414,11 @@ impl CgroupFs {
                         self.known.insert(key, Known { path, gone: None });
                         self.unknown.remove(&key);
                     }
-                    // Not visible yet, removed already, or removed and made again (its own
-                    // record follows): verified again when looked up, for a while.
-                    None => {
-                        if let Some(raw) = path {
-                            if self.unverified.len() >= MAX_UNVERIFIED {
-                                self.unverified
-                                    .retain(|_, (_, at)| now.duration_since(*at) < UNVERIFIED_KEPT);
-                                if self.unverified.len() >= MAX_UNVERIFIED {
-                                    self.unverified.clear();
-                                }
-                            }
-                            self.unverified.insert(header.id, (raw.to_vec(), now));
-                        }
-                    }
+                    // Removed and made again (its own record follows), or not the kernel's form.
+                    None => tracing::debug!(
+                        "cgroup {} not named: its recorded path is another cgroup now",
+                        header.id
+                    ),
                 }
             }
             _ => {}
@@ -527,13 +491,18 @@ impl CgroupFs {
     }
 }
 
-/// The cgroup path of a record, when the directory at that path under the v2 mount is the
-/// cgroup `id` now (its inode is the id). Anything else is not trusted: a path removed and
-/// made again names another cgroup, and no record may name one cgroup's events after another.
+/// The cgroup path of a record, unless the directory at that path under the v2 mount is
+/// another cgroup now (removed and made again: no record may name one cgroup's events after
+/// another). Nothing there is the record's word: the kernel records a mkdir before the
+/// directory is visible, and a short-lived cgroup (a container whose first fork fails and
+/// which exits at once) may be gone before its record is read; its removal's record follows.
 fn verify(mount: &Path, id: u64, raw: &[u8]) -> Option<CgroupPath> {
     let path = CgroupPath::parse(raw)?;
-    let meta = std::fs::symlink_metadata(path.under(mount)).ok()?;
-    (meta.is_dir() && meta.ino() == id).then_some(path)
+    match std::fs::symlink_metadata(path.under(mount)) {
+        Ok(meta) => (meta.is_dir() && meta.ino() == id).then_some(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(path),
+        Err(_) => None,
+    }
 }
 
 /// Every directory under `mount` (the root included), with its inode and path, until
@@ -794,9 +763,12 @@ mod tests {
             fs.take(&record(CGROUP_MADE, 0, other, bad), now);
             assert_eq!(named(&fs, other), None, "{bad:?}");
         }
-        // Nothing there (removed already): rejected.
+        // Nothing there (not visible yet, or removed already): the record's word, until the
+        // removal's record says it went.
         fs.take(&record(CGROUP_MADE, 0, pod + 1000, b"/gone"), now);
-        assert_eq!(named(&fs, pod + 1000), None);
+        assert_eq!(named(&fs, pod + 1000).as_deref(), Some("/gone"));
+        fs.take(&record(CGROUP_REMOVED, 0, pod + 1000, b""), now);
+        assert!(fs.known[&(Hierarchy::Unified, pod + 1000)].gone.is_some());
         // A path cut short names nothing, however it looks.
         fs.take(&record(CGROUP_MADE, PATH_INCOMPLETE, pod, b"/pod"), now);
         assert_eq!(named(&fs, pod), None);
@@ -861,31 +833,6 @@ mod tests {
             "{} of {room}",
             fs.known.capacity()
         );
-    }
-
-    #[test]
-    fn a_record_read_before_its_directory_shows_is_named_when_looked_up() {
-        let m = FakeMount::new("early", &[b"pod"]);
-        let mut fs = m.fs();
-        // The kernel records a mkdir before the directory is visible: the record, read at that
-        // moment, names a path where nothing is yet (here: the directory, outside the mount).
-        let hidden = m.0.with_extension("hidden");
-        std::fs::create_dir(&hidden).expect("test");
-        let id = std::fs::metadata(&hidden).expect("test").ino();
-        let t0 = Instant::now();
-        fs.take(&record(CGROUP_MADE, 0, id, b"/pod/ctr"), t0);
-        assert!(!fs.known.contains_key(&(Hierarchy::Unified, id)));
-        // Walked a moment ago: no walk is due, only the record can name it.
-        fs.rescan(Hierarchy::Unified, Instant::now());
-        std::fs::rename(&hidden, m.0.join("pod/ctr")).expect("test");
-        assert_eq!(
-            fs.path(Hierarchy::Unified, id).map(|p| p.text()),
-            Some("/pod/ctr".into())
-        );
-        // One that never shows is forgotten after a while.
-        fs.take(&record(CGROUP_MADE, 0, u64::MAX, b"/pod/never"), t0);
-        fs.forget_removed(t0 + UNVERIFIED_KEPT);
-        assert!(fs.unverified.is_empty());
     }
 
     #[test]
