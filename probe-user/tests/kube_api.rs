@@ -429,14 +429,7 @@ fn a_conntrack_drop_is_attributed_by_pod_ip() {
     );
     let config = kubeconfig(api.port);
     let lab = CtLab::start(&V4);
-    let trace = Trace::start(&[
-        "--events",
-        "conntrack",
-        "--kubeconfig",
-        &config.0.display().to_string(),
-        "--node-name",
-        "node-1",
-    ]);
+    let trace = conntrack_trace(&config);
     api.wait_for_relist();
     // Port 5300: not DNS, so the egress program records no flow for it.
     lab.client(1, &format!("1 --dns-server {}", lab.server(5300)));
@@ -479,14 +472,7 @@ fn forged_sources_are_unattributed_not_pinned_on_the_pod_they_name() {
         "ip netns exec {} sysctl -qw net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.default.rp_filter=2",
         lab.router()
     ));
-    let trace = Trace::start(&[
-        "--events",
-        "conntrack",
-        "--kubeconfig",
-        &config.0.display().to_string(),
-        "--node-name",
-        "node-1",
-    ]);
+    let trace = conntrack_trace(&config);
     api.wait_for_relist();
     // Client 1's flow takes the router's only SNAT port; then the forgeries, then client 2.
     lab.client(1, &format!("1 --dns-server {}", lab.server(5300)));
@@ -744,4 +730,16 @@ fn workload_labels_stay_across_the_api_going_and_coming_back() {
         "{m}"
     );
     drop(daemon);
+}
+
+/// `faultline trace` of conntrack drops, naming pods through the stand-in API as node-1.
+fn conntrack_trace(config: &TempFile) -> Trace {
+    Trace::start(&[
+        "--events",
+        "conntrack",
+        "--kubeconfig",
+        &config.0.display().to_string(),
+        "--node-name",
+        "node-1",
+    ])
 }

@@ -111,12 +111,7 @@ fn serve(conn: TcpStream, log: Arc<Mutex<Vec<Request>>>, stop: Arc<AtomicBool>, 
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
             )
         };
-        let answer = answer.to_string();
-        let _ = write!(
-            conn,
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
-            answer.len()
-        );
+        super::write_json(&mut conn, status, &answer);
     }
 }
 

@@ -915,6 +915,17 @@ pub struct HttpRequest {
 }
 
 /// The next request on a kept-alive connection (its body by `Content-Length`); none once the
+/// A stand-in API's answer: `status` ("200 OK") and a JSON body (a peer gone meanwhile is
+/// the test's to notice, not the writer's).
+pub fn write_json(conn: &mut impl std::io::Write, status: &str, answer: &serde_json::Value) {
+    let answer = answer.to_string();
+    let _ = write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+        answer.len()
+    );
+}
+
 /// peer closes or stops mid-request.
 pub fn read_request(reader: &mut impl BufRead) -> Option<HttpRequest> {
     let mut first = String::new();
@@ -1651,8 +1662,9 @@ pub fn line_within(
 /// (self-signed, and so a CA: basicConstraints CA:TRUE), for 127.0.0.1, with its key:
 /// (certificate, key) in `dir`.
 pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let out = Command::new("openssl")
-        .args([
+    openssl_in(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -1666,14 +1678,7 @@ pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
             "1",
             "-subj",
             "/CN=127.0.0.1",
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("the openssl CLI is needed for the TLS tests (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     (dir.join("self.pem"), dir.join("self.key"))
 }
