@@ -406,13 +406,18 @@ fn attribution_by_id_keeps_a_non_utf8_cgroup_accounted() {
     let (after_name, after) = odd("odd-after");
     let made_after = make(&after_name);
     let labs = [hold(&made_before.2), hold(&made_after.2)];
+    // A refresh reads the kernel's counters before it reads each cgroup's live tasks: threads
+    // made between the two show as live a refresh before they show as created. Wait for
+    // both, then require them exact (below).
     let s = top.wait_for(
         Duration::from_secs(10),
-        "both cgroups with 6 live tasks",
+        "both cgroups with 6 live tasks and 5 threads created",
         |s| {
-            [&before, &after]
-                .iter()
-                .all(|p| row(s, p).is_some_and(|r| r["live"] == 6))
+            [&before, &after].iter().all(|p| {
+                row(s, p).is_some_and(|r| {
+                    r["live"] == 6 && r["threads_created"].as_u64().is_some_and(|n| n >= 5)
+                })
+            })
         },
     );
     for path in [&before, &after] {
