@@ -9,6 +9,12 @@ mod dns;
 mod kernel;
 mod tasks;
 
+/// The programs' license as the kernel reads it: GPL-compatible (`Dual MIT/GPL`), without
+/// which the GPL-only helpers (ring buffers, probe reads of kernel memory) are refused.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {

@@ -1184,8 +1184,10 @@ fn translate(ds: &Value, host: &mut Created) -> Agent {
 
 /// deploy/Dockerfile's runtime stage on the local base: FROM the base (debian:12-slim's
 /// stand-in), its `apt-get install ca-certificates` already in the base (no registry or
-/// mirror in a build here), the binary from the context instead of the build stage.
-fn runtime_stage(base: &str) -> String {
+/// mirror in a build here), the binary (which the caller puts in `ctx`) and the repository's
+/// files the build stage holds (copied into `ctx` here) from the context instead of the build
+/// stage.
+fn runtime_stage(base: &str, ctx: &Path) -> String {
     let stages = dockerfile();
     let mut out = String::new();
     for i in stages.last().expect("a runtime stage") {
@@ -1199,12 +1201,26 @@ fn runtime_stage(base: &str) -> String {
             ),
             "COPY" if i.args.starts_with("--from=build ") => {
                 let parts: Vec<&str> = i.args.split(' ').collect();
-                assert!(
-                    parts[1].ends_with("/target/release/faultline"),
-                    "{}",
-                    i.args
-                );
-                out += &format!("COPY faultline {}\n", parts[2]);
+                let (dest, sources) = parts[1..].split_last().expect("COPY's destination");
+                if let [binary] = sources
+                    && binary.ends_with("/target/release/faultline")
+                {
+                    out += &format!("COPY faultline {dest}\n");
+                    continue;
+                }
+                // The build stage's WORKDIR holds the repository (`COPY . .`).
+                let mut names = Vec::new();
+                for src in sources {
+                    let rel = src.strip_prefix("/src/").unwrap_or_else(|| {
+                        panic!("the runtime stage copies {src}, not a repository file")
+                    });
+                    assert!(!rel.starts_with("target/"), "{}", i.args);
+                    let name = Path::new(rel).file_name().expect("a file name");
+                    std::fs::copy(root().join(rel), ctx.join(name))
+                        .unwrap_or_else(|e| panic!("{rel} into the context: {e}"));
+                    names.push(name.to_string_lossy().into_owned());
+                }
+                out += &format!("COPY {} {dest}\n", names.join(" "));
             }
             "COPY" | "ADD" => panic!("the runtime stage copies more than the binary: {}", i.args),
             _ => out += &format!("{} {}\n", i.op, i.args),
@@ -1352,7 +1368,23 @@ fn the_image_runs_as_the_daemonset_says_and_names_each_containers_failure() {
     podman.ok(&["import", &rootfs.display().to_string(), base]);
     std::fs::copy(release, ctx.join("faultline")).expect("the binary into the context");
     let agent_image = "localhost/faultline:test";
-    podman.build(agent_image, &runtime_stage(base), &ctx);
+    podman.build(agent_image, &runtime_stage(base, &ctx), &ctx);
+    // Read from the image's layers, not a container: a container run under the run's cgroup
+    // parent before the resolver's build made that build's `RUN` fail in crun (writing
+    // `devices.deny`: Invalid argument, as v1 devices answers for a cgroup with children).
+    let layers = PathBuf::from(podman.ok(&["image", "mount", agent_image]));
+    let mut docs: Vec<String> = std::fs::read_dir(layers.join("usr/share/doc/faultline"))
+        .expect("/usr/share/doc/faultline in the image")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    docs.sort();
+    podman.ok(&["image", "unmount", agent_image]);
+    assert_eq!(
+        docs,
+        ["LICENSE-APACHE", "LICENSE-GPL-2.0", "LICENSE-MIT"],
+        "the image carries the license texts"
+    );
     // The resolver's image: the same base with dnsmasq-base installed from its packages.
     let dns_ctx = podman.storage.join("dns-context");
     std::fs::create_dir_all(&dns_ctx).expect("dns context");

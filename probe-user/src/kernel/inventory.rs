@@ -244,3 +244,34 @@ pub fn object_maps() -> Vec<LoadedMap> {
 pub fn object_maps_memory(cpus: u64) -> u64 {
     maps_memory(&object_maps(), cpus)
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _};
+
+    /// The object declares its license, and one the kernel counts as GPL-compatible
+    /// (`license_is_gpl_compatible`, include/linux/license.h): without a `license` section aya
+    /// would say "GPL" on the object's behalf, which is not what the crate is under.
+    #[test]
+    fn the_object_declares_a_gpl_compatible_license() {
+        let file = object::File::parse(super::OBJECT).expect("the embedded object");
+        let section = file.section_by_name("license").expect("a license section");
+        let data = section.data().expect("its bytes");
+        assert_eq!(data, b"Dual MIT/GPL\0");
+        let kernel_gpl_compatible = [
+            "GPL",
+            "GPL v2",
+            "GPL and additional rights",
+            "Dual BSD/GPL",
+            "Dual MIT/GPL",
+            "Dual MPL/GPL",
+        ];
+        let text = std::str::from_utf8(&data[..data.len() - 1]).expect("ASCII");
+        assert!(kernel_gpl_compatible.contains(&text), "{text}");
+        let manifest = include_str!("../../../probe-ebpf/Cargo.toml");
+        assert!(
+            manifest.contains("license = \"MIT OR GPL-2.0-only\""),
+            "probe-ebpf's Cargo.toml names the same license"
+        );
+    }
+}
