@@ -22,6 +22,7 @@ pub mod export;
 mod fuzz;
 pub mod kernel;
 pub mod logging;
+pub mod manual;
 pub mod memory;
 pub mod pipeline;
 pub mod run;

@@ -2,12 +2,7 @@
 //! line and an exit code (2 for usage: clap's, and a command's [`UsageError`]; 1 for
 //! everything else).
 
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
-
-use anyhow::Context as _;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use probe_user::{
@@ -66,21 +61,6 @@ enum Command {
     },
 }
 
-/// `faultline man`: the main page on stdout, or every page into `dir`.
-fn man(dir: Option<&Path>) -> anyhow::Result<()> {
-    let cmd = <Cli as clap::CommandFactory>::command();
-    match dir {
-        None => clap_mangen::Man::new(cmd)
-            .render(&mut std::io::stdout())
-            .context("writing the man page"),
-        Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            clap_mangen::generate_to(cmd, dir)
-                .with_context(|| format!("writing the man pages into {}", dir.display()))
-        }
-    }
-}
-
 fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -122,7 +102,9 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Command::Man { dir } => man(dir.as_deref()),
+        Command::Man { dir } => {
+            probe_user::manual::write(<Cli as clap::CommandFactory>::command(), dir.as_deref())
+        }
         Command::Trace(args) => block_on(trace::run(args)),
         Command::Top(args) => block_on(top::run(args)),
         Command::Explain(args) => block_on(explain::run(args)),

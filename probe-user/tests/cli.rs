@@ -265,6 +265,10 @@ fn man_page_and_completions() {
             text.starts_with(".ie") || text.contains(".TH"),
             "{name}: {text}"
         );
+        // What clap_mangen does not write: the variables and the exit codes.
+        for section in [".SH ENVIRONMENT", ".SH \"EXIT STATUS\"", "\\fB2\\fR"] {
+            assert!(text.contains(section), "{name}: no {section}:\n{text}");
+        }
         let rendered = Command::new("groff")
             .args(["-man", "-Tutf8", "-ww", "-z"])
             .arg(&page)
@@ -282,6 +286,20 @@ fn man_page_and_completions() {
             );
         }
     }
+    let page = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let run_page = page("faultline-run.1");
+    for var in [
+        "FAULTLINE_REFRESH",
+        "FAULTLINE_LOG_LEVEL",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "KUBECONFIG",
+    ] {
+        assert!(run_page.contains(var), "faultline-run.1 has no {var}");
+    }
+    assert!(
+        !page("faultline-check.1").contains("OTEL_EXPORTER"),
+        "check reads no OTLP variable"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
