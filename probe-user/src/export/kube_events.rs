@@ -170,7 +170,11 @@ impl Occurrence {
                     d.evidence
                 ),
             ),
-            _ => return None,
+            // Answered queries, near-misses (the kernel resolved the clash) and a trace's
+            // headroom warnings are worth no Event.
+            Event::DnsQuery(_) | Event::ClashesResolved(_) | Event::HeadroomWarning(_) => {
+                return None;
+            }
         };
         Some(Occurrence {
             pod: Regarding::of(pod)?,

@@ -82,7 +82,12 @@ impl Counter {
             Event::ConntrackDrop(d) if d.cause == DropCause::InsertFailed => {
                 Some(Counter::ConntrackInsertFailed)
             }
-            _ => None,
+            // Other causes and signals move no counter cross-checked here.
+            Event::CloneFailure(_)
+            | Event::ConntrackDrop(_)
+            | Event::DnsQuery(_)
+            | Event::ClashesResolved(_)
+            | Event::HeadroomWarning(_) => None,
         }
     }
 }

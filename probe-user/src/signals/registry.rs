@@ -104,7 +104,7 @@ impl Signals {
         let order = |s: &Signal| match s {
             Signal::Dns => 0,
             Signal::Clone => 1,
-            _ => 2,
+            Signal::Conntrack | Signal::Tasks => 2,
         };
         let mut paired: Vec<_> = signals.rings.drain(..).zip(rings).collect();
         paired.sort_by_key(|(s, _)| order(s));
