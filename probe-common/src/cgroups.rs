@@ -73,3 +73,8 @@ mod pod {
     // bit pattern.
     unsafe impl aya::Pod for super::CgroupEventHeader {}
 }
+
+crate::kernel_abi_sizes! {
+    CgroupEventHeader => 16,
+    CgroupEvent => 1040,
+}

@@ -185,3 +185,11 @@ mod pod {
     // SAFETY: #[repr(C)] plain data, valid for any bit pattern (padding is never read).
     unsafe impl aya::Pod for super::CloneFailureEvent {}
 }
+
+crate::kernel_abi_sizes! {
+    CgroupCounter => 40,
+    PidNsLevel => 16,
+    PidNsCounter => 120,
+    NprocCounter => 16,
+    CloneFailureEvent => 296,
+}

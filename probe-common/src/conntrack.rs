@@ -100,3 +100,9 @@ mod pod {
     // SAFETY: #[repr(C)] struct of two u64s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::FlowOwner {}
 }
+
+crate::kernel_abi_sizes! {
+    FlowKey => 40,
+    FlowOwner => 16,
+    ConntrackDropEvent => 192,
+}

@@ -148,3 +148,11 @@ mod pod {
     // SAFETY: #[repr(C)] struct of two u64s: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::DnsTcpCounts {}
 }
+
+crate::kernel_abi_sizes! {
+    DnsKey => 16,
+    DnsSend => 56,
+    DnsPending => 312,
+    DnsQueryEvent => 608,
+    DnsTcpCounts => 16,
+}

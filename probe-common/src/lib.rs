@@ -58,6 +58,23 @@ macro_rules! counters {
 }
 pub(crate) use counters;
 
+/// Fails the build when a type that crosses the kernel boundary changes size. Both sides
+/// compile this crate, so they agree with each other; what this catches is a change that
+/// moves the bytes a reader elsewhere expects (a ring record's size that userspace checks, a
+/// map value sized by the loader, a field added with padding), which must be made on purpose
+/// (bump the number here with the reason in the commit).
+macro_rules! kernel_abi_sizes {
+    ($($ty:ty => $bytes:literal),* $(,)?) => {
+        $(
+            const _: () = assert!(
+                core::mem::size_of::<$ty>() == $bytes,
+                concat!(stringify!($ty), " changed size: it crosses the kernel boundary")
+            );
+        )*
+    };
+}
+pub(crate) use kernel_abi_sizes;
+
 pub mod caps;
 pub mod cgroups;
 pub mod clone;

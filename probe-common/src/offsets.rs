@@ -237,3 +237,9 @@ mod pod {
     // SAFETY: as above, #[repr(C)] struct of u32 only.
     unsafe impl aya::Pod for super::NetOffsets {}
 }
+
+crate::kernel_abi_sizes! {
+    KernelOffsets => 184,
+    NetOffsets => 120,
+    TracepointOffsets => 4,
+}

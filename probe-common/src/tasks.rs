@@ -58,3 +58,8 @@ mod pod {
     // SAFETY: #[repr(C)] struct of an i64 and a u64: no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::UidTasks {}
 }
+
+crate::kernel_abi_sizes! {
+    TaskCounts => 24,
+    UidTasks => 16,
+}
