@@ -35,7 +35,7 @@ fn assert_events(
 #[test]
 fn pids_limit_for_threads_forks_and_vforks() {
     let Some((pids_mount, _)) = mount(Hierarchy::Pids) else {
-        eprintln!("no pids controller on this host; skipped");
+        skipped("no pids controller on this host");
         return;
     };
     let name = unique("pids");
@@ -166,9 +166,7 @@ fn rlimit_nproc_as_a_non_root_user() {
 #[test]
 fn pid_max_of_a_fresh_pid_namespace() {
     if !per_namespace_pid_max() {
-        eprintln!(
-            "this kernel has one global pid_max (before 6.14): see pid_max_of_the_node_global"
-        );
+        skipped("this kernel has one global pid_max (before 6.14): see pid_max_of_the_node_global");
         return;
     }
     let trace = Trace::start(&["--comm", "fl-pidmax"]);
@@ -221,13 +219,13 @@ fn assert_pid_max_threads(
 #[test]
 fn pid_max_of_the_node_global() {
     if per_namespace_pid_max() {
-        eprintln!("this kernel has a pid_max per namespace: see pid_max_of_a_fresh_pid_namespace");
+        skipped("this kernel has a pid_max per namespace: see pid_max_of_a_fresh_pid_namespace");
         return;
     }
     let Some(kernel) = vm_kernel() else {
-        eprintln!(
+        skipped(
             "not run: lowering the global pid_max stops the whole machine from creating tasks; \
-             `cargo xtask vm-test` runs it in a disposable VM"
+             `cargo xtask vm-test` runs it in a disposable VM",
         );
         return;
     };
@@ -291,7 +289,7 @@ fn enomem_in_a_pid_namespace_whose_init_exited() {
 #[test]
 fn memory_cgroup_limit_hit_by_thread_creation() {
     let Some((memory_mount, _)) = mount(Hierarchy::Memory) else {
-        eprintln!("no memory controller on this host; skipped");
+        skipped("no memory controller on this host");
         return;
     };
     let name = unique("memory");
@@ -339,7 +337,7 @@ fn memory_cgroup_limit_hit_by_thread_creation() {
 #[test]
 fn threads_max_opt_in() {
     if std::env::var("FAULTLINE_TEST_THREADS_MAX").as_deref() != Ok("1") {
-        eprintln!("threads-max is host-wide; set FAULTLINE_TEST_THREADS_MAX=1 to run this test");
+        skipped("threads-max is host-wide; set FAULTLINE_TEST_THREADS_MAX=1 to run this test");
         return;
     }
     let trace = Trace::start(&["--comm", "fl-thrmax"]);

@@ -20,7 +20,7 @@ fn uid(tag: u32) -> String {
 #[test]
 fn pods_named_in_trace_and_top_for_both_cgroup_drivers() {
     let Some((pids_mount, _)) = mount(Hierarchy::Pids) else {
-        eprintln!("no pids controller; skipped");
+        skipped("no pids controller on this host");
         return;
     };
     let (uid_a, uid_b) = (uid(1), uid(2));

@@ -4,6 +4,7 @@
 //! README's two commands work on a new machine.
 
 use std::{
+    fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -330,6 +331,9 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
     let profile = deployed::write_profile(&root)?;
     let launcher = root.join("target/debug").join(deployed::LAUNCHER);
     deployed::remove_cgroup(&launcher)?;
+    // Each test that cannot run what it tests here adds a line (tests/common, `skipped`).
+    let skips = root.join("target/test-skips.txt");
+    let _ = fs::remove_file(&skips);
     let tests = run(Command::new("cargo")
         .current_dir(&root)
         .arg("test") // default-members: every crate but the BPF-only probe-ebpf
@@ -338,7 +342,12 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
         .env(
             "FAULTLINE_AS_DEPLOYED_MEMLOCK",
             deployed::MEMLOCK_64K.to_string(),
-        ));
+        )
+        .env("FAULTLINE_TEST_SKIPS", &skips));
+    print_skips(
+        "this machine",
+        &fs::read_to_string(&skips).unwrap_or_default(),
+    );
     // Also after a failure: what a killed test left in the launcher's cgroup, and the cgroup.
     let removed = deployed::remove_cgroup(&launcher);
     tests.and(removed)?;
@@ -350,6 +359,19 @@ fn test(args: &[String], host_only: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The tests that did not run what they test on `place` (the lines of a skips file), said
+/// with their count so that none passes unseen as `ok`.
+pub fn print_skips(place: &str, lines: &str) {
+    let lines: Vec<&str> = lines.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return;
+    }
+    eprintln!("xtask: {} tests skipped on {place}:", lines.len());
+    for l in lines {
+        eprintln!("  {l}");
+    }
 }
 
 /// The style the build enforces, failing on any finding: rustfmt, then clippy with every

@@ -357,6 +357,8 @@ pub struct Outcome {
     pub check: String,
     pub failed: Vec<String>,
     pub passed: Vec<String>,
+    /// Tests that did not run what they test on this kernel, with why (tests/common, `skipped`).
+    pub skipped: String,
     pub secs: f64,
     /// `faultline check` as deployed.
     pub deployed: deployed::Checks,
@@ -502,6 +504,9 @@ pub fn run(
         );
         failed |= !o.failed.is_empty();
     }
+    for o in &outcomes {
+        crate::print_skips(&o.kernel, &o.skipped);
+    }
     if failed {
         bail!("the kernel matrix failed (logs under target/vm/out/<kernel>/)");
     }
@@ -561,9 +566,11 @@ fn run_kernel(
     script += &deployed::capbnd_script(&out);
     script += &deployed::check_script(&bin, &profile_copy, &out, &profile.caps);
     script += &format!(
-        "export FAULTLINE_AS_DEPLOYED={} FAULTLINE_AS_DEPLOYED_MEMLOCK={}\n",
+        "export FAULTLINE_AS_DEPLOYED={} FAULTLINE_AS_DEPLOYED_MEMLOCK={} \
+         FAULTLINE_TEST_SKIPS={}/skips.txt\n",
         profile_copy.display(),
-        deployed::MEMLOCK_64K
+        deployed::MEMLOCK_64K,
+        out.display()
     );
     let selected: Vec<&(String, PathBuf)> = bins
         .iter()
@@ -621,6 +628,7 @@ fn run_kernel(
         check: read("check.txt"),
         failed: Vec::new(),
         passed: Vec::new(),
+        skipped: read("skips.txt"),
         secs: started.elapsed().as_secs_f64(),
         deployed: deployed::Checks::read(k.name, &out, &profile.caps),
     };

@@ -222,6 +222,33 @@ pub fn sh(cmd: &str) {
     );
 }
 
+/// Says that this test did not run what it tests here, and why: on stderr, and as a line of
+/// the file `FAULTLINE_TEST_SKIPS` names (`cargo xtask test` and each VM of the matrix set it,
+/// and list its lines at the end), so a skip is counted rather than passing as `ok`. The
+/// test returns after it.
+pub fn skipped(reason: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    // A test binary is `<name>-<hash>` under target/, `<name>` in the VMs.
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| s.split('-').next().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    eprintln!("skipped: {reason}");
+    if let Some(path) = std::env::var_os("FAULTLINE_TEST_SKIPS") {
+        let line = format!("{binary}::{test}: {reason}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            panic!("recording the skip in {}: {e}", path.to_string_lossy());
+        }
+    }
+}
+
 pub fn require_root() {
     assert_eq!(
         // SAFETY: geteuid cannot fail.
