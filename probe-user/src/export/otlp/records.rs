@@ -256,20 +256,18 @@ pub fn dns_span(q: &DnsQuery) -> Span {
     }
 }
 
-/// A non-zero id of `len` bytes (xorshift seeded from the clock and a counter; ids need to be
-/// unique, not secret).
+/// A random id of `len` bytes, not all zero (W3C trace context: 16 for a trace, 8 for a span;
+/// an all-zero id is invalid). Unique, not secret: fastrand, seeded from the OS per thread.
 pub(super) fn random_id(len: usize) -> Vec<u8> {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let mut x = now_unix_nano()
-        ^ COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x as u8) | 1
-        })
-        .collect()
+    let mut id: Vec<u8> = std::iter::repeat_with(|| fastrand::u8(..))
+        .take(len)
+        .collect();
+    if let Some(last) = id.last_mut()
+        && *last == 0
+    {
+        *last = 1;
+    }
+    id
 }
 
 pub(super) fn now_unix_nano() -> u64 {
@@ -281,6 +279,17 @@ pub(super) fn now_unix_nano() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_of_their_length_never_zero_and_do_not_repeat() {
+        let ids: std::collections::HashSet<Vec<u8>> = (0..10_000).map(|_| random_id(8)).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(
+            ids.iter()
+                .all(|id| id.len() == 8 && id.iter().any(|&b| b != 0))
+        );
+        assert_eq!(random_id(16).len(), 16);
+    }
 
     fn keys(pod: &PodRef) -> Vec<(String, String)> {
         k8s_attributes(Some(pod))
