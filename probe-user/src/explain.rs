@@ -30,7 +30,7 @@ use crate::{
     cli::Output,
     diagnosis::{
         Recorder,
-        findings::{Finding, Report, duration},
+        findings::{Finding, Report, ReportSource, duration},
         history::MAX_AGE,
     },
     export::serve::EXPLAIN_DEFAULT_SINCE,
@@ -384,7 +384,9 @@ async fn observe(args: &ExplainArgs, notes: Vec<String>) -> anyhow::Result<Repor
         .await?;
     // The counters as the observation ends: what the kernel counted while watched.
     pipeline.refresh_once(&mut sink)?;
-    let mut report = sink.recorder.report(args.observe_for, "observation");
+    let mut report = sink
+        .recorder
+        .report(args.observe_for, ReportSource::Observation);
     let mut all = notes;
     all.extend(skipped);
     all.append(&mut report.notes);
@@ -426,9 +428,9 @@ impl Sink for Observer {
 
 /// The report for people: a header, then each finding as a block.
 pub fn render(r: &Report) -> Vec<String> {
-    let source = match r.source.as_str() {
-        "daemon" => "the daemon's history",
-        _ => "its own observation",
+    let source = match r.source {
+        ReportSource::Daemon => "the daemon's history",
+        ReportSource::Observation => "its own observation",
     };
     let mut lines = vec![format!(
         "faultline explain: node {}, {} of the last {} ({} finding{}{})",

@@ -13,7 +13,8 @@ use crate::{
         history::{Bucket, CloneTally, DnsTally, TopNames, Who},
         past::{Entry, Past, Resource},
     },
-    signals::conntrack::netns_phrase,
+    signals::clone::cause::Cause as CloneCause,
+    signals::conntrack::{Cause as DropCause, netns_phrase},
     signals::refusals::Counter,
     trend::{Estimate, Limit},
 };
@@ -70,15 +71,7 @@ pub struct Trend {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     pub severity: Severity,
-    /// `pids_limit`, `pids_limit_near`, `pid_max`, `threads_max`, `rlimit_nproc`,
-    /// `rlimit_nproc_near`, `memory`,
-    /// `pidns_dead`, `clone_unknown`, `dns_timeouts`, `dns_search_amplification`,
-    /// `conntrack_insert_failed`, `conntrack_table_full`, `conntrack_rule_drops`,
-    /// `conntrack_drops_unclassified`,
-    /// `conntrack_table_near`, `conntrack_near_misses`; in [`Report::past`], the
-    /// [`PastKind`]s (`pids_limit_past`, `oom_kill_past`, `memory_limit_past`,
-    /// `conntrack_insert_failed_past`, `conntrack_table_full_past`).
-    pub kind: String,
+    pub kind: FindingKind,
     /// The symptom, one line.
     pub what: String,
     pub who: Who,
@@ -111,25 +104,85 @@ pub struct KernelCount {
     pub while_watched: Option<u64>,
 }
 
-/// The kinds of the findings of the past.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PastKind {
-    PidsLimit,
-    OomKill,
-    MemoryLimit,
-    ConntrackInsertFailed,
-    ConntrackTableFull,
+/// Whose history a report reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportSource {
+    /// The history of `faultline run` on the node.
+    Daemon,
+    /// `explain` watched for the report's window itself.
+    Observation,
 }
 
-impl PastKind {
+/// What a finding is about: its `kind` in the JSON report and the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    // Task creation refused, by cause, and limits near.
+    PidsLimit,
+    PidsLimitNear,
+    PidMax,
+    ThreadsMax,
+    RlimitNproc,
+    RlimitNprocNear,
+    Memory,
+    PidnsDead,
+    CloneUnknown,
+    // DNS.
+    DnsTimeouts,
+    DnsSearchAmplification,
+    // Conntrack.
+    ConntrackInsertFailed,
+    ConntrackTableFull,
+    ConntrackRuleDrops,
+    ConntrackDropsUnclassified,
+    ConntrackTableNear,
+    ConntrackNearMisses,
+    // Refusals before faultline watched, from the kernel's own counts ([`Report::past`]).
+    PidsLimitPast,
+    OomKillPast,
+    MemoryLimitPast,
+    ConntrackInsertFailedPast,
+    ConntrackTableFullPast,
+    /// A kind this build does not know (a report from a newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+impl FindingKind {
+    /// As the report's JSON says it.
     pub fn as_str(self) -> &'static str {
         match self {
-            PastKind::PidsLimit => "pids_limit_past",
-            PastKind::OomKill => "oom_kill_past",
-            PastKind::MemoryLimit => "memory_limit_past",
-            PastKind::ConntrackInsertFailed => "conntrack_insert_failed_past",
-            PastKind::ConntrackTableFull => "conntrack_table_full_past",
+            FindingKind::PidsLimit => "pids_limit",
+            FindingKind::PidsLimitNear => "pids_limit_near",
+            FindingKind::PidMax => "pid_max",
+            FindingKind::ThreadsMax => "threads_max",
+            FindingKind::RlimitNproc => "rlimit_nproc",
+            FindingKind::RlimitNprocNear => "rlimit_nproc_near",
+            FindingKind::Memory => "memory",
+            FindingKind::PidnsDead => "pidns_dead",
+            FindingKind::CloneUnknown => "clone_unknown",
+            FindingKind::DnsTimeouts => "dns_timeouts",
+            FindingKind::DnsSearchAmplification => "dns_search_amplification",
+            FindingKind::ConntrackInsertFailed => "conntrack_insert_failed",
+            FindingKind::ConntrackTableFull => "conntrack_table_full",
+            FindingKind::ConntrackRuleDrops => "conntrack_rule_drops",
+            FindingKind::ConntrackDropsUnclassified => "conntrack_drops_unclassified",
+            FindingKind::ConntrackTableNear => "conntrack_table_near",
+            FindingKind::ConntrackNearMisses => "conntrack_near_misses",
+            FindingKind::PidsLimitPast => "pids_limit_past",
+            FindingKind::OomKillPast => "oom_kill_past",
+            FindingKind::MemoryLimitPast => "memory_limit_past",
+            FindingKind::ConntrackInsertFailedPast => "conntrack_insert_failed_past",
+            FindingKind::ConntrackTableFullPast => "conntrack_table_full_past",
+            FindingKind::Unknown => "unknown",
         }
+    }
+}
+
+impl std::fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -141,7 +194,7 @@ pub struct Report {
     pub time: String,
     /// `daemon` (the history of `faultline run` on the node) or `observation` (this command
     /// watched for `window_s` itself).
-    pub source: String,
+    pub source: ReportSource,
     /// The time the findings cover.
     pub window_s: f64,
     pub findings: Vec<Finding>,
@@ -182,7 +235,7 @@ pub fn findings(
         a.severity
             .cmp(&b.severity)
             .then(urgency(b).total_cmp(&urgency(a)))
-            .then(a.kind.cmp(&b.kind))
+            .then(a.kind.as_str().cmp(b.kind.as_str()))
             .then(a.who.workload.cmp(&b.who.workload))
     });
     out
@@ -248,22 +301,22 @@ fn holders_text(holders: &Holders) -> String {
 /// How a clone failure cause reads: (kind, symptom, extra evidence, advice, the limit whose
 /// trend belongs to it).
 type CauseText = (
-    &'static str,
+    FindingKind,
     String,
     String,
     Vec<String>,
     Option<(Limit, String)>,
 );
 
-fn cause_text(cause: &str, t: &CloneTally, holders: &Holders) -> CauseText {
+fn cause_text(cause: CloneCause, t: &CloneTally, holders: &Holders) -> CauseText {
     let cgroup = t.who.cgroup.clone().unwrap_or_default();
     let callers = top(&t.comms).join(", ");
     let pod_limit = "If the workload needs more tasks, raise its pids limit: the kubelet's `podPidsLimit` (node-wide, per pod) or the container runtime's pids limit.";
     let every_pod = "Give every pod a pids limit (kubelet `podPidsLimit`) so that one leaking pod cannot take the node's tasks.";
     let held = format!("; most tasks: {}", holders_text(holders));
     match cause {
-        "pids_limit" => (
-            "pids_limit",
+        CloneCause::PidsLimit => (
+            FindingKind::PidsLimit,
             "the pids limit is reached".into(),
             String::new(),
             vec![
@@ -272,8 +325,8 @@ fn cause_text(cause: &str, t: &CloneTally, holders: &Holders) -> CauseText {
             ],
             Some((Limit::Pids, t.pids_cgroup.clone().unwrap_or(cgroup))),
         ),
-        "pid_max" => (
-            "pid_max",
+        CloneCause::PidMax => (
+            FindingKind::PidMax,
             "the pid namespace has no free pid".into(),
             held,
             vec![
@@ -282,8 +335,8 @@ fn cause_text(cause: &str, t: &CloneTally, holders: &Holders) -> CauseText {
             ],
             Some((Limit::PidMax, "node".into())),
         ),
-        "threads_max" => (
-            "threads_max",
+        CloneCause::ThreadsMax => (
+            FindingKind::ThreadsMax,
             "the node's threads-max is reached".into(),
             held,
             vec![
@@ -292,29 +345,29 @@ fn cause_text(cause: &str, t: &CloneTally, holders: &Holders) -> CauseText {
             ],
             Some((Limit::ThreadsMax, "node".into())),
         ),
-        "rlimit_nproc" => (
-            "rlimit_nproc",
+        CloneCause::RlimitNproc => (
+            FindingKind::RlimitNproc,
             format!("uid {} is at its RLIMIT_NPROC", t.uid),
             ". RLIMIT_NPROC counts every process of the uid on the node, in every container running as that uid".into(),
             vec![format!("Run the pods that share uid {} as distinct uids (`securityContext.runAsUser`), or raise the limit where it is set (the container runtime's default ulimits, `ulimit -u` in the entrypoint).", t.uid)],
             None,
         ),
-        "memory" => (
-            "memory",
+        CloneCause::Memory => (
+            FindingKind::Memory,
             "the memory cgroup is at its limit".into(),
             ". A new task's kernel memory (stack, structures) is charged to the cgroup and was refused".into(),
             vec!["Raise the container's memory limit, or find what fills it (its anonymous memory and page cache: `memory.stat`).".into()],
             None,
         ),
-        "pidns_dead" => (
-            "pidns_dead",
+        CloneCause::PidnsDead => (
+            FindingKind::PidnsDead,
             "the pid namespace's init has exited".into(),
             String::new(),
             vec!["The container's PID 1 died while other processes still run in its pid namespace: restart the pod and find why its init exited.".into()],
             None,
         ),
-        _ => (
-            "clone_unknown",
+        CloneCause::Unknown => (
+            FindingKind::CloneUnknown,
             "no known cause".into(),
             format!("; errno {}", listed(&t.errnos)),
             vec!["See the event lines (`faultline trace`) for each failure's errno and flags.".into()],
@@ -331,14 +384,14 @@ fn clone_findings(
     out: &mut Vec<Finding>,
 ) {
     for ((cause, _), t) in &b.clone {
-        let (kind, symptom, extra, advice, limit) = cause_text(cause, t, holders);
+        let (kind, symptom, extra, advice, limit) = cause_text(*cause, t, holders);
         let mut who = t.who.clone();
         who.processes = top(&t.comms);
         let estimate =
             limit.and_then(|(l, r)| limits.iter().find(|e| e.limit == l && e.resource == r));
         out.push(Finding {
             severity: Severity::Critical,
-            kind: kind.to_owned(),
+            kind,
             what: format!("{} task creations refused: {symptom}", t.span.count),
             who,
             why: format!("{}; callers: {}{extra}", t.evidence, listed(&t.comms)),
@@ -379,7 +432,7 @@ fn limit_findings(
         }
         out.push(Finding {
             severity: Severity::Warning,
-            kind: kind.to_owned(),
+            kind,
             what,
             who,
             why,
@@ -395,7 +448,7 @@ fn limit_text(
     e: &Estimate,
     holders: &Holders,
     limits: &[Estimate],
-) -> (&'static str, String, String, Vec<String>) {
+) -> (FindingKind, String, String, Vec<String>) {
     let when = match e.eta_s {
         Some(s) if s <= 0.0 => "reached: what it limits is refused now".to_owned(),
         Some(s) => format!(
@@ -412,7 +465,7 @@ fn limit_text(
     };
     match e.limit {
         Limit::Pids => (
-            "pids_limit_near",
+            FindingKind::PidsLimitNear,
             format!("the pids limit of {} will refuse new tasks{soon}", e.workload),
             format!("pids.current={} pids.max={}: {when}", e.current, e.max),
             vec![
@@ -421,9 +474,13 @@ fn limit_text(
             ],
         ),
         Limit::PidMax | Limit::ThreadsMax => {
-            let name = if e.limit == Limit::PidMax { "kernel.pid_max" } else { "kernel.threads-max" };
+            let (kind, name) = if e.limit == Limit::PidMax {
+                (FindingKind::PidMax, "kernel.pid_max")
+            } else {
+                (FindingKind::ThreadsMax, "kernel.threads-max")
+            };
             (
-                e.limit.as_str(),
+                kind,
                 format!("the node's {name} will refuse new tasks{soon}"),
                 format!("{} tasks of {}: {when}; most tasks: {}", e.current, e.max, holders_text(holders)),
                 vec![
@@ -445,7 +502,7 @@ fn limit_text(
                 .map(|m| format!("pids.max is {m} but "))
                 .unwrap_or_default();
             (
-                "rlimit_nproc_near",
+                FindingKind::RlimitNprocNear,
                 format!(
                     "{pids}RLIMIT_NPROC {} for uid {uid}, shared with {others} other pod(s), binds first{}",
                     e.max,
@@ -464,7 +521,7 @@ fn limit_text(
             )
         }
         Limit::Conntrack => (
-            "conntrack_table_near",
+            FindingKind::ConntrackTableNear,
             format!("the conntrack table of {} will be full{soon}", e.workload),
             format!("{} entries of nf_conntrack_max={}: {when}", e.current, e.max),
             vec![
@@ -499,7 +556,7 @@ fn dns_findings(t: &DnsTally, minutes: f64, out: &mut Vec<Finding>) {
         }
         out.push(Finding {
             severity: Severity::Critical,
-            kind: "dns_timeouts".to_owned(),
+            kind: FindingKind::DnsTimeouts,
             what: format!("{} DNS queries timed out", t.timeouts),
             who: t.who.clone(),
             why,
@@ -519,7 +576,7 @@ fn dns_findings(t: &DnsTally, minutes: f64, out: &mut Vec<Finding>) {
             .unwrap_or_default();
         out.push(Finding {
             severity: Severity::Info,
-            kind: "dns_search_amplification".to_owned(),
+            kind: FindingKind::DnsSearchAmplification,
             what: format!(
                 "{:.1} DNS queries per lookup: {} of {queries} queries were search-path misses",
                 queries as f64 / lookups as f64,
@@ -545,9 +602,9 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
             String::new()
         };
         let (severity, kind, what, why, advice) = match *cause {
-            "insert_failed" => (
+            DropCause::InsertFailed => (
                 Severity::Critical,
-                "conntrack_insert_failed",
+                FindingKind::ConntrackInsertFailed,
                 format!("{} packets dropped by conntrack: insert failed", t.span.count),
                 format!("two packets of one flow (or two flows translated to one tuple) raced to confirm their conntrack entry and this one lost: {}, e.g. {}{dns}", t.evidence, t.flow),
                 vec![
@@ -555,9 +612,9 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
                     "For SNAT port clashes: `--random-fully` on the masquerade rule (kube-proxy/CNI option), or more source addresses.".to_owned(),
                 ],
             ),
-            "table_full" => (
+            DropCause::TableFull => (
                 Severity::Critical,
-                "conntrack_table_full",
+                FindingKind::ConntrackTableFull,
                 format!("{} packets dropped: the conntrack table is full", t.span.count),
                 format!("{}, e.g. {}{dns}", t.evidence, t.flow),
                 vec![
@@ -567,9 +624,9 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
             ),
             // The namespace's counters could not tell (not readable from here): say so, never
             // guess a rule.
-            "other" => (
+            DropCause::Other => (
                 Severity::Warning,
-                "conntrack_drops_unclassified",
+                FindingKind::ConntrackDropsUnclassified,
                 format!("{} packets dropped by netfilter, cause not told", t.span.count),
                 format!("{}, e.g. {}{dns}", t.evidence, t.flow),
                 vec![
@@ -577,9 +634,9 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
                     "Drops in a pod's own network namespace are classified only with CAP_SYS_PTRACE and CAP_SYS_ADMIN (to find and enter it); the node's namespace always is.".to_owned(),
                 ],
             ),
-            _ => (
+            DropCause::Rule => (
                 Severity::Warning,
-                "conntrack_rule_drops",
+                FindingKind::ConntrackRuleDrops,
                 format!("{} packets dropped by a netfilter rule", t.span.count),
                 format!("{}, e.g. {}{dns}", t.evidence, t.flow),
                 vec!["A rule dropped them (a NetworkPolicy, a firewall, kube-proxy's REJECT for a service without endpoints): check the rules for this flow.".to_owned()],
@@ -590,13 +647,13 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
             .find(|e| e.limit == Limit::Conntrack && e.workload == t.who.workload);
         out.push(Finding {
             severity,
-            kind: kind.to_owned(),
+            kind,
             what,
             who: t.who.clone(),
             why,
             trend: with_limit(
                 events_trend(t.span.count, t.span.first, t.span.last, minutes),
-                table.filter(|_| *cause == "table_full"),
+                table.filter(|_| *cause == DropCause::TableFull),
             ),
             advice,
             kernel: None,
@@ -605,7 +662,7 @@ fn conntrack_findings(b: &Bucket, minutes: f64, limits: &[Estimate], out: &mut V
     for t in b.clashes.values() {
         out.push(Finding {
             severity: Severity::Warning,
-            kind: "conntrack_near_misses".to_owned(),
+            kind: FindingKind::ConntrackNearMisses,
             what: format!("{} conntrack clashes resolved in time (near-misses)", t.span.count),
             who: t.who.clone(),
             why: format!("in {}, packets raced to confirm one conntrack entry and the kernel merged them; when it cannot, the packet is dropped (insert_failed): near-misses come before the drops", netns_phrase(t.netns)),
@@ -631,7 +688,7 @@ pub fn past_findings(past: &Past, started: std::time::SystemTime) -> Vec<Finding
         a.severity
             .cmp(&b.severity)
             .then(kernel_total(b).cmp(&kernel_total(a)))
-            .then(a.kind.cmp(&b.kind))
+            .then(a.kind.as_str().cmp(b.kind.as_str()))
             .then(a.who.workload.cmp(&b.who.workload))
     });
     out
@@ -692,14 +749,14 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
         age_s,
         while_watched: e.while_watched(counter),
     };
-    let finding = |kind: PastKind,
+    let finding = |kind: FindingKind,
                    severity,
                    counter: Counter,
                    what: String,
                    why: String,
                    advice: Vec<String>| Finding {
         severity,
-        kind: kind.as_str().to_owned(),
+        kind,
         what,
         who: e.who.clone(),
         why,
@@ -719,7 +776,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
             let pids = e.first(Counter::PidsMax);
             if pids > 0 {
                 out.push(finding(
-                    PastKind::PidsLimit,
+                    FindingKind::PidsLimitPast,
                     Severity::Critical,
                     Counter::PidsMax,
                     format!("{since}, its pids limit refused {pids} task creations; {}", watched(Counter::PidsMax)),
@@ -740,7 +797,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
             ];
             if kills > 0 {
                 out.push(finding(
-                    PastKind::OomKill,
+                    FindingKind::OomKillPast,
                     Severity::Critical,
                     Counter::MemoryOomKill,
                     format!("{since}, the OOM killer killed {kills} of its processes at its memory limit; {}", watched(Counter::MemoryOomKill)),
@@ -771,7 +828,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
                     Counter::MemoryFailcnt
                 };
                 out.push(finding(
-                    PastKind::MemoryLimit,
+                    FindingKind::MemoryLimitPast,
                     severity,
                     counter,
                     format!("{what}; {}", watched(counter)),
@@ -784,7 +841,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
             let failed = e.first(Counter::ConntrackInsertFailed);
             if failed > 0 {
                 out.push(finding(
-                    PastKind::ConntrackInsertFailed,
+                    FindingKind::ConntrackInsertFailedPast,
                     Severity::Critical,
                     Counter::ConntrackInsertFailed,
                     format!("{since}, conntrack dropped {failed} packets whose entry lost the race to be confirmed (insert_failed); {}", watched(Counter::ConntrackInsertFailed)),
@@ -805,7 +862,7 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
                     Counter::ConntrackEarlyDrop
                 };
                 out.push(finding(
-                    PastKind::ConntrackTableFull,
+                    FindingKind::ConntrackTableFullPast,
                     if full > 0 { Severity::Critical } else { Severity::Warning },
                     counter,
                     format!("{since}, its conntrack table was full: {full} packets dropped for want of an entry, {early} entries evicted early; {}", watched(counter)),
@@ -834,6 +891,27 @@ pub fn duration(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The JSON names a report carries are the ones the text shows.
+    #[test]
+    fn finding_kinds_serialize_as_they_print() {
+        for kind in [
+            FindingKind::PidsLimit,
+            FindingKind::RlimitNprocNear,
+            FindingKind::PidnsDead,
+            FindingKind::DnsSearchAmplification,
+            FindingKind::ConntrackDropsUnclassified,
+            FindingKind::ConntrackTableFullPast,
+            FindingKind::Unknown,
+        ] {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::from(kind.as_str())
+            );
+        }
+        let newer: FindingKind = serde_json::from_str("\"a_kind_of_later\"").unwrap();
+        assert_eq!(newer, FindingKind::Unknown);
+    }
     use crate::diagnosis::history::{ClashTally, Span};
 
     fn estimate(
@@ -1008,7 +1086,7 @@ mod tests {
             version: VERSION,
             node: "n1".into(),
             time: "2026-11-25T00:00:00.000Z".into(),
-            source: "daemon".into(),
+            source: ReportSource::Daemon,
             window_s: 900.0,
             findings: findings(&Bucket::default(), Duration::from_secs(900), &limits, &[]),
             not_kept: 0,

@@ -14,8 +14,8 @@ use crate::{
     attribution::pods::PodRef,
     signals::{
         Event,
-        clone::CloneFailure,
-        conntrack::{ClashesResolved, ConntrackDrop},
+        clone::{CloneFailure, cause::Cause as CloneCause},
+        conntrack::{Cause as DropCause, ClashesResolved, ConntrackDrop},
         dns::{DnsQuery, Outcome},
     },
 };
@@ -189,9 +189,9 @@ pub struct ClashTally {
 #[derive(Clone, Debug, Default)]
 pub struct Bucket {
     minute: u64,
-    pub clone: HashMap<(&'static str, String), CloneTally>,
+    pub clone: HashMap<(CloneCause, String), CloneTally>,
     pub dns: HashMap<String, DnsTally>,
-    pub drops: HashMap<(&'static str, String), DropTally>,
+    pub drops: HashMap<(DropCause, String), DropTally>,
     pub clashes: HashMap<crate::attribution::netns::NetnsKey, ClashTally>,
 }
 
@@ -323,7 +323,7 @@ impl History {
     }
 
     fn clone_failure(&mut self, f: &CloneFailure) {
-        let key = (f.cause.as_str(), f.cgroup.clone());
+        let key = (f.cause, f.cgroup.clone());
         let Some(b) = self.bucket(f.time_unix_nano, |b| !b.clone.contains_key(&key)) else {
             return;
         };
@@ -392,7 +392,7 @@ impl History {
     }
 
     fn conntrack_drop(&mut self, d: &ConntrackDrop) {
-        let key = (d.cause.as_str(), d.workload.clone());
+        let key = (d.cause, d.workload.clone());
         let Some(b) = self.bucket(d.time_unix_nano, |b| !b.drops.contains_key(&key)) else {
             return;
         };
@@ -460,7 +460,7 @@ mod tests {
         }
         h.clone_failure(&failure("/b", "x"));
         let b = h.since(Duration::from_secs(900));
-        let a = &b.clone[&("pids_limit", "/a".to_owned())];
+        let a = &b.clone[&(CloneCause::PidsLimit, "/a".to_owned())];
         assert_eq!(a.span.count, 10);
         assert_eq!(a.comms.ranked()[0].1, 5);
         assert_eq!(b.clone.len(), 2);
@@ -478,7 +478,7 @@ mod tests {
         // A known tally still counts.
         h.clone_failure(&failure("/cg0", "y"));
         assert_eq!(
-            h.since(MAX_AGE).clone[&("pids_limit", "/cg0".to_owned())]
+            h.since(MAX_AGE).clone[&(CloneCause::PidsLimit, "/cg0".to_owned())]
                 .span
                 .count,
             2

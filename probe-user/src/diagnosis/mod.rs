@@ -87,7 +87,7 @@ impl Recorder {
 
     /// The findings of the last `since` (at most the history's hour, and the time since the
     /// recorder started).
-    pub fn report(&self, since: Duration, source: &str) -> Report {
+    pub fn report(&self, since: Duration, source: findings::ReportSource) -> Report {
         let window = since.min(history::MAX_AGE).min(self.started.elapsed());
         let bucket = self.history.since(window);
         Report {
@@ -95,7 +95,7 @@ impl Recorder {
             version: findings::VERSION,
             node: self.node.clone(),
             time: now_rfc3339(),
-            source: source.to_owned(),
+            source,
             window_s: window.as_secs_f64(),
             findings: findings::findings(&bucket, window, &self.limits, &self.holders),
             not_kept: self.history.not_kept,

@@ -77,7 +77,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    diagnosis::{Recorder, history::MAX_AGE},
+    diagnosis::{Recorder, findings::ReportSource, history::MAX_AGE},
     export::{
         access::{Access, Guarded, PEER_REFILL, Verdict},
         connections::{Admitted, Busy, Connections, Held, Pool},
@@ -272,7 +272,7 @@ impl Server {
     /// held while the report is made).
     fn compute_explain(&self, since: Duration) -> Reply {
         let report = match self.served.recorder.lock() {
-            Ok(r) => r.report(since, "daemon"),
+            Ok(r) => r.report(since, ReportSource::Daemon),
             Err(_) => {
                 return Reply::text(
                     StatusCode::INTERNAL_SERVER_ERROR,

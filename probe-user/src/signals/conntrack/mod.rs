@@ -61,7 +61,7 @@ pub fn open(probes: &mut Probes) -> anyhow::Result<EventRing> {
 }
 
 /// Why netfilter dropped a packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
     /// A new entry lost a clash when it was confirmed (e.g. two flows SNATed to one port).
