@@ -9,7 +9,7 @@
 //! keeps a [`diagnosis`] recorder for `/explain`), [`explain`] (findings from the daemon or
 //! its own short observation), [`top`] (task counts per cgroup, with their trends) and
 //! [`check`] (what works on this node). [`logging`] carries faultline's own messages;
-//! [`memory`] hands the heap's freed pages back to the node.
+//! [`memory`] hands the heap's freed pages back to the node; [`manual`] writes the man pages.
 
 pub mod attribution;
 pub mod check;

@@ -39,27 +39,27 @@ const UNFLAGGED: &[(&str, &[&str], &str)] = &[
     ),
 ];
 
-/// The page of `cmd` (built: a subcommand's title is then `faultline-<name>`) into `w`.
+/// The page of `cmd` (built: a subcommand's title is then `faultline-<name>`) into `out`.
 fn render(man: &clap_mangen::Man, cmd: &clap::Command, out: &mut dyn Write) -> anyhow::Result<()> {
-    let page = cmd;
     let mut buf = Vec::new();
     let w: &mut dyn Write = &mut buf;
-    // clap_mangen's own sections, minus the version and authors, which come last.
+    // clap_mangen's own sections as its `render` writes them (faultline sets no authors), with
+    // the two it lacks before the version.
     man.render_title(w)?;
     man.render_name_section(w)?;
     man.render_synopsis_section(w)?;
     man.render_description_section(w)?;
-    if page.get_arguments().any(|a| !a.is_hide_set()) {
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
         man.render_options_section(w)?;
     }
-    if page.has_subcommands() {
+    if cmd.has_subcommands() {
         man.render_subcommands_section(w)?;
     }
     let mut roff = Roff::new();
     environment(&mut roff, cmd);
     exit_status(&mut roff, cmd.get_name());
     w.write_all(roff.to_roff().as_bytes())?;
-    if page.get_version().is_some() {
+    if cmd.get_version().is_some() {
         man.render_version_section(w)?;
     }
     // Each of clap_mangen's sections starts with the same two-line preamble: once is enough.
