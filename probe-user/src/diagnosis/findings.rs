@@ -895,12 +895,29 @@ mod tests {
     /// The JSON names a report carries are the ones the text shows.
     #[test]
     fn finding_kinds_serialize_as_they_print() {
+        // Every kind: serde's names and `as_str` are written apart and must agree.
         for kind in [
             FindingKind::PidsLimit,
+            FindingKind::PidsLimitNear,
+            FindingKind::PidMax,
+            FindingKind::ThreadsMax,
+            FindingKind::RlimitNproc,
             FindingKind::RlimitNprocNear,
+            FindingKind::Memory,
             FindingKind::PidnsDead,
+            FindingKind::CloneUnknown,
+            FindingKind::DnsTimeouts,
             FindingKind::DnsSearchAmplification,
+            FindingKind::ConntrackInsertFailed,
+            FindingKind::ConntrackTableFull,
+            FindingKind::ConntrackRuleDrops,
             FindingKind::ConntrackDropsUnclassified,
+            FindingKind::ConntrackTableNear,
+            FindingKind::ConntrackNearMisses,
+            FindingKind::PidsLimitPast,
+            FindingKind::OomKillPast,
+            FindingKind::MemoryLimitPast,
+            FindingKind::ConntrackInsertFailedPast,
             FindingKind::ConntrackTableFullPast,
             FindingKind::Unknown,
         ] {
