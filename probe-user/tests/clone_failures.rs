@@ -85,6 +85,24 @@ fn pids_limit_for_threads_forks_and_vforks() {
             &[&common[..], &[("syscall", syscall), ("task", task)]].concat(),
         );
     }
+    // A process's refusals in a row are a burst: the first reads the kernel state, the next
+    // ones within 100 ms carry that read (same evidence, above) and say how old it is.
+    let mut reused = 0;
+    for comm in ["fl-pids-thr", "fl-pids-fork", "fl-pids-sysfork"] {
+        let mine = by_comm(&events, comm);
+        assert!(mine[0].get("state_age_ms").is_none(), "{}", mine[0]);
+        for e in &mine[1..] {
+            if let Some(age) = e.get("state_age_ms") {
+                let age = age.as_f64().unwrap();
+                assert!(age > 0.0 && age <= 100.0, "{e}");
+                reused += 1;
+            }
+        }
+    }
+    assert!(
+        reused > 0,
+        "no refusal reused its burst's state: {events:#?}"
+    );
     // The vfork lab fills with fork (clone) until refused, then tries vfork.
     let vfork_events = by_comm(&events, "fl-pids-vfork");
     assert_eq!(

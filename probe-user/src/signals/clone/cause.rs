@@ -342,7 +342,7 @@ mod tests {
                 | valid::PIDNS_CURSOR
                 | valid::NPROC
                 | valid::MEMORY,
-            _pad: 0,
+            state_age_us: 0,
             own_pids_ino: 0,
             comm: [0; 16],
             pids: CgroupCounter {

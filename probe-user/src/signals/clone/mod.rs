@@ -128,6 +128,11 @@ pub struct CloneFailure {
     /// Path of the caller's pids cgroup level that is nearest to its limit, if any.
     pub pids_cgroup: Option<String>,
     pub clone_flags: String,
+    /// In a storm, how long before this failure the kernel state behind `cause` and `evidence`
+    /// was read: at an earlier refusal of the same process, cgroup, user and errno, at most
+    /// `BURST_NS` before. Absent when it was read at this failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_age_ms: Option<f64>,
 }
 
 #[cfg(test)]
@@ -152,6 +157,7 @@ impl CloneFailure {
             pod: None,
             pids_cgroup: Some(cgroup.into()),
             clone_flags: String::new(),
+            state_age_ms: None,
         }
     }
 }
@@ -262,6 +268,7 @@ impl Enricher {
             pod: attribution.pod,
             pids_cgroup: pids_cgroup.filter(|_| ev.pids.limit != i64::MAX),
             clone_flags: format!("{:#x}", ev.clone_flags),
+            state_age_ms: (ev.state_age_us != 0).then(|| f64::from(ev.state_age_us) / 1000.0),
         }
     }
 }
