@@ -158,7 +158,8 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_carries_them() {
         Command::new("promtool")
             .args(["test", "rules"])
             .arg(alerts.join("faultline-rules.test.yaml"))
-            .arg(alerts.join("faultline-limits.test.yaml")),
+            .arg(alerts.join("faultline-limits.test.yaml"))
+            .arg(alerts.join("faultline-fleet.test.yaml")),
     );
     let plain =
         yaml_docs(&std::fs::read_to_string(alerts.join("faultline-rules.yaml")).expect("rules"));
@@ -459,7 +460,11 @@ fn every_dashboard_query_parses_and_returns_data() {
     // A short trend window: a leak's time to exhaustion is known within seconds.
     // Departures: kubelet-logs: the test's pods are named by kubelet log directories of its own; trend-window: a trend window of seconds, for a test of seconds.
     let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--trend-window", "10s"]);
-    let prom = Prometheus::start(daemon.port);
+    // The fleet dashboard reads what the fleet recording rules record.
+    let prom = Prometheus::start_with_rules(
+        &scrape_job(&[(daemon.port, "test-node")]),
+        &[&root().join("deploy/alerts/faultline-rules.yaml")],
+    );
     for _ in 0..3 {
         cg.lab(&["threads", "20", "--comm", "fl-dash", "--max-failures", "2"]);
         std::thread::sleep(Duration::from_secs(2));
@@ -516,6 +521,110 @@ fn every_dashboard_query_parses_and_returns_data() {
     drop(prom);
     drop(daemon);
     drop(dns_server);
+}
+
+/// A static scrape job of these agents, each with its node's name as the `node` label (what
+/// the ServiceMonitor's relabeling gives each target).
+fn scrape_job(targets: &[(u16, &str)]) -> String {
+    let targets: String = targets
+        .iter()
+        .map(|(port, node)| {
+            format!("  - targets: ['127.0.0.1:{port}']\n    labels:\n      node: {node}\n")
+        })
+        .collect();
+    format!("- job_name: faultline\n  static_configs:\n{targets}")
+}
+
+/// The fleet view on a real Prometheus: three agents (three nodes by name, as their scrape
+/// labels them) scraped by one Prometheus evaluating the fleet recording rules; a pod near its
+/// pids limit has task creation refused. Every node is ranked, and the fleet dashboard's
+/// rankings name the pod on each. (Three agents on one machine see the same pod: what differs
+/// between nodes here is only the name, which is what the rules group by.)
+#[test]
+fn the_fleet_rules_rank_three_nodes_in_a_real_prometheus() {
+    let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), 0x302);
+    const CID: &str = "f2f20c6b1a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f";
+    let logs = KubeletLogs::new(&[("fleet", "near-1", &uid, "app", CID)]);
+    let cg = PodCgroup::systemd(&unique("fleet"), &uid, CID, 8);
+    let nodes = ["node-a", "node-b", "node-c"];
+    let daemons: Vec<Daemon> = nodes
+        .iter()
+        .map(|node| {
+            // Departure: kubelet-logs: the test's pod is named by a kubelet log directory of its own.
+            Daemon::start_with_env(&[("NODE_NAME", node)], &["--kubelet-logs", &logs.arg()])
+        })
+        .collect();
+    let targets: Vec<(u16, &str)> = daemons.iter().map(|d| d.port).zip(nodes).collect();
+    let prom = Prometheus::start_with_rules(
+        &scrape_job(&targets),
+        &[&root().join("deploy/alerts/faultline-rules.yaml")],
+    );
+    // The pod fills its 8 pids, has 2 creations refused, and holds its threads meanwhile.
+    let mut held = cg.spawn(&[
+        "threads",
+        "20",
+        "--comm",
+        "fl-fleet",
+        "--max-failures",
+        "2",
+        "--hold-ms",
+        "60000",
+    ]);
+    assert_eq!(held.report().failures, 2);
+    let pod = r#"namespace="fleet",pod="near-1""#;
+    for (what, query) in [
+        (
+            "nodes ranked by pid_max in use",
+            "node:faultline_pid_max:used_ratio".to_owned(),
+        ),
+        (
+            "nodes ranked by threads-max in use",
+            "node:faultline_threads_max:used_ratio".to_owned(),
+        ),
+        (
+            "nodes ranked by a pod's pids headroom",
+            "node:faultline_pids_headroom:min_ratio".to_owned(),
+        ),
+        (
+            "the pod's pids headroom on each node",
+            format!("workload:faultline_pids_headroom:ratio{{{pod}}}"),
+        ),
+        (
+            "the pod's refusals on each node",
+            format!(
+                "workload:faultline_clone_failures:increase5m{{{pod},cause=\"pids_limit\"}} > 0"
+            ),
+        ),
+    ] {
+        eventually(Duration::from_secs(30), what, || {
+            prom.series(&query).filter(|n| *n == nodes.len())
+        });
+    }
+    // The pod's pids are all in use: the least headroom on each node.
+    for node in nodes {
+        let q = format!(r#"node:faultline_pids_headroom:min_ratio{{node="{node}"}}"#);
+        let left = eventually(Duration::from_secs(30), &q, || prom.value(&q));
+        assert!((0.0..0.5).contains(&left), "{q}: {left}");
+    }
+    // The fleet dashboard's pod ranking names the pod once per node.
+    let ranking =
+        concrete(r#"bottomk(20, workload:faultline_pids_headroom:ratio{cluster=~"$cluster"})"#);
+    assert!(
+        dashboard_exprs()
+            .iter()
+            .any(|(_, e)| concrete(e) == ranking),
+        "the fleet dashboard no longer ranks pods by headroom"
+    );
+    let ranked = eventually(Duration::from_secs(30), &ranking, || {
+        prom.series(&format!(
+            "{ranking} and workload:faultline_pids_headroom:ratio{{{pod}}}"
+        ))
+        .filter(|n| *n >= nodes.len())
+    });
+    assert!(ranked >= nodes.len());
+    drop(held);
+    drop(prom);
+    drop(daemons);
 }
 
 /// The Prometheus Operator's path. The scrape job it generates for deploy/servicemonitor.yaml,

@@ -1187,11 +1187,25 @@ impl Prometheus {
 
     /// A Prometheus scraping every second with this scrape job (YAML, a list item).
     pub fn start_with_job(job: &str) -> Prometheus {
+        Self::start_with_rules(job, &[])
+    }
+
+    /// [`Prometheus::start_with_job`], evaluating these rule files every second.
+    pub fn start_with_rules(job: &str, rule_files: &[&Path]) -> Prometheus {
         let port = free_port();
         let dir = std::env::temp_dir().join(unique(&format!("prometheus-{port}")));
         std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let rules: String = rule_files
+            .iter()
+            .map(|f| format!("  - {}\n", f.display()))
+            .collect();
+        let rules = if rules.is_empty() {
+            String::new()
+        } else {
+            format!("rule_files:\n{rules}")
+        };
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{job}"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rules}scrape_configs:\n{job}"
         );
         std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus config");
         let child = Command::new("prometheus")
