@@ -64,3 +64,55 @@ pub fn rendered() -> Vec<Value> {
             .arg(root().join("deploy")),
     ))
 }
+
+/// A copy of deploy/ in a temporary directory, removed on drop: what a user edits.
+struct DeployCopy(PathBuf);
+
+impl Drop for DeployCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("copy of deploy/");
+    for entry in std::fs::read_dir(from).expect("deploy/").flatten() {
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if src.is_dir() {
+            copy_dir(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).expect("copying deploy/");
+        }
+    }
+}
+
+/// Every object `kubectl kustomize` renders from a copy of deploy/ after `edit` changed its
+/// `kustomization.yaml` (given its text, returning the new one).
+pub fn rendered_after(edit: impl FnOnce(&str) -> String) -> Vec<Value> {
+    let copy = DeployCopy(std::env::temp_dir().join(super::unique("deploy-copy")));
+    copy_dir(&root().join("deploy"), &copy.0);
+    let file = copy.0.join("kustomization.yaml");
+    let text = std::fs::read_to_string(&file).expect("kustomization.yaml");
+    std::fs::write(&file, edit(&text)).expect("edited kustomization.yaml");
+    yaml_docs(&output(
+        Command::new(deploy_tool("kubectl"))
+            .arg("kustomize")
+            .arg(&copy.0),
+    ))
+}
+
+/// The Prometheus Operator's objects enabled as kustomization.yaml says: its `components:`
+/// lines uncommented.
+pub fn rendered_with_monitoring() -> Vec<Value> {
+    rendered_after(|text| {
+        let enabled = text.replace(
+            "# components:\n#   - monitoring\n",
+            "components:\n  - monitoring\n",
+        );
+        assert_ne!(
+            enabled, text,
+            "kustomization.yaml has no commented `components:` entry"
+        );
+        enabled
+    })
+}

@@ -46,7 +46,7 @@ use super::{
     measure::{Agent, BenchCgroup, Ready, cgroup2_root, http_get, mib, rss_kib_of},
 };
 
-/// How often the daemon is scraped: deploy/servicemonitor.yaml's 30 s from each of a highly
+/// How often the daemon is scraped: deploy/monitoring/servicemonitor.yaml's 30 s from each of a highly
 /// available pair of Prometheus replicas.
 const SCRAPE_EVERY: Duration = Duration::from_secs(15);
 /// faultline's refresh, which the DaemonSet keeps.
