@@ -880,7 +880,7 @@ impl Found {
             self.dns_busy_ns <= 1000.0,
         );
         row(
-            "eBPF per refused creation in a storm <= 2 µs",
+            "busy node: eBPF per refused creation <= 2 µs",
             format!("{:.2} µs (at most)", self.refused_ns / 1e3),
             self.refused_ns <= 2000.0,
         );
