@@ -487,7 +487,7 @@ fn every_dashboard_query_parses_and_returns_data() {
     let daemon = Daemon::start(&["--kubelet-logs", &logs.arg(), "--trend-window", "10s"]);
     // The fleet dashboard reads what the fleet recording rules record.
     let prom = Prometheus::start_with_rules(
-        &scrape_job(&[(daemon.port, "test-node")]),
+        &Prometheus::job(&[(daemon.port, "test-node")]),
         &[&root().join("deploy/alerts/faultline-rules.yaml")],
     );
     for _ in 0..3 {
@@ -548,18 +548,6 @@ fn every_dashboard_query_parses_and_returns_data() {
     drop(dns_server);
 }
 
-/// A static scrape job of these agents, each with its node's name as the `node` label (what
-/// the ServiceMonitor's relabeling gives each target).
-fn scrape_job(targets: &[(u16, &str)]) -> String {
-    let targets: String = targets
-        .iter()
-        .map(|(port, node)| {
-            format!("  - targets: ['127.0.0.1:{port}']\n    labels:\n      node: {node}\n")
-        })
-        .collect();
-    format!("- job_name: faultline\n  static_configs:\n{targets}")
-}
-
 /// The fleet view on a real Prometheus: three agents (three nodes by name, as their scrape
 /// labels them) scraped by one Prometheus evaluating the fleet recording rules; a pod near its
 /// pids limit has task creation refused. Every node is ranked, and the fleet dashboard's
@@ -581,7 +569,7 @@ fn the_fleet_rules_rank_three_nodes_in_a_real_prometheus() {
         .collect();
     let targets: Vec<(u16, &str)> = daemons.iter().map(|d| d.port).zip(nodes).collect();
     let prom = Prometheus::start_with_rules(
-        &scrape_job(&targets),
+        &Prometheus::job(&targets),
         &[&root().join("deploy/alerts/faultline-rules.yaml")],
     );
     // The pod fills its 8 pids, has 2 creations refused, and holds its threads meanwhile.

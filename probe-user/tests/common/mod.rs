@@ -1180,9 +1180,19 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(target_port: u16) -> Prometheus {
-        Self::start_with_job(&format!(
-            "- job_name: faultline\n  static_configs:\n  - targets: ['127.0.0.1:{target_port}']\n    labels:\n      node: test-node\n"
-        ))
+        Self::start_with_job(&Self::job(&[(target_port, "test-node")]))
+    }
+
+    /// A static scrape job (YAML, a list item) of these agents, each with its node's name as
+    /// the `node` label (what the ServiceMonitor's relabeling gives each target).
+    pub fn job(targets: &[(u16, &str)]) -> String {
+        let targets: String = targets
+            .iter()
+            .map(|(port, node)| {
+                format!("  - targets: ['127.0.0.1:{port}']\n    labels:\n      node: {node}\n")
+            })
+            .collect();
+        format!("- job_name: faultline\n  static_configs:\n{targets}")
     }
 
     /// A Prometheus scraping every second with this scrape job (YAML, a list item).
