@@ -13,7 +13,8 @@ use std::{
 use anyhow::Context as _;
 use probe_common::{dns::DnsTcpCounts, tasks::TaskCounts};
 use prometheus::{
-    GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
+    GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+    TextEncoder,
 };
 
 use probe_common::{clone::CloneStats, dns::DnsStats, tasks::TaskStats};
@@ -131,11 +132,87 @@ const OTHER: &str = "other";
 struct Workloads {
     /// Series admitted, all workloads together (the overflow ones apart).
     series: usize,
-    /// Whose (namespace, pod, container, workload) -> (last update, the extra labels in use:
-    /// short values from closed sets, so that an event costs no hash of the long ones again).
-    admitted: HashMap<WhoLabels, (Instant, Vec<Vec<String>>)>,
+    /// Whose (namespace, pod, container, workload) -> its last update and label sets.
+    admitted: HashMap<WhoLabels, Admitted>,
     /// The overflow series in use (every label `_overflow`), and their last update.
     overflow: HashMap<Vec<String>, Instant>,
+}
+
+/// One workload's series of a metric.
+struct Admitted {
+    at: Instant,
+    sets: Vec<Set>,
+}
+
+/// One series' extra labels (short values from closed sets, so that an event costs no hash of
+/// the long ones again), and the counter an event updates, once looked up: the registry's own
+/// lookup hashes every label under a lock, per event.
+struct Set {
+    extra: Vec<String>,
+    handle: Option<Handle>,
+}
+
+/// A series' value, kept by `SeriesCap` while the series is.
+#[derive(Clone)]
+enum Handle {
+    Counter(IntCounter),
+    Histogram(Histogram),
+}
+
+/// A metric vector whose series `SeriesCap` keeps.
+trait Family {
+    type Series: Clone;
+    fn series(&self, labels: &[&str]) -> Self::Series;
+    fn cached(handle: &Handle) -> Option<Self::Series>;
+    fn handle(series: Self::Series) -> Handle;
+}
+
+impl Family for IntCounterVec {
+    type Series = IntCounter;
+    fn series(&self, labels: &[&str]) -> IntCounter {
+        self.with_label_values(labels)
+    }
+    fn cached(handle: &Handle) -> Option<IntCounter> {
+        match handle {
+            Handle::Counter(c) => Some(c.clone()),
+            Handle::Histogram(_) => None,
+        }
+    }
+    fn handle(series: IntCounter) -> Handle {
+        Handle::Counter(series)
+    }
+}
+
+impl Family for HistogramVec {
+    type Series = Histogram;
+    fn series(&self, labels: &[&str]) -> Histogram {
+        self.with_label_values(labels)
+    }
+    fn cached(handle: &Handle) -> Option<Histogram> {
+        match handle {
+            Handle::Histogram(h) => Some(h.clone()),
+            Handle::Counter(_) => None,
+        }
+    }
+    fn handle(series: Histogram) -> Handle {
+        Handle::Histogram(series)
+    }
+}
+
+impl Set {
+    fn new(extra: &[&str]) -> Self {
+        Set {
+            extra: extra.iter().map(|e| (*e).to_owned()).collect(),
+            handle: None,
+        }
+    }
+
+    fn is(&self, extra: &[&str]) -> bool {
+        self.extra
+            .iter()
+            .map(String::as_str)
+            .eq(extra.iter().copied())
+    }
 }
 
 impl SeriesCap {
@@ -150,9 +227,21 @@ impl SeriesCap {
         who: &'a WhoLabels,
         extra: &[&'a str],
     ) -> (Vec<&'a str>, bool) {
+        self.admit_with(metric, who, extra, |labels, _| labels)
+    }
+
+    /// `admit`, then `then` with the labels and the series' cached handle (`None` for an
+    /// overflow series, whose labels many workloads share and whose handle is not kept).
+    fn admit_with<'a, R>(
+        &self,
+        metric: &'static str,
+        who: &'a WhoLabels,
+        extra: &[&'a str],
+        then: impl FnOnce(Vec<&'a str>, Option<&mut Option<Handle>>) -> R,
+    ) -> (R, bool) {
         let overflow = || vec![OVERFLOW; WHO.len() + extra.len()];
         let Ok(mut seen) = self.seen.lock() else {
-            return (overflow(), true);
+            return (then(overflow(), None), true);
         };
         let workloads = seen.entry(metric).or_default();
         let now = Instant::now();
@@ -160,42 +249,43 @@ impl SeriesCap {
         let with = |extra: &[&'a str]| -> Vec<&'a str> {
             who.labels().chain(extra.iter().copied()).collect()
         };
-        let owned = |extra: &[&str]| extra.iter().map(|e| (*e).to_owned()).collect::<Vec<_>>();
-        let known = |sets: &[Vec<String>], extra: &[&str]| {
-            sets.iter()
-                .any(|s| s.iter().map(String::as_str).eq(extra.iter().copied()))
-        };
-        if let Some((t, sets)) = workloads.admitted.get_mut(who) {
-            *t = now;
-            if known(sets, extra) {
-                return (with(extra), false);
-            }
-            if room && sets.len() + 1 < PER_WORKLOAD {
-                sets.push(owned(extra));
-                workloads.series += 1;
-                return (with(extra), false);
-            }
+        if let Some(admitted) = workloads.admitted.get_mut(who) {
+            admitted.at = now;
             let other = vec![OTHER; extra.len()];
-            if known(sets, &other) {
-                return (with(&other), false);
-            }
-            if room {
-                sets.push(owned(&other));
+            let sets = &mut admitted.sets;
+            let mut chosen = sets.iter().position(|s| s.is(extra)).map(|i| (i, extra));
+            if chosen.is_none() && room && sets.len() + 1 < PER_WORKLOAD {
+                sets.push(Set::new(extra));
                 workloads.series += 1;
-                return (with(&other), false);
+                chosen = Some((sets.len() - 1, extra));
+            }
+            if chosen.is_none() {
+                chosen = sets
+                    .iter()
+                    .position(|s| s.is(&other))
+                    .map(|i| (i, &other[..]));
+            }
+            if chosen.is_none() && room {
+                sets.push(Set::new(&other));
+                workloads.series += 1;
+                chosen = Some((sets.len() - 1, &other[..]));
+            }
+            if let Some((i, labels)) = chosen {
+                return (then(with(labels), Some(&mut sets[i].handle)), false);
             }
         } else if room {
-            workloads
-                .admitted
-                .insert(who.clone(), (now, vec![owned(extra)]));
+            let admitted = workloads.admitted.entry(who.clone()).or_insert(Admitted {
+                at: now,
+                sets: vec![Set::new(extra)],
+            });
             workloads.series += 1;
-            return (with(extra), false);
+            return (then(with(extra), Some(&mut admitted.sets[0].handle)), false);
         }
         let labels = overflow();
         workloads
             .overflow
             .insert(labels.iter().map(|l| (*l).to_owned()).collect(), now);
-        (labels, true)
+        (then(labels, None), true)
     }
 
     /// Forgets a metric's series (gauges are rebuilt on each refresh).
@@ -222,13 +312,15 @@ impl SeriesCap {
         };
         let mut old = Vec::new();
         let series = &mut workloads.series;
-        workloads.admitted.retain(|who, (t, sets)| {
-            let keep = t.elapsed() <= max_age || present.contains(who);
+        workloads.admitted.retain(|who, admitted| {
+            let keep = admitted.at.elapsed() <= max_age || present.contains(who);
             if !keep {
-                *series -= sets.len();
+                *series -= admitted.sets.len();
                 old.extend(
-                    sets.drain(..)
-                        .map(|extra| who.labels().map(str::to_owned).chain(extra).collect()),
+                    admitted
+                        .sets
+                        .drain(..)
+                        .map(|set| who.labels().map(str::to_owned).chain(set.extra).collect()),
                 );
             }
             keep
@@ -437,6 +529,32 @@ impl Metrics {
         labels
     }
 
+    /// The series of `who` plus `extra` in `vec`, admitted as `admit` does; looked up in the
+    /// registry once per series, then kept with it (an event's hot path).
+    fn series<F: Family>(
+        &self,
+        vec: &F,
+        metric: &'static str,
+        who: &WhoLabels,
+        extra: &[&str],
+    ) -> F::Series {
+        let (series, overflowed) = self.cap.admit_with(metric, who, extra, |labels, slot| {
+            let Some(slot) = slot else {
+                return vec.series(&labels);
+            };
+            if let Some(cached) = slot.as_ref().and_then(F::cached) {
+                return cached;
+            }
+            let series = vec.series(&labels);
+            *slot = Some(F::handle(series.clone()));
+            series
+        });
+        if overflowed {
+            self.series_overflow.with_label_values(&[metric]).inc();
+        }
+        series
+    }
+
     pub fn probe_attached(&self, probe: &str, attached: bool) {
         self.probe_attached
             .with_label_values(&[probe])
@@ -462,17 +580,19 @@ impl Metrics {
 
     fn clone_failure(&self, f: &CloneFailure) {
         let who = who(&f.workload, f.pod.as_ref());
-        let labels = self.admit(
+        self.series(
+            &self.clone_failures,
             "clone_failures",
             &who,
             &[f.cause.as_str(), &f.errno, f.task.as_str()],
-        );
-        self.clone_failures.with_label_values(&labels).inc();
+        )
+        .inc();
     }
 
     fn dns_query(&self, q: &DnsQuery) {
         let who = who(&q.workload, q.pod.as_ref());
-        let labels = self.admit(
+        self.series(
+            &self.dns_queries,
             "dns_queries",
             &who,
             &[
@@ -480,21 +600,19 @@ impl Metrics {
                 rcode_label(q.rcode),
                 q.outcome.as_str(),
             ],
-        );
-        self.dns_queries.with_label_values(&labels).inc();
+        )
+        .inc();
         if let Some(ms) = q.latency_ms {
-            let labels = self.admit("dns_duration", &who, &[]);
-            self.dns_duration
-                .with_label_values(&labels)
+            self.series(&self.dns_duration, "dns_duration", &who, &[])
                 .observe(ms / 1000.0);
         }
         if q.truncated {
-            let labels = self.admit("dns_truncated", &who, &[]);
-            self.dns_truncated.with_label_values(&labels).inc();
+            self.series(&self.dns_truncated, "dns_truncated", &who, &[])
+                .inc();
         }
         if q.retransmit {
-            let labels = self.admit("dns_retransmits", &who, &[]);
-            self.dns_retransmits.with_label_values(&labels).inc();
+            self.series(&self.dns_retransmits, "dns_retransmits", &who, &[])
+                .inc();
         }
     }
 
@@ -511,8 +629,8 @@ impl Metrics {
                 ("from_server", now.from_server, before.from_server),
             ] {
                 if n > was {
-                    let labels = self.admit("dns_tcp", &who, &[direction]);
-                    self.dns_tcp.with_label_values(&labels).inc_by(n - was);
+                    self.series(&self.dns_tcp, "dns_tcp", &who, &[direction])
+                        .inc_by(n - was);
                 }
             }
             present.insert(id, now);
@@ -533,8 +651,13 @@ impl Metrics {
 
     fn conntrack_drop(&self, d: &ConntrackDrop) {
         let who = who(&d.workload, d.pod.as_ref());
-        let labels = self.admit("conntrack_drops", &who, &[d.cause.as_str(), &d.proto]);
-        self.conntrack_drops.with_label_values(&labels).inc();
+        self.series(
+            &self.conntrack_drops,
+            "conntrack_drops",
+            &who,
+            &[d.cause.as_str(), &d.proto],
+        )
+        .inc();
     }
 
     fn clashes_resolved(&self, c: &ClashesResolved) {
@@ -631,14 +754,10 @@ impl Metrics {
                 ("thread", row.threads_created, before.threads),
                 ("process", row.processes_created, before.processes),
             ] {
-                let labels = self.admit("tasks_created", &who, &[kind]);
-                self.tasks_created
-                    .with_label_values(&labels)
+                self.series(&self.tasks_created, "tasks_created", &who, &[kind])
                     .inc_by(now.saturating_sub(was));
             }
-            let labels = self.admit("tasks_exited", &who, &[]);
-            self.tasks_exited
-                .with_label_values(&labels)
+            self.series(&self.tasks_exited, "tasks_exited", &who, &[])
                 .inc_by(row.exited.saturating_sub(before.exited));
             present.insert(
                 row.cgroup_id,
@@ -810,6 +929,26 @@ mod tests {
         assert_eq!(admit("m", w("e"), &["A"]), full("e", "A"));
         cap.clear("m");
         assert_eq!(admit("m", w("d"), &["A"]), full("d", "A"));
+    }
+
+    #[test]
+    fn a_series_kept_is_the_registrys_until_it_is_forgotten() -> anyhow::Result<()> {
+        let m = Metrics::new(100)?;
+        let who = WhoLabels::from(["ns", "p", "c", "Deployment/w"]);
+        let labels = ["ns", "p", "c", "Deployment/w", "to_server"];
+        let count = || m.series(&m.dns_tcp, "dns_tcp", &who, &["to_server"]).inc();
+        count();
+        count();
+        assert_eq!(m.dns_tcp.with_label_values(&labels).get(), 2);
+        // Forgotten as expire_gone does: the next event starts a new series, and counts in it
+        // (not in a kept handle the registry no longer has).
+        for gone in m.cap.expire("dns_tcp", Duration::ZERO, &HashSet::new()) {
+            m.dns_tcp
+                .remove_label_values(&gone.iter().map(String::as_str).collect::<Vec<_>>())?;
+        }
+        count();
+        assert_eq!(m.dns_tcp.with_label_values(&labels).get(), 1);
+        Ok(())
     }
 
     #[test]
