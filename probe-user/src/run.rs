@@ -552,7 +552,7 @@ impl Sink for Daemon {
                         to_server: t.to_server,
                         from_server: t.from_server,
                     };
-                    let who = crate::export::metrics::who(&t.workload, t.pod.as_ref());
+                    let who = crate::export::metrics::who(&t.workload, t.pod.as_deref());
                     (t.cgroup_id, counts, who)
                 })
                 .collect();

@@ -171,7 +171,7 @@ fn print(args: &TopArgs, mut snapshot: Snapshot, live_screen: bool) -> anyhow::R
     }
     snapshot
         .cgroups
-        .retain(|r| args.filters.matches(r.pod.as_ref()));
+        .retain(|r| args.filters.matches(r.pod.as_deref()));
     sort(&mut snapshot.cgroups, args.sort);
     let mut out = std::io::stdout().lock();
     match args.output {

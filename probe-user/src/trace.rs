@@ -112,20 +112,20 @@ impl Filter<'_> {
                 (args.pids.is_empty() || args.pids.contains(&f.pid))
                     && args.comm.as_deref().is_none_or(|c| c == f.comm)
                     && self.cgroup_matches(&f.cgroup, f.pids_cgroup.as_deref())
-                    && args.filters.matches(f.pod.as_ref())
+                    && args.filters.matches(f.pod.as_deref())
             }
             // DNS queries belong to sockets: the cgroup and pod filters apply.
             Event::DnsQuery(q) => {
                 self.show_dns
                     && !self.by_process()
                     && self.cgroup_matches(&q.cgroup, None)
-                    && args.filters.matches(q.pod.as_ref())
+                    && args.filters.matches(q.pod.as_deref())
             }
             // Drops belong to flows: the cgroup and pod filters apply to their sender.
             Event::ConntrackDrop(d) => {
                 !self.by_process()
                     && self.cgroup_matches(d.cgroup.as_deref().unwrap_or("?"), None)
-                    && args.filters.matches(d.pod.as_ref())
+                    && args.filters.matches(d.pod.as_deref())
             }
             // Near-misses belong to namespaces: shown unless the trace is narrowed to a
             // process, cgroup or pod.
@@ -135,7 +135,7 @@ impl Filter<'_> {
             // Warnings belong to cgroups, not processes: only the cgroup filter applies.
             Event::HeadroomWarning(w) => {
                 self.cgroup_matches(&w.cgroup, Some(&w.pids_cgroup))
-                    && args.filters.matches(w.pod.as_ref())
+                    && args.filters.matches(w.pod.as_deref())
             }
         }
     }
@@ -310,7 +310,7 @@ impl Summary {
             self.dns_tcp_uncounted = stats.tcp_uncounted;
             for tcp in &dns.tcp {
                 if filter.cgroup_matches(tcp.cgroup.as_deref().unwrap_or("?"), None)
-                    && filter.args.filters.matches(tcp.pod.as_ref())
+                    && filter.args.filters.matches(tcp.pod.as_deref())
                 {
                     let key = capped(&self.dns, &tcp.workload);
                     let d = self.dns.entry(key).or_default();

@@ -13,6 +13,7 @@
 //! rising for as long as two steps of its growth would take is flat. A limit already reached
 //! is 0 s away.
 
+use std::sync::Arc;
 use std::{
     collections::{HashMap, VecDeque},
     time::{Duration, Instant},
@@ -67,7 +68,7 @@ pub struct Reading {
     /// Which one: the pids cgroup's path, `node`, or `netns:<inode>`.
     pub resource: String,
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     pub current: u64,
     pub max: u64,
     /// The workloads sharing the limit (RLIMIT_NPROC: every pod running as the uid).
@@ -91,7 +92,7 @@ pub struct Estimate {
     #[serde(default)]
     pub samples: usize,
     #[serde(skip)]
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     /// The workloads sharing the limit (RLIMIT_NPROC: every pod running as the uid).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared_by: Vec<String>,

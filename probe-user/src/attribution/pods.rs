@@ -11,6 +11,7 @@
 //! containers' root filesystems and the runtime's sockets and FIFOs, which a read-only hostPath
 //! does not protect.
 
+use std::sync::Arc;
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
@@ -212,7 +213,7 @@ impl PodRef {
 pub struct Attribution {
     /// `namespace/pod/container` for pods, the unit or session otherwise.
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
 }
 
 /// Names of pods and containers from the kubelet's log directories.
@@ -290,7 +291,7 @@ fn attribute(path: &str, name_pod: impl FnOnce(&mut PodRef)) -> Attribution {
             name_pod(&mut pod);
             Attribution {
                 workload: pod_workload(&pod),
-                pod: Some(pod),
+                pod: Some(Arc::new(pod)),
             }
         }
         CgroupKind::SystemdUnit(unit) => Attribution {
@@ -526,7 +527,7 @@ impl Attributor {
         self.known.complete(&mut pod, Instant::now());
         Some(Attribution {
             workload: pod_workload(&pod),
-            pod: Some(pod),
+            pod: Some(Arc::new(pod)),
         })
     }
 
@@ -865,7 +866,7 @@ mod tests {
             // A directory removed is seen at the next scan, however recent the last.
             a.pods.last_scan = None;
             let who = a.attribute_path(&path);
-            crate::export::metrics::who(&who.workload, who.pod.as_ref())
+            crate::export::metrics::who(&who.workload, who.pod.as_deref())
         };
         let expect = |workload: &str| {
             crate::export::metrics::WhoLabels::from(["shop", "cart-7d9f-b", "app", workload])

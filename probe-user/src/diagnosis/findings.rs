@@ -423,7 +423,7 @@ fn limit_findings(
             continue;
         }
         let (kind, what, why, advice) = limit_text(e, holders, limits);
-        let mut who = Who::new(&e.workload, e.pod.as_ref(), None);
+        let mut who = Who::new(&e.workload, e.pod.as_deref(), None);
         if e.limit == Limit::RlimitNproc && !e.shared_by.is_empty() {
             who.workload = e.shared_by.join(", ");
         }

@@ -328,7 +328,7 @@ impl History {
             return;
         };
         let t = b.clone.entry(key).or_insert_with(|| CloneTally {
-            who: Who::new(&f.workload, f.pod.as_ref(), Some(&f.cgroup)),
+            who: Who::new(&f.workload, f.pod.as_deref(), Some(&f.cgroup)),
             span: Span::default(),
             comms: TopNames::default(),
             errnos: TopNames::default(),
@@ -353,7 +353,7 @@ impl History {
             b.dns.insert(
                 q.cgroup.clone(),
                 DnsTally {
-                    who: Who::new(&q.workload, q.pod.as_ref(), Some(&q.cgroup)),
+                    who: Who::new(&q.workload, q.pod.as_deref(), Some(&q.cgroup)),
                     ..DnsTally::default()
                 },
             );
@@ -397,7 +397,7 @@ impl History {
             return;
         };
         let t = b.drops.entry(key).or_insert_with(|| DropTally {
-            who: Who::new(&d.workload, d.pod.as_ref(), d.cgroup.as_deref()),
+            who: Who::new(&d.workload, d.pod.as_deref(), d.cgroup.as_deref()),
             span: Span::default(),
             evidence: String::new(),
             flow: String::new(),

@@ -97,7 +97,7 @@ impl Past {
                 let cgroup = c.cgroup.text();
                 Entry {
                     resource: Resource::Cgroup(c.hierarchy, cgroup.clone()),
-                    who: Who::new(&c.workload, c.pod.as_ref(), Some(&cgroup)),
+                    who: Who::new(&c.workload, c.pod.as_deref(), Some(&cgroup)),
                     files: c.counts.iter().map(|(k, _, f)| (*k, *f)).collect(),
                     first: c.counts.iter().map(|(k, n, _)| (*k, *n)).collect(),
                     latest: None,

@@ -7,6 +7,7 @@
 //! suppressed event is counted (`faultline_event_lines_suppressed_total{kind}`); metrics and
 //! `/explain` see every event whatever the budget says.
 
+use std::sync::Arc;
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -49,7 +50,7 @@ pub struct EventSummary {
     pub event: &'static str,
     /// The workload, or `(others)` past the sets followed.
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     /// The cause (`pids_limit`, `insert_failed`, a DNS outcome); empty when none.
     pub cause: &'static str,
     /// Events of this interval not written as lines.
@@ -93,7 +94,7 @@ struct Tally {
     first: String,
     last: String,
     evidence: String,
-    pod: Option<PodRef>,
+    pod: Option<Arc<PodRef>>,
 }
 
 pub struct Budget {
@@ -250,7 +251,7 @@ struct Facts<'a> {
     cause: &'static str,
     time: &'a str,
     evidence: String,
-    pod: Option<&'a PodRef>,
+    pod: Option<&'a Arc<PodRef>>,
 }
 
 impl<'a> Facts<'a> {

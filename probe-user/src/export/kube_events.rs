@@ -139,7 +139,7 @@ impl Occurrence {
                     _ => String::new(),
                 };
                 (
-                    f.pod.as_ref(),
+                    f.pod.as_deref(),
                     Reason::TaskCreationRefused,
                     f.cause.as_str().to_owned(),
                     format!(
@@ -154,13 +154,13 @@ impl Occurrence {
                 )
             }
             Event::DnsQuery(q) if q.outcome == Outcome::Timeout => (
-                q.pod.as_ref(),
+                q.pod.as_deref(),
                 Reason::DnsTimeouts,
                 q.server.clone(),
                 format!("DNS queries to {} got no answer in time", q.server),
             ),
             Event::ConntrackDrop(d) => (
-                d.pod.as_ref(),
+                d.pod.as_deref(),
                 Reason::ConntrackDrops,
                 d.cause.as_str().to_owned(),
                 format!(
@@ -192,7 +192,7 @@ impl Occurrence {
             return None;
         }
         Some(Occurrence {
-            pod: Regarding::of(e.pod.as_ref())?,
+            pod: Regarding::of(e.pod.as_deref())?,
             reason: Reason::LimitNearlyReached,
             key: e.limit.as_str().to_owned(),
             note: format!(
@@ -586,6 +586,7 @@ async fn send(client: &Client, call: &Call) -> Result<(), kube::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn occurrence(uid: &str, cause: &str) -> Occurrence {
         Occurrence {
@@ -631,13 +632,13 @@ mod tests {
         }
     }
 
-    fn named() -> Option<PodRef> {
-        Some(PodRef {
+    fn named() -> Option<Arc<PodRef>> {
+        Some(Arc::new(PodRef {
             namespace: Some("shop".into()),
             name: Some("cart-1".into()),
             uid: "u1".into(),
             ..PodRef::default()
-        })
+        }))
     }
 
     /// Each of the four reasons from the signal it stands for, and nothing from what is
@@ -707,7 +708,7 @@ mod tests {
             ..soon.clone()
         };
         let unnamed = Estimate {
-            pod: Some(PodRef::default()),
+            pod: Some(Arc::default()),
             ..soon
         };
         for e in [far, other_limit, unnamed] {
@@ -720,10 +721,10 @@ mod tests {
             ..refused.clone()
         };
         let unnamed = CloneFailure {
-            pod: Some(PodRef {
+            pod: Some(Arc::new(PodRef {
                 uid: "0d3e2f1a-8b7c-4d6e-9f00-112233445566".into(),
                 ..PodRef::default()
-            }),
+            })),
             ..refused
         };
         for f in [not_a_pod, unnamed] {

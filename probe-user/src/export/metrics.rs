@@ -579,7 +579,7 @@ impl Metrics {
     }
 
     fn clone_failure(&self, f: &CloneFailure) {
-        let who = who(&f.workload, f.pod.as_ref());
+        let who = who(&f.workload, f.pod.as_deref());
         self.series(
             &self.clone_failures,
             "clone_failures",
@@ -590,7 +590,7 @@ impl Metrics {
     }
 
     fn dns_query(&self, q: &DnsQuery) {
-        let who = who(&q.workload, q.pod.as_ref());
+        let who = who(&q.workload, q.pod.as_deref());
         self.series(
             &self.dns_queries,
             "dns_queries",
@@ -650,7 +650,7 @@ impl Metrics {
     }
 
     fn conntrack_drop(&self, d: &ConntrackDrop) {
-        let who = who(&d.workload, d.pod.as_ref());
+        let who = who(&d.workload, d.pod.as_deref());
         self.series(
             &self.conntrack_drops,
             "conntrack_drops",
@@ -697,7 +697,7 @@ impl Metrics {
         let mut soonest: HashMap<(WhoLabels, &'static str), f64> = HashMap::new();
         for e in estimates {
             let Some(eta) = e.eta_s else { continue };
-            let who = who(&e.workload, e.pod.as_ref());
+            let who = who(&e.workload, e.pod.as_deref());
             let slot = soonest.entry((who, e.limit.as_str())).or_insert(eta);
             *slot = slot.min(eta);
         }
@@ -716,7 +716,7 @@ impl Metrics {
         for row in refresh.rows() {
             let limits = refresh.limits(row);
             let Some(b) = binding(&limits) else { continue };
-            let who = who(&row.workload, row.pod.as_ref());
+            let who = who(&row.workload, row.pod.as_deref());
             let next = match first.remove(&who) {
                 Some(seen) => binding(&[seen.clone(), b.clone()]).cloned().unwrap_or(seen),
                 None => b.clone(),
@@ -748,7 +748,7 @@ impl Metrics {
         let mut limits: HashMap<WhoLabels, (i64, i64)> = HashMap::new();
         let mut present = HashMap::with_capacity(rows.len());
         for row in rows {
-            let who = who(&row.workload, row.pod.as_ref());
+            let who = who(&row.workload, row.pod.as_deref());
             let before = last.get(&row.cgroup_id).copied().unwrap_or_default();
             for (kind, now, was) in [
                 ("thread", row.threads_created, before.threads),

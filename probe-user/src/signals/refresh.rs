@@ -4,6 +4,7 @@
 //! recomputes it. A part is absent when its signal is not attached.
 
 use probe_common::{clone::CloneStats, conntrack::ConntrackStats, dns::DnsStats, tasks::TaskStats};
+use std::sync::Arc;
 
 use crate::{
     attribution::pods::PodRef,
@@ -70,7 +71,7 @@ pub struct DnsTcp {
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     pub to_server: u64,
     pub from_server: u64,
 }

@@ -10,6 +10,7 @@
 //! all three when it makes the inode, later changes only move them forward). If the kernel
 //! evicted and re-made that inode, the cgroup is older than it says.
 
+use std::sync::Arc;
 use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt as _,
@@ -99,7 +100,7 @@ pub struct CgroupRefusals {
     pub hierarchy: Hierarchy,
     pub cgroup: CgroupPath,
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     /// (counter, the kernel's count, the file it was read from).
     pub counts: Vec<(Counter, u64, &'static str)>,
     /// When the cgroup was made, as far as its directory tells (see the module's doc).

@@ -53,7 +53,7 @@ pub fn log_record(f: &CloneFailure) -> LogRecord {
         kv("process.executable.name", f.comm.clone()),
         kv("container.runtime.cgroup", f.cgroup.clone()),
     ];
-    attributes.extend(k8s_attributes(f.pod.as_ref()));
+    attributes.extend(k8s_attributes(f.pod.as_deref()));
     LogRecord {
         time_unix_nano: f.time_unix_nano,
         observed_time_unix_nano: now_unix_nano(),
@@ -101,7 +101,7 @@ pub fn drop_record(d: &ConntrackDrop) -> LogRecord {
             attributes.push(kv("dns.question.name", name.clone()));
         }
     }
-    attributes.extend(k8s_attributes(d.pod.as_ref()));
+    attributes.extend(k8s_attributes(d.pod.as_deref()));
     LogRecord {
         time_unix_nano: d.time_unix_nano,
         observed_time_unix_nano: now_unix_nano(),
@@ -142,7 +142,7 @@ pub fn budget_record(line: &BudgetLine) -> LogRecord {
                 ),
                 kv("faultline.evidence", s.evidence.clone()),
             ];
-            attributes.extend(k8s_attributes(s.pod.as_ref()));
+            attributes.extend(k8s_attributes(s.pod.as_deref()));
             let body = format!(
                 "{} more {} {} of {} from {} to {} ({})",
                 s.count, s.event, s.cause, s.workload, s.first, s.last, s.evidence
@@ -225,7 +225,7 @@ pub fn dns_span(q: &DnsQuery) -> Span {
     if let Some(gap) = q.retransmit_gap_ms {
         attributes.push(kv("faultline.dns.retransmit_gap_ms", format!("{gap:.1}")));
     }
-    attributes.extend(k8s_attributes(q.pod.as_ref()));
+    attributes.extend(k8s_attributes(q.pod.as_deref()));
     let failed =
         q.outcome == Outcome::Timeout || matches!(q.rcode, Some(Rcode::SERVFAIL | Rcode::REFUSED));
     // Semantic conventions: error.type names the failure (the rcode, or "timeout").

@@ -7,6 +7,7 @@ pub mod node;
 
 use probe_common::clone::{self as common, CloneFailureEvent, Syscall, valid};
 use serde::Serialize;
+use std::sync::Arc;
 
 use crate::{
     attribution::cgroups::Hierarchy,
@@ -124,7 +125,7 @@ pub struct CloneFailure {
     pub cgroup: String,
     /// `namespace/pod/container`, or the systemd unit, session or cgroup for non-pods.
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     /// Path of the caller's pids cgroup level that is nearest to its limit, if any.
     pub pids_cgroup: Option<String>,
     pub clone_flags: String,

@@ -8,6 +8,7 @@
 pub mod ctstats;
 pub mod origin;
 
+use std::sync::Arc;
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -110,7 +111,7 @@ pub struct ConntrackDrop {
     /// Whose packet it was: the sending socket's cgroup and pod, when seen on this node.
     pub cgroup: Option<String>,
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     /// How the sender was found (`unattributed`: not, and why: then `workload` is
     /// `unattributed` and no pod is named).
     pub sender: Sender,

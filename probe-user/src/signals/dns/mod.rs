@@ -9,6 +9,7 @@
 //! An answer preceded by NXDOMAINs for `name.<search suffix>` counts them (the `ndots:5`
 //! search-path effect).
 
+use std::sync::Arc;
 use std::{
     collections::{HashMap, HashSet},
     hash::BuildHasher as _,
@@ -124,7 +125,7 @@ pub struct DnsQuery {
     pub server: String,
     pub cgroup: String,
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
 }
 
 /// What became of a query.

@@ -7,6 +7,7 @@
 pub mod binding;
 pub mod users;
 
+use std::sync::Arc;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::Path,
@@ -94,7 +95,7 @@ pub struct CgroupRow {
     pub cgroup: String,
     /// `namespace/pod/container`, or the unit, session or path.
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     pub threads_per_s: f64,
     pub processes_per_s: f64,
     /// Created since faultline attached.
@@ -285,7 +286,7 @@ pub struct HeadroomWarning {
     /// The cgroup v2 path where tasks are being created.
     pub cgroup: String,
     pub workload: String,
-    pub pod: Option<PodRef>,
+    pub pod: Option<Arc<PodRef>>,
     /// The pids cgroup whose limit is near.
     pub pids_cgroup: String,
     pub pids_current: u64,
