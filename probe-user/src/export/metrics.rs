@@ -251,14 +251,18 @@ impl SeriesCap {
         };
         if let Some(admitted) = workloads.admitted.get_mut(who) {
             admitted.at = now;
-            let other = vec![OTHER; extra.len()];
             let sets = &mut admitted.sets;
-            let mut chosen = sets.iter().position(|s| s.is(extra)).map(|i| (i, extra));
-            if chosen.is_none() && room && sets.len() + 1 < PER_WORKLOAD {
+            // The common case (a known set) allocates nothing.
+            if let Some(i) = sets.iter().position(|s| s.is(extra)) {
+                return (then(with(extra), Some(&mut sets[i].handle)), false);
+            }
+            let mut chosen = None;
+            if room && sets.len() + 1 < PER_WORKLOAD {
                 sets.push(Set::new(extra));
                 workloads.series += 1;
                 chosen = Some((sets.len() - 1, extra));
             }
+            let other = vec![OTHER; extra.len()];
             if chosen.is_none() {
                 chosen = sets
                     .iter()
