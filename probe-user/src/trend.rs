@@ -13,9 +13,9 @@
 //! rising for as long as two steps of its growth would take is flat. A limit already reached
 //! is 0 s away.
 
-use std::sync::Arc;
 use std::{
     collections::{HashMap, VecDeque},
+    sync::Arc,
     time::{Duration, Instant},
 };
 

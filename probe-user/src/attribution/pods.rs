@@ -11,11 +11,11 @@
 //! containers' root filesystems and the runtime's sockets and FIFOs, which a read-only hostPath
 //! does not protect.
 
-use std::sync::Arc;
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 

@@ -7,9 +7,9 @@
 //! suppressed event is counted (`faultline_event_lines_suppressed_total{kind}`); metrics and
 //! `/explain` see every event whatever the budget says.
 
-use std::sync::Arc;
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 

@@ -256,26 +256,21 @@ impl SeriesCap {
             if let Some(i) = sets.iter().position(|s| s.is(extra)) {
                 return (then(with(extra), Some(&mut sets[i].handle)), false);
             }
-            let mut chosen = None;
             if room && sets.len() + 1 < PER_WORKLOAD {
                 sets.push(Set::new(extra));
                 workloads.series += 1;
-                chosen = Some((sets.len() - 1, extra));
+                let i = sets.len() - 1;
+                return (then(with(extra), Some(&mut sets[i].handle)), false);
             }
             let other = vec![OTHER; extra.len()];
-            if chosen.is_none() {
-                chosen = sets
-                    .iter()
-                    .position(|s| s.is(&other))
-                    .map(|i| (i, &other[..]));
+            if let Some(i) = sets.iter().position(|s| s.is(&other)) {
+                return (then(with(&other), Some(&mut sets[i].handle)), false);
             }
-            if chosen.is_none() && room {
+            if room {
                 sets.push(Set::new(&other));
                 workloads.series += 1;
-                chosen = Some((sets.len() - 1, &other[..]));
-            }
-            if let Some((i, labels)) = chosen {
-                return (then(with(labels), Some(&mut sets[i].handle)), false);
+                let i = sets.len() - 1;
+                return (then(with(&other), Some(&mut sets[i].handle)), false);
             }
         } else if room {
             let admitted = workloads.admitted.entry(who.clone()).or_insert(Admitted {

@@ -10,11 +10,11 @@
 //! all three when it makes the inode, later changes only move them forward). If the kernel
 //! evicted and re-made that inode, the cgroup is older than it says.
 
-use std::sync::Arc;
 use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt as _,
     path::Path,
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 

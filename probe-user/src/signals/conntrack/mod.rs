@@ -8,10 +8,10 @@
 pub mod ctstats;
 pub mod origin;
 
-use std::sync::Arc;
 use std::{
     collections::HashMap,
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 

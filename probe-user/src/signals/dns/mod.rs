@@ -9,10 +9,10 @@
 //! An answer preceded by NXDOMAINs for `name.<search suffix>` counts them (the `ndots:5`
 //! search-path effect).
 
-use std::sync::Arc;
 use std::{
     collections::{HashMap, HashSet},
     hash::BuildHasher as _,
+    sync::Arc,
     time::Duration,
 };
 

@@ -7,10 +7,10 @@
 pub mod binding;
 pub mod users;
 
-use std::sync::Arc;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
