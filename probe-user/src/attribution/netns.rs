@@ -10,7 +10,10 @@
 
 use std::{
     collections::HashMap,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirEntryExt as _, MetadataExt as _},
+    },
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -62,12 +65,18 @@ pub struct NetnsDirectory {
 
 #[derive(Clone, Copy, Debug)]
 struct PidNetns {
+    /// The inode of the process's `/proc/<pid>` directory: procfs gives each process its
+    /// own, so a pid reused by another process is looked at again.
+    dir: u64,
     key: NetnsKey,
     /// The namespace's inode, when `/proc/<pid>/ns/net` is readable.
     inode: Option<u64>,
 }
 
 const RESCAN: Duration = Duration::from_secs(5);
+/// A rescan for a namespace whose known process has exited, at most this often (a sender
+/// refused at its drop often exits at once, before its namespace's counters are read).
+const RESCAN_GONE: Duration = Duration::from_secs(1);
 const NAMED_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
 /// Inodes learnt from the kernel's records at most (a node has hundreds of namespaces).
 const MAX_LEARNT: usize = 16_384;
@@ -149,6 +158,18 @@ impl NetnsDirectory {
         }
     }
 
+    /// The namespace `key` again, once a read through its known process failed (the process
+    /// exited): rescans unless a scan ran within `RESCAN_GONE`, and returns it where another
+    /// process is found in it.
+    pub fn after_exit(&mut self, key: NetnsKey) -> Option<Netns> {
+        let before = self.by_key.get(&key).and_then(|n| n.pid);
+        if self.last_scan.is_some_and(|t| t.elapsed() < RESCAN_GONE) {
+            return None;
+        }
+        self.scan();
+        self.by_key.get(&key).filter(|n| n.pid != before).cloned()
+    }
+
     /// Every namespace known after a (rate-limited) rescan.
     pub fn all(&mut self) -> Vec<Netns> {
         self.rescan();
@@ -163,6 +184,10 @@ impl NetnsDirectory {
         if self.last_scan.is_some_and(|t| t.elapsed() < RESCAN) {
             return;
         }
+        self.scan();
+    }
+
+    fn scan(&mut self) {
         self.last_scan = Some(Instant::now());
         let mut found: HashMap<NetnsKey, Netns> = HashMap::new();
         let mut pids = HashMap::with_capacity(self.pids.len());
@@ -173,13 +198,17 @@ impl NetnsDirectory {
                 };
                 let dir = e.path();
                 let seen = match self.pids.get(&pid) {
-                    Some(seen) => *seen,
-                    None => {
+                    Some(seen) if seen.dir == e.ino() => *seen,
+                    _ => {
                         let Some(key) = procfs_key(&dir) else {
                             continue;
                         };
                         let inode = std::fs::metadata(dir.join("ns/net")).ok().map(|m| m.ino());
-                        PidNetns { key, inode }
+                        PidNetns {
+                            dir: e.ino(),
+                            key,
+                            inode,
+                        }
                     }
                 };
                 pids.insert(pid, seen);
@@ -315,5 +344,34 @@ mod tests {
         assert_eq!(ns.label(), "netns:4026532000");
         let unnamed = Netns { inode: None, ..ns };
         assert_eq!(unnamed.label(), "netns:pid:42");
+    }
+
+    /// The kernel named a sender that exited before its namespace was read: a rescan finds
+    /// another process in it, and that rescan is bounded in rate.
+    #[test]
+    fn a_namespace_whose_known_process_exited_is_found_again() {
+        let own = procfs_key(Path::new("/proc/self")).expect("/proc/self/net/stat");
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawning true");
+        let gone = child.id();
+        child.wait().expect("reaping true");
+        let mut d = NetnsDirectory::new("/proc");
+        d.learn(
+            own,
+            NetnsDirectory::own_inode().expect("our inode"),
+            Some(gone),
+        );
+        let known = d.get(own).expect("the learnt namespace");
+        assert_eq!(known.pid, Some(gone));
+        assert!(read_proc_net(gone, own, "dev").is_err(), "{gone} is reaped");
+        let found = d.after_exit(own).expect("another process in our namespace");
+        let pid = found.pid.expect("a process");
+        read_proc_net(pid, own, "dev").expect("reading through the process found");
+        assert_eq!(
+            d.after_exit(own),
+            None,
+            "a second rescan within RESCAN_GONE"
+        );
     }
 }

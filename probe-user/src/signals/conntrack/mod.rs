@@ -204,6 +204,25 @@ impl Accounted {
     }
 }
 
+/// The counters of namespace `key` (inode `inode`), through the process the directory knows
+/// in it; where that one has exited (a sender refused at its drop often exits at once: the
+/// kernel named it, and it is gone before its batch is read), through one a rescan finds.
+fn read_counters(
+    netns: &mut NetnsDirectory,
+    key: NetnsKey,
+    inode: u64,
+) -> anyhow::Result<CtCounters> {
+    let ns = netns
+        .get(key)
+        .ok_or_else(|| anyhow::anyhow!("network namespace {inode} not found"))?;
+    ctstats::read(&ns)
+        .or_else(|gone| match netns.after_exit(key) {
+            Some(ns) => ctstats::read(&ns),
+            None => Err(gone),
+        })
+        .map(|(c, _)| c)
+}
+
 /// Decides causes; owns the namespaces and the counters already accounted for.
 pub struct Classifier {
     pub netns: NetnsDirectory,
@@ -279,11 +298,9 @@ impl Classifier {
                 ));
                 continue;
             };
-            let counters = now.entry(key).or_insert_with(|| {
-                let ns = self.netns.get(key);
-                ns.ok_or_else(|| anyhow::anyhow!("network namespace {inode} not found"))
-                    .and_then(|ns| Ok(ctstats::read(&ns)?.0))
-            });
+            let counters = now
+                .entry(key)
+                .or_insert_with(|| read_counters(&mut self.netns, key, inode));
             let c = match counters {
                 Ok(c) => *c,
                 Err(e) => {
