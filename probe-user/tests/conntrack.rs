@@ -278,7 +278,7 @@ fn conntrack_drops_reach_otlp_configured_by_the_standard_variables() {
             .filter(|(_, r)| {
                 r.event_name == "faultline.conntrack_drop"
                     && r.attributes.iter().any(|kv| {
-                        kv.key == "container.runtime.cgroup" && attr_str(kv) == lab.cgroup_path(1)
+                        kv.key == "faultline.cgroup" && attr_str(kv) == lab.cgroup_path(1)
                     })
             })
             .collect();

@@ -701,7 +701,7 @@ fn dns_queries_become_otlp_client_spans_with_real_times() {
             .filter(|s| {
                 s.attributes
                     .iter()
-                    .any(|kv| kv.key == "container.runtime.cgroup" && attr_str(kv) == path)
+                    .any(|kv| kv.key == "faultline.cgroup" && attr_str(kv) == path)
             })
             .filter(|s| {
                 s.attributes

@@ -1427,7 +1427,7 @@ impl OtlpReceiver {
             .filter(|(_, r)| {
                 r.attributes
                     .iter()
-                    .any(|kv| kv.key == "process.executable.name" && attr_str(kv) == comm)
+                    .any(|kv| kv.key == "thread.name" && attr_str(kv) == comm)
             })
             .cloned()
             .collect()

@@ -209,7 +209,7 @@ pub(super) fn percent_decode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::resource;
+    use super::super::{Resources, records::Subject};
     use super::*;
 
     fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -256,7 +256,7 @@ mod tests {
             assert_eq!(s.timeout, Duration::from_millis(2500));
             assert_eq!(s.tls.certificate.as_deref(), Some("/ca.pem".as_ref()));
         }
-        let r = resource("node-1", &c.resource);
+        let r = Resources::new("node-1", &c.resource).of(&Subject::Node);
         let get = |k: &str| {
             r.attributes
                 .iter()

@@ -2,9 +2,10 @@
 //! says (`--otlp-endpoint` as `OTEL_EXPORTER_OTLP_ENDPOINT`, every `OTEL_EXPORTER_OTLP_*`
 //! variable general and per signal; a signal without an endpoint is not exported): clone
 //! failures and conntrack drops as log records (`event_name`) with their real time, DNS
-//! queries as client spans with their real start and end, all with OpenTelemetry's Kubernetes
-//! attributes and a resource naming the node and the agent. http or https (rustls; the
-//! system's roots unless `..._CERTIFICATE` names a CA), gzip when asked.
+//! queries as client spans with their real start and end, each under the resource of what it
+//! is about (a pod's OpenTelemetry Kubernetes attributes, the node, or faultline's own pod),
+//! which also names faultline and the node. http or https (rustls; the system's roots unless
+//! `..._CERTIFICATE` names a CA), gzip when asked.
 //!
 //! The configuration is checked and the TLS files read before the programs load
 //! ([`OtlpSetup`]: a mistake is a usage error); the senders start after.
@@ -23,6 +24,7 @@ mod records;
 mod sender;
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -32,7 +34,7 @@ use std::{
 
 use opentelemetry_proto::tonic::{
     collector::{logs::v1::ExportLogsServiceRequest, trace::v1::ExportTraceServiceRequest},
-    common::v1::InstrumentationScope,
+    common::v1::{InstrumentationScope, KeyValue},
     logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
     resource::v1::Resource,
     trace::v1::{ResourceSpans, ScopeSpans, Span},
@@ -44,7 +46,9 @@ use tokio::sync::mpsc;
 use crate::{export::budget::BudgetLine, signals::Event};
 
 use config::{OtlpConfig, SignalConfig};
-use records::{budget_record, dns_span, drop_record, kv, log_record};
+use records::{
+    Subject, Subjected, budget_record, dns_span, drop_record, k8s_attributes, kv, log_record,
+};
 use sender::{Collector, Sender};
 
 /// Records waiting per signal; past this they are dropped and counted. With the batch in
@@ -96,40 +100,97 @@ impl OtlpSetup {
 }
 
 pub struct OtlpExporter {
-    logs: Option<mpsc::Sender<LogRecord>>,
-    traces: Option<mpsc::Sender<Span>>,
+    logs: Option<mpsc::Sender<Subjected<LogRecord>>>,
+    traces: Option<mpsc::Sender<Subjected<Span>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     counters: OtlpCounters,
     /// Records queued and not yet delivered or dropped, every signal's.
     queued: Arc<AtomicU64>,
 }
 
-/// The resource of every export: the agent (service.*, its own pod when the downward API
-/// says) and the node, then the operator's attributes over them.
-fn resource(node: &str, extra: &[(String, String)]) -> Resource {
-    let mut attrs: Vec<(String, String)> = vec![
-        ("service.name".into(), "faultline".into()),
-        ("service.version".into(), env!("CARGO_PKG_VERSION").into()),
-        ("service.instance.id".into(), node.into()),
-        ("k8s.node.name".into(), node.into()),
-        ("host.name".into(), crate::attribution::pods::hostname()),
-    ];
-    for (key, var) in [
-        ("k8s.pod.name", "POD_NAME"),
-        ("k8s.namespace.name", "POD_NAMESPACE"),
-    ] {
-        if let Ok(v) = std::env::var(var) {
-            attrs.push((key.into(), v));
+/// The resources of an export. Every one names faultline and the node (`service.*`,
+/// `k8s.node.name`, `host.name`, the operator's `OTEL_RESOURCE_ATTRIBUTES` over them) and
+/// what its records are about: a pod's Kubernetes attributes, none for the node, faultline's
+/// own pod (the downward API's, or the operator's `k8s.*` pod attributes) for its own.
+struct Resources {
+    common: Vec<(String, String)>,
+    own_pod: Vec<(String, String)>,
+}
+
+impl Resources {
+    fn new(node: &str, extra: &[(String, String)]) -> Resources {
+        let mut common: Vec<(String, String)> = vec![
+            ("service.name".into(), "faultline".into()),
+            ("service.version".into(), env!("CARGO_PKG_VERSION").into()),
+            ("service.instance.id".into(), node.into()),
+            ("k8s.node.name".into(), node.into()),
+            ("host.name".into(), crate::attribution::pods::hostname()),
+        ];
+        let mut own_pod: Vec<(String, String)> = [
+            ("k8s.pod.name", "POD_NAME"),
+            ("k8s.namespace.name", "POD_NAMESPACE"),
+        ]
+        .into_iter()
+        .filter_map(|(key, var)| std::env::var(var).ok().map(|v| (key.to_owned(), v)))
+        .collect();
+        for (k, v) in extra {
+            let list = if names_a_pod(k) {
+                &mut own_pod
+            } else {
+                &mut common
+            };
+            list.retain(|(key, _)| key != k);
+            list.push((k.clone(), v.clone()));
+        }
+        Resources { common, own_pod }
+    }
+
+    fn of(&self, subject: &Subject) -> Resource {
+        let mut attributes: Vec<KeyValue> = self.common.iter().map(|(k, v)| kv(k, v)).collect();
+        match subject {
+            Subject::Pod(pod) => attributes.extend(k8s_attributes(pod)),
+            Subject::Node => {}
+            Subject::Agent => attributes.extend(self.own_pod.iter().map(|(k, v)| kv(k, v))),
+        }
+        Resource {
+            attributes,
+            ..Default::default()
         }
     }
-    for (k, v) in extra {
-        attrs.retain(|(key, _)| key != k);
-        attrs.push((k.clone(), v.clone()));
+}
+
+/// Whether a resource attribute names a pod (its namespace, containers or owners), not the
+/// node or the cluster: given by the operator, it names faultline's own pod.
+fn names_a_pod(key: &str) -> bool {
+    key.starts_with("container.")
+        || (key.starts_with("k8s.")
+            && !key.starts_with("k8s.node.")
+            && !key.starts_with("k8s.cluster."))
+}
+
+/// A batch's records grouped by what they are about, in the order each subject came first.
+fn by_subject<T>(batch: Vec<Subjected<T>>) -> Vec<(Subject, Vec<T>)> {
+    #[derive(PartialEq, Eq, Hash)]
+    enum Key {
+        Pod(String),
+        Node,
+        Agent,
     }
-    Resource {
-        attributes: attrs.into_iter().map(|(k, v)| kv(&k, v)).collect(),
-        ..Default::default()
+    let mut groups: Vec<(Subject, Vec<T>)> = Vec::new();
+    let mut index: HashMap<Key, usize> = HashMap::new();
+    for Subjected { subject, record } in batch {
+        let key = match &subject {
+            Subject::Pod(p) => Key::Pod(p.uid.clone()),
+            Subject::Node => Key::Node,
+            Subject::Agent => Key::Agent,
+        };
+        let i = *index.entry(key).or_insert_with(|| {
+            groups.push((subject, Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(record);
     }
+    groups
 }
 
 /// One signal's background sender, encoding its batches with `encode`.
@@ -150,7 +211,7 @@ impl OtlpExporter {
     pub fn start(setup: OtlpSetup, node: &str, counters: OtlpCounters) -> Self {
         tracing::info!("{}", setup.described);
         let queued = Arc::new(AtomicU64::new(0));
-        let resource = resource(node, &setup.resource);
+        let resources = Arc::new(Resources::new(node, &setup.resource));
         let scope = InstrumentationScope {
             name: "faultline".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -160,20 +221,21 @@ impl OtlpExporter {
         let logs = match setup.logs {
             Some(collector) => {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                let (resource, scope) = (resource.clone(), scope.clone());
-                let encode = move |log_records| {
-                    ExportLogsServiceRequest {
-                        resource_logs: vec![ResourceLogs {
-                            resource: Some(resource.clone()),
+                let (resources, scope) = (resources.clone(), scope.clone());
+                let encode = move |batch| {
+                    let resource_logs = by_subject(batch)
+                        .into_iter()
+                        .map(|(subject, log_records)| ResourceLogs {
+                            resource: Some(resources.of(&subject)),
                             scope_logs: vec![ScopeLogs {
                                 scope: Some(scope.clone()),
                                 log_records,
                                 ..Default::default()
                             }],
                             ..Default::default()
-                        }],
-                    }
-                    .encode_to_vec()
+                        })
+                        .collect();
+                    ExportLogsServiceRequest { resource_logs }.encode_to_vec()
                 };
                 tasks.push(spawn("logs", collector, &counters, &queued, rx, encode));
                 Some(tx)
@@ -183,19 +245,20 @@ impl OtlpExporter {
         let traces = match setup.traces {
             Some(collector) => {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                let encode = move |spans| {
-                    ExportTraceServiceRequest {
-                        resource_spans: vec![ResourceSpans {
-                            resource: Some(resource.clone()),
+                let encode = move |batch| {
+                    let resource_spans = by_subject(batch)
+                        .into_iter()
+                        .map(|(subject, spans)| ResourceSpans {
+                            resource: Some(resources.of(&subject)),
                             scope_spans: vec![ScopeSpans {
                                 scope: Some(scope.clone()),
                                 spans,
                                 ..Default::default()
                             }],
                             ..Default::default()
-                        }],
-                    }
-                    .encode_to_vec()
+                        })
+                        .collect();
+                    ExportTraceServiceRequest { resource_spans }.encode_to_vec()
                 };
                 tasks.push(spawn("traces", collector, &counters, &queued, rx, encode));
                 Some(tx)
@@ -232,7 +295,7 @@ impl OtlpExporter {
         self.log(budget_record(line));
     }
 
-    fn log(&self, record: LogRecord) {
+    fn log(&self, record: Subjected<LogRecord>) {
         if let Some(tx) = &self.logs {
             self.queue(tx, record);
         }
@@ -283,7 +346,7 @@ impl OtlpExporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::budget::EventsLost;
+    use crate::{attribution::pods::PodRef, export::budget::EventsLost};
 
     /// A collector that takes the connection and never answers: what is queued at the stop
     /// is dropped, counted, and said.
@@ -311,5 +374,75 @@ mod tests {
         assert_eq!(dropped, 3);
         assert_eq!(counters.dropped.get(), 3);
         drop(black_hole);
+    }
+
+    /// A pod's records are exported under a resource of their own with its Kubernetes
+    /// attributes; faultline's own pod (here the operator's `k8s.pod.name`) names only its
+    /// own records, never a pod's or the node's.
+    #[test]
+    fn each_subject_has_its_resource_and_faultlines_pod_only_its_own() {
+        let extra = [
+            ("k8s.cluster.name".to_owned(), "eu-1".to_owned()),
+            ("k8s.pod.name".to_owned(), "faultline-x7".to_owned()),
+        ];
+        let resources = Resources::new("node-1", &extra);
+        let pairs = |subject: &Subject| -> Vec<(String, String)> {
+            resources
+                .of(subject)
+                .attributes
+                .into_iter()
+                .map(|kv| {
+                    let v = match kv.value.and_then(|v| v.value) {
+                        Some(
+                            opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                                s,
+                            ),
+                        ) => s,
+                        other => format!("{other:?}"),
+                    };
+                    (kv.key, v)
+                })
+                .collect()
+        };
+        let has = |list: &[(String, String)], k: &str, v: &str| {
+            list.iter().any(|(key, value)| key == k && value == v)
+        };
+        let pod = Arc::new(PodRef {
+            uid: "0d3e2f1a-8b7c-4d6e-9f00-112233445566".into(),
+            namespace: Some("shop".into()),
+            name: Some("cart-1".into()),
+            ..Default::default()
+        });
+        let of_pod = pairs(&Subject::Pod(pod.clone()));
+        for (k, v) in [
+            ("k8s.pod.name", "cart-1"),
+            ("k8s.namespace.name", "shop"),
+            ("k8s.node.name", "node-1"),
+            ("k8s.cluster.name", "eu-1"),
+            ("service.name", "faultline"),
+        ] {
+            assert!(has(&of_pod, k, v), "{k}={v}: {of_pod:?}");
+        }
+        assert_eq!(
+            of_pod.iter().filter(|(k, _)| k == "k8s.pod.name").count(),
+            1
+        );
+        let of_node = pairs(&Subject::Node);
+        assert!(
+            !of_node.iter().any(|(k, _)| k.starts_with("k8s.pod.")),
+            "{of_node:?}"
+        );
+        assert!(has(&of_node, "k8s.cluster.name", "eu-1"));
+        assert!(has(&pairs(&Subject::Agent), "k8s.pod.name", "faultline-x7"));
+
+        let record = |subject: Subject, n: u64| Subjected { subject, record: n };
+        let groups = by_subject(vec![
+            record(Subject::Pod(pod.clone()), 1),
+            record(Subject::Node, 2),
+            record(Subject::Pod(pod), 3),
+            record(Subject::Agent, 4),
+        ]);
+        let shape: Vec<Vec<u64>> = groups.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(shape, [vec![1, 3], vec![2], vec![4]]);
     }
 }

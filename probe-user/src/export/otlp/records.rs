@@ -1,5 +1,9 @@
-//! Events as OTLP: clone failures, conntrack drops and budget summaries as log records
-//! (`event_name`), DNS queries as client spans, with OpenTelemetry's Kubernetes attributes.
+//! Events as OTLP: clone failures, conntrack drops and budget summaries as event records
+//! (`event_name`, attributes, no body, as the conventions for events say), DNS queries as
+//! client spans; each with its [`Subject`], whose OpenTelemetry Kubernetes attributes go on
+//! the resource it is exported under.
+
+use std::sync::Arc;
 
 use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value},
@@ -14,6 +18,29 @@ use crate::{
     signals::conntrack::ConntrackDrop,
     signals::dns::{DnsQuery, Outcome, Rcode},
 };
+
+/// What a record is about, which names the resource it is exported under: a pod (its
+/// Kubernetes attributes), the node (a process no pod holds), or faultline itself (its own
+/// losses).
+#[derive(Clone, Debug)]
+pub enum Subject {
+    Pod(Arc<PodRef>),
+    Node,
+    Agent,
+}
+
+impl Subject {
+    fn of(pod: Option<&Arc<PodRef>>) -> Subject {
+        pod.map_or(Subject::Node, |p| Subject::Pod(p.clone()))
+    }
+}
+
+/// A log record or span with what it is about.
+#[derive(Debug)]
+pub struct Subjected<T> {
+    pub subject: Subject,
+    pub record: T,
+}
 
 /// OTLP severity number for WARN.
 pub(super) const SEVERITY_WARN: i32 = 13;
@@ -38,49 +65,43 @@ pub(super) fn kv_int(key: &str, value: i64) -> KeyValue {
     }
 }
 
-/// A clone failure as an OTLP log record, with OpenTelemetry's k8s and process attributes.
-pub fn log_record(f: &CloneFailure) -> LogRecord {
-    let mut attributes = vec![
+/// A clone failure as an OTLP event record, with OpenTelemetry's process and thread
+/// attributes (`thread.name` is the task's `comm`).
+pub fn log_record(f: &CloneFailure) -> Subjected<LogRecord> {
+    let attributes = vec![
         kv("faultline.cause", f.cause.as_str()),
         kv("faultline.evidence", f.evidence.clone()),
         kv("faultline.syscall", f.syscall),
         kv("faultline.task", f.task.as_str()),
         kv("faultline.workload", f.workload.clone()),
+        kv("faultline.cgroup", f.cgroup.clone()),
         kv("error.type", f.errno.clone()),
         kv_int("process.pid", f.pid as i64),
         kv_int("thread.id", f.tid as i64),
+        kv("thread.name", f.comm.clone()),
         kv_int("process.parent_pid", f.ppid as i64),
-        kv("process.executable.name", f.comm.clone()),
-        kv("container.runtime.cgroup", f.cgroup.clone()),
     ];
-    attributes.extend(k8s_attributes(f.pod.as_deref()));
+    Subjected {
+        subject: Subject::of(f.pod.as_ref()),
+        record: event("faultline.clone_failure", f.time_unix_nano, attributes),
+    }
+}
+
+/// An event record: its name, time and attributes, WARN, no body.
+fn event(name: &str, time_unix_nano: u64, attributes: Vec<KeyValue>) -> LogRecord {
     LogRecord {
-        time_unix_nano: f.time_unix_nano,
+        time_unix_nano,
         observed_time_unix_nano: now_unix_nano(),
         severity_number: SEVERITY_WARN,
         severity_text: "WARN".to_owned(),
-        event_name: "faultline.clone_failure".to_owned(),
-        body: Some(AnyValue {
-            // Shown as is by log viewers: escaped like a table line.
-            value: Some(any_value::Value::StringValue(
-                crate::text::printable(&format!(
-                    "{} {} failed with {}: {} ({})",
-                    f.comm,
-                    f.syscall,
-                    f.errno,
-                    f.cause.as_str(),
-                    f.evidence
-                ))
-                .into_owned(),
-            )),
-        }),
+        event_name: name.to_owned(),
         attributes,
         ..Default::default()
     }
 }
 
-/// A conntrack drop as an OTLP log record: the flow, the cause, the sender's pod.
-pub fn drop_record(d: &ConntrackDrop) -> LogRecord {
+/// A conntrack drop as an OTLP event record: the flow, the cause, the sender's pod.
+pub fn drop_record(d: &ConntrackDrop) -> Subjected<LogRecord> {
     let mut attributes = vec![
         kv("faultline.cause", d.cause.as_str()),
         kv("faultline.evidence", d.evidence.clone()),
@@ -93,7 +114,7 @@ pub fn drop_record(d: &ConntrackDrop) -> LogRecord {
         kv_int("faultline.netns", d.netns as i64),
     ];
     if let Some(cgroup) = &d.cgroup {
-        attributes.push(kv("container.runtime.cgroup", cgroup.clone()));
+        attributes.push(kv("faultline.cgroup", cgroup.clone()));
     }
     if let Some(dns) = &d.dns {
         attributes.push(kv_int("faultline.dns.id", i64::from(dns.id)));
@@ -101,89 +122,45 @@ pub fn drop_record(d: &ConntrackDrop) -> LogRecord {
             attributes.push(kv("dns.question.name", name.clone()));
         }
     }
-    attributes.extend(k8s_attributes(d.pod.as_deref()));
-    LogRecord {
-        time_unix_nano: d.time_unix_nano,
-        observed_time_unix_nano: now_unix_nano(),
-        severity_number: SEVERITY_WARN,
-        severity_text: "WARN".to_owned(),
-        event_name: "faultline.conntrack_drop".to_owned(),
-        body: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(
-                crate::text::printable(&format!(
-                    "{} packet {}:{} -> {}:{} dropped by conntrack: {} ({})",
-                    d.proto,
-                    d.src,
-                    d.sport,
-                    d.dst,
-                    d.dport,
-                    d.cause.as_str(),
-                    d.evidence
-                ))
-                .into_owned(),
-            )),
-        }),
-        attributes,
-        ..Default::default()
+    Subjected {
+        subject: Subject::of(d.pod.as_ref()),
+        record: event("faultline.conntrack_drop", d.time_unix_nano, attributes),
     }
 }
 
-/// A budget's summary of suppressed events (or a count of events lost) as a log record.
-pub fn budget_record(line: &BudgetLine) -> LogRecord {
-    let (event_name, body, attributes) = match line {
-        BudgetLine::EventSummary(s) => {
-            let mut attributes = vec![
+/// A budget's summary of suppressed events (about their pod, or the node), or a count of
+/// events lost (about faultline), as an event record.
+pub fn budget_record(line: &BudgetLine) -> Subjected<LogRecord> {
+    let count = |n: u64| kv_int("faultline.count", i64::try_from(n).unwrap_or(i64::MAX));
+    let (subject, name, attributes) = match line {
+        BudgetLine::EventSummary(s) => (
+            Subject::of(s.pod.as_ref()),
+            "faultline.event_summary",
+            vec![
                 kv("faultline.event", s.event),
                 kv("faultline.workload", s.workload.clone()),
                 kv("faultline.cause", s.cause),
-                kv_int(
-                    "faultline.count",
-                    i64::try_from(s.count).unwrap_or(i64::MAX),
-                ),
+                count(s.count),
                 kv("faultline.evidence", s.evidence.clone()),
-            ];
-            attributes.extend(k8s_attributes(s.pod.as_deref()));
-            let body = format!(
-                "{} more {} {} of {} from {} to {} ({})",
-                s.count, s.event, s.cause, s.workload, s.first, s.last, s.evidence
-            );
-            ("faultline.event_summary", body, attributes)
-        }
-        BudgetLine::EventsLost(l) => (
-            "faultline.events_lost",
-            format!(
-                "{} {} events lost (ring buffer or queue full)",
-                l.count, l.event
-            ),
-            vec![
-                kv("faultline.event", l.event),
-                kv_int(
-                    "faultline.count",
-                    i64::try_from(l.count).unwrap_or(i64::MAX),
-                ),
+                kv("faultline.first", s.first.clone()),
+                kv("faultline.last", s.last.clone()),
             ],
         ),
+        BudgetLine::EventsLost(l) => (
+            Subject::Agent,
+            "faultline.events_lost",
+            vec![kv("faultline.event", l.event), count(l.count)],
+        ),
     };
-    LogRecord {
-        time_unix_nano: now_unix_nano(),
-        observed_time_unix_nano: now_unix_nano(),
-        severity_number: SEVERITY_WARN,
-        severity_text: "WARN".to_owned(),
-        event_name: event_name.to_owned(),
-        body: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(
-                crate::text::printable(&body).into_owned(),
-            )),
-        }),
-        attributes,
-        ..Default::default()
+    Subjected {
+        subject,
+        record: event(name, now_unix_nano(), attributes),
     }
 }
 
 /// OpenTelemetry's Kubernetes attributes of a pod. A pod nothing named has `k8s.pod.uid`
 /// alone: the conventions' names are the pod's real ones, never the labels' `unknown`.
-pub(super) fn k8s_attributes(pod: Option<&PodRef>) -> Vec<KeyValue> {
-    let Some(p) = pod else { return Vec::new() };
+pub(super) fn k8s_attributes(p: &PodRef) -> Vec<KeyValue> {
     let mut attributes = vec![kv("k8s.pod.uid", p.uid.clone())];
     for (key, value) in [
         ("k8s.namespace.name", &p.namespace),
@@ -206,7 +183,7 @@ pub(super) fn k8s_attributes(pod: Option<&PodRef>) -> Vec<KeyValue> {
 }
 
 /// A DNS query as a client span from send to answer (or to the timeout).
-pub fn dns_span(q: &DnsQuery) -> Span {
+pub fn dns_span(q: &DnsQuery) -> Subjected<Span> {
     let (server, port) = q.server.rsplit_once(':').unwrap_or((q.server.as_str(), ""));
     let mut attributes = vec![
         kv("dns.question.name", q.qname.clone()),
@@ -214,7 +191,7 @@ pub fn dns_span(q: &DnsQuery) -> Span {
         kv("faultline.dns.outcome", q.outcome.as_str()),
         kv("server.address", server.trim_matches(['[', ']'])),
         kv("faultline.workload", q.workload.clone()),
-        kv("container.runtime.cgroup", q.cgroup.clone()),
+        kv("faultline.cgroup", q.cgroup.clone()),
     ];
     if let Ok(p) = port.parse::<i64>() {
         attributes.push(kv_int("server.port", p));
@@ -225,7 +202,6 @@ pub fn dns_span(q: &DnsQuery) -> Span {
     if let Some(gap) = q.retransmit_gap_ms {
         attributes.push(kv("faultline.dns.retransmit_gap_ms", format!("{gap:.1}")));
     }
-    attributes.extend(k8s_attributes(q.pod.as_deref()));
     let failed =
         q.outcome == Outcome::Timeout || matches!(q.rcode, Some(Rcode::SERVFAIL | Rcode::REFUSED));
     // Semantic conventions: error.type names the failure (the rcode, or "timeout").
@@ -236,7 +212,7 @@ pub fn dns_span(q: &DnsQuery) -> Span {
     if let Some(error) = &error {
         attributes.push(kv("error.type", error.clone()));
     }
-    Span {
+    let record = Span {
         trace_id: random_id(16),
         span_id: random_id(8),
         name: format!("DNS {}", q.qtype),
@@ -253,6 +229,10 @@ pub fn dns_span(q: &DnsQuery) -> Span {
             message: error.unwrap_or_default(),
         }),
         ..Default::default()
+    };
+    Subjected {
+        subject: Subject::of(q.pod.as_ref()),
+        record,
     }
 }
 
@@ -292,7 +272,7 @@ mod tests {
     }
 
     fn keys(pod: &PodRef) -> Vec<(String, String)> {
-        k8s_attributes(Some(pod))
+        k8s_attributes(pod)
             .into_iter()
             .map(|kv| {
                 let value = match kv.value.and_then(|v| v.value) {
