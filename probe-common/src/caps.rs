@@ -1,6 +1,7 @@
-//! Linux capabilities by number (linux/capability.h), named without the `CAP_` prefix: one
-//! table for the loader's privilege checks, the test launcher that reproduces the DaemonSet's
-//! capability set, the image test and xtask's capability matrix.
+//! Linux capabilities by number (linux/capability.h), named without the `CAP_` prefix, as
+//! the manifest names them: one table for the test launcher that reproduces the DaemonSet's
+//! capability set, the tests that read capability masks, and xtask's capability matrix (the
+//! daemon itself uses the `caps` crate).
 
 /// `NAMES[n]` is capability `n`'s name.
 pub const NAMES: [&str; 41] = [

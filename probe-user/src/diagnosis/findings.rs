@@ -709,28 +709,54 @@ fn watched_text(n: Option<u64>, what: &str) -> String {
 
 /// The findings of one cgroup or namespace (a namespace can have both conntrack kinds).
 fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
-    let age_s = e
-        .made
-        .and_then(|m| started.duration_since(m).ok())
-        .map(|d| d.as_secs_f64());
-    let since = match (&e.resource, age_s) {
-        (Resource::Netns(..), _) => "since the network namespace was made".to_owned(),
-        (Resource::Cgroup(..), Some(a)) => {
-            format!("since the cgroup was made ({} ago)", duration(a))
-        }
-        (Resource::Cgroup(..), None) => "since the cgroup was made".to_owned(),
+    let past = PastEntry::new(e, started);
+    let found = match &e.resource {
+        Resource::Cgroup(_, cgroup) => [past.pids_limit(cgroup), past.memory_limit(cgroup)],
+        Resource::Netns(_, inode) => [past.insert_failed(*inode), past.table_full(*inode)],
     };
-    let counts_text = e
-        .first
-        .iter()
-        .map(|(c, n)| format!("{}={n}", c.as_str()))
-        .collect::<Vec<_>>()
-        .join(" ");
-    // `memory.events.local: max=7 oom=1`, each count with its file.
-    let files_text = {
+    found.into_iter().flatten().collect()
+}
+
+/// One cgroup's or namespace's counts at the start, and how its findings of the past say them.
+struct PastEntry<'a> {
+    e: &'a Entry,
+    /// The cgroup's age when faultline started.
+    age_s: Option<f64>,
+    /// `since the cgroup was made (3 h ago)`.
+    since: String,
+}
+
+impl<'a> PastEntry<'a> {
+    fn new(e: &'a Entry, started: std::time::SystemTime) -> PastEntry<'a> {
+        let age_s = e
+            .made
+            .and_then(|m| started.duration_since(m).ok())
+            .map(|d| d.as_secs_f64());
+        let since = match (&e.resource, age_s) {
+            (Resource::Netns(..), _) => "since the network namespace was made".to_owned(),
+            (Resource::Cgroup(..), Some(a)) => {
+                format!("since the cgroup was made ({} ago)", duration(a))
+            }
+            (Resource::Cgroup(..), None) => "since the cgroup was made".to_owned(),
+        };
+        PastEntry { e, age_s, since }
+    }
+
+    /// `pids_max=3 memory_oom=1`: every count at the start.
+    fn counts_text(&self) -> String {
+        self.e
+            .first
+            .iter()
+            .map(|(c, n)| format!("{}={n}", c.as_str()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// `memory.events.local: max=7 oom=1`, each count with its file.
+    fn files_text(&self) -> String {
         let mut by_file: Vec<(&str, Vec<String>)> = Vec::new();
-        for (c, n) in &e.first {
-            let f = e.file(*c);
+        for (c, n) in &self.e.first {
+            let f = self.e.file(*c);
             let item = format!("{}={n}", c.as_str());
             match by_file.iter_mut().find(|(g, _)| *g == f) {
                 Some((_, items)) => items.push(item),
@@ -742,139 +768,158 @@ fn past_entry(e: &Entry, started: std::time::SystemTime) -> Vec<Finding> {
             .map(|(f, items)| format!("{f}: {}", items.join(" ")))
             .collect::<Vec<_>>()
             .join("; ")
-    };
-    let kernel = |counter: Counter| KernelCount {
-        counts: e.first.iter().copied().collect(),
-        source: e.file(counter).to_owned(),
-        age_s,
-        while_watched: e.while_watched(counter),
-    };
-    let finding = |kind: FindingKind,
-                   severity,
-                   counter: Counter,
-                   what: String,
-                   why: String,
-                   advice: Vec<String>| Finding {
-        severity,
-        kind,
-        what,
-        who: e.who.clone(),
-        why,
-        trend: Trend::default(),
-        advice,
-        kernel: Some(kernel(counter)),
-    };
-    let what_gone = if matches!(e.resource, Resource::Netns(..)) {
-        "network namespace"
-    } else {
-        "cgroup"
-    };
-    let watched = |c: Counter| watched_text(e.while_watched(c), what_gone);
-    let mut out = Vec::new();
-    match &e.resource {
-        Resource::Cgroup(_, cgroup) => {
-            let pids = e.first(Counter::PidsMax);
-            if pids > 0 {
-                out.push(finding(
-                    FindingKind::PidsLimitPast,
-                    Severity::Critical,
-                    Counter::PidsMax,
-                    format!("{since}, its pids limit refused {pids} task creations; {}", watched(Counter::PidsMax)),
-                    format!("the kernel's count in {cgroup}/{}: max {pids}, counted at each task creation the pids limit refused, before faultline watched", e.file(Counter::PidsMax)),
-                    vec![
-                        format!("Find what creates tasks without ending them in {} (`faultline top`): a leak that hit its limit once will again.", e.who.workload),
-                        "If the workload needs more tasks, raise its pids limit (kubelet `podPidsLimit`, or the container runtime's).".to_owned(),
-                    ],
-                ));
-            }
-            let kills = e.first(Counter::MemoryOomKill);
-            let ooms = e.first(Counter::MemoryOom);
-            let hits = e
-                .first(Counter::MemoryMax)
-                .max(e.first(Counter::MemoryFailcnt));
-            let advice = vec![
-                "Raise the container's memory limit, or find what fills it (its anonymous memory and page cache: `memory.stat`).".to_owned(),
-            ];
-            if kills > 0 {
-                out.push(finding(
-                    FindingKind::OomKillPast,
-                    Severity::Critical,
-                    Counter::MemoryOomKill,
-                    format!("{since}, the OOM killer killed {kills} of its processes at its memory limit; {}", watched(Counter::MemoryOomKill)),
-                    format!("the kernel's counts in {cgroup}: {files_text}"),
-                    advice,
-                ));
-            } else if ooms > 0 || hits > 0 {
-                let (severity, what) = if ooms > 0 {
-                    (
-                        Severity::Warning,
-                        format!(
-                            "{since}, it ran out of memory at its limit {ooms} times (reclaim failed), with no process killed"
-                        ),
-                    )
-                } else {
-                    (
-                        Severity::Info,
-                        format!(
-                            "{since}, it reached its memory limit {hits} times (the kernel reclaimed; an allocation it could not reclaim for, a new task's among them, was refused)"
-                        ),
-                    )
-                };
-                let counter = if ooms > 0 {
-                    Counter::MemoryOom
-                } else if e.first(Counter::MemoryMax) > 0 {
-                    Counter::MemoryMax
-                } else {
-                    Counter::MemoryFailcnt
-                };
-                out.push(finding(
-                    FindingKind::MemoryLimitPast,
-                    severity,
-                    counter,
-                    format!("{what}; {}", watched(counter)),
-                    format!("the kernel's counts in {cgroup}: {files_text}"),
-                    advice,
-                ));
-            }
-        }
-        Resource::Netns(_, inode) => {
-            let failed = e.first(Counter::ConntrackInsertFailed);
-            if failed > 0 {
-                out.push(finding(
-                    FindingKind::ConntrackInsertFailedPast,
-                    Severity::Critical,
-                    Counter::ConntrackInsertFailed,
-                    format!("{since}, conntrack dropped {failed} packets whose entry lost the race to be confirmed (insert_failed); {}", watched(Counter::ConntrackInsertFailed)),
-                    format!("the kernel's counters of {}: {counts_text}", netns_phrase(*inode)),
-                    vec![
-                        "For DNS: `options: [{name: single-request-reopen}]` in the pod's `dnsConfig`, or NodeLocal DNSCache.".to_owned(),
-                        "For SNAT port clashes: `--random-fully` on the masquerade rule (kube-proxy/CNI option), or more source addresses.".to_owned(),
-                    ],
-                ));
-            }
-            // `drop` counts lost clashes too: what is left is the table's.
-            let full = e.first(Counter::ConntrackDrop).saturating_sub(failed);
-            let early = e.first(Counter::ConntrackEarlyDrop);
-            if full > 0 || early > 0 {
-                let counter = if full > 0 {
-                    Counter::ConntrackDrop
-                } else {
-                    Counter::ConntrackEarlyDrop
-                };
-                out.push(finding(
-                    FindingKind::ConntrackTableFullPast,
-                    if full > 0 { Severity::Critical } else { Severity::Warning },
-                    counter,
-                    format!("{since}, its conntrack table was full: {full} packets dropped for want of an entry, {early} entries evicted early; {}", watched(counter)),
-                    format!("the kernel's counters of {}: {counts_text}; `drop` beyond insert_failed is the table's", netns_phrase(*inode)),
-                    vec![
-                        "Raise `net.netfilter.nf_conntrack_max` (and `nf_conntrack_buckets`), or shorten idle timeouts (`nf_conntrack_udp_timeout`).".to_owned(),
-                    ],
-                ));
-            }
+    }
+
+    /// "none while watched", "3 more while watched", or that it is gone.
+    fn watched(&self, c: Counter) -> String {
+        let what = match self.e.resource {
+            Resource::Netns(..) => "network namespace",
+            Resource::Cgroup(..) => "cgroup",
+        };
+        watched_text(self.e.while_watched(c), what)
+    }
+
+    /// A finding of the past, with the kernel's counts behind it.
+    fn finding(
+        &self,
+        kind: FindingKind,
+        severity: Severity,
+        counter: Counter,
+        what: String,
+        why: String,
+        advice: Vec<String>,
+    ) -> Finding {
+        Finding {
+            severity,
+            kind,
+            what,
+            who: self.e.who.clone(),
+            why,
+            trend: Trend::default(),
+            advice,
+            kernel: Some(KernelCount {
+                counts: self.e.first.iter().copied().collect(),
+                source: self.e.file(counter).to_owned(),
+                age_s: self.age_s,
+                while_watched: self.e.while_watched(counter),
+            }),
         }
     }
-    out
+
+    fn pids_limit(&self, cgroup: &str) -> Option<Finding> {
+        let (e, since) = (self.e, &self.since);
+        let pids = e.first(Counter::PidsMax);
+        (pids > 0).then(|| self.finding(
+            FindingKind::PidsLimitPast,
+            Severity::Critical,
+            Counter::PidsMax,
+            format!("{since}, its pids limit refused {pids} task creations; {}", self.watched(Counter::PidsMax)),
+            format!("the kernel's count in {cgroup}/{}: max {pids}, counted at each task creation the pids limit refused, before faultline watched", e.file(Counter::PidsMax)),
+            vec![
+                format!("Find what creates tasks without ending them in {} (`faultline top`): a leak that hit its limit once will again.", e.who.workload),
+                "If the workload needs more tasks, raise its pids limit (kubelet `podPidsLimit`, or the container runtime's).".to_owned(),
+            ],
+        ))
+    }
+
+    /// An OOM kill, else running out of memory at the limit, else reaching it.
+    fn memory_limit(&self, cgroup: &str) -> Option<Finding> {
+        let (e, since) = (self.e, &self.since);
+        let kills = e.first(Counter::MemoryOomKill);
+        let ooms = e.first(Counter::MemoryOom);
+        let hits = e
+            .first(Counter::MemoryMax)
+            .max(e.first(Counter::MemoryFailcnt));
+        let advice = vec![
+            "Raise the container's memory limit, or find what fills it (its anonymous memory and page cache: `memory.stat`).".to_owned(),
+        ];
+        let why = format!("the kernel's counts in {cgroup}: {}", self.files_text());
+        if kills > 0 {
+            return Some(self.finding(
+                FindingKind::OomKillPast,
+                Severity::Critical,
+                Counter::MemoryOomKill,
+                format!("{since}, the OOM killer killed {kills} of its processes at its memory limit; {}", self.watched(Counter::MemoryOomKill)),
+                why,
+                advice,
+            ));
+        }
+        let (severity, counter, what) = if ooms > 0 {
+            (
+                Severity::Warning,
+                Counter::MemoryOom,
+                format!(
+                    "{since}, it ran out of memory at its limit {ooms} times (reclaim failed), with no process killed"
+                ),
+            )
+        } else if hits > 0 {
+            let counter = if e.first(Counter::MemoryMax) > 0 {
+                Counter::MemoryMax
+            } else {
+                Counter::MemoryFailcnt
+            };
+            (
+                Severity::Info,
+                counter,
+                format!(
+                    "{since}, it reached its memory limit {hits} times (the kernel reclaimed; an allocation it could not reclaim for, a new task's among them, was refused)"
+                ),
+            )
+        } else {
+            return None;
+        };
+        Some(self.finding(
+            FindingKind::MemoryLimitPast,
+            severity,
+            counter,
+            format!("{what}; {}", self.watched(counter)),
+            why,
+            advice,
+        ))
+    }
+
+    fn insert_failed(&self, inode: Option<u64>) -> Option<Finding> {
+        let since = &self.since;
+        let failed = self.e.first(Counter::ConntrackInsertFailed);
+        (failed > 0).then(|| self.finding(
+            FindingKind::ConntrackInsertFailedPast,
+            Severity::Critical,
+            Counter::ConntrackInsertFailed,
+            format!("{since}, conntrack dropped {failed} packets whose entry lost the race to be confirmed (insert_failed); {}", self.watched(Counter::ConntrackInsertFailed)),
+            format!("the kernel's counters of {}: {}", netns_phrase(inode), self.counts_text()),
+            vec![
+                "For DNS: `options: [{name: single-request-reopen}]` in the pod's `dnsConfig`, or NodeLocal DNSCache.".to_owned(),
+                "For SNAT port clashes: `--random-fully` on the masquerade rule (kube-proxy/CNI option), or more source addresses.".to_owned(),
+            ],
+        ))
+    }
+
+    fn table_full(&self, inode: Option<u64>) -> Option<Finding> {
+        let (e, since) = (self.e, &self.since);
+        // `drop` counts lost clashes too: what is left is the table's.
+        let full = e
+            .first(Counter::ConntrackDrop)
+            .saturating_sub(e.first(Counter::ConntrackInsertFailed));
+        let early = e.first(Counter::ConntrackEarlyDrop);
+        if full == 0 && early == 0 {
+            return None;
+        }
+        let counter = if full > 0 {
+            Counter::ConntrackDrop
+        } else {
+            Counter::ConntrackEarlyDrop
+        };
+        Some(self.finding(
+            FindingKind::ConntrackTableFullPast,
+            if full > 0 { Severity::Critical } else { Severity::Warning },
+            counter,
+            format!("{since}, its conntrack table was full: {full} packets dropped for want of an entry, {early} entries evicted early; {}", self.watched(counter)),
+            format!("the kernel's counters of {}: {}; `drop` beyond insert_failed is the table's", netns_phrase(inode), self.counts_text()),
+            vec![
+                "Raise `net.netfilter.nf_conntrack_max` (and `nf_conntrack_buckets`), or shorten idle timeouts (`nf_conntrack_udp_timeout`).".to_owned(),
+            ],
+        ))
+    }
 }
 
 /// `45 s`, `12 min`, `3.5 h`.

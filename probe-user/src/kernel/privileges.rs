@@ -12,29 +12,29 @@
 //! afterwards inherit the reduced sets.
 
 use anyhow::{Context as _, bail};
-use probe_common::caps;
+use caps::{CapSet, Capability, CapsHashSet};
 
 /// A capability kept, and what for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kept {
-    pub number: u32,
+    pub cap: Capability,
     pub why: &'static str,
 }
 
 const BPF: Kept = Kept {
-    number: 39,
+    cap: Capability::CAP_BPF,
     why: "reading the programs' maps",
 };
 const NET_ADMIN: Kept = Kept {
-    number: 12,
+    cap: Capability::CAP_NET_ADMIN,
     why: "conntrack counters over ctnetlink",
 };
 const SYS_ADMIN: Kept = Kept {
-    number: 21,
+    cap: Capability::CAP_SYS_ADMIN,
     why: "entering pods' network namespaces, where granted",
 };
 const SYS_PTRACE: Kept = Kept {
-    number: 19,
+    cap: Capability::CAP_SYS_PTRACE,
     why: "reading pods' /proc entries, where granted",
 };
 
@@ -47,102 +47,49 @@ pub fn after_attach(conntrack: bool) -> Vec<Kept> {
     keep
 }
 
-/// linux/capability.h, version 3 (64-bit sets as two 32-bit halves).
-const VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct Header {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Data {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-fn get() -> anyhow::Result<[Data; 2]> {
-    let mut header = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget with a version-3 header and room for its two data structs.
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("capget");
-    }
-    Ok(data)
-}
-
-fn set(data: &[Data; 2]) -> anyhow::Result<()> {
-    let mut header = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
-    // SAFETY: capset on this thread with a version-3 header and its two data structs.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("capset");
-    }
-    Ok(())
-}
-
 /// Reduces this thread's capabilities to those of `keep` it holds, and says which remain
 /// and for what. Irreversible.
 pub fn keep_only(keep: &[Kept]) -> anyhow::Result<()> {
-    let before = get().context("reading the capabilities to drop")?;
-    let held = |d: &[Data; 2]| u64::from(d[0].effective) | (u64::from(d[1].effective) << 32);
-    let had = held(&before);
-    let mask = keep.iter().fold(0u64, |m, k| m | (1 << k.number));
-    let after = had & mask;
-    let data = [
-        Data {
-            effective: after as u32,
-            permitted: after as u32,
-            inheritable: 0,
-        },
-        Data {
-            effective: (after >> 32) as u32,
-            permitted: (after >> 32) as u32,
-            inheritable: 0,
-        },
-    ];
-    set(&data).context("dropping the capabilities only loading needed")?;
-    // SAFETY: prctl with integer arguments; clears this thread's ambient set.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
+    let had = caps::read(None, CapSet::Effective).context("reading the capabilities to drop")?;
+    let after: CapsHashSet = had
+        .iter()
+        .copied()
+        .filter(|c| keep.iter().any(|k| k.cap == *c))
+        .collect();
+    let dropped: CapsHashSet = had.difference(&after).copied().collect();
+    // Effective first: the kernel refuses a permitted set smaller than the effective one.
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        caps::set(None, set, &after).context("dropping the capabilities only loading needed")?;
+    }
+    for set in [CapSet::Inheritable, CapSet::Ambient] {
+        caps::clear(None, set).context("clearing the inheritable and ambient capabilities")?;
+    }
     tracing::info!(
         "capabilities after attaching: kept {}; dropped {}",
-        names(after),
-        counted(had & !after)
+        names(&after),
+        counted(&dropped)
     );
     let why: Vec<String> = keep
         .iter()
-        .filter(|k| after & (1 << k.number) != 0)
-        .map(|k| format!("{} ({})", caps::name(k.number), k.why))
+        .filter(|k| after.contains(&k.cap))
+        .map(|k| format!("{} ({})", name(k.cap), k.why))
         .collect();
     tracing::debug!("capabilities kept: {}", why.join(", "));
-    tracing::debug!("capabilities dropped: {}", names(had & !after));
+    tracing::debug!("capabilities dropped: {}", names(&dropped));
     Ok(())
 }
 
-/// The capabilities in `set` by name, `none` for none.
-fn names(set: u64) -> String {
-    let names: Vec<&str> = (0..64u32)
-        .filter(|n| set & (1 << n) != 0)
-        .map(caps::name)
-        .collect();
+/// A capability's name without `CAP_`, as the manifest and `capsh` spell it.
+fn name(cap: Capability) -> String {
+    let full = cap.to_string();
+    full.strip_prefix("CAP_").unwrap_or(&full).to_owned()
+}
+
+/// The capabilities of `set` by name in the kernel's order, `none` for none.
+fn names(set: &CapsHashSet) -> String {
+    let mut caps: Vec<Capability> = set.iter().copied().collect();
+    caps.sort_by_key(Capability::index);
+    let names: Vec<String> = caps.into_iter().map(name).collect();
     if names.is_empty() {
         "none".to_owned()
     } else {
@@ -152,39 +99,26 @@ fn names(set: u64) -> String {
 
 /// The dropped capabilities for the short line: one by name, more by number (their names are
 /// at debug level).
-fn counted(dropped: u64) -> String {
-    match dropped.count_ones() {
+fn counted(dropped: &CapsHashSet) -> String {
+    match dropped.len() {
         0 | 1 => names(dropped),
         n => format!("{n} others (--log-level debug lists them)"),
     }
 }
 
-/// Capabilities in effect, from /proc/self/status.
-pub fn effective_capabilities() -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .context("no CapEff in /proc/self/status")?;
-    u64::from_str_radix(hex.trim(), 16).context("parsing CapEff")
-}
-
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
 /// Loading tracing programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN on older kernels).
 pub fn require_privileges() -> anyhow::Result<()> {
-    let caps = effective_capabilities()?;
-    let has = |cap: u32| caps & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+    let held = caps::read(None, CapSet::Effective).context("reading the capabilities")?;
+    let has = |cap| held.contains(&cap);
+    if has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON))
+    {
         return Ok(());
     }
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
     bail!(
-        "faultline needs root, or CAP_BPF and CAP_PERFMON, to load its eBPF programs (running as uid {euid} with CapEff={caps:#x})"
+        "faultline needs root, or CAP_BPF and CAP_PERFMON, to load its eBPF programs (running as uid {euid} with {})",
+        names(&held)
     )
 }
 
@@ -193,28 +127,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_kept_numbers_are_the_named_capabilities() {
-        for (kept, name) in [
-            (BPF, "BPF"),
-            (NET_ADMIN, "NET_ADMIN"),
-            (SYS_ADMIN, "SYS_ADMIN"),
-            (SYS_PTRACE, "SYS_PTRACE"),
-        ] {
-            assert_eq!(caps::number(name), Some(kept.number));
-        }
+    fn the_kept_capabilities_are_named_as_the_manifest_names_them() {
+        let kept: Vec<String> = [BPF, NET_ADMIN, SYS_ADMIN, SYS_PTRACE]
+            .into_iter()
+            .map(|k| name(k.cap))
+            .collect();
+        assert_eq!(kept, ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]);
         assert_eq!(after_attach(false), vec![BPF]);
     }
 
     #[test]
     fn the_line_names_what_is_kept_and_counts_the_rest() {
-        let bit = |k: Kept| 1u64 << k.number;
-        assert_eq!(names(bit(BPF) | bit(NET_ADMIN)), "NET_ADMIN, BPF");
-        assert_eq!(names(0), "none");
-        assert_eq!(counted(0), "none");
-        assert_eq!(counted(bit(SYS_ADMIN)), "SYS_ADMIN");
+        let set = |caps: &[Capability]| -> CapsHashSet { caps.iter().copied().collect() };
         assert_eq!(
-            counted((1u64 << 41) - 1 - bit(BPF)),
-            "40 others (--log-level debug lists them)"
+            names(&set(&[Capability::CAP_BPF, Capability::CAP_NET_ADMIN])),
+            "NET_ADMIN, BPF"
+        );
+        assert_eq!(names(&set(&[])), "none");
+        assert_eq!(counted(&set(&[])), "none");
+        assert_eq!(counted(&set(&[Capability::CAP_SYS_ADMIN])), "SYS_ADMIN");
+        let mut all = caps::all();
+        all.remove(&Capability::CAP_BPF);
+        assert_eq!(
+            counted(&all),
+            format!("{} others (--log-level debug lists them)", all.len())
         );
     }
 }
