@@ -567,3 +567,59 @@ pub fn brief(e: &anyhow::Error) -> String {
         None => text.lines().next().unwrap_or_default().to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record is taken whole (a longer one: the kernel's record may grow at its end);
+    /// a shorter one would be read past its end, and is skipped.
+    #[test]
+    fn a_record_shorter_than_its_type_is_skipped_never_read_past() {
+        let bytes = 0x0102_0304_u32.to_ne_bytes();
+        assert_eq!(decode::<u32>(&bytes), Some(0x0102_0304));
+        assert_eq!(
+            decode::<u32>(&[bytes.as_slice(), &[9]].concat()),
+            Some(0x0102_0304)
+        );
+        assert_eq!(decode::<u32>(&bytes[..3]), None);
+        let mut seen = Vec::new();
+        let records: [&[u8]; 3] = [&bytes, &bytes[..2], &7u32.to_ne_bytes()];
+        decode_each::<u32>(records, "a u32", |v| {
+            seen.push(v);
+            Ok(())
+        })
+        .expect("no error from the callback");
+        assert_eq!(seen, [0x0102_0304, 7]);
+    }
+
+    /// A refused program's error is one line: the verifier's log is cut, as is any text
+    /// after a first line.
+    #[test]
+    fn an_error_is_said_on_one_line_without_the_verifier_log() {
+        let refused = anyhow::anyhow!("Verifier output: 0: (bf) r6 = r1\n1: ...\n")
+            .context("verifying program dns_egress");
+        assert_eq!(
+            brief(&refused),
+            "verifying program dns_egress: (verifier log omitted)"
+        );
+        let plain = anyhow::anyhow!("first line\nsecond line").context("attaching");
+        assert_eq!(brief(&plain), "attaching: first line");
+    }
+
+    /// `--kernel-log` levels are aya-log's numbers: off removes every statement.
+    #[test]
+    fn kernel_log_levels_rise_from_off() {
+        let levels: Vec<u8> = [
+            KernelLog::Off,
+            KernelLog::Error,
+            KernelLog::Warn,
+            KernelLog::Info,
+            KernelLog::Debug,
+        ]
+        .into_iter()
+        .map(KernelLog::level)
+        .collect();
+        assert_eq!(levels, [0, 1, 2, 3, 4]);
+    }
+}
