@@ -386,24 +386,7 @@ mod tests {
             ("k8s.pod.name".to_owned(), "faultline-x7".to_owned()),
         ];
         let resources = Resources::new("node-1", &extra);
-        let pairs = |subject: &Subject| -> Vec<(String, String)> {
-            resources
-                .of(subject)
-                .attributes
-                .into_iter()
-                .map(|kv| {
-                    let v = match kv.value.and_then(|v| v.value) {
-                        Some(
-                            opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
-                                s,
-                            ),
-                        ) => s,
-                        other => format!("{other:?}"),
-                    };
-                    (kv.key, v)
-                })
-                .collect()
-        };
+        let pairs = |subject: &Subject| records::tests::pairs(resources.of(subject).attributes);
         let has = |list: &[(String, String)], k: &str, v: &str| {
             list.iter().any(|(key, value)| key == k && value == v)
         };

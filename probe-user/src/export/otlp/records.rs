@@ -257,7 +257,7 @@ pub(super) fn now_unix_nano() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -271,8 +271,9 @@ mod tests {
         assert_eq!(random_id(16).len(), 16);
     }
 
-    fn keys(pod: &PodRef) -> Vec<(String, String)> {
-        k8s_attributes(pod)
+    /// Attributes as (key, value) text, in order.
+    pub(in crate::export::otlp) fn pairs(attributes: Vec<KeyValue>) -> Vec<(String, String)> {
+        attributes
             .into_iter()
             .map(|kv| {
                 let value = match kv.value.and_then(|v| v.value) {
@@ -282,6 +283,10 @@ mod tests {
                 (kv.key, value)
             })
             .collect()
+    }
+
+    fn keys(pod: &PodRef) -> Vec<(String, String)> {
+        pairs(k8s_attributes(pod))
     }
 
     #[test]
