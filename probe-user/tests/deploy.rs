@@ -609,9 +609,16 @@ fn the_fleet_rules_rank_three_nodes_in_a_real_prometheus() {
             ),
         ),
     ] {
-        eventually(Duration::from_secs(30), what, || {
+        let found = within(Duration::from_secs(30), || {
             prom.series(&query).filter(|n| *n == nodes.len())
         });
+        assert!(
+            found.is_some(),
+            "{what}: not on {} nodes in 30 s; {query} is {}; the pod's headroom: {}",
+            nodes.len(),
+            prom.raw(&query),
+            prom.raw(&format!("faultline_pids_headroom{{{pod}}}"))
+        );
     }
     // The pod's pids are all in use: the least headroom on each node.
     for node in nodes {
@@ -727,9 +734,14 @@ fn the_operator_scrape_keeps_the_failing_pods_labels() {
     ]);
 
     let failing = r#"faultline_clone_failures_total{namespace="shop",pod="op-1",container="app",node="node-1",job="faultline"}"#;
-    eventually(Duration::from_secs(60), "the failing pod's series", || {
+    let counted = within(Duration::from_secs(60), || {
         prom.value(failing).filter(|v| *v >= 2.0)
     });
+    assert!(
+        counted.is_some(),
+        "no series of the failing pod with both failures in 60 s; Prometheus holds {}",
+        prom.raw("faultline_clone_failures_total")
+    );
     assert_eq!(
         prom.series(r#"faultline_clone_failures_total{pod="faultline-x7k2p"}"#),
         Some(0),

@@ -207,9 +207,13 @@ fn binary(name: &str, built: &str) -> String {
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A unique name per test and process, so parallel tests and reruns never collide.
+/// A name no other call makes, in this process or another: tests of one binary run side by
+/// side, and two that asked for the same name (the harness's `kubelet-logs`) shared a
+/// directory that the first to finish removed under the other.
 pub fn unique(name: &str) -> String {
-    format!("faultline-test-{name}-{}", std::process::id())
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("faultline-test-{name}-{}-{n}", std::process::id())
 }
 
 /// Runs a shell command that must succeed.
@@ -982,16 +986,20 @@ pub fn read_request(reader: &mut impl BufRead) -> Option<HttpRequest> {
 }
 
 /// Polls until `f` returns Some, for at most `timeout`.
-pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn eventually<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    within(timeout, f).unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Polls until `f` returns Some, for at most `timeout`; None if it never did.
+pub fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -1168,6 +1176,20 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows the end of what the daemon said (the pipe holds its last 64 KiB
+        // at most; a daemon that wrote more was already blocked, which the tail shows too).
+        if std::thread::panicking() {
+            let mut stderr = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut stderr);
+            }
+            let lines: Vec<&str> = stderr.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("faultline run's last {} log lines:", tail.len());
+            for l in tail {
+                eprintln!("  {}", log_text(l));
+            }
+        }
     }
 }
 
@@ -1249,6 +1271,16 @@ impl Prometheus {
         )?;
         let v: Value = serde_json::from_str(&body).ok()?;
         Some(v["data"]["result"].as_array()?.len())
+    }
+
+    /// The raw answer to an instant query (for a failed test's message).
+    pub fn raw(&self, query: &str) -> String {
+        http_get(
+            self.port,
+            &format!("/api/v1/query?query={}", url_encode(query)),
+        )
+        .map(|(_, body)| body)
+        .unwrap_or_else(|| "no answer".to_owned())
     }
 
     /// The value of an instant query with exactly one result.
