@@ -1,7 +1,8 @@
 //! What the sources said of each pod on the node, kept for the pod's life: its namespace and
-//! name (which never change for a uid) and the owner the Kubernetes API gave first. A pod's
-//! labels then do not change when a source goes: the API down or restarted, the pod deleted
-//! from the API or its log directory removed before its cgroup is. A pod nothing ever named is
+//! name (which never change for a uid), its containers' names (by container id) and the owner
+//! the Kubernetes API gave first. A pod's labels then do not change when a source goes: the
+//! API down or restarted, the pod deleted from the API or its log directories removed before
+//! its cgroups are. A pod nothing ever named is
 //! not remembered (there is nothing to keep), so cgroups made up to look like pods cost no
 //! memory here.
 //!
@@ -23,6 +24,9 @@ const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Pods remembered at once: a node runs a few hundred at most, with the churn of 15 minutes.
 const MAX_PODS: usize = 4096;
+/// Container names remembered per pod, the oldest dropped first: a pod's containers and the
+/// last restarts of each (a restart is a new container id).
+const MAX_CONTAINERS: usize = 8;
 
 /// One pod's names and owner.
 #[derive(Debug)]
@@ -31,7 +35,45 @@ struct Known {
     name: String,
     /// The first owner the API gave: kept when the API forgets the pod or gives another.
     owner: Option<Owner>,
+    containers: Vec<KnownContainer>,
     seen: Instant,
+}
+
+/// A container's name, as a source gave it for its id.
+#[derive(Debug)]
+struct KnownContainer {
+    id: String,
+    name: String,
+}
+
+impl Known {
+    /// Learns the container's name where a source gave it; gives it where none did.
+    fn complete_container(&mut self, pod: &mut PodRef) {
+        let Some(id) = &pod.container_id else {
+            return;
+        };
+        match &pod.container {
+            Some(name) => {
+                if self.containers.iter().any(|c| &c.id == id) {
+                    return;
+                }
+                if self.containers.len() >= MAX_CONTAINERS {
+                    self.containers.remove(0);
+                }
+                self.containers.push(KnownContainer {
+                    id: id.clone(),
+                    name: name.clone(),
+                });
+            }
+            None => {
+                pod.container = self
+                    .containers
+                    .iter()
+                    .find(|c| &c.id == id)
+                    .map(|c| c.name.clone());
+            }
+        }
+    }
 }
 
 /// Pods by uid.
@@ -63,6 +105,7 @@ impl KnownPods {
                 (None, Some(learned)) => known.owner = Some(learned.clone()),
                 (None, None) => {}
             }
+            known.complete_container(pod);
             return;
         }
         let (Some(namespace), Some(name)) = (&pod.namespace, &pod.name) else {
@@ -71,15 +114,15 @@ impl KnownPods {
         if self.pods.len() >= MAX_PODS {
             self.drop_least_recent();
         }
-        self.pods.insert(
-            pod.uid.clone(),
-            Known {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                owner: pod.owner.clone(),
-                seen: now,
-            },
-        );
+        let mut known = Known {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            owner: pod.owner.clone(),
+            containers: Vec::new(),
+            seen: now,
+        };
+        known.complete_container(pod);
+        self.pods.insert(pod.uid.clone(), known);
     }
 
     fn sweep_if_due(&mut self, now: Instant) {
@@ -154,6 +197,42 @@ mod tests {
         known.complete(&mut stranger, t0);
         assert_eq!(stranger, unnamed("b"));
         assert_eq!(known.len(), 1);
+    }
+
+    fn in_container(mut pod: PodRef, id: &str, name: Option<&str>) -> PodRef {
+        pod.container_id = Some(id.into());
+        pod.container = name.map(Into::into);
+        pod
+    }
+
+    #[test]
+    fn container_names_outlive_their_log_files_and_the_bound_holds() {
+        let t0 = Instant::now();
+        let mut known = KnownPods::new(t0);
+        known.complete(&mut in_container(named("a", None), "c1", Some("app")), t0);
+        // The container's log file removed (or the API gone): the same container name.
+        let mut later = in_container(unnamed("a"), "c1", None);
+        known.complete(&mut later, t0);
+        assert_eq!(later.container.as_deref(), Some("app"));
+        // Another container of the pod, named later: both known.
+        known.complete(&mut in_container(unnamed("a"), "c2", Some("sidecar")), t0);
+        let mut first = in_container(unnamed("a"), "c1", None);
+        known.complete(&mut first, t0);
+        assert_eq!(first.container.as_deref(), Some("app"));
+        // A container id nothing named stays unnamed.
+        let mut stranger = in_container(unnamed("a"), "c9", None);
+        known.complete(&mut stranger, t0);
+        assert_eq!(stranger.container, None);
+        // Restart after restart: the most recent are kept, no more than the bound.
+        for i in 0..MAX_CONTAINERS * 3 {
+            let id = format!("r{i}");
+            known.complete(&mut in_container(unnamed("a"), &id, Some("app")), t0);
+        }
+        assert_eq!(known.pods["a"].containers.len(), MAX_CONTAINERS);
+        let last = format!("r{}", MAX_CONTAINERS * 3 - 1);
+        let mut restarted = in_container(unnamed("a"), &last, None);
+        known.complete(&mut restarted, t0);
+        assert_eq!(restarted.container.as_deref(), Some("app"));
     }
 
     #[test]

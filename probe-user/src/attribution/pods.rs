@@ -863,8 +863,9 @@ mod tests {
         let mut a = attributor(&root, &api);
         let path = format!("/kubepods/burstable/pod{UID}/{CID}");
         let labels = |a: &mut Attributor| {
-            // A directory removed is seen at the next scan, however recent the last.
+            // The directories as they are now (another pod's miss rescans them).
             a.pods.last_scan = None;
+            a.pods.rescan_if_due();
             let who = a.attribute_path(&path);
             crate::export::metrics::who(&who.workload, who.pod.as_deref())
         };
@@ -891,6 +892,9 @@ mod tests {
         assert_eq!(labels(&mut a), expect("Deployment/cart"));
         // ...and when its log directory is removed before its cgroup: nothing flaps back.
         std::fs::remove_dir_all(&pod_dir).expect("test");
+        assert_eq!(labels(&mut a), expect("Deployment/cart"));
+        // Nor when the container's log file goes too: the container keeps its name.
+        std::fs::remove_dir_all(root.join("containers")).expect("test");
         assert_eq!(labels(&mut a), expect("Deployment/cart"));
         std::fs::remove_dir_all(&root).expect("test");
     }
