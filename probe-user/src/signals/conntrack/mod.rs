@@ -326,7 +326,8 @@ impl Classifier {
     }
 
     /// Whether a drop's packet came in where its namespace routes its source address (none:
-    /// a locally sent packet without a socket, or the routes unreadable).
+    /// a locally sent packet without a socket, or the routes unreadable through any process
+    /// of the namespace).
     fn arrived_where_routed(&mut self, ev: &ConntrackDropEvent) -> Option<bool> {
         if ev.local != 0 || ev.iif == 0 {
             return None;
@@ -336,7 +337,14 @@ impl Classifier {
         } else {
             self.netns.by_inode(u64::from(ev.netns))
         }?;
-        origin::arrived_where_routed(&ns, ip(flow_of(ev), true), ev.iif)
+        let (src, iif) = (ip(flow_of(ev), true), ev.iif);
+        origin::arrived_where_routed(&ns, src, iif)
+            .or_else(|gone| match self.netns.after_exit(ns.key) {
+                Some(ns) => origin::arrived_where_routed(&ns, src, iif),
+                None => Err(gone),
+            })
+            .ok()
+            .flatten()
     }
 
     /// The node's namespace's counters (pid 1's), when readable.

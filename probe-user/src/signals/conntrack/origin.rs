@@ -48,24 +48,27 @@ impl Sender {
 }
 
 /// Whether `src` came in on interface `iif` of namespace `ns` as its routes say it should:
-/// the longest matching prefix of its main table goes through that interface. None when the
-/// routes or the interface's name cannot be read.
-pub fn arrived_where_routed(ns: &Netns, src: IpAddr, iif: u32) -> Option<bool> {
-    let pid = ns.pid?;
-    let read = |file: &str| netns::read_proc_net(pid, ns.key, file).ok();
+/// the longest matching prefix of its main table goes through that interface. An error when
+/// the routes cannot be read through the namespace's known process (it exited: the caller
+/// may look for another); none when no route holds `src` or the interface has no name.
+pub fn arrived_where_routed(ns: &Netns, src: IpAddr, iif: u32) -> anyhow::Result<Option<bool>> {
+    let pid = ns
+        .pid
+        .ok_or_else(|| anyhow::anyhow!("no process known in the namespace"))?;
+    let read = |file: &str| netns::read_proc_net(pid, ns.key, file);
     let (routes, names) = match src {
-        IpAddr::V4(_) => (read("route")?, read("igmp")),
-        IpAddr::V6(_) => (read("ipv6_route")?, read("if_inet6")),
+        IpAddr::V4(_) => (read("route")?, read("igmp").ok()),
+        IpAddr::V6(_) => (read("ipv6_route")?, read("if_inet6").ok()),
     };
     let device = match src {
         IpAddr::V4(a) => route_v4(&routes, u32::from(a)),
         IpAddr::V6(a) => route_v6(&routes, u128::from(a)),
-    }?;
+    };
     let name = match src {
         IpAddr::V4(_) => names.and_then(|t| name_from_igmp(&t, iif)),
         IpAddr::V6(_) => names.and_then(|t| name_from_if_inet6(&t, iif)),
-    }?;
-    Some(device == name)
+    };
+    Ok(device.zip(name).map(|(device, name)| device == name))
 }
 
 /// The interface of the longest IPv4 prefix holding `addr` in `/proc/net/route` (addresses and
@@ -156,5 +159,24 @@ cali1\t0500F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
         let igmp = "Idx\tDevice    : Count Querier\tGroup    Users Timer\tReporter\n1\tlo        :     1      V3\n\t\t\t\t010000E0     1 0:00000000\t\t0\n11\tfl1a2     :     1      V3\n";
         assert_eq!(name_from_igmp(igmp, 11).as_deref(), Some("fl1a2"));
         assert_eq!(name_from_igmp(igmp, 2), None);
+    }
+
+    #[test]
+    fn routes_read_through_a_process_gone_are_an_error_the_caller_can_retry() {
+        let key = netns::procfs_key(std::path::Path::new("/proc/self")).expect("our namespace");
+        let ns = |pid| Netns {
+            key,
+            inode: None,
+            path: None,
+            pid: Some(pid),
+        };
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawning true");
+        let gone = child.id();
+        child.wait().expect("reaping true");
+        let src = IpAddr::from([127, 0, 0, 1]);
+        assert!(arrived_where_routed(&ns(gone), src, 1).is_err());
+        assert!(arrived_where_routed(&ns(std::process::id()), src, 1).is_ok());
     }
 }
