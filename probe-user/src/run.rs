@@ -309,7 +309,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for d in pipeline.degraded() {
         metrics.probe_degraded(d.probe(), d.reason());
     }
-    if !Signal::ALL.into_iter().any(|s| s.core() && pipeline.has(s)) {
+    if !Signal::ALL.iter().any(|&s| s.core() && pipeline.has(s)) {
         bail!("no probe could be attached (see the lines above)");
     }
     let served = Arc::new(HttpState {

@@ -403,7 +403,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 /// What the trace follows, for its first line.
 fn what(pipeline: &Pipeline, shown: &[Signal]) -> String {
     Signal::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|s| shown.contains(s) && pipeline.has(*s))
         .map(Signal::what)
         .collect::<Vec<_>>()

@@ -27,8 +27,10 @@ pub use event::{Event, LINES_VERSION, Line};
 pub use refresh::{ConntrackRefresh, DnsRefresh, DnsTcp, Refresh, TaskRefresh};
 pub use registry::Signals;
 
-/// A signal, as named in messages and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A signal, as named in messages and metrics. The order of the variants is the order they
+/// are attached in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::VariantArray, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum Signal {
     Clone,
     Tasks,
@@ -37,16 +39,12 @@ pub enum Signal {
 }
 
 impl Signal {
-    pub const ALL: [Signal; 4] = [Signal::Clone, Signal::Tasks, Signal::Dns, Signal::Conntrack];
+    /// Every signal, in attach order (derived: a new variant is in it).
+    pub const ALL: &[Signal] = <Signal as strum::VariantArray>::VARIANTS;
 
     /// As in `faultline_probe_attached{probe}`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Signal::Clone => "clone",
-            Signal::Tasks => "tasks",
-            Signal::Dns => "dns",
-            Signal::Conntrack => "conntrack",
-        }
+        self.into()
     }
 
     /// The signal whose events are of this kind.
@@ -62,7 +60,8 @@ impl Signal {
     /// (they record who sent each flow, and the tracker names the dropped queries).
     pub fn with_dependencies(signals: &[Signal]) -> Vec<Signal> {
         Signal::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|s| {
                 signals.contains(s) || (*s == Signal::Dns && signals.contains(&Signal::Conntrack))
             })

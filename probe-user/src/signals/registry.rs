@@ -68,7 +68,7 @@ impl Signals {
             rings: Vec::new(),
         };
         let mut rings = Vec::new();
-        for signal in [Signal::Clone, Signal::Tasks, Signal::Dns, Signal::Conntrack] {
+        for &signal in Signal::ALL {
             if !plan.has(signal) {
                 continue;
             }
