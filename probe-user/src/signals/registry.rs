@@ -3,19 +3,19 @@
 //! this without naming a signal; adding one means a folder, a [`Signal`] variant, an
 //! [`Event`] variant, and the arms the compiler asks for here.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 
 use super::{
-    ConntrackRefresh, DnsRefresh, DnsTcp, Event, Plan, Refresh, Signal, TaskRefresh,
+    Event, Plan, Refresh, Signal,
     clone::{self, Enricher, node::NodeTasks},
     conntrack::{self, Classifier},
     dns::{self, DnsTracker},
     refusals::{Counter, RefusalWatch},
     tasks::{self, HeadroomWatch, TaskModel},
 };
-use probe_common::{clone::CloneStats, conntrack::ConntrackStats, dns::DnsStats, tasks::TaskStats};
+use probe_common::clone::CloneStats;
 
 use crate::{
     attribution::cgroups::{CgroupFs, Hierarchy},
@@ -239,7 +239,7 @@ impl Signals {
             None => None,
         };
         let dns = match self.dns.as_ref() {
-            Some(tracker) => Some(Self::dns_refresh(
+            Some(tracker) => Some(dns::refresh(
                 probes,
                 tracker,
                 lost(Signal::Dns),
@@ -248,65 +248,26 @@ impl Signals {
             None => None,
         };
         let conntrack = match self.conntrack.as_mut() {
-            Some(classifier) => Some(ConntrackRefresh {
-                stats: {
-                    let mut stats: ConntrackStats = probes.stats()?;
-                    stats.lost += lost(Signal::Conntrack);
-                    stats
-                },
-                node: classifier.node_counters(),
-                tables: classifier.tables.clone(),
-            }),
+            Some(classifier) => Some(conntrack::refresh(
+                classifier,
+                probes,
+                lost(Signal::Conntrack),
+            )?),
             None => None,
         };
         let tasks = match self.tasks.as_mut() {
-            Some(model) => {
-                model.update(Instant::now(), tasks::counts(probes)?);
-                if self.idle_cgroups
-                    && let Some(root) = attributor.cgroups.mount(Hierarchy::Unified)
-                {
-                    model.include_idle(tasks::occupied_cgroups(&root.path));
-                }
-                let mut rows = model.rows(attributor);
-                let kernel = tasks::uid_counts(probes)?;
-                let census = attributor
-                    .cgroups
-                    .mount(Hierarchy::Unified)
-                    .map(|root| {
-                        let cgroups = rows.iter().map(|r| r.cgroup.as_str());
-                        tasks::users::UserCensus::read(&root.path, cgroups, &kernel)
-                    })
-                    .unwrap_or_default();
-                for row in &mut rows {
-                    row.nproc = census.limit(&row.cgroup);
-                }
-                Some(TaskRefresh {
-                    rows,
-                    tracked: model.len(),
-                    stats: probes.stats::<TaskStats>()?,
-                    users: census.uids.into_values().collect(),
-                    processes_unread: census.unread,
-                })
-            }
+            Some(model) => Some(tasks::refresh(
+                model,
+                probes,
+                attributor,
+                self.idle_cgroups,
+            )?),
             None => None,
         };
-        let ct: Vec<(u64, [(Counter, u64); 3])> = self
+        let ct = self
             .conntrack
             .as_ref()
-            .map(|c| {
-                c.tables
-                    .iter()
-                    .map(|t| {
-                        let c = &t.counters;
-                        let counts = [
-                            (Counter::ConntrackInsertFailed, c.insert_failed),
-                            (Counter::ConntrackDrop, c.drop),
-                            (Counter::ConntrackEarlyDrop, c.early_drop),
-                        ];
-                        (t.key.0, counts)
-                    })
-                    .collect()
-            })
+            .map(Classifier::refusal_counts)
             .unwrap_or_default();
         let refusals = self.refusals.refresh(attributor, &ct, every.is_zero());
         Ok(Refresh {
@@ -351,37 +312,14 @@ impl Signals {
         }
         Ok(())
     }
-
-    fn dns_refresh(
-        probes: &Probes,
-        tracker: &DnsTracker,
-        lost: u64,
-        attributor: &mut Attributor,
-    ) -> anyhow::Result<DnsRefresh> {
-        let mut stats: DnsStats = probes.stats()?;
-        stats.lost += lost;
-        stats.malformed += tracker.malformed;
-        let tcp = dns::tcp_counts(probes)?
-            .into_iter()
-            .map(|(id, c)| {
-                let (cgroup, who) = attributor.attribute(id, None);
-                DnsTcp {
-                    cgroup_id: id,
-                    cgroup,
-                    workload: who.workload,
-                    pod: who.pod,
-                    to_server: c.to_server,
-                    from_server: c.from_server,
-                }
-            })
-            .collect();
-        Ok(DnsRefresh { stats, tcp })
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use probe_common::{Counters, cgroups, clone::CloneStats};
+    use probe_common::{
+        Counters, cgroups, clone::CloneStats, conntrack::ConntrackStats, dns::DnsStats,
+        tasks::TaskStats,
+    };
 
     use super::*;
     use crate::kernel::inventory::object_programs;

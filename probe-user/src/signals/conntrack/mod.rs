@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use probe_common::conntrack::{self as common, CT_CONFIRMED, CT_NONE, ConntrackDropEvent, FlowKey};
+use probe_common::conntrack::{
+    self as common, CT_CONFIRMED, CT_NONE, ConntrackDropEvent, ConntrackStats, FlowKey,
+};
 use serde::Serialize;
 
 use crate::{
@@ -24,8 +26,9 @@ use crate::{
     clock::{self, KernelClock},
     kernel::loader::{self, Attachment, EventRing, KernelFacts, Probes, raw},
     kernel::rings::Batch,
-    signals::Event,
     signals::dns::DnsTracker,
+    signals::refusals::Counter,
+    signals::{ConntrackRefresh, Event},
 };
 use ctstats::CtCounters;
 use origin::Sender;
@@ -223,6 +226,22 @@ fn read_counters(
         .map(|(c, _)| c)
 }
 
+/// Conntrack's part of a refresh: its counters (`lost`, its ring's drops, added), the node's
+/// table and every namespace's at the last poll.
+pub fn refresh(
+    classifier: &mut Classifier,
+    probes: &Probes,
+    lost: u64,
+) -> anyhow::Result<ConntrackRefresh> {
+    let mut stats: ConntrackStats = probes.stats()?;
+    stats.lost += lost;
+    Ok(ConntrackRefresh {
+        stats,
+        node: classifier.node_counters(),
+        tables: classifier.tables.clone(),
+    })
+}
+
 /// Decides causes; owns the namespaces and the counters already accounted for.
 pub struct Classifier {
     pub netns: NetnsDirectory,
@@ -345,6 +364,23 @@ impl Classifier {
             })
             .ok()
             .flatten()
+    }
+
+    /// The refusal counters of every namespace's table at the last poll (by namespace key),
+    /// for the cross-check with the drops explained.
+    pub fn refusal_counts(&self) -> Vec<(u64, [(Counter, u64); 3])> {
+        self.tables
+            .iter()
+            .map(|t| {
+                let c = &t.counters;
+                let counts = [
+                    (Counter::ConntrackInsertFailed, c.insert_failed),
+                    (Counter::ConntrackDrop, c.drop),
+                    (Counter::ConntrackEarlyDrop, c.early_drop),
+                ];
+                (t.key.0, counts)
+            })
+            .collect()
     }
 
     /// The node's namespace's counters (pid 1's), when readable.

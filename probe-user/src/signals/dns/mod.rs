@@ -18,7 +18,8 @@ use std::{
 
 use anyhow::Context as _;
 use probe_common::dns::{
-    self as common, DnsKey, DnsPending, DnsQueryEvent, DnsSend, DnsTcpCounts, OUTCOME_ANSWERED,
+    self as common, DnsKey, DnsPending, DnsQueryEvent, DnsSend, DnsStats, DnsTcpCounts,
+    OUTCOME_ANSWERED,
 };
 use serde::Serialize;
 
@@ -32,7 +33,7 @@ use crate::{
     clock::KernelClock,
     kernel::loader::{Attachment, Direction, EventRing, Probes, cgroup_skb},
     kernel::rings::Batch,
-    signals::Event,
+    signals::{DnsRefresh, DnsTcp, Event},
 };
 
 /// Every packet to and from port 53: cgroup_skb egress and ingress on the cgroup v2 root,
@@ -57,8 +58,36 @@ pub fn open(probes: &mut Probes, cgroups: &CgroupFs) -> anyhow::Result<EventRing
     probes.take_ring(common::EVENTS)
 }
 
+/// DNS's part of a refresh: its counters (`lost`, its ring's drops, added) and DNS over TCP
+/// per cgroup.
+pub fn refresh(
+    probes: &Probes,
+    tracker: &DnsTracker,
+    lost: u64,
+    attributor: &mut Attributor,
+) -> anyhow::Result<DnsRefresh> {
+    let mut stats: DnsStats = probes.stats()?;
+    stats.lost += lost;
+    stats.malformed += tracker.malformed;
+    let tcp = tcp_counts(probes)?
+        .into_iter()
+        .map(|(id, c)| {
+            let (cgroup, who) = attributor.attribute(id, None);
+            DnsTcp {
+                cgroup_id: id,
+                cgroup,
+                workload: who.workload,
+                pod: who.pod,
+                to_server: c.to_server,
+                from_server: c.from_server,
+            }
+        })
+        .collect();
+    Ok(DnsRefresh { stats, tcp })
+}
+
 /// DNS-over-TCP segments per cgroup v2 id, summed over CPUs.
-pub fn tcp_counts(probes: &Probes) -> anyhow::Result<Vec<(u64, DnsTcpCounts)>> {
+fn tcp_counts(probes: &Probes) -> anyhow::Result<Vec<(u64, DnsTcpCounts)>> {
     probes.per_cpu_hash(common::TCP, |a: DnsTcpCounts, c: &DnsTcpCounts| {
         DnsTcpCounts {
             to_server: a.to_server + c.to_server,

@@ -87,6 +87,41 @@ pub struct PidsLimit {
     pub headroom_pct: f64,
 }
 
+/// The tasks signal's part of a refresh: the kernel's counts into `model`, and a row per
+/// counted cgroup (and, with `idle_cgroups`, each cgroup holding tasks) with its live count,
+/// limits and its uids' RLIMIT_NPROC.
+pub fn refresh(
+    model: &mut TaskModel,
+    probes: &Probes,
+    attributor: &mut Attributor,
+    idle_cgroups: bool,
+) -> anyhow::Result<TaskRefresh> {
+    model.update(Instant::now(), counts(probes)?);
+    if idle_cgroups && let Some(root) = attributor.cgroups.mount(Hierarchy::Unified) {
+        model.include_idle(occupied_cgroups(&root.path));
+    }
+    let mut rows = model.rows(attributor);
+    let kernel = uid_counts(probes)?;
+    let census = attributor
+        .cgroups
+        .mount(Hierarchy::Unified)
+        .map(|root| {
+            let cgroups = rows.iter().map(|r| r.cgroup.as_str());
+            users::UserCensus::read(&root.path, cgroups, &kernel)
+        })
+        .unwrap_or_default();
+    for row in &mut rows {
+        row.nproc = census.limit(&row.cgroup);
+    }
+    Ok(TaskRefresh {
+        rows,
+        tracked: model.len(),
+        stats: probes.stats::<common::TaskStats>()?,
+        users: census.uids.into_values().collect(),
+        processes_unread: census.unread,
+    })
+}
+
 /// One cgroup as `top` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct CgroupRow {
