@@ -2,9 +2,8 @@
 //! name (which never change for a uid), its containers' names (by container id) and the owner
 //! the Kubernetes API gave first. A pod's labels then do not change when a source goes: the
 //! API down or restarted, the pod deleted from the API or its log directories removed before
-//! its cgroups are. A pod nothing ever named is
-//! not remembered (there is nothing to keep), so cgroups made up to look like pods cost no
-//! memory here.
+//! its cgroups are. A pod nothing ever named is not remembered (there is nothing to keep), so
+//! cgroups made up to look like pods cost no memory here.
 //!
 //! An entry is forgotten [`FORGET_AFTER`] after the pod was last attributed: a pod with tasks
 //! is attributed at every refresh, so that is as long after its cgroup went, as its series

@@ -1176,8 +1176,8 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // A failed test shows the end of what the daemon said (the pipe holds its last 64 KiB
-        // at most; a daemon that wrote more was already blocked, which the tail shows too).
+        // A failed test shows the end of what the daemon said (the pipe, never read while it
+        // ran, holds its first 64 KiB: a daemon that said more was left blocked writing).
         if std::thread::panicking() {
             let mut stderr = String::new();
             if let Some(mut e) = self.child.stderr.take() {

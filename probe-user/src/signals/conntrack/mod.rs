@@ -384,7 +384,7 @@ impl Classifier {
     }
 
     /// The node's namespace's counters (pid 1's), when readable.
-    pub fn node_counters(&mut self) -> Option<CtCounters> {
+    fn node_counters(&mut self) -> Option<CtCounters> {
         let node = self.netns.node().ok()?;
         ctstats::read(&node).ok().map(|(c, _)| c)
     }
