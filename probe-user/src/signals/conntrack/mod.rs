@@ -252,7 +252,7 @@ pub struct Classifier {
     clashes: HashMap<NetnsKey, u64>,
     last_clash_poll: Option<Instant>,
     /// Every namespace's table at the last poll.
-    pub tables: Vec<CtTable>,
+    tables: Vec<CtTable>,
 }
 
 impl Classifier {

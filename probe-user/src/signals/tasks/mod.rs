@@ -34,7 +34,7 @@ pub const PROGRAMS: [Attachment; 3] = [
 ];
 
 /// Each non-root uid's task count as the kernel keeps it (`TASK_UIDS`).
-pub fn uid_counts(probes: &Probes) -> anyhow::Result<HashMap<u32, i64>> {
+fn uid_counts(probes: &Probes) -> anyhow::Result<HashMap<u32, i64>> {
     Ok(probes
         .hash_entries::<u32, common::UidTasks>(common::UIDS)?
         .into_iter()
@@ -43,11 +43,46 @@ pub fn uid_counts(probes: &Probes) -> anyhow::Result<HashMap<u32, i64>> {
 }
 
 /// Every cgroup's task counters (cgroup v2 id, counts summed over CPUs).
-pub fn counts(probes: &Probes) -> anyhow::Result<Vec<(u64, TaskCounts)>> {
+fn counts(probes: &Probes) -> anyhow::Result<Vec<(u64, TaskCounts)>> {
     probes.per_cpu_hash(common::COUNTS, |a: TaskCounts, c: &TaskCounts| TaskCounts {
         threads: a.threads + c.threads,
         processes: a.processes + c.processes,
         exited: a.exited + c.exited,
+    })
+}
+
+/// The tasks signal's part of a refresh: the kernel's counts into `model`, and a row per
+/// counted cgroup (and, with `idle_cgroups`, each cgroup holding tasks) with its live count,
+/// limits and its uids' RLIMIT_NPROC.
+pub fn refresh(
+    model: &mut TaskModel,
+    probes: &Probes,
+    attributor: &mut Attributor,
+    idle_cgroups: bool,
+) -> anyhow::Result<TaskRefresh> {
+    model.update(Instant::now(), counts(probes)?);
+    if idle_cgroups && let Some(root) = attributor.cgroups.mount(Hierarchy::Unified) {
+        model.include_idle(occupied_cgroups(&root.path));
+    }
+    let mut rows = model.rows(attributor);
+    let kernel = uid_counts(probes)?;
+    let census = attributor
+        .cgroups
+        .mount(Hierarchy::Unified)
+        .map(|root| {
+            let cgroups = rows.iter().map(|r| r.cgroup.as_str());
+            users::UserCensus::read(&root.path, cgroups, &kernel)
+        })
+        .unwrap_or_default();
+    for row in &mut rows {
+        row.nproc = census.limit(&row.cgroup);
+    }
+    Ok(TaskRefresh {
+        rows,
+        tracked: model.len(),
+        stats: probes.stats::<common::TaskStats>()?,
+        users: census.uids.into_values().collect(),
+        processes_unread: census.unread,
     })
 }
 
@@ -85,41 +120,6 @@ pub struct PidsLimit {
     /// Tasks that can still be created before the limit refuses one.
     pub headroom: i64,
     pub headroom_pct: f64,
-}
-
-/// The tasks signal's part of a refresh: the kernel's counts into `model`, and a row per
-/// counted cgroup (and, with `idle_cgroups`, each cgroup holding tasks) with its live count,
-/// limits and its uids' RLIMIT_NPROC.
-pub fn refresh(
-    model: &mut TaskModel,
-    probes: &Probes,
-    attributor: &mut Attributor,
-    idle_cgroups: bool,
-) -> anyhow::Result<TaskRefresh> {
-    model.update(Instant::now(), counts(probes)?);
-    if idle_cgroups && let Some(root) = attributor.cgroups.mount(Hierarchy::Unified) {
-        model.include_idle(occupied_cgroups(&root.path));
-    }
-    let mut rows = model.rows(attributor);
-    let kernel = uid_counts(probes)?;
-    let census = attributor
-        .cgroups
-        .mount(Hierarchy::Unified)
-        .map(|root| {
-            let cgroups = rows.iter().map(|r| r.cgroup.as_str());
-            users::UserCensus::read(&root.path, cgroups, &kernel)
-        })
-        .unwrap_or_default();
-    for row in &mut rows {
-        row.nproc = census.limit(&row.cgroup);
-    }
-    Ok(TaskRefresh {
-        rows,
-        tracked: model.len(),
-        stats: probes.stats::<common::TaskStats>()?,
-        users: census.uids.into_values().collect(),
-        processes_unread: census.unread,
-    })
 }
 
 /// One cgroup as `top` shows it.
@@ -424,7 +424,7 @@ pub fn headroom(max: u64, current: u64) -> (i64, f64) {
 const MAX_CGROUPS_WALKED: usize = 100_000;
 
 /// The cgroup v2 ids (directory inodes) under `root` that hold at least one task now.
-pub fn occupied_cgroups(root: &Path) -> Vec<u64> {
+fn occupied_cgroups(root: &Path) -> Vec<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
