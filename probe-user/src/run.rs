@@ -32,7 +32,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use probe_common::clone::CloneStats;
+use probe_common::{clone::CloneStats, tasks::TaskStats};
 
 use crate::{
     attribution::pods::PodArgs,
@@ -48,7 +48,7 @@ use crate::{
     export::web_config::WebConfig,
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
-    signals::{DnsOptions, Event, Plan, Refresh, Signal, dns::Names},
+    signals::{DnsOptions, Event, Part, Plan, Refresh, Signal, dns::Names},
 };
 
 /// Signals whose default action ends a process and that neither a container runtime nor an
@@ -535,28 +535,39 @@ impl Sink for Daemon {
     fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
         self.outputs.budget_due(refresh);
         let metrics = &self.outputs.metrics;
-        if let Some(ct) = &refresh.conntrack {
-            if let Some(node) = &ct.node {
-                metrics.conntrack_node(node);
+        let mut task_stats = TaskStats::default();
+        for part in &refresh.parts {
+            match part {
+                // With the task rows below.
+                Part::Clone(_) => {}
+                Part::Tasks(t) => {
+                    task_stats = t.stats;
+                    metrics.nproc_unread(t.processes_unread);
+                }
+                Part::Dns(dns) => {
+                    metrics.events_lost("dns", dns.stats.lost);
+                    metrics.dns_untracked(&dns.stats);
+                    let tcp = dns
+                        .tcp
+                        .iter()
+                        .map(|t| {
+                            let counts = probe_common::dns::DnsTcpCounts {
+                                to_server: t.to_server,
+                                from_server: t.from_server,
+                            };
+                            let who = crate::export::metrics::who(&t.workload, t.pod.as_deref());
+                            (t.cgroup_id, counts, who)
+                        })
+                        .collect();
+                    metrics.dns_tcp(tcp);
+                }
+                Part::Conntrack(ct) => {
+                    if let Some(node) = &ct.node {
+                        metrics.conntrack_node(node);
+                    }
+                    metrics.events_lost("conntrack", ct.stats.lost);
+                }
             }
-            metrics.events_lost("conntrack", ct.stats.lost);
-        }
-        if let Some(dns) = &refresh.dns {
-            metrics.events_lost("dns", dns.stats.lost);
-            metrics.dns_untracked(&dns.stats);
-            let tcp = dns
-                .tcp
-                .iter()
-                .map(|t| {
-                    let counts = probe_common::dns::DnsTcpCounts {
-                        to_server: t.to_server,
-                        from_server: t.from_server,
-                    };
-                    let who = crate::export::metrics::who(&t.workload, t.pod.as_deref());
-                    (t.cgroup_id, counts, who)
-                })
-                .collect();
-            metrics.dns_tcp(tcp);
         }
         if let Some(lost) = refresh.cgroup_events_lost {
             metrics.events_lost("cgroups", lost);
@@ -565,11 +576,7 @@ impl Sink for Daemon {
             metrics.kube_api_errors(errors);
         }
         metrics.refusals_unexplained(&refresh.refusals.unexplained);
-        let clone = refresh.clone.unwrap_or_default();
-        let task_stats = refresh.tasks.as_ref().map(|t| t.stats).unwrap_or_default();
-        if let Some(t) = &refresh.tasks {
-            metrics.nproc_unread(t.processes_unread);
-        }
+        let clone = refresh.clone_stats();
         metrics.tasks(refresh.rows(), refresh.node, clone, task_stats);
         self.record(|r| r.refresh(refresh));
         self.limits(refresh)?;

@@ -127,7 +127,7 @@ impl Sink for Viewer<'_> {
     fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
         self.refreshes += 1;
         // The first refresh only starts the rates; `--once` prints one snapshot.
-        let Some(tasks) = refresh.tasks.as_ref() else {
+        let Some(tasks) = refresh.tasks() else {
             return Ok(());
         };
         if self.refreshes == 1 || (self.args.once && self.done.is_none()) {

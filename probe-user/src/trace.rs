@@ -18,7 +18,7 @@ use tokio::{
     time::Instant,
 };
 
-use probe_common::{clone::CloneStats, conntrack::ConntrackStats};
+use probe_common::conntrack::ConntrackStats;
 
 use crate::{
     attribution::pods::{PodArgs, PodFilters},
@@ -27,7 +27,7 @@ use crate::{
     kernel::loader::{KernelArgs, KernelLog},
     pipeline::{Pipeline, Sink},
     signals::{
-        DnsOptions, Event, Line, Plan, Refresh, Signal,
+        DnsOptions, DnsRefresh, Event, Line, Part, Plan, Refresh, Signal,
         clone::CloneFailure,
         conntrack::{ClashesResolved, ConntrackDrop},
         dns::{DnsQuery, Names, Outcome, Rcode},
@@ -294,36 +294,47 @@ impl Summary {
     /// The kernel's counts, from the last refresh (taken after the stop's final delivery).
     fn finish(&mut self, last: &Refresh, filter: &Filter<'_>) {
         self.kind = "summary";
-        if let Some(ct) = &last.conntrack {
-            self.conntrack_lost_events = ct.stats.lost;
-            self.conntrack_kernel = Some(ct.stats);
-        }
-        if let (Some(dns), true) = (&last.dns, filter.show_dns) {
-            let stats = dns.stats;
-            self.dns_malformed = stats.malformed;
-            self.dns_untracked = stats.untracked;
-            self.dns_over_quota = stats.over_quota;
-            self.dns_truncated = stats.truncated;
-            self.dns_unmatched = stats.unmatched;
-            self.dns_mismatched = stats.mismatched;
-            self.dns_lost_events = stats.lost;
-            self.dns_tcp_uncounted = stats.tcp_uncounted;
-            for tcp in &dns.tcp {
-                if filter.cgroup_matches(tcp.cgroup.as_deref().unwrap_or("?"), None)
-                    && filter.args.filters.matches(tcp.pod.as_deref())
-                {
-                    let key = capped(&self.dns, &tcp.workload);
-                    let d = self.dns.entry(key).or_default();
-                    d.tcp_segments_to_server += tcp.to_server;
-                    d.tcp_segments_from_server += tcp.from_server;
+        for part in &last.parts {
+            match part {
+                Part::Clone(clone) => {
+                    self.lost_events = clone.lost;
+                    self.kernel_failures = clone.failures;
+                    self.flags_unknown = clone.missing_entry;
+                }
+                // The rows are `top`'s; a summary has none.
+                Part::Tasks(_) => {}
+                Part::Dns(dns) if filter.show_dns => self.dns_counts(dns, filter),
+                Part::Dns(_) => {}
+                Part::Conntrack(ct) => {
+                    self.conntrack_lost_events = ct.stats.lost;
+                    self.conntrack_kernel = Some(ct.stats);
                 }
             }
         }
         self.dns.values_mut().for_each(DnsSummary::finish);
-        let clone: CloneStats = last.clone.unwrap_or_default();
-        self.lost_events = clone.lost;
-        self.kernel_failures = clone.failures;
-        self.flags_unknown = clone.missing_entry;
+    }
+
+    /// The DNS programs' counters, and DNS over TCP per workload the filter selects.
+    fn dns_counts(&mut self, dns: &DnsRefresh, filter: &Filter<'_>) {
+        let stats = dns.stats;
+        self.dns_malformed = stats.malformed;
+        self.dns_untracked = stats.untracked;
+        self.dns_over_quota = stats.over_quota;
+        self.dns_truncated = stats.truncated;
+        self.dns_unmatched = stats.unmatched;
+        self.dns_mismatched = stats.mismatched;
+        self.dns_lost_events = stats.lost;
+        self.dns_tcp_uncounted = stats.tcp_uncounted;
+        for tcp in &dns.tcp {
+            if filter.cgroup_matches(tcp.cgroup.as_deref().unwrap_or("?"), None)
+                && filter.args.filters.matches(tcp.pod.as_deref())
+            {
+                let key = capped(&self.dns, &tcp.workload);
+                let d = self.dns.entry(key).or_default();
+                d.tcp_segments_to_server += tcp.to_server;
+                d.tcp_segments_from_server += tcp.from_server;
+            }
+        }
     }
 }
 
@@ -435,9 +446,12 @@ impl Sink for Tracer<'_> {
 
     fn refresh(&mut self, refresh: &Refresh) -> anyhow::Result<()> {
         // The kernel's counts only: the summary needs no rows.
-        self.last.clone = refresh.clone;
-        self.last.dns.clone_from(&refresh.dns);
-        self.last.conntrack.clone_from(&refresh.conntrack);
+        self.last.parts = refresh
+            .parts
+            .iter()
+            .filter(|part| !matches!(part, Part::Tasks(_)))
+            .cloned()
+            .collect();
         Ok(())
     }
 

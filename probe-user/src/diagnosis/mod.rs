@@ -61,7 +61,7 @@ impl Recorder {
     /// One refresh: the limits' estimates, and who holds the node's tasks.
     pub fn refresh(&mut self, refresh: &Refresh) {
         self.limits(&refresh.estimates);
-        self.nproc_unread = refresh.tasks.as_ref().map_or(0, |t| t.processes_unread);
+        self.nproc_unread = refresh.tasks().map_or(0, |t| t.processes_unread);
         match self.past.as_mut() {
             Some(past) => past.update(&refresh.refusals, refresh.conntrack_tables()),
             None => self.past = Some(Past::new(&refresh.refusals, refresh.conntrack_tables())),

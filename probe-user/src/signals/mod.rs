@@ -24,7 +24,7 @@ use std::time::Duration;
 use crate::cli::EventKind;
 
 pub use event::{Event, LINES_VERSION, Line};
-pub use refresh::{ConntrackRefresh, DnsRefresh, DnsTcp, Refresh, TaskRefresh};
+pub use refresh::{ConntrackRefresh, DnsRefresh, DnsTcp, Part, Refresh, TaskRefresh};
 pub use registry::Signals;
 
 /// A signal, as named in messages and metrics. The order of the variants is the order they

@@ -1,7 +1,8 @@
 //! What every sink receives on each tick: the node's state, read from the kernel and /proc
 //! and attributed once by the pipeline (the task rows, the node's counts, the conntrack
 //! tables, each program's counters, the times to exhaustion), so that no sink reads or
-//! recomputes it. A part is absent when its signal is not attached.
+//! recomputes it. Each attached signal adds its [`Part`]; the consumers that read every
+//! signal (the daemon, `trace`, [`Refresh::lost`]) match the parts exhaustively.
 
 use probe_common::{clone::CloneStats, conntrack::ConntrackStats, dns::DnsStats, tasks::TaskStats};
 use std::sync::Arc;
@@ -26,10 +27,8 @@ use crate::{
 pub struct Refresh {
     /// The node's thread count and task limits.
     pub node: NodeTasks,
-    pub clone: Option<CloneStats>,
-    pub tasks: Option<TaskRefresh>,
-    pub dns: Option<DnsRefresh>,
-    pub conntrack: Option<ConntrackRefresh>,
+    /// One per attached signal, in attach order.
+    pub parts: Vec<Part>,
     /// cgroup naming events that did not reach userspace (none: cgroups named by walk).
     pub cgroup_events_lost: Option<u64>,
     /// Failed requests to the Kubernetes API since the start (none: no API in use).
@@ -40,6 +39,15 @@ pub struct Refresh {
     /// Every watched limit's use, growth and time left (empty unless the command asked for a
     /// trend window).
     pub estimates: Vec<Estimate>,
+}
+
+/// One signal's part of a refresh: its counters, read from its maps.
+#[derive(Clone, Debug)]
+pub enum Part {
+    Clone(CloneStats),
+    Tasks(TaskRefresh),
+    Dns(DnsRefresh),
+    Conntrack(ConntrackRefresh),
 }
 
 /// The task counters per cgroup.
@@ -90,25 +98,53 @@ impl Refresh {
     /// Events each signal's programs could not deliver since they were attached (ring or
     /// queue full), by the kind of event lost.
     pub fn lost(&self) -> Vec<(EventKind, u64)> {
-        let mut lost = Vec::new();
-        if let Some(clone) = &self.clone {
-            lost.push((EventKind::Clone, clone.lost));
-        }
-        if let Some(dns) = &self.dns {
-            lost.push((EventKind::Dns, dns.stats.lost));
-        }
-        if let Some(conntrack) = &self.conntrack {
-            lost.push((EventKind::Conntrack, conntrack.stats.lost));
-        }
-        lost
+        self.parts
+            .iter()
+            .filter_map(|part| match part {
+                Part::Clone(clone) => Some((EventKind::Clone, clone.lost)),
+                Part::Dns(dns) => Some((EventKind::Dns, dns.stats.lost)),
+                Part::Conntrack(conntrack) => Some((EventKind::Conntrack, conntrack.stats.lost)),
+                // Its programs only count: nothing to lose.
+                Part::Tasks(_) => None,
+            })
+            .collect()
+    }
+
+    /// The clone programs' counters (zero when the signal is not attached).
+    pub fn clone_stats(&self) -> CloneStats {
+        self.parts
+            .iter()
+            .find_map(|part| match part {
+                Part::Clone(stats) => Some(*stats),
+                Part::Tasks(_) | Part::Dns(_) | Part::Conntrack(_) => None,
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn tasks(&self) -> Option<&TaskRefresh> {
+        self.parts.iter().find_map(|part| match part {
+            Part::Tasks(tasks) => Some(tasks),
+            Part::Clone(_) | Part::Dns(_) | Part::Conntrack(_) => None,
+        })
+    }
+
+    fn tasks_mut(&mut self) -> Option<&mut TaskRefresh> {
+        self.parts.iter_mut().find_map(|part| match part {
+            Part::Tasks(tasks) => Some(tasks),
+            Part::Clone(_) | Part::Dns(_) | Part::Conntrack(_) => None,
+        })
     }
 
     pub fn rows(&self) -> &[CgroupRow] {
-        self.tasks.as_ref().map_or(&[], |t| t.rows.as_slice())
+        self.tasks().map_or(&[], |t| t.rows.as_slice())
     }
 
     pub fn conntrack_tables(&self) -> &[CtTable] {
-        self.conntrack.as_ref().map_or(&[], |c| c.tables.as_slice())
+        let conntrack = self.parts.iter().find_map(|part| match part {
+            Part::Conntrack(conntrack) => Some(conntrack),
+            Part::Clone(_) | Part::Tasks(_) | Part::Dns(_) => None,
+        });
+        conntrack.map_or(&[], |c| c.tables.as_slice())
     }
 
     /// Every limit that can refuse `row`'s next task, in the kernel's order, with its ETA.
@@ -129,7 +165,7 @@ impl Refresh {
         for s in samples {
             match s.limit {
                 Limit::Pids => {
-                    let rows = self.tasks.iter_mut().flat_map(|t| t.rows.iter_mut());
+                    let rows = self.tasks_mut().into_iter().flat_map(|t| t.rows.iter_mut());
                     for l in rows.filter_map(|r| r.pids_limit.as_mut()) {
                         if l.cgroup == s.resource {
                             let (left, pct) = crate::signals::tasks::headroom(s.max, s.current);
@@ -140,7 +176,7 @@ impl Refresh {
                 }
                 Limit::PidMax | Limit::ThreadsMax => self.node.threads = s.current,
                 Limit::RlimitNproc => {
-                    for t in self.tasks.iter_mut() {
+                    if let Some(t) = self.tasks_mut() {
                         for u in &mut t.users {
                             if binding::uid_resource(u.uid) == s.resource {
                                 u.tasks = s.current;
@@ -178,7 +214,7 @@ impl Refresh {
                 });
             }
         }
-        for u in self.tasks.iter().flat_map(|t| &t.users) {
+        for u in self.tasks().into_iter().flat_map(|t| &t.users) {
             let shared_by: Vec<String> = self
                 .rows()
                 .iter()

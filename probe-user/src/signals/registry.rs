@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::{
-    Event, Plan, Refresh, Signal,
+    Event, Part, Plan, Refresh, Signal,
     clone::{self, Enricher, node::NodeTasks},
     conntrack::{self, Classifier},
     dns::{self, DnsTracker},
@@ -30,16 +30,48 @@ pub type Emit<'a> = dyn FnMut(Event) -> anyhow::Result<()> + 'a;
 
 /// The signals attached, with their userspace state.
 pub struct Signals {
-    clone: Option<Enricher>,
-    tasks: Option<TaskModel>,
-    dns: Option<DnsTracker>,
-    conntrack: Option<Classifier>,
-    headroom: Option<HeadroomWatch>,
+    /// In attach order ([`Signal::ALL`]'s).
+    attached: Vec<Attached>,
     /// The kernel's refusal counters, cross-checked with the events.
     refusals: RefusalWatch,
     idle_cgroups: bool,
     /// Which signal each ring (by its index in [`Signals::attach`]'s list) belongs to.
     rings: Vec<Signal>,
+}
+
+/// One attached signal and its userspace state: each is matched exhaustively, so a new
+/// signal's place in delivery, refresh and warnings is listed by the compiler.
+enum Attached {
+    Clone(Enricher),
+    Tasks {
+        model: TaskModel,
+        headroom: Option<HeadroomWatch>,
+    },
+    Dns(DnsTracker),
+    Conntrack(Classifier),
+}
+
+impl Attached {
+    fn new(signal: Signal, plan: &Plan) -> Attached {
+        match signal {
+            Signal::Clone => Attached::Clone(Enricher::new()),
+            Signal::Tasks => Attached::Tasks {
+                model: TaskModel::default(),
+                headroom: plan.headroom.map(HeadroomWatch::new),
+            },
+            Signal::Dns => Attached::Dns(DnsTracker::new(plan.dns.timeout, plan.dns.names)),
+            Signal::Conntrack => Attached::Conntrack(Classifier::new(NetnsDirectory::new("/proc"))),
+        }
+    }
+
+    fn signal(&self) -> Signal {
+        match self {
+            Attached::Clone(_) => Signal::Clone,
+            Attached::Tasks { .. } => Signal::Tasks,
+            Attached::Dns(_) => Signal::Dns,
+            Attached::Conntrack(_) => Signal::Conntrack,
+        }
+    }
 }
 
 /// Near-misses are polled at most this often (each poll reads every namespace's counters).
@@ -58,11 +90,7 @@ impl Signals {
         attached: &mut dyn FnMut(Signal, anyhow::Result<()>) -> anyhow::Result<()>,
     ) -> anyhow::Result<(Signals, Vec<(&'static str, EventRing)>)> {
         let mut signals = Signals {
-            clone: None,
-            tasks: None,
-            dns: None,
-            conntrack: None,
-            headroom: None,
+            attached: Vec::new(),
             refusals: RefusalWatch::default(),
             idle_cgroups: plan.idle_cgroups,
             rings: Vec::new(),
@@ -86,19 +114,7 @@ impl Signals {
                 rings.push((signal.as_str(), ring));
                 signals.rings.push(signal);
             }
-            match signal {
-                Signal::Clone => signals.clone = Some(Enricher::new()),
-                Signal::Tasks => {
-                    signals.tasks = Some(TaskModel::default());
-                    signals.headroom = plan.headroom.map(HeadroomWatch::new);
-                }
-                Signal::Dns => {
-                    signals.dns = Some(DnsTracker::new(plan.dns.timeout, plan.dns.names));
-                }
-                Signal::Conntrack => {
-                    signals.conntrack = Some(Classifier::new(NetnsDirectory::new("/proc")));
-                }
-            }
+            signals.attached.push(Attached::new(signal, plan));
         }
         // The reader empties the rings in this order.
         let order = |s: &Signal| match s {
@@ -129,22 +145,31 @@ impl Signals {
     }
 
     pub fn has(&self, signal: Signal) -> bool {
-        match signal {
-            Signal::Clone => self.clone.is_some(),
-            Signal::Tasks => self.tasks.is_some(),
-            Signal::Dns => self.dns.is_some(),
-            Signal::Conntrack => self.conntrack.is_some(),
-        }
+        self.attached.iter().any(|a| a.signal() == signal)
     }
 
     /// The capabilities reading these signals keeps after attaching.
     pub fn privileges_kept(&self) -> Vec<crate::kernel::privileges::Kept> {
-        crate::kernel::privileges::after_attach(self.conntrack.is_some())
+        crate::kernel::privileges::after_attach(self.has(Signal::Conntrack))
     }
 
     /// Whether [`Signals::sweep`] has work: queries to time out.
     pub fn sweeps(&self) -> bool {
-        self.dns.is_some()
+        self.has(Signal::Dns)
+    }
+
+    /// The conntrack classifier and the DNS tracker, each if attached: a drop names the query
+    /// it cost.
+    fn conntrack_and_dns(&mut self) -> (Option<&mut Classifier>, Option<&mut DnsTracker>) {
+        let (mut classifier, mut tracker) = (None, None);
+        for a in &mut self.attached {
+            match a {
+                Attached::Conntrack(c) => classifier = Some(c),
+                Attached::Dns(t) => tracker = Some(t),
+                Attached::Clone(_) | Attached::Tasks { .. } => {}
+            }
+        }
+        (classifier, tracker)
     }
 
     /// One batch, to the signal its ring belongs to.
@@ -163,26 +188,26 @@ impl Signals {
         };
         let emit = &mut emit;
         let delivered = match self.rings.get(batch.ring) {
-            Some(Signal::Clone) => match self.clone.as_mut() {
-                Some(enricher) => clone::deliver(batch, enricher, attributor, emit),
-                None => Ok(()),
-            },
-            Some(Signal::Dns) => match self.dns.as_mut() {
-                Some(tracker) => dns::deliver(batch, tracker, attributor, emit),
-                None => Ok(()),
-            },
             Some(Signal::Conntrack) => {
                 // The queries waiting in the kernel first, so that a drop can name its query
                 // (an unanswered query has no event of its own yet).
                 self.sweep(probes, attributor, emit)?;
-                match self.conntrack.as_mut() {
-                    Some(classifier) => {
-                        conntrack::deliver(batch, classifier, attributor, self.dns.as_mut(), emit)
+                match self.conntrack_and_dns() {
+                    (Some(classifier), tracker) => {
+                        conntrack::deliver(batch, classifier, attributor, tracker, emit)
                     }
-                    None => Ok(()),
+                    (None, _) => Ok(()),
                 }
             }
-            Some(Signal::Tasks) | None => Ok(()),
+            Some(&signal) => match self.attached.iter_mut().find(|a| a.signal() == signal) {
+                Some(Attached::Clone(enricher)) => {
+                    clone::deliver(batch, enricher, attributor, emit)
+                }
+                Some(Attached::Dns(tracker)) => dns::deliver(batch, tracker, attributor, emit),
+                // Conntrack's batches are delivered above; the tasks signal has no ring.
+                Some(Attached::Conntrack(_) | Attached::Tasks { .. }) | None => Ok(()),
+            },
+            None => Ok(()),
         };
         for counter in explained {
             self.refusals.event(counter);
@@ -198,9 +223,9 @@ impl Signals {
         attributor: &mut Attributor,
         emit: &mut Emit<'_>,
     ) -> anyhow::Result<()> {
-        match self.dns.as_mut() {
-            Some(tracker) => dns::sweep(probes, tracker, attributor, emit),
-            None => Ok(()),
+        match self.conntrack_and_dns() {
+            (_, Some(tracker)) => dns::sweep(probes, tracker, attributor, emit),
+            (_, None) => Ok(()),
         }
     }
 
@@ -215,7 +240,7 @@ impl Signals {
         attributor: &mut Attributor,
         emit: &mut Emit<'_>,
     ) -> anyhow::Result<Refresh> {
-        if let Some(classifier) = self.conntrack.as_mut() {
+        if let (Some(classifier), _) = self.conntrack_and_dns() {
             // A last refresh polls whenever the last poll was.
             let min = if every.is_zero() {
                 Duration::ZERO
@@ -226,57 +251,46 @@ impl Signals {
                 emit(Event::ClashesResolved(clashes))?;
             }
         }
+        let rings_of = &self.rings;
         let lost = |signal: Signal| {
-            let index = self.rings.iter().position(|s| *s == signal);
+            let index = rings_of.iter().position(|s| *s == signal);
             index.map_or(0, |i| rings.dropped(i))
         };
-        let clone = match self.clone {
-            Some(_) => {
-                let mut stats: CloneStats = probes.stats()?;
-                stats.lost += lost(Signal::Clone);
-                Some(stats)
-            }
-            None => None,
-        };
-        let dns = match self.dns.as_ref() {
-            Some(tracker) => Some(dns::refresh(
-                probes,
-                tracker,
-                lost(Signal::Dns),
-                attributor,
-            )?),
-            None => None,
-        };
-        let conntrack = match self.conntrack.as_mut() {
-            Some(classifier) => Some(conntrack::refresh(
-                classifier,
-                probes,
-                lost(Signal::Conntrack),
-            )?),
-            None => None,
-        };
-        let tasks = match self.tasks.as_mut() {
-            Some(model) => Some(tasks::refresh(
-                model,
-                probes,
-                attributor,
-                self.idle_cgroups,
-            )?),
-            None => None,
-        };
-        let ct = self
-            .conntrack
-            .as_ref()
-            .map(Classifier::refusal_counts)
-            .unwrap_or_default();
-        let refusals = self.refusals.refresh(attributor, &ct, every.is_zero());
+        let mut parts = Vec::with_capacity(self.attached.len());
+        let mut refusal_inputs = Vec::new();
+        for a in &mut self.attached {
+            parts.push(match a {
+                Attached::Clone(_) => {
+                    let mut stats: CloneStats = probes.stats()?;
+                    stats.lost += lost(Signal::Clone);
+                    Part::Clone(stats)
+                }
+                Attached::Tasks { model, .. } => Part::Tasks(tasks::refresh(
+                    model,
+                    probes,
+                    attributor,
+                    self.idle_cgroups,
+                )?),
+                Attached::Dns(tracker) => Part::Dns(dns::refresh(
+                    probes,
+                    tracker,
+                    lost(Signal::Dns),
+                    attributor,
+                )?),
+                Attached::Conntrack(classifier) => {
+                    let part = conntrack::refresh(classifier, probes, lost(Signal::Conntrack))?;
+                    refusal_inputs = classifier.refusal_counts();
+                    Part::Conntrack(part)
+                }
+            });
+        }
+        let refusals = self
+            .refusals
+            .refresh(attributor, &refusal_inputs, every.is_zero());
         Ok(Refresh {
             node: NodeTasks::read().context("reading the node's task counts")?,
             refusals,
-            clone,
-            tasks,
-            dns,
-            conntrack,
+            parts,
             cgroup_events_lost: attributor.cgroups.events_lost(),
             kube_api_errors: attributor.kube_api_errors(),
             estimates: Vec::new(),
@@ -293,7 +307,7 @@ impl Signals {
         last: &Refresh,
         hot: &[(crate::trend::Limit, String)],
     ) -> Vec<crate::trend::Sample> {
-        let Some(t) = &last.tasks else {
+        let Some(t) = last.tasks() else {
             return Vec::new();
         };
         let pids = attributor
@@ -305,9 +319,20 @@ impl Signals {
 
     /// Warnings for the pids limits about to refuse tasks (with `--headroom-warn`).
     pub fn warn(&mut self, refresh: &Refresh, emit: &mut Emit<'_>) -> anyhow::Result<()> {
-        if let Some(watch) = self.headroom.as_mut() {
-            for warning in watch.check(refresh.rows(), &refresh.estimates) {
-                emit(Event::HeadroomWarning(warning))?;
+        for a in &mut self.attached {
+            match a {
+                Attached::Tasks {
+                    headroom: Some(watch),
+                    ..
+                } => {
+                    for warning in watch.check(refresh.rows(), &refresh.estimates) {
+                        emit(Event::HeadroomWarning(warning))?;
+                    }
+                }
+                Attached::Tasks { headroom: None, .. }
+                | Attached::Clone(_)
+                | Attached::Dns(_)
+                | Attached::Conntrack(_) => {}
             }
         }
         Ok(())

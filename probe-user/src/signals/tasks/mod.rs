@@ -694,10 +694,10 @@ mod tests {
         let mut warned = Vec::new();
         for i in 0..8u64 {
             let refresh = crate::signals::Refresh {
-                tasks: Some(TaskRefresh {
+                parts: vec![crate::signals::Part::Tasks(TaskRefresh {
                     rows: vec![row("/a", "/a", 100, 10 + 4 * i)],
                     ..Default::default()
-                }),
+                })],
                 ..Default::default()
             };
             trend.update(t + Duration::from_secs(i * 2), refresh.readings());
