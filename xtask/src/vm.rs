@@ -585,12 +585,9 @@ fn run_kernel(
             .flat_map(|(_, tests)| tests.iter())
             .map(|t| format!(" --skip {t}"))
             .collect();
-        // Two tests at a time, as on the host (the suite is written for it) and as many as the
-        // guest's CPUs: the emulated guest waits on its tests' timers and I/O for much of a
-        // test, so 6.1's binaries took 812 s instead of 1,120 s one at a time.
         script += &format!(
             "echo \"== {name}\" >> {out}/progress\n\
-             {exe} --test-threads=2{skip} {filter} > {out}/{name}.log 2>&1; echo $? > {out}/{name}.rc\n\
+             {exe} --test-threads=1{skip} {filter} > {out}/{name}.log 2>&1; echo $? > {out}/{name}.rc\n\
              echo $pid_max > /proc/sys/kernel/pid_max\n",
             out = out.display(),
             exe = exe.display(),
